@@ -1,0 +1,231 @@
+//! Domain types shared by the core and the edges. Types validate on construction
+//! (`Email::parse`, `Plan::from_str`) so handlers do not scatter checks.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// A subscription plan. Limits per plan live in config/plans.toml (billing issue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Plan {
+    #[default]
+    Free,
+    Pro,
+    Enterprise,
+}
+
+impl Plan {
+    pub const ALL: [Plan; 3] = [Plan::Free, Plan::Pro, Plan::Enterprise];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "free",
+            Plan::Pro => "pro",
+            Plan::Enterprise => "enterprise",
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown subscription plan '{0}': expected free, pro or enterprise")]
+pub struct UnknownPlan(pub String);
+
+impl FromStr for Plan {
+    type Err = UnknownPlan;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "free" => Ok(Plan::Free),
+            "pro" => Ok(Plan::Pro),
+            "enterprise" => Ok(Plan::Enterprise),
+            _ => Err(UnknownPlan(s.to_string())),
+        }
+    }
+}
+
+/// A syntactically plausible, normalized (trimmed, lower-cased) e-mail address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Email(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a valid e-mail address")]
+pub struct InvalidEmail(pub String);
+
+impl Email {
+    pub fn parse(raw: &str) -> Result<Self, InvalidEmail> {
+        let s = raw.trim().to_ascii_lowercase();
+        let valid = s.len() <= 254
+            && !s.chars().any(|c| c.is_whitespace() || c.is_control())
+            && match s.split_once('@') {
+                Some((local, domain)) => {
+                    !local.is_empty()
+                        && local.len() <= 64
+                        && !domain.contains('@')
+                        && domain.contains('.')
+                        && !domain.starts_with('.')
+                        && !domain.ends_with('.')
+                        && !domain.contains("..")
+                }
+                None => false,
+            };
+        if valid {
+            Ok(Email(s))
+        } else {
+            Err(InvalidEmail(raw.to_string()))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Email {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Organization {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A user as stored. `hashed_password` never leaves the server: HTTP views are
+/// built from this type field by field.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub id: Uuid,
+    pub email: String,
+    pub hashed_password: String,
+    pub full_name: Option<String>,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub is_superuser: bool,
+    pub subscription_plan: Plan,
+    pub organization_id: Option<Uuid>,
+    pub preferences: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What is needed to create a user; the store fills id and timestamps.
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub email: Email,
+    pub hashed_password: String,
+    pub full_name: Option<String>,
+    pub is_superuser: bool,
+    pub is_verified: bool,
+    pub subscription_plan: Plan,
+    pub organization_id: Option<Uuid>,
+}
+
+/// Fields an admin may change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct UserPatch {
+    pub subscription_plan: Option<Plan>,
+    pub is_active: Option<bool>,
+    pub is_superuser: Option<bool>,
+}
+
+impl UserPatch {
+    pub fn is_empty(&self) -> bool {
+        self.subscription_plan.is_none() && self.is_active.is_none() && self.is_superuser.is_none()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserFilter {
+    /// Case-insensitive substring of the e-mail address.
+    pub email: Option<String>,
+    pub plan: Option<Plan>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub offset: u32,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiKey {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub name: String,
+    /// The first characters of the key, shown so users can tell keys apart.
+    pub prefix: String,
+    pub key_hash: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshToken {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub family_id: Uuid,
+    pub token_hash: String,
+    pub issued_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Outcome of presenting a refresh token.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RefreshOutcome {
+    /// The token was live; it is now used and may not be presented again.
+    Rotated { user_id: Uuid, family_id: Uuid },
+    /// The token had already been used or revoked: a sign it was stolen.
+    /// The store has revoked the whole family.
+    Reused { family_id: Uuid },
+    Expired,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    pub id: Uuid,
+    pub actor_id: Uuid,
+    pub action: String,
+    pub target_id: Option<Uuid>,
+    pub details: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails_are_normalized_and_checked() {
+        assert_eq!(
+            Email::parse("  Alice@Example.COM ").map(|e| e.to_string()),
+            Ok("alice@example.com".to_string())
+        );
+        for bad in ["", "alice", "@example.com", "a@b", "a@@b.com", "a b@c.com", "a@.com", "a@b..com"] {
+            assert!(Email::parse(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn plans_parse_case_insensitively_and_reject_unknown() {
+        assert_eq!("PRO".parse::<Plan>(), Ok(Plan::Pro));
+        assert!("gold".parse::<Plan>().is_err());
+        for p in Plan::ALL {
+            assert_eq!(p.as_str().parse::<Plan>(), Ok(p));
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! ragchat core: domain types, the ports (traits) the core needs from the outside
+//! world, and — as later issues land — the actors (sessions, ledger, retrieval,
+//! model workers) that depend only on those ports. This crate never names a driver.
+
+pub mod domain;
+pub mod ports;

@@ -1,0 +1,211 @@
+//! Layered settings: config/default.toml < config/{env}.toml < RAGCHAT__SECTION__KEY
+//! environment variables. The environment is chosen by RAGCHAT_ENV (development
+//! by default).
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Test,
+    Production,
+}
+
+impl Environment {
+    pub fn from_env() -> Result<Self, ConfigError> {
+        match std::env::var("RAGCHAT_ENV") {
+            Ok(v) => v.parse(),
+            Err(_) => Ok(Environment::Development),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Environment::Development => "development",
+            Environment::Test => "test",
+            Environment::Production => "production",
+        }
+    }
+}
+
+impl std::str::FromStr for Environment {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "development" | "dev" | "local" => Ok(Environment::Development),
+            "test" => Ok(Environment::Test),
+            "production" | "prod" => Ok(Environment::Production),
+            other => Err(ConfigError::Invalid(format!(
+                "RAGCHAT_ENV='{other}': expected development, test or production"
+            ))),
+        }
+    }
+}
+
+/// A secret that never prints.
+#[derive(Clone, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub auth: AuthSettings,
+    pub logging: LoggingSettings,
+    #[serde(default)]
+    pub seed: SeedSettings,
+    #[serde(skip)]
+    pub environment: Option<Environment>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    /// Actix worker threads; 0 means one per CPU.
+    pub workers: usize,
+    /// Largest accepted request body for JSON routes.
+    pub json_limit_bytes: usize,
+    /// Seconds given to in-flight requests on SIGTERM/SIGINT.
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct DatabaseSettings {
+    /// `sqlite:data/ragchat.db` (embedded default) or `postgres://…`.
+    pub url: String,
+    pub max_connections: u32,
+    /// How long a request waits for a connection before answering 503.
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct AuthSettings {
+    /// HS256 signing key. Required (≥ 32 bytes) in production; development and test
+    /// configs carry throwaway keys.
+    #[serde(default)]
+    pub jwt_secret: Secret,
+    pub issuer: String,
+    pub audience: String,
+    pub access_token_ttl_secs: u64,
+    pub refresh_token_ttl_secs: u64,
+    pub argon2: Argon2Settings,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct Argon2Settings {
+    pub memory_kib: u32,
+    pub iterations: u32,
+    pub parallelism: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoggingSettings {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// tracing EnvFilter directive; RUST_LOG overrides it.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct SeedSettings {
+    /// Create the demo users of the original design at start. Ignored in production.
+    #[serde(default)]
+    pub demo_users: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {0}")]
+    Invalid(String),
+}
+
+/// The directory holding the TOML files: RAGCHAT_CONFIG_DIR, else ./config, else
+/// the config/ folder of the source tree this binary was built from.
+pub fn config_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("RAGCHAT_CONFIG_DIR") {
+        return PathBuf::from(dir);
+    }
+    let local = Path::new("config");
+    if local.join("default.toml").exists() {
+        return local.to_path_buf();
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("config")
+}
+
+impl Settings {
+    /// Loads the layered settings for the environment named by RAGCHAT_ENV.
+    pub fn load() -> Result<Self, ConfigError> {
+        Self::load_for(Environment::from_env()?)
+    }
+
+    pub fn load_for(env: Environment) -> Result<Self, ConfigError> {
+        let dir = config_dir();
+        let built = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")))
+            .add_source(config::File::from(dir.join(format!("{}.toml", env.as_str()))).required(false))
+            .add_source(
+                config::Environment::with_prefix("RAGCHAT")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?;
+        let mut settings: Settings = built.try_deserialize()?;
+        settings.environment = Some(env);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    pub fn environment(&self) -> Environment {
+        self.environment.unwrap_or(Environment::Development)
+    }
+
+    /// Refuses settings the server must not run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let secret = self.auth.jwt_secret.expose();
+        if self.environment() == Environment::Production {
+            if secret.len() < 32 {
+                return Err(ConfigError::Invalid(
+                    "production requires auth.jwt_secret of at least 32 bytes: set RAGCHAT__AUTH__JWT_SECRET".into(),
+                ));
+            }
+            if secret.starts_with("dev-only") || secret.starts_with("test-only") {
+                return Err(ConfigError::Invalid(
+                    "auth.jwt_secret is a development key: set RAGCHAT__AUTH__JWT_SECRET for production".into(),
+                ));
+            }
+        } else if secret.is_empty() {
+            return Err(ConfigError::Invalid("auth.jwt_secret is empty".into()));
+        }
+        let a = self.auth.argon2;
+        if a.memory_kib < 8 * a.parallelism.max(1) || a.iterations == 0 || a.parallelism == 0 {
+            return Err(ConfigError::Invalid("auth.argon2 parameters out of range".into()));
+        }
+        if self.auth.access_token_ttl_secs == 0 || self.auth.refresh_token_ttl_secs == 0 {
+            return Err(ConfigError::Invalid("auth token lifetimes must be positive".into()));
+        }
+        Ok(())
+    }
+}

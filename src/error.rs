@@ -1,0 +1,120 @@
+//! The HTTP layer's one error type, mapped once to a status code and a FastAPI-style
+//! body `{"detail": ...}`. 5xx bodies never carry internal error text: the text is
+//! logged with the request id instead.
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use ragchat_actors::ports::StoreError;
+use serde_json::json;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("too many requests")]
+    TooManyRequests { detail: serde_json::Value, retry_after_secs: Option<u64> },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::NotFound("Not found".into()),
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Unavailable(m) => {
+                tracing::warn!(error = %m, "store unavailable");
+                ApiError::Unavailable("Service temporarily unavailable, please retry".into())
+            }
+            StoreError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let mut resp = HttpResponse::build(self.status_code());
+        let detail = match self {
+            ApiError::Internal(m) => {
+                tracing::error!(error = %m, "internal error");
+                json!("Internal server error")
+            }
+            ApiError::Unauthorized(m) => {
+                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+                json!(m)
+            }
+            ApiError::TooManyRequests { detail, retry_after_secs } => {
+                if let Some(s) = retry_after_secs {
+                    resp.insert_header((header::RETRY_AFTER, s.to_string()));
+                }
+                detail.clone()
+            }
+            ApiError::BadRequest(m)
+            | ApiError::Forbidden(m)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::PayloadTooLarge(m)
+            | ApiError::Unprocessable(m)
+            | ApiError::Unavailable(m) => json!(m),
+        };
+        resp.json(json!({ "detail": detail }))
+    }
+}
+
+/// Maps actix's JSON extractor failures to readable 4xx answers.
+pub fn json_error(err: actix_web::error::JsonPayloadError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+    use actix_web::error::JsonPayloadError as E;
+    let api = match &err {
+        E::Overflow { limit } | E::OverflowKnownLength { limit, .. } => {
+            ApiError::PayloadTooLarge(format!("Request body too large: the limit is {limit} bytes"))
+        }
+        E::ContentType => ApiError::BadRequest("Expected a JSON body with Content-Type: application/json".into()),
+        E::Deserialize(e) if e.is_data() => ApiError::Unprocessable(format!("Invalid request body: {e}")),
+        E::Deserialize(e) => ApiError::BadRequest(format!("Malformed JSON: {e}")),
+        other => ApiError::BadRequest(format!("Cannot read the request body: {other}")),
+    };
+    api.into()
+}
+
+pub fn query_error(err: actix_web::error::QueryPayloadError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+    ApiError::Unprocessable(format!("Invalid query parameters: {err}")).into()
+}
+
+pub fn path_error(err: actix_web::error::PathError, _req: &actix_web::HttpRequest) -> actix_web::Error {
+    ApiError::Unprocessable(format!("Invalid path parameter: {err}")).into()
+}

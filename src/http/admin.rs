@@ -1,0 +1,177 @@
+//! /admin: user management. The scope is wrapped in `require_admin`; handlers also
+//! take `AdminUser`, so each one states its guard in its signature.
+
+use actix_web::web;
+use chrono::Utc;
+use ragchat_actors::domain::{AuditEntry, Page, Plan, UserFilter, UserPatch};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use uuid::Uuid;
+
+use super::auth::UserView;
+use super::extractors::AdminUser;
+use super::AppState;
+use crate::error::ApiError;
+
+/// Routes relative to the /admin scope.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/users").route(web::get().to(list_users)))
+        .service(web::resource("/users/{user_id}").route(web::patch().to(update_user)))
+        .service(web::resource("/users/{user_id}/audit").route(web::get().to(user_audit)));
+}
+
+pub const MAX_PAGE_SIZE: u32 = 100;
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UserQuery {
+    /// Case-insensitive substring of the e-mail address.
+    pub email: Option<String>,
+    /// free, pro or enterprise.
+    pub plan: Option<String>,
+    /// 1-based page number (default 1).
+    pub page: Option<u32>,
+    /// Items per page, 1 to 100 (default 20).
+    pub page_size: Option<u32>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UserPageView {
+    pub items: Vec<UserView>,
+    pub total: u64,
+    pub page: u32,
+    pub page_size: u32,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUserRequest {
+    #[schema(value_type = Option<String>, example = "pro")]
+    pub subscription_plan: Option<String>,
+    pub is_active: Option<bool>,
+    pub is_superuser: Option<bool>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AuditView {
+    pub id: Uuid,
+    pub actor_id: Uuid,
+    pub action: String,
+    pub target_id: Option<Uuid>,
+    #[schema(value_type = Object)]
+    pub details: serde_json::Value,
+    pub created_at: chrono::DateTime<Utc>,
+}
+
+fn parse_plan(raw: &str) -> Result<Plan, ApiError> {
+    raw.parse::<Plan>().map_err(|e| ApiError::Unprocessable(e.to_string()))
+}
+
+/// Lists users, filtered by e-mail substring and plan, paged.
+#[utoipa::path(get, path = "/admin/users", tag = "admin", security(("bearer" = [])), params(UserQuery),
+    responses((status = 200, body = UserPageView), (status = 401), (status = 403)))]
+pub async fn list_users(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    query: web::Query<UserQuery>,
+) -> Result<web::Json<UserPageView>, ApiError> {
+    let q = query.into_inner();
+    let page = q.page.unwrap_or(1);
+    let page_size = q.page_size.unwrap_or(20);
+    if page == 0 {
+        return Err(ApiError::Unprocessable("page starts at 1".into()));
+    }
+    if page_size == 0 || page_size > MAX_PAGE_SIZE {
+        return Err(ApiError::Unprocessable(format!("page_size must be between 1 and {MAX_PAGE_SIZE}")));
+    }
+    let filter = UserFilter {
+        email: q.email.filter(|e| !e.trim().is_empty()).map(|e| e.trim().to_string()),
+        plan: q.plan.as_deref().map(parse_plan).transpose()?,
+    };
+    let offset = (page - 1).saturating_mul(page_size);
+    let (users, total) = state.accounts.list_users(&filter, Page { offset, limit: page_size }).await?;
+    Ok(web::Json(UserPageView { items: users.into_iter().map(UserView::from).collect(), total, page, page_size }))
+}
+
+/// Changes a user's plan, active flag or superuser flag. Each change is written to
+/// the audit log with who made it and when.
+#[utoipa::path(patch, path = "/admin/users/{user_id}", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "User id")), request_body = UpdateUserRequest,
+    responses((status = 200, body = UserView), (status = 400, description = "Admins cannot demote or deactivate themselves"),
+              (status = 401), (status = 403), (status = 404), (status = 422)))]
+pub async fn update_user(
+    admin: AdminUser,
+    state: web::Data<AppState>,
+    user_id: web::Path<Uuid>,
+    body: web::Json<UpdateUserRequest>,
+) -> Result<web::Json<UserView>, ApiError> {
+    let user_id = user_id.into_inner();
+    let body = body.into_inner();
+    let patch = UserPatch {
+        subscription_plan: body.subscription_plan.as_deref().map(parse_plan).transpose()?,
+        is_active: body.is_active,
+        is_superuser: body.is_superuser,
+    };
+    if patch.is_empty() {
+        return Err(ApiError::Unprocessable(
+            "Nothing to change: give subscription_plan, is_active or is_superuser".into(),
+        ));
+    }
+    let actor = &admin.0.user;
+    if actor.id == user_id && (patch.is_active == Some(false) || patch.is_superuser == Some(false)) {
+        return Err(ApiError::BadRequest("Admins cannot deactivate or demote themselves".into()));
+    }
+    let before = state.accounts.user_by_id(user_id).await?.ok_or_else(|| ApiError::NotFound("User not found".into()))?;
+    let after = state.accounts.update_user(user_id, &patch).await?;
+    let mut changes = serde_json::Map::new();
+    if before.subscription_plan != after.subscription_plan {
+        changes.insert("subscription_plan".into(), json!({"from": before.subscription_plan, "to": after.subscription_plan}));
+    }
+    if before.is_active != after.is_active {
+        changes.insert("is_active".into(), json!({"from": before.is_active, "to": after.is_active}));
+    }
+    if before.is_superuser != after.is_superuser {
+        changes.insert("is_superuser".into(), json!({"from": before.is_superuser, "to": after.is_superuser}));
+    }
+    if !changes.is_empty() {
+        state
+            .accounts
+            .record_audit(&AuditEntry {
+                id: Uuid::new_v4(),
+                actor_id: actor.id,
+                action: "user.update".into(),
+                target_id: Some(user_id),
+                details: json!({ "actor_email": actor.email, "changes": changes }),
+                created_at: Utc::now(),
+            })
+            .await?;
+        tracing::info!(actor = %actor.id, target = %user_id, ?changes, "admin changed user");
+    }
+    Ok(web::Json(after.into()))
+}
+
+/// The audit log of changes made to one user, oldest first.
+#[utoipa::path(get, path = "/admin/users/{user_id}/audit", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = Uuid, Path, description = "User id")),
+    responses((status = 200, body = Vec<AuditView>), (status = 401), (status = 403)))]
+pub async fn user_audit(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    user_id: web::Path<Uuid>,
+) -> Result<web::Json<Vec<AuditView>>, ApiError> {
+    let entries = state.accounts.audit_for(user_id.into_inner()).await?;
+    Ok(web::Json(
+        entries
+            .into_iter()
+            .map(|e| AuditView {
+                id: e.id,
+                actor_id: e.actor_id,
+                action: e.action,
+                target_id: e.target_id,
+                details: e.details,
+                created_at: e.created_at,
+            })
+            .collect(),
+    ))
+}

@@ -1,0 +1,326 @@
+//! /auth: registration, login, token refresh and logout, the current user, API keys.
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Duration, Utc};
+use ragchat_actors::domain::{ApiKey, Email, NewUser, Plan, RefreshOutcome, RefreshToken, User};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::extractors::CurrentUser;
+use super::AppState;
+use crate::auth::{new_api_key, new_refresh_token, token_digest};
+use crate::error::ApiError;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/auth/register").route(web::post().to(register)))
+        .service(web::resource("/auth/login").route(web::post().to(login)))
+        .service(web::resource("/auth/refresh").route(web::post().to(refresh)))
+        .service(web::resource("/auth/logout").route(web::post().to(logout)))
+        .service(web::resource("/auth/me").route(web::get().to(me)))
+        .service(
+            web::resource("/auth/api-keys").route(web::post().to(create_api_key)).route(web::get().to(list_api_keys)),
+        )
+        .service(web::resource("/auth/api-keys/{key_id}").route(web::delete().to(delete_api_key)));
+}
+
+pub const MIN_PASSWORD_LEN: usize = 8;
+/// Argon2 accepts any length; the cap keeps a request from making us hash megabytes.
+pub const MAX_PASSWORD_LEN: usize = 256;
+
+/// A user as the API shows it: every field except the password hash.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UserView {
+    pub id: Uuid,
+    pub email: String,
+    pub full_name: Option<String>,
+    pub is_active: bool,
+    pub is_verified: bool,
+    pub is_superuser: bool,
+    #[schema(value_type = String, example = "free")]
+    pub subscription_plan: Plan,
+    pub organization_id: Option<Uuid>,
+    #[schema(value_type = Object)]
+    pub preferences: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl From<User> for UserView {
+    fn from(u: User) -> Self {
+        UserView {
+            id: u.id,
+            email: u.email,
+            full_name: u.full_name,
+            is_active: u.is_active,
+            is_verified: u.is_verified,
+            is_superuser: u.is_superuser,
+            subscription_plan: u.subscription_plan,
+            organization_id: u.organization_id,
+            preferences: u.preferences,
+            created_at: u.created_at,
+            updated_at: u.updated_at,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RegisterRequest {
+    #[schema(example = "alice@example.com")]
+    pub email: String,
+    #[schema(example = "a long passphrase")]
+    pub password: String,
+    pub full_name: Option<String>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct LoginRequest {
+    pub email: String,
+    pub password: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TokenResponse {
+    pub access_token: String,
+    #[schema(example = "bearer")]
+    pub token_type: String,
+    /// Seconds until the access token expires.
+    pub expires_in: u64,
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RefreshRequest {
+    pub refresh_token: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct CreateApiKeyRequest {
+    #[schema(example = "CI pipeline")]
+    pub name: String,
+}
+
+/// An API key as listed: never the key itself.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApiKeyView {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    pub last_used_at: Option<DateTime<Utc>>,
+}
+
+/// A new API key: `key` is shown this once and cannot be recovered.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct CreatedApiKey {
+    pub id: Uuid,
+    pub name: String,
+    pub prefix: String,
+    pub key: String,
+    pub created_at: DateTime<Utc>,
+}
+
+impl From<ApiKey> for ApiKeyView {
+    fn from(k: ApiKey) -> Self {
+        ApiKeyView { id: k.id, name: k.name, prefix: k.prefix, created_at: k.created_at, last_used_at: k.last_used_at }
+    }
+}
+
+fn check_password(password: &str) -> Result<(), ApiError> {
+    let n = password.chars().count();
+    if n < MIN_PASSWORD_LEN {
+        return Err(ApiError::Unprocessable(format!("Password must be at least {MIN_PASSWORD_LEN} characters")));
+    }
+    if password.len() > MAX_PASSWORD_LEN {
+        return Err(ApiError::Unprocessable(format!("Password must be at most {MAX_PASSWORD_LEN} bytes")));
+    }
+    Ok(())
+}
+
+/// Creates a user account on the free plan.
+#[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest,
+    responses((status = 201, body = UserView), (status = 409, description = "Email already registered"),
+              (status = 422, description = "Invalid e-mail or password")))]
+pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterRequest>) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let email = Email::parse(&body.email).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    check_password(&body.password)?;
+    let full_name = body.full_name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
+    if full_name.as_ref().is_some_and(|n| n.chars().count() > 200) {
+        return Err(ApiError::Unprocessable("full_name must be at most 200 characters".into()));
+    }
+    let hashed_password = hash_password(&state, body.password).await?;
+    let user = state
+        .accounts
+        .create_user(NewUser {
+            email,
+            hashed_password,
+            full_name,
+            is_superuser: false,
+            is_verified: false,
+            subscription_plan: Plan::Free,
+            organization_id: None,
+        })
+        .await
+        .map_err(|e| match e {
+            ragchat_actors::ports::StoreError::Conflict(_) => ApiError::Conflict("Email already registered".into()),
+            other => other.into(),
+        })?;
+    Ok(HttpResponse::Created().json(UserView::from(user)))
+}
+
+/// Hashes off the async executor: argon2 takes tens of milliseconds of CPU.
+pub async fn hash_password(state: &AppState, password: String) -> Result<String, ApiError> {
+    let hasher = state.passwords.clone();
+    web::block(move || hasher.hash(&password)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)
+}
+
+async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Result<TokenResponse, ApiError> {
+    let access_token = state.tokens.issue(user_id).map_err(ApiError::internal)?;
+    let refresh_token = new_refresh_token();
+    let now = Utc::now();
+    let ttl = i64::try_from(state.tokens.refresh_ttl_secs).unwrap_or(i64::MAX / 4);
+    state
+        .accounts
+        .insert_refresh_token(&RefreshToken {
+            id: Uuid::new_v4(),
+            user_id,
+            family_id,
+            token_hash: token_digest(&refresh_token),
+            issued_at: now,
+            expires_at: now + Duration::seconds(ttl),
+        })
+        .await?;
+    Ok(TokenResponse {
+        access_token,
+        token_type: "bearer".into(),
+        expires_in: state.tokens.access_ttl_secs,
+        refresh_token,
+    })
+}
+
+/// Exchanges e-mail and password for an access token and a refresh token.
+///
+/// An unknown e-mail and a wrong password get the same answer in about the same time.
+#[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = TokenResponse), (status = 401, description = "Incorrect email or password"),
+              (status = 403, description = "User account is deactivated")))]
+pub async fn login(state: web::Data<AppState>, body: web::Json<LoginRequest>) -> Result<web::Json<TokenResponse>, ApiError> {
+    let LoginRequest { email, password } = body.into_inner();
+    let user = if email.len() <= 254 { state.accounts.user_by_email(&email).await? } else { None };
+    let hasher = state.passwords.clone();
+    let stored = user.as_ref().map(|u| u.hashed_password.clone());
+    // Over-long passwords are refused after the same amount of work as a wrong one.
+    let password = if password.len() > MAX_PASSWORD_LEN { String::new() } else { password };
+    let ok = web::block(move || hasher.verify(&password, stored.as_deref())).await.map_err(ApiError::internal)?;
+    let user = match user {
+        Some(u) if ok => u,
+        _ => return Err(ApiError::Unauthorized("Incorrect email or password".into())),
+    };
+    if !user.is_active {
+        return Err(ApiError::Forbidden("User account is deactivated".into()));
+    }
+    Ok(web::Json(issue_tokens(&state, user.id, Uuid::new_v4()).await?))
+}
+
+/// Rotates a refresh token: the old one is spent, a new pair is returned.
+///
+/// Presenting a spent token again revokes every token of that login (its family).
+#[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses((status = 200, body = TokenResponse), (status = 401, description = "Invalid, expired or reused refresh token")))]
+pub async fn refresh(state: web::Data<AppState>, body: web::Json<RefreshRequest>) -> Result<web::Json<TokenResponse>, ApiError> {
+    let outcome = state.accounts.consume_refresh_token(&token_digest(&body.refresh_token), Utc::now()).await?;
+    let (user_id, family_id) = match outcome {
+        RefreshOutcome::Rotated { user_id, family_id } => (user_id, family_id),
+        RefreshOutcome::Reused { family_id } => {
+            tracing::warn!(%family_id, "refresh token reuse: family revoked");
+            return Err(ApiError::Unauthorized(
+                "Refresh token already used: all sessions of this login were revoked, please log in again".into(),
+            ));
+        }
+        RefreshOutcome::Expired => return Err(ApiError::Unauthorized("Refresh token has expired".into())),
+        RefreshOutcome::Unknown => return Err(ApiError::Unauthorized("Invalid refresh token".into())),
+    };
+    let user = state
+        .accounts
+        .user_by_id(user_id)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("Invalid refresh token".into()))?;
+    if !user.is_active {
+        return Err(ApiError::Forbidden("User account is deactivated".into()));
+    }
+    Ok(web::Json(issue_tokens(&state, user.id, family_id).await?))
+}
+
+/// Revokes the refresh token and every token rotated from the same login.
+/// Always 204, so it cannot be used to probe tokens.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshRequest,
+    responses((status = 204, description = "Logged out")))]
+pub async fn logout(state: web::Data<AppState>, body: web::Json<RefreshRequest>) -> Result<HttpResponse, ApiError> {
+    state.accounts.revoke_refresh_family_of(&token_digest(&body.refresh_token)).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The authenticated user.
+#[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = UserView), (status = 401), (status = 403)))]
+pub async fn me(current: CurrentUser) -> web::Json<UserView> {
+    web::Json(current.user.into())
+}
+
+/// Creates an API key. The key is in this response only; store it now.
+#[utoipa::path(post, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])), request_body = CreateApiKeyRequest,
+    responses((status = 201, body = CreatedApiKey), (status = 401), (status = 422)))]
+pub async fn create_api_key(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+    body: web::Json<CreateApiKeyRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let name = body.name.trim().to_string();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(ApiError::Unprocessable("name must be 1 to 100 characters".into()));
+    }
+    let key = new_api_key();
+    let record = ApiKey {
+        id: Uuid::new_v4(),
+        user_id: current.user.id,
+        name,
+        prefix: key.chars().take(12).collect(),
+        key_hash: token_digest(&key),
+        created_at: Utc::now(),
+        last_used_at: None,
+        revoked_at: None,
+    };
+    state.accounts.insert_api_key(&record).await?;
+    Ok(HttpResponse::Created().json(CreatedApiKey {
+        id: record.id,
+        name: record.name,
+        prefix: record.prefix,
+        key,
+        created_at: record.created_at,
+    }))
+}
+
+/// The caller's live API keys (without the keys themselves).
+#[utoipa::path(get, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])),
+    responses((status = 200, body = Vec<ApiKeyView>), (status = 401)))]
+pub async fn list_api_keys(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<Vec<ApiKeyView>>, ApiError> {
+    let keys = state.accounts.list_api_keys(current.user.id).await?;
+    Ok(web::Json(keys.into_iter().map(ApiKeyView::from).collect()))
+}
+
+/// Revokes one of the caller's API keys.
+#[utoipa::path(delete, path = "/auth/api-keys/{key_id}", tag = "auth", security(("bearer" = [])),
+    params(("key_id" = Uuid, Path, description = "API key id")),
+    responses((status = 204), (status = 401), (status = 404, description = "No such key")))]
+pub async fn delete_api_key(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+    key_id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    if state.accounts.revoke_api_key(current.user.id, key_id.into_inner()).await? {
+        Ok(HttpResponse::NoContent().finish())
+    } else {
+        Err(ApiError::NotFound("API key not found".into()))
+    }
+}

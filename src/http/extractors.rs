@@ -1,0 +1,127 @@
+//! Authentication as extractors, so a route cannot forget it.
+//!
+//! `CurrentUser` accepts `Authorization: Bearer <JWT>` or `Authorization: Bearer
+//! rck_…` (an API key). `AdminUser` additionally requires `is_superuser`; the
+//! /admin scope also runs `require_admin` as middleware, so every admin route is
+//! guarded before its body is read.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::middleware::Next;
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
+use ragchat_actors::domain::User;
+
+use super::AppState;
+use crate::auth::{token_digest, TokenError, API_KEY_PREFIX};
+use crate::error::ApiError;
+
+/// How the caller proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    Jwt,
+    ApiKey,
+}
+
+/// The authenticated, active user making the request.
+#[derive(Debug, Clone)]
+pub struct CurrentUser {
+    pub user: User,
+    pub method: AuthMethod,
+}
+
+/// An authenticated superuser.
+#[derive(Debug, Clone)]
+pub struct AdminUser(pub CurrentUser);
+
+fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| ApiError::Unauthorized("Not authenticated".into()))?;
+    let value = value.to_str().map_err(|_| ApiError::Unauthorized("Invalid authorization header".into()))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
+            Ok(token.trim().to_string())
+        }
+        _ => Err(ApiError::Unauthorized("Invalid authorization header: expected 'Bearer <token>'".into())),
+    }
+}
+
+async fn authenticate(req: HttpRequest) -> Result<CurrentUser, ApiError> {
+    if let Some(cached) = req.extensions().get::<CurrentUser>() {
+        return Ok(cached.clone());
+    }
+    let state = req
+        .app_data::<web::Data<AppState>>()
+        .ok_or_else(|| ApiError::internal("application state missing"))?
+        .clone();
+    let token = bearer(&req)?;
+    let (user_id, method) = if token.starts_with(API_KEY_PREFIX) {
+        let key = state
+            .accounts
+            .use_api_key(&token_digest(&token))
+            .await?
+            .ok_or_else(|| ApiError::Unauthorized("Invalid API key".into()))?;
+        (key.user_id, AuthMethod::ApiKey)
+    } else {
+        let claims = state.tokens.verify(&token).map_err(|e| match e {
+            TokenError::Expired => ApiError::Unauthorized("Token has expired".into()),
+            _ => ApiError::Unauthorized("Could not validate credentials".into()),
+        })?;
+        (claims.sub, AuthMethod::Jwt)
+    };
+    let user = state
+        .accounts
+        .user_by_id(user_id)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("Could not validate credentials".into()))?;
+    if !user.is_active {
+        return Err(ApiError::Forbidden("User account is deactivated".into()));
+    }
+    let current = CurrentUser { user, method };
+    req.extensions_mut().insert(current.clone());
+    Ok(current)
+}
+
+fn require_superuser(current: CurrentUser) -> Result<AdminUser, ApiError> {
+    if current.user.is_superuser {
+        Ok(AdminUser(current))
+    } else {
+        Err(ApiError::Forbidden("Admin privileges required".into()))
+    }
+}
+
+impl FromRequest for CurrentUser {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        Box::pin(authenticate(req.clone()))
+    }
+}
+
+impl FromRequest for AdminUser {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move { require_superuser(authenticate(req).await?) })
+    }
+}
+
+/// Middleware for the /admin scope: authenticates and checks is_superuser before
+/// any extractor reads the body, so a malformed body never masks a 401/403.
+pub async fn require_admin(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
+    let current = authenticate(req.request().clone()).await?;
+    require_superuser(current)?;
+    next.call(req).await
+}
+

@@ -1,0 +1,96 @@
+//! The actix-web application: one module per area, extractors, middleware.
+
+pub mod admin;
+pub mod auth;
+pub mod extractors;
+pub mod openapi;
+pub mod ops;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, HttpMessage};
+use ragchat_actors::ports::AccountStore;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::auth::{PasswordHasher, TokenService};
+use crate::config::Settings;
+use crate::error::{json_error, path_error, query_error, ApiError};
+
+/// Everything handlers share. Cheap to clone (all behind Arcs).
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub accounts: Arc<dyn AccountStore>,
+    pub passwords: Arc<PasswordHasher>,
+    pub tokens: Arc<TokenService>,
+}
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The id of the current request, also sent back as `x-request-id`.
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// A client-supplied id is kept when it is short and plain; otherwise a new one is made.
+fn request_id_of(req: &ServiceRequest) -> String {
+    req.headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .map(str::to_string)
+        .unwrap_or_else(|| Uuid::new_v4().to_string())
+}
+
+/// Gives every request an id, logs it with method, path, status and latency in a
+/// tracing span, and echoes the id in the response.
+pub async fn request_context(
+    req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
+    let id = request_id_of(&req);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
+    let started = Instant::now();
+    async move {
+        let http_req = req.request().clone();
+        // Errors become responses here, so they too carry the request id.
+        let mut resp = match next.call(req).await {
+            Ok(resp) => resp.map_into_boxed_body(),
+            Err(e) => ServiceResponse::from_err(e, http_req),
+        };
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            resp.headers_mut().insert(REQUEST_ID, v);
+        }
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        tracing::info!(status = resp.status().as_u16(), elapsed_ms, "handled");
+        Ok(resp)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::NotFound("Not Found".into()))
+}
+
+/// Registers every route, the shared state and the extractor configs.
+pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg: &mut web::ServiceConfig| {
+        let json_limit = state.settings.server.json_limit_bytes;
+        cfg.app_data(web::Data::new(state))
+            .app_data(web::JsonConfig::default().limit(json_limit).error_handler(json_error))
+            .app_data(web::QueryConfig::default().error_handler(query_error))
+            .app_data(web::PathConfig::default().error_handler(path_error))
+            .configure(ops::routes)
+            .configure(auth::routes)
+            .service(web::scope("/admin").wrap(from_fn(extractors::require_admin)).configure(admin::routes))
+            .configure(openapi::routes)
+            .default_service(web::to(not_found));
+    }
+}

@@ -1,0 +1,48 @@
+//! The OpenAPI document, generated from the handlers' annotations, and Swagger UI.
+
+use actix_web::{web, HttpResponse};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::{admin, auth, ops};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "ragchat", description = "RAG chatbot server with accounts, plans, quotas and billing."),
+    paths(
+        ops::health, ops::ready,
+        auth::register, auth::login, auth::refresh, auth::logout, auth::me,
+        auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
+        admin::list_users, admin::update_user, admin::user_audit,
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "auth"), (name = "admin", description = "Superusers only"), (name = "ops"))
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT or API key (rck_…)")
+                    .build(),
+            ),
+        );
+    }
+}
+
+async fn docs_redirect() -> HttpResponse {
+    HttpResponse::PermanentRedirect().insert_header(("Location", "/docs/")).finish()
+}
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/docs").route(web::get().to(docs_redirect)))
+        .service(SwaggerUi::new("/docs/{_:.*}").url("/openapi.json", ApiDoc::openapi()));
+}

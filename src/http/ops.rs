@@ -1,0 +1,54 @@
+//! Liveness and readiness.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::AppState;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/health").route(web::get().to(health)))
+        .service(web::resource("/ready").route(web::get().to(ready)));
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+}
+
+/// Liveness: the process answers HTTP. Touches no store.
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, body = Health)))]
+pub async fn health() -> web::Json<Health> {
+    web::Json(Health { status: "healthy".into(), version: env!("CARGO_PKG_VERSION").into() })
+}
+
+/// How long /ready waits for each store before calling it down.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Readiness: every configured store answers. 503 with the failing store otherwise.
+#[utoipa::path(get, path = "/ready", tag = "ops",
+    responses((status = 200, description = "All stores answer"), (status = 503, description = "A store is down")))]
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    let accounts = match tokio::time::timeout(READY_TIMEOUT, state.accounts.ping()).await {
+        Ok(Ok(())) => "ok".to_string(),
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "readiness: account store down");
+            "unavailable".to_string()
+        }
+        Err(_) => "timeout".to_string(),
+    };
+    let ok = accounts == "ok";
+    let body = json!({
+        "status": if ok { "ready" } else { "unavailable" },
+        "stores": { "accounts": { "backend": state.accounts.backend(), "status": accounts } },
+    });
+    if ok {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}

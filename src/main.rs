@@ -1,0 +1,82 @@
+//! The ragchat command line: serve, migrate, create-user.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ragchat::accounts::{create_user, UserSpec};
+use ragchat::auth::PasswordHasher;
+use ragchat::config::Settings;
+use ragchat::startup::Application;
+use ragchat::{stores, telemetry};
+use ragchat_actors::domain::Plan;
+
+#[derive(Parser)]
+#[command(name = "ragchat", version, about = "RAG chatbot server with accounts, plans, quotas and billing")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the HTTP server (settings from config/ and RAGCHAT__… variables).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Create a user account.
+    CreateUser {
+        #[arg(long)]
+        email: String,
+        #[arg(long, env = "RAGCHAT_NEW_USER_PASSWORD", hide_env_values = true)]
+        password: String,
+        #[arg(long, default_value = "free")]
+        plan: Plan,
+        #[arg(long)]
+        superuser: bool,
+    },
+}
+
+#[actix_web::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ragchat: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(&settings.logging);
+    match run(cli.command, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "fatal");
+            eprintln!("ragchat: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            let env = settings.environment();
+            let app = Application::build(settings, true).await?;
+            tracing::info!(port = app.port(), environment = env.as_str(), "ragchat listening");
+            app.run_until_stopped().await?;
+            tracing::info!("ragchat stopped");
+        }
+        Command::Migrate => {
+            let store = stores::connect_accounts(&settings.database).await?;
+            println!("migrations applied ({})", store.backend());
+        }
+        Command::CreateUser { email, password, plan, superuser } => {
+            let store = stores::connect_accounts(&settings.database).await?;
+            let hasher = PasswordHasher::new(settings.auth.argon2)?;
+            let user = create_user(store.as_ref(), &hasher, UserSpec { email: &email, password: &password, plan, superuser })
+                .await?;
+            println!("created user {} ({}, plan {}{})", user.email, user.id, user.subscription_plan, if superuser { ", superuser" } else { "" });
+        }
+    }
+    Ok(())
+}

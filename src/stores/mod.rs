@@ -1,0 +1,82 @@
+//! Store adapters implementing the core's ports.
+//!
+//! Accounts: one SQL implementation written once (`sql_accounts!`) and instantiated
+//! for SQLite (the embedded default) and PostgreSQL. The SQL is the common subset of
+//! both dialects ($N placeholders, RETURNING, COALESCE, LOWER/LIKE); column types
+//! differ only in the migrations.
+
+mod accounts;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ragchat_actors::ports::{AccountStore, StoreError};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
+
+pub use accounts::{PostgresAccountStore, SqliteAccountStore};
+
+use crate::config::DatabaseSettings;
+
+/// Maps a driver error to the core's store error. Connection-level failures become
+/// `Unavailable` (the HTTP layer answers 503), constraint violations `Conflict`.
+pub(crate) fn store_error(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::RowNotFound => StoreError::NotFound,
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(db.message().to_string()),
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e.to_string()),
+        other => StoreError::Internal(other.to_string()),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("unsupported database URL '{0}': expected sqlite:… or postgres://…")]
+    UnsupportedUrl(String),
+    #[error("cannot create the data directory {0}: {1}")]
+    DataDir(String, std::io::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] sqlx::Error),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Opens the account store named by the URL and brings its schema up to date.
+pub async fn connect_accounts(settings: &DatabaseSettings) -> Result<Arc<dyn AccountStore>, ConnectError> {
+    let url = settings.url.as_str();
+    let acquire = Duration::from_millis(settings.acquire_timeout_ms);
+    if url.starts_with("sqlite:") {
+        let opts = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5));
+        let path = opts.get_filename();
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| ConnectError::DataDir(parent.display().to_string(), e))?;
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(acquire)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
+        Ok(Arc::new(SqliteAccountStore::new(pool)))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .acquire_timeout(acquire)
+            .connect(url)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        Ok(Arc::new(PostgresAccountStore::new(pool)))
+    } else {
+        Err(ConnectError::UnsupportedUrl(url.to_string()))
+    }
+}
