@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
@@ -119,9 +119,11 @@ impl FromRequest for AdminUser {
 pub async fn require_admin(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
-) -> Result<ServiceResponse<impl MessageBody + 'static>, actix_web::Error> {
-    let current = authenticate(req.request().clone()).await?;
-    require_superuser(current)?;
-    next.call(req).await
+) -> Result<ServiceResponse<EitherBody<impl MessageBody + 'static>>, actix_web::Error> {
+    // The cloned request must be dropped before `next.call`: routing needs it unshared.
+    let verdict = authenticate(req.request().clone()).await.and_then(require_superuser);
+    match verdict {
+        Ok(_) => Ok(next.call(req).await?.map_into_left_body()),
+        Err(e) => Ok(req.error_response(e).map_into_right_body()),
+    }
 }
-

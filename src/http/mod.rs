@@ -58,12 +58,9 @@ pub async fn request_context(
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.path());
     let started = Instant::now();
     async move {
-        let http_req = req.request().clone();
-        // Errors become responses here, so they too carry the request id.
-        let mut resp = match next.call(req).await {
-            Ok(resp) => resp.map_into_boxed_body(),
-            Err(e) => ServiceResponse::from_err(e, http_req),
-        };
+        // Handler errors are already responses here; middleware errors (the admin
+        // guard) are turned into responses where they arise, so all carry the id.
+        let mut resp = next.call(req).await?;
         if let Ok(v) = HeaderValue::from_str(&id) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }

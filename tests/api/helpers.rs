@@ -1,0 +1,173 @@
+//! TestApp: the real server on port 0 with its own database, and typed helpers.
+
+use std::sync::Arc;
+
+use ragchat::config::{Environment, Settings};
+use ragchat::startup::Application;
+use ragchat_actors::ports::AccountStore;
+use reqwest::{Client, Response, StatusCode};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// Where the per-test SQLite files go.
+fn temp_sqlite_url() -> String {
+    let dir = std::env::temp_dir().join("ragchat-tests");
+    let _ = std::fs::create_dir_all(&dir);
+    format!("sqlite:{}", dir.join(format!("{}.db", Uuid::new_v4())).display())
+}
+
+/// A service URL from the environment. When unset the test is skipped with a
+/// message on stderr — unless RAGCHAT_REQUIRE_SERVICES=1 (CI), where a missing
+/// service fails the test instead of passing silently.
+pub fn service_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(v) if !v.is_empty() => Some(v),
+        _ => {
+            if std::env::var("RAGCHAT_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+                panic!("{var} is not set but RAGCHAT_REQUIRE_SERVICES=1: start it with scripts/services.sh start");
+            }
+            eprintln!("SKIPPED: {var} not set; start the service with scripts/services.sh start");
+            None
+        }
+    }
+}
+
+/// A fresh, empty PostgreSQL database on the server named by DATABASE_URL.
+pub async fn fresh_postgres_url() -> Option<String> {
+    let base = service_url("DATABASE_URL")?;
+    let name = format!("ragchat_test_{}", Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&base).await.expect("connect to DATABASE_URL");
+    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create test database");
+    admin.close().await;
+    let (prefix, rest) = base.rsplit_once('/').expect("DATABASE_URL has a database path");
+    let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    Some(format!("{prefix}/{name}{query}"))
+}
+
+pub fn test_settings(database_url: &str) -> Settings {
+    let mut s = Settings::load_for(Environment::Test).expect("test settings load");
+    s.server.port = 0;
+    s.server.workers = 2;
+    s.database.url = database_url.to_string();
+    s
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: Client,
+    pub accounts: Arc<dyn AccountStore>,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        actix_web::rt::spawn(async move { handle.stop(false).await });
+    }
+}
+
+impl TestApp {
+    /// The server on the embedded default (a new SQLite file).
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(test_settings(&temp_sqlite_url())).await
+    }
+
+    /// The server on a fresh PostgreSQL database, or None when DATABASE_URL is unset.
+    pub async fn spawn_postgres() -> Option<TestApp> {
+        let url = fresh_postgres_url().await?;
+        Some(Self::spawn_with(test_settings(&url)).await)
+    }
+
+    pub async fn spawn_with(settings: Settings) -> TestApp {
+        let app = Application::build(settings, false).await.expect("application builds");
+        let address = format!("http://127.0.0.1:{}", app.port());
+        let accounts = app.state().accounts.clone();
+        let server = app.into_server();
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        TestApp {
+            address,
+            client: Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client"),
+            accounts,
+            handle,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value, token: Option<&str>) -> Response {
+        let mut req = self.client.post(self.url(path)).json(body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Response {
+        let mut req = self.client.get(self.url(path));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn patch_json(&self, path: &str, body: &Value, token: &str) -> Response {
+        self.client.patch(self.url(path)).bearer_auth(token).json(body).send().await.expect("request")
+    }
+
+    pub async fn delete(&self, path: &str, token: &str) -> Response {
+        self.client.delete(self.url(path)).bearer_auth(token).send().await.expect("request")
+    }
+
+    pub async fn register(&self, email: &str, password: &str) -> Value {
+        let resp = self.post_json("/auth/register", &json!({"email": email, "password": password}), None).await;
+        assert_eq!(resp.status(), StatusCode::CREATED, "register {email}");
+        resp.json().await.expect("json")
+    }
+
+    /// Logs in and returns the whole token response.
+    pub async fn login(&self, email: &str, password: &str) -> Value {
+        let resp = self.post_json("/auth/login", &json!({"email": email, "password": password}), None).await;
+        assert_eq!(resp.status(), StatusCode::OK, "login {email}");
+        resp.json().await.expect("json")
+    }
+
+    /// Registers a user and returns (user id, access token).
+    pub async fn user(&self, email: &str) -> (String, String) {
+        let user = self.register(email, "password-1234").await;
+        let tokens = self.login(email, "password-1234").await;
+        (user["id"].as_str().expect("id").to_string(), tokens["access_token"].as_str().expect("token").to_string())
+    }
+
+    /// Creates a superuser directly in the store and returns its access token.
+    pub async fn admin(&self, email: &str) -> String {
+        let hasher = ragchat::auth::PasswordHasher::new(test_settings("sqlite::memory:").auth.argon2).expect("hasher");
+        ragchat::accounts::create_user(
+            self.accounts.as_ref(),
+            &hasher,
+            ragchat::accounts::UserSpec {
+                email,
+                password: "admin-password-1234",
+                plan: ragchat_actors::domain::Plan::Enterprise,
+                superuser: true,
+            },
+        )
+        .await
+        .expect("create admin");
+        self.login(email, "admin-password-1234").await["access_token"].as_str().expect("token").to_string()
+    }
+}
+
+/// Asserts the status and returns the JSON body.
+pub async fn expect(resp: Response, status: StatusCode) -> Value {
+    let got = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    assert_eq!(got, status, "unexpected status; body: {text}");
+    if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    }
+}

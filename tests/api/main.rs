@@ -1,0 +1,9 @@
+//! Integration tests: the real server on port 0, spoken to over HTTP.
+//! One test binary (faster to link on small machines) with a module per area.
+
+mod account_store;
+mod admin;
+mod auth;
+mod cli;
+mod errors;
+mod helpers;
