@@ -23,6 +23,11 @@ enum Command {
     Serve,
     /// Apply database migrations and exit.
     Migrate,
+    /// Measure and print performance figures next to their baselines.
+    Bench {
+        #[command(subcommand)]
+        what: BenchTarget,
+    },
     /// Create a user account.
     CreateUser {
         #[arg(long)]
@@ -33,6 +38,15 @@ enum Command {
         plan: Plan,
         #[arg(long)]
         superuser: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchTarget {
+    /// argon2id hash time and login latency (embedded store, in-process server).
+    Auth {
+        #[arg(long, default_value_t = 50)]
+        iterations: usize,
     },
 }
 
@@ -69,6 +83,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Migrate => {
             let store = stores::connect_accounts(&settings.database).await?;
             println!("migrations applied ({})", store.backend());
+        }
+        Command::Bench { what: BenchTarget::Auth { iterations } } => {
+            print!("{}", ragchat::bench::auth(settings, iterations).await?);
         }
         Command::CreateUser { email, password, plan, superuser } => {
             let store = stores::connect_accounts(&settings.database).await?;
