@@ -3,8 +3,9 @@
 #
 #   scripts/services.sh start  [postgres|redis|mongo|cql ...]   # install what is missing, start, wait until ready
 #   scripts/services.sh stop   [postgres|redis|mongo|cql ...]   # graceful shutdown, waits for the exit
-#   scripts/services.sh status [postgres|redis|mongo|cql ...]   # one "NAME: up|down" line each
+#   scripts/services.sh status [postgres|redis|mongo|cql ...]   # "NAME: up URL" / "NAME: down"; exit 3 if any down
 #   scripts/services.sh env    [postgres|redis|mongo|cql ...]   # "export NAME_URL=..." for each running one
+#   scripts/services.sh urls   [postgres|redis|mongo|cql ...]   # the NAME_URL=... lines, running or not
 #
 # No names means all four. `start` prints one NAME_URL=... line per service on stdout
 # (progress goes to stderr), is idempotent, and exits non-zero if a requested service
@@ -74,13 +75,13 @@ logfile_of() {
     if [[ $1 == postgres && -n ${PG_LOG:-} ]]; then echo "$PG_LOG"; else echo "$SD/log/$1.log"; fi
 }
 
-fail_with_log() { # service message
+fail_with_log() { # service message: report, with the log lines of the latest start attempt
     local f
     f=$(logfile_of "$1")
     log "$1: $2"
     if [[ -s $f ]]; then
         log "$1: last lines of $f:"
-        tail -n 40 "$f" | sed 's/^/    /' >&2
+        tac "$f" | sed '/^===== /q' | tac | tail -n 30 | sed 's/^/    /' >&2
     fi
     return 1
 }
@@ -159,9 +160,10 @@ launch_bg() {
     lf=$(logfile_of "$name")
     printf '===== %s: starting %s\n' "$(date '+%F %T')" "$name" >>"$lf"
     rm -f "$pidfile"
-    nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" >>"$lf" 2>&1 </dev/null &
-    local i
-    for i in $(seq 1 50); do
+    # shellcheck disable=SC2016 # $$ and $@ belong to the inner shell
+    nohup setsid bash -c 'echo $$ >"$0"; exec "$@"' "$pidfile" "$@" >>"$lf" 2>&1 </dev/null 9>&- &
+    local _
+    for _ in $(seq 1 50); do
         [[ -s $pidfile ]] && return 0
         sleep 0.1
     done
@@ -202,7 +204,7 @@ wait_until() {
 
 PG_BIN=
 pg_find_bin() {
-    local d v best= bestv=0
+    local d v best='' bestv=0
     for d in /usr/lib/postgresql/*/bin; do
         [[ -x $d/postgres && -x $d/initdb && -x $d/pg_ctl && -x $d/psql ]] || continue
         v=${d#/usr/lib/postgresql/}
@@ -279,7 +281,7 @@ pg_launch() {
         return 0
     fi
     if port_open "$PG_PORT"; then
-        fail_with_log postgres "port $PG_PORT is taken by another process (set PG_PORT)"
+        log "postgres: port $PG_PORT is taken by another process (set PG_PORT)"
         return 1
     fi
     local lf
@@ -321,13 +323,22 @@ password_encryption = 'scram-sha-256'
 timezone = 'UTC'
 log_timezone = 'UTC'
 EOF
-    # pg_ctl without -w: returns at once, readiness is checked in pg_wait.
-    printf '===== %s: starting postgres\n' "$(date '+%F %T')" >>"$lf"
     log "postgres: starting on $HOST:$PG_PORT (data: $PGDATA)"
-    if ! as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$lf" start >/dev/null 2>&1; then
-        fail_with_log postgres "pg_ctl start failed"
-        return 1
-    fi
+    local attempt
+    for attempt in 1 2 3 4 5 6 7 8 9 10; do
+        printf '===== %s: starting postgres\n' "$(date '+%F %T')" >>"$lf"
+        if as_pg "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$lf" -w -t "$PG_TIMEOUT" start >/dev/null 2>&1 </dev/null 9>&-; then
+            return 0
+        fi
+        # After a crash (kill -9) the old server's children hold the lock for a moment.
+        if [[ $attempt -lt 10 ]] && tac "$lf" | sed '/^===== /q' | grep -q 'another postmaster'; then
+            sleep 1
+            continue
+        fi
+        break
+    done
+    fail_with_log postgres "pg_ctl start failed"
+    return 1
 }
 
 pg_ready() { "$PG_BIN/pg_isready" -q -h "$HOST" -p "$PG_PORT" -d postgres -U postgres -t 2; }
@@ -409,7 +420,7 @@ redis_launch() {
         return 0
     fi
     if port_open "$REDIS_PORT"; then
-        fail_with_log redis "port $REDIS_PORT is taken by another process (set REDIS_PORT)"
+        log "redis: port $REDIS_PORT is taken by another process (set REDIS_PORT)"
         return 1
     fi
     mkdir -p "$SD/redis"
@@ -417,9 +428,10 @@ redis_launch() {
     lf=$(logfile_of redis)
     printf '===== %s: starting redis\n' "$(date '+%F %T')" >>"$lf"
     log "redis: starting on $HOST:$REDIS_PORT"
+    # shellcheck disable=SC2094 # redis-server appends to its log itself once daemonized
     if ! redis-server --bind "$HOST" --port "$REDIS_PORT" --daemonize yes \
         --pidfile "$REDIS_PIDFILE" --logfile "$lf" --dir "$SD/redis" \
-        --save '' --appendonly no >>"$lf" 2>&1; then
+        --save '' --appendonly no >>"$lf" 2>&1 </dev/null 9>&-; then
         fail_with_log redis "redis-server failed to start"
         return 1
     fi
@@ -456,7 +468,9 @@ FERRET_BIN=$SD/bin/ferretdb
 FERRET_PIDFILE=$SD/run/mongo.pid
 
 ferret_build() {
-    if ! command -v go >/dev/null; then
+    local go
+    go=$(command -v go || ls /usr/local/go/bin/go 2>/dev/null)
+    if [[ -z $go ]]; then
         log "mongo: Go is not installed (FerretDB v1.24.2 needs Go >= 1.24 to build)"
         return 1
     fi
@@ -471,7 +485,7 @@ ferret_build() {
     t0=$(now)
     if ! (cd "$FERRET_SRC" &&
         GOMODCACHE=$SD/go/mod GOCACHE=$SD/go/cache GOFLAGS="-modcacherw -buildvcs=false -mod=readonly" \
-            CGO_ENABLED=0 nice -n 10 go build -trimpath -o "$FERRET_BIN.tmp" .) >"$(logfile_of mongo-build)" 2>&1; then
+            CGO_ENABLED=0 nice -n 10 "$go" build -trimpath -o "$FERRET_BIN.tmp" .) >"$(logfile_of mongo-build)" 2>&1; then
         fail_with_log mongo-build "go build failed"
         return 1
     fi
@@ -487,7 +501,7 @@ mongo_launch() {
     fi
     ferret_build || return 1
     if port_open "$MONGO_PORT"; then
-        fail_with_log mongo "port $MONGO_PORT is taken by another process (set MONGO_PORT)"
+        log "mongo: port $MONGO_PORT is taken by another process (set MONGO_PORT)"
         return 1
     fi
     mkdir -p "$SD/mongo/data"
@@ -558,19 +572,20 @@ cql_launch() {
     fi
     cass_install || return 1
     if port_open "$CQL_PORT"; then
-        fail_with_log cql "port $CQL_PORT is taken by another process (set CQL_PORT)"
+        log "cql: port $CQL_PORT is taken by another process (set CQL_PORT)"
         return 1
     fi
     if port_open "$CQL_STORAGE_PORT"; then
-        fail_with_log cql "port $CQL_STORAGE_PORT (Cassandra internode) is taken (set CQL_STORAGE_PORT)"
+        log "cql: port $CQL_STORAGE_PORT (Cassandra internode) is taken (set CQL_STORAGE_PORT)"
         return 1
     fi
     mkdir -p "$CASS_HOME/conf" "$CASS_HOME/data"
     sed -e "s/@CQL_PORT@/$CQL_PORT/g; s/@STORAGE_PORT@/$CQL_STORAGE_PORT/g" \
         "$SCRIPTS/cassandra/cassandra.yaml" >"$CASS_HOME/conf/cassandra.yaml"
     local jamm
-    jamm=$(ls "$CASS_LIB"/jamm-*.jar 2>/dev/null | head -n 1)
-    [[ -n $jamm ]] || { log "cql: no jamm jar in $CASS_LIB"; return 1; }
+    local jars=("$CASS_LIB"/jamm-*.jar)
+    jamm=${jars[0]}
+    [[ -f $jamm ]] || { log "cql: no jamm jar in $CASS_LIB"; return 1; }
     local opts=(
         -Xms512m "-Xmx$CQL_HEAP" -Xss512k
         -XX:+UseG1GC -XX:+ParallelRefProcEnabled -XX:MaxTenuringThreshold=1
@@ -632,7 +647,7 @@ cql_stop() { stop_pid cql "$CASS_PIDFILE" "$CASS_MAIN" 90; }
 # ------------------------------------------------------------------ commands
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -663,6 +678,8 @@ SERVICES=("${_list[@]}")
 mkdir -p "$SD/log" "$SD/run"
 PYTHON=$(find_python) || PYTHON=python3
 
+pfx() { if [[ $1 == postgres ]]; then echo pg; else echo "$1"; fi; }
+
 wanted() { local s; for s in "${SERVICES[@]}"; do [[ $s == "$1" ]] && return 0; done; return 1; }
 
 # One start/stop at a time (parallel test runners may all call `start`).
@@ -683,12 +700,12 @@ case $CMD in
         # Launch the slow ones first so they boot while the others are prepared.
         for s in cql postgres redis mongo; do
             wanted "$s" || continue
-            if "${s}_launch"; then launched[$s]=1; else rc=1; fi
+            if "$(pfx "$s")_launch"; then launched[$s]=1; else rc=1; fi
         done
         for s in "${SERVICES[@]}"; do
             [[ -n ${launched[$s]:-} ]] || continue
             t0=$(now)
-            if "${s}_wait"; then
+            if "$(pfx "$s")_wait"; then
                 url_of "$s"
                 log "$s: ready (waited $(($(now) - t0))s)"
             else
@@ -701,13 +718,13 @@ case $CMD in
     stop)
         lock
         rc=0
-        for s in "${SERVICES[@]}"; do "${s}_stop" || rc=1; done
+        for s in "${SERVICES[@]}"; do "$(pfx "$s")_stop" || rc=1; done
         exit $rc
         ;;
     status)
         rc=0
         for s in "${SERVICES[@]}"; do
-            if "${s}_probe" >/dev/null 2>&1; then
+            if "$(pfx "$s")_probe" >/dev/null 2>&1; then
                 echo "$s: up $(url_of "$s")"
             else
                 echo "$s: down"
@@ -718,7 +735,7 @@ case $CMD in
         ;;
     env)
         for s in "${SERVICES[@]}"; do
-            if "${s}_probe" >/dev/null 2>&1; then
+            if "$(pfx "$s")_probe" >/dev/null 2>&1; then
                 echo "export $(url_of "$s")"
             else
                 log "$s: not running (no export)"

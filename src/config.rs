@@ -73,6 +73,12 @@ pub struct Settings {
     pub logging: LoggingSettings,
     #[serde(default)]
     pub seed: SeedSettings,
+    pub rate_limits: RateLimitSettings,
+    pub sessions: SessionSettings,
+    pub quota: QuotaSettings,
+    pub ledger: LedgerSettings,
+    pub redis: RedisSettings,
+    pub billing: BillingSettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
 }
@@ -131,6 +137,62 @@ pub struct SeedSettings {
     /// Create the demo users of the original design at start. Ignored in production.
     #[serde(default)]
     pub demo_users: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct RateLimit {
+    pub limit: u32,
+    pub period_secs: u64,
+}
+
+/// Per-user rate limits by bucket (GCRA: `limit` calls per `period_secs`, bursts up to `limit`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RateLimitSettings {
+    pub chat: RateLimit,
+    pub search: RateLimit,
+    pub api: RateLimit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct SessionSettings {
+    /// A session with no request for this long stops (its state is in the stores).
+    pub idle_timeout_secs: u64,
+    /// Dedicated threads the session actors run on.
+    pub threads: usize,
+    /// How long a request waits for its session before answering 503.
+    pub send_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct QuotaSettings {
+    /// `fail_closed` (503 while the quota store is down) or `fail_open`.
+    pub store_down: String,
+    /// Units per resource a session may admit while the store is down (fail_open).
+    pub offline_allowance: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LedgerSettings {
+    pub flush_interval_ms: u64,
+    pub max_batch: usize,
+    /// Append-only file holding usage records while the store is unreachable.
+    pub spool_path: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RedisSettings {
+    /// Empty: rate limits are kept in memory by each process.
+    pub url: String,
+    /// A Redis call slower than this counts as a failure.
+    pub timeout_ms: u64,
+    /// After a failure, Redis is not tried again for this long.
+    pub breaker_cooldown_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct BillingSettings {
+    /// Plans file, relative to the config directory.
+    pub plans_file: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +264,17 @@ impl Settings {
         let a = self.auth.argon2;
         if a.memory_kib < 8 * a.parallelism.max(1) || a.iterations == 0 || a.parallelism == 0 {
             return Err(ConfigError::Invalid("auth.argon2 parameters out of range".into()));
+        }
+        if !matches!(self.quota.store_down.as_str(), "fail_closed" | "fail_open") {
+            return Err(ConfigError::Invalid(format!(
+                "quota.store_down = '{}': expected fail_closed or fail_open",
+                self.quota.store_down
+            )));
+        }
+        for (name, rl) in [("chat", self.rate_limits.chat), ("search", self.rate_limits.search), ("api", self.rate_limits.api)] {
+            if rl.limit == 0 || rl.period_secs == 0 {
+                return Err(ConfigError::Invalid(format!("rate_limits.{name}: limit and period_secs must be positive")));
+            }
         }
         if self.auth.access_token_ttl_secs == 0 || self.auth.refresh_token_ttl_secs == 0 {
             return Err(ConfigError::Invalid("auth token lifetimes must be positive".into()));

@@ -23,8 +23,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// 429 with a string or object detail and the headers that go with it
+    /// (Retry-After, RateLimit-*).
     #[error("too many requests")]
-    TooManyRequests { detail: serde_json::Value, retry_after_secs: Option<u64> },
+    TooManyRequests { detail: serde_json::Value, headers: Vec<(&'static str, String)> },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]
@@ -78,9 +80,9 @@ impl ResponseError for ApiError {
                 resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
                 json!(m)
             }
-            ApiError::TooManyRequests { detail, retry_after_secs } => {
-                if let Some(s) = retry_after_secs {
-                    resp.insert_header((header::RETRY_AFTER, s.to_string()));
+            ApiError::TooManyRequests { detail, headers } => {
+                for (name, value) in headers {
+                    resp.insert_header((*name, value.as_str()));
                 }
                 detail.clone()
             }

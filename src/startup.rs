@@ -5,12 +5,24 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use actix::{Actor, Addr, Arbiter};
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer};
+use ragchat_actors::billing::Billing;
+use ragchat_actors::ledger::{BillingLedger, Flush, LedgerConfig, LedgerStats};
+use ragchat_actors::plans::PlanCatalog;
+use ragchat_actors::ports::RateLimitStore;
+use ragchat_actors::ratelimit::Quota;
+use ragchat_actors::registry::SessionRegistry;
+use ragchat_actors::session::{Bucket, PlanBook, SessionConfig, SessionDeps, StoreDownPolicy};
 
 use crate::auth::{PasswordHasher, TokenService};
-use crate::config::{Environment, Settings};
+use crate::config::{config_dir, Environment, RateLimit, Settings};
+use crate::stores::redis_limits::RedisRateLimits;
 use crate::http::{self, AppState};
 use crate::stores;
 
@@ -36,7 +48,8 @@ impl Application {
     /// SIGTERM/SIGINT handlers for graceful shutdown (the binary; not tests).
     pub async fn build(settings: Settings, handle_signals: bool) -> Result<Self, StartupError> {
         let settings = Arc::new(settings);
-        let accounts = stores::connect_accounts(&settings.database).await?;
+        let sql = stores::connect(&settings.database).await?;
+        let accounts = sql.accounts.clone();
         let passwords = Arc::new(
             PasswordHasher::new(settings.auth.argon2).map_err(|e| StartupError::Other(e.to_string()))?,
         );
@@ -48,11 +61,70 @@ impl Application {
                 tracing::info!(created = n, "seeded demo users");
             }
         }
+        let plans = Arc::new(PlanBook::new(load_plans(&settings)?));
+        if let Err(e) = plans.reload(accounts.as_ref()).await {
+            tracing::error!(error = %e, "subscription_limits override ignored");
+        }
+        let ledger_config = LedgerConfig {
+            flush_interval: Duration::from_millis(settings.ledger.flush_interval_ms.max(10)),
+            max_batch: settings.ledger.max_batch.max(1),
+            spool_path: PathBuf::from(&settings.ledger.spool_path),
+        };
+        let usage = sql.usage.clone();
+        let ledger = BillingLedger::start_in_arbiter(&Arbiter::new().handle(), move |_| {
+            BillingLedger::new(usage, ledger_config)
+        });
+        let redis_limits = if settings.redis.url.trim().is_empty() {
+            None
+        } else {
+            Some(Arc::new(
+                RedisRateLimits::new(
+                    &settings.redis.url,
+                    Duration::from_millis(settings.redis.timeout_ms),
+                    Duration::from_millis(settings.redis.breaker_cooldown_ms),
+                )
+                .map_err(|e| StartupError::Other(format!("redis.url: {e}")))?,
+            ))
+        };
+        let quota = |r: RateLimit| Quota { limit: r.limit, period_ms: r.period_secs.saturating_mul(1000) };
+        let rl = &settings.rate_limits;
+        let session_config = SessionConfig {
+            rate_limits: BTreeMap::from([
+                (Bucket::Chat, quota(rl.chat)),
+                (Bucket::Search, quota(rl.search)),
+                (Bucket::Api, quota(rl.api)),
+            ]),
+            idle_timeout: Duration::from_secs(settings.sessions.idle_timeout_secs.max(1)),
+            store_down: if settings.quota.store_down == "fail_open" {
+                StoreDownPolicy::FailOpen { allowance: settings.quota.offline_allowance }
+            } else {
+                StoreDownPolicy::FailClosed
+            },
+        };
+        let deps = SessionDeps {
+            accounts: accounts.clone(),
+            usage: sql.usage.clone(),
+            limiter: redis_limits.clone().map(|r| r as Arc<dyn RateLimitStore>),
+            ledger: ledger.clone(),
+            plans: plans.clone(),
+            config: Arc::new(session_config),
+        };
+        let registry = SessionRegistry::new(
+            deps,
+            settings.sessions.threads,
+            Duration::from_millis(settings.sessions.send_timeout_ms.max(1)),
+        );
         let state = AppState {
             tokens: Arc::new(TokenService::new(&settings.auth)),
             settings: settings.clone(),
+            billing: Arc::new(Billing::new(accounts.clone(), sql.usage.clone(), plans.clone())),
             accounts,
             passwords,
+            usage: sql.usage,
+            plans,
+            registry,
+            ledger,
+            redis_limits,
         };
         let addr = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&addr).map_err(|e| StartupError::Bind(addr.clone(), e))?;
@@ -88,8 +160,42 @@ impl Application {
     }
 
     /// Runs until stopped (SIGTERM/SIGINT when signals are handled): in-flight
-    /// requests get `server.shutdown_timeout_secs` to finish.
+    /// requests get `server.shutdown_timeout_secs` to finish, then the ledger
+    /// writes (or spools) every usage record still in memory.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let ledger = self.state.ledger.clone();
+        let result = self.server.await;
+        let stats = flush_ledger(&ledger).await;
+        tracing::info!(written = stats.written, spooled = stats.spooled, buffered = stats.buffered, "ledger flushed");
+        result
     }
+}
+
+/// Flushes the ledger until nothing is left in memory (records either reached the
+/// store or the spool file).
+pub async fn flush_ledger(ledger: &Addr<BillingLedger>) -> LedgerStats {
+    let mut last = LedgerStats::default();
+    for _ in 0..50 {
+        match ledger.send(Flush).await {
+            Ok(stats) => {
+                last = stats;
+                if stats.buffered == 0 {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    last
+}
+
+/// The plan catalog from config/{billing.plans_file}.
+fn load_plans(settings: &Settings) -> Result<PlanCatalog, StartupError> {
+    let path = config_dir().join(&settings.billing.plans_file);
+    config::Config::builder()
+        .add_source(config::File::from(path.clone()))
+        .build()
+        .and_then(|c| c.try_deserialize::<PlanCatalog>())
+        .map_err(|e| StartupError::Other(format!("plans file {}: {e}", path.display())))
 }

@@ -229,3 +229,77 @@ mod tests {
         }
     }
 }
+
+/// One unit of accounting sent to the ledger. `id` is the idempotency key: the
+/// permit that admitted the work, so a replayed or retried write counts once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UsageRecord {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub resource: crate::plans::Resource,
+    pub quantity: u64,
+    pub period: crate::plans::Period,
+    pub metadata: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    Active,
+    /// Will not renew; ends (falls back to free) at the period end.
+    Canceled,
+}
+
+impl SubscriptionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::Canceled => "canceled",
+        }
+    }
+}
+
+impl FromStr for SubscriptionStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "active" => Ok(SubscriptionStatus::Active),
+            "canceled" => Ok(SubscriptionStatus::Canceled),
+            other => Err(format!("unknown subscription status '{other}'")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub user_id: Uuid,
+    pub plan: Plan,
+    pub status: SubscriptionStatus,
+    pub billing_cycle: crate::plans::BillingCycle,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub started_at: DateTime<Utc>,
+    pub current_period_start: DateTime<Utc>,
+    pub current_period_end: DateTime<Utc>,
+    pub auto_renew: bool,
+    /// A downgrade waiting for the period end.
+    pub pending_plan: Option<Plan>,
+    /// Prorated upgrade charges made during the current period.
+    pub period_adjustments_cents: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invoice {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub plan: Plan,
+    pub plan_charge_cents: u64,
+    pub adjustments_cents: u64,
+    pub usage: serde_json::Value,
+    pub total_cents: u64,
+    pub currency: String,
+    pub created_at: DateTime<Utc>,
+}

@@ -2,5 +2,11 @@
 //! world, and — as later issues land — the actors (sessions, ledger, retrieval,
 //! model workers) that depend only on those ports. This crate never names a driver.
 
+pub mod billing;
 pub mod domain;
+pub mod ledger;
+pub mod registry;
+pub mod session;
+pub mod plans;
+pub mod ratelimit;
 pub mod ports;

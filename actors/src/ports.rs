@@ -1,14 +1,17 @@
 //! Ports: what the core needs from the outside world. Adapters (SQLite, PostgreSQL,
 //! and later MongoDB, Redis, ScyllaDB, candle models) live in the `ragchat` crate.
 
+use std::collections::BTreeMap;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use crate::domain::{
-    ApiKey, AuditEntry, NewUser, Organization, Page, RefreshOutcome, RefreshToken, User, UserFilter,
-    UserPatch,
+    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
+    User, UserFilter, UserPatch,
 };
+use crate::plans::{Period, Resource};
 
 /// Errors any store may answer. Adapters map driver errors into these; the HTTP
 /// layer maps these to status codes once.
@@ -70,4 +73,58 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn record_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
     /// Audit entries about a target, oldest first.
     async fn audit_for(&self, target_id: Uuid) -> StoreResult<Vec<AuditEntry>>;
+}
+
+/// Outcome of asking for quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reservation {
+    /// Granted; the counter now stands at `used`.
+    Granted { used: u64 },
+    /// Would exceed the limit; the counter stands at `used`, unchanged.
+    Denied { used: u64 },
+}
+
+/// Quota counters, the usage ledger, subscriptions and invoices. Shares the
+/// account database (SQLite or PostgreSQL).
+#[async_trait]
+pub trait UsageStore: Send + Sync + 'static {
+    /// Atomically adds `cost` to the (user, resource, period) counter when the sum
+    /// stays within `limit`. This single conditional write is what keeps several
+    /// server processes from over-admitting.
+    async fn try_reserve(
+        &self,
+        user_id: Uuid,
+        resource: Resource,
+        period_start: DateTime<Utc>,
+        cost: u64,
+        limit: u64,
+    ) -> StoreResult<Reservation>;
+    /// Gives back units reserved for work that did not happen.
+    async fn release(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
+    /// Adds units unconditionally (reconciling work admitted while the store was down).
+    async fn force_add(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
+    /// Counter values of a user for a period.
+    async fn counters(&self, user_id: Uuid, period_start: DateTime<Utc>) -> StoreResult<BTreeMap<Resource, u64>>;
+
+    /// Writes usage records; records whose id is already stored are skipped.
+    /// Returns how many were new.
+    async fn insert_usage(&self, records: &[UsageRecord]) -> StoreResult<u64>;
+    /// Sum of recorded quantities per resource of the quota months within `period`.
+    async fn usage_totals(&self, user_id: Uuid, period: Period) -> StoreResult<BTreeMap<Resource, u64>>;
+    /// Number of usage records of a user (all time): for audits and tests.
+    async fn usage_record_count(&self, user_id: Uuid) -> StoreResult<u64>;
+
+    async fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>>;
+    async fn put_subscription(&self, sub: &Subscription) -> StoreResult<()>;
+    /// Stores an invoice unless one exists for the same user and period start.
+    async fn insert_invoice(&self, invoice: &Invoice) -> StoreResult<()>;
+    /// A user's invoices, oldest period first.
+    async fn invoices(&self, user_id: Uuid) -> StoreResult<Vec<Invoice>>;
+}
+
+/// Shared rate-limit state (Redis). Each check is one atomic operation on the
+/// server. `Unavailable` means the caller should fall back to local state.
+#[async_trait]
+pub trait RateLimitStore: Send + Sync + 'static {
+    async fn check(&self, key: &str, quota: crate::ratelimit::Quota, cost: u32) -> StoreResult<crate::ratelimit::Decision>;
 }

@@ -18,7 +18,12 @@ use crate::error::ApiError;
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/users").route(web::get().to(list_users)))
         .service(web::resource("/users/{user_id}").route(web::patch().to(update_user)))
-        .service(web::resource("/users/{user_id}/audit").route(web::get().to(user_audit)));
+        .service(web::resource("/users/{user_id}/audit").route(web::get().to(user_audit)))
+        .service(
+            web::resource("/settings/subscription_limits")
+                .route(web::get().to(get_subscription_limits))
+                .route(web::put().to(put_subscription_limits)),
+        );
 }
 
 pub const MAX_PAGE_SIZE: u32 = 100;
@@ -147,6 +152,8 @@ pub async fn update_user(
             })
             .await?;
         tracing::info!(actor = %actor.id, target = %user_id, ?changes, "admin changed user");
+        // Cached plan and limits of the user's session are now stale.
+        state.registry.invalidate(user_id);
     }
     Ok(web::Json(after.into()))
 }
@@ -174,4 +181,43 @@ pub async fn user_audit(
             })
             .collect(),
     ))
+}
+
+/// The `subscription_limits` override currently stored (null when none) and the
+/// effective catalog.
+#[utoipa::path(get, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "{override, effective}"), (status = 401), (status = 403)))]
+pub async fn get_subscription_limits(_admin: AdminUser, state: web::Data<AppState>) -> Result<web::Json<serde_json::Value>, ApiError> {
+    let stored = state.accounts.get_setting(ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY).await?;
+    Ok(web::Json(json!({ "override": stored, "effective": *state.plans.current() })))
+}
+
+/// Replaces the `subscription_limits` override (any subset of plan fields, e.g.
+/// `{"free": {"messages": 20}}`). Takes effect at once for every session.
+#[utoipa::path(put, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
+    request_body(content = Object, description = "Overrides keyed by plan"),
+    responses((status = 200, description = "{override, effective}"), (status = 401), (status = 403), (status = 422)))]
+pub async fn put_subscription_limits(
+    admin: AdminUser,
+    state: web::Data<AppState>,
+    body: web::Json<serde_json::Value>,
+) -> Result<web::Json<serde_json::Value>, ApiError> {
+    let overrides = body.into_inner();
+    let effective = state.plans.base().with_overrides(&overrides).map_err(ApiError::Unprocessable)?;
+    let key = ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY;
+    state.accounts.put_setting(key, &overrides).await?;
+    state.plans.reload(state.accounts.as_ref()).await.map_err(ApiError::internal)?;
+    state.registry.invalidate_all();
+    state
+        .accounts
+        .record_audit(&AuditEntry {
+            id: Uuid::new_v4(),
+            actor_id: admin.0.user.id,
+            action: "settings.subscription_limits".into(),
+            target_id: None,
+            details: json!({ "actor_email": admin.0.user.email, "override": overrides }),
+            created_at: Utc::now(),
+        })
+        .await?;
+    Ok(web::Json(json!({ "override": overrides, "effective": effective })))
 }

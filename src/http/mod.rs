@@ -1,7 +1,9 @@
 //! The actix-web application: one module per area, extractors, middleware.
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
+pub mod billing;
 pub mod extractors;
 pub mod openapi;
 pub mod ops;
@@ -14,7 +16,12 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpMessage};
-use ragchat_actors::ports::AccountStore;
+use actix::Addr;
+use ragchat_actors::billing::Billing;
+use ragchat_actors::ledger::BillingLedger;
+use ragchat_actors::ports::{AccountStore, UsageStore};
+use ragchat_actors::registry::SessionRegistry;
+use ragchat_actors::session::PlanBook;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -29,6 +36,13 @@ pub struct AppState {
     pub accounts: Arc<dyn AccountStore>,
     pub passwords: Arc<PasswordHasher>,
     pub tokens: Arc<TokenService>,
+    pub usage: Arc<dyn UsageStore>,
+    pub plans: Arc<PlanBook>,
+    pub billing: Arc<Billing>,
+    pub registry: Arc<SessionRegistry>,
+    pub ledger: Addr<BillingLedger>,
+    /// The Redis rate limiter, when configured (its breaker state is reported).
+    pub redis_limits: Option<Arc<crate::stores::redis_limits::RedisRateLimits>>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -86,6 +100,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .app_data(web::PathConfig::default().error_handler(path_error))
             .configure(ops::routes)
             .configure(auth::routes)
+            .configure(billing::routes)
             .service(web::scope("/admin").wrap(from_fn(extractors::require_admin)).configure(admin::routes))
             .configure(openapi::routes)
             .default_service(web::to(not_found));

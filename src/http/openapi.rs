@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, ops};
+use super::{admin, auth, billing, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,9 +15,12 @@ use super::{admin, auth, ops};
         auth::register, auth::login, auth::refresh, auth::logout, auth::me,
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         admin::list_users, admin::update_user, admin::user_audit,
+        admin::get_subscription_limits, admin::put_subscription_limits,
+        billing::plans, billing::subscription, billing::change_subscription, billing::cancel_subscription,
+        billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api,
     ),
     modifiers(&BearerAuth),
-    tags((name = "auth"), (name = "admin", description = "Superusers only"), (name = "ops"))
+    tags((name = "auth"), (name = "billing"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]
 pub struct ApiDoc;
 

@@ -35,7 +35,7 @@ macro_rules! sql_accounts {
     ($store:ident, $db:ty, $row:ty, $backend:literal) => {
         #[derive(Clone)]
         pub struct $store {
-            pool: sqlx::Pool<$db>,
+            pub(super) pool: sqlx::Pool<$db>,
         }
 
         impl $store {

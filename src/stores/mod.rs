@@ -6,12 +6,14 @@
 //! differ only in the migrations.
 
 mod accounts;
+mod usage;
+pub mod redis_limits;
 
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ragchat_actors::ports::{AccountStore, StoreError};
+use ragchat_actors::ports::{AccountStore, StoreError, UsageStore};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions};
 
@@ -47,8 +49,20 @@ pub enum ConnectError {
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
 
+/// The SQL database's ports: one connection pool serves both.
+#[derive(Clone)]
+pub struct SqlStores {
+    pub accounts: Arc<dyn AccountStore>,
+    pub usage: Arc<dyn UsageStore>,
+}
+
 /// Opens the account store named by the URL and brings its schema up to date.
 pub async fn connect_accounts(settings: &DatabaseSettings) -> Result<Arc<dyn AccountStore>, ConnectError> {
+    Ok(connect(settings).await?.accounts)
+}
+
+/// Opens the SQL database named by the URL (migrating it) and returns its ports.
+pub async fn connect(settings: &DatabaseSettings) -> Result<SqlStores, ConnectError> {
     let url = settings.url.as_str();
     let acquire = Duration::from_millis(settings.acquire_timeout_ms);
     if url.starts_with("sqlite:") {
@@ -67,7 +81,8 @@ pub async fn connect_accounts(settings: &DatabaseSettings) -> Result<Arc<dyn Acc
             .connect_with(opts)
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(Arc::new(SqliteAccountStore::new(pool)))
+        let store = Arc::new(SqliteAccountStore::new(pool));
+        Ok(SqlStores { accounts: store.clone(), usage: store })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
@@ -75,7 +90,8 @@ pub async fn connect_accounts(settings: &DatabaseSettings) -> Result<Arc<dyn Acc
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        Ok(Arc::new(PostgresAccountStore::new(pool)))
+        let store = Arc::new(PostgresAccountStore::new(pool));
+        Ok(SqlStores { accounts: store.clone(), usage: store })
     } else {
         Err(ConnectError::UnsupportedUrl(url.to_string()))
     }

@@ -58,9 +58,10 @@ async fn timed_login(app: &TestApp, email: &str, password: &str) -> (StatusCode,
     (status, resp.json().await.expect("json"), elapsed)
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// The fastest of several tries: the least disturbed by other tests running on
+/// the same cores, and still ≥ one argon2 verification when one is done.
+fn fastest(v: Vec<Duration>) -> Duration {
+    v.into_iter().min().unwrap_or_default()
 }
 
 #[actix_web::test]
@@ -68,7 +69,7 @@ async fn unknown_email_and_wrong_password_answer_the_same_in_about_the_same_time
     let app = TestApp::spawn().await;
     app.register("known@example.com", "password-1234").await;
     let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
-    for _ in 0..5 {
+    for _ in 0..7 {
         let (s1, b1, t1) = timed_login(&app, "nobody@example.com", "password-1234").await;
         let (s2, b2, t2) = timed_login(&app, "known@example.com", "wrong-password").await;
         assert_eq!((s1, s2), (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED));
@@ -77,7 +78,7 @@ async fn unknown_email_and_wrong_password_answer_the_same_in_about_the_same_time
         unknown.push(t1);
         wrong.push(t2);
     }
-    let (u, w) = (median(unknown), median(wrong));
+    let (u, w) = (fastest(unknown), fastest(wrong));
     // Both paths run one argon2 verification (≈ tens of ms); without the dummy hash
     // the unknown-email path would be ~1 ms, far outside this band.
     let ratio = u.as_secs_f64() / w.as_secs_f64();

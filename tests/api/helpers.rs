@@ -49,6 +49,9 @@ pub fn test_settings(database_url: &str) -> Settings {
     s.server.port = 0;
     s.server.workers = 2;
     s.database.url = database_url.to_string();
+    let dir = std::env::temp_dir().join("ragchat-tests");
+    s.ledger.spool_path = dir.join(format!("spool-{}.jsonl", Uuid::new_v4())).display().to_string();
+    s.ledger.flush_interval_ms = 50;
     s
 }
 
@@ -56,6 +59,7 @@ pub struct TestApp {
     pub address: String,
     pub client: Client,
     pub accounts: Arc<dyn AccountStore>,
+    pub state: ragchat::http::AppState,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -82,6 +86,7 @@ impl TestApp {
         let app = Application::build(settings, false).await.expect("application builds");
         let address = format!("http://127.0.0.1:{}", app.port());
         let accounts = app.state().accounts.clone();
+        let state = app.state().clone();
         let server = app.into_server();
         let handle = server.handle();
         actix_web::rt::spawn(server);
@@ -89,6 +94,7 @@ impl TestApp {
             address,
             client: Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client"),
             accounts,
+            state,
             handle,
         }
     }

@@ -1,0 +1,190 @@
+//! SessionRegistry: finds or starts the `UserSession` of a user, supervises it and
+//! forgets it when it stops.
+//!
+//! Sessions run on a small pool of dedicated arbiters (threads), sharded by user
+//! id, away from the HTTP workers. Supervision: a session that panicked leaves a
+//! dead address behind; the next request finds it disconnected (or its send fails),
+//! and the registry starts a fresh session, which reloads the user's plan and quota
+//! view from the stores (quota counters live in the store, so nothing is lost but
+//! the in-memory rate-limit state). Restarts are counted. Idle sessions stop
+//! themselves after `idle_timeout` and are removed here.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use actix::prelude::*;
+use uuid::Uuid;
+
+use crate::session::{Admit, Complete, Permit, Rejection, Release, Reload, SessionDeps, SessionExit, UserSession};
+
+const SHARDS: usize = 16;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RegistryStats {
+    pub active: usize,
+    pub created: u64,
+    pub evicted: u64,
+    pub restarted: u64,
+}
+
+pub struct SessionRegistry {
+    shards: Vec<Mutex<HashMap<Uuid, Addr<UserSession>>>>,
+    arbiters: Vec<ArbiterHandle>,
+    deps: SessionDeps,
+    send_timeout: Duration,
+    created: AtomicU64,
+    evicted: AtomicU64,
+    restarted: AtomicU64,
+    me: Weak<SessionRegistry>,
+}
+
+fn shard_of(user_id: &Uuid, n: usize) -> usize {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    user_id.hash(&mut h);
+    (h.finish() as usize) % n.max(1)
+}
+
+struct Exit(Weak<SessionRegistry>);
+
+impl SessionExit for Exit {
+    fn session_stopped(&self, user_id: Uuid, addr: &Addr<UserSession>) {
+        if let Some(reg) = self.0.upgrade() {
+            reg.forget(user_id, addr);
+        }
+    }
+}
+
+impl SessionRegistry {
+    /// Starts `threads` arbiters for sessions. Must run inside an actix System.
+    pub fn new(deps: SessionDeps, threads: usize, send_timeout: Duration) -> Arc<Self> {
+        let arbiters = (0..threads.max(1)).map(|_| Arbiter::new().handle()).collect();
+        Arc::new_cyclic(|me| SessionRegistry {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            arbiters,
+            deps,
+            send_timeout,
+            created: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            restarted: AtomicU64::new(0),
+            me: me.clone(),
+        })
+    }
+
+    fn shard(&self, user_id: &Uuid) -> std::sync::MutexGuard<'_, HashMap<Uuid, Addr<UserSession>>> {
+        let m = &self.shards[shard_of(user_id, SHARDS)];
+        match m.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The live session of a user, started if absent or dead.
+    pub fn session(&self, user_id: Uuid) -> Addr<UserSession> {
+        let mut shard = self.shard(&user_id);
+        if let Some(addr) = shard.get(&user_id) {
+            if addr.connected() {
+                return addr.clone();
+            }
+            // Still registered but its mailbox is gone: it died without stopping.
+            self.restarted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(user = %user_id, "session died; restarting it");
+        }
+        let deps = self.deps.clone();
+        let exit: Arc<dyn SessionExit> = Arc::new(Exit(self.me.clone()));
+        let arbiter = &self.arbiters[shard_of(&user_id, self.arbiters.len())];
+        let addr = UserSession::start_in_arbiter(arbiter, move |_| UserSession::new(user_id, deps, exit));
+        self.created.fetch_add(1, Ordering::Relaxed);
+        shard.insert(user_id, addr.clone());
+        addr
+    }
+
+    /// Removes a stopped session, unless a newer one already took its place.
+    fn forget(&self, user_id: Uuid, addr: &Addr<UserSession>) {
+        let mut shard = self.shard(&user_id);
+        if shard.get(&user_id).is_some_and(|a| a == addr) {
+            shard.remove(&user_id);
+            self.evicted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the user's session to admit work. A session that died mid-request is
+    /// restarted and asked once more.
+    pub async fn admit(&self, user_id: Uuid, msg: Admit) -> Result<Permit, Rejection> {
+        for attempt in 0..2 {
+            let addr = self.session(user_id);
+            match tokio::time::timeout(self.send_timeout, addr.send(msg.clone())).await {
+                Ok(Ok(result)) => return result,
+                Ok(Err(_mailbox_closed)) if attempt == 0 => continue,
+                Ok(Err(_)) => break,
+                Err(_elapsed) => return Err(Rejection::Unavailable("session overloaded".into())),
+            }
+        }
+        Err(Rejection::Unavailable("session unavailable".into()))
+    }
+
+    /// Records the work of a permit (once). If the session is gone the ledger is
+    /// fed through a fresh one: usage is never dropped.
+    pub fn complete(&self, permit: Permit, metadata: serde_json::Value) {
+        let addr = self.session(permit.user_id);
+        if let Err(e) = addr.try_send(Complete { permit, metadata }) {
+            let Complete { permit, metadata } = match e {
+                SendError::Full(m) | SendError::Closed(m) => m,
+            };
+            self.session(permit.user_id).do_send(Complete { permit, metadata });
+        }
+    }
+
+    /// Gives back the quota of a permit whose work did not happen.
+    pub fn release(&self, permit: Permit) {
+        self.session(permit.user_id).do_send(Release { permit });
+    }
+
+    /// Forgets cached plan and limits of a user (plan changed).
+    pub fn invalidate(&self, user_id: Uuid) {
+        if let Some(addr) = self.shard(&user_id).get(&user_id) {
+            addr.do_send(Reload);
+        }
+    }
+
+    /// Forgets cached plans of every session (catalog changed).
+    pub fn invalidate_all(&self) {
+        for shard in &self.shards {
+            let guard = match shard.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            for addr in guard.values() {
+                addr.do_send(Reload);
+            }
+        }
+    }
+
+    /// The address of a user's session if one is running (fault tests).
+    pub fn existing(&self, user_id: Uuid) -> Option<Addr<UserSession>> {
+        self.shard(&user_id).get(&user_id).cloned()
+    }
+
+    pub fn stats(&self) -> RegistryStats {
+        let active = self
+            .shards
+            .iter()
+            .map(|s| match s.lock() {
+                Ok(g) => g.len(),
+                Err(p) => p.into_inner().len(),
+            })
+            .sum();
+        RegistryStats {
+            active,
+            created: self.created.load(Ordering::Relaxed),
+            evicted: self.evicted.load(Ordering::Relaxed),
+            restarted: self.restarted.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn deps(&self) -> &SessionDeps {
+        &self.deps
+    }
+}

@@ -1,0 +1,154 @@
+//! Admission as an extractor: a route that consumes a resource takes
+//! `Admitted<R>`, which authenticates the caller and asks the user's session to
+//! admit one unit (rate limit, then quota). The handler calls `complete` when the
+//! work is done (usage recorded once); if it returns early or fails, dropping the
+//! permit gives the quota back.
+
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use actix_web::dev::Payload;
+use actix_web::{web, FromRequest, HttpRequest, HttpResponseBuilder};
+use ragchat_actors::plans::{PlanCatalog, Resource};
+use ragchat_actors::registry::SessionRegistry;
+use ragchat_actors::session::{Admit, Bucket, Permit, RateInfo, Rejection};
+use serde_json::json;
+
+use super::extractors::CurrentUser;
+use super::AppState;
+use crate::error::ApiError;
+
+/// What a route consumes: its rate-limit bucket and its quota resource.
+pub trait Consumes: 'static {
+    const BUCKET: Option<Bucket>;
+    const RESOURCE: Resource;
+}
+
+/// A chat message: the chat rate limit and the `messages` quota.
+pub struct ChatMessage;
+impl Consumes for ChatMessage {
+    const BUCKET: Option<Bucket> = Some(Bucket::Chat);
+    const RESOURCE: Resource = Resource::Messages;
+}
+
+/// A search: the search rate limit and the `api_calls` quota.
+pub struct SearchCall;
+impl Consumes for SearchCall {
+    const BUCKET: Option<Bucket> = Some(Bucket::Search);
+    const RESOURCE: Resource = Resource::ApiCalls;
+}
+
+/// Any other API call that counts: the api rate limit and the `api_calls` quota.
+pub struct ApiCall;
+impl Consumes for ApiCall {
+    const BUCKET: Option<Bucket> = Some(Bucket::Api);
+    const RESOURCE: Resource = Resource::ApiCalls;
+}
+
+/// A background task (seeding, ingestion jobs): the `background_tasks` quota.
+pub struct BackgroundTask;
+impl Consumes for BackgroundTask {
+    const BUCKET: Option<Bucket> = Some(Bucket::Api);
+    const RESOURCE: Resource = Resource::BackgroundTasks;
+}
+
+pub struct Admitted<R: Consumes> {
+    pub user: CurrentUser,
+    permit: Option<Permit>,
+    registry: Arc<SessionRegistry>,
+    _r: PhantomData<R>,
+}
+
+impl<R: Consumes> Admitted<R> {
+    pub fn permit(&self) -> Option<&Permit> {
+        self.permit.as_ref()
+    }
+
+    /// The work happened: record its usage (once).
+    pub fn complete(mut self, metadata: serde_json::Value) -> Option<Permit> {
+        let permit = self.permit.take()?;
+        self.registry.complete(permit.clone(), metadata);
+        Some(permit)
+    }
+
+    /// Adds RateLimit-* headers to a response.
+    pub fn rate_headers(&self, resp: &mut HttpResponseBuilder) {
+        if let Some(info) = self.permit.as_ref().and_then(|p| p.rate) {
+            add_rate_headers(resp, info);
+        }
+    }
+}
+
+pub fn add_rate_headers(resp: &mut HttpResponseBuilder, info: RateInfo) {
+    resp.insert_header(("RateLimit-Limit", info.limit.to_string()))
+        .insert_header(("RateLimit-Remaining", info.remaining.to_string()))
+        .insert_header(("RateLimit-Reset", info.reset_secs.to_string()));
+}
+
+impl<R: Consumes> Drop for Admitted<R> {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.registry.release(p);
+        }
+    }
+}
+
+/// Maps a session's refusal to the HTTP answer of the original design.
+pub fn rejection_error(r: Rejection) -> ApiError {
+    match r {
+        Rejection::RateLimited { limit, period_secs, retry_after_ms, reset_ms, .. } => {
+            let retry = retry_after_ms.div_ceil(1000).max(1);
+            ApiError::TooManyRequests {
+                detail: json!(format!("Rate limit exceeded. Max {limit} calls per {period_secs} seconds")),
+                headers: vec![
+                    ("Retry-After", retry.to_string()),
+                    ("RateLimit-Limit", limit.to_string()),
+                    ("RateLimit-Remaining", "0".into()),
+                    ("RateLimit-Reset", reset_ms.div_ceil(1000).to_string()),
+                ],
+            }
+        }
+        Rejection::QuotaExceeded { resource, used, limit, plan } => {
+            let now = chrono::Utc::now();
+            let reset = (ragchat_actors::plans::month_of(now).end - now).num_seconds().max(1);
+            ApiError::TooManyRequests {
+                detail: json!({
+                    "error": "Quota exceeded",
+                    "resource": resource.as_str(),
+                    "current_usage": used,
+                    "limit": limit,
+                    "upgrade_to": PlanCatalog::upgrade_from(plan).as_str(),
+                    "upgrade_url": "/billing/plans",
+                }),
+                headers: vec![("Retry-After", reset.to_string())],
+            }
+        }
+        Rejection::UnknownUser => ApiError::Unauthorized("Could not validate credentials".into()),
+        Rejection::Unavailable(why) => {
+            tracing::warn!(reason = %why, "admission unavailable");
+            ApiError::Unavailable("Service temporarily unavailable, please retry".into())
+        }
+    }
+}
+
+impl<R: Consumes> FromRequest for Admitted<R> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let user = CurrentUser::from_request(req, payload);
+        let state = req.app_data::<web::Data<AppState>>().cloned();
+        Box::pin(async move {
+            let user = user.await?;
+            let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
+            let registry = state.registry.clone();
+            let permit = registry
+                .admit(user.user.id, Admit { bucket: R::BUCKET, resource: R::RESOURCE, cost: 1 })
+                .await
+                .map_err(rejection_error)?;
+            Ok(Admitted { user, permit: Some(permit), registry, _r: PhantomData })
+        })
+    }
+}

@@ -1,0 +1,275 @@
+//! /billing: plans, the caller's subscription, usage and invoices, plan changes;
+//! and /billing/probe/*, protected no-op endpoints that consume one unit of a
+//! resource exactly like the real routes (for client integration tests and the
+//! admission benchmark).
+
+use actix_web::{web, HttpResponse};
+use chrono::{DateTime, Utc};
+use ragchat_actors::billing::{BillingError, Effective};
+use ragchat_actors::domain::{Invoice, Plan, Subscription};
+use ragchat_actors::plans::{BillingCycle, PlanLimits, Resource};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::ToSchema;
+
+use super::admission::{Admitted, ApiCall, ChatMessage, Consumes, SearchCall};
+use super::extractors::CurrentUser;
+use super::AppState;
+use crate::error::ApiError;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/billing/plans").route(web::get().to(plans)))
+        .service(
+            web::resource("/billing/subscription")
+                .route(web::get().to(subscription))
+                .route(web::post().to(change_subscription)),
+        )
+        .service(web::resource("/billing/subscription/cancel").route(web::post().to(cancel_subscription)))
+        .service(web::resource("/billing/usage").route(web::get().to(usage)))
+        .service(web::resource("/billing/invoices").route(web::get().to(invoices)))
+        .service(web::resource("/billing/probe/chat").route(web::post().to(probe_chat)))
+        .service(web::resource("/billing/probe/search").route(web::post().to(probe_search)))
+        .service(web::resource("/billing/probe/api").route(web::post().to(probe_api)));
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct LimitsView {
+    pub messages: u64,
+    pub background_tasks: u64,
+    pub api_calls: u64,
+    pub storage_mb: u64,
+}
+
+impl From<&PlanLimits> for LimitsView {
+    fn from(l: &PlanLimits) -> Self {
+        LimitsView { messages: l.messages, background_tasks: l.background_tasks, api_calls: l.api_calls, storage_mb: l.storage_mb }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct PlanView {
+    pub plan_type: String,
+    pub price_monthly_cents: u64,
+    pub price_yearly_cents: u64,
+    pub currency: String,
+    pub limits: LimitsView,
+    pub features: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct SubscriptionView {
+    pub plan_type: String,
+    pub status: String,
+    pub billing_cycle: String,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub started_at: DateTime<Utc>,
+    pub current_period_start: DateTime<Utc>,
+    pub current_period_end: DateTime<Utc>,
+    pub auto_renew: bool,
+    /// A downgrade or cancellation taking effect at the period end.
+    pub pending_plan: Option<String>,
+    pub limits: LimitsView,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UsageView {
+    pub plan_type: String,
+    pub messages_this_month: u64,
+    pub background_tasks_this_month: u64,
+    pub api_calls_this_month: u64,
+    pub storage_mb_used: u64,
+    #[schema(value_type = Object)]
+    pub quota_remaining: serde_json::Value,
+    pub limits: LimitsView,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct InvoiceView {
+    pub id: uuid::Uuid,
+    pub period_start: DateTime<Utc>,
+    pub period_end: DateTime<Utc>,
+    pub plan_type: String,
+    pub plan_charge_cents: u64,
+    pub prorated_adjustments_cents: u64,
+    #[schema(value_type = Object)]
+    pub usage: serde_json::Value,
+    pub total_cents: u64,
+    pub currency: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChangePlanRequest {
+    #[schema(example = "pro")]
+    pub plan: String,
+    /// monthly (default) or yearly.
+    pub billing_cycle: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ChangePlanResponse {
+    pub subscription: SubscriptionView,
+    /// "now" (upgrades) or "period_end" (downgrades).
+    pub effective: String,
+    pub prorated_charge_cents: u64,
+}
+
+fn subscription_view(state: &AppState, s: &Subscription) -> SubscriptionView {
+    SubscriptionView {
+        plan_type: s.plan.as_str().into(),
+        status: s.status.as_str().into(),
+        billing_cycle: s.billing_cycle.as_str().into(),
+        amount_cents: s.amount_cents,
+        currency: s.currency.clone(),
+        started_at: s.started_at,
+        current_period_start: s.current_period_start,
+        current_period_end: s.current_period_end,
+        auto_renew: s.auto_renew,
+        pending_plan: s.pending_plan.map(|p| p.as_str().to_string()),
+        limits: (&state.billing.limits(s.plan)).into(),
+    }
+}
+
+fn invoice_view(i: Invoice) -> InvoiceView {
+    InvoiceView {
+        id: i.id,
+        period_start: i.period_start,
+        period_end: i.period_end,
+        plan_type: i.plan.as_str().into(),
+        plan_charge_cents: i.plan_charge_cents,
+        prorated_adjustments_cents: i.adjustments_cents,
+        usage: i.usage,
+        total_cents: i.total_cents,
+        currency: i.currency,
+    }
+}
+
+/// The plans with their monthly limits, prices and features.
+#[utoipa::path(get, path = "/billing/plans", tag = "billing", responses((status = 200, body = Vec<PlanView>)))]
+pub async fn plans(state: web::Data<AppState>) -> web::Json<Vec<PlanView>> {
+    let catalog = state.plans.current();
+    web::Json(
+        Plan::ALL
+            .iter()
+            .map(|&p| {
+                let l = catalog.get(p);
+                PlanView {
+                    plan_type: p.as_str().into(),
+                    price_monthly_cents: l.price_monthly_cents,
+                    price_yearly_cents: l.price_yearly_cents,
+                    currency: ragchat_actors::billing::CURRENCY.into(),
+                    limits: l.into(),
+                    features: l.features.clone(),
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The caller's subscription (made from the account's plan if it has none yet).
+#[utoipa::path(get, path = "/billing/subscription", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = SubscriptionView), (status = 401)))]
+pub async fn subscription(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<SubscriptionView>, ApiError> {
+    let sub = state.billing.subscription(&current.user, Utc::now()).await?;
+    Ok(web::Json(subscription_view(&state, &sub)))
+}
+
+/// Changes plan or billing cycle. Upgrades apply now with a prorated charge;
+/// downgrades apply at the end of the period.
+#[utoipa::path(post, path = "/billing/subscription", tag = "billing", security(("bearer" = [])), request_body = ChangePlanRequest,
+    responses((status = 200, body = ChangePlanResponse), (status = 409, description = "Already on that plan"), (status = 422)))]
+pub async fn change_subscription(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+    body: web::Json<ChangePlanRequest>,
+) -> Result<web::Json<ChangePlanResponse>, ApiError> {
+    let plan: Plan = body.plan.parse().map_err(|e: ragchat_actors::domain::UnknownPlan| ApiError::Unprocessable(e.to_string()))?;
+    let cycle: BillingCycle = match body.billing_cycle.as_deref() {
+        None => BillingCycle::Monthly,
+        Some(c) => c.parse().map_err(ApiError::Unprocessable)?,
+    };
+    let change = state.billing.change_plan(&current.user, plan, cycle, Utc::now()).await.map_err(|e| match e {
+        BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle")),
+        BillingError::Store(s) => s.into(),
+    })?;
+    state.registry.invalidate(current.user.id);
+    Ok(web::Json(ChangePlanResponse {
+        subscription: subscription_view(&state, &change.subscription),
+        effective: match change.effective {
+            Effective::Now => "now".into(),
+            Effective::PeriodEnd => "period_end".into(),
+        },
+        prorated_charge_cents: change.prorated_charge_cents,
+    }))
+}
+
+/// Cancels: the plan runs until the period end, then the account is on free.
+#[utoipa::path(post, path = "/billing/subscription/cancel", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = SubscriptionView), (status = 401)))]
+pub async fn cancel_subscription(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<SubscriptionView>, ApiError> {
+    let sub = state.billing.cancel(&current.user, Utc::now()).await?;
+    Ok(web::Json(subscription_view(&state, &sub)))
+}
+
+/// This month's usage against the plan's limits.
+#[utoipa::path(get, path = "/billing/usage", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = UsageView), (status = 401)))]
+pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<UsageView>, ApiError> {
+    let s = state.billing.usage_summary(&current.user, Utc::now()).await?;
+    let used = |r: Resource| s.used.get(&r).copied().unwrap_or(0);
+    let remaining: serde_json::Map<String, serde_json::Value> =
+        Resource::ALL.iter().map(|&r| (r.as_str().to_string(), json!(s.limits.limit(r).saturating_sub(used(r))))).collect();
+    Ok(web::Json(UsageView {
+        plan_type: s.plan.as_str().into(),
+        messages_this_month: used(Resource::Messages),
+        background_tasks_this_month: used(Resource::BackgroundTasks),
+        api_calls_this_month: used(Resource::ApiCalls),
+        storage_mb_used: used(Resource::StorageMb),
+        quota_remaining: serde_json::Value::Object(remaining),
+        limits: (&s.limits).into(),
+        period_start: s.period.start,
+        period_end: s.period.end,
+    }))
+}
+
+/// Invoices of closed periods, oldest first.
+#[utoipa::path(get, path = "/billing/invoices", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = Vec<InvoiceView>), (status = 401)))]
+pub async fn invoices(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<Vec<InvoiceView>>, ApiError> {
+    let list = state.billing.invoices(&current.user, Utc::now()).await?;
+    Ok(web::Json(list.into_iter().map(invoice_view).collect()))
+}
+
+async fn probe<R: Consumes>(admitted: Admitted<R>) -> HttpResponse {
+    let mut resp = HttpResponse::Ok();
+    admitted.rate_headers(&mut resp);
+    let resource = R::RESOURCE.as_str();
+    match admitted.complete(json!({"route": "probe"})) {
+        Some(p) => resp.json(json!({"resource": resource, "used": p.used, "limit": p.limit})),
+        None => resp.json(json!({"resource": resource})),
+    }
+}
+
+/// Consumes one chat message (chat rate limit, `messages` quota) and does nothing else.
+#[utoipa::path(post, path = "/billing/probe/chat", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
+pub async fn probe_chat(admitted: Admitted<ChatMessage>) -> HttpResponse {
+    probe(admitted).await
+}
+
+/// Consumes one search (search rate limit, `api_calls` quota) and does nothing else.
+#[utoipa::path(post, path = "/billing/probe/search", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
+pub async fn probe_search(admitted: Admitted<SearchCall>) -> HttpResponse {
+    probe(admitted).await
+}
+
+/// Consumes one API call (api rate limit, `api_calls` quota) and does nothing else.
+#[utoipa::path(post, path = "/billing/probe/api", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
+pub async fn probe_api(admitted: Admitted<ApiCall>) -> HttpResponse {
+    probe(admitted).await
+}
