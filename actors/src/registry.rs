@@ -50,9 +50,9 @@ fn shard_of(user_id: &Uuid, n: usize) -> usize {
 struct Exit(Weak<SessionRegistry>);
 
 impl SessionExit for Exit {
-    fn session_stopped(&self, user_id: Uuid, addr: &Addr<UserSession>) {
+    fn session_stopped(&self, user_id: Uuid, addr: &Addr<UserSession>, crashed: bool) {
         if let Some(reg) = self.0.upgrade() {
-            reg.forget(user_id, addr);
+            reg.forget(user_id, addr, crashed);
         }
     }
 }
@@ -102,11 +102,17 @@ impl SessionRegistry {
     }
 
     /// Removes a stopped session, unless a newer one already took its place.
-    fn forget(&self, user_id: Uuid, addr: &Addr<UserSession>) {
+    fn forget(&self, user_id: Uuid, addr: &Addr<UserSession>, crashed: bool) {
         let mut shard = self.shard(&user_id);
         if shard.get(&user_id).is_some_and(|a| a == addr) {
             shard.remove(&user_id);
-            self.evicted.fetch_add(1, Ordering::Relaxed);
+            if crashed {
+                // The next request starts a fresh session (state reloaded from the stores).
+                self.restarted.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(user = %user_id, "session crashed; it restarts on the next request");
+            } else {
+                self.evicted.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -185,7 +185,8 @@ pub struct Crash;
 
 /// Called when a session stops, so the registry can forget it.
 pub trait SessionExit: Send + Sync + 'static {
-    fn session_stopped(&self, user_id: Uuid, addr: &Addr<UserSession>);
+    /// `crashed`: the session is being torn down by a panic, not stopping cleanly.
+    fn session_stopped(&self, user_id: Uuid, addr: &Addr<UserSession>, crashed: bool);
 }
 
 pub struct UserSession {
@@ -255,7 +256,7 @@ impl Actor for UserSession {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        self.exit.session_stopped(self.user_id, &ctx.address());
+        self.exit.session_stopped(self.user_id, &ctx.address(), std::thread::panicking());
     }
 }
 

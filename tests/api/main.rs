@@ -4,6 +4,7 @@
 mod account_store;
 mod admin;
 mod auth;
+mod billing;
 mod cli;
 mod errors;
 mod helpers;
