@@ -8,3 +8,4 @@ mod billing;
 mod cli;
 mod errors;
 mod helpers;
+mod ledger;

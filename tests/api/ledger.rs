@@ -1,0 +1,110 @@
+//! The ledger loses nothing and counts nothing twice when PostgreSQL stops in the
+//! middle of a run: records spool locally and are replayed when it is back.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use ragchat_actors::ledger::GetStats;
+use reqwest::StatusCode;
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{expect, service_url, test_settings, TestApp};
+
+/// A PostgreSQL server of this test's own (so stopping it disturbs no other test),
+/// run by scripts/services.sh in a private directory and port.
+struct PrivatePostgres {
+    dir: PathBuf,
+    port: u16,
+    url: String,
+}
+
+impl PrivatePostgres {
+    fn services(&self, action: &str) -> std::process::Output {
+        Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh"))
+            .args([action, "postgres"])
+            .env("SERVICES_DIR", &self.dir)
+            .env("PG_PORT", self.port.to_string())
+            .output()
+            .expect("run scripts/services.sh")
+    }
+
+    fn start() -> PrivatePostgres {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let dir = std::env::temp_dir().join(format!("ragchat-pg-{}", Uuid::new_v4().simple()));
+        let mut pg = PrivatePostgres { dir, port, url: String::new() };
+        let out = pg.services("start");
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(out.status.success(), "private postgres: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        pg.url = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("DATABASE_URL="))
+            .expect("DATABASE_URL printed")
+            .trim()
+            .to_string();
+        pg
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = self.services("stop");
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[actix_web::test]
+async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
+    // Runs wherever the real servers run (scripts/test, CI).
+    if service_url("DATABASE_URL").is_none() {
+        return;
+    }
+    let pg = PrivatePostgres::start();
+    let mut settings = test_settings(&pg.url);
+    settings.ledger.flush_interval_ms = 1000; // records wait in memory when PG stops
+    settings.database.acquire_timeout_ms = 500;
+    let app = TestApp::spawn_with(settings).await;
+    let (id, token) = app.user("ledger@example.com").await;
+    let uid = Uuid::parse_str(&id).expect("uuid");
+
+    for _ in 0..15 {
+        expect(app.post_json("/billing/probe/api", &json!({}), Some(&token)).await, StatusCode::OK).await;
+    }
+    // PostgreSQL goes away with the 15 records still in the ledger's memory.
+    let out = pg.services("stop");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let mut stats = app.state.ledger.send(GetStats).await.expect("ledger");
+    for _ in 0..100 {
+        if stats.spooled == 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stats = app.state.ledger.send(GetStats).await.expect("ledger");
+    }
+    assert_eq!((stats.spooled, stats.buffered), (15, 0), "records spooled: {stats:?}");
+    assert!(stats.store_down);
+
+    // Meanwhile requests fail fast and cleanly.
+    let started = std::time::Instant::now();
+    let resp = app.post_json("/billing/probe/api", &json!({}), Some(&token)).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+
+    let out = pg.services("start");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut count = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stats = app.state.ledger.send(GetStats).await.expect("ledger");
+        count = app.state.usage.usage_record_count(uid).await.unwrap_or(0);
+        if stats.spooled == 0 && count == 15 {
+            break;
+        }
+    }
+    assert_eq!((count, stats.spooled), (15, 0), "every record replayed exactly once: {stats:?}");
+    // And service resumes where the quota stood.
+    let body = expect(app.post_json("/billing/probe/api", &json!({}), Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(body["used"], 16);
+}
