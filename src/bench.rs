@@ -111,3 +111,58 @@ pub async fn auth(mut settings: Settings, iterations: usize) -> anyhow::Result<S
     ));
     Ok(out)
 }
+
+fn rss_bytes() -> u64 {
+    // /proc/self/statm: size resident ... in pages.
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .map(|pages| pages * 4096)
+        .unwrap_or(0)
+}
+
+/// Memory per idle session actor: starts `count` sessions and compares the
+/// resident set before and after (baseline: the same process before any session).
+pub async fn sessions(mut settings: Settings, count: usize) -> anyhow::Result<String> {
+    let dir = std::env::temp_dir().join(format!("ragchat-bench-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir)?;
+    settings.database.url = format!("sqlite:{}", dir.join("bench.db").display());
+    settings.ledger.spool_path = dir.join("spool.jsonl").display().to_string();
+    settings.server.port = 0;
+    settings.sessions.idle_timeout_secs = 3600;
+    let app = Application::build(settings, false).await?;
+    let registry = app.state().registry.clone();
+    // Warm up allocator and arbiters with a few sessions first.
+    for _ in 0..100 {
+        registry.session(uuid::Uuid::new_v4());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_bytes();
+    let started = Instant::now();
+    for _ in 0..count {
+        registry.session(uuid::Uuid::new_v4());
+    }
+    // Let the arbiters start every actor.
+    let mut settled = rss_bytes();
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = rss_bytes();
+        if now == settled {
+            break;
+        }
+        settled = now;
+    }
+    let elapsed = started.elapsed();
+    let stats = registry.stats();
+    let _ = std::fs::remove_dir_all(&dir);
+    let per = settled.saturating_sub(before) as f64 / count.max(1) as f64;
+    Ok(format!(
+        "idle sessions: {} active; RSS before {:.1} MiB (baseline), after {:.1} MiB; {:.0} bytes per session; \
+         started in {:.2} s\n",
+        stats.active,
+        before as f64 / 1048576.0,
+        settled as f64 / 1048576.0,
+        per,
+        elapsed.as_secs_f64()
+    ))
+}

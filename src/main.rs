@@ -48,6 +48,11 @@ enum BenchTarget {
         #[arg(long, default_value_t = 50)]
         iterations: usize,
     },
+    /// Memory per idle session actor.
+    Sessions {
+        #[arg(long, default_value_t = 100_000)]
+        count: usize,
+    },
 }
 
 #[actix_web::main]
@@ -86,6 +91,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Bench { what: BenchTarget::Auth { iterations } } => {
             print!("{}", ragchat::bench::auth(settings, iterations).await?);
+        }
+        Command::Bench { what: BenchTarget::Sessions { count } } => {
+            print!("{}", ragchat::bench::sessions(settings, count).await?);
         }
         Command::CreateUser { email, password, plan, superuser } => {
             let store = stores::connect_accounts(&settings.database).await?;

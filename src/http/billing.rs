@@ -29,7 +29,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/billing/invoices").route(web::get().to(invoices)))
         .service(web::resource("/billing/probe/chat").route(web::post().to(probe_chat)))
         .service(web::resource("/billing/probe/search").route(web::post().to(probe_search)))
-        .service(web::resource("/billing/probe/api").route(web::post().to(probe_api)));
+        .service(web::resource("/billing/probe/api").route(web::post().to(probe_api)))
+        .service(web::resource("/billing/probe/open").route(web::post().to(probe_open)));
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -272,4 +273,11 @@ pub async fn probe_search(admitted: Admitted<SearchCall>) -> HttpResponse {
     responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
 pub async fn probe_api(admitted: Admitted<ApiCall>) -> HttpResponse {
     probe(admitted).await
+}
+
+/// The same no-op without authentication or admission: the baseline the
+/// admission benchmark compares against.
+#[utoipa::path(post, path = "/billing/probe/open", tag = "billing", responses((status = 200, description = "Nothing admitted")))]
+pub async fn probe_open() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"resource": null}))
 }

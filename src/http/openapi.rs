@@ -17,7 +17,7 @@ use super::{admin, auth, billing, ops};
         admin::list_users, admin::update_user, admin::user_audit,
         admin::get_subscription_limits, admin::put_subscription_limits,
         billing::plans, billing::subscription, billing::change_subscription, billing::cancel_subscription,
-        billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api,
+        billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api, billing::probe_open,
     ),
     modifiers(&BearerAuth),
     tags((name = "auth"), (name = "billing"), (name = "admin", description = "Superusers only"), (name = "ops"))
