@@ -5,18 +5,9 @@
 use futures_util::future::join_all;
 use uuid::Uuid;
 
-fn service_url(var: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(v) if !v.is_empty() => Some(v),
-        _ => {
-            if std::env::var("RAGCHAT_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
-                panic!("{var} is not set but RAGCHAT_REQUIRE_SERVICES=1: start it with scripts/services.sh start");
-            }
-            eprintln!("SKIPPED: {var} not set; start the service with scripts/services.sh start");
-            None
-        }
-    }
-}
+#[path = "../common/services.rs"]
+mod services;
+use services::service_url;
 
 #[actix_web::test]
 async fn postgres_through_sqlx() {
