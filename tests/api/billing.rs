@@ -364,3 +364,66 @@ async fn idle_sessions_are_stopped_and_come_back_on_demand() {
     let body = expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
     assert_eq!(body["used"], 2);
 }
+
+/// A `ragchat serve` child process; killed on drop.
+struct ServerProcess {
+    child: std::process::Child,
+    base: String,
+}
+
+impl ServerProcess {
+    fn spawn(db: &str, redis: &str) -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let spool = std::env::temp_dir().join("ragchat-tests").join(format!("spool-{}.jsonl", Uuid::new_v4()));
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
+            .arg("serve")
+            .env("RAGCHAT_ENV", "test")
+            .env("RUST_LOG", "warn")
+            .env("RAGCHAT__DATABASE__URL", db)
+            .env("RAGCHAT__REDIS__URL", redis)
+            .env("RAGCHAT__REDIS__TIMEOUT_MS", "1000")
+            .env("RAGCHAT__SERVER__PORT", port.to_string())
+            .env("RAGCHAT__LEDGER__SPOOL_PATH", spool)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn ragchat serve");
+        let base = format!("http://127.0.0.1:{port}");
+        for _ in 0..300 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ServerProcess { child, base }
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[actix_web::test]
+async fn two_server_processes_sharing_postgres_admit_exactly_the_quota() {
+    let Some(db) = fresh_postgres_url().await else { return };
+    let Some(redis) = service_url("REDIS_URL") else { return };
+    let a = ServerProcess::spawn(&db, &redis);
+    let b = ServerProcess::spawn(&db, &redis);
+    let client = reqwest::Client::new();
+    let creds = json!({"email": "two-procs@example.com", "password": "password-1234"});
+    let resp = client.post(format!("{}/auth/register", a.base)).json(&creds).send().await.expect("register");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let tokens: Value = client.post(format!("{}/auth/login", b.base)).json(&creds).send().await.expect("login").json().await.expect("json");
+    let token = tokens["access_token"].as_str().expect("token").to_string();
+    // A free user has 20 api_calls a month; 60 concurrent calls, half to each process.
+    let calls = (0..60).map(|i| {
+        let url = format!("{}/billing/probe/api", if i % 2 == 0 { &a.base } else { &b.base });
+        client.post(url).bearer_auth(&token).json(&json!({})).send()
+    });
+    let statuses: Vec<StatusCode> = join_all(calls).await.into_iter().map(|r| r.expect("response").status()).collect();
+    let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
+    assert_eq!((ok, refused), (20, 40), "{statuses:?}");
+}
