@@ -427,3 +427,69 @@ async fn two_server_processes_sharing_postgres_admit_exactly_the_quota() {
     let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
     assert_eq!((ok, refused), (20, 40), "{statuses:?}");
 }
+
+#[actix_web::test]
+async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back() {
+    if service_url("REDIS_URL").is_none() {
+        return;
+    }
+    // A Redis of this test's own, so stopping it disturbs no other test.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let dir = std::env::temp_dir().join(format!("ragchat-redis-{}", Uuid::new_v4().simple()));
+    let services = |action: &str| {
+        std::process::Command::new(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh"))
+            .args([action, "redis"])
+            .env("SERVICES_DIR", &dir)
+            .env("REDIS_PORT", port.to_string())
+            .output()
+            .expect("scripts/services.sh")
+    };
+    assert!(services("start").status.success());
+    let mut settings = test_settings(&format!(
+        "sqlite:{}",
+        std::env::temp_dir().join("ragchat-tests").join(format!("{}.db", Uuid::new_v4())).display()
+    ));
+    settings.redis.url = format!("redis://127.0.0.1:{port}");
+    settings.redis.timeout_ms = 200;
+    settings.redis.breaker_cooldown_ms = 300;
+    let app = TestApp::spawn_with(settings).await;
+    let admin = app.admin("redis-admin@example.com").await;
+    let (id, token) = app.user("redis-user@example.com").await;
+    set_plan(&app, &admin, &id, "pro").await;
+    let limiter = app.state.redis_limits.clone().expect("redis configured");
+
+    for _ in 0..5 {
+        expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
+    }
+    assert!(!limiter.fallback_active());
+    let key = format!("rl:{id}:chat");
+    let redis_client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("url");
+    let mut conn = redis_client.get_multiplexed_async_connection().await.expect("connect");
+    let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.expect("pttl");
+    assert!(ttl > 0, "the limit lives in Redis with an expiry");
+
+    assert!(services("stop").status.success());
+    for _ in 0..5 {
+        let resp = probe(&app, "chat", &token).await;
+        assert_eq!(resp.status(), StatusCode::OK, "no 5xx while Redis is down");
+    }
+    assert!(limiter.fallback_active());
+
+    assert!(services("start").status.success());
+    tokio::time::sleep(Duration::from_millis(400)).await; // the breaker's cooldown
+    let mut back = false;
+    for _ in 0..20 {
+        expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
+        if !limiter.fallback_active() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(back, "back on Redis after it recovered");
+    let mut conn = redis_client.get_multiplexed_async_connection().await.expect("reconnect");
+    let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.expect("exists");
+    assert_eq!(exists, 1, "checks are made in Redis again");
+    let _ = services("stop");
+    let _ = std::fs::remove_dir_all(&dir);
+}
