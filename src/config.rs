@@ -79,6 +79,7 @@ pub struct Settings {
     pub ledger: LedgerSettings,
     pub redis: RedisSettings,
     pub billing: BillingSettings,
+    pub models: ModelSettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
 }
@@ -193,6 +194,31 @@ pub struct RedisSettings {
 pub struct BillingSettings {
     /// Plans file, relative to the config directory.
     pub plans_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelSettings {
+    /// Load the models at start. Without their files the server still starts and
+    /// the model routes answer 503.
+    pub enabled: bool,
+    pub embedding_name: String,
+    /// Folder with model.safetensors, config.json, tokenizer.json.
+    pub embedding_dir: String,
+    pub embedding_max_tokens: usize,
+    pub embed_max_batch: usize,
+    pub embed_max_wait_ms: u64,
+    pub embed_queue: usize,
+    pub generator_name: String,
+    /// A GGUF file (llama family or Qwen3).
+    pub generator_path: String,
+    /// Optional tokenizer.json; empty = built from the GGUF metadata.
+    pub generator_tokenizer: String,
+    /// Context cap per sequence (memory: the KV cache grows with it).
+    pub max_context: usize,
+    /// Sequences decoding together.
+    pub max_active: usize,
+    pub generate_queue: usize,
+    pub default_max_tokens: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

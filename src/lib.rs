@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod inference;
 pub mod startup;
 pub mod stores;
 pub mod telemetry;

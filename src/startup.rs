@@ -114,7 +114,10 @@ impl Application {
             settings.sessions.threads,
             Duration::from_millis(settings.sessions.send_timeout_ms.max(1)),
         );
+        let (embedder, generator) = start_models(&settings.models);
         let state = AppState {
+            embedder,
+            generator,
             tokens: Arc::new(TokenService::new(&settings.auth)),
             settings: settings.clone(),
             billing: Arc::new(Billing::new(accounts.clone(), sql.usage.clone(), plans.clone())),
@@ -198,4 +201,45 @@ fn load_plans(settings: &Settings) -> Result<PlanCatalog, StartupError> {
         .build()
         .and_then(|c| c.try_deserialize::<PlanCatalog>())
         .map_err(|e| StartupError::Other(format!("plans file {}: {e}", path.display())))
+}
+
+/// Starts the model workers. A model whose files are missing (or that fails to
+/// load) is left out with a warning: the server runs, its routes answer 503.
+pub fn start_models(
+    m: &crate::config::ModelSettings,
+) -> (Option<ragchat_actors::embed_worker::EmbedWorker>, Option<ragchat_actors::generate_worker::GenerateWorker>) {
+    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
+    use ragchat_actors::generate_worker::{GenerateConfig, GenerateWorker};
+    use ragchat_actors::inference::{CausalLm, Embedder};
+    if !m.enabled {
+        return (None, None);
+    }
+    let dir = PathBuf::from(&m.embedding_dir);
+    let max_tokens = m.embedding_max_tokens;
+    let embedder = EmbedWorker::start(
+        Box::new(move || {
+            crate::inference::bert::BertEmbedder::load(&dir, max_tokens).map(|e| Box::new(e) as Box<dyn Embedder>)
+        }),
+        EmbedConfig {
+            max_batch: m.embed_max_batch.max(1),
+            max_wait: Duration::from_millis(m.embed_max_wait_ms),
+            queue_capacity: m.embed_queue.max(1),
+        },
+    )
+    .map_err(|e| tracing::warn!(error = %e, "embedding model not loaded"))
+    .ok();
+    let path = PathBuf::from(&m.generator_path);
+    let tok = (!m.generator_tokenizer.trim().is_empty()).then(|| PathBuf::from(&m.generator_tokenizer));
+    let generator = crate::inference::gguf::load(&path, tok.as_deref(), m.max_context)
+        .and_then(|(lm, tokenizer)| {
+            let template = lm;
+            GenerateWorker::start(
+                Box::new(move || Ok(Box::new(template.clone()) as Box<dyn CausalLm>)),
+                tokenizer,
+                GenerateConfig { max_active: m.max_active.max(1), queue_capacity: m.generate_queue.max(1) },
+            )
+        })
+        .map_err(|e| tracing::warn!(error = %e, "generation model not loaded"))
+        .ok();
+    (embedder, generator)
 }

@@ -4,6 +4,9 @@
 
 pub mod billing;
 pub mod domain;
+pub mod embed_worker;
+pub mod generate_worker;
+pub mod inference;
 pub mod ledger;
 pub mod registry;
 pub mod session;

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod auth;
 pub mod billing;
 pub mod extractors;
+pub mod openai;
 pub mod openapi;
 pub mod ops;
 
@@ -43,6 +44,9 @@ pub struct AppState {
     pub ledger: Addr<BillingLedger>,
     /// The Redis rate limiter, when configured (its breaker state is reported).
     pub redis_limits: Option<Arc<crate::stores::redis_limits::RedisRateLimits>>,
+    /// Model workers; None when the model files are missing or models are disabled.
+    pub embedder: Option<ragchat_actors::embed_worker::EmbedWorker>,
+    pub generator: Option<ragchat_actors::generate_worker::GenerateWorker>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -101,6 +105,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(ops::routes)
             .configure(auth::routes)
             .configure(billing::routes)
+            .configure(openai::routes)
             .service(web::scope("/admin").wrap(from_fn(extractors::require_admin)).configure(admin::routes))
             .configure(openapi::routes)
             .default_service(web::to(not_found));

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, billing, ops};
+use super::{admin, auth, billing, openai, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,9 +18,10 @@ use super::{admin, auth, billing, ops};
         admin::get_subscription_limits, admin::put_subscription_limits,
         billing::plans, billing::subscription, billing::change_subscription, billing::cancel_subscription,
         billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api, billing::probe_open,
+        openai::models, openai::embeddings, openai::chat_completions,
     ),
     modifiers(&BearerAuth),
-    tags((name = "auth"), (name = "billing"), (name = "admin", description = "Superusers only"), (name = "ops"))
+    tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]
 pub struct ApiDoc;
 

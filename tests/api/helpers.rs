@@ -40,6 +40,33 @@ pub fn test_settings(database_url: &str) -> Settings {
     let dir = std::env::temp_dir().join("ragchat-tests");
     s.ledger.spool_path = dir.join(format!("spool-{}.jsonl", Uuid::new_v4())).display().to_string();
     s.ledger.flush_interval_ms = 50;
+    // Models cost ~200 MB per server: only the model tests turn them on.
+    s.models.enabled = false;
+    s
+}
+
+/// The repository's models folder (scripts/fetch-models), or None (skipped with a
+/// message; a failure under RAGCHAT_REQUIRE_SERVICES=1).
+pub fn models_dir() -> Option<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
+    if dir.join("all-minilm-l6-v2/model.safetensors").exists()
+        && dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+    {
+        return Some(dir);
+    }
+    if std::env::var("RAGCHAT_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+        panic!("models missing under {} but RAGCHAT_REQUIRE_SERVICES=1: run scripts/fetch-models", dir.display());
+    }
+    eprintln!("SKIPPED: models missing; run scripts/fetch-models");
+    None
+}
+
+/// Settings with the models of `models_dir()` turned on.
+pub fn model_settings(dir: &std::path::Path) -> Settings {
+    let mut s = test_settings(&temp_sqlite_url());
+    s.models.enabled = true;
+    s.models.embedding_dir = dir.join("all-minilm-l6-v2").display().to_string();
+    s.models.generator_path = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string();
     s
 }
 

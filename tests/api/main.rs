@@ -9,3 +9,4 @@ mod cli;
 mod errors;
 mod helpers;
 mod ledger;
+mod models;

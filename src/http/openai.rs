@@ -1,0 +1,302 @@
+//! OpenAI-compatible API: /v1/models, /v1/embeddings, /v1/chat/completions (plain
+//! JSON or SSE `data:` chunks ending with `[DONE]`). Authenticated like every route
+//! (JWT or API key) and admitted by the user's session: completions count as
+//! `messages`, embeddings as `api_calls`; usage is recorded with token counts.
+//! A completion whose client disconnects leaves the batch at the next step and its
+//! unit is given back (a cancelled answer is not counted).
+
+use actix_web::web::Bytes;
+use actix_web::{web, HttpResponse};
+use chrono::Utc;
+use futures_util::{stream, StreamExt};
+use ragchat_actors::generate_worker::{GenEvent, GenerateRequest, GenerateWorker};
+use ragchat_actors::inference::{ModelError, SamplingParams};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use super::admission::{Admitted, ApiCall, ChatMessage};
+use super::extractors::CurrentUser;
+use super::AppState;
+use crate::error::ApiError;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/v1/models").route(web::get().to(models)))
+        .service(web::resource("/v1/embeddings").route(web::post().to(embeddings)))
+        .service(web::resource("/v1/chat/completions").route(web::post().to(chat_completions)));
+}
+
+pub const MAX_EMBED_INPUTS: usize = 256;
+pub const MAX_INPUT_CHARS: usize = 32_768;
+
+pub fn model_error(e: ModelError) -> ApiError {
+    match e {
+        ModelError::Invalid(m) => ApiError::BadRequest(m),
+        ModelError::Unavailable(m) => {
+            tracing::warn!(reason = %m, "model unavailable");
+            ApiError::Unavailable(format!("Model temporarily unavailable: {m}"))
+        }
+        ModelError::Internal(m) => ApiError::Internal(m),
+    }
+}
+
+fn not_loaded(what: &str) -> ApiError {
+    ApiError::Unavailable(format!("The {what} model is not loaded on this server (run scripts/fetch-models)"))
+}
+
+/// The models this server runs.
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])), responses((status = 200)))]
+pub async fn models(_user: CurrentUser, state: web::Data<AppState>) -> web::Json<Value> {
+    let m = &state.settings.models;
+    let mut data = Vec::new();
+    if state.generator.is_some() {
+        data.push(json!({"id": m.generator_name, "object": "model", "created": 0, "owned_by": "ragchat"}));
+    }
+    if state.embedder.is_some() {
+        data.push(json!({"id": m.embedding_name, "object": "model", "created": 0, "owned_by": "ragchat"}));
+    }
+    web::Json(json!({"object": "list", "data": data}))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum EmbeddingInput {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct EmbeddingRequest {
+    pub input: EmbeddingInput,
+    pub model: Option<String>,
+    /// Only "float" is supported.
+    pub encoding_format: Option<String>,
+}
+
+/// Embeds one text or a list (all-MiniLM-L6-v2: 384 dimensions, unit length).
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai", security(("bearer" = [])), request_body = EmbeddingRequest,
+    responses((status = 200), (status = 400), (status = 404, description = "Unknown model"), (status = 429), (status = 503)))]
+pub async fn embeddings(
+    admitted: Admitted<ApiCall>,
+    state: web::Data<AppState>,
+    body: web::Json<EmbeddingRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let worker = state.embedder.clone().ok_or_else(|| not_loaded("embedding"))?;
+    let name = state.settings.models.embedding_name.clone();
+    let body = body.into_inner();
+    if let Some(m) = body.model.as_deref().filter(|m| *m != name) {
+        return Err(ApiError::NotFound(format!("Model '{m}' not found: this server embeds with '{name}'")));
+    }
+    if body.encoding_format.as_deref().is_some_and(|f| f != "float") {
+        return Err(ApiError::Unprocessable("encoding_format must be \"float\"".into()));
+    }
+    let texts = match body.input {
+        EmbeddingInput::One(s) => vec![s],
+        EmbeddingInput::Many(v) => v,
+    };
+    if texts.is_empty() || texts.len() > MAX_EMBED_INPUTS {
+        return Err(ApiError::Unprocessable(format!("input must hold 1 to {MAX_EMBED_INPUTS} texts")));
+    }
+    if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_INPUT_CHARS) {
+        return Err(ApiError::Unprocessable(format!("each input must be 1 to {MAX_INPUT_CHARS} characters")));
+    }
+    let out = worker.embed(texts).await.map_err(model_error)?;
+    let data: Vec<Value> = out
+        .vectors
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .collect();
+    let mut resp = HttpResponse::Ok();
+    admitted.rate_headers(&mut resp);
+    admitted.complete(json!({"endpoint": "/v1/embeddings", "tokens": out.tokens}));
+    Ok(resp.json(json!({
+        "object": "list",
+        "data": data,
+        "model": name,
+        "usage": {"prompt_tokens": out.tokens, "total_tokens": out.tokens},
+    })))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatMessageIn {
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum StopIn {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    pub model: Option<String>,
+    pub messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    pub stream: bool,
+    pub max_tokens: Option<usize>,
+    pub max_completion_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub top_k: Option<usize>,
+    pub repetition_penalty: Option<f32>,
+    pub seed: Option<u64>,
+    pub stop: Option<StopIn>,
+}
+
+fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
+    let d = SamplingParams::default();
+    let p = SamplingParams {
+        temperature: req.temperature.unwrap_or(d.temperature),
+        top_p: req.top_p.unwrap_or(d.top_p),
+        top_k: req.top_k.unwrap_or(d.top_k),
+        repetition_penalty: req.repetition_penalty.unwrap_or(d.repetition_penalty),
+        seed: req.seed,
+    };
+    if !(0.0..=2.0).contains(&p.temperature) {
+        return Err(ApiError::Unprocessable("temperature must be between 0 and 2".into()));
+    }
+    if !(p.top_p > 0.0 && p.top_p <= 1.0) {
+        return Err(ApiError::Unprocessable("top_p must be in (0, 1]".into()));
+    }
+    if !(p.repetition_penalty > 0.0 && p.repetition_penalty <= 10.0) {
+        return Err(ApiError::Unprocessable("repetition_penalty must be in (0, 10]".into()));
+    }
+    Ok(p)
+}
+
+/// Validates the request and queues it on the generation worker.
+fn start_generation(
+    state: &AppState,
+    worker: &GenerateWorker,
+    req: &ChatCompletionRequest,
+) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::Unprocessable("messages must not be empty".into()));
+    }
+    let mut turns = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+            return Err(ApiError::Unprocessable(format!("unknown role '{}': expected system, user or assistant", m.role)));
+        }
+        turns.push((m.role.clone(), m.content.clone()));
+    }
+    let prompt = worker.tokenizer().chat_prompt(&turns);
+    let prompt_tokens = worker.tokenizer().encode(&prompt).map_err(model_error)?;
+    let stop = match &req.stop {
+        None => Vec::new(),
+        Some(StopIn::One(s)) => vec![s.clone()],
+        Some(StopIn::Many(v)) if v.len() <= 4 => v.clone(),
+        Some(StopIn::Many(_)) => return Err(ApiError::Unprocessable("at most 4 stop strings".into())),
+    };
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(state.settings.models.default_max_tokens);
+    if max_tokens == 0 {
+        return Err(ApiError::Unprocessable("max_tokens must be positive".into()));
+    }
+    let (tx, rx) = unbounded_channel();
+    worker
+        .submit(GenerateRequest { prompt_tokens, params: sampling(req)?, max_tokens, stop, events: tx })
+        .map_err(model_error)?;
+    Ok(rx)
+}
+
+/// Chat completion with the configured model (ChatML), plain or streamed (SSE).
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])), request_body = ChatCompletionRequest,
+    responses((status = 200), (status = 400, description = "Prompt longer than the context"), (status = 404, description = "Unknown model"),
+              (status = 422), (status = 429), (status = 503)))]
+pub async fn chat_completions(
+    admitted: Admitted<ChatMessage>,
+    state: web::Data<AppState>,
+    body: web::Json<ChatCompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let worker = state.generator.clone().ok_or_else(|| not_loaded("generation"))?;
+    let name = state.settings.models.generator_name.clone();
+    let req = body.into_inner();
+    if let Some(m) = req.model.as_deref().filter(|m| *m != name) {
+        return Err(ApiError::NotFound(format!("Model '{m}' not found: this server generates with '{name}'")));
+    }
+    let mut rx = start_generation(&state, &worker, &req)?;
+    let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
+    let created = Utc::now().timestamp();
+    if !req.stream {
+        let mut text = String::new();
+        while let Some(ev) = rx.recv().await {
+            match ev {
+                GenEvent::Token { text: t } => text.push_str(&t),
+                GenEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. } => {
+                    let mut resp = HttpResponse::Ok();
+                    admitted.rate_headers(&mut resp);
+                    admitted.complete(json!({"endpoint": "/v1/chat/completions", "prompt_tokens": prompt_tokens,
+                                             "completion_tokens": completion_tokens}));
+                    return Ok(resp.json(json!({
+                        "id": id, "object": "chat.completion", "created": created, "model": name,
+                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                     "finish_reason": finish_reason.as_str()}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens},
+                    })));
+                }
+                GenEvent::Error(m, client) => {
+                    return Err(if client { ApiError::BadRequest(m) } else { model_error(ModelError::Unavailable(m)) })
+                }
+            }
+        }
+        return Err(model_error(ModelError::Unavailable("generation ended without an answer".into())));
+    }
+
+    // Streaming: the permit travels with the stream; it is completed on `Done` and
+    // given back if the client goes away first (the stream is dropped).
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+        Bytes::from(format!("data: {c}\n\n"))
+    };
+    let first = chunk(json!({"role": "assistant", "content": ""}), None);
+    struct StreamState<F> {
+        rx: UnboundedReceiver<GenEvent>,
+        admitted: Option<Admitted<ChatMessage>>,
+        chunk: F,
+        done: bool,
+    }
+    let st = StreamState { rx, admitted: Some(admitted), chunk, done: false };
+    let body = stream::once(async move { Ok::<Bytes, actix_web::Error>(first) }).chain(stream::unfold(st, |mut st| async move {
+        if st.done {
+            return None;
+        }
+        let bytes = match st.rx.recv().await {
+            Some(GenEvent::Token { text }) if text.is_empty() => Bytes::new(),
+            Some(GenEvent::Token { text }) => (st.chunk)(json!({"content": text}), None),
+            Some(GenEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. }) => {
+                if let Some(a) = st.admitted.take() {
+                    a.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
+                                      "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}));
+                }
+                st.done = true;
+                let mut out = (st.chunk)(json!({}), Some(finish_reason.as_str())).to_vec();
+                let usage = json!({"object": "chat.completion.chunk", "choices": [],
+                                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                             "total_tokens": prompt_tokens + completion_tokens}});
+                out.extend_from_slice(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes());
+                Bytes::from(out)
+            }
+            other => {
+                st.done = true;
+                let m = match other {
+                    Some(GenEvent::Error(m, _)) => m,
+                    _ => "generation stopped".to_string(),
+                };
+                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", json!({"error": {"message": m, "type": "server_error"}})))
+            }
+        };
+        Some((Ok::<Bytes, actix_web::Error>(bytes), st))
+    }));
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(body))
+}

@@ -1,0 +1,12 @@
+//! candle adapters for the model ports: a BERT sentence embedder and GGUF causal
+//! LMs (llama family, Qwen3) with a tokenizer read from the GGUF metadata when no
+//! tokenizer.json is given.
+
+pub mod bert;
+pub mod gguf;
+
+use ragchat_actors::inference::ModelError;
+
+pub(crate) fn model_error(e: impl std::fmt::Display) -> ModelError {
+    ModelError::Internal(e.to_string())
+}
