@@ -154,3 +154,144 @@ pub fn load(path: &Path, tokenizer_json: Option<&Path>, max_context: usize) -> R
     let lm = GgufLm { weights, device, context_len: trained_ctx.min(max_context.max(16)) };
     Ok((lm, Arc::new(HfChatTokenizer { inner: tokenizer, stop })))
 }
+
+#[cfg(test)]
+mod tests {
+    //! The Qwen3 path, run on a tiny random-weight Qwen3 GGUF written here, so it
+    //! is exercised without the 1.7B weights.
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use gguf_file::Value;
+    use ragchat_actors::generate_worker::{GenEvent, GenerateConfig, GenerateRequest, GenerateWorker};
+    use ragchat_actors::inference::SamplingParams;
+
+    /// GPT-2's byte-to-character table: printable bytes map to themselves, the
+    /// rest to code points from 256 on.
+    fn byte_chars() -> Vec<String> {
+        let mut n = 0;
+        (0u32..256)
+            .map(|b| {
+                let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+                let c = if printable {
+                    b
+                } else {
+                    n += 1;
+                    255 + n
+                };
+                char::from_u32(c).map(String::from).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    fn write_tiny_qwen3(path: &Path) -> usize {
+        let mut tokens = byte_chars();
+        tokens.push("he".into());
+        let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"];
+        let mut types = vec![1i32; tokens.len()];
+        for s in specials {
+            tokens.push(s.into());
+            types.push(3);
+        }
+        let vocab = tokens.len();
+        let (hidden, heads, kv, head_dim, ffn, layers) = (32usize, 4usize, 2usize, 8usize, 64usize, 2usize);
+        let dev = Device::Cpu;
+        let q = |shape: &[usize]| -> QTensor {
+            let t = Tensor::randn(0f32, 0.2, shape, &dev).expect("randn");
+            QTensor::quantize(&t, GgmlDType::F32).expect("quantize")
+        };
+        let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, DType::F32, &dev).expect("ones"), GgmlDType::F32).expect("q");
+        let mut named: Vec<(String, QTensor)> = vec![
+            ("token_embd.weight".into(), q(&[vocab, hidden])),
+            ("output_norm.weight".into(), ones(hidden)),
+            ("output.weight".into(), q(&[vocab, hidden])),
+        ];
+        for i in 0..layers {
+            let p = format!("blk.{i}");
+            named.push((format!("{p}.attn_q.weight"), q(&[heads * head_dim, hidden])));
+            named.push((format!("{p}.attn_k.weight"), q(&[kv * head_dim, hidden])));
+            named.push((format!("{p}.attn_v.weight"), q(&[kv * head_dim, hidden])));
+            named.push((format!("{p}.attn_output.weight"), q(&[hidden, heads * head_dim])));
+            named.push((format!("{p}.attn_q_norm.weight"), ones(head_dim)));
+            named.push((format!("{p}.attn_k_norm.weight"), ones(head_dim)));
+            named.push((format!("{p}.attn_norm.weight"), ones(hidden)));
+            named.push((format!("{p}.ffn_norm.weight"), ones(hidden)));
+            named.push((format!("{p}.ffn_gate.weight"), q(&[ffn, hidden])));
+            named.push((format!("{p}.ffn_up.weight"), q(&[ffn, hidden])));
+            named.push((format!("{p}.ffn_down.weight"), q(&[hidden, ffn])));
+        }
+        let u = |v: usize| Value::U32(v as u32);
+        let meta: Vec<(&str, Value)> = vec![
+            ("general.architecture", Value::String("qwen3".into())),
+            ("general.dtype", Value::U32(0)),
+            ("qwen3.attention.head_count", u(heads)),
+            ("qwen3.attention.head_count_kv", u(kv)),
+            ("qwen3.attention.key_length", u(head_dim)),
+            ("qwen3.block_count", u(layers)),
+            ("qwen3.embedding_length", u(hidden)),
+            ("qwen3.context_length", u(128)),
+            ("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
+            ("qwen3.rope.freq_base", Value::F32(10000.0)),
+            ("tokenizer.ggml.model", Value::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+            ("tokenizer.ggml.merges", Value::Array(vec![Value::String("h e".into())])),
+            ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+            ("tokenizer.ggml.eos_token_id", u(vocab - 1)),
+        ];
+        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
+        let tensor_refs: Vec<(&str, &QTensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let mut f = File::create(path).expect("create gguf");
+        gguf_file::write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
+        vocab
+    }
+
+    #[test]
+    fn a_tiny_qwen3_gguf_loads_tokenizes_and_generates() {
+        let path = std::env::temp_dir().join(format!("tiny-qwen3-{}.gguf", uuid::Uuid::new_v4()));
+        let vocab = write_tiny_qwen3(&path);
+        let (mut lm, tok) = load(&path, None, 64).expect("load tiny qwen3");
+        assert_eq!(lm.context_len(), 64, "capped by max_context");
+
+        // Tokenizer from metadata: byte-level round trip, one merge, special tokens whole.
+        let text = "hello, wörld! 👋";
+        let ids = tok.encode(text).expect("encode");
+        assert_eq!(tok.decode(&ids).expect("decode"), text);
+        assert_eq!(tok.encode("he").expect("encode").len(), 1, "the merge applies");
+        let im_end = tok.encode("<|im_end|>").expect("encode");
+        assert_eq!(im_end.len(), 1);
+        assert!(tok.stop_tokens().contains(&im_end[0]));
+
+        let prompt = tok.encode(&tok.chat_prompt(&[("user".into(), "hi".into())])).expect("prompt");
+        let logits = lm.forward(&prompt, 0).expect("prefill");
+        assert_eq!(logits.len(), vocab);
+        assert!(logits.iter().all(|l| l.is_finite()));
+        let next = lm.forward(&[1], prompt.len()).expect("decode step");
+        assert_eq!(next.len(), vocab);
+
+        // Through the worker, with its own KV cache per sequence.
+        let worker = GenerateWorker::start(
+            Box::new(move || Ok(Box::new(lm.clone()) as Box<dyn CausalLm>)),
+            tok,
+            GenerateConfig { max_active: 2, queue_capacity: 4 },
+        )
+        .expect("worker");
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let params = SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: Some(1) };
+        worker
+            .submit(GenerateRequest { prompt_tokens: prompt, params, max_tokens: 8, stop: vec![], events: tx })
+            .expect("submit");
+        let done = rt.block_on(async {
+            while let Some(ev) = rx.recv().await {
+                if let GenEvent::Done { completion_tokens, .. } = ev {
+                    return Some(completion_tokens);
+                }
+                if let GenEvent::Error(e, _) = ev {
+                    panic!("generation failed: {e}");
+                }
+            }
+            None
+        });
+        assert!(done.is_some_and(|n| (1..=8).contains(&n)), "{done:?}");
+        let _ = std::fs::remove_file(&path);
+    }
+}
