@@ -166,3 +166,147 @@ pub async fn sessions(mut settings: Settings, count: usize) -> anyhow::Result<St
         elapsed.as_secs_f64()
     ))
 }
+
+/// Sentences of about 45 tokens for the embedding benchmark.
+fn sentences(n: usize) -> Vec<String> {
+    let base = [
+        "Recent studies of the human gut microbiome suggest that dietary fiber intake changes the composition of bacterial communities within weeks",
+        "The committee reviewed the proposal for the new railway line and asked the engineers to estimate the cost of the tunnel under the river",
+        "Patients who received the combined therapy showed a lower rate of hospital readmission than those treated with the standard drug alone",
+        "Volunteers planted more than three thousand trees along the northern edge of the park to reduce noise from the nearby highway traffic",
+    ];
+    (0..n)
+        .map(|i| format!("{}, according to a report published last spring by the regional authority ({i}).", base[i % base.len()]))
+        .collect()
+}
+
+/// `ragchat bench models`: embeddings (sentences/s at batch 1, 8, 32) and
+/// generation (prefill and decode tokens/s, aggregate decode with 8 streams, time to
+/// first token with a 1,000-token prompt at 1 and 8 concurrent requests), printed
+/// beside the reference figures of llama.cpp and sentence-transformers measured on
+/// the development machine (their tools are not installed here).
+pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> {
+    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
+    use ragchat_actors::generate_worker::{GenEvent, GenerateConfig, GenerateRequest, GenerateWorker};
+    use ragchat_actors::inference::{Embedder, SamplingParams};
+
+    let m = &settings.models;
+    let mut out = String::new();
+    // Lines are printed as they are measured (the whole run takes minutes).
+    fn emit(out: &mut String, line: String) {
+        print!("{line}");
+        out.push_str(&line);
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    emit(&mut out, format!("machine: {threads} threads; models from {} and {}\n", m.embedding_dir, m.generator_path));
+
+    // Embeddings, straight on the model (batch sizes exact), then through the worker.
+    let mut bert = crate::inference::bert::BertEmbedder::load(std::path::Path::new(&m.embedding_dir), m.embedding_max_tokens)?;
+    let texts = sentences(256);
+    let tokens = bert.count_tokens(&texts[0])?;
+    emit(&mut out, format!("\nembeddings (all-MiniLM-L6-v2, {tokens}-token sentences)   ragchat   sentence-transformers*   stock candle*\n"));
+    for (batch, st, stock) in [(1usize, 51.0, 39.0), (8, 91.0, 53.0), (32, 107.0, 65.0)] {
+        let mut done = 0usize;
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < seconds {
+            let refs: Vec<&str> = texts.iter().skip(done % 128).take(batch).map(String::as_str).collect();
+            bert.embed(&refs)?;
+            done += batch;
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        emit(&mut out, format!("  batch {batch:>2}: sentences/s                        {rate:>8.1}   {st:>8.1}                {stock:>8.1}\n"));
+    }
+    let worker = EmbedWorker::start(
+        {
+            let dir = std::path::PathBuf::from(&m.embedding_dir);
+            let max = m.embedding_max_tokens;
+            Box::new(move || crate::inference::bert::BertEmbedder::load(&dir, max).map(|e| Box::new(e) as Box<dyn Embedder>))
+        },
+        EmbedConfig { max_batch: m.embed_max_batch, max_wait: Duration::from_millis(m.embed_max_wait_ms), queue_capacity: 1024 },
+    )?;
+    let started = Instant::now();
+    let calls = texts.iter().take(128).map(|t| worker.embed(vec![t.clone()]));
+    futures_util::future::join_all(calls).await;
+    let rate = 128.0 / started.elapsed().as_secs_f64();
+    let batches = worker.stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    emit(&mut out, format!("  128 concurrent single-sentence requests through EmbedWorker: {rate:.1} sentences/s in {batches} forwards\n"));
+
+    // Generation.
+    let (lm, tok) = crate::inference::gguf::load(std::path::Path::new(&m.generator_path), None, m.max_context, m.dense_prefill)?;
+    let filler = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the field. ";
+    let mut prompt_text = String::new();
+    while tok.encode(&prompt_text)?.len() < 1000 {
+        prompt_text.push_str(filler);
+    }
+    let mut long_prompt = tok.encode(&prompt_text)?;
+    long_prompt.truncate(1000);
+    let short: Vec<u32> = long_prompt[..256].to_vec();
+
+    let mut seq = lm.fork();
+    let started = Instant::now();
+    seq.forward(&short, 0)?;
+    let prefill = short.len() as f64 / started.elapsed().as_secs_f64();
+    let decode_n = 64;
+    let started = Instant::now();
+    let mut pos = short.len();
+    for _ in 0..decode_n {
+        seq.forward(&[short[pos % short.len()]], pos)?;
+        pos += 1;
+    }
+    let decode = decode_n as f64 / started.elapsed().as_secs_f64();
+    emit(&mut out, String::from("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   llama.cpp*   stock candle*\n"));
+    emit(&mut out, format!("  prefill tok/s (256-token prompt)                 {prefill:>8.1}   {:>8.1}     {:>8.1}\n", 205.0, 67.0));
+    emit(&mut out, format!("  decode tok/s, 1 stream                           {decode:>8.1}   {:>8.1}     {:>8.1}\n", 90.0, 50.0));
+
+    let gen = GenerateWorker::start(
+        Box::new(move || Ok(lm.fork())),
+        tok.clone(),
+        GenerateConfig { max_active: 8, queue_capacity: 64 },
+    )?;
+    let greedy = SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: Some(1) };
+    let run = |prompt: Vec<u32>, max_tokens: usize| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let submitted = Instant::now();
+        let ok = gen.submit(GenerateRequest { prompt_tokens: prompt, params: greedy.clone(), max_tokens, stop: vec![], events: tx });
+        async move {
+            ok.map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            let mut first = None;
+            let mut n = 0usize;
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    GenEvent::Token { .. } => {
+                        first.get_or_insert_with(|| submitted.elapsed());
+                    }
+                    GenEvent::Done { completion_tokens, .. } => {
+                        n = completion_tokens;
+                        break;
+                    }
+                    GenEvent::Error(e, _) => anyhow::bail!(e),
+                }
+            }
+            Ok::<_, anyhow::Error>((first.unwrap_or_default(), n))
+        }
+    };
+    let started = Instant::now();
+    let streams = futures_util::future::join_all((0..8).map(|_| run(short[..32].to_vec(), 64))).await;
+    let total: usize = streams.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.1).sum();
+    let aggregate = total as f64 / started.elapsed().as_secs_f64();
+    let ttft1 = run(long_prompt.clone(), 1).await?.0;
+    let ttft8: Vec<Duration> = futures_util::future::join_all((0..8).map(|_| run(long_prompt.clone(), 1)))
+        .await
+        .into_iter()
+        .filter_map(|r| r.ok().map(|x| x.0))
+        .collect();
+    let ttft8_max = ttft8.iter().max().copied().unwrap_or_default();
+    let ttft8_mean = ttft8.iter().sum::<Duration>() / u32::try_from(ttft8.len().max(1)).unwrap_or(1);
+
+    emit(&mut out, format!("  decode tok/s, 8 streams aggregate                {aggregate:>8.1}   {:>8.1}     {:>8}\n", 122.0, "n/a"));
+    emit(&mut out, format!(
+        "  time to first token, 1000-token prompt: 1 request {:.0} ms; 8 concurrent mean {:.0} ms, max {:.0} ms\n",
+        ms(ttft1),
+        ms(ttft8_mean),
+        ms(ttft8_max)
+    ));
+    emit(&mut out, String::from("\n* reference figures measured on the development machine (issue 5); the tools are not installed here.\n"));
+    Ok(out)
+}

@@ -48,6 +48,12 @@ enum BenchTarget {
         #[arg(long, default_value_t = 50)]
         iterations: usize,
     },
+    /// Embedding and generation throughput, time to first token.
+    Models {
+        /// Seconds per embedding measurement.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Memory per idle session actor.
     Sessions {
         #[arg(long, default_value_t = 100_000)]
@@ -91,6 +97,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         }
         Command::Bench { what: BenchTarget::Auth { iterations } } => {
             print!("{}", ragchat::bench::auth(settings, iterations).await?);
+        }
+        Command::Bench { what: BenchTarget::Models { seconds } } => {
+            ragchat::bench::models(settings, seconds).await?;
         }
         Command::Bench { what: BenchTarget::Sessions { count } } => {
             print!("{}", ragchat::bench::sessions(settings, count).await?);

@@ -210,7 +210,7 @@ pub fn start_models(
 ) -> (Option<ragchat_actors::embed_worker::EmbedWorker>, Option<ragchat_actors::generate_worker::GenerateWorker>) {
     use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
     use ragchat_actors::generate_worker::{GenerateConfig, GenerateWorker};
-    use ragchat_actors::inference::{CausalLm, Embedder};
+    use ragchat_actors::inference::Embedder;
     if !m.enabled {
         return (None, None);
     }
@@ -230,11 +230,10 @@ pub fn start_models(
     .ok();
     let path = PathBuf::from(&m.generator_path);
     let tok = (!m.generator_tokenizer.trim().is_empty()).then(|| PathBuf::from(&m.generator_tokenizer));
-    let generator = crate::inference::gguf::load(&path, tok.as_deref(), m.max_context)
-        .and_then(|(lm, tokenizer)| {
-            let template = lm;
+    let generator = crate::inference::gguf::load(&path, tok.as_deref(), m.max_context, m.dense_prefill)
+        .and_then(|(template, tokenizer)| {
             GenerateWorker::start(
-                Box::new(move || Ok(Box::new(template.clone()) as Box<dyn CausalLm>)),
+                Box::new(move || Ok(template.fork())),
                 tokenizer,
                 GenerateConfig { max_active: m.max_active.max(1), queue_capacity: m.generate_queue.max(1) },
             )

@@ -5,8 +5,10 @@
 //! its client is gone (its event channel closed). Tokens stream out through one
 //! channel per request as they are produced.
 //!
-//! Each step currently runs one forward per sequence (stock candle's quantized
-//! llama runs batch 1); the schedule is the part that is batched. A panic inside a
+//! Each step admits at most one new sequence (its prefill), then advances every
+//! running sequence by one token, so a long prompt delays the others by one
+//! prefill at most. Each step currently runs one forward per sequence (batch-1
+//! kernels); the schedule is the part that is batched. A panic inside a
 //! step fails every sequence in flight with `Unavailable` (503) and reloads the
 //! model; the queue behind it is served by the new one.
 
@@ -186,7 +188,9 @@ fn run(
                 Err(_) => return,
             }
         }
-        while active.len() + incoming.len() < max_active {
+        // One prefill per step: a long prompt must not hold back the first tokens of
+        // the prompts queued behind it, nor the decoding of the running sequences.
+        while active.len() + incoming.len() < max_active && incoming.is_empty() {
             match rx.try_recv() {
                 Ok(r) => incoming.push(r),
                 Err(TryRecvError::Empty) => break,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_qwen3};
+use candle_transformers::models::quantized_qwen3;
 use ragchat_actors::inference::{CausalLm, ChatTokenizer, ModelError};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -18,17 +18,11 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use super::model_error;
 
-#[derive(Clone)]
-enum Weights {
-    Llama(quantized_llama::ModelWeights),
-    Qwen3(quantized_qwen3::ModelWeights),
-}
-
-/// One sequence over shared quantized weights (clones share the tensors; each
-/// has its own KV cache).
+/// A Qwen3 sequence on candle's stock quantized model (clones share the
+/// tensors; each has its own KV cache).
 #[derive(Clone)]
 pub struct GgufLm {
-    weights: Weights,
+    weights: quantized_qwen3::ModelWeights,
     device: Device,
     context_len: usize,
 }
@@ -39,20 +33,13 @@ impl CausalLm for GgufLm {
             return Err(ModelError::Invalid(format!("sequence longer than the context ({})", self.context_len)));
         }
         let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(model_error)?;
-        let logits = match &mut self.weights {
-            Weights::Llama(m) => m.forward(&input, pos),
-            Weights::Qwen3(m) => m.forward(&input, pos),
-        }
-        .map_err(model_error)?;
+        let logits = self.weights.forward(&input, pos).map_err(model_error)?;
         logits.squeeze(0).and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()).map_err(model_error)
     }
 
     fn fork(&self) -> Box<dyn CausalLm> {
         let mut s = self.clone();
-        match &mut s.weights {
-            Weights::Llama(m) => m.clear_kv_cache(),
-            Weights::Qwen3(m) => m.clear_kv_cache(),
-        }
+        s.weights.clear_kv_cache();
         Box::new(s)
     }
 
@@ -123,8 +110,14 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelEr
     Ok(tk)
 }
 
-/// Loads a GGUF causal LM. `max_context` caps the context (memory per sequence).
-pub fn load(path: &Path, tokenizer_json: Option<&Path>, max_context: usize) -> Result<(GgufLm, Arc<dyn ChatTokenizer>), ModelError> {
+/// Loads a GGUF causal LM. `max_context` caps the context (memory per sequence);
+/// `dense_prefill` keeps an f32 copy of the llama weights for prefill.
+pub fn load(
+    path: &Path,
+    tokenizer_json: Option<&Path>,
+    max_context: usize,
+    dense_prefill: bool,
+) -> Result<(Box<dyn CausalLm>, Arc<dyn ChatTokenizer>), ModelError> {
     let device = Device::Cpu;
     let mut file = File::open(path)
         .map_err(|e| ModelError::Unavailable(format!("{}: {e} (run scripts/fetch-models)", path.display())))?;
@@ -146,12 +139,18 @@ pub fn load(path: &Path, tokenizer_json: Option<&Path>, max_context: usize) -> R
             stop.push(eos);
         }
     }
-    let weights = match arch.as_str() {
-        "llama" => Weights::Llama(quantized_llama::ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_error)?),
-        "qwen3" => Weights::Qwen3(quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_error)?),
+    let context_len = trained_ctx.min(max_context.max(16));
+    let lm: Box<dyn CausalLm> = match arch.as_str() {
+        "llama" => {
+            let w = super::llama::LlamaWeights::from_gguf(&ct, &mut file, context_len, dense_prefill)?;
+            Box::new(super::llama::LlamaSeq::new(Arc::new(w)))
+        }
+        "qwen3" => {
+            let weights = quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_error)?;
+            Box::new(GgufLm { weights, device, context_len })
+        }
         other => return Err(ModelError::Internal(format!("GGUF architecture '{other}' not supported (llama, qwen3)"))),
     };
-    let lm = GgufLm { weights, device, context_len: trained_ctx.min(max_context.max(16)) };
     Ok((lm, Arc::new(HfChatTokenizer { inner: tokenizer, stop })))
 }
 
@@ -248,7 +247,7 @@ mod tests {
     fn a_tiny_qwen3_gguf_loads_tokenizes_and_generates() {
         let path = std::env::temp_dir().join(format!("tiny-qwen3-{}.gguf", uuid::Uuid::new_v4()));
         let vocab = write_tiny_qwen3(&path);
-        let (mut lm, tok) = load(&path, None, 64).expect("load tiny qwen3");
+        let (mut lm, tok) = load(&path, None, 64, false).expect("load tiny qwen3");
         assert_eq!(lm.context_len(), 64, "capped by max_context");
 
         // Tokenizer from metadata: byte-level round trip, one merge, special tokens whole.
@@ -269,7 +268,7 @@ mod tests {
 
         // Through the worker, with its own KV cache per sequence.
         let worker = GenerateWorker::start(
-            Box::new(move || Ok(Box::new(lm.clone()) as Box<dyn CausalLm>)),
+            Box::new(move || Ok(lm.fork())),
             tok,
             GenerateConfig { max_active: 2, queue_capacity: 4 },
         )

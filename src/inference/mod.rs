@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod gguf;
+pub mod llama;
 
 use ragchat_actors::inference::ModelError;
 

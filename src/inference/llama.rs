@@ -1,0 +1,268 @@
+//! Our llama-family forward over GGUF weights. It differs from candle's stock
+//! `quantized_llama` in two ways that matter for serving:
+//!
+//! - Weights are shared (`Arc`) and each sequence owns only its KV cache, so a new
+//!   sequence costs nothing to start.
+//! - Every linear layer keeps the quantized weights for decode (one row: memory
+//!   bound, the quantized kernel wins) and, optionally, a dequantized f32 copy for
+//!   prefill (many rows: compute bound, f32 GEMM wins). Measured on the 2-core dev
+//!   machine with SmolLM2-135M Q4_1: prefill 52 tok/s quantized vs 261 tok/s f32;
+//!   decode 29.5 tok/s quantized vs 13.7 f32. The copy costs 4 bytes per weight.
+
+use std::sync::Arc;
+
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::{DType, Device, IndexOp, Module, Tensor, D};
+use candle_nn::Embedding;
+use candle_transformers::quantized_nn::RmsNorm;
+use ragchat_actors::inference::{CausalLm, ModelError};
+
+use super::model_error;
+
+/// From this many rows on, a linear layer uses its f32 copy.
+const DENSE_MIN_ROWS: usize = 8;
+
+struct Linear {
+    q: QMatMul,
+    dense: Option<Tensor>,
+}
+
+impl Linear {
+    fn new(t: QTensor, dense: bool) -> candle_core::Result<Self> {
+        let d = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
+        Ok(Linear { q: QMatMul::from_qtensor(t)?, dense: d })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let rows = x.elem_count() / x.dim(D::Minus1)?;
+        match &self.dense {
+            Some(w) if rows >= DENSE_MIN_ROWS => {
+                let w = match *x.dims() {
+                    [b, _, _] => w.broadcast_left(b)?.t()?,
+                    _ => w.t()?,
+                };
+                x.matmul(&w)
+            }
+            _ => self.q.forward(x),
+        }
+    }
+}
+
+struct Layer {
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+    attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+}
+
+pub struct LlamaWeights {
+    embed: Embedding,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: Linear,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    cos: Tensor,
+    sin: Tensor,
+    context_len: usize,
+}
+
+impl LlamaWeights {
+    pub fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        context_len: usize,
+        dense_prefill: bool,
+    ) -> Result<Self, ModelError> {
+        let dev = Device::Cpu;
+        let md = |k: &str| ct.metadata.get(k).ok_or_else(|| ModelError::Internal(format!("GGUF metadata lacks {k}")));
+        let u = |k: &str| -> Result<usize, ModelError> { Ok(md(k)?.to_u32().map_err(model_error)? as usize) };
+        let n_head = u("llama.attention.head_count")?;
+        let n_kv_head = u("llama.attention.head_count_kv")?;
+        let n_layer = u("llama.block_count")?;
+        let hidden = u("llama.embedding_length")?;
+        let rope_dim = u("llama.rope.dimension_count")?;
+        let eps = f64::from(md("llama.attention.layer_norm_rms_epsilon")?.to_f32().map_err(model_error)?);
+        let freq_base = ct.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10000.0);
+        let mut t = |name: &str| ct.tensor(r, name, &dev).map_err(model_error);
+        let embed_q = t("token_embd.weight")?;
+        let embed = Embedding::new(embed_q.dequantize(&dev).map_err(model_error)?, hidden);
+        let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps).map_err(model_error)?;
+        let output = match t("output.weight") {
+            Ok(w) => w,
+            Err(_) => embed_q,
+        };
+        let output = Linear::new(output, dense_prefill).map_err(model_error)?;
+        let mut layers = Vec::with_capacity(n_layer);
+        for i in 0..n_layer {
+            let p = format!("blk.{i}");
+            let mut lin = |n: &str| -> Result<Linear, ModelError> {
+                Linear::new(t(&format!("{p}.{n}.weight"))?, dense_prefill).map_err(model_error)
+            };
+            let (wq, wk, wv, wo) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
+            let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
+            let attn_norm = RmsNorm::from_qtensor(t(&format!("{p}.attn_norm.weight"))?, eps).map_err(model_error)?;
+            let ffn_norm = RmsNorm::from_qtensor(t(&format!("{p}.ffn_norm.weight"))?, eps).map_err(model_error)?;
+            layers.push(Layer { wq, wk, wv, wo, gate, up, down, attn_norm, ffn_norm });
+        }
+        // RoPE tables (GGUF llama weights use the interleaved convention).
+        let theta: Vec<f32> = (0..rope_dim).step_by(2).map(|i| 1.0 / freq_base.powf(i as f32 / rope_dim as f32)).collect();
+        let n_theta = theta.len();
+        let angles = Tensor::arange(0u32, context_len as u32, &dev)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.reshape((context_len, 1)))
+            .and_then(|t| t.matmul(&Tensor::new(theta.as_slice(), &dev)?.reshape((1, n_theta))?))
+            .map_err(model_error)?;
+        let cos = angles.cos().map_err(model_error)?;
+        let sin = angles.sin().map_err(model_error)?;
+        Ok(LlamaWeights { embed, layers, norm, output, n_head, n_kv_head, head_dim: hidden / n_head, cos, sin, context_len })
+    }
+}
+
+/// One sequence: shared weights, its own KV cache.
+pub struct LlamaSeq {
+    w: Arc<LlamaWeights>,
+    cache: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl LlamaSeq {
+    pub fn new(w: Arc<LlamaWeights>) -> Self {
+        let n = w.layers.len();
+        LlamaSeq { w, cache: vec![None; n] }
+    }
+
+    fn attention(&mut self, i: usize, x: &Tensor, pos: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let w = &self.w;
+        let l = &w.layers[i];
+        let (b, n, d) = x.dims3()?;
+        let shape = |t: Tensor, heads: usize| t.reshape((b, n, heads, w.head_dim))?.transpose(1, 2)?.contiguous();
+        let q = shape(l.wq.forward(x)?, w.n_head)?;
+        let k = shape(l.wk.forward(x)?, w.n_kv_head)?;
+        let v = shape(l.wv.forward(x)?, w.n_kv_head)?;
+        let cos = w.cos.narrow(0, pos, n)?;
+        let sin = w.sin.narrow(0, pos, n)?;
+        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
+        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+        let (k, v) = match self.cache[i].take() {
+            Some((ck, cv)) if pos > 0 => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.cache[i] = Some((k.clone(), v.clone()));
+        let rep = w.n_head / w.n_kv_head;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let mut att = (q.matmul(&k.t()?)? / (w.head_dim as f64).sqrt())?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
+        l.wo.forward(&y)
+    }
+
+    fn run(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
+        let dev = Device::Cpu;
+        let n = tokens.len();
+        let input = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
+        let mut h = self.w.embed.forward(&input)?;
+        // Additive causal mask over (new tokens) × (cached + new tokens).
+        let mask = if n > 1 {
+            let total = pos + n;
+            let m: Vec<f32> = (0..n)
+                .flat_map(|i| (0..total).map(move |j| if j > pos + i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            Some(Tensor::from_vec(m, (n, total), &dev)?)
+        } else {
+            None
+        };
+        let w = self.w.clone();
+        for (i, l) in w.layers.iter().enumerate() {
+            let a = self.attention(i, &l.attn_norm.forward(&h)?, pos, mask.as_ref())?;
+            h = (a + &h)?;
+            let x = l.ffn_norm.forward(&h)?;
+            let m = l.down.forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
+            h = (m + &h)?;
+        }
+        let last = w.norm.forward(&h)?.i((.., n - 1, ..))?;
+        w.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()
+    }
+}
+
+impl CausalLm for LlamaSeq {
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() || pos + tokens.len() > self.w.context_len {
+            return Err(ModelError::Invalid(format!("sequence longer than the context ({})", self.w.context_len)));
+        }
+        self.run(tokens, pos).map_err(model_error)
+    }
+
+    fn fork(&self) -> Box<dyn CausalLm> {
+        Box::new(LlamaSeq::new(self.w.clone()))
+    }
+
+    fn context_len(&self) -> usize {
+        self.w.context_len
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Our forward against candle's stock quantized llama on the real SmolLM2 GGUF.
+    use super::*;
+    use candle_transformers::models::quantized_llama;
+
+    fn logits_stock(path: &std::path::Path, tokens: &[u32]) -> Vec<f32> {
+        let mut f = std::fs::File::open(path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let mut m = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("stock model");
+        let x = Tensor::new(tokens, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+        let prefill = m.forward(&x, 0).expect("prefill");
+        let _ = prefill;
+        let y = Tensor::new(&[tokens[0]], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+        m.forward(&y, tokens.len()).and_then(|t| t.squeeze(0)).and_then(|t| t.to_vec1::<f32>()).expect("decode")
+    }
+
+    fn logits_ours(path: &std::path::Path, tokens: &[u32], dense: bool) -> (Vec<f32>, Vec<f32>) {
+        let mut f = std::fs::File::open(path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let w = LlamaWeights::from_gguf(&ct, &mut f, 256, dense).expect("our model");
+        let mut s = LlamaSeq::new(Arc::new(w));
+        let prefill = s.forward(tokens, 0).expect("prefill");
+        let decode = s.forward(&[tokens[0]], tokens.len()).expect("decode");
+        (prefill, decode)
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (n(a) * n(b))
+    }
+
+    fn argmax(v: &[f32]) -> usize {
+        v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
+    }
+
+    #[test]
+    fn our_forward_matches_candles_stock_llama_in_both_modes() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
+            return;
+        }
+        let tokens: Vec<u32> = (0..40).map(|i| 100 + i * 37).collect();
+        let stock = logits_stock(&path, &tokens);
+        for dense in [false, true] {
+            let (_, ours) = logits_ours(&path, &tokens, dense);
+            assert_eq!(ours.len(), stock.len());
+            let c = cosine(&ours, &stock);
+            assert!(c > 0.999, "dense={dense}: cosine {c}");
+            assert_eq!(argmax(&ours), argmax(&stock), "dense={dense}");
+        }
+    }
+}
