@@ -71,7 +71,7 @@ pub enum EmbeddingInput {
 pub struct EmbeddingRequest {
     pub input: EmbeddingInput,
     pub model: Option<String>,
-    /// Only "float" is supported.
+    /// "float" (default) or "base64" (little-endian f32 bytes, as OpenAI's clients request).
     pub encoding_format: Option<String>,
 }
 
@@ -89,9 +89,13 @@ pub async fn embeddings(
     if let Some(m) = body.model.as_deref().filter(|m| *m != name) {
         return Err(ApiError::NotFound(format!("Model '{m}' not found: this server embeds with '{name}'")));
     }
-    if body.encoding_format.as_deref().is_some_and(|f| f != "float") {
-        return Err(ApiError::Unprocessable("encoding_format must be \"float\"".into()));
-    }
+    let base64 = match body.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(other) => {
+            return Err(ApiError::Unprocessable(format!("encoding_format '{other}': expected \"float\" or \"base64\"")))
+        }
+    };
     let texts = match body.input {
         EmbeddingInput::One(s) => vec![s],
         EmbeddingInput::Many(v) => v,
@@ -107,7 +111,16 @@ pub async fn embeddings(
         .vectors
         .into_iter()
         .enumerate()
-        .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+        .map(|(i, v)| {
+            let embedding = if base64 {
+                use base64::Engine as _;
+                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+            } else {
+                json!(v)
+            };
+            json!({"object": "embedding", "index": i, "embedding": embedding})
+        })
         .collect();
     let mut resp = HttpResponse::Ok();
     admitted.rate_headers(&mut resp);

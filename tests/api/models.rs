@@ -175,3 +175,35 @@ async fn a_model_worker_panic_fails_in_flight_requests_with_503_and_the_next_suc
     expect(app.post_json("/v1/embeddings", &json!({"input": "hello"}), Some(&token)).await, StatusCode::SERVICE_UNAVAILABLE).await;
     expect(app.post_json("/v1/embeddings", &json!({"input": "hello"}), Some(&token)).await, StatusCode::OK).await;
 }
+
+#[actix_web::test]
+async fn the_official_openai_python_client_works_against_the_api() {
+    let Some((app, token)) = model_app().await else { return };
+    let has_client = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    if !has_client {
+        if std::env::var("RAGCHAT_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
+            panic!("the openai Python package is missing but RAGCHAT_REQUIRE_SERVICES=1 (scripts/test installs it)");
+        }
+        eprintln!("SKIPPED: the openai Python package is not installed (pip install openai)");
+        return;
+    }
+    // An API key, as API clients use.
+    let key = expect(app.post_json("/auth/api-keys", &json!({"name": "openai-client"}), Some(&token)).await, StatusCode::CREATED).await;
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
+    let address = app.address.clone();
+    let key = key["key"].as_str().expect("key").to_string();
+    // The client blocks; run it off this test's single-threaded runtime.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("python3").arg(script).arg(address).arg(key).output()
+    })
+    .await
+    .expect("join")
+    .expect("run python3");
+    assert!(
+        out.status.success(),
+        "openai client failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK"));
+}
