@@ -248,10 +248,8 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
     let prefill = short.len() as f64 / started.elapsed().as_secs_f64();
     let decode_n = 64;
     let started = Instant::now();
-    let mut pos = short.len();
-    for _ in 0..decode_n {
+    for pos in short.len()..short.len() + decode_n {
         seq.forward(&[short[pos % short.len()]], pos)?;
-        pos += 1;
     }
     let decode = decode_n as f64 / started.elapsed().as_secs_f64();
     emit(&mut out, String::from("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   llama.cpp*   stock candle*\n"));

@@ -74,6 +74,8 @@ pub struct GenStats {
     pub tokens: AtomicU64,
     pub restarts: AtomicU64,
     pub cancelled: AtomicU64,
+    /// Sequences in the last batched decode.
+    pub last_batch: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -153,6 +155,8 @@ struct Seq {
     events: UnboundedSender<GenEvent>,
     queued_at: Instant,
     first_token_ms: Option<f64>,
+    /// The batched forward failed for it (already told).
+    failed: bool,
 }
 
 impl Seq {
@@ -229,6 +233,7 @@ fn run(
                         events: req.events,
                         queued_at,
                         first_token_ms: None,
+                        failed: false,
                     }),
                     Err(e) => {
                         let _ = req.events.send(GenEvent::Error(e.to_string(), matches!(e, ModelError::Invalid(_))));
@@ -236,6 +241,38 @@ fn run(
                 }
             }
             stats.steps.fetch_add(1, Ordering::Relaxed);
+            // One batched forward for every running sequence that needs one.
+            let (mut need, mut toks, mut poss): (Vec<&mut Box<dyn CausalLm>>, Vec<u32>, Vec<usize>) =
+                (Vec::new(), Vec::new(), Vec::new());
+            let mut idx = Vec::new();
+            for (n, s) in active.iter_mut().enumerate() {
+                if s.logits.is_none() && !s.events.is_closed() {
+                    let pos = s.tokens.len() - 1;
+                    toks.push(s.tokens[pos]);
+                    poss.push(pos);
+                    idx.push(n);
+                    need.push(&mut s.model);
+                }
+            }
+            if !need.is_empty() {
+                let batch = need.len() as u64;
+                match template.decode_batch(&mut need, &toks, &poss) {
+                    Ok(all) => {
+                        drop(need);
+                        stats.last_batch.store(batch, Ordering::Relaxed);
+                        for (n, logits) in idx.into_iter().zip(all) {
+                            active[n].logits = Some(logits);
+                        }
+                    }
+                    Err(e) => {
+                        drop(need);
+                        for n in idx {
+                            let _ = active[n].events.send(GenEvent::Error(e.to_string(), false));
+                            active[n].failed = true;
+                        }
+                    }
+                }
+            }
             let mut i = 0;
             while i < active.len() {
                 match advance(&mut active[i], tokenizer.as_ref(), &stats) {
@@ -280,22 +317,11 @@ fn run(
 
 /// Samples one token for a sequence, streams its text, and runs the next forward.
 fn advance(s: &mut Seq, tok: &dyn ChatTokenizer, stats: &GenStats) -> Outcome {
-    if s.events.is_closed() {
+    if s.events.is_closed() || s.failed {
         return Outcome::Gone;
     }
-    let mut logits = match s.logits.take() {
-        Some(l) => l,
-        None => {
-            let pos = s.tokens.len() - 1;
-            let last = [s.tokens[pos]];
-            match s.model.forward(&last, pos) {
-                Ok(l) => l,
-                Err(e) => {
-                    let _ = s.events.send(GenEvent::Error(e.to_string(), false));
-                    return Outcome::Gone;
-                }
-            }
-        }
+    let Some(mut logits) = s.logits.take() else {
+        return Outcome::Gone;
     };
     let token = s.sampler.sample(&mut logits, &s.tokens);
     stats.tokens.fetch_add(1, Ordering::Relaxed);

@@ -57,6 +57,23 @@ pub trait CausalLm: Send + 'static {
     /// A fresh sequence sharing this one's weights (empty cache).
     fn fork(&self) -> Box<dyn CausalLm>;
     fn context_len(&self) -> usize;
+
+    /// Decodes one token for each of several sequences forked from this model, at
+    /// their positions, and returns each one's logits. Models that can run the
+    /// sequences as one batch override it; the default runs one forward each.
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut Box<dyn CausalLm>],
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        seqs.iter_mut().zip(tokens.iter().zip(positions)).map(|(s, (&t, &p))| s.forward(&[t], p)).collect()
+    }
+
+    /// For `decode_batch` overrides to reach their own type.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
 }
 
 /// Per-request sampling settings (OpenAI-style).

@@ -110,6 +110,9 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelEr
     Ok(tk)
 }
 
+/// A loaded model (the template sequences fork from) and its tokenizer.
+pub type LoadedLm = (Box<dyn CausalLm>, Arc<dyn ChatTokenizer>);
+
 /// Loads a GGUF causal LM. `max_context` caps the context (memory per sequence);
 /// `dense_prefill` keeps an f32 copy of the llama weights for prefill.
 pub fn load(
@@ -117,7 +120,7 @@ pub fn load(
     tokenizer_json: Option<&Path>,
     max_context: usize,
     dense_prefill: bool,
-) -> Result<(Box<dyn CausalLm>, Arc<dyn ChatTokenizer>), ModelError> {
+) -> Result<LoadedLm, ModelError> {
     let device = Device::Cpu;
     let mut file = File::open(path)
         .map_err(|e| ModelError::Unavailable(format!("{}: {e} (run scripts/fetch-models)", path.display())))?;

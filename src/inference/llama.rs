@@ -19,8 +19,12 @@ use ragchat_actors::inference::{CausalLm, ModelError};
 
 use super::model_error;
 
-/// From this many rows on, a linear layer uses its f32 copy.
-const DENSE_MIN_ROWS: usize = 8;
+/// From this many rows on, a linear layer uses its f32 copy (RAGCHAT_DENSE_MIN_ROWS
+/// overrides it, for measurements).
+fn dense_min_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::env::var("RAGCHAT_DENSE_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
+}
 
 struct Linear {
     q: QMatMul,
@@ -36,7 +40,7 @@ impl Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
         match &self.dense {
-            Some(w) if rows >= DENSE_MIN_ROWS => {
+            Some(w) if rows >= dense_min_rows() => {
                 let w = match *x.dims() {
                     [b, _, _] => w.broadcast_left(b)?.t()?,
                     _ => w.t()?,
@@ -137,14 +141,16 @@ impl LlamaSeq {
         LlamaSeq { w, cache: vec![None; n] }
     }
 
-    fn attention(&mut self, i: usize, x: &Tensor, pos: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// Attention of layer `i` for this sequence, given its projected q, k, v of
+    /// shape (1, n, heads × head_dim): RoPE at `pos`, the KV cache, softmax.
+    /// Returns (1, n, hidden) before the output projection.
+    fn attend(&mut self, i: usize, q: Tensor, k: Tensor, v: Tensor, pos: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let w = &self.w;
-        let l = &w.layers[i];
-        let (b, n, d) = x.dims3()?;
+        let (b, n, _) = q.dims3()?;
         let shape = |t: Tensor, heads: usize| t.reshape((b, n, heads, w.head_dim))?.transpose(1, 2)?.contiguous();
-        let q = shape(l.wq.forward(x)?, w.n_head)?;
-        let k = shape(l.wk.forward(x)?, w.n_kv_head)?;
-        let v = shape(l.wv.forward(x)?, w.n_kv_head)?;
+        let q = shape(q, w.n_head)?;
+        let k = shape(k, w.n_kv_head)?;
+        let v = shape(v, w.n_kv_head)?;
         let cos = w.cos.narrow(0, pos, n)?;
         let sin = w.sin.narrow(0, pos, n)?;
         let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
@@ -162,8 +168,7 @@ impl LlamaSeq {
             att = att.broadcast_add(m)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))?;
-        l.wo.forward(&y)
+        att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, w.n_head * w.head_dim))
     }
 
     fn run(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
@@ -183,8 +188,9 @@ impl LlamaSeq {
         };
         let w = self.w.clone();
         for (i, l) in w.layers.iter().enumerate() {
-            let a = self.attention(i, &l.attn_norm.forward(&h)?, pos, mask.as_ref())?;
-            h = (a + &h)?;
+            let x = l.attn_norm.forward(&h)?;
+            let y = self.attend(i, l.wq.forward(&x)?, l.wk.forward(&x)?, l.wv.forward(&x)?, pos, mask.as_ref())?;
+            h = (l.wo.forward(&y)? + &h)?;
             let x = l.ffn_norm.forward(&h)?;
             let m = l.down.forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
             h = (m + &h)?;
@@ -192,6 +198,26 @@ impl LlamaSeq {
         let last = w.norm.forward(&h)?.i((.., n - 1, ..))?;
         w.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()
     }
+}
+
+fn decode_rows(w: &Arc<LlamaWeights>, seqs: &mut [&mut LlamaSeq], tokens: &[u32], positions: &[usize]) -> candle_core::Result<Vec<Vec<f32>>> {
+    let b = seqs.len();
+    let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(1)?; // (B, 1)
+    let mut h = w.embed.forward(&input)?; // (B, 1, hidden)
+    for (i, l) in w.layers.iter().enumerate() {
+        let x = l.attn_norm.forward(&h)?;
+        let (q, k, v) = (l.wq.forward(&x)?, l.wk.forward(&x)?, l.wv.forward(&x)?);
+        let mut ys = Vec::with_capacity(b);
+        for (r, s) in seqs.iter_mut().enumerate() {
+            ys.push(s.attend(i, q.narrow(0, r, 1)?, k.narrow(0, r, 1)?, v.narrow(0, r, 1)?, positions[r], None)?);
+        }
+        h = (l.wo.forward(&Tensor::cat(&ys, 0)?)? + &h)?;
+        let x = l.ffn_norm.forward(&h)?;
+        let m = l.down.forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
+        h = (m + &h)?;
+    }
+    let last = w.norm.forward(&h)?.squeeze(1)?; // (B, hidden)
+    w.output.forward(&last)?.to_dtype(DType::F32)?.to_vec2::<f32>()
 }
 
 impl CausalLm for LlamaSeq {
@@ -204,6 +230,34 @@ impl CausalLm for LlamaSeq {
 
     fn fork(&self) -> Box<dyn CausalLm> {
         Box::new(LlamaSeq::new(self.w.clone()))
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+
+    /// All sequences in one pass through the linear layers (one row each: with
+    /// enough rows the f32 copy serves them all in one GEMM); attention stays per
+    /// sequence (each has its own cache and position).
+    fn decode_batch(
+        &self,
+        seqs: &mut [&mut Box<dyn CausalLm>],
+        tokens: &[u32],
+        positions: &[usize],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut mine: Vec<&mut LlamaSeq> = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            match s.as_any_mut().and_then(|a| a.downcast_mut::<LlamaSeq>()) {
+                Some(l) if Arc::ptr_eq(&l.w, &self.w) => mine.push(l),
+                _ => return Err(ModelError::Internal("decode_batch over sequences of another model".into())),
+            }
+        }
+        for (t, p) in tokens.iter().zip(positions) {
+            if p + 1 > self.w.context_len || (*t as usize) >= self.w.embed.embeddings().dim(0).map_err(model_error)? {
+                return Err(ModelError::Invalid(format!("token {t} at {p} is outside the model")));
+            }
+        }
+        decode_rows(&self.w, &mut mine, tokens, positions).map_err(model_error)
     }
 
     fn context_len(&self) -> usize {
@@ -263,6 +317,43 @@ mod tests {
             let c = cosine(&ours, &stock);
             assert!(c > 0.999, "dense={dense}: cosine {c}");
             assert_eq!(argmax(&ours), argmax(&stock), "dense={dense}");
+        }
+    }
+
+    #[test]
+    fn a_batched_decode_step_equals_separate_steps() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
+            return;
+        }
+        let mut f = std::fs::File::open(&path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let template = LlamaSeq::new(Arc::new(LlamaWeights::from_gguf(&ct, &mut f, 128, true).expect("model")));
+        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[9, 8, 7], &[42, 43, 44, 45, 46, 47, 48]];
+        let next = [11u32, 12, 13];
+        // Separately.
+        let mut alone = Vec::new();
+        for (p, t) in prompts.iter().zip(next) {
+            let mut s = template.fork();
+            s.forward(p, 0).expect("prefill");
+            alone.push(s.forward(&[t], p.len()).expect("decode"));
+        }
+        // Together.
+        let mut seqs: Vec<Box<dyn CausalLm>> = prompts
+            .iter()
+            .map(|p| {
+                let mut s = template.fork();
+                s.forward(p, 0).expect("prefill");
+                s
+            })
+            .collect();
+        let mut refs: Vec<&mut Box<dyn CausalLm>> = seqs.iter_mut().collect();
+        let positions: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let together = template.decode_batch(&mut refs, &next, &positions).expect("batch");
+        for (a, b) in alone.iter().zip(&together) {
+            assert!(cosine(a, b) > 0.9999, "{}", cosine(a, b));
+            assert_eq!(argmax(a), argmax(b));
         }
     }
 }
