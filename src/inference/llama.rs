@@ -28,17 +28,42 @@ fn dense_min_rows() -> usize {
 
 struct Linear {
     q: QMatMul,
+    /// Our kernel for Q4_1 weights (candle has no SIMD path for them).
+    q41: Option<super::q4::Q41Matrix>,
     dense: Option<Tensor>,
+}
+
+/// RAGCHAT_Q41_KERNEL=0 falls back to candle's Q4_1 matmul (for measurements).
+fn q41_kernel_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RAGCHAT_Q41_KERNEL").map(|v| v != "0").unwrap_or(true))
 }
 
 impl Linear {
     fn new(t: QTensor, dense: bool) -> candle_core::Result<Self> {
         let d = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
-        Ok(Linear { q: QMatMul::from_qtensor(t)?, dense: d })
+        let q41 = match (t.dtype(), t.shape().dims()) {
+            (candle_core::quantized::GgmlDType::Q4_1, &[rows, cols]) if q41_kernel_enabled() => {
+                super::q4::Q41Matrix::new(t.data()?.into_owned(), rows, cols)
+            }
+            _ => None,
+        };
+        Ok(Linear { q: QMatMul::from_qtensor(t)?, q41, dense: d })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
+        if let Some(m) = &self.q41 {
+            if rows < dense_min_rows() || self.dense.is_none() {
+                let mut dims = x.dims().to_vec();
+                let xs = x.flatten_all()?.to_vec1::<f32>()?;
+                let y = m.matmul(&xs, rows);
+                if let Some(last) = dims.last_mut() {
+                    *last = m.rows();
+                }
+                return Tensor::from_vec(y, dims, &Device::Cpu);
+            }
+        }
         match &self.dense {
             Some(w) if rows >= dense_min_rows() => {
                 let w = match *x.dims() {

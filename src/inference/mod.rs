@@ -5,6 +5,7 @@
 pub mod bert;
 pub mod gguf;
 pub mod llama;
+pub mod q4;
 
 use ragchat_actors::inference::ModelError;
 
