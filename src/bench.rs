@@ -252,9 +252,13 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         seq.forward(&[short[pos % short.len()]], pos)?;
     }
     let decode = decode_n as f64 / started.elapsed().as_secs_f64();
-    emit(&mut out, String::from("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   llama.cpp*   stock candle*\n"));
-    emit(&mut out, format!("  prefill tok/s (256-token prompt)                 {prefill:>8.1}   {:>8.1}     {:>8.1}\n", 205.0, 67.0));
-    emit(&mut out, format!("  decode tok/s, 1 stream                           {decode:>8.1}   {:>8.1}     {:>8.1}\n", 90.0, 50.0));
+    let (lc_pp, lc_tg, lc_note) = match llama_bench(&m.generator_path) {
+        Some((pp, tg)) => (pp, tg, "llama.cpp (measured now)"),
+        None => (205.0, 90.0, "llama.cpp*"),
+    };
+    emit(&mut out, format!("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   {lc_note}   stock candle*\n"));
+    emit(&mut out, format!("  prefill tok/s (256-token prompt)                 {prefill:>8.1}   {lc_pp:>8.1}     {:>8.1}\n", 67.0));
+    emit(&mut out, format!("  decode tok/s, 1 stream                           {decode:>8.1}   {lc_tg:>8.1}     {:>8.1}\n", 50.0));
 
     let gen = GenerateWorker::start(
         Box::new(move || Ok(lm.fork())),
@@ -305,6 +309,29 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         ms(ttft8_mean),
         ms(ttft8_max)
     ));
-    emit(&mut out, String::from("\n* reference figures measured on the development machine (issue 5); the tools are not installed here.\n"));
+    emit(&mut out, String::from("\n* reference figures from issue 5 (development machine), shown where the tool is not installed here; llama.cpp is measured now when scripts/build-llama-cpp has built it.\n"));
     Ok(out)
+}
+
+/// Runs llama.cpp's llama-bench on the same GGUF with 2 threads when it is installed
+/// (scripts/build-llama-cpp, or LLAMA_BENCH=path): (prefill pp256, decode tg64) tok/s.
+fn llama_bench(gguf: &str) -> Option<(f64, f64)> {
+    let bin = std::env::var("LLAMA_BENCH").ok().map(std::path::PathBuf::from).or_else(|| {
+        std::env::var("HOME").ok().map(|h| std::path::Path::new(&h).join(".cache/ragchat-llama-cpp/bin/llama-bench"))
+    })?;
+    if !bin.exists() {
+        return None;
+    }
+    let out = std::process::Command::new(bin)
+        .args(["-m", gguf, "-t", "2", "-p", "256", "-n", "64", "-r", "5", "-o", "json"])
+        .output()
+        .ok()?;
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let rate = |prompt: bool| {
+        rows.as_array()?.iter().find_map(|r| {
+            let is_prompt = r["n_prompt"].as_u64().unwrap_or(0) > 0 && r["n_gen"].as_u64().unwrap_or(0) == 0;
+            (is_prompt == prompt).then(|| r["avg_ts"].as_f64()).flatten()
+        })
+    };
+    Some((rate(true)?, rate(false)?))
 }

@@ -1,6 +1,7 @@
-//! Our Q4_1 matrix product for decode. candle 0.11 has no SIMD path for Q4_1
-//! (its `vec_dot` for Q4_1 is the scalar reference), which made decode ~3× slower
-//! than llama.cpp on the same file. Here, as in ggml: activations are quantized to
+//! Our Q4_1 matrix product for decode (opt-in: RAGCHAT_Q41_KERNEL=1). candle 0.11
+//! has no SIMD path for Q4_1 (its `vec_dot` for Q4_1 is the scalar reference).
+//! End to end this kernel is not yet faster than candle's path (BENCHMARKS.md):
+//! the next step is profiling the decode step as a whole. Here, as in ggml: activations are quantized to
 //! Q8_1 blocks, each Q4_1 weight block is expanded once and multiplied with the
 //! matching block of *every* activation row (the batched decode step), using AVX2
 //! integer multiply-adds (`maddubs`: 4-bit × 8-bit → 16-bit pairs → 32-bit).
@@ -14,7 +15,6 @@ use rayon::prelude::*;
 
 const BLOCK: usize = 32;
 const BLOCK_BYTES: usize = 20;
-const ROWS_PER_TASK: usize = 16;
 /// Activation rows handled per pass over a weight row.
 const GROUP: usize = 8;
 
@@ -68,9 +68,11 @@ impl Q41Matrix {
         let q8: Vec<Q8Row> = (0..b).map(|i| quantize_q8_1(&x[i * cols..(i + 1) * cols])).collect();
         let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         let mut out_t = vec![0f32; rows * b]; // (rows, b)
-        out_t.par_chunks_mut(ROWS_PER_TASK * b).enumerate().for_each(|(task, chunk)| {
+        // One task per thread: the matrices are small and waking threads is not free.
+        let per_task = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        out_t.par_chunks_mut(per_task * b).enumerate().for_each(|(task, chunk)| {
             for (r, out) in chunk.chunks_mut(b).enumerate() {
-                let row_i = task * ROWS_PER_TASK + r;
+                let row_i = task * per_task + r;
                 let row = &self.raw[row_i * stride..(row_i + 1) * stride];
                 for (g, ys) in q8.chunks(GROUP).enumerate() {
                     let dst = &mut out[g * GROUP..g * GROUP + ys.len()];
