@@ -53,7 +53,7 @@ fn quantize_q8_1(x: &[f32]) -> Q8Row {
 impl Q41Matrix {
     /// `raw`: GGUF Q4_1 data of a (rows, cols) matrix, row-major.
     pub fn new(raw: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
-        (cols % BLOCK == 0 && raw.len() == rows * cols / BLOCK * BLOCK_BYTES).then_some(Q41Matrix { raw, rows, cols })
+        (cols.is_multiple_of(BLOCK) && raw.len() == rows * cols / BLOCK * BLOCK_BYTES).then_some(Q41Matrix { raw, rows, cols })
     }
 
     pub fn rows(&self) -> usize {
