@@ -156,16 +156,67 @@ impl LlamaWeights {
     }
 }
 
+/// One layer's KV cache of one sequence, laid out [position][kv head][head dim]
+/// so a decode step appends one row and reads each head with a fixed stride.
+#[derive(Default, Clone)]
+struct KvBuf {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
 /// One sequence: shared weights, its own KV cache.
 pub struct LlamaSeq {
     w: Arc<LlamaWeights>,
-    cache: Vec<Option<(Tensor, Tensor)>>,
+    cache: Vec<KvBuf>,
+}
+
+/// Decode attention for one new position, on plain slices: for each query head,
+/// scores against every cached key of its kv head, softmax, weighted sum of values.
+/// At batch 1 this is far cheaper than generic matmuls (no transposes, no
+/// repeat_kv copies, no GEMM packing).
+fn attend_one(q: &[f32], kv: &KvBuf, n_head: usize, n_kv_head: usize, hd: usize) -> Vec<f32> {
+    let row = n_kv_head * hd;
+    let len = kv.k.len() / row;
+    let rep = n_head / n_kv_head;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; n_head * hd];
+    let mut scores = vec![0f32; len];
+    for h in 0..n_head {
+        let g = h / rep;
+        let qh = &q[h * hd..(h + 1) * hd];
+        let mut max = f32::NEG_INFINITY;
+        for (t, sc) in scores.iter_mut().enumerate() {
+            let kt = &kv.k[t * row + g * hd..t * row + (g + 1) * hd];
+            let mut acc = [0f32; 8];
+            for (qc, kc) in qh.chunks_exact(8).zip(kt.chunks_exact(8)) {
+                for l in 0..8 {
+                    acc[l] = qc[l].mul_add(kc[l], acc[l]);
+                }
+            }
+            *sc = acc.iter().sum::<f32>() * scale;
+            max = max.max(*sc);
+        }
+        let mut total = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            total += *sc;
+        }
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        for (t, p) in scores.iter().enumerate() {
+            let p = p / total;
+            let vt = &kv.v[t * row + g * hd..t * row + (g + 1) * hd];
+            for (o, x) in oh.iter_mut().zip(vt) {
+                *o = p.mul_add(*x, *o);
+            }
+        }
+    }
+    out
 }
 
 impl LlamaSeq {
     pub fn new(w: Arc<LlamaWeights>) -> Self {
         let n = w.layers.len();
-        LlamaSeq { w, cache: vec![None; n] }
+        LlamaSeq { w, cache: vec![KvBuf::default(); n] }
     }
 
     /// Attention of layer `i` for this sequence, given its projected q, k, v of
@@ -182,11 +233,30 @@ impl LlamaSeq {
         let sin = w.sin.narrow(0, pos, n)?;
         let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
         let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
-        let (k, v) = match self.cache[i].take() {
-            Some((ck, cv)) if pos > 0 => (Tensor::cat(&[&ck, &k], 2)?, Tensor::cat(&[&cv, &v], 2)?),
-            _ => (k, v),
+        // Append the new keys and values ([pos][kv head][dim] rows) to the cache.
+        let rows_of = |t: &Tensor| t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>();
+        let row = w.n_kv_head * w.head_dim;
+        let buf = &mut self.cache[i];
+        buf.k.truncate(pos * row);
+        buf.v.truncate(pos * row);
+        if buf.k.len() != pos * row {
+            candle_core::bail!("KV cache holds {} positions, expected {pos}", buf.k.len() / row);
+        }
+        buf.k.extend(rows_of(&k)?);
+        buf.v.extend(rows_of(&v)?);
+        if n == 1 {
+            let qv = q.flatten_all()?.to_vec1::<f32>()?;
+            let out = attend_one(&qv, buf, w.n_head, w.n_kv_head, w.head_dim);
+            return Tensor::from_vec(out, (1, 1, w.n_head * w.head_dim), &Device::Cpu);
+        }
+        let (k, v) = if pos > 0 {
+            let all = |data: &[f32]| {
+                Tensor::from_slice(data, (1, pos + n, w.n_kv_head, w.head_dim), &Device::Cpu)?.transpose(1, 2)?.contiguous()
+            };
+            (all(&buf.k)?, all(&buf.v)?)
+        } else {
+            (k, v)
         };
-        self.cache[i] = Some((k.clone(), v.clone()));
         let rep = w.n_head / w.n_kv_head;
         let k = candle_transformers::utils::repeat_kv(k, rep)?;
         let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
