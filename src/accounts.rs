@@ -37,7 +37,9 @@ pub async fn create_user(
             crate::http::auth::MIN_PASSWORD_LEN
         )));
     }
-    let hashed_password = hasher.hash(spec.password).map_err(|e| AccountError::Invalid(e.to_string()))?;
+    let hashed_password = hasher
+        .hash(spec.password)
+        .map_err(|e| AccountError::Invalid(e.to_string()))?;
     store
         .create_user(NewUser {
             email: email.clone(),
@@ -68,7 +70,18 @@ pub async fn seed_demo_users(store: &dyn AccountStore, hasher: &PasswordHasher) 
         if store.user_by_email(email).await?.is_some() {
             continue;
         }
-        match create_user(store, hasher, UserSpec { email, password, plan, superuser }).await {
+        match create_user(
+            store,
+            hasher,
+            UserSpec {
+                email,
+                password,
+                plan,
+                superuser,
+            },
+        )
+        .await
+        {
             Ok(_) => created += 1,
             Err(AccountError::Exists(_)) => {}
             Err(e) => return Err(e),

@@ -21,7 +21,12 @@ fn stats(mut v: Vec<Duration>) -> Stats {
     v.sort();
     let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize];
     let mean = v.iter().sum::<Duration>() / u32::try_from(v.len()).unwrap_or(u32::MAX).max(1);
-    Stats { p50: at(0.5), p95: at(0.95), p99: at(0.99), mean }
+    Stats {
+        p50: at(0.5),
+        p95: at(0.95),
+        p99: at(0.99),
+        mean,
+    }
 }
 
 fn ms(d: Duration) -> f64 {
@@ -29,7 +34,13 @@ fn ms(d: Duration) -> f64 {
 }
 
 fn row(name: &str, s: &Stats) -> String {
-    format!("{name:<34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}", ms(s.p50), ms(s.p95), ms(s.p99), ms(s.mean))
+    format!(
+        "{name:<34} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
+        ms(s.p50),
+        ms(s.p95),
+        ms(s.p99),
+        ms(s.mean)
+    )
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns the status code.
@@ -85,7 +96,10 @@ pub async fn auth(mut settings: Settings, iterations: usize) -> anyhow::Result<S
     actix_web::rt::spawn(server);
 
     let creds = r#"{"email":"bench@example.com","password":"benchmark-password-123"}"#;
-    anyhow::ensure!(request(port, "POST", "/auth/register", Some(creds)).await? == 201, "register failed");
+    anyhow::ensure!(
+        request(port, "POST", "/auth/register", Some(creds)).await? == 201,
+        "register failed"
+    );
     let health = timed(port, n, "GET", "/health", None, 200).await?;
     let login = timed(port, n, "POST", "/auth/login", Some(creds), 200).await?;
     let unknown = r#"{"email":"nobody@example.com","password":"benchmark-password-123"}"#;
@@ -99,7 +113,10 @@ pub async fn auth(mut settings: Settings, iterations: usize) -> anyhow::Result<S
         "argon2id m={} KiB t={} p={}, {n} iterations, sequential requests on fresh connections\n",
         a.memory_kib, a.iterations, a.parallelism
     ));
-    out.push_str(&format!("{:<34} {:>8} {:>8} {:>8} {:>8}\n", "ms", "p50", "p95", "p99", "mean"));
+    out.push_str(&format!(
+        "{:<34} {:>8} {:>8} {:>8} {:>8}\n",
+        "ms", "p50", "p95", "p99", "mean"
+    ));
     out.push_str(&(row("argon2id hash (baseline for login)", &hash) + "\n"));
     out.push_str(&(row("POST /auth/login (valid)", &login) + "\n"));
     out.push_str(&(row("POST /auth/login (unknown email)", &login_unknown) + "\n"));
@@ -176,7 +193,12 @@ fn sentences(n: usize) -> Vec<String> {
         "Volunteers planted more than three thousand trees along the northern edge of the park to reduce noise from the nearby highway traffic",
     ];
     (0..n)
-        .map(|i| format!("{}, according to a report published last spring by the regional authority ({i}).", base[i % base.len()]))
+        .map(|i| {
+            format!(
+                "{}, according to a report published last spring by the regional authority ({i}).",
+                base[i % base.len()]
+            )
+        })
         .collect()
 }
 
@@ -198,10 +220,17 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         out.push_str(&line);
     }
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    emit(&mut out, format!("machine: {threads} threads; models from {} and {}\n", m.embedding_dir, m.generator_path));
+    emit(
+        &mut out,
+        format!(
+            "machine: {threads} threads; models from {} and {}\n",
+            m.embedding_dir, m.generator_path
+        ),
+    );
 
     // Embeddings, straight on the model (batch sizes exact), then through the worker.
-    let mut bert = crate::inference::bert::BertEmbedder::load(std::path::Path::new(&m.embedding_dir), m.embedding_max_tokens)?;
+    let mut bert =
+        crate::inference::bert::BertEmbedder::load(std::path::Path::new(&m.embedding_dir), m.embedding_max_tokens)?;
     let texts = sentences(256);
     let tokens = bert.count_tokens(&texts[0])?;
     emit(&mut out, format!("\nembeddings (all-MiniLM-L6-v2, {tokens}-token sentences)   ragchat   sentence-transformers*   stock candle*\n"));
@@ -220,9 +249,15 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         {
             let dir = std::path::PathBuf::from(&m.embedding_dir);
             let max = m.embedding_max_tokens;
-            Box::new(move || crate::inference::bert::BertEmbedder::load(&dir, max).map(|e| Box::new(e) as Box<dyn Embedder>))
+            Box::new(move || {
+                crate::inference::bert::BertEmbedder::load(&dir, max).map(|e| Box::new(e) as Box<dyn Embedder>)
+            })
         },
-        EmbedConfig { max_batch: m.embed_max_batch, max_wait: Duration::from_millis(m.embed_max_wait_ms), queue_capacity: 1024 },
+        EmbedConfig {
+            max_batch: m.embed_max_batch,
+            max_wait: Duration::from_millis(m.embed_max_wait_ms),
+            queue_capacity: 1024,
+        },
     )?;
     let started = Instant::now();
     let calls = texts.iter().take(128).map(|t| worker.embed(vec![t.clone()]));
@@ -232,7 +267,12 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
     emit(&mut out, format!("  128 concurrent single-sentence requests through EmbedWorker: {rate:.1} sentences/s in {batches} forwards\n"));
 
     // Generation.
-    let (lm, tok) = crate::inference::gguf::load(std::path::Path::new(&m.generator_path), None, m.max_context, m.dense_prefill)?;
+    let (lm, tok) = crate::inference::gguf::load(
+        std::path::Path::new(&m.generator_path),
+        None,
+        m.max_context,
+        m.dense_prefill,
+    )?;
     let filler = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the field. ";
     let mut prompt_text = String::new();
     while tok.encode(&prompt_text)?.len() < 1000 {
@@ -256,20 +296,50 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         Some((pp, tg)) => (pp, tg, "llama.cpp (measured now)"),
         None => (205.0, 90.0, "llama.cpp*"),
     };
-    emit(&mut out, format!("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   {lc_note}   stock candle*\n"));
-    emit(&mut out, format!("  prefill tok/s (256-token prompt)                 {prefill:>8.1}   {lc_pp:>8.1}     {:>8.1}\n", 67.0));
-    emit(&mut out, format!("  decode tok/s, 1 stream                           {decode:>8.1}   {lc_tg:>8.1}     {:>8.1}\n", 50.0));
+    emit(
+        &mut out,
+        format!("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   {lc_note}   stock candle*\n"),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  prefill tok/s (256-token prompt)                 {prefill:>8.1}   {lc_pp:>8.1}     {:>8.1}\n",
+            67.0
+        ),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 1 stream                           {decode:>8.1}   {lc_tg:>8.1}     {:>8.1}\n",
+            50.0
+        ),
+    );
 
     let gen = GenerateWorker::start(
         Box::new(move || Ok(lm.fork())),
         tok.clone(),
-        GenerateConfig { max_active: 8, queue_capacity: 64 },
+        GenerateConfig {
+            max_active: 8,
+            queue_capacity: 64,
+        },
     )?;
-    let greedy = SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: Some(1) };
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        repetition_penalty: 1.0,
+        seed: Some(1),
+    };
     let run = |prompt: Vec<u32>, max_tokens: usize| {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let submitted = Instant::now();
-        let ok = gen.submit(GenerateRequest { prompt_tokens: prompt, params: greedy.clone(), max_tokens, stop: vec![], events: tx });
+        let ok = gen.submit(GenerateRequest {
+            prompt_tokens: prompt,
+            params: greedy.clone(),
+            max_tokens,
+            stop: vec![],
+            events: tx,
+        });
         async move {
             ok.map_err(|e| anyhow::anyhow!(e.to_string()))?;
             let mut first = None;
@@ -302,13 +372,22 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
     let ttft8_max = ttft8.iter().max().copied().unwrap_or_default();
     let ttft8_mean = ttft8.iter().sum::<Duration>() / u32::try_from(ttft8.len().max(1)).unwrap_or(1);
 
-    emit(&mut out, format!("  decode tok/s, 8 streams aggregate                {aggregate:>8.1}   {:>8.1}     {:>8}\n", 122.0, "n/a"));
-    emit(&mut out, format!(
-        "  time to first token, 1000-token prompt: 1 request {:.0} ms; 8 concurrent mean {:.0} ms, max {:.0} ms\n",
-        ms(ttft1),
-        ms(ttft8_mean),
-        ms(ttft8_max)
-    ));
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 8 streams aggregate                {aggregate:>8.1}   {:>8.1}     {:>8}\n",
+            122.0, "n/a"
+        ),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  time to first token, 1000-token prompt: 1 request {:.0} ms; 8 concurrent mean {:.0} ms, max {:.0} ms\n",
+            ms(ttft1),
+            ms(ttft8_mean),
+            ms(ttft8_max)
+        ),
+    );
     emit(&mut out, String::from("\n* reference figures from issue 5 (development machine), shown where the tool is not installed here; llama.cpp is measured now when scripts/build-llama-cpp has built it.\n"));
     Ok(out)
 }
@@ -316,9 +395,14 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
 /// Runs llama.cpp's llama-bench on the same GGUF with 2 threads when it is installed
 /// (scripts/build-llama-cpp, or LLAMA_BENCH=path): (prefill pp256, decode tg64) tok/s.
 fn llama_bench(gguf: &str) -> Option<(f64, f64)> {
-    let bin = std::env::var("LLAMA_BENCH").ok().map(std::path::PathBuf::from).or_else(|| {
-        std::env::var("HOME").ok().map(|h| std::path::Path::new(&h).join(".cache/ragchat-llama-cpp/bin/llama-bench"))
-    })?;
+    let bin = std::env::var("LLAMA_BENCH")
+        .ok()
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var("HOME")
+                .ok()
+                .map(|h| std::path::Path::new(&h).join(".cache/ragchat-llama-cpp/bin/llama-bench"))
+        })?;
     if !bin.exists() {
         return None;
     }

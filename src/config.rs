@@ -300,9 +300,15 @@ impl Settings {
                 self.quota.store_down
             )));
         }
-        for (name, rl) in [("chat", self.rate_limits.chat), ("search", self.rate_limits.search), ("api", self.rate_limits.api)] {
+        for (name, rl) in [
+            ("chat", self.rate_limits.chat),
+            ("search", self.rate_limits.search),
+            ("api", self.rate_limits.api),
+        ] {
             if rl.limit == 0 || rl.period_secs == 0 {
-                return Err(ConfigError::Invalid(format!("rate_limits.{name}: limit and period_secs must be positive")));
+                return Err(ConfigError::Invalid(format!(
+                    "rate_limits.{name}: limit and period_secs must be positive"
+                )));
             }
         }
         if self.auth.access_token_ttl_secs == 0 || self.auth.refresh_token_ttl_secs == 0 {

@@ -26,7 +26,10 @@ pub enum ApiError {
     /// 429 with a string or object detail and the headers that go with it
     /// (Retry-After, RateLimit-*).
     #[error("too many requests")]
-    TooManyRequests { detail: serde_json::Value, headers: Vec<(&'static str, String)> },
+    TooManyRequests {
+        detail: serde_json::Value,
+        headers: Vec<(&'static str, String)>,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error: {0}")]

@@ -11,7 +11,11 @@ use ragchat::{stores, telemetry};
 use ragchat_actors::domain::Plan;
 
 #[derive(Parser)]
-#[command(name = "ragchat", version, about = "RAG chatbot server with accounts, plans, quotas and billing")]
+#[command(
+    name = "ragchat",
+    version,
+    about = "RAG chatbot server with accounts, plans, quotas and billing"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -95,21 +99,47 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             let store = stores::connect_accounts(&settings.database).await?;
             println!("migrations applied ({})", store.backend());
         }
-        Command::Bench { what: BenchTarget::Auth { iterations } } => {
+        Command::Bench {
+            what: BenchTarget::Auth { iterations },
+        } => {
             print!("{}", ragchat::bench::auth(settings, iterations).await?);
         }
-        Command::Bench { what: BenchTarget::Models { seconds } } => {
+        Command::Bench {
+            what: BenchTarget::Models { seconds },
+        } => {
             ragchat::bench::models(settings, seconds).await?;
         }
-        Command::Bench { what: BenchTarget::Sessions { count } } => {
+        Command::Bench {
+            what: BenchTarget::Sessions { count },
+        } => {
             print!("{}", ragchat::bench::sessions(settings, count).await?);
         }
-        Command::CreateUser { email, password, plan, superuser } => {
+        Command::CreateUser {
+            email,
+            password,
+            plan,
+            superuser,
+        } => {
             let store = stores::connect_accounts(&settings.database).await?;
             let hasher = PasswordHasher::new(settings.auth.argon2)?;
-            let user = create_user(store.as_ref(), &hasher, UserSpec { email: &email, password: &password, plan, superuser })
-                .await?;
-            println!("created user {} ({}, plan {}{})", user.email, user.id, user.subscription_plan, if superuser { ", superuser" } else { "" });
+            let user = create_user(
+                store.as_ref(),
+                &hasher,
+                UserSpec {
+                    email: &email,
+                    password: &password,
+                    plan,
+                    superuser,
+                },
+            )
+            .await?;
+            println!(
+                "created user {} ({}, plan {}{})",
+                user.email,
+                user.id,
+                user.subscription_plan,
+                if superuser { ", superuser" } else { "" }
+            );
         }
     }
     Ok(())

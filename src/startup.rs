@@ -22,9 +22,9 @@ use ragchat_actors::session::{Bucket, PlanBook, SessionConfig, SessionDeps, Stor
 
 use crate::auth::{PasswordHasher, TokenService};
 use crate::config::{config_dir, Environment, RateLimit, Settings};
-use crate::stores::redis_limits::RedisRateLimits;
 use crate::http::{self, AppState};
 use crate::stores;
+use crate::stores::redis_limits::RedisRateLimits;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -50,9 +50,8 @@ impl Application {
         let settings = Arc::new(settings);
         let sql = stores::connect(&settings.database).await?;
         let accounts = sql.accounts.clone();
-        let passwords = Arc::new(
-            PasswordHasher::new(settings.auth.argon2).map_err(|e| StartupError::Other(e.to_string()))?,
-        );
+        let passwords =
+            Arc::new(PasswordHasher::new(settings.auth.argon2).map_err(|e| StartupError::Other(e.to_string()))?);
         if settings.seed.demo_users && settings.environment() != Environment::Production {
             let n = crate::accounts::seed_demo_users(accounts.as_ref(), &passwords)
                 .await
@@ -86,7 +85,10 @@ impl Application {
                 .map_err(|e| StartupError::Other(format!("redis.url: {e}")))?,
             ))
         };
-        let quota = |r: RateLimit| Quota { limit: r.limit, period_ms: r.period_secs.saturating_mul(1000) };
+        let quota = |r: RateLimit| Quota {
+            limit: r.limit,
+            period_ms: r.period_secs.saturating_mul(1000),
+        };
         let rl = &settings.rate_limits;
         let session_config = SessionConfig {
             rate_limits: BTreeMap::from([
@@ -96,7 +98,9 @@ impl Application {
             ]),
             idle_timeout: Duration::from_secs(settings.sessions.idle_timeout_secs.max(1)),
             store_down: if settings.quota.store_down == "fail_open" {
-                StoreDownPolicy::FailOpen { allowance: settings.quota.offline_allowance }
+                StoreDownPolicy::FailOpen {
+                    allowance: settings.quota.offline_allowance,
+                }
             } else {
                 StoreDownPolicy::FailClosed
             },
@@ -135,7 +139,9 @@ impl Application {
 
         let app_state = state.clone();
         let mut server = HttpServer::new(move || {
-            App::new().wrap(from_fn(http::request_context)).configure(http::configure(app_state.clone()))
+            App::new()
+                .wrap(from_fn(http::request_context))
+                .configure(http::configure(app_state.clone()))
         })
         .shutdown_timeout(settings.server.shutdown_timeout_secs)
         .client_request_timeout(Duration::from_secs(30));
@@ -145,7 +151,10 @@ impl Application {
         if !handle_signals {
             server = server.disable_signals();
         }
-        let server = server.listen(listener).map_err(|e| StartupError::Other(e.to_string()))?.run();
+        let server = server
+            .listen(listener)
+            .map_err(|e| StartupError::Other(e.to_string()))?
+            .run();
         Ok(Application { port, server, state })
     }
 
@@ -169,7 +178,12 @@ impl Application {
         let ledger = self.state.ledger.clone();
         let result = self.server.await;
         let stats = flush_ledger(&ledger).await;
-        tracing::info!(written = stats.written, spooled = stats.spooled, buffered = stats.buffered, "ledger flushed");
+        tracing::info!(
+            written = stats.written,
+            spooled = stats.spooled,
+            buffered = stats.buffered,
+            "ledger flushed"
+        );
         result
     }
 }
@@ -207,7 +221,10 @@ fn load_plans(settings: &Settings) -> Result<PlanCatalog, StartupError> {
 /// load) is left out with a warning: the server runs, its routes answer 503.
 pub fn start_models(
     m: &crate::config::ModelSettings,
-) -> (Option<ragchat_actors::embed_worker::EmbedWorker>, Option<ragchat_actors::generate_worker::GenerateWorker>) {
+) -> (
+    Option<ragchat_actors::embed_worker::EmbedWorker>,
+    Option<ragchat_actors::generate_worker::GenerateWorker>,
+) {
     use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
     use ragchat_actors::generate_worker::{GenerateConfig, GenerateWorker};
     use ragchat_actors::inference::Embedder;
@@ -235,7 +252,10 @@ pub fn start_models(
             GenerateWorker::start(
                 Box::new(move || Ok(template.fork())),
                 tokenizer,
-                GenerateConfig { max_active: m.max_active.max(1), queue_capacity: m.generate_queue.max(1) },
+                GenerateConfig {
+                    max_active: m.max_active.max(1),
+                    queue_capacity: m.generate_queue.max(1),
+                },
             )
         })
         .map_err(|e| tracing::warn!(error = %e, "generation model not loaded"))

@@ -118,7 +118,13 @@ impl Billing {
             }
             if next_plan != sub.plan {
                 self.accounts
-                    .update_user(user.id, &UserPatch { subscription_plan: Some(next_plan), ..Default::default() })
+                    .update_user(
+                        user.id,
+                        &UserPatch {
+                            subscription_plan: Some(next_plan),
+                            ..Default::default()
+                        },
+                    )
                     .await?;
                 sub.plan = next_plan;
             }
@@ -130,7 +136,12 @@ impl Billing {
             changed = true;
         }
         // An admin changed the plan directly: follow it.
-        let user_plan = self.accounts.user_by_id(user.id).await?.map(|u| u.subscription_plan).unwrap_or(user.subscription_plan);
+        let user_plan = self
+            .accounts
+            .user_by_id(user.id)
+            .await?
+            .map(|u| u.subscription_plan)
+            .unwrap_or(user.subscription_plan);
         if user_plan != sub.plan {
             sub.plan = user_plan;
             sub.amount_cents = self.price(user_plan, sub.billing_cycle);
@@ -144,10 +155,15 @@ impl Billing {
     }
 
     async fn close_period(&self, sub: &Subscription, now: DateTime<Utc>) -> StoreResult<()> {
-        let period = Period { start: sub.current_period_start, end: sub.current_period_end };
+        let period = Period {
+            start: sub.current_period_start,
+            end: sub.current_period_end,
+        };
         let totals = self.usage.usage_totals(sub.user_id, period).await?;
-        let usage: serde_json::Map<String, serde_json::Value> =
-            Resource::ALL.iter().map(|r| (r.as_str().to_string(), json!(totals.get(r).copied().unwrap_or(0)))).collect();
+        let usage: serde_json::Map<String, serde_json::Value> = Resource::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), json!(totals.get(r).copied().unwrap_or(0))))
+            .collect();
         self.usage
             .insert_invoice(&Invoice {
                 id: Uuid::new_v4(),
@@ -166,7 +182,13 @@ impl Billing {
     }
 
     /// Changes plan and/or billing cycle (see the module docs for the rules).
-    pub async fn change_plan(&self, user: &User, plan: Plan, cycle: BillingCycle, now: DateTime<Utc>) -> Result<PlanChange, BillingError> {
+    pub async fn change_plan(
+        &self,
+        user: &User,
+        plan: Plan,
+        cycle: BillingCycle,
+        now: DateTime<Utc>,
+    ) -> Result<PlanChange, BillingError> {
         let mut sub = self.subscription(user, now).await?;
         if plan == sub.plan && cycle == sub.billing_cycle {
             if sub.pending_plan.is_some() || sub.status == SubscriptionStatus::Canceled {
@@ -175,19 +197,34 @@ impl Billing {
                 sub.status = SubscriptionStatus::Active;
                 sub.auto_renew = true;
                 self.usage.put_subscription(&sub).await?;
-                return Ok(PlanChange { subscription: sub, effective: Effective::Now, prorated_charge_cents: 0 });
+                return Ok(PlanChange {
+                    subscription: sub,
+                    effective: Effective::Now,
+                    prorated_charge_cents: 0,
+                });
             }
             return Err(BillingError::NoChange(plan));
         }
         if rank(plan) < rank(sub.plan) {
             sub.pending_plan = Some(plan);
             self.usage.put_subscription(&sub).await?;
-            return Ok(PlanChange { subscription: sub, effective: Effective::PeriodEnd, prorated_charge_cents: 0 });
+            return Ok(PlanChange {
+                subscription: sub,
+                effective: Effective::PeriodEnd,
+                prorated_charge_cents: 0,
+            });
         }
         // Upgrade (or a cycle change): now, prorated.
-        let old = Period { start: sub.current_period_start, end: sub.current_period_end };
+        let old = Period {
+            start: sub.current_period_start,
+            end: sub.current_period_end,
+        };
         let credit = self.price(sub.plan, sub.billing_cycle) as f64 * old.remaining_fraction(now);
-        let new_period = if cycle == sub.billing_cycle { old } else { billing_period(cycle, now, now) };
+        let new_period = if cycle == sub.billing_cycle {
+            old
+        } else {
+            billing_period(cycle, now, now)
+        };
         let cost = self.price(plan, cycle) as f64 * new_period.remaining_fraction(now);
         let charge = (cost - credit).max(0.0).round() as u64;
         if cycle != sub.billing_cycle {
@@ -202,9 +239,21 @@ impl Billing {
         sub.pending_plan = None;
         sub.status = SubscriptionStatus::Active;
         sub.auto_renew = true;
-        self.accounts.update_user(user.id, &UserPatch { subscription_plan: Some(plan), ..Default::default() }).await?;
+        self.accounts
+            .update_user(
+                user.id,
+                &UserPatch {
+                    subscription_plan: Some(plan),
+                    ..Default::default()
+                },
+            )
+            .await?;
         self.usage.put_subscription(&sub).await?;
-        Ok(PlanChange { subscription: sub, effective: Effective::Now, prorated_charge_cents: charge })
+        Ok(PlanChange {
+            subscription: sub,
+            effective: Effective::Now,
+            prorated_charge_cents: charge,
+        })
     }
 
     /// Cancels: the plan runs to the period end, then the user is on free.
@@ -229,6 +278,11 @@ impl Billing {
         let sub = self.subscription(user, now).await?;
         let period = month_of(now);
         let used = self.usage.counters(user.id, period.start).await?;
-        Ok(UsageSummary { plan: sub.plan, period, used, limits: self.limits(sub.plan) })
+        Ok(UsageSummary {
+            plan: sub.plan,
+            period,
+            used,
+            limits: self.limits(sub.plan),
+        })
     }
 }

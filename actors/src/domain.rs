@@ -187,10 +187,15 @@ pub struct RefreshToken {
 #[derive(Debug, Clone, PartialEq)]
 pub enum RefreshOutcome {
     /// The token was live; it is now used and may not be presented again.
-    Rotated { user_id: Uuid, family_id: Uuid },
+    Rotated {
+        user_id: Uuid,
+        family_id: Uuid,
+    },
     /// The token had already been used or revoked: a sign it was stolen.
     /// The store has revoked the whole family.
-    Reused { family_id: Uuid },
+    Reused {
+        family_id: Uuid,
+    },
     Expired,
     Unknown,
 }
@@ -215,7 +220,16 @@ mod tests {
             Email::parse("  Alice@Example.COM ").map(|e| e.to_string()),
             Ok("alice@example.com".to_string())
         );
-        for bad in ["", "alice", "@example.com", "a@b", "a@@b.com", "a b@c.com", "a@.com", "a@b..com"] {
+        for bad in [
+            "",
+            "alice",
+            "@example.com",
+            "a@b",
+            "a@@b.com",
+            "a b@c.com",
+            "a@.com",
+            "a@b..com",
+        ] {
             assert!(Email::parse(bad).is_err(), "{bad} accepted");
         }
     }

@@ -69,7 +69,12 @@ impl EmbedWorker {
             .name("embed-worker".into())
             .spawn(move || run(model, factory, rx, config, s, c))
             .map_err(|e| ModelError::Internal(format!("cannot start the embedding thread: {e}")))?;
-        Ok(EmbedWorker { tx, dimensions, stats, crash_next })
+        Ok(EmbedWorker {
+            tx,
+            dimensions,
+            stats,
+            crash_next,
+        })
     }
 
     pub fn dimensions(&self) -> usize {
@@ -78,7 +83,10 @@ impl EmbedWorker {
 
     pub async fn embed(&self, texts: Vec<String>) -> Result<Embeddings, ModelError> {
         if texts.is_empty() {
-            return Ok(Embeddings { vectors: Vec::new(), tokens: 0 });
+            return Ok(Embeddings {
+                vectors: Vec::new(),
+                tokens: 0,
+            });
         }
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { texts, reply }) {
@@ -86,9 +94,12 @@ impl EmbedWorker {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
             Err(TrySendError::Full(_)) => return Err(ModelError::Unavailable("embedding worker overloaded".into())),
-            Err(TrySendError::Disconnected(_)) => return Err(ModelError::Unavailable("embedding worker stopped".into())),
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ModelError::Unavailable("embedding worker stopped".into()))
+            }
         }
-        rx.await.unwrap_or_else(|_| Err(ModelError::Unavailable("embedding worker restarted; retry".into())))
+        rx.await
+            .unwrap_or_else(|_| Err(ModelError::Unavailable("embedding worker restarted; retry".into())))
     }
 
     /// Fault injection: the next batch panics inside the worker (tests of supervision).
@@ -148,7 +159,9 @@ fn run(
             Err(_) => {
                 tracing::error!("embedding worker panicked; failing its batch and reloading the model");
                 for job in jobs {
-                    let _ = job.reply.send(Err(ModelError::Unavailable("embedding worker crashed; retry".into())));
+                    let _ = job
+                        .reply
+                        .send(Err(ModelError::Unavailable("embedding worker crashed; retry".into())));
                 }
                 stats.restarts.fetch_add(1, Ordering::Relaxed);
                 match factory() {
@@ -165,7 +178,12 @@ fn run(
 
 /// Embeds every text of every job: sorted by length, in forwards of at most
 /// `max_batch`, then put back in request order.
-fn embed_jobs(model: &mut dyn Embedder, jobs: &[Job], max_batch: usize, stats: &WorkerStats) -> Result<Vec<Embeddings>, ModelError> {
+fn embed_jobs(
+    model: &mut dyn Embedder,
+    jobs: &[Job],
+    max_batch: usize,
+    stats: &WorkerStats,
+) -> Result<Vec<Embeddings>, ModelError> {
     let mut items: Vec<(usize, usize, usize)> = Vec::new(); // (job, text, tokens)
     for (j, job) in jobs.iter().enumerate() {
         for (t, text) in job.texts.iter().enumerate() {
@@ -173,8 +191,13 @@ fn embed_jobs(model: &mut dyn Embedder, jobs: &[Job], max_batch: usize, stats: &
         }
     }
     items.sort_by_key(|&(_, _, len)| len);
-    let mut out: Vec<Embeddings> =
-        jobs.iter().map(|j| Embeddings { vectors: vec![Vec::new(); j.texts.len()], tokens: 0 }).collect();
+    let mut out: Vec<Embeddings> = jobs
+        .iter()
+        .map(|j| Embeddings {
+            vectors: vec![Vec::new(); j.texts.len()],
+            tokens: 0,
+        })
+        .collect();
     for chunk in items.chunks(max_batch) {
         let texts: Vec<&str> = chunk.iter().map(|&(j, t, _)| jobs[j].texts[t].as_str()).collect();
         let vectors = model.embed(&texts)?;
@@ -222,7 +245,11 @@ mod tests {
         let b = batches.clone();
         let w = EmbedWorker::start(
             Box::new(move || Ok(Box::new(Fake { batches: b.clone() }) as Box<dyn Embedder>)),
-            EmbedConfig { max_batch, max_wait: Duration::from_millis(50), queue_capacity: 64 },
+            EmbedConfig {
+                max_batch,
+                max_wait: Duration::from_millis(50),
+                queue_capacity: 64,
+            },
         )
         .expect("start");
         (w, batches)
@@ -230,7 +257,10 @@ mod tests {
 
     #[test]
     fn concurrent_requests_share_forwards_sorted_by_length_and_answers_keep_their_order() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
         let (w, batches) = worker(8);
         let texts = ["ccc", "a", "bbbbb", "dd", "eeee", "f", "gggggg", "hh"];
         let results = rt.block_on(async {
@@ -250,7 +280,10 @@ mod tests {
 
     #[test]
     fn batches_never_exceed_max_batch_and_a_panic_fails_only_its_batch() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("rt");
         let (w, batches) = worker(3);
         let many: Vec<String> = (0..7).map(|i| "x".repeat(i + 1)).collect();
         let r = rt.block_on(w.embed(many)).expect("embedded");

@@ -53,8 +53,15 @@ impl FinishReason {
 pub enum GenEvent {
     /// New text (may be empty while a multi-byte character or a possible stop
     /// string is held back).
-    Token { text: String },
-    Done { finish_reason: FinishReason, prompt_tokens: usize, completion_tokens: usize, first_token_ms: f64 },
+    Token {
+        text: String,
+    },
+    Done {
+        finish_reason: FinishReason,
+        prompt_tokens: usize,
+        completion_tokens: usize,
+        first_token_ms: f64,
+    },
     Error(String, bool),
 }
 
@@ -88,7 +95,11 @@ pub struct GenerateWorker {
 }
 
 impl GenerateWorker {
-    pub fn start(factory: LmFactory, tokenizer: Arc<dyn ChatTokenizer>, config: GenerateConfig) -> Result<Self, ModelError> {
+    pub fn start(
+        factory: LmFactory,
+        tokenizer: Arc<dyn ChatTokenizer>,
+        config: GenerateConfig,
+    ) -> Result<Self, ModelError> {
         let model = factory()?;
         let context_len = model.context_len();
         let (tx, rx) = mpsc::sync_channel(config.queue_capacity.max(1));
@@ -99,7 +110,13 @@ impl GenerateWorker {
             .name("generate-worker".into())
             .spawn(move || run(model, factory, t, rx, config, s, c))
             .map_err(|e| ModelError::Internal(format!("cannot start the generation thread: {e}")))?;
-        Ok(GenerateWorker { tx, tokenizer, context_len, stats, crash_next })
+        Ok(GenerateWorker {
+            tx,
+            tokenizer,
+            context_len,
+            stats,
+            crash_next,
+        })
     }
 
     pub fn tokenizer(&self) -> &Arc<dyn ChatTokenizer> {
@@ -236,7 +253,9 @@ fn run(
                         failed: false,
                     }),
                     Err(e) => {
-                        let _ = req.events.send(GenEvent::Error(e.to_string(), matches!(e, ModelError::Invalid(_))));
+                        let _ = req
+                            .events
+                            .send(GenEvent::Error(e.to_string(), matches!(e, ModelError::Invalid(_))));
                     }
                 }
             }
@@ -295,12 +314,19 @@ fn run(
             stats.active.store(active.len() as u64, Ordering::Relaxed);
         }));
         if step.is_err() {
-            tracing::error!(in_flight = active.len(), "generation worker panicked; failing its sequences and reloading the model");
+            tracing::error!(
+                in_flight = active.len(),
+                "generation worker panicked; failing its sequences and reloading the model"
+            );
             for s in active.drain(..) {
-                let _ = s.events.send(GenEvent::Error("generation worker crashed; retry".into(), false));
+                let _ = s
+                    .events
+                    .send(GenEvent::Error("generation worker crashed; retry".into(), false));
             }
             for (req, _) in incoming.drain(..) {
-                let _ = req.events.send(GenEvent::Error("generation worker crashed; retry".into(), false));
+                let _ = req
+                    .events
+                    .send(GenEvent::Error("generation worker crashed; retry".into(), false));
             }
             stats.active.store(0, Ordering::Relaxed);
             stats.restarts.fetch_add(1, Ordering::Relaxed);
@@ -340,7 +366,13 @@ fn advance(s: &mut Seq, tok: &dyn ChatTokenizer, stats: &GenStats) -> Outcome {
             return Outcome::Gone;
         }
     };
-    if let Some(at) = s.stop.iter().filter(|x| !x.is_empty()).filter_map(|x| text.find(x.as_str())).min() {
+    if let Some(at) = s
+        .stop
+        .iter()
+        .filter(|x| !x.is_empty())
+        .filter_map(|x| text.find(x.as_str()))
+        .min()
+    {
         flush_text(s, tok, Some(at));
         return Outcome::Finished(FinishReason::Stop);
     }
@@ -370,13 +402,17 @@ fn advance(s: &mut Seq, tok: &dyn ChatTokenizer, stats: &GenStats) -> Outcome {
 /// Sends what was held back, up to `end` bytes of the completion when a stop
 /// string was found.
 fn flush_text(s: &mut Seq, tok: &dyn ChatTokenizer, end: Option<usize>) {
-    let Ok(text) = tok.decode(s.generated()) else { return };
+    let Ok(text) = tok.decode(s.generated()) else {
+        return;
+    };
     let mut end = end.unwrap_or(text.len()).min(text.len());
     while end > s.sent && !text.is_char_boundary(end) {
         end -= 1;
     }
     if end > s.sent {
-        let _ = s.events.send(GenEvent::Token { text: text[s.sent..end].to_string() });
+        let _ = s.events.send(GenEvent::Token {
+            text: text[s.sent..end].to_string(),
+        });
         s.sent = end;
     }
 }
@@ -423,13 +459,22 @@ mod tests {
         GenerateWorker::start(
             Box::new(move || Ok(Box::new(Counter { ctx }) as Box<dyn CausalLm>)),
             Arc::new(Letters),
-            GenerateConfig { max_active: 4, queue_capacity: 8 },
+            GenerateConfig {
+                max_active: 4,
+                queue_capacity: 8,
+            },
         )
         .expect("start")
     }
 
     fn greedy() -> SamplingParams {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: Some(1) }
+        SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: Some(1),
+        }
     }
 
     async fn collect(mut rx: tokio::sync::mpsc::UnboundedReceiver<GenEvent>) -> (String, Option<GenEvent>) {
@@ -447,29 +492,79 @@ mod tests {
     async fn tokens_stream_until_the_end_of_turn_token() {
         let w = worker(64);
         let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest { prompt_tokens: vec![0], params: greedy(), max_tokens: 50, stop: vec![], events: tx }).expect("submit");
+        w.submit(GenerateRequest {
+            prompt_tokens: vec![0],
+            params: greedy(),
+            max_tokens: 50,
+            stop: vec![],
+            events: tx,
+        })
+        .expect("submit");
         let (text, done) = collect(rx).await;
         assert_eq!(text, "bc", "a → b → c → end of turn");
-        assert!(matches!(done, Some(GenEvent::Done { finish_reason: FinishReason::Stop, completion_tokens: 2, prompt_tokens: 1, .. })), "{done:?}");
+        assert!(
+            matches!(
+                done,
+                Some(GenEvent::Done {
+                    finish_reason: FinishReason::Stop,
+                    completion_tokens: 2,
+                    prompt_tokens: 1,
+                    ..
+                })
+            ),
+            "{done:?}"
+        );
     }
 
     #[tokio::test]
     async fn max_tokens_stop_strings_and_context_limits_hold() {
         let w = worker(64);
         let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest { prompt_tokens: vec![3], params: greedy(), max_tokens: 2, stop: vec![], events: tx }).expect("submit");
+        w.submit(GenerateRequest {
+            prompt_tokens: vec![3],
+            params: greedy(),
+            max_tokens: 2,
+            stop: vec![],
+            events: tx,
+        })
+        .expect("submit");
         let (text, done) = collect(rx).await;
         assert_eq!(text, "ab");
-        assert!(matches!(done, Some(GenEvent::Done { finish_reason: FinishReason::Length, .. })));
+        assert!(matches!(
+            done,
+            Some(GenEvent::Done {
+                finish_reason: FinishReason::Length,
+                ..
+            })
+        ));
 
         let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest { prompt_tokens: vec![3], params: greedy(), max_tokens: 50, stop: vec!["bc".into()], events: tx }).expect("submit");
+        w.submit(GenerateRequest {
+            prompt_tokens: vec![3],
+            params: greedy(),
+            max_tokens: 50,
+            stop: vec!["bc".into()],
+            events: tx,
+        })
+        .expect("submit");
         let (text, done) = collect(rx).await;
         assert_eq!(text, "a", "text stops before the stop string");
-        assert!(matches!(done, Some(GenEvent::Done { finish_reason: FinishReason::Stop, .. })));
+        assert!(matches!(
+            done,
+            Some(GenEvent::Done {
+                finish_reason: FinishReason::Stop,
+                ..
+            })
+        ));
 
         let (tx, _rx) = unbounded_channel();
-        let too_long = w.submit(GenerateRequest { prompt_tokens: vec![0; 64], params: greedy(), max_tokens: 5, stop: vec![], events: tx });
+        let too_long = w.submit(GenerateRequest {
+            prompt_tokens: vec![0; 64],
+            params: greedy(),
+            max_tokens: 5,
+            stop: vec![],
+            events: tx,
+        });
         assert!(matches!(too_long, Err(ModelError::Invalid(_))));
     }
 
@@ -478,11 +573,25 @@ mod tests {
         let w = worker(64);
         w.inject_panic();
         let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest { prompt_tokens: vec![0], params: greedy(), max_tokens: 5, stop: vec![], events: tx }).expect("submit");
+        w.submit(GenerateRequest {
+            prompt_tokens: vec![0],
+            params: greedy(),
+            max_tokens: 5,
+            stop: vec![],
+            events: tx,
+        })
+        .expect("submit");
         let (_, end) = collect(rx).await;
         assert!(matches!(end, Some(GenEvent::Error(_, false))), "{end:?}");
         let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest { prompt_tokens: vec![0], params: greedy(), max_tokens: 5, stop: vec![], events: tx }).expect("submit");
+        w.submit(GenerateRequest {
+            prompt_tokens: vec![0],
+            params: greedy(),
+            max_tokens: 5,
+            stop: vec![],
+            events: tx,
+        })
+        .expect("submit");
         assert_eq!(collect(rx).await.0, "bc");
         assert_eq!(w.stats.restarts.load(Ordering::Relaxed), 1);
     }

@@ -67,7 +67,10 @@ pub trait CausalLm: Send + 'static {
         tokens: &[u32],
         positions: &[usize],
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        seqs.iter_mut().zip(tokens.iter().zip(positions)).map(|(s, (&t, &p))| s.forward(&[t], p)).collect()
+        seqs.iter_mut()
+            .zip(tokens.iter().zip(positions))
+            .map(|(s, (&t, &p))| s.forward(&[t], p))
+            .collect()
     }
 
     /// For `decode_batch` overrides to reach their own type.
@@ -91,7 +94,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.7, top_p: 0.95, top_k: 40, repetition_penalty: 1.1, seed: None }
+        SamplingParams {
+            temperature: 0.7,
+            top_p: 0.95,
+            top_k: 40,
+            repetition_penalty: 1.1,
+            seed: None,
+        }
     }
 }
 
@@ -118,7 +127,11 @@ impl Sampler {
             for &t in context {
                 if seen.insert(t) {
                     if let Some(l) = logits.get_mut(t as usize) {
-                        *l = if *l >= 0.0 { *l / p.repetition_penalty } else { *l * p.repetition_penalty };
+                        *l = if *l >= 0.0 {
+                            *l / p.repetition_penalty
+                        } else {
+                            *l * p.repetition_penalty
+                        };
                     }
                 }
             }
@@ -128,7 +141,11 @@ impl Sampler {
         }
         // Candidates sorted by logit, cut by top-k, softmax at temperature, cut by top-p.
         let mut idx: Vec<usize> = (0..logits.len()).collect();
-        let k = if p.top_k == 0 { idx.len() } else { p.top_k.min(idx.len()) };
+        let k = if p.top_k == 0 {
+            idx.len()
+        } else {
+            p.top_k.min(idx.len())
+        };
         if k < idx.len() {
             idx.select_nth_unstable_by(k, |&a, &b| logits[b].total_cmp(&logits[a]));
             idx.truncate(k);
@@ -177,7 +194,13 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> SamplingParams {
-        SamplingParams { temperature, top_p, top_k, repetition_penalty: 1.0, seed: Some(seed) }
+        SamplingParams {
+            temperature,
+            top_p,
+            top_k,
+            repetition_penalty: 1.0,
+            seed: Some(seed),
+        }
     }
 
     #[test]
@@ -194,7 +217,9 @@ mod tests {
         }
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
-            (0..32).map(|_| s.sample(&mut [1.0, 1.0, 1.0, 1.0], &[])).collect::<Vec<_>>()
+            (0..32)
+                .map(|_| s.sample(&mut [1.0, 1.0, 1.0, 1.0], &[]))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -211,7 +236,13 @@ mod tests {
 
     #[test]
     fn repetition_penalty_pushes_seen_tokens_down() {
-        let mut s = Sampler::new(SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 2.0, seed: Some(1) });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 2.0,
+            seed: Some(1),
+        });
         assert_eq!(s.sample(&mut [3.0, 2.0], &[0]), 1, "3.0 / 2 < 2.0");
     }
 }

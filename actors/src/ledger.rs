@@ -69,7 +69,10 @@ impl BillingLedger {
             config,
             buffer: Vec::new(),
             flushing: false,
-            stats: LedgerStats { spooled, ..Default::default() },
+            stats: LedgerStats {
+                spooled,
+                ..Default::default()
+            },
         }
     }
 
@@ -144,7 +147,10 @@ impl BillingLedger {
     }
 
     fn stats_now(&self) -> LedgerStats {
-        LedgerStats { buffered: self.buffer.len(), ..self.stats }
+        LedgerStats {
+            buffered: self.buffer.len(),
+            ..self.stats
+        }
     }
 }
 
@@ -226,17 +232,15 @@ impl Handler<Flush> for BillingLedger {
     fn handle(&mut self, _: Flush, _ctx: &mut Self::Context) -> Self::Result {
         if self.flushing {
             // Wait for the running cycle, then run one more for what arrived since.
-            return Box::pin(
-                actix::clock::sleep(Duration::from_millis(20))
-                    .into_actor(self)
-                    .then(|_, act, _| -> ResponseActFuture<Self, LedgerStats> {
-                        if act.flushing {
-                            Box::pin(fut::ready(act.stats_now()))
-                        } else {
-                            act.flush_cycle()
-                        }
-                    }),
-            );
+            return Box::pin(actix::clock::sleep(Duration::from_millis(20)).into_actor(self).then(
+                |_, act, _| -> ResponseActFuture<Self, LedgerStats> {
+                    if act.flushing {
+                        Box::pin(fut::ready(act.stats_now()))
+                    } else {
+                        act.flush_cycle()
+                    }
+                },
+            ));
         }
         self.flush_cycle()
     }

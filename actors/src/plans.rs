@@ -24,7 +24,12 @@ pub enum Resource {
 }
 
 impl Resource {
-    pub const ALL: [Resource; 4] = [Resource::Messages, Resource::BackgroundTasks, Resource::ApiCalls, Resource::StorageMb];
+    pub const ALL: [Resource; 4] = [
+        Resource::Messages,
+        Resource::BackgroundTasks,
+        Resource::ApiCalls,
+        Resource::StorageMb,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -45,7 +50,10 @@ impl fmt::Display for Resource {
 impl FromStr for Resource {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Resource::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| format!("unknown resource '{s}'"))
+        Resource::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| format!("unknown resource '{s}'"))
     }
 }
 
@@ -133,10 +141,16 @@ impl PlanCatalog {
             return Err("subscription_limits must be an object keyed by plan".into());
         };
         for (plan, fields) in plans {
-            let target = base.get_mut(plan.as_str()).ok_or_else(|| format!("unknown plan '{plan}'"))?;
-            let fields = fields.as_object().ok_or_else(|| format!("limits of '{plan}' must be an object"))?;
+            let target = base
+                .get_mut(plan.as_str())
+                .ok_or_else(|| format!("unknown plan '{plan}'"))?;
+            let fields = fields
+                .as_object()
+                .ok_or_else(|| format!("limits of '{plan}' must be an object"))?;
             for (k, v) in fields {
-                let slot = target.get_mut(k.as_str()).ok_or_else(|| format!("unknown field '{plan}.{k}'"))?;
+                let slot = target
+                    .get_mut(k.as_str())
+                    .ok_or_else(|| format!("unknown field '{plan}.{k}'"))?;
                 *slot = v.clone();
             }
         }
@@ -178,19 +192,27 @@ impl Period {
 
 fn month_start(year: i32, month: u32) -> DateTime<Utc> {
     // Always valid: day 1, midnight, month 1..=12, year in chrono's range.
-    Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single().unwrap_or(DateTime::<Utc>::MIN_UTC)
+    Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0)
+        .single()
+        .unwrap_or(DateTime::<Utc>::MIN_UTC)
 }
 
 fn add_months(year: i32, month: u32, n: u32) -> (i32, u32) {
     let idx = i64::from(year) * 12 + i64::from(month - 1) + i64::from(n);
-    (i32::try_from(idx.div_euclid(12)).unwrap_or(i32::MAX), u32::try_from(idx.rem_euclid(12)).unwrap_or(0) + 1)
+    (
+        i32::try_from(idx.div_euclid(12)).unwrap_or(i32::MAX),
+        u32::try_from(idx.rem_euclid(12)).unwrap_or(0) + 1,
+    )
 }
 
 /// The calendar month (UTC) containing `t`: the quota period.
 pub fn month_of(t: DateTime<Utc>) -> Period {
     let (y, m) = (t.year(), t.month());
     let (ny, nm) = add_months(y, m, 1);
-    Period { start: month_start(y, m), end: month_start(ny, nm) }
+    Period {
+        start: month_start(y, m),
+        end: month_start(ny, nm),
+    }
 }
 
 /// The billing period of a subscription cycle that contains `t`, anchored on
@@ -203,7 +225,10 @@ pub fn billing_period(cycle: BillingCycle, anchor: DateTime<Utc>, t: DateTime<Ut
             let years = months_since.max(0) / 12;
             let (sy, sm) = add_months(anchor.year(), anchor.month(), u32::try_from(years * 12).unwrap_or(0));
             let (ey, em) = add_months(sy, sm, 12);
-            Period { start: month_start(sy, sm), end: month_start(ey, em) }
+            Period {
+                start: month_start(sy, sm),
+                end: month_start(ey, em),
+            }
         }
     }
 }
@@ -220,13 +245,19 @@ mod tests {
     use super::*;
 
     fn at(s: &str) -> DateTime<Utc> {
-        DateTime::parse_from_rfc3339(s).map(|d| d.with_timezone(&Utc)).expect("valid timestamp")
+        DateTime::parse_from_rfc3339(s)
+            .map(|d| d.with_timezone(&Utc))
+            .expect("valid timestamp")
     }
 
     #[test]
     fn months_have_the_right_boundaries_for_every_length() {
         let cases = [
-            ("2026-01-31T23:59:59.999Z", "2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z"),
+            (
+                "2026-01-31T23:59:59.999Z",
+                "2026-01-01T00:00:00Z",
+                "2026-02-01T00:00:00Z",
+            ),
             ("2026-02-15T12:00:00Z", "2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
             ("2028-02-29T08:00:00Z", "2028-02-01T00:00:00Z", "2028-03-01T00:00:00Z"),
             ("2026-04-30T23:00:00Z", "2026-04-01T00:00:00Z", "2026-05-01T00:00:00Z"),
@@ -239,14 +270,20 @@ mod tests {
             assert!(p.contains(at(t)));
             assert!(!p.contains(p.end));
         }
-        assert_eq!((month_of(at("2028-02-10T00:00:00Z")).end - month_of(at("2028-02-10T00:00:00Z")).start).num_days(), 29);
+        assert_eq!(
+            (month_of(at("2028-02-10T00:00:00Z")).end - month_of(at("2028-02-10T00:00:00Z")).start).num_days(),
+            29
+        );
     }
 
     #[test]
     fn yearly_periods_run_twelve_months_from_the_anchor_month() {
         let anchor = at("2026-03-15T10:00:00Z");
         let p = billing_period(BillingCycle::Yearly, anchor, at("2027-02-28T00:00:00Z"));
-        assert_eq!((p.start, p.end), (at("2026-03-01T00:00:00Z"), at("2027-03-01T00:00:00Z")));
+        assert_eq!(
+            (p.start, p.end),
+            (at("2026-03-01T00:00:00Z"), at("2027-03-01T00:00:00Z"))
+        );
         let p = billing_period(BillingCycle::Yearly, anchor, at("2027-03-01T00:00:00Z"));
         assert_eq!(p.start, at("2027-03-01T00:00:00Z"));
     }
@@ -256,7 +293,11 @@ mod tests {
         let p = month_of(at("2026-04-01T00:00:00Z")); // 30 days
         assert_eq!(proration_cents(0, 2900, &p, at("2026-04-16T00:00:00Z")), 1450);
         assert_eq!(proration_cents(0, 2900, &p, p.start), 2900);
-        assert_eq!(proration_cents(9900, 2900, &p, p.start), 0, "downgrades are not charged");
+        assert_eq!(
+            proration_cents(9900, 2900, &p, p.start),
+            0,
+            "downgrades are not charged"
+        );
     }
 
     fn catalog() -> PlanCatalog {
@@ -278,12 +319,20 @@ mod tests {
 
     #[test]
     fn overrides_change_only_the_named_fields_and_refuse_unknown_ones() {
-        let c = catalog().with_overrides(&serde_json::json!({"free": {"messages": 3}})).expect("valid");
+        let c = catalog()
+            .with_overrides(&serde_json::json!({"free": {"messages": 3}}))
+            .expect("valid");
         assert_eq!(c.free.messages, 3);
         assert_eq!(c.free.api_calls, 20);
         assert_eq!(c.pro, catalog().pro);
-        assert!(catalog().with_overrides(&serde_json::json!({"gold": {"messages": 1}})).is_err());
-        assert!(catalog().with_overrides(&serde_json::json!({"free": {"tokens": 1}})).is_err());
-        assert!(catalog().with_overrides(&serde_json::json!({"free": {"messages": "many"}})).is_err());
+        assert!(catalog()
+            .with_overrides(&serde_json::json!({"gold": {"messages": 1}}))
+            .is_err());
+        assert!(catalog()
+            .with_overrides(&serde_json::json!({"free": {"tokens": 1}}))
+            .is_err());
+        assert!(catalog()
+            .with_overrides(&serde_json::json!({"free": {"messages": "many"}}))
+            .is_err());
     }
 }

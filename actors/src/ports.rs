@@ -100,9 +100,21 @@ pub trait UsageStore: Send + Sync + 'static {
         limit: u64,
     ) -> StoreResult<Reservation>;
     /// Gives back units reserved for work that did not happen.
-    async fn release(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
+    async fn release(
+        &self,
+        user_id: Uuid,
+        resource: Resource,
+        period_start: DateTime<Utc>,
+        cost: u64,
+    ) -> StoreResult<()>;
     /// Adds units unconditionally (reconciling work admitted while the store was down).
-    async fn force_add(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
+    async fn force_add(
+        &self,
+        user_id: Uuid,
+        resource: Resource,
+        period_start: DateTime<Utc>,
+        cost: u64,
+    ) -> StoreResult<()>;
     /// Counter values of a user for a period.
     async fn counters(&self, user_id: Uuid, period_start: DateTime<Utc>) -> StoreResult<BTreeMap<Resource, u64>>;
 
@@ -126,5 +138,10 @@ pub trait UsageStore: Send + Sync + 'static {
 /// server. `Unavailable` means the caller should fall back to local state.
 #[async_trait]
 pub trait RateLimitStore: Send + Sync + 'static {
-    async fn check(&self, key: &str, quota: crate::ratelimit::Quota, cost: u32) -> StoreResult<crate::ratelimit::Decision>;
+    async fn check(
+        &self,
+        key: &str,
+        quota: crate::ratelimit::Quota,
+        cost: u32,
+    ) -> StoreResult<crate::ratelimit::Decision>;
 }

@@ -41,7 +41,13 @@ pub fn check(q: Quota, tat_ms: Option<f64>, now_ms: f64, cost: u32) -> Decision 
     let allow_at = new_tat - period;
     if allow_at <= now_ms + 1e-6 {
         let remaining = ((period - (new_tat - now_ms)) / t + 1e-9).floor().max(0.0) as u32;
-        Decision { allowed: true, remaining, reset_ms: (new_tat - now_ms).ceil() as u64, retry_after_ms: 0, tat_ms: new_tat }
+        Decision {
+            allowed: true,
+            remaining,
+            reset_ms: (new_tat - now_ms).ceil() as u64,
+            retry_after_ms: 0,
+            tat_ms: new_tat,
+        }
     } else {
         Decision {
             allowed: false,
@@ -57,7 +63,10 @@ pub fn check(q: Quota, tat_ms: Option<f64>, now_ms: f64, cost: u32) -> Decision 
 mod tests {
     use super::*;
 
-    const Q: Quota = Quota { limit: 30, period_ms: 60_000 };
+    const Q: Quota = Quota {
+        limit: 30,
+        period_ms: 60_000,
+    };
 
     #[test]
     fn a_burst_of_limit_is_allowed_then_refused() {

@@ -73,7 +73,10 @@ pub const SUBSCRIPTION_LIMITS_KEY: &str = "subscription_limits";
 
 impl PlanBook {
     pub fn new(base: PlanCatalog) -> Self {
-        PlanBook { current: std::sync::RwLock::new(Arc::new(base.clone())), base }
+        PlanBook {
+            current: std::sync::RwLock::new(Arc::new(base.clone())),
+            base,
+        }
     }
 
     pub fn current(&self) -> Arc<PlanCatalog> {
@@ -90,7 +93,11 @@ impl PlanBook {
     /// Re-reads the override row; an invalid override is refused (logged) and the
     /// last good catalog stays.
     pub async fn reload(&self, accounts: &dyn AccountStore) -> Result<(), String> {
-        let catalog = match accounts.get_setting(SUBSCRIPTION_LIMITS_KEY).await.map_err(|e| e.to_string())? {
+        let catalog = match accounts
+            .get_setting(SUBSCRIPTION_LIMITS_KEY)
+            .await
+            .map_err(|e| e.to_string())?
+        {
             Some(v) => self.base.with_overrides(&v)?,
             None => self.base.clone(),
         };
@@ -141,8 +148,19 @@ pub struct Permit {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Rejection {
-    RateLimited { bucket: Bucket, limit: u32, period_secs: u64, retry_after_ms: u64, reset_ms: u64 },
-    QuotaExceeded { resource: Resource, used: u64, limit: u64, plan: Plan },
+    RateLimited {
+        bucket: Bucket,
+        limit: u32,
+        period_secs: u64,
+        retry_after_ms: u64,
+        reset_ms: u64,
+    },
+    QuotaExceeded {
+        resource: Resource,
+        used: u64,
+        limit: u64,
+        plan: Plan,
+    },
     /// The user no longer exists or is deactivated.
     UnknownUser,
     /// The quota store is down and the policy is to fail closed, or the local
@@ -235,7 +253,11 @@ impl UserSession {
         let d = ratelimit::check(quota, self.local_tat.get(&bucket).copied(), now, 1);
         if d.allowed || !enforce {
             // Mirror Redis decisions too, so a fallback starts from warm state.
-            let tat = if d.allowed { d.tat_ms } else { self.local_tat.get(&bucket).copied().unwrap_or(now) };
+            let tat = if d.allowed {
+                d.tat_ms
+            } else {
+                self.local_tat.get(&bucket).copied().unwrap_or(now)
+            };
             self.local_tat.insert(bucket, tat);
         }
         d
@@ -256,7 +278,8 @@ impl Actor for UserSession {
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
-        self.exit.session_stopped(self.user_id, &ctx.address(), std::thread::panicking());
+        self.exit
+            .session_stopped(self.user_id, &ctx.address(), std::thread::panicking());
     }
 }
 
@@ -279,7 +302,9 @@ impl Handler<Admit> for UserSession {
         let now = Utc::now();
         let period = month_of(now);
         let exhausted = self.exhausted.get(&(msg.resource, period.start)).copied();
-        let bucket_quota = msg.bucket.and_then(|b| deps.config.rate_limits.get(&b).map(|q| (b, *q)));
+        let bucket_quota = msg
+            .bucket
+            .and_then(|b| deps.config.rate_limits.get(&b).map(|q| (b, *q)));
         // Without Redis the local GCRA decides right here, inside the atomic handler.
         let local_first = match (bucket_quota, &deps.limiter) {
             (Some((b, q)), None) => Some(self.local_check(b, q, true)),
@@ -289,7 +314,12 @@ impl Handler<Admit> for UserSession {
         let unreconciled = std::mem::take(&mut self.unreconciled);
 
         let fut = async move {
-            let mut out = AdmitOutcome { plan: cached_plan.clone(), rate: None, result: Err(Rejection::UnknownUser), requeue: Vec::new() };
+            let mut out = AdmitOutcome {
+                plan: cached_plan.clone(),
+                rate: None,
+                result: Err(Rejection::UnknownUser),
+                requeue: Vec::new(),
+            };
             // 1. The plan (loaded once per session life, and after Reload).
             let (plan, limits) = match cached_plan {
                 Some(p) => p,
@@ -331,7 +361,11 @@ impl Handler<Admit> for UserSession {
                         });
                         return out;
                     }
-                    rate_info = Some(RateInfo { limit: quota.limit, remaining: d.remaining, reset_secs: d.reset_ms.div_ceil(1000) });
+                    rate_info = Some(RateInfo {
+                        limit: quota.limit,
+                        remaining: d.remaining,
+                        reset_secs: d.reset_ms.div_ceil(1000),
+                    });
                 }
                 // Err: Redis unavailable; decided against local state after the await.
             }
@@ -350,7 +384,12 @@ impl Handler<Admit> for UserSession {
                 offline: false,
             };
             if let Some(used) = exhausted {
-                out.result = Err(Rejection::QuotaExceeded { resource: msg.resource, used, limit, plan });
+                out.result = Err(Rejection::QuotaExceeded {
+                    resource: msg.resource,
+                    used,
+                    limit,
+                    plan,
+                });
                 return out;
             }
             // Units admitted offline are added to the counters first, once the store answers.
@@ -363,12 +402,21 @@ impl Handler<Admit> for UserSession {
                     return out;
                 }
             }
-            out.result = match deps.usage.try_reserve(user_id, msg.resource, period.start, msg.cost, limit).await {
+            out.result = match deps
+                .usage
+                .try_reserve(user_id, msg.resource, period.start, msg.cost, limit)
+                .await
+            {
                 Ok(Reservation::Granted { used }) => {
                     permit.used = used;
                     Ok(permit)
                 }
-                Ok(Reservation::Denied { used }) => Err(Rejection::QuotaExceeded { resource: msg.resource, used, limit, plan }),
+                Ok(Reservation::Denied { used }) => Err(Rejection::QuotaExceeded {
+                    resource: msg.resource,
+                    used,
+                    limit,
+                    plan,
+                }),
                 Err(StoreError::Unavailable(e)) | Err(StoreError::Internal(e)) => {
                     store_down(deps.config.store_down, permit, offline_used, &e)
                 }
@@ -406,7 +454,11 @@ impl Handler<Admit> for UserSession {
                                 reset_ms: d.reset_ms,
                             });
                         } else if let Ok(p) = &mut result {
-                            p.rate = Some(RateInfo { limit: quota.limit, remaining: d.remaining, reset_secs: d.reset_ms.div_ceil(1000) });
+                            p.rate = Some(RateInfo {
+                                limit: quota.limit,
+                                remaining: d.remaining,
+                                reset_secs: d.reset_ms.div_ceil(1000),
+                            });
                         }
                     }
                 }
@@ -446,7 +498,10 @@ fn release_later(deps: &SessionDeps, permit: Permit) {
     }
     let usage = deps.usage.clone();
     actix::spawn(async move {
-        if let Err(e) = usage.release(permit.user_id, permit.resource, permit.period.start, permit.cost).await {
+        if let Err(e) = usage
+            .release(permit.user_id, permit.resource, permit.period.start, permit.cost)
+            .await
+        {
             tracing::warn!(user = %permit.user_id, error = %e, "could not release a quota reservation");
         }
     });

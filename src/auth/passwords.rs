@@ -22,7 +22,10 @@ impl PasswordHasher {
     pub fn new(settings: Argon2Settings) -> Result<Self, HashError> {
         let params = Params::new(settings.memory_kib, settings.iterations, settings.parallelism, None)
             .map_err(|e| HashError(e.to_string()))?;
-        let mut hasher = PasswordHasher { params, dummy_hash: String::new() };
+        let mut hasher = PasswordHasher {
+            params,
+            dummy_hash: String::new(),
+        };
         hasher.dummy_hash = hasher.hash("dummy password used to equalize login timing")?;
         Ok(hasher)
     }
@@ -60,8 +63,12 @@ mod tests {
     use super::*;
 
     fn hasher() -> PasswordHasher {
-        PasswordHasher::new(Argon2Settings { memory_kib: 1024, iterations: 1, parallelism: 1 })
-            .expect("valid params")
+        PasswordHasher::new(Argon2Settings {
+            memory_kib: 1024,
+            iterations: 1,
+            parallelism: 1,
+        })
+        .expect("valid params")
     }
 
     #[test]

@@ -78,11 +78,11 @@ impl TokenService {
     }
 
     pub fn verify(&self, token: &str) -> Result<AccessClaims, TokenError> {
-        decode::<AccessClaims>(token, &self.decoding, &self.validation).map(|d| d.claims).map_err(|e| {
-            match e.kind() {
+        decode::<AccessClaims>(token, &self.decoding, &self.validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => TokenError::Expired,
                 _ => TokenError::Invalid,
-            }
-        })
+            })
     }
 }

@@ -88,15 +88,31 @@ pub async fn list_users(
         return Err(ApiError::Unprocessable("page starts at 1".into()));
     }
     if page_size == 0 || page_size > MAX_PAGE_SIZE {
-        return Err(ApiError::Unprocessable(format!("page_size must be between 1 and {MAX_PAGE_SIZE}")));
+        return Err(ApiError::Unprocessable(format!(
+            "page_size must be between 1 and {MAX_PAGE_SIZE}"
+        )));
     }
     let filter = UserFilter {
         email: q.email.filter(|e| !e.trim().is_empty()).map(|e| e.trim().to_string()),
         plan: q.plan.as_deref().map(parse_plan).transpose()?,
     };
     let offset = (page - 1).saturating_mul(page_size);
-    let (users, total) = state.accounts.list_users(&filter, Page { offset, limit: page_size }).await?;
-    Ok(web::Json(UserPageView { items: users.into_iter().map(UserView::from).collect(), total, page, page_size }))
+    let (users, total) = state
+        .accounts
+        .list_users(
+            &filter,
+            Page {
+                offset,
+                limit: page_size,
+            },
+        )
+        .await?;
+    Ok(web::Json(UserPageView {
+        items: users.into_iter().map(UserView::from).collect(),
+        total,
+        page,
+        page_size,
+    }))
 }
 
 /// Changes a user's plan, active flag or superuser flag. Each change is written to
@@ -125,19 +141,34 @@ pub async fn update_user(
     }
     let actor = &admin.0.user;
     if actor.id == user_id && (patch.is_active == Some(false) || patch.is_superuser == Some(false)) {
-        return Err(ApiError::BadRequest("Admins cannot deactivate or demote themselves".into()));
+        return Err(ApiError::BadRequest(
+            "Admins cannot deactivate or demote themselves".into(),
+        ));
     }
-    let before = state.accounts.user_by_id(user_id).await?.ok_or_else(|| ApiError::NotFound("User not found".into()))?;
+    let before = state
+        .accounts
+        .user_by_id(user_id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound("User not found".into()))?;
     let after = state.accounts.update_user(user_id, &patch).await?;
     let mut changes = serde_json::Map::new();
     if before.subscription_plan != after.subscription_plan {
-        changes.insert("subscription_plan".into(), json!({"from": before.subscription_plan, "to": after.subscription_plan}));
+        changes.insert(
+            "subscription_plan".into(),
+            json!({"from": before.subscription_plan, "to": after.subscription_plan}),
+        );
     }
     if before.is_active != after.is_active {
-        changes.insert("is_active".into(), json!({"from": before.is_active, "to": after.is_active}));
+        changes.insert(
+            "is_active".into(),
+            json!({"from": before.is_active, "to": after.is_active}),
+        );
     }
     if before.is_superuser != after.is_superuser {
-        changes.insert("is_superuser".into(), json!({"from": before.is_superuser, "to": after.is_superuser}));
+        changes.insert(
+            "is_superuser".into(),
+            json!({"from": before.is_superuser, "to": after.is_superuser}),
+        );
     }
     if !changes.is_empty() {
         state
@@ -187,9 +218,17 @@ pub async fn user_audit(
 /// effective catalog.
 #[utoipa::path(get, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
     responses((status = 200, description = "{override, effective}"), (status = 401), (status = 403)))]
-pub async fn get_subscription_limits(_admin: AdminUser, state: web::Data<AppState>) -> Result<web::Json<serde_json::Value>, ApiError> {
-    let stored = state.accounts.get_setting(ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY).await?;
-    Ok(web::Json(json!({ "override": stored, "effective": *state.plans.current() })))
+pub async fn get_subscription_limits(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+) -> Result<web::Json<serde_json::Value>, ApiError> {
+    let stored = state
+        .accounts
+        .get_setting(ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY)
+        .await?;
+    Ok(web::Json(
+        json!({ "override": stored, "effective": *state.plans.current() }),
+    ))
 }
 
 /// Replaces the `subscription_limits` override (any subset of plan fields, e.g.
@@ -203,10 +242,18 @@ pub async fn put_subscription_limits(
     body: web::Json<serde_json::Value>,
 ) -> Result<web::Json<serde_json::Value>, ApiError> {
     let overrides = body.into_inner();
-    let effective = state.plans.base().with_overrides(&overrides).map_err(ApiError::Unprocessable)?;
+    let effective = state
+        .plans
+        .base()
+        .with_overrides(&overrides)
+        .map_err(ApiError::Unprocessable)?;
     let key = ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY;
     state.accounts.put_setting(key, &overrides).await?;
-    state.plans.reload(state.accounts.as_ref()).await.map_err(ApiError::internal)?;
+    state
+        .plans
+        .reload(state.accounts.as_ref())
+        .await
+        .map_err(ApiError::internal)?;
     state.registry.invalidate_all();
     state
         .accounts

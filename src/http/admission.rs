@@ -98,10 +98,18 @@ impl<R: Consumes> Drop for Admitted<R> {
 /// Maps a session's refusal to the HTTP answer of the original design.
 pub fn rejection_error(r: Rejection) -> ApiError {
     match r {
-        Rejection::RateLimited { limit, period_secs, retry_after_ms, reset_ms, .. } => {
+        Rejection::RateLimited {
+            limit,
+            period_secs,
+            retry_after_ms,
+            reset_ms,
+            ..
+        } => {
             let retry = retry_after_ms.div_ceil(1000).max(1);
             ApiError::TooManyRequests {
-                detail: json!(format!("Rate limit exceeded. Max {limit} calls per {period_secs} seconds")),
+                detail: json!(format!(
+                    "Rate limit exceeded. Max {limit} calls per {period_secs} seconds"
+                )),
                 headers: vec![
                     ("Retry-After", retry.to_string()),
                     ("RateLimit-Limit", limit.to_string()),
@@ -110,7 +118,12 @@ pub fn rejection_error(r: Rejection) -> ApiError {
                 ],
             }
         }
-        Rejection::QuotaExceeded { resource, used, limit, plan } => {
+        Rejection::QuotaExceeded {
+            resource,
+            used,
+            limit,
+            plan,
+        } => {
             let now = chrono::Utc::now();
             let reset = (ragchat_actors::plans::month_of(now).end - now).num_seconds().max(1);
             ApiError::TooManyRequests {
@@ -145,10 +158,22 @@ impl<R: Consumes> FromRequest for Admitted<R> {
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
             let registry = state.registry.clone();
             let permit = registry
-                .admit(user.user.id, Admit { bucket: R::BUCKET, resource: R::RESOURCE, cost: 1 })
+                .admit(
+                    user.user.id,
+                    Admit {
+                        bucket: R::BUCKET,
+                        resource: R::RESOURCE,
+                        cost: 1,
+                    },
+                )
                 .await
                 .map_err(rejection_error)?;
-            Ok(Admitted { user, permit: Some(permit), registry, _r: PhantomData })
+            Ok(Admitted {
+                user,
+                permit: Some(permit),
+                registry,
+                _r: PhantomData,
+            })
         })
     }
 }

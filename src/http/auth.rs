@@ -19,7 +19,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/auth/logout").route(web::post().to(logout)))
         .service(web::resource("/auth/me").route(web::get().to(me)))
         .service(
-            web::resource("/auth/api-keys").route(web::post().to(create_api_key)).route(web::get().to(list_api_keys)),
+            web::resource("/auth/api-keys")
+                .route(web::post().to(create_api_key))
+                .route(web::get().to(list_api_keys)),
         )
         .service(web::resource("/auth/api-keys/{key_id}").route(web::delete().to(delete_api_key)));
 }
@@ -122,17 +124,27 @@ pub struct CreatedApiKey {
 
 impl From<ApiKey> for ApiKeyView {
     fn from(k: ApiKey) -> Self {
-        ApiKeyView { id: k.id, name: k.name, prefix: k.prefix, created_at: k.created_at, last_used_at: k.last_used_at }
+        ApiKeyView {
+            id: k.id,
+            name: k.name,
+            prefix: k.prefix,
+            created_at: k.created_at,
+            last_used_at: k.last_used_at,
+        }
     }
 }
 
 fn check_password(password: &str) -> Result<(), ApiError> {
     let n = password.chars().count();
     if n < MIN_PASSWORD_LEN {
-        return Err(ApiError::Unprocessable(format!("Password must be at least {MIN_PASSWORD_LEN} characters")));
+        return Err(ApiError::Unprocessable(format!(
+            "Password must be at least {MIN_PASSWORD_LEN} characters"
+        )));
     }
     if password.len() > MAX_PASSWORD_LEN {
-        return Err(ApiError::Unprocessable(format!("Password must be at most {MAX_PASSWORD_LEN} bytes")));
+        return Err(ApiError::Unprocessable(format!(
+            "Password must be at most {MAX_PASSWORD_LEN} bytes"
+        )));
     }
     Ok(())
 }
@@ -147,7 +159,9 @@ pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterReques
     check_password(&body.password)?;
     let full_name = body.full_name.map(|n| n.trim().to_string()).filter(|n| !n.is_empty());
     if full_name.as_ref().is_some_and(|n| n.chars().count() > 200) {
-        return Err(ApiError::Unprocessable("full_name must be at most 200 characters".into()));
+        return Err(ApiError::Unprocessable(
+            "full_name must be at most 200 characters".into(),
+        ));
     }
     let hashed_password = hash_password(&state, body.password).await?;
     let user = state
@@ -172,7 +186,10 @@ pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterReques
 /// Hashes off the async executor: argon2 takes tens of milliseconds of CPU.
 pub async fn hash_password(state: &AppState, password: String) -> Result<String, ApiError> {
     let hasher = state.passwords.clone();
-    web::block(move || hasher.hash(&password)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)
+    web::block(move || hasher.hash(&password))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
 }
 
 async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Result<TokenResponse, ApiError> {
@@ -205,14 +222,27 @@ async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Resul
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse), (status = 401, description = "Incorrect email or password"),
               (status = 403, description = "User account is deactivated")))]
-pub async fn login(state: web::Data<AppState>, body: web::Json<LoginRequest>) -> Result<web::Json<TokenResponse>, ApiError> {
+pub async fn login(
+    state: web::Data<AppState>,
+    body: web::Json<LoginRequest>,
+) -> Result<web::Json<TokenResponse>, ApiError> {
     let LoginRequest { email, password } = body.into_inner();
-    let user = if email.len() <= 254 { state.accounts.user_by_email(&email).await? } else { None };
+    let user = if email.len() <= 254 {
+        state.accounts.user_by_email(&email).await?
+    } else {
+        None
+    };
     let hasher = state.passwords.clone();
     let stored = user.as_ref().map(|u| u.hashed_password.clone());
     // Over-long passwords are refused after the same amount of work as a wrong one.
-    let password = if password.len() > MAX_PASSWORD_LEN { String::new() } else { password };
-    let ok = web::block(move || hasher.verify(&password, stored.as_deref())).await.map_err(ApiError::internal)?;
+    let password = if password.len() > MAX_PASSWORD_LEN {
+        String::new()
+    } else {
+        password
+    };
+    let ok = web::block(move || hasher.verify(&password, stored.as_deref()))
+        .await
+        .map_err(ApiError::internal)?;
     let user = match user {
         Some(u) if ok => u,
         _ => return Err(ApiError::Unauthorized("Incorrect email or password".into())),
@@ -228,8 +258,14 @@ pub async fn login(state: web::Data<AppState>, body: web::Json<LoginRequest>) ->
 /// Presenting a spent token again revokes every token of that login (its family).
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
     responses((status = 200, body = TokenResponse), (status = 401, description = "Invalid, expired or reused refresh token")))]
-pub async fn refresh(state: web::Data<AppState>, body: web::Json<RefreshRequest>) -> Result<web::Json<TokenResponse>, ApiError> {
-    let outcome = state.accounts.consume_refresh_token(&token_digest(&body.refresh_token), Utc::now()).await?;
+pub async fn refresh(
+    state: web::Data<AppState>,
+    body: web::Json<RefreshRequest>,
+) -> Result<web::Json<TokenResponse>, ApiError> {
+    let outcome = state
+        .accounts
+        .consume_refresh_token(&token_digest(&body.refresh_token), Utc::now())
+        .await?;
     let (user_id, family_id) = match outcome {
         RefreshOutcome::Rotated { user_id, family_id } => (user_id, family_id),
         RefreshOutcome::Reused { family_id } => {
@@ -257,7 +293,10 @@ pub async fn refresh(state: web::Data<AppState>, body: web::Json<RefreshRequest>
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshRequest,
     responses((status = 204, description = "Logged out")))]
 pub async fn logout(state: web::Data<AppState>, body: web::Json<RefreshRequest>) -> Result<HttpResponse, ApiError> {
-    state.accounts.revoke_refresh_family_of(&token_digest(&body.refresh_token)).await?;
+    state
+        .accounts
+        .revoke_refresh_family_of(&token_digest(&body.refresh_token))
+        .await?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -304,7 +343,10 @@ pub async fn create_api_key(
 /// The caller's live API keys (without the keys themselves).
 #[utoipa::path(get, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])),
     responses((status = 200, body = Vec<ApiKeyView>), (status = 401)))]
-pub async fn list_api_keys(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<Vec<ApiKeyView>>, ApiError> {
+pub async fn list_api_keys(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+) -> Result<web::Json<Vec<ApiKeyView>>, ApiError> {
     let keys = state.accounts.list_api_keys(current.user.id).await?;
     Ok(web::Json(keys.into_iter().map(ApiKeyView::from).collect()))
 }
@@ -318,7 +360,11 @@ pub async fn delete_api_key(
     state: web::Data<AppState>,
     key_id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
-    if state.accounts.revoke_api_key(current.user.id, key_id.into_inner()).await? {
+    if state
+        .accounts
+        .revoke_api_key(current.user.id, key_id.into_inner())
+        .await?
+    {
         Ok(HttpResponse::NoContent().finish())
     } else {
         Err(ApiError::NotFound("API key not found".into()))

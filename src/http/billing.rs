@@ -43,7 +43,12 @@ pub struct LimitsView {
 
 impl From<&PlanLimits> for LimitsView {
     fn from(l: &PlanLimits) -> Self {
-        LimitsView { messages: l.messages, background_tasks: l.background_tasks, api_calls: l.api_calls, storage_mb: l.storage_mb }
+        LimitsView {
+            messages: l.messages,
+            background_tasks: l.background_tasks,
+            api_calls: l.api_calls,
+            storage_mb: l.storage_mb,
+        }
     }
 }
 
@@ -173,7 +178,10 @@ pub async fn plans(state: web::Data<AppState>) -> web::Json<Vec<PlanView>> {
 /// The caller's subscription (made from the account's plan if it has none yet).
 #[utoipa::path(get, path = "/billing/subscription", tag = "billing", security(("bearer" = [])),
     responses((status = 200, body = SubscriptionView), (status = 401)))]
-pub async fn subscription(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<SubscriptionView>, ApiError> {
+pub async fn subscription(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+) -> Result<web::Json<SubscriptionView>, ApiError> {
     let sub = state.billing.subscription(&current.user, Utc::now()).await?;
     Ok(web::Json(subscription_view(&state, &sub)))
 }
@@ -187,15 +195,22 @@ pub async fn change_subscription(
     state: web::Data<AppState>,
     body: web::Json<ChangePlanRequest>,
 ) -> Result<web::Json<ChangePlanResponse>, ApiError> {
-    let plan: Plan = body.plan.parse().map_err(|e: ragchat_actors::domain::UnknownPlan| ApiError::Unprocessable(e.to_string()))?;
+    let plan: Plan = body
+        .plan
+        .parse()
+        .map_err(|e: ragchat_actors::domain::UnknownPlan| ApiError::Unprocessable(e.to_string()))?;
     let cycle: BillingCycle = match body.billing_cycle.as_deref() {
         None => BillingCycle::Monthly,
         Some(c) => c.parse().map_err(ApiError::Unprocessable)?,
     };
-    let change = state.billing.change_plan(&current.user, plan, cycle, Utc::now()).await.map_err(|e| match e {
-        BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle")),
-        BillingError::Store(s) => s.into(),
-    })?;
+    let change = state
+        .billing
+        .change_plan(&current.user, plan, cycle, Utc::now())
+        .await
+        .map_err(|e| match e {
+            BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle")),
+            BillingError::Store(s) => s.into(),
+        })?;
     state.registry.invalidate(current.user.id);
     Ok(web::Json(ChangePlanResponse {
         subscription: subscription_view(&state, &change.subscription),
@@ -210,7 +225,10 @@ pub async fn change_subscription(
 /// Cancels: the plan runs until the period end, then the account is on free.
 #[utoipa::path(post, path = "/billing/subscription/cancel", tag = "billing", security(("bearer" = [])),
     responses((status = 200, body = SubscriptionView), (status = 401)))]
-pub async fn cancel_subscription(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<SubscriptionView>, ApiError> {
+pub async fn cancel_subscription(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+) -> Result<web::Json<SubscriptionView>, ApiError> {
     let sub = state.billing.cancel(&current.user, Utc::now()).await?;
     Ok(web::Json(subscription_view(&state, &sub)))
 }
@@ -221,8 +239,10 @@ pub async fn cancel_subscription(current: CurrentUser, state: web::Data<AppState
 pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<UsageView>, ApiError> {
     let s = state.billing.usage_summary(&current.user, Utc::now()).await?;
     let used = |r: Resource| s.used.get(&r).copied().unwrap_or(0);
-    let remaining: serde_json::Map<String, serde_json::Value> =
-        Resource::ALL.iter().map(|&r| (r.as_str().to_string(), json!(s.limits.limit(r).saturating_sub(used(r))))).collect();
+    let remaining: serde_json::Map<String, serde_json::Value> = Resource::ALL
+        .iter()
+        .map(|&r| (r.as_str().to_string(), json!(s.limits.limit(r).saturating_sub(used(r)))))
+        .collect();
     Ok(web::Json(UsageView {
         plan_type: s.plan.as_str().into(),
         messages_this_month: used(Resource::Messages),
@@ -239,7 +259,10 @@ pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<w
 /// Invoices of closed periods, oldest first.
 #[utoipa::path(get, path = "/billing/invoices", tag = "billing", security(("bearer" = [])),
     responses((status = 200, body = Vec<InvoiceView>), (status = 401)))]
-pub async fn invoices(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<Vec<InvoiceView>>, ApiError> {
+pub async fn invoices(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+) -> Result<web::Json<Vec<InvoiceView>>, ApiError> {
     let list = state.billing.invoices(&current.user, Utc::now()).await?;
     Ok(web::Json(list.into_iter().map(invoice_view).collect()))
 }

@@ -42,12 +42,16 @@ fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
         .headers()
         .get(header::AUTHORIZATION)
         .ok_or_else(|| ApiError::Unauthorized("Not authenticated".into()))?;
-    let value = value.to_str().map_err(|_| ApiError::Unauthorized("Invalid authorization header".into()))?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::Unauthorized("Invalid authorization header".into()))?;
     match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => {
             Ok(token.trim().to_string())
         }
-        _ => Err(ApiError::Unauthorized("Invalid authorization header: expected 'Bearer <token>'".into())),
+        _ => Err(ApiError::Unauthorized(
+            "Invalid authorization header: expected 'Bearer <token>'".into(),
+        )),
     }
 }
 

@@ -12,12 +12,12 @@ pub mod ops;
 use std::sync::Arc;
 use std::time::Instant;
 
+use actix::Addr;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpMessage};
-use actix::Addr;
 use ragchat_actors::billing::Billing;
 use ragchat_actors::ledger::BillingLedger;
 use ragchat_actors::ports::{AccountStore, UsageStore};
@@ -60,7 +60,9 @@ fn request_id_of(req: &ServiceRequest) -> String {
     req.headers()
         .get(&REQUEST_ID)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
         .map(str::to_string)
         .unwrap_or_else(|| Uuid::new_v4().to_string())
 }
@@ -106,7 +108,11 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(auth::routes)
             .configure(billing::routes)
             .configure(openai::routes)
-            .service(web::scope("/admin").wrap(from_fn(extractors::require_admin)).configure(admin::routes))
+            .service(
+                web::scope("/admin")
+                    .wrap(from_fn(extractors::require_admin))
+                    .configure(admin::routes),
+            )
             .configure(openapi::routes)
             .default_service(web::to(not_found));
     }

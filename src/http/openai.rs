@@ -43,7 +43,9 @@ pub fn model_error(e: ModelError) -> ApiError {
 }
 
 fn not_loaded(what: &str) -> ApiError {
-    ApiError::Unavailable(format!("The {what} model is not loaded on this server (run scripts/fetch-models)"))
+    ApiError::Unavailable(format!(
+        "The {what} model is not loaded on this server (run scripts/fetch-models)"
+    ))
 }
 
 /// The models this server runs.
@@ -87,13 +89,17 @@ pub async fn embeddings(
     let name = state.settings.models.embedding_name.clone();
     let body = body.into_inner();
     if let Some(m) = body.model.as_deref().filter(|m| *m != name) {
-        return Err(ApiError::NotFound(format!("Model '{m}' not found: this server embeds with '{name}'")));
+        return Err(ApiError::NotFound(format!(
+            "Model '{m}' not found: this server embeds with '{name}'"
+        )));
     }
     let base64 = match body.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
         Some(other) => {
-            return Err(ApiError::Unprocessable(format!("encoding_format '{other}': expected \"float\" or \"base64\"")))
+            return Err(ApiError::Unprocessable(format!(
+                "encoding_format '{other}': expected \"float\" or \"base64\""
+            )))
         }
     };
     let texts = match body.input {
@@ -101,10 +107,17 @@ pub async fn embeddings(
         EmbeddingInput::Many(v) => v,
     };
     if texts.is_empty() || texts.len() > MAX_EMBED_INPUTS {
-        return Err(ApiError::Unprocessable(format!("input must hold 1 to {MAX_EMBED_INPUTS} texts")));
+        return Err(ApiError::Unprocessable(format!(
+            "input must hold 1 to {MAX_EMBED_INPUTS} texts"
+        )));
     }
-    if texts.iter().any(|t| t.is_empty() || t.chars().count() > MAX_INPUT_CHARS) {
-        return Err(ApiError::Unprocessable(format!("each input must be 1 to {MAX_INPUT_CHARS} characters")));
+    if texts
+        .iter()
+        .any(|t| t.is_empty() || t.chars().count() > MAX_INPUT_CHARS)
+    {
+        return Err(ApiError::Unprocessable(format!(
+            "each input must be 1 to {MAX_INPUT_CHARS} characters"
+        )));
     }
     let out = worker.embed(texts).await.map_err(model_error)?;
     let data: Vec<Value> = out
@@ -195,7 +208,10 @@ fn start_generation(
     let mut turns = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
-            return Err(ApiError::Unprocessable(format!("unknown role '{}': expected system, user or assistant", m.role)));
+            return Err(ApiError::Unprocessable(format!(
+                "unknown role '{}': expected system, user or assistant",
+                m.role
+            )));
         }
         turns.push((m.role.clone(), m.content.clone()));
     }
@@ -207,13 +223,22 @@ fn start_generation(
         Some(StopIn::Many(v)) if v.len() <= 4 => v.clone(),
         Some(StopIn::Many(_)) => return Err(ApiError::Unprocessable("at most 4 stop strings".into())),
     };
-    let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(state.settings.models.default_max_tokens);
+    let max_tokens = req
+        .max_completion_tokens
+        .or(req.max_tokens)
+        .unwrap_or(state.settings.models.default_max_tokens);
     if max_tokens == 0 {
         return Err(ApiError::Unprocessable("max_tokens must be positive".into()));
     }
     let (tx, rx) = unbounded_channel();
     worker
-        .submit(GenerateRequest { prompt_tokens, params: sampling(req)?, max_tokens, stop, events: tx })
+        .submit(GenerateRequest {
+            prompt_tokens,
+            params: sampling(req)?,
+            max_tokens,
+            stop,
+            events: tx,
+        })
         .map_err(model_error)?;
     Ok(rx)
 }
@@ -231,7 +256,9 @@ pub async fn chat_completions(
     let name = state.settings.models.generator_name.clone();
     let req = body.into_inner();
     if let Some(m) = req.model.as_deref().filter(|m| *m != name) {
-        return Err(ApiError::NotFound(format!("Model '{m}' not found: this server generates with '{name}'")));
+        return Err(ApiError::NotFound(format!(
+            "Model '{m}' not found: this server generates with '{name}'"
+        )));
     }
     let mut rx = start_generation(&state, &worker, &req)?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
@@ -241,11 +268,18 @@ pub async fn chat_completions(
         while let Some(ev) = rx.recv().await {
             match ev {
                 GenEvent::Token { text: t } => text.push_str(&t),
-                GenEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. } => {
+                GenEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                } => {
                     let mut resp = HttpResponse::Ok();
                     admitted.rate_headers(&mut resp);
-                    admitted.complete(json!({"endpoint": "/v1/chat/completions", "prompt_tokens": prompt_tokens,
-                                             "completion_tokens": completion_tokens}));
+                    admitted.complete(
+                        json!({"endpoint": "/v1/chat/completions", "prompt_tokens": prompt_tokens,
+                                             "completion_tokens": completion_tokens}),
+                    );
                     return Ok(resp.json(json!({
                         "id": id, "object": "chat.completion", "created": created, "model": name,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -255,11 +289,17 @@ pub async fn chat_completions(
                     })));
                 }
                 GenEvent::Error(m, client) => {
-                    return Err(if client { ApiError::BadRequest(m) } else { model_error(ModelError::Unavailable(m)) })
+                    return Err(if client {
+                        ApiError::BadRequest(m)
+                    } else {
+                        model_error(ModelError::Unavailable(m))
+                    })
                 }
             }
         }
-        return Err(model_error(ModelError::Unavailable("generation ended without an answer".into())));
+        return Err(model_error(ModelError::Unavailable(
+            "generation ended without an answer".into(),
+        )));
     }
 
     // Streaming: the permit travels with the stream; it is completed on `Done` and
@@ -276,38 +316,54 @@ pub async fn chat_completions(
         chunk: F,
         done: bool,
     }
-    let st = StreamState { rx, admitted: Some(admitted), chunk, done: false };
-    let body = stream::once(async move { Ok::<Bytes, actix_web::Error>(first) }).chain(stream::unfold(st, |mut st| async move {
-        if st.done {
-            return None;
-        }
-        let bytes = match st.rx.recv().await {
-            Some(GenEvent::Token { text }) if text.is_empty() => Bytes::new(),
-            Some(GenEvent::Token { text }) => (st.chunk)(json!({"content": text}), None),
-            Some(GenEvent::Done { finish_reason, prompt_tokens, completion_tokens, .. }) => {
-                if let Some(a) = st.admitted.take() {
-                    a.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
+    let st = StreamState {
+        rx,
+        admitted: Some(admitted),
+        chunk,
+        done: false,
+    };
+    let body = stream::once(async move { Ok::<Bytes, actix_web::Error>(first) }).chain(stream::unfold(
+        st,
+        |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let bytes = match st.rx.recv().await {
+                Some(GenEvent::Token { text }) if text.is_empty() => Bytes::new(),
+                Some(GenEvent::Token { text }) => (st.chunk)(json!({"content": text}), None),
+                Some(GenEvent::Done {
+                    finish_reason,
+                    prompt_tokens,
+                    completion_tokens,
+                    ..
+                }) => {
+                    if let Some(a) = st.admitted.take() {
+                        a.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
                                       "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}));
-                }
-                st.done = true;
-                let mut out = (st.chunk)(json!({}), Some(finish_reason.as_str())).to_vec();
-                let usage = json!({"object": "chat.completion.chunk", "choices": [],
+                    }
+                    st.done = true;
+                    let mut out = (st.chunk)(json!({}), Some(finish_reason.as_str())).to_vec();
+                    let usage = json!({"object": "chat.completion.chunk", "choices": [],
                                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                              "total_tokens": prompt_tokens + completion_tokens}});
-                out.extend_from_slice(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes());
-                Bytes::from(out)
-            }
-            other => {
-                st.done = true;
-                let m = match other {
-                    Some(GenEvent::Error(m, _)) => m,
-                    _ => "generation stopped".to_string(),
-                };
-                Bytes::from(format!("data: {}\n\ndata: [DONE]\n\n", json!({"error": {"message": m, "type": "server_error"}})))
-            }
-        };
-        Some((Ok::<Bytes, actix_web::Error>(bytes), st))
-    }));
+                    out.extend_from_slice(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes());
+                    Bytes::from(out)
+                }
+                other => {
+                    st.done = true;
+                    let m = match other {
+                        Some(GenEvent::Error(m, _)) => m,
+                        _ => "generation stopped".to_string(),
+                    };
+                    Bytes::from(format!(
+                        "data: {}\n\ndata: [DONE]\n\n",
+                        json!({"error": {"message": m, "type": "server_error"}})
+                    ))
+                }
+            };
+            Some((Ok::<Bytes, actix_web::Error>(bytes), st))
+        },
+    ));
     Ok(HttpResponse::Ok()
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))

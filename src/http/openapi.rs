@@ -43,7 +43,9 @@ impl Modify for BearerAuth {
 }
 
 async fn docs_redirect() -> HttpResponse {
-    HttpResponse::PermanentRedirect().insert_header(("Location", "/docs/")).finish()
+    HttpResponse::PermanentRedirect()
+        .insert_header(("Location", "/docs/"))
+        .finish()
 }
 
 pub fn routes(cfg: &mut web::ServiceConfig) {

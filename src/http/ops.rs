@@ -23,7 +23,10 @@ pub struct Health {
 /// Liveness: the process answers HTTP. Touches no store.
 #[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, body = Health)))]
 pub async fn health() -> web::Json<Health> {
-    web::Json(Health { status: "healthy".into(), version: env!("CARGO_PKG_VERSION").into() })
+    web::Json(Health {
+        status: "healthy".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
 }
 
 /// How long /ready waits for each store before calling it down.

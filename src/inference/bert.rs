@@ -24,19 +24,35 @@ impl BertEmbedder {
     /// Inputs are truncated at `max_tokens` (sentence-transformers uses 256 for this model).
     pub fn load(dir: &Path, max_tokens: usize) -> Result<Self, ModelError> {
         let device = Device::Cpu;
-        let config_text = std::fs::read_to_string(dir.join("config.json"))
-            .map_err(|e| ModelError::Unavailable(format!("{}: {e} (run scripts/fetch-models)", dir.join("config.json").display())))?;
+        let config_text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
+            ModelError::Unavailable(format!(
+                "{}: {e} (run scripts/fetch-models)",
+                dir.join("config.json").display()
+            ))
+        })?;
         let config: Config = serde_json::from_str(&config_text).map_err(model_error)?;
         let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(model_error)?;
-        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: max_tokens,
+                ..Default::default()
+            }))
             .map_err(model_error)?;
         // SAFETY: the weights file is memory-mapped read-only; nothing writes it while we run.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &device) }
             .map_err(model_error)?;
         let model = BertModel::load(vb, &config).map_err(model_error)?;
-        Ok(BertEmbedder { model, tokenizer, device, dimensions: config.hidden_size, max_tokens })
+        Ok(BertEmbedder {
+            model,
+            tokenizer,
+            device,
+            dimensions: config.hidden_size,
+            max_tokens,
+        })
     }
 }
 
@@ -69,11 +85,22 @@ impl Embedder for BertEmbedder {
         let mask = rows(&|e| e.get_attention_mask().to_vec())?;
         let hidden = self.model.forward(&ids, &type_ids, Some(&mask)).map_err(model_error)?;
         // Mean over the real tokens, then unit length.
-        let mask = mask.to_dtype(DType::F32).map_err(model_error)?.unsqueeze(2).map_err(model_error)?;
-        let summed = hidden.broadcast_mul(&mask).and_then(|t| t.sum(1)).map_err(model_error)?;
+        let mask = mask
+            .to_dtype(DType::F32)
+            .map_err(model_error)?
+            .unsqueeze(2)
+            .map_err(model_error)?;
+        let summed = hidden
+            .broadcast_mul(&mask)
+            .and_then(|t| t.sum(1))
+            .map_err(model_error)?;
         let counts = mask.sum(1).map_err(model_error)?;
         let mean = summed.broadcast_div(&counts).map_err(model_error)?;
-        let norm = mean.sqr().and_then(|t| t.sum_keepdim(D::Minus1)).and_then(|t| t.sqrt()).map_err(model_error)?;
+        let norm = mean
+            .sqr()
+            .and_then(|t| t.sum_keepdim(D::Minus1))
+            .and_then(|t| t.sqrt())
+            .map_err(model_error)?;
         let unit = mean.broadcast_div(&norm).map_err(model_error)?;
         unit.to_vec2::<f32>().map_err(model_error)
     }

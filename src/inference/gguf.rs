@@ -30,11 +30,20 @@ pub struct GgufLm {
 impl CausalLm for GgufLm {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         if pos + tokens.len() > self.context_len {
-            return Err(ModelError::Invalid(format!("sequence longer than the context ({})", self.context_len)));
+            return Err(ModelError::Invalid(format!(
+                "sequence longer than the context ({})",
+                self.context_len
+            )));
         }
-        let input = Tensor::new(tokens, &self.device).and_then(|t| t.unsqueeze(0)).map_err(model_error)?;
+        let input = Tensor::new(tokens, &self.device)
+            .and_then(|t| t.unsqueeze(0))
+            .map_err(model_error)?;
         let logits = self.weights.forward(&input, pos).map_err(model_error)?;
-        logits.squeeze(0).and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.to_vec1::<f32>()).map_err(model_error)
+        logits
+            .squeeze(0)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(model_error)
     }
 
     fn fork(&self) -> Box<dyn CausalLm> {
@@ -68,7 +77,9 @@ impl ChatTokenizer for HfChatTokenizer {
 }
 
 fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
-    ct.metadata.get(key).ok_or_else(|| ModelError::Internal(format!("GGUF metadata lacks {key}")))
+    ct.metadata
+        .get(key)
+        .ok_or_else(|| ModelError::Internal(format!("GGUF metadata lacks {key}")))
 }
 
 /// Byte-level BPE from `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`;
@@ -76,7 +87,9 @@ fn meta<'a>(ct: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Valu
 pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelError> {
     let model = meta(ct, "tokenizer.ggml.model")?.to_string().map_err(model_error)?;
     if model != "gpt2" {
-        return Err(ModelError::Internal(format!("GGUF tokenizer '{model}' not supported: give a tokenizer.json")));
+        return Err(ModelError::Internal(format!(
+            "GGUF tokenizer '{model}' not supported: give a tokenizer.json"
+        )));
     }
     let tokens: Vec<String> = meta(ct, "tokenizer.ggml.tokens")?
         .to_vec()
@@ -89,14 +102,26 @@ pub fn tokenizer_from_gguf(ct: &gguf_file::Content) -> Result<Tokenizer, ModelEr
         .to_vec()
         .map_err(model_error)?
         .iter()
-        .filter_map(|v| v.to_string().ok().and_then(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string()))))
+        .filter_map(|v| {
+            v.to_string()
+                .ok()
+                .and_then(|m| m.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        })
         .collect();
     let types: Vec<i32> = match ct.metadata.get("tokenizer.ggml.token_type") {
-        Some(v) => v.to_vec().map_err(model_error)?.iter().map(|t| t.to_i32().unwrap_or(1)).collect(),
+        Some(v) => v
+            .to_vec()
+            .map_err(model_error)?
+            .iter()
+            .map(|t| t.to_i32().unwrap_or(1))
+            .collect(),
         None => Vec::new(),
     };
     let vocab: Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
-    let bpe = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(model_error)?;
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(model_error)?;
     let mut tk = Tokenizer::new(bpe);
     tk.with_pre_tokenizer(Some(ByteLevel::default().add_prefix_space(false)));
     tk.with_decoder(Some(ByteLevelDecoder::default()));
@@ -125,7 +150,10 @@ pub fn load(
     let mut file = File::open(path)
         .map_err(|e| ModelError::Unavailable(format!("{}: {e} (run scripts/fetch-models)", path.display())))?;
     let ct = gguf_file::Content::read(&mut file).map_err(model_error)?;
-    let arch = meta(&ct, "general.architecture")?.to_string().map_err(model_error)?.clone();
+    let arch = meta(&ct, "general.architecture")?
+        .to_string()
+        .map_err(model_error)?
+        .clone();
     let trained_ctx = ct
         .metadata
         .get(&format!("{arch}.context_length"))
@@ -136,8 +164,15 @@ pub fn load(
         Some(p) => Tokenizer::from_file(p).map_err(model_error)?,
         None => tokenizer_from_gguf(&ct)?,
     };
-    let mut stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"].iter().filter_map(|t| tokenizer.token_to_id(t)).collect();
-    if let Some(eos) = ct.metadata.get("tokenizer.ggml.eos_token_id").and_then(|v| v.to_u32().ok()) {
+    let mut stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect();
+    if let Some(eos) = ct
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok())
+    {
         if !stop.contains(&eos) {
             stop.push(eos);
         }
@@ -150,9 +185,17 @@ pub fn load(
         }
         "qwen3" => {
             let weights = quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_error)?;
-            Box::new(GgufLm { weights, device, context_len })
+            Box::new(GgufLm {
+                weights,
+                device,
+                context_len,
+            })
         }
-        other => return Err(ModelError::Internal(format!("GGUF architecture '{other}' not supported (llama, qwen3)"))),
+        other => {
+            return Err(ModelError::Internal(format!(
+                "GGUF architecture '{other}' not supported (llama, qwen3)"
+            )))
+        }
     };
     Ok((lm, Arc::new(HfChatTokenizer { inner: tokenizer, stop })))
 }
@@ -201,7 +244,8 @@ mod tests {
             let t = Tensor::randn(0f32, 0.2, shape, &dev).expect("randn");
             QTensor::quantize(&t, GgmlDType::F32).expect("quantize")
         };
-        let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, DType::F32, &dev).expect("ones"), GgmlDType::F32).expect("q");
+        let ones =
+            |n: usize| QTensor::quantize(&Tensor::ones(n, DType::F32, &dev).expect("ones"), GgmlDType::F32).expect("q");
         let mut named: Vec<(String, QTensor)> = vec![
             ("token_embd.weight".into(), q(&[vocab, hidden])),
             ("output_norm.weight".into(), ones(hidden)),
@@ -234,9 +278,15 @@ mod tests {
             ("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
             ("qwen3.rope.freq_base", Value::F32(10000.0)),
             ("tokenizer.ggml.model", Value::String("gpt2".into())),
-            ("tokenizer.ggml.tokens", Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect())),
+            (
+                "tokenizer.ggml.tokens",
+                Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
+            ),
             ("tokenizer.ggml.merges", Value::Array(vec![Value::String("h e".into())])),
-            ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
+            (
+                "tokenizer.ggml.token_type",
+                Value::Array(types.into_iter().map(Value::I32).collect()),
+            ),
             ("tokenizer.ggml.eos_token_id", u(vocab - 1)),
         ];
         let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
@@ -262,7 +312,9 @@ mod tests {
         assert_eq!(im_end.len(), 1);
         assert!(tok.stop_tokens().contains(&im_end[0]));
 
-        let prompt = tok.encode(&tok.chat_prompt(&[("user".into(), "hi".into())])).expect("prompt");
+        let prompt = tok
+            .encode(&tok.chat_prompt(&[("user".into(), "hi".into())]))
+            .expect("prompt");
         let logits = lm.forward(&prompt, 0).expect("prefill");
         assert_eq!(logits.len(), vocab);
         assert!(logits.iter().all(|l| l.is_finite()));
@@ -273,14 +325,29 @@ mod tests {
         let worker = GenerateWorker::start(
             Box::new(move || Ok(lm.fork())),
             tok,
-            GenerateConfig { max_active: 2, queue_capacity: 4 },
+            GenerateConfig {
+                max_active: 2,
+                queue_capacity: 4,
+            },
         )
         .expect("worker");
         let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let params = SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, repetition_penalty: 1.0, seed: Some(1) };
+        let params = SamplingParams {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            seed: Some(1),
+        };
         worker
-            .submit(GenerateRequest { prompt_tokens: prompt, params, max_tokens: 8, stop: vec![], events: tx })
+            .submit(GenerateRequest {
+                prompt_tokens: prompt,
+                params,
+                max_tokens: 8,
+                stop: vec![],
+                events: tx,
+            })
             .expect("submit");
         let done = rt.block_on(async {
             while let Some(ev) = rx.recv().await {

@@ -23,7 +23,12 @@ use super::model_error;
 /// overrides it, for measurements).
 fn dense_min_rows() -> usize {
     static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *N.get_or_init(|| std::env::var("RAGCHAT_DENSE_MIN_ROWS").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
+    *N.get_or_init(|| {
+        std::env::var("RAGCHAT_DENSE_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(8)
+    })
 }
 
 struct Linear {
@@ -50,7 +55,11 @@ impl Linear {
             }
             _ => None,
         };
-        Ok(Linear { q: QMatMul::from_qtensor(t)?, q41, dense: d })
+        Ok(Linear {
+            q: QMatMul::from_qtensor(t)?,
+            q41,
+            dense: d,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -112,15 +121,27 @@ impl LlamaWeights {
         dense_prefill: bool,
     ) -> Result<Self, ModelError> {
         let dev = Device::Cpu;
-        let md = |k: &str| ct.metadata.get(k).ok_or_else(|| ModelError::Internal(format!("GGUF metadata lacks {k}")));
+        let md = |k: &str| {
+            ct.metadata
+                .get(k)
+                .ok_or_else(|| ModelError::Internal(format!("GGUF metadata lacks {k}")))
+        };
         let u = |k: &str| -> Result<usize, ModelError> { Ok(md(k)?.to_u32().map_err(model_error)? as usize) };
         let n_head = u("llama.attention.head_count")?;
         let n_kv_head = u("llama.attention.head_count_kv")?;
         let n_layer = u("llama.block_count")?;
         let hidden = u("llama.embedding_length")?;
         let rope_dim = u("llama.rope.dimension_count")?;
-        let eps = f64::from(md("llama.attention.layer_norm_rms_epsilon")?.to_f32().map_err(model_error)?);
-        let freq_base = ct.metadata.get("llama.rope.freq_base").and_then(|v| v.to_f32().ok()).unwrap_or(10000.0);
+        let eps = f64::from(
+            md("llama.attention.layer_norm_rms_epsilon")?
+                .to_f32()
+                .map_err(model_error)?,
+        );
+        let freq_base = ct
+            .metadata
+            .get("llama.rope.freq_base")
+            .and_then(|v| v.to_f32().ok())
+            .unwrap_or(10000.0);
         let mut t = |name: &str| ct.tensor(r, name, &dev).map_err(model_error);
         let embed_q = t("token_embd.weight")?;
         let embed = Embedding::new(embed_q.dequantize(&dev).map_err(model_error)?, hidden);
@@ -140,10 +161,23 @@ impl LlamaWeights {
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
             let attn_norm = RmsNorm::from_qtensor(t(&format!("{p}.attn_norm.weight"))?, eps).map_err(model_error)?;
             let ffn_norm = RmsNorm::from_qtensor(t(&format!("{p}.ffn_norm.weight"))?, eps).map_err(model_error)?;
-            layers.push(Layer { wq, wk, wv, wo, gate, up, down, attn_norm, ffn_norm });
+            layers.push(Layer {
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                up,
+                down,
+                attn_norm,
+                ffn_norm,
+            });
         }
         // RoPE tables (GGUF llama weights use the interleaved convention).
-        let theta: Vec<f32> = (0..rope_dim).step_by(2).map(|i| 1.0 / freq_base.powf(i as f32 / rope_dim as f32)).collect();
+        let theta: Vec<f32> = (0..rope_dim)
+            .step_by(2)
+            .map(|i| 1.0 / freq_base.powf(i as f32 / rope_dim as f32))
+            .collect();
         let n_theta = theta.len();
         let angles = Tensor::arange(0u32, context_len as u32, &dev)
             .and_then(|t| t.to_dtype(DType::F32))
@@ -152,7 +186,18 @@ impl LlamaWeights {
             .map_err(model_error)?;
         let cos = angles.cos().map_err(model_error)?;
         let sin = angles.sin().map_err(model_error)?;
-        Ok(LlamaWeights { embed, layers, norm, output, n_head, n_kv_head, head_dim: hidden / n_head, cos, sin, context_len })
+        Ok(LlamaWeights {
+            embed,
+            layers,
+            norm,
+            output,
+            n_head,
+            n_kv_head,
+            head_dim: hidden / n_head,
+            cos,
+            sin,
+            context_len,
+        })
     }
 }
 
@@ -216,13 +261,24 @@ fn attend_one(q: &[f32], kv: &KvBuf, n_head: usize, n_kv_head: usize, hd: usize)
 impl LlamaSeq {
     pub fn new(w: Arc<LlamaWeights>) -> Self {
         let n = w.layers.len();
-        LlamaSeq { w, cache: vec![KvBuf::default(); n] }
+        LlamaSeq {
+            w,
+            cache: vec![KvBuf::default(); n],
+        }
     }
 
     /// Attention of layer `i` for this sequence, given its projected q, k, v of
     /// shape (1, n, heads × head_dim): RoPE at `pos`, the KV cache, softmax.
     /// Returns (1, n, hidden) before the output projection.
-    fn attend(&mut self, i: usize, q: Tensor, k: Tensor, v: Tensor, pos: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    fn attend(
+        &mut self,
+        i: usize,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos: usize,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let w = &self.w;
         let (b, n, _) = q.dims3()?;
         let shape = |t: Tensor, heads: usize| t.reshape((b, n, heads, w.head_dim))?.transpose(1, 2)?.contiguous();
@@ -251,7 +307,9 @@ impl LlamaSeq {
         }
         let (k, v) = if pos > 0 {
             let all = |data: &[f32]| {
-                Tensor::from_slice(data, (1, pos + n, w.n_kv_head, w.head_dim), &Device::Cpu)?.transpose(1, 2)?.contiguous()
+                Tensor::from_slice(data, (1, pos + n, w.n_kv_head, w.head_dim), &Device::Cpu)?
+                    .transpose(1, 2)?
+                    .contiguous()
             };
             (all(&buf.k)?, all(&buf.v)?)
         } else {
@@ -286,18 +344,36 @@ impl LlamaSeq {
         let w = self.w.clone();
         for (i, l) in w.layers.iter().enumerate() {
             let x = l.attn_norm.forward(&h)?;
-            let y = self.attend(i, l.wq.forward(&x)?, l.wk.forward(&x)?, l.wv.forward(&x)?, pos, mask.as_ref())?;
+            let y = self.attend(
+                i,
+                l.wq.forward(&x)?,
+                l.wk.forward(&x)?,
+                l.wv.forward(&x)?,
+                pos,
+                mask.as_ref(),
+            )?;
             h = (l.wo.forward(&y)? + &h)?;
             let x = l.ffn_norm.forward(&h)?;
-            let m = l.down.forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
+            let m = l
+                .down
+                .forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
             h = (m + &h)?;
         }
         let last = w.norm.forward(&h)?.i((.., n - 1, ..))?;
-        w.output.forward(&last)?.squeeze(0)?.to_dtype(DType::F32)?.to_vec1::<f32>()
+        w.output
+            .forward(&last)?
+            .squeeze(0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()
     }
 }
 
-fn decode_rows(w: &Arc<LlamaWeights>, seqs: &mut [&mut LlamaSeq], tokens: &[u32], positions: &[usize]) -> candle_core::Result<Vec<Vec<f32>>> {
+fn decode_rows(
+    w: &Arc<LlamaWeights>,
+    seqs: &mut [&mut LlamaSeq],
+    tokens: &[u32],
+    positions: &[usize],
+) -> candle_core::Result<Vec<Vec<f32>>> {
     let b = seqs.len();
     let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(1)?; // (B, 1)
     let mut h = w.embed.forward(&input)?; // (B, 1, hidden)
@@ -306,11 +382,20 @@ fn decode_rows(w: &Arc<LlamaWeights>, seqs: &mut [&mut LlamaSeq], tokens: &[u32]
         let (q, k, v) = (l.wq.forward(&x)?, l.wk.forward(&x)?, l.wv.forward(&x)?);
         let mut ys = Vec::with_capacity(b);
         for (r, s) in seqs.iter_mut().enumerate() {
-            ys.push(s.attend(i, q.narrow(0, r, 1)?, k.narrow(0, r, 1)?, v.narrow(0, r, 1)?, positions[r], None)?);
+            ys.push(s.attend(
+                i,
+                q.narrow(0, r, 1)?,
+                k.narrow(0, r, 1)?,
+                v.narrow(0, r, 1)?,
+                positions[r],
+                None,
+            )?);
         }
         h = (l.wo.forward(&Tensor::cat(&ys, 0)?)? + &h)?;
         let x = l.ffn_norm.forward(&h)?;
-        let m = l.down.forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
+        let m = l
+            .down
+            .forward(&(candle_nn::ops::silu(&l.gate.forward(&x)?)? * l.up.forward(&x)?)?)?;
         h = (m + &h)?;
     }
     let last = w.norm.forward(&h)?.squeeze(1)?; // (B, hidden)
@@ -320,7 +405,10 @@ fn decode_rows(w: &Arc<LlamaWeights>, seqs: &mut [&mut LlamaSeq], tokens: &[u32]
 impl CausalLm for LlamaSeq {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() || pos + tokens.len() > self.w.context_len {
-            return Err(ModelError::Invalid(format!("sequence longer than the context ({})", self.w.context_len)));
+            return Err(ModelError::Invalid(format!(
+                "sequence longer than the context ({})",
+                self.w.context_len
+            )));
         }
         self.run(tokens, pos).map_err(model_error)
     }
@@ -346,7 +434,11 @@ impl CausalLm for LlamaSeq {
         for s in seqs.iter_mut() {
             match s.as_any_mut().and_then(|a| a.downcast_mut::<LlamaSeq>()) {
                 Some(l) if Arc::ptr_eq(&l.w, &self.w) => mine.push(l),
-                _ => return Err(ModelError::Internal("decode_batch over sequences of another model".into())),
+                _ => {
+                    return Err(ModelError::Internal(
+                        "decode_batch over sequences of another model".into(),
+                    ))
+                }
             }
         }
         for (t, p) in tokens.iter().zip(positions) {
@@ -372,11 +464,18 @@ mod tests {
         let mut f = std::fs::File::open(path).expect("gguf");
         let ct = gguf_file::Content::read(&mut f).expect("read");
         let mut m = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("stock model");
-        let x = Tensor::new(tokens, &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
+        let x = Tensor::new(tokens, &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("input");
         let prefill = m.forward(&x, 0).expect("prefill");
         let _ = prefill;
-        let y = Tensor::new(&[tokens[0]], &Device::Cpu).and_then(|t| t.unsqueeze(0)).expect("input");
-        m.forward(&y, tokens.len()).and_then(|t| t.squeeze(0)).and_then(|t| t.to_vec1::<f32>()).expect("decode")
+        let y = Tensor::new(&[tokens[0]], &Device::Cpu)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("input");
+        m.forward(&y, tokens.len())
+            .and_then(|t| t.squeeze(0))
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("decode")
     }
 
     fn logits_ours(path: &std::path::Path, tokens: &[u32], dense: bool) -> (Vec<f32>, Vec<f32>) {
@@ -396,12 +495,15 @@ mod tests {
     }
 
     fn argmax(v: &[f32]) -> usize {
-        v.iter().enumerate().fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
+        v.iter()
+            .enumerate()
+            .fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
     }
 
     #[test]
     fn our_forward_matches_candles_stock_llama_in_both_modes() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
         if !path.exists() {
             eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
             return;
@@ -419,14 +521,17 @@ mod tests {
 
     #[test]
     fn a_batched_decode_step_equals_separate_steps() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
         if !path.exists() {
             eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
             return;
         }
         let mut f = std::fs::File::open(&path).expect("gguf");
         let ct = gguf_file::Content::read(&mut f).expect("read");
-        let template = LlamaSeq::new(Arc::new(LlamaWeights::from_gguf(&ct, &mut f, 128, true).expect("model")));
+        let template = LlamaSeq::new(Arc::new(
+            LlamaWeights::from_gguf(&ct, &mut f, 128, true).expect("model"),
+        ));
         let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[9, 8, 7], &[42, 43, 44, 45, 46, 47, 48]];
         let next = [11u32, 12, 13];
         // Separately.

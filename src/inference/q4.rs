@@ -33,7 +33,11 @@ struct Q8Row {
 
 fn quantize_q8_1(x: &[f32]) -> Q8Row {
     let nb = x.len() / BLOCK;
-    let mut row = Q8Row { d: Vec::with_capacity(nb), s: Vec::with_capacity(nb), q: Vec::with_capacity(x.len()) };
+    let mut row = Q8Row {
+        d: Vec::with_capacity(nb),
+        s: Vec::with_capacity(nb),
+        q: Vec::with_capacity(x.len()),
+    };
     for blk in x.chunks_exact(BLOCK) {
         let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
         let d = amax / 127.0;
@@ -53,7 +57,11 @@ fn quantize_q8_1(x: &[f32]) -> Q8Row {
 impl Q41Matrix {
     /// `raw`: GGUF Q4_1 data of a (rows, cols) matrix, row-major.
     pub fn new(raw: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
-        (cols.is_multiple_of(BLOCK) && raw.len() == rows * cols / BLOCK * BLOCK_BYTES).then_some(Q41Matrix { raw, rows, cols })
+        (cols.is_multiple_of(BLOCK) && raw.len() == rows * cols / BLOCK * BLOCK_BYTES).then_some(Q41Matrix {
+            raw,
+            rows,
+            cols,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -68,23 +76,26 @@ impl Q41Matrix {
         let q8: Vec<Q8Row> = (0..b).map(|i| quantize_q8_1(&x[i * cols..(i + 1) * cols])).collect();
         let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         let mut out_t = vec![0f32; rows * b]; // (rows, b)
-        // One task per thread: the matrices are small and waking threads is not free.
+                                              // One task per thread: the matrices are small and waking threads is not free.
         let per_task = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
-        out_t.par_chunks_mut(per_task * b).enumerate().for_each(|(task, chunk)| {
-            for (r, out) in chunk.chunks_mut(b).enumerate() {
-                let row_i = task * per_task + r;
-                let row = &self.raw[row_i * stride..(row_i + 1) * stride];
-                for (g, ys) in q8.chunks(GROUP).enumerate() {
-                    let dst = &mut out[g * GROUP..g * GROUP + ys.len()];
-                    if simd {
-                        // SAFETY: AVX2 and FMA were detected at run time just above.
-                        unsafe { row_dot_avx2(row, nb, ys, dst) }
-                    } else {
-                        row_dot_scalar(row, nb, ys, dst)
+        out_t
+            .par_chunks_mut(per_task * b)
+            .enumerate()
+            .for_each(|(task, chunk)| {
+                for (r, out) in chunk.chunks_mut(b).enumerate() {
+                    let row_i = task * per_task + r;
+                    let row = &self.raw[row_i * stride..(row_i + 1) * stride];
+                    for (g, ys) in q8.chunks(GROUP).enumerate() {
+                        let dst = &mut out[g * GROUP..g * GROUP + ys.len()];
+                        if simd {
+                            // SAFETY: AVX2 and FMA were detected at run time just above.
+                            unsafe { row_dot_avx2(row, nb, ys, dst) }
+                        } else {
+                            row_dot_scalar(row, nb, ys, dst)
+                        }
                     }
                 }
-            }
-        });
+            });
         let mut y = vec![0f32; b * rows];
         for r in 0..rows {
             for bi in 0..b {
@@ -187,7 +198,9 @@ mod tests {
     #[test]
     fn the_product_matches_the_dequantized_weights_for_any_batch() {
         let (rows, cols) = (70, 96);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
         let raw: Vec<u8> = w.chunks(cols).flat_map(quantize_q4_1).collect();
         let deq = dequantize(&raw);
         let m = Q41Matrix::new(raw, rows, cols).expect("shape");
@@ -199,7 +212,10 @@ mod tests {
                     let want: f32 = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]).sum();
                     let got = y[bi * rows + r];
                     // Q8 activations: ~1% error, as in ggml.
-                    assert!((want - got).abs() < 0.02 * (1.0 + want.abs()), "b={b} ({bi},{r}): {got} vs {want}");
+                    assert!(
+                        (want - got).abs() < 0.02 * (1.0 + want.abs()),
+                        "b={b} ({bi},{r}): {got} vs {want}"
+                    );
                 }
             }
         }
@@ -213,7 +229,9 @@ mod tests {
         let cols = 128;
         let w: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let row = quantize_q4_1(&w);
-        let ys: Vec<Q8Row> = (0..5).map(|s| quantize_q8_1(&(0..cols).map(|i| ((i + s) as f32 * 0.11).cos()).collect::<Vec<_>>())).collect();
+        let ys: Vec<Q8Row> = (0..5)
+            .map(|s| quantize_q8_1(&(0..cols).map(|i| ((i + s) as f32 * 0.11).cos()).collect::<Vec<_>>()))
+            .collect();
         let (mut a, mut b) = (vec![0f32; 5], vec![0f32; 5]);
         row_dot_scalar(&row, cols / BLOCK, &ys, &mut a);
         // SAFETY: checked above.

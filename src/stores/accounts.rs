@@ -3,8 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, NewUser, Organization, Page, Plan, RefreshOutcome, RefreshToken, User, UserFilter,
-    UserPatch,
+    ApiKey, AuditEntry, NewUser, Organization, Page, Plan, RefreshOutcome, RefreshToken, User, UserFilter, UserPatch,
 };
 use ragchat_actors::ports::{AccountStore, StoreError, StoreResult};
 use sqlx::types::Json;

@@ -6,8 +6,8 @@
 //! differ only in the migrations.
 
 mod accounts;
-mod usage;
 pub mod redis_limits;
+mod usage;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -86,7 +86,10 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<SqlStores, ConnectEr
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         let store = Arc::new(SqliteAccountStore::new(pool));
-        Ok(SqlStores { accounts: store.clone(), usage: store })
+        Ok(SqlStores {
+            accounts: store.clone(),
+            usage: store,
+        })
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
@@ -95,7 +98,10 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<SqlStores, ConnectEr
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let store = Arc::new(PostgresAccountStore::new(pool));
-        Ok(SqlStores { accounts: store.clone(), usage: store })
+        Ok(SqlStores {
+            accounts: store.clone(),
+            usage: store,
+        })
     } else {
         Err(ConnectError::UnsupportedUrl(url.to_string()))
     }

@@ -74,7 +74,11 @@ impl RedisRateLimits {
         let until = self.now_ms() + u64::try_from(self.cooldown.as_millis()).unwrap_or(u64::MAX / 2);
         self.open_until_ms.store(until, Ordering::Relaxed);
         if !self.fallback_active.swap(true, Ordering::Relaxed) {
-            tracing::warn!(error = why, cooldown_ms = self.cooldown.as_millis() as u64, "redis rate limiter down: using in-memory limits");
+            tracing::warn!(
+                error = why,
+                cooldown_ms = self.cooldown.as_millis() as u64,
+                "redis rate limiter down: using in-memory limits"
+            );
         }
     }
 
@@ -88,7 +92,11 @@ impl RedisRateLimits {
             .set_response_timeout(Some(self.timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
-        let c = self.client.get_connection_manager_with_config(config).await.map_err(|e| e.to_string())?;
+        let c = self
+            .client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| e.to_string())?;
         *guard = Some(c.clone());
         Ok(c)
     }

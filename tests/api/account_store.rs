@@ -23,9 +23,13 @@ async fn sqlite() -> Arc<dyn AccountStore> {
 }
 
 async fn connect(url: &str) -> Arc<dyn AccountStore> {
-    connect_accounts(&DatabaseSettings { url: url.to_string(), max_connections: 8, acquire_timeout_ms: 5000 })
-        .await
-        .expect("store connects and migrates")
+    connect_accounts(&DatabaseSettings {
+        url: url.to_string(),
+        max_connections: 8,
+        acquire_timeout_ms: 5000,
+    })
+    .await
+    .expect("store connects and migrates")
 }
 
 async fn postgres() -> Option<Arc<dyn AccountStore>> {
@@ -81,7 +85,11 @@ async fn users_are_created_found_and_unique_by_email(store: Arc<dyn AccountStore
     assert_eq!(by_id.id, user.id);
     assert_eq!(by_id.email, user.email);
     assert_eq!(by_id.full_name.as_deref(), Some("Test User"));
-    let by_email = store.user_by_email("ALICE@example.com ").await.expect("by email").expect("found");
+    let by_email = store
+        .user_by_email("ALICE@example.com ")
+        .await
+        .expect("by email")
+        .expect("found");
     assert_eq!(by_email.id, user.id);
     assert!(store.user_by_id(Uuid::new_v4()).await.expect("query").is_none());
 
@@ -94,20 +102,41 @@ async fn users_are_created_found_and_unique_by_email(store: Arc<dyn AccountStore
 async fn users_are_patched_field_by_field(store: Arc<dyn AccountStore>) {
     let user = store.create_user(new_user("bob@example.com")).await.expect("create");
     let patched = store
-        .update_user(user.id, &UserPatch { subscription_plan: Some(Plan::Pro), ..Default::default() })
+        .update_user(
+            user.id,
+            &UserPatch {
+                subscription_plan: Some(Plan::Pro),
+                ..Default::default()
+            },
+        )
         .await
         .expect("patch");
     assert_eq!(patched.subscription_plan, Plan::Pro);
     assert!(patched.is_active, "untouched fields keep their value");
     assert!(patched.updated_at >= user.updated_at);
     let patched = store
-        .update_user(user.id, &UserPatch { is_active: Some(false), is_superuser: Some(true), ..Default::default() })
+        .update_user(
+            user.id,
+            &UserPatch {
+                is_active: Some(false),
+                is_superuser: Some(true),
+                ..Default::default()
+            },
+        )
         .await
         .expect("patch");
     assert!(!patched.is_active && patched.is_superuser);
     assert_eq!(patched.subscription_plan, Plan::Pro);
     assert!(matches!(
-        store.update_user(Uuid::new_v4(), &UserPatch { is_active: Some(true), ..Default::default() }).await,
+        store
+            .update_user(
+                Uuid::new_v4(),
+                &UserPatch {
+                    is_active: Some(true),
+                    ..Default::default()
+                }
+            )
+            .await,
         Err(StoreError::NotFound)
     ));
 }
@@ -120,29 +149,56 @@ async fn users_are_listed_filtered_and_paged(store: Arc<dyn AccountStore>) {
         }
         store.create_user(u).await.expect("create");
     }
-    store.create_user(new_user("odd_one%@other.example")).await.expect("create");
+    store
+        .create_user(new_user("odd_one%@other.example"))
+        .await
+        .expect("create");
 
     let all = UserFilter::default();
-    let (page, total) = store.list_users(&all, Page { offset: 0, limit: 4 }).await.expect("list");
+    let (page, total) = store
+        .list_users(&all, Page { offset: 0, limit: 4 })
+        .await
+        .expect("list");
     assert_eq!((page.len(), total), (4, 6));
-    let (rest, _) = store.list_users(&all, Page { offset: 4, limit: 4 }).await.expect("list");
+    let (rest, _) = store
+        .list_users(&all, Page { offset: 4, limit: 4 })
+        .await
+        .expect("list");
     assert_eq!(rest.len(), 2);
     let mut ids: Vec<_> = page.iter().chain(rest.iter()).map(|u| u.id).collect();
     ids.dedup();
     assert_eq!(ids.len(), 6, "pages do not overlap");
 
-    let pro = UserFilter { plan: Some(Plan::Pro), ..Default::default() };
-    let (users, total) = store.list_users(&pro, Page { offset: 0, limit: 10 }).await.expect("list");
+    let pro = UserFilter {
+        plan: Some(Plan::Pro),
+        ..Default::default()
+    };
+    let (users, total) = store
+        .list_users(&pro, Page { offset: 0, limit: 10 })
+        .await
+        .expect("list");
     assert_eq!(total, 3);
     assert!(users.iter().all(|u| u.subscription_plan == Plan::Pro));
 
-    let corp = UserFilter { email: Some("CORP.example".into()), plan: Some(Plan::Free) };
-    let (_, total) = store.list_users(&corp, Page { offset: 0, limit: 10 }).await.expect("list");
+    let corp = UserFilter {
+        email: Some("CORP.example".into()),
+        plan: Some(Plan::Free),
+    };
+    let (_, total) = store
+        .list_users(&corp, Page { offset: 0, limit: 10 })
+        .await
+        .expect("list");
     assert_eq!(total, 2);
 
     // LIKE wildcards in the filter match literally.
-    let wildcard = UserFilter { email: Some("%".into()), ..Default::default() };
-    let (users, total) = store.list_users(&wildcard, Page { offset: 0, limit: 10 }).await.expect("list");
+    let wildcard = UserFilter {
+        email: Some("%".into()),
+        ..Default::default()
+    };
+    let (users, total) = store
+        .list_users(&wildcard, Page { offset: 0, limit: 10 })
+        .await
+        .expect("list");
     assert_eq!(total, 1);
     assert_eq!(users[0].email, "odd_one%@other.example");
 }
@@ -165,7 +221,10 @@ async fn api_keys_are_listed_used_and_revoked(store: Arc<dyn AccountStore>) {
     let other = store.create_user(new_user("other@example.com")).await.expect("create");
     let key = api_key(owner.id, "hash-1");
     store.insert_api_key(&key).await.expect("insert");
-    store.insert_api_key(&api_key(owner.id, "hash-2")).await.expect("insert");
+    store
+        .insert_api_key(&api_key(owner.id, "hash-2"))
+        .await
+        .expect("insert");
     assert_eq!(store.list_api_keys(owner.id).await.expect("list").len(), 2);
     assert!(store.list_api_keys(other.id).await.expect("list").is_empty());
 
@@ -174,10 +233,19 @@ async fn api_keys_are_listed_used_and_revoked(store: Arc<dyn AccountStore>) {
     assert!(used.last_used_at.is_some());
     assert!(store.use_api_key("no-such-hash").await.expect("use").is_none());
 
-    assert!(!store.revoke_api_key(other.id, key.id).await.expect("revoke"), "only the owner revokes");
+    assert!(
+        !store.revoke_api_key(other.id, key.id).await.expect("revoke"),
+        "only the owner revokes"
+    );
     assert!(store.revoke_api_key(owner.id, key.id).await.expect("revoke"));
-    assert!(!store.revoke_api_key(owner.id, key.id).await.expect("revoke"), "revoking twice is a no-op");
-    assert!(store.use_api_key("hash-1").await.expect("use").is_none(), "revoked keys stop working");
+    assert!(
+        !store.revoke_api_key(owner.id, key.id).await.expect("revoke"),
+        "revoking twice is a no-op"
+    );
+    assert!(
+        store.use_api_key("hash-1").await.expect("use").is_none(),
+        "revoked keys stop working"
+    );
     assert_eq!(store.list_api_keys(owner.id).await.expect("list").len(), 1);
 }
 
@@ -196,13 +264,22 @@ fn refresh(user_id: Uuid, family_id: Uuid, hash: &str, ttl_secs: i64) -> Refresh
 async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn AccountStore>) {
     let user = store.create_user(new_user("rt@example.com")).await.expect("create");
     let family = Uuid::new_v4();
-    store.insert_refresh_token(&refresh(user.id, family, "t1", 3600)).await.expect("insert");
+    store
+        .insert_refresh_token(&refresh(user.id, family, "t1", 3600))
+        .await
+        .expect("insert");
     assert_eq!(
         store.consume_refresh_token("t1", Utc::now()).await.expect("consume"),
-        RefreshOutcome::Rotated { user_id: user.id, family_id: family }
+        RefreshOutcome::Rotated {
+            user_id: user.id,
+            family_id: family
+        }
     );
     // The rotated successor is live until t1 is presented again.
-    store.insert_refresh_token(&refresh(user.id, family, "t2", 3600)).await.expect("insert");
+    store
+        .insert_refresh_token(&refresh(user.id, family, "t2", 3600))
+        .await
+        .expect("insert");
     assert_eq!(
         store.consume_refresh_token("t1", Utc::now()).await.expect("consume"),
         RefreshOutcome::Reused { family_id: family }
@@ -212,13 +289,25 @@ async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn 
         RefreshOutcome::Reused { family_id: family },
         "reuse revokes the whole family"
     );
-    assert_eq!(store.consume_refresh_token("nope", Utc::now()).await.expect("consume"), RefreshOutcome::Unknown);
+    assert_eq!(
+        store.consume_refresh_token("nope", Utc::now()).await.expect("consume"),
+        RefreshOutcome::Unknown
+    );
 
-    store.insert_refresh_token(&refresh(user.id, Uuid::new_v4(), "old", -10)).await.expect("insert");
-    assert_eq!(store.consume_refresh_token("old", Utc::now()).await.expect("consume"), RefreshOutcome::Expired);
+    store
+        .insert_refresh_token(&refresh(user.id, Uuid::new_v4(), "old", -10))
+        .await
+        .expect("insert");
+    assert_eq!(
+        store.consume_refresh_token("old", Utc::now()).await.expect("consume"),
+        RefreshOutcome::Expired
+    );
 
     let other_family = Uuid::new_v4();
-    store.insert_refresh_token(&refresh(user.id, other_family, "t3", 3600)).await.expect("insert");
+    store
+        .insert_refresh_token(&refresh(user.id, other_family, "t3", 3600))
+        .await
+        .expect("insert");
     assert!(store.revoke_refresh_family_of("t3").await.expect("logout"));
     assert!(matches!(
         store.consume_refresh_token("t3", Utc::now()).await.expect("consume"),
@@ -228,20 +317,32 @@ async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn 
 
 async fn concurrent_refreshes_of_one_token_rotate_exactly_once(store: Arc<dyn AccountStore>) {
     let user = store.create_user(new_user("race@example.com")).await.expect("create");
-    store.insert_refresh_token(&refresh(user.id, Uuid::new_v4(), "race", 3600)).await.expect("insert");
+    store
+        .insert_refresh_token(&refresh(user.id, Uuid::new_v4(), "race", 3600))
+        .await
+        .expect("insert");
     let attempts = (0..16).map(|_| {
         let store = store.clone();
         async move { store.consume_refresh_token("race", Utc::now()).await.expect("consume") }
     });
     let outcomes = futures_util::future::join_all(attempts).await;
-    let rotated = outcomes.iter().filter(|o| matches!(o, RefreshOutcome::Rotated { .. })).count();
+    let rotated = outcomes
+        .iter()
+        .filter(|o| matches!(o, RefreshOutcome::Rotated { .. }))
+        .count();
     assert_eq!(rotated, 1, "{outcomes:?}");
 }
 
 async fn settings_and_audit_entries_round_trip(store: Arc<dyn AccountStore>) {
     assert!(store.get_setting("subscription_limits").await.expect("get").is_none());
-    store.put_setting("subscription_limits", &json!({"free": {"messages": 10}})).await.expect("put");
-    store.put_setting("subscription_limits", &json!({"free": {"messages": 12}})).await.expect("overwrite");
+    store
+        .put_setting("subscription_limits", &json!({"free": {"messages": 10}}))
+        .await
+        .expect("put");
+    store
+        .put_setting("subscription_limits", &json!({"free": {"messages": 12}}))
+        .await
+        .expect("overwrite");
     assert_eq!(
         store.get_setting("subscription_limits").await.expect("get"),
         Some(json!({"free": {"messages": 12}}))
@@ -263,7 +364,10 @@ async fn settings_and_audit_entries_round_trip(store: Arc<dyn AccountStore>) {
             .expect("audit");
     }
     let entries = store.audit_for(target).await.expect("audit list");
-    assert_eq!(entries.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["user.update", "user.deactivate"]);
+    assert_eq!(
+        entries.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(),
+        ["user.update", "user.deactivate"]
+    );
     assert_eq!(entries[0].actor_id, actor);
     assert_eq!(entries[0].details["changes"]["is_active"]["to"], json!(false));
 }

@@ -15,7 +15,13 @@ async fn admin_operations(app: &TestApp) -> Vec<(Method, String)> {
         }
         let concrete = path
             .split('/')
-            .map(|seg| if seg.starts_with('{') { uuid::Uuid::new_v4().to_string() } else { seg.to_string() })
+            .map(|seg| {
+                if seg.starts_with('{') {
+                    uuid::Uuid::new_v4().to_string()
+                } else {
+                    seg.to_string()
+                }
+            })
             .collect::<Vec<_>>()
             .join("/");
         for method in item.as_object().expect("operations").keys() {
@@ -33,8 +39,18 @@ async fn every_admin_route_requires_a_token_and_a_superuser() {
     let ops = admin_operations(&app).await;
     assert!(ops.len() >= 3, "the OpenAPI document lists the admin routes: {ops:?}");
     for (method, path) in ops {
-        let anon = app.client.request(method.clone(), app.url(&path)).json(&json!({})).send().await.expect("req");
-        assert_eq!(anon.status(), StatusCode::UNAUTHORIZED, "{method} {path} without a token");
+        let anon = app
+            .client
+            .request(method.clone(), app.url(&path))
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("req");
+        assert_eq!(
+            anon.status(),
+            StatusCode::UNAUTHORIZED,
+            "{method} {path} without a token"
+        );
         let user = app
             .client
             .request(method.clone(), app.url(&path))
@@ -56,16 +72,36 @@ async fn admins_list_users_by_email_and_plan_in_pages() {
     for i in 0..3 {
         app.register(&format!("team{i}@acme.example"), "password-1234").await;
     }
-    let page = expect(app.get("/admin/users?email=ACME&page_size=2", Some(&admin)).await, StatusCode::OK).await;
-    assert_eq!((page["total"].as_u64(), page["items"].as_array().map(Vec::len)), (Some(3), Some(2)));
+    let page = expect(
+        app.get("/admin/users?email=ACME&page_size=2", Some(&admin)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (page["total"].as_u64(), page["items"].as_array().map(Vec::len)),
+        (Some(3), Some(2))
+    );
     assert!(page["items"][0].get("hashed_password").is_none());
-    let page2 = expect(app.get("/admin/users?email=acme&page=2&page_size=2", Some(&admin)).await, StatusCode::OK).await;
+    let page2 = expect(
+        app.get("/admin/users?email=acme&page=2&page_size=2", Some(&admin))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(page2["items"].as_array().map(Vec::len), Some(1));
-    let ent = expect(app.get("/admin/users?plan=enterprise", Some(&admin)).await, StatusCode::OK).await;
+    let ent = expect(
+        app.get("/admin/users?plan=enterprise", Some(&admin)).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(ent["total"], 1);
     assert_eq!(ent["items"][0]["email"], "root@example.com");
     for bad in ["plan=gold", "page=0", "page_size=1000", "page=abc"] {
-        expect(app.get(&format!("/admin/users?{bad}"), Some(&admin)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        expect(
+            app.get(&format!("/admin/users?{bad}"), Some(&admin)).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
     }
 }
 
@@ -76,11 +112,20 @@ async fn admin_changes_are_applied_and_audit_logged() {
     let (id, token) = app.user("customer@example.com").await;
     let path = format!("/admin/users/{id}");
 
-    let updated = expect(app.patch_json(&path, &json!({"subscription_plan": "pro"}), &admin).await, StatusCode::OK).await;
+    let updated = expect(
+        app.patch_json(&path, &json!({"subscription_plan": "pro"}), &admin)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(updated["subscription_plan"], "pro");
     let me = expect(app.get("/auth/me", Some(&token)).await, StatusCode::OK).await;
     assert_eq!(me["subscription_plan"], "pro");
-    expect(app.patch_json(&path, &json!({"is_superuser": true}), &admin).await, StatusCode::OK).await;
+    expect(
+        app.patch_json(&path, &json!({"is_superuser": true}), &admin).await,
+        StatusCode::OK,
+    )
+    .await;
     // The promoted user can now use admin routes.
     expect(app.get("/admin/users", Some(&token)).await, StatusCode::OK).await;
 
@@ -89,8 +134,14 @@ async fn admin_changes_are_applied_and_audit_logged() {
     assert_eq!(entries.len(), 2);
     assert_eq!(entries[0]["action"], "user.update");
     assert_eq!(entries[0]["details"]["actor_email"], "auditor@example.com");
-    assert_eq!(entries[0]["details"]["changes"]["subscription_plan"], json!({"from": "free", "to": "pro"}));
-    assert_eq!(entries[1]["details"]["changes"]["is_superuser"], json!({"from": false, "to": true}));
+    assert_eq!(
+        entries[0]["details"]["changes"]["subscription_plan"],
+        json!({"from": "free", "to": "pro"})
+    );
+    assert_eq!(
+        entries[1]["details"]["changes"]["is_superuser"],
+        json!({"from": false, "to": true})
+    );
     assert!(entries[0]["created_at"].is_string());
 }
 
@@ -100,14 +151,45 @@ async fn bad_admin_updates_are_refused_clearly() {
     let admin = app.admin("careful@example.com").await;
     let me = expect(app.get("/auth/me", Some(&admin)).await, StatusCode::OK).await;
     let self_path = format!("/admin/users/{}", me["id"].as_str().expect("id"));
-    expect(app.patch_json(&self_path, &json!({"is_superuser": false}), &admin).await, StatusCode::BAD_REQUEST).await;
-    expect(app.patch_json(&self_path, &json!({"is_active": false}), &admin).await, StatusCode::BAD_REQUEST).await;
+    expect(
+        app.patch_json(&self_path, &json!({"is_superuser": false}), &admin)
+            .await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
+    expect(
+        app.patch_json(&self_path, &json!({"is_active": false}), &admin).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     let (id, _) = app.user("target@example.com").await;
     let path = format!("/admin/users/{id}");
-    expect(app.patch_json(&path, &json!({"subscription_plan": "gold"}), &admin).await, StatusCode::UNPROCESSABLE_ENTITY).await;
-    expect(app.patch_json(&path, &json!({}), &admin).await, StatusCode::UNPROCESSABLE_ENTITY).await;
-    expect(app.patch_json(&path, &json!({"hashed_password": "x"}), &admin).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect(
+        app.patch_json(&path, &json!({"subscription_plan": "gold"}), &admin)
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    expect(
+        app.patch_json(&path, &json!({}), &admin).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    expect(
+        app.patch_json(&path, &json!({"hashed_password": "x"}), &admin).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     let missing = format!("/admin/users/{}", uuid::Uuid::new_v4());
-    expect(app.patch_json(&missing, &json!({"is_active": true}), &admin).await, StatusCode::NOT_FOUND).await;
-    expect(app.patch_json("/admin/users/not-a-uuid", &json!({"is_active": true}), &admin).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect(
+        app.patch_json(&missing, &json!({"is_active": true}), &admin).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    expect(
+        app.patch_json("/admin/users/not-a-uuid", &json!({"is_active": true}), &admin)
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
 }

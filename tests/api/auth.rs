@@ -21,7 +21,11 @@ async fn register_then_login_then_me_never_shows_the_hash() {
     assert_eq!(tokens["token_type"], "bearer");
     assert_eq!(tokens["expires_in"], 1800);
     assert!(tokens["refresh_token"].as_str().is_some_and(|t| t.len() > 40));
-    let me = expect(app.get("/auth/me", tokens["access_token"].as_str()).await, StatusCode::OK).await;
+    let me = expect(
+        app.get("/auth/me", tokens["access_token"].as_str()).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(me["id"], user["id"]);
     assert!(me.get("hashed_password").is_none());
     assert!(!me.to_string().contains("argon2"));
@@ -32,19 +36,34 @@ async fn registration_rejects_duplicates_bad_emails_and_short_passwords() {
     let app = TestApp::spawn().await;
     app.register("dup@example.com", "password-1234").await;
     let body = expect(
-        app.post_json("/auth/register", &json!({"email": "DUP@example.com", "password": "password-1234"}), None).await,
+        app.post_json(
+            "/auth/register",
+            &json!({"email": "DUP@example.com", "password": "password-1234"}),
+            None,
+        )
+        .await,
         StatusCode::CONFLICT,
     )
     .await;
     assert_eq!(body["detail"], "Email already registered");
     let body = expect(
-        app.post_json("/auth/register", &json!({"email": "not-an-email", "password": "password-1234"}), None).await,
+        app.post_json(
+            "/auth/register",
+            &json!({"email": "not-an-email", "password": "password-1234"}),
+            None,
+        )
+        .await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("e-mail")));
     expect(
-        app.post_json("/auth/register", &json!({"email": "short@example.com", "password": "short"}), None).await,
+        app.post_json(
+            "/auth/register",
+            &json!({"email": "short@example.com", "password": "short"}),
+            None,
+        )
+        .await,
         StatusCode::UNPROCESSABLE_ENTITY,
     )
     .await;
@@ -52,7 +71,9 @@ async fn registration_rejects_duplicates_bad_emails_and_short_passwords() {
 
 async fn timed_login(app: &TestApp, email: &str, password: &str) -> (StatusCode, Value, Duration) {
     let started = Instant::now();
-    let resp = app.post_json("/auth/login", &json!({"email": email, "password": password}), None).await;
+    let resp = app
+        .post_json("/auth/login", &json!({"email": email, "password": password}), None)
+        .await;
     let elapsed = started.elapsed();
     let status = resp.status();
     (status, resp.json().await.expect("json"), elapsed)
@@ -120,7 +141,10 @@ mod base64_url {
         let b = s.as_bytes();
         let mut out = String::new();
         for chunk in b.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &x)| acc | (u32::from(x) << (16 - 8 * i)));
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, &x)| acc | (u32::from(x) << (16 - 8 * i)));
             for i in 0..=chunk.len() {
                 out.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
             }
@@ -136,18 +160,46 @@ async fn tokens_with_another_algorithm_or_bad_claims_are_refused() {
     expect(app.get("/auth/me", Some(&good)).await, StatusCode::OK).await;
     let sub = json!({"sub": id});
 
-    let none_token = format!("{}.{}.", b64(&json!({"alg": "none", "typ": "JWT"})), b64(&claims(sub.clone())));
+    let none_token = format!(
+        "{}.{}.",
+        b64(&json!({"alg": "none", "typ": "JWT"})),
+        b64(&claims(sub.clone()))
+    );
     let now = chrono::Utc::now().timestamp();
     let cases = [
         ("alg none", none_token),
-        ("HS512 with the right secret", sign(Algorithm::HS512, &claims(sub.clone()))),
-        ("HS384 with the right secret", sign(Algorithm::HS384, &claims(sub.clone()))),
-        ("wrong issuer", sign(Algorithm::HS256, &claims(json!({"sub": id, "iss": "evil"})))),
-        ("wrong audience", sign(Algorithm::HS256, &claims(json!({"sub": id, "aud": "other"})))),
-        ("expired", sign(Algorithm::HS256, &claims(json!({"sub": id, "exp": now - 120})))),
-        ("not yet valid", sign(Algorithm::HS256, &claims(json!({"sub": id, "nbf": now + 600})))),
-        ("no exp", sign(Algorithm::HS256, &claims(json!({"sub": id, "exp": null})))),
-        ("no iat", sign(Algorithm::HS256, &claims(json!({"sub": id, "iat": null})))),
+        (
+            "HS512 with the right secret",
+            sign(Algorithm::HS512, &claims(sub.clone())),
+        ),
+        (
+            "HS384 with the right secret",
+            sign(Algorithm::HS384, &claims(sub.clone())),
+        ),
+        (
+            "wrong issuer",
+            sign(Algorithm::HS256, &claims(json!({"sub": id, "iss": "evil"}))),
+        ),
+        (
+            "wrong audience",
+            sign(Algorithm::HS256, &claims(json!({"sub": id, "aud": "other"}))),
+        ),
+        (
+            "expired",
+            sign(Algorithm::HS256, &claims(json!({"sub": id, "exp": now - 120}))),
+        ),
+        (
+            "not yet valid",
+            sign(Algorithm::HS256, &claims(json!({"sub": id, "nbf": now + 600}))),
+        ),
+        (
+            "no exp",
+            sign(Algorithm::HS256, &claims(json!({"sub": id, "exp": null}))),
+        ),
+        (
+            "no iat",
+            sign(Algorithm::HS256, &claims(json!({"sub": id, "iat": null}))),
+        ),
         ("garbage", "not.a.jwt".to_string()),
         ("tampered payload", {
             let mut parts: Vec<String> = good.split('.').map(str::to_string).collect();
@@ -158,7 +210,11 @@ async fn tokens_with_another_algorithm_or_bad_claims_are_refused() {
     for (what, token) in cases {
         let resp = app.get("/auth/me", Some(&token)).await;
         assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{what}");
-        assert_eq!(resp.headers().get("www-authenticate").map(|v| v.as_bytes()), Some(&b"Bearer"[..]), "{what}");
+        assert_eq!(
+            resp.headers().get("www-authenticate").map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..]),
+            "{what}"
+        );
     }
     let control = sign(Algorithm::HS256, &claims(sub));
     expect(app.get("/auth/me", Some(&control)).await, StatusCode::OK).await;
@@ -171,7 +227,13 @@ async fn missing_or_malformed_authorization_is_401_with_www_authenticate() {
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(resp.headers()["www-authenticate"], "Bearer");
     assert_eq!(resp.json::<Value>().await.expect("json")["detail"], "Not authenticated");
-    let resp = app.client.get(app.url("/auth/me")).header("Authorization", "Basic abc").send().await.expect("req");
+    let resp = app
+        .client
+        .get(app.url("/auth/me"))
+        .header("Authorization", "Basic abc")
+        .send()
+        .await
+        .expect("req");
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
 
@@ -182,20 +244,49 @@ async fn refresh_rotates_and_reusing_an_old_token_revokes_the_login() {
     let first = app.login("rotate@example.com", "password-1234").await;
     let rt1 = first["refresh_token"].clone();
 
-    let second = expect(app.post_json("/auth/refresh", &json!({"refresh_token": rt1}), None).await, StatusCode::OK).await;
+    let second = expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": rt1}), None)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
     let rt2 = second["refresh_token"].clone();
     assert_ne!(rt1, rt2);
-    expect(app.get("/auth/me", second["access_token"].as_str()).await, StatusCode::OK).await;
+    expect(
+        app.get("/auth/me", second["access_token"].as_str()).await,
+        StatusCode::OK,
+    )
+    .await;
 
     // rt1 again: theft suspected, the whole family dies — including rt2.
-    let body = expect(app.post_json("/auth/refresh", &json!({"refresh_token": rt1}), None).await, StatusCode::UNAUTHORIZED).await;
+    let body = expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": rt1}), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("already used")));
-    expect(app.post_json("/auth/refresh", &json!({"refresh_token": rt2}), None).await, StatusCode::UNAUTHORIZED).await;
+    expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": rt2}), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
 
     // Another login is a separate family and unaffected.
     let other = app.login("rotate@example.com", "password-1234").await;
-    expect(app.post_json("/auth/refresh", &json!({"refresh_token": other["refresh_token"]}), None).await, StatusCode::OK).await;
-    expect(app.post_json("/auth/refresh", &json!({"refresh_token": "rrt_forged"}), None).await, StatusCode::UNAUTHORIZED).await;
+    expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": other["refresh_token"]}), None)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": "rrt_forged"}), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
 }
 
 #[actix_web::test]
@@ -204,10 +295,24 @@ async fn logout_revokes_the_refresh_token() {
     app.register("bye@example.com", "password-1234").await;
     let tokens = app.login("bye@example.com", "password-1234").await;
     let rt = tokens["refresh_token"].clone();
-    expect(app.post_json("/auth/logout", &json!({"refresh_token": rt}), None).await, StatusCode::NO_CONTENT).await;
-    expect(app.post_json("/auth/refresh", &json!({"refresh_token": rt}), None).await, StatusCode::UNAUTHORIZED).await;
+    expect(
+        app.post_json("/auth/logout", &json!({"refresh_token": rt}), None).await,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": rt}), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
     // Unknown tokens log out quietly too.
-    expect(app.post_json("/auth/logout", &json!({"refresh_token": "rrt_x"}), None).await, StatusCode::NO_CONTENT).await;
+    expect(
+        app.post_json("/auth/logout", &json!({"refresh_token": "rrt_x"}), None)
+            .await,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
 }
 
 #[actix_web::test]
@@ -216,21 +321,46 @@ async fn deactivated_users_are_refused_with_403() {
     let admin = app.admin("boss@example.com").await;
     let (id, token) = app.user("leaver@example.com").await;
     let tokens = app.login("leaver@example.com", "password-1234").await;
-    let key = expect(app.post_json("/auth/api-keys", &json!({"name": "k"}), Some(&token)).await, StatusCode::CREATED).await;
-    expect(app.patch_json(&format!("/admin/users/{id}"), &json!({"is_active": false}), &admin).await, StatusCode::OK).await;
+    let key = expect(
+        app.post_json("/auth/api-keys", &json!({"name": "k"}), Some(&token))
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    expect(
+        app.patch_json(&format!("/admin/users/{id}"), &json!({"is_active": false}), &admin)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
 
     for resp in [
         app.get("/auth/me", Some(&token)).await,
         app.get("/auth/me", key["key"].as_str()).await,
-        app.post_json("/auth/login", &json!({"email": "leaver@example.com", "password": "password-1234"}), None).await,
-        app.post_json("/auth/refresh", &json!({"refresh_token": tokens["refresh_token"]}), None).await,
+        app.post_json(
+            "/auth/login",
+            &json!({"email": "leaver@example.com", "password": "password-1234"}),
+            None,
+        )
+        .await,
+        app.post_json(
+            "/auth/refresh",
+            &json!({"refresh_token": tokens["refresh_token"]}),
+            None,
+        )
+        .await,
     ] {
         let body = expect(resp, StatusCode::FORBIDDEN).await;
         assert_eq!(body["detail"], "User account is deactivated");
     }
     // A wrong password still says only that the credentials are wrong.
     expect(
-        app.post_json("/auth/login", &json!({"email": "leaver@example.com", "password": "nope-nope-nope"}), None).await,
+        app.post_json(
+            "/auth/login",
+            &json!({"email": "leaver@example.com", "password": "nope-nope-nope"}),
+            None,
+        )
+        .await,
         StatusCode::UNAUTHORIZED,
     )
     .await;
@@ -241,7 +371,12 @@ async fn api_keys_are_shown_once_authenticate_and_can_be_revoked() {
     let app = TestApp::spawn().await;
     let (_, token) = app.user("dev@example.com").await;
     let (_, other_token) = app.user("other@example.com").await;
-    let created = expect(app.post_json("/auth/api-keys", &json!({"name": "ci"}), Some(&token)).await, StatusCode::CREATED).await;
+    let created = expect(
+        app.post_json("/auth/api-keys", &json!({"name": "ci"}), Some(&token))
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
     let key = created["key"].as_str().expect("key shown").to_string();
     assert!(key.starts_with("rck_") && key.starts_with(created["prefix"].as_str().expect("prefix")));
 
@@ -260,23 +395,44 @@ async fn api_keys_are_shown_once_authenticate_and_can_be_revoked() {
     expect(app.delete(&path, &token).await, StatusCode::NO_CONTENT).await;
     expect(app.get("/auth/me", Some(&key)).await, StatusCode::UNAUTHORIZED).await;
     expect(app.delete(&path, &token).await, StatusCode::NOT_FOUND).await;
-    expect(app.post_json("/auth/api-keys", &json!({"name": "  "}), Some(&token)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    expect(
+        app.post_json("/auth/api-keys", &json!({"name": "  "}), Some(&token))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
     expect(app.get("/auth/me", Some("rck_0000")).await, StatusCode::UNAUTHORIZED).await;
 }
 
 #[actix_web::test]
 async fn the_auth_flow_works_on_postgres_too() {
-    let Some(app) = TestApp::spawn_postgres().await else { return };
+    let Some(app) = TestApp::spawn_postgres().await else {
+        return;
+    };
     let (_, token) = app.user("pg@example.com").await;
     expect(app.get("/auth/me", Some(&token)).await, StatusCode::OK).await;
     let tokens = app.login("pg@example.com", "password-1234").await;
     let rotated = expect(
-        app.post_json("/auth/refresh", &json!({"refresh_token": tokens["refresh_token"]}), None).await,
+        app.post_json(
+            "/auth/refresh",
+            &json!({"refresh_token": tokens["refresh_token"]}),
+            None,
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
-    expect(app.get("/auth/me", rotated["access_token"].as_str()).await, StatusCode::OK).await;
-    let key = expect(app.post_json("/auth/api-keys", &json!({"name": "pg"}), Some(&token)).await, StatusCode::CREATED).await;
+    expect(
+        app.get("/auth/me", rotated["access_token"].as_str()).await,
+        StatusCode::OK,
+    )
+    .await;
+    let key = expect(
+        app.post_json("/auth/api-keys", &json!({"name": "pg"}), Some(&token))
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
     expect(app.get("/auth/me", key["key"].as_str()).await, StatusCode::OK).await;
     let admin = app.admin("pgadmin@example.com").await;
     let page = expect(app.get("/admin/users?plan=free", Some(&admin)).await, StatusCode::OK).await;

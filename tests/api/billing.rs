@@ -14,7 +14,8 @@ use uuid::Uuid;
 use crate::helpers::{expect, fresh_postgres_url, service_url, test_settings, TestApp};
 
 async fn probe(app: &TestApp, kind: &str, token: &str) -> reqwest::Response {
-    app.post_json(&format!("/billing/probe/{kind}"), &json!({}), Some(token)).await
+    app.post_json(&format!("/billing/probe/{kind}"), &json!({}), Some(token))
+        .await
 }
 
 /// Waits until the ledger has written `n` records of the user.
@@ -31,7 +32,16 @@ async fn wait_for_records(app: &TestApp, user_id: Uuid, n: u64) -> u64 {
 }
 
 async fn set_plan(app: &TestApp, admin: &str, user_id: &str, plan: &str) {
-    expect(app.patch_json(&format!("/admin/users/{user_id}"), &json!({"subscription_plan": plan}), admin).await, StatusCode::OK).await;
+    expect(
+        app.patch_json(
+            &format!("/admin/users/{user_id}"),
+            &json!({"subscription_plan": plan}),
+            admin,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
 }
 
 #[actix_web::test]
@@ -85,14 +95,22 @@ async fn the_chat_rate_limit_refuses_the_31st_call_in_a_minute_with_headers() {
         let resp = probe(&app, "chat", &token).await;
         assert_eq!(resp.status(), StatusCode::OK);
         assert_eq!(resp.headers()["ratelimit-limit"], "30");
-        let remaining: u32 = resp.headers()["ratelimit-remaining"].to_str().expect("ascii").parse().expect("number");
+        let remaining: u32 = resp.headers()["ratelimit-remaining"]
+            .to_str()
+            .expect("ascii")
+            .parse()
+            .expect("number");
         assert!(remaining < last_remaining);
         last_remaining = remaining;
     }
     assert_eq!(last_remaining, 0);
     let resp = probe(&app, "chat", &token).await;
     assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-    let retry: u64 = resp.headers()["retry-after"].to_str().expect("ascii").parse().expect("secs");
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("secs");
     assert!((1..=2).contains(&retry), "one call refills every 2 s: {retry}");
     assert_eq!(resp.headers()["ratelimit-remaining"], "0");
     assert_eq!(resp.headers()["ratelimit-limit"], "30");
@@ -110,7 +128,10 @@ async fn the_chat_rate_limit_refuses_the_31st_call_in_a_minute_with_headers() {
 async fn an_unreachable_redis_falls_back_to_local_limits_without_errors() {
     let mut settings = test_settings(&format!(
         "sqlite:{}",
-        std::env::temp_dir().join("ragchat-tests").join(format!("{}.db", Uuid::new_v4())).display()
+        std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("{}.db", Uuid::new_v4()))
+            .display()
     ));
     settings.redis.url = "redis://127.0.0.1:1".into(); // nothing listens there
     let app = TestApp::spawn_with(settings).await;
@@ -130,8 +151,12 @@ async fn an_unreachable_redis_falls_back_to_local_limits_without_errors() {
 
 #[actix_web::test]
 async fn two_servers_sharing_postgres_and_redis_share_limits_and_quotas() {
-    let Some(db) = fresh_postgres_url().await else { return };
-    let Some(redis) = service_url("REDIS_URL") else { return };
+    let Some(db) = fresh_postgres_url().await else {
+        return;
+    };
+    let Some(redis) = service_url("REDIS_URL") else {
+        return;
+    };
     let mut a_settings = test_settings(&db);
     a_settings.redis.url = redis.clone();
     a_settings.redis.timeout_ms = 1000;
@@ -144,7 +169,11 @@ async fn two_servers_sharing_postgres_and_redis_share_limits_and_quotas() {
     // Quota: a free user has 20 api_calls; 60 concurrent calls split over both servers.
     let (_, token) = a.user(&format!("shared-{}@example.com", Uuid::new_v4().simple())).await;
     let calls = (0..60).map(|i| probe(if i % 2 == 0 { &a } else { &b }, "api", &token));
-    let ok = join_all(calls).await.iter().filter(|r| r.status() == StatusCode::OK).count();
+    let ok = join_all(calls)
+        .await
+        .iter()
+        .filter(|r| r.status() == StatusCode::OK)
+        .count();
     assert_eq!(ok, 20);
 
     // Rate limit: a pro user's 30 chat calls a minute hold across both servers.
@@ -154,7 +183,11 @@ async fn two_servers_sharing_postgres_and_redis_share_limits_and_quotas() {
     let mut ok = 0;
     for i in 0..40 {
         let r = probe(if i % 2 == 0 { &a } else { &b }, "chat", &token).await;
-        assert!(r.status() == StatusCode::OK || r.status() == StatusCode::TOO_MANY_REQUESTS, "{}", r.status());
+        assert!(
+            r.status() == StatusCode::OK || r.status() == StatusCode::TOO_MANY_REQUESTS,
+            "{}",
+            r.status()
+        );
         ok += usize::from(r.status() == StatusCode::OK);
     }
     assert_eq!(ok, 30);
@@ -164,16 +197,37 @@ async fn two_servers_sharing_postgres_and_redis_share_limits_and_quotas() {
 async fn plans_are_listed_with_limits_prices_and_features() {
     let app = TestApp::spawn().await;
     let plans = expect(app.get("/billing/plans", None).await, StatusCode::OK).await;
-    let by_name = |n: &str| plans.as_array().and_then(|a| a.iter().find(|p| p["plan_type"] == n)).cloned().expect("plan");
+    let by_name = |n: &str| {
+        plans
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["plan_type"] == n))
+            .cloned()
+            .expect("plan")
+    };
     let free = by_name("free");
-    assert_eq!(free["limits"], json!({"messages": 10, "background_tasks": 5, "api_calls": 20, "storage_mb": 100}));
+    assert_eq!(
+        free["limits"],
+        json!({"messages": 10, "background_tasks": 5, "api_calls": 20, "storage_mb": 100})
+    );
     assert_eq!(free["price_monthly_cents"], 0);
     let pro = by_name("pro");
-    assert_eq!(pro["limits"], json!({"messages": 100, "background_tasks": 50, "api_calls": 500, "storage_mb": 1000}));
-    assert_eq!((pro["price_monthly_cents"].as_u64(), pro["price_yearly_cents"].as_u64()), (Some(2900), Some(29000)));
+    assert_eq!(
+        pro["limits"],
+        json!({"messages": 100, "background_tasks": 50, "api_calls": 500, "storage_mb": 1000})
+    );
+    assert_eq!(
+        (pro["price_monthly_cents"].as_u64(), pro["price_yearly_cents"].as_u64()),
+        (Some(2900), Some(29000))
+    );
     let ent = by_name("enterprise");
-    assert_eq!(ent["limits"], json!({"messages": 10000, "background_tasks": 1000, "api_calls": 50000, "storage_mb": 10000}));
-    assert_eq!((ent["price_monthly_cents"].as_u64(), ent["price_yearly_cents"].as_u64()), (Some(9900), Some(99000)));
+    assert_eq!(
+        ent["limits"],
+        json!({"messages": 10000, "background_tasks": 1000, "api_calls": 50000, "storage_mb": 10000})
+    );
+    assert_eq!(
+        (ent["price_monthly_cents"].as_u64(), ent["price_yearly_cents"].as_u64()),
+        (Some(9900), Some(99000))
+    );
     assert!(ent["features"].as_array().is_some_and(|f| !f.is_empty()));
 }
 
@@ -189,8 +243,13 @@ async fn a_subscription_is_made_from_the_account_plan_never_a_silent_free() {
     assert_eq!(sub["billing_cycle"], "monthly");
     assert_eq!(sub["amount_cents"], 9900);
     assert_eq!(sub["limits"]["messages"], 10000);
-    let start = chrono::DateTime::parse_from_rfc3339(sub["current_period_start"].as_str().expect("start")).expect("date");
-    assert_eq!(start.format("%d %H:%M:%S").to_string(), "01 00:00:00", "periods are calendar months");
+    let start =
+        chrono::DateTime::parse_from_rfc3339(sub["current_period_start"].as_str().expect("start")).expect("date");
+    assert_eq!(
+        start.format("%d %H:%M:%S").to_string(),
+        "01 00:00:00",
+        "periods are calendar months"
+    );
 }
 
 #[actix_web::test]
@@ -204,7 +263,12 @@ async fn upgrades_apply_now_with_proration_and_downgrades_at_period_end() {
 
     let now = Utc::now();
     let change = expect(
-        app.post_json("/billing/subscription", &json!({"plan": "pro", "billing_cycle": "monthly"}), Some(&token)).await,
+        app.post_json(
+            "/billing/subscription",
+            &json!({"plan": "pro", "billing_cycle": "monthly"}),
+            Some(&token),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
@@ -212,24 +276,53 @@ async fn upgrades_apply_now_with_proration_and_downgrades_at_period_end() {
     let period = ragchat_actors::plans::month_of(now);
     let expected = (2900.0 * period.remaining_fraction(now)).round() as i64;
     let charged = change["prorated_charge_cents"].as_i64().expect("cents");
-    assert!((charged - expected).abs() <= 1, "charged {charged}, expected {expected}");
+    assert!(
+        (charged - expected).abs() <= 1,
+        "charged {charged}, expected {expected}"
+    );
     assert_eq!(change["subscription"]["plan_type"], "pro");
     // The session's cached limits were invalidated: the 11th message now passes.
     expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
     let me = expect(app.get("/auth/me", Some(&token)).await, StatusCode::OK).await;
     assert_eq!(me["subscription_plan"], "pro");
 
-    expect(app.post_json("/billing/subscription", &json!({"plan": "pro"}), Some(&token)).await, StatusCode::CONFLICT).await;
-    let down = expect(app.post_json("/billing/subscription", &json!({"plan": "free"}), Some(&token)).await, StatusCode::OK).await;
+    expect(
+        app.post_json("/billing/subscription", &json!({"plan": "pro"}), Some(&token))
+            .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    let down = expect(
+        app.post_json("/billing/subscription", &json!({"plan": "free"}), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(down["effective"], "period_end");
     assert_eq!(down["prorated_charge_cents"], 0);
     assert_eq!(down["subscription"]["plan_type"], "pro");
     assert_eq!(down["subscription"]["pending_plan"], "free");
 
-    let cancelled = expect(app.post_json("/billing/subscription/cancel", &json!({}), Some(&token)).await, StatusCode::OK).await;
-    assert_eq!((cancelled["status"].as_str(), cancelled["auto_renew"].as_bool()), (Some("canceled"), Some(false)));
-    for bad in [json!({"plan": "gold"}), json!({"plan": "pro", "billing_cycle": "weekly"}), json!({"plan": "pro", "x": 1})] {
-        expect(app.post_json("/billing/subscription", &bad, Some(&token)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let cancelled = expect(
+        app.post_json("/billing/subscription/cancel", &json!({}), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (cancelled["status"].as_str(), cancelled["auto_renew"].as_bool()),
+        (Some("canceled"), Some(false))
+    );
+    for bad in [
+        json!({"plan": "gold"}),
+        json!({"plan": "pro", "billing_cycle": "weekly"}),
+        json!({"plan": "pro", "x": 1}),
+    ] {
+        expect(
+            app.post_json("/billing/subscription", &bad, Some(&token)).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
     }
 }
 
@@ -239,7 +332,10 @@ async fn closed_periods_are_invoiced_once_with_usage_and_pending_downgrades_appl
     let (id, token) = app.user("invoiced@example.com").await;
     let uid = Uuid::parse_str(&id).expect("uuid");
     let at = |y, m| Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0).single().expect("date");
-    let october = Period { start: at(2026, 10), end: at(2026, 11) };
+    let october = Period {
+        start: at(2026, 10),
+        end: at(2026, 11),
+    };
     app.state
         .usage
         .put_subscription(&Subscription {
@@ -270,22 +366,36 @@ async fn closed_periods_are_invoiced_once_with_usage_and_pending_downgrades_appl
         })
         .collect();
     app.state.usage.insert_usage(&records).await.expect("usage");
-    assert_eq!(app.state.usage.insert_usage(&records).await.expect("replay"), 0, "idempotent by key");
+    assert_eq!(
+        app.state.usage.insert_usage(&records).await.expect("replay"),
+        0,
+        "idempotent by key"
+    );
 
     let invoices = expect(app.get("/billing/invoices", Some(&token)).await, StatusCode::OK).await;
     let list = invoices.as_array().expect("list");
     assert!(!list.is_empty());
     let oct = &list[0];
     assert_eq!(oct["period_start"], json!(october.start));
-    assert_eq!((oct["plan_type"].as_str(), oct["plan_charge_cents"].as_u64()), (Some("pro"), Some(2900)));
+    assert_eq!(
+        (oct["plan_type"].as_str(), oct["plan_charge_cents"].as_u64()),
+        (Some("pro"), Some(2900))
+    );
     assert_eq!(oct["prorated_adjustments_cents"], 150);
     assert_eq!(oct["total_cents"], 3050);
     assert_eq!(oct["usage"]["messages"], 3);
     // November (closed too, on the free plan the downgrade switched to) if today is later.
     let again = expect(app.get("/billing/invoices", Some(&token)).await, StatusCode::OK).await;
-    assert_eq!(again.as_array().map(Vec::len), Some(list.len()), "invoices are made once");
+    assert_eq!(
+        again.as_array().map(Vec::len),
+        Some(list.len()),
+        "invoices are made once"
+    );
     let sub = expect(app.get("/billing/subscription", Some(&token)).await, StatusCode::OK).await;
-    assert_eq!(sub["plan_type"], "free", "the pending downgrade applied at the period end");
+    assert_eq!(
+        sub["plan_type"], "free",
+        "the pending downgrade applied at the period end"
+    );
     assert!(sub["pending_plan"].is_null());
     let me = expect(app.get("/auth/me", Some(&token)).await, StatusCode::OK).await;
     assert_eq!(me["subscription_plan"], "free");
@@ -304,8 +414,15 @@ async fn admin_plan_changes_and_limit_overrides_take_effect_at_once() {
     expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
 
     let (_, other) = app.user("other-free@example.com").await;
-    let put = app.client.put(app.url("/admin/settings/subscription_limits")).bearer_auth(&admin);
-    let body = expect(put.json(&json!({"free": {"messages": 2}})).send().await.expect("req"), StatusCode::OK).await;
+    let put = app
+        .client
+        .put(app.url("/admin/settings/subscription_limits"))
+        .bearer_auth(&admin);
+    let body = expect(
+        put.json(&json!({"free": {"messages": 2}})).send().await.expect("req"),
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(body["effective"]["free"]["messages"], 2);
     expect(probe(&app, "chat", &other).await, StatusCode::OK).await;
     expect(probe(&app, "chat", &other).await, StatusCode::OK).await;
@@ -313,8 +430,15 @@ async fn admin_plan_changes_and_limit_overrides_take_effect_at_once() {
     assert_eq!(refused["detail"]["limit"], 2);
     let plans = expect(app.get("/billing/plans", None).await, StatusCode::OK).await;
     assert_eq!(plans[0]["limits"]["messages"], 2);
-    let bad = app.client.put(app.url("/admin/settings/subscription_limits")).bearer_auth(&admin);
-    expect(bad.json(&json!({"free": {"tokens": 1}})).send().await.expect("req"), StatusCode::UNPROCESSABLE_ENTITY).await;
+    let bad = app
+        .client
+        .put(app.url("/admin/settings/subscription_limits"))
+        .bearer_auth(&admin);
+    expect(
+        bad.json(&json!({"free": {"tokens": 1}})).send().await.expect("req"),
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
 }
 
 #[actix_web::test]
@@ -345,7 +469,10 @@ async fn a_crashed_session_is_restarted_with_its_state_reloaded() {
 async fn idle_sessions_are_stopped_and_come_back_on_demand() {
     let mut settings = test_settings(&format!(
         "sqlite:{}",
-        std::env::temp_dir().join("ragchat-tests").join(format!("{}.db", Uuid::new_v4())).display()
+        std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("{}.db", Uuid::new_v4()))
+            .display()
     ));
     settings.sessions.idle_timeout_secs = 1;
     let app = TestApp::spawn_with(settings).await;
@@ -373,8 +500,14 @@ struct ServerProcess {
 
 impl ServerProcess {
     fn spawn(db: &str, redis: &str) -> ServerProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-        let spool = std::env::temp_dir().join("ragchat-tests").join(format!("spool-{}.jsonl", Uuid::new_v4()));
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let spool = std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("spool-{}.jsonl", Uuid::new_v4()));
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
             .arg("serve")
             .env("RAGCHAT_ENV", "test")
@@ -407,22 +540,43 @@ impl Drop for ServerProcess {
 
 #[actix_web::test]
 async fn two_server_processes_sharing_postgres_admit_exactly_the_quota() {
-    let Some(db) = fresh_postgres_url().await else { return };
-    let Some(redis) = service_url("REDIS_URL") else { return };
+    let Some(db) = fresh_postgres_url().await else {
+        return;
+    };
+    let Some(redis) = service_url("REDIS_URL") else {
+        return;
+    };
     let a = ServerProcess::spawn(&db, &redis);
     let b = ServerProcess::spawn(&db, &redis);
     let client = reqwest::Client::new();
     let creds = json!({"email": "two-procs@example.com", "password": "password-1234"});
-    let resp = client.post(format!("{}/auth/register", a.base)).json(&creds).send().await.expect("register");
+    let resp = client
+        .post(format!("{}/auth/register", a.base))
+        .json(&creds)
+        .send()
+        .await
+        .expect("register");
     assert_eq!(resp.status(), StatusCode::CREATED);
-    let tokens: Value = client.post(format!("{}/auth/login", b.base)).json(&creds).send().await.expect("login").json().await.expect("json");
+    let tokens: Value = client
+        .post(format!("{}/auth/login", b.base))
+        .json(&creds)
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
     let token = tokens["access_token"].as_str().expect("token").to_string();
     // A free user has 20 api_calls a month; 60 concurrent calls, half to each process.
     let calls = (0..60).map(|i| {
         let url = format!("{}/billing/probe/api", if i % 2 == 0 { &a.base } else { &b.base });
         client.post(url).bearer_auth(&token).json(&json!({})).send()
     });
-    let statuses: Vec<StatusCode> = join_all(calls).await.into_iter().map(|r| r.expect("response").status()).collect();
+    let statuses: Vec<StatusCode> = join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.expect("response").status())
+        .collect();
     let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
     let refused = statuses.iter().filter(|s| **s == StatusCode::TOO_MANY_REQUESTS).count();
     assert_eq!((ok, refused), (20, 40), "{statuses:?}");
@@ -434,7 +588,11 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
         return;
     }
     // A Redis of this test's own, so stopping it disturbs no other test.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let dir = std::env::temp_dir().join(format!("ragchat-redis-{}", Uuid::new_v4().simple()));
     let services = |action: &str| {
         std::process::Command::new(std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/services.sh"))
@@ -447,7 +605,10 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
     assert!(services("start").status.success());
     let mut settings = test_settings(&format!(
         "sqlite:{}",
-        std::env::temp_dir().join("ragchat-tests").join(format!("{}.db", Uuid::new_v4())).display()
+        std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("{}.db", Uuid::new_v4()))
+            .display()
     ));
     settings.redis.url = format!("redis://127.0.0.1:{port}");
     settings.redis.timeout_ms = 200;
@@ -487,8 +648,15 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(back, "back on Redis after it recovered");
-    let mut conn = redis_client.get_multiplexed_async_connection().await.expect("reconnect");
-    let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(&mut conn).await.expect("exists");
+    let mut conn = redis_client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("reconnect");
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .expect("exists");
     assert_eq!(exists, 1, "checks are made in Redis again");
     let _ = services("stop");
     let _ = std::fs::remove_dir_all(&dir);

@@ -35,14 +35,20 @@ fn production_refuses_to_start_without_its_own_jwt_secret() {
 
     // A development key does not count as a production secret.
     let out = ragchat("production", &temp_db())
-        .env("RAGCHAT__AUTH__JWT_SECRET", "dev-only-secret-not-for-production-use-0123456789")
+        .env(
+            "RAGCHAT__AUTH__JWT_SECRET",
+            "dev-only-secret-not-for-production-use-0123456789",
+        )
         .arg("migrate")
         .output()
         .expect("run");
     assert!(!out.status.success());
 
     let out = ragchat("production", &temp_db())
-        .env("RAGCHAT__AUTH__JWT_SECRET", "a-real-production-secret-of-48-random-characters")
+        .env(
+            "RAGCHAT__AUTH__JWT_SECRET",
+            "a-real-production-secret-of-48-random-characters",
+        )
         .arg("migrate")
         .output()
         .expect("run");
@@ -53,26 +59,56 @@ fn production_refuses_to_start_without_its_own_jwt_secret() {
 async fn create_user_command_makes_a_user_who_can_log_in() {
     let db = temp_db();
     let out = ragchat("test", &db)
-        .args(["create-user", "--email", "Ops@Example.com", "--password", "ops-password-1", "--plan", "pro", "--superuser"])
+        .args([
+            "create-user",
+            "--email",
+            "Ops@Example.com",
+            "--password",
+            "ops-password-1",
+            "--plan",
+            "pro",
+            "--superuser",
+        ])
         .output()
         .expect("run");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let again = ragchat("test", &db)
-        .args(["create-user", "--email", "ops@example.com", "--password", "ops-password-1"])
+        .args([
+            "create-user",
+            "--email",
+            "ops@example.com",
+            "--password",
+            "ops-password-1",
+        ])
         .output()
         .expect("run");
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
     let bad = ragchat("test", &db)
-        .args(["create-user", "--email", "x@example.com", "--password", "pw", "--plan", "gold"])
+        .args([
+            "create-user",
+            "--email",
+            "x@example.com",
+            "--password",
+            "pw",
+            "--plan",
+            "gold",
+        ])
         .output()
         .expect("run");
     assert!(!bad.status.success());
 
     let app = TestApp::spawn_with(test_settings(&db)).await;
     let tokens = app.login("ops@example.com", "ops-password-1").await;
-    let me = expect(app.get("/auth/me", tokens["access_token"].as_str()).await, StatusCode::OK).await;
-    assert_eq!((me["subscription_plan"].as_str(), me["is_superuser"].as_bool()), (Some("pro"), Some(true)));
+    let me = expect(
+        app.get("/auth/me", tokens["access_token"].as_str()).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (me["subscription_plan"].as_str(), me["is_superuser"].as_bool()),
+        (Some("pro"), Some(true))
+    );
 }
 
 #[actix_web::test]
@@ -87,7 +123,11 @@ async fn demo_users_are_seeded_in_development_only() {
         ("free@example.com", "freepassword123", "free"),
     ] {
         let tokens = app.login(email, password).await;
-        let me = expect(app.get("/auth/me", tokens["access_token"].as_str()).await, StatusCode::OK).await;
+        let me = expect(
+            app.get("/auth/me", tokens["access_token"].as_str()).await,
+            StatusCode::OK,
+        )
+        .await;
         assert_eq!(me["subscription_plan"], plan);
         assert_eq!(me["is_superuser"], email == "admin@example.com");
     }
@@ -97,13 +137,23 @@ async fn demo_users_are_seeded_in_development_only() {
     prod.auth.jwt_secret = Secret::new("a-real-production-secret-of-48-random-characters");
     prod.seed.demo_users = true;
     let app = TestApp::spawn_with(prod).await;
-    let resp = app.post_json("/auth/login", &json!({"email": "admin@example.com", "password": "adminpassword123"}), None).await;
+    let resp = app
+        .post_json(
+            "/auth/login",
+            &json!({"email": "admin@example.com", "password": "adminpassword123"}),
+            None,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
 }
 
 #[test]
 fn serve_stops_gracefully_on_sigterm() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
     let mut child = ragchat("test", &temp_db())
         .env("RAGCHAT__SERVER__PORT", port.to_string())
         .arg("serve")
@@ -125,7 +175,10 @@ fn serve_stops_gracefully_on_sigterm() {
         let _ = child.kill();
         panic!("server did not come up on port {port}");
     }
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

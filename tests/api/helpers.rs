@@ -25,7 +25,10 @@ pub async fn fresh_postgres_url() -> Option<String> {
     let base = service_url("DATABASE_URL")?;
     let name = format!("ragchat_test_{}", Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&base).await.expect("connect to DATABASE_URL");
-    sqlx::query(&format!("CREATE DATABASE {name}")).execute(&admin).await.expect("create test database");
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .expect("create test database");
     admin.close().await;
     let (prefix, rest) = base.rsplit_once('/').expect("DATABASE_URL has a database path");
     let query = rest.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
@@ -38,7 +41,10 @@ pub fn test_settings(database_url: &str) -> Settings {
     s.server.workers = 2;
     s.database.url = database_url.to_string();
     let dir = std::env::temp_dir().join("ragchat-tests");
-    s.ledger.spool_path = dir.join(format!("spool-{}.jsonl", Uuid::new_v4())).display().to_string();
+    s.ledger.spool_path = dir
+        .join(format!("spool-{}.jsonl", Uuid::new_v4()))
+        .display()
+        .to_string();
     s.ledger.flush_interval_ms = 50;
     // Models cost ~200 MB per server: only the model tests turn them on.
     s.models.enabled = false;
@@ -50,12 +56,17 @@ pub fn test_settings(database_url: &str) -> Settings {
 pub fn models_dir() -> Option<std::path::PathBuf> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models");
     if dir.join("all-minilm-l6-v2/model.safetensors").exists()
-        && dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").exists()
+        && dir
+            .join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+            .exists()
     {
         return Some(dir);
     }
     if std::env::var("RAGCHAT_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
-        panic!("models missing under {} but RAGCHAT_REQUIRE_SERVICES=1: run scripts/fetch-models", dir.display());
+        panic!(
+            "models missing under {} but RAGCHAT_REQUIRE_SERVICES=1: run scripts/fetch-models",
+            dir.display()
+        );
     }
     eprintln!("SKIPPED: models missing; run scripts/fetch-models");
     None
@@ -66,7 +77,10 @@ pub fn model_settings(dir: &std::path::Path) -> Settings {
     let mut s = test_settings(&temp_sqlite_url());
     s.models.enabled = true;
     s.models.embedding_dir = dir.join("all-minilm-l6-v2").display().to_string();
-    s.models.generator_path = dir.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf").display().to_string();
+    s.models.generator_path = dir
+        .join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .display()
+        .to_string();
     s
 }
 
@@ -107,7 +121,10 @@ impl TestApp {
         actix_web::rt::spawn(server);
         TestApp {
             address,
-            client: Client::builder().redirect(reqwest::redirect::Policy::none()).build().expect("client"),
+            client: Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
             accounts,
             state,
             handle,
@@ -135,22 +152,37 @@ impl TestApp {
     }
 
     pub async fn patch_json(&self, path: &str, body: &Value, token: &str) -> Response {
-        self.client.patch(self.url(path)).bearer_auth(token).json(body).send().await.expect("request")
+        self.client
+            .patch(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn delete(&self, path: &str, token: &str) -> Response {
-        self.client.delete(self.url(path)).bearer_auth(token).send().await.expect("request")
+        self.client
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("request")
     }
 
     pub async fn register(&self, email: &str, password: &str) -> Value {
-        let resp = self.post_json("/auth/register", &json!({"email": email, "password": password}), None).await;
+        let resp = self
+            .post_json("/auth/register", &json!({"email": email, "password": password}), None)
+            .await;
         assert_eq!(resp.status(), StatusCode::CREATED, "register {email}");
         resp.json().await.expect("json")
     }
 
     /// Logs in and returns the whole token response.
     pub async fn login(&self, email: &str, password: &str) -> Value {
-        let resp = self.post_json("/auth/login", &json!({"email": email, "password": password}), None).await;
+        let resp = self
+            .post_json("/auth/login", &json!({"email": email, "password": password}), None)
+            .await;
         assert_eq!(resp.status(), StatusCode::OK, "login {email}");
         resp.json().await.expect("json")
     }
@@ -159,7 +191,10 @@ impl TestApp {
     pub async fn user(&self, email: &str) -> (String, String) {
         let user = self.register(email, "password-1234").await;
         let tokens = self.login(email, "password-1234").await;
-        (user["id"].as_str().expect("id").to_string(), tokens["access_token"].as_str().expect("token").to_string())
+        (
+            user["id"].as_str().expect("id").to_string(),
+            tokens["access_token"].as_str().expect("token").to_string(),
+        )
     }
 
     /// Creates a superuser directly in the store and returns its access token.
@@ -177,7 +212,10 @@ impl TestApp {
         )
         .await
         .expect("create admin");
-        self.login(email, "admin-password-1234").await["access_token"].as_str().expect("token").to_string()
+        self.login(email, "admin-password-1234").await["access_token"]
+            .as_str()
+            .expect("token")
+            .to_string()
     }
 }
 

@@ -31,12 +31,24 @@ impl PrivatePostgres {
     }
 
     fn start() -> PrivatePostgres {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
         let dir = std::env::temp_dir().join(format!("ragchat-pg-{}", Uuid::new_v4().simple()));
-        let mut pg = PrivatePostgres { dir, port, url: String::new() };
+        let mut pg = PrivatePostgres {
+            dir,
+            port,
+            url: String::new(),
+        };
         let out = pg.services("start");
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(out.status.success(), "private postgres: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "private postgres: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         pg.url = stdout
             .lines()
             .find_map(|l| l.strip_prefix("DATABASE_URL="))
@@ -69,7 +81,11 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     let uid = Uuid::parse_str(&id).expect("uuid");
 
     for _ in 0..15 {
-        expect(app.post_json("/billing/probe/api", &json!({}), Some(&token)).await, StatusCode::OK).await;
+        expect(
+            app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
     }
     // PostgreSQL goes away with the 15 records still in the ledger's memory.
     let out = pg.services("stop");
@@ -103,8 +119,16 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
             break;
         }
     }
-    assert_eq!((count, stats.spooled), (15, 0), "every record replayed exactly once: {stats:?}");
+    assert_eq!(
+        (count, stats.spooled),
+        (15, 0),
+        "every record replayed exactly once: {stats:?}"
+    );
     // And service resumes where the quota stood.
-    let body = expect(app.post_json("/billing/probe/api", &json!({}), Some(&token)).await, StatusCode::OK).await;
+    let body = expect(
+        app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(body["used"], 16);
 }

@@ -13,22 +13,40 @@ fn cosine(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn vector(v: &Value) -> Vec<f64> {
-    v["embedding"].as_array().expect("embedding").iter().map(|x| x.as_f64().expect("float")).collect()
+    v["embedding"]
+        .as_array()
+        .expect("embedding")
+        .iter()
+        .map(|x| x.as_f64().expect("float"))
+        .collect()
 }
 
 async fn model_app() -> Option<(TestApp, String)> {
     let dir = models_dir()?;
     let app = TestApp::spawn_with(model_settings(&dir)).await;
-    let admin = app.admin(&format!("models-{}@example.com", uuid::Uuid::new_v4().simple())).await;
+    let admin = app
+        .admin(&format!("models-{}@example.com", uuid::Uuid::new_v4().simple()))
+        .await;
     Some((app, admin))
 }
 
 #[actix_web::test]
 async fn embeddings_are_unit_vectors_that_put_similar_sentences_close() {
-    let Some((app, token)) = model_app().await else { return };
-    let texts = ["A man is eating food.", "A man is eating a piece of bread.", "The stock market fell sharply on Monday."];
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
+    let texts = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "The stock market fell sharply on Monday.",
+    ];
     let body = expect(
-        app.post_json("/v1/embeddings", &json!({"input": texts, "model": "all-minilm-l6-v2"}), Some(&token)).await,
+        app.post_json(
+            "/v1/embeddings",
+            &json!({"input": texts, "model": "all-minilm-l6-v2"}),
+            Some(&token),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
@@ -40,16 +58,38 @@ async fn embeddings_are_unit_vectors_that_put_similar_sentences_close() {
         assert!((cosine(x, x) - 1.0).abs() < 1e-4, "unit length");
     }
     let (close, far) = (cosine(&v[0], &v[1]), cosine(&v[0], &v[2]));
-    assert!(close > 0.5 && far < 0.2 && close > far + 0.4, "close {close}, far {far}");
+    assert!(
+        close > 0.5 && far < 0.2 && close > far + 0.4,
+        "close {close}, far {far}"
+    );
     assert!(body["usage"]["prompt_tokens"].as_u64().is_some_and(|n| n >= 20));
 
     // Batching and padding do not change a vector: alone equals inside a batch.
-    let alone = expect(app.post_json("/v1/embeddings", &json!({"input": texts[0]}), Some(&token)).await, StatusCode::OK).await;
+    let alone = expect(
+        app.post_json("/v1/embeddings", &json!({"input": texts[0]}), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
     assert!(cosine(&vector(&alone["data"][0]), &v[0]) > 0.9999);
 
-    expect(app.post_json("/v1/embeddings", &json!({"input": "x", "model": "gpt-9"}), Some(&token)).await, StatusCode::NOT_FOUND).await;
-    expect(app.post_json("/v1/embeddings", &json!({"input": []}), Some(&token)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
-    expect(app.post_json("/v1/embeddings", &json!({"input": "x"}), None).await, StatusCode::UNAUTHORIZED).await;
+    expect(
+        app.post_json("/v1/embeddings", &json!({"input": "x", "model": "gpt-9"}), Some(&token))
+            .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    expect(
+        app.post_json("/v1/embeddings", &json!({"input": []}), Some(&token))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    expect(
+        app.post_json("/v1/embeddings", &json!({"input": "x"}), None).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
 }
 
 fn chat(stream: bool) -> Value {
@@ -61,17 +101,32 @@ fn chat(stream: bool) -> Value {
 /// Reads an SSE body into its `data:` payloads.
 async fn sse_events(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.expect("body");
-    text.split("\n\n").filter_map(|e| e.strip_prefix("data: ")).map(str::to_string).collect()
+    text.split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .map(str::to_string)
+        .collect()
 }
 
 #[actix_web::test]
 async fn chat_completions_answer_plain_and_streamed_identically() {
-    let Some((app, token)) = model_app().await else { return };
-    let plain = expect(app.post_json("/v1/chat/completions", &chat(false), Some(&token)).await, StatusCode::OK).await;
-    let answer = plain["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
+    let plain = expect(
+        app.post_json("/v1/chat/completions", &chat(false), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    let answer = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("content")
+        .to_string();
     assert!(!answer.trim().is_empty());
     assert!(answer.contains("Paris"), "{answer}");
-    assert!(matches!(plain["choices"][0]["finish_reason"].as_str(), Some("stop" | "length")));
+    assert!(matches!(
+        plain["choices"][0]["finish_reason"].as_str(),
+        Some("stop" | "length")
+    ));
     let usage = &plain["usage"];
     assert!(usage["prompt_tokens"].as_u64().is_some_and(|n| n > 10));
     assert_eq!(
@@ -81,18 +136,35 @@ async fn chat_completions_answer_plain_and_streamed_identically() {
 
     let resp = app.post_json("/v1/chat/completions", &chat(true), Some(&token)).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    assert!(resp.headers()["content-type"].to_str().expect("ascii").starts_with("text/event-stream"));
+    assert!(resp.headers()["content-type"]
+        .to_str()
+        .expect("ascii")
+        .starts_with("text/event-stream"));
     let events = sse_events(resp).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("json chunk")).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).expect("json chunk"))
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let streamed: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(streamed, answer, "greedy stream = greedy answer");
     assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()));
-    assert_eq!(chunks.last().map(|c| c["usage"]["completion_tokens"].clone()), Some(usage["completion_tokens"].clone()));
+    assert_eq!(
+        chunks.last().map(|c| c["usage"]["completion_tokens"].clone()),
+        Some(usage["completion_tokens"].clone())
+    );
 
     let models = expect(app.get("/v1/models", Some(&token)).await, StatusCode::OK).await;
-    let ids: Vec<&str> = models["data"].as_array().expect("data").iter().filter_map(|m| m["id"].as_str()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
     assert_eq!(ids, ["smollm2-135m-instruct", "all-minilm-l6-v2"]);
 
     // Both completions were admitted as messages and recorded with their tokens.
@@ -108,7 +180,11 @@ async fn bad_completion_requests_are_clear_4xx() {
     let app = TestApp::spawn_with(settings).await;
     let token = app.admin("ctx@example.com").await;
     let long = json!({"messages": [{"role": "user", "content": "word ".repeat(200)}]});
-    let body = expect(app.post_json("/v1/chat/completions", &long, Some(&token)).await, StatusCode::BAD_REQUEST).await;
+    let body = expect(
+        app.post_json("/v1/chat/completions", &long, Some(&token)).await,
+        StatusCode::BAD_REQUEST,
+    )
+    .await;
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("context")), "{body}");
     for bad in [
         json!({"messages": []}),
@@ -116,10 +192,19 @@ async fn bad_completion_requests_are_clear_4xx() {
         json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}),
         json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
     ] {
-        expect(app.post_json("/v1/chat/completions", &bad, Some(&token)).await, StatusCode::UNPROCESSABLE_ENTITY).await;
+        expect(
+            app.post_json("/v1/chat/completions", &bad, Some(&token)).await,
+            StatusCode::UNPROCESSABLE_ENTITY,
+        )
+        .await;
     }
     expect(
-        app.post_json("/v1/chat/completions", &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}), Some(&token)).await,
+        app.post_json(
+            "/v1/chat/completions",
+            &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}),
+            Some(&token),
+        )
+        .await,
         StatusCode::NOT_FOUND,
     )
     .await;
@@ -130,7 +215,9 @@ async fn bad_completion_requests_are_clear_4xx() {
 
 #[actix_web::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_is_not_charged() {
-    let Some((app, token)) = model_app().await else { return };
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
     let worker = app.state.generator.clone().expect("generator loaded");
     let mut req = chat(true);
     req["max_tokens"] = json!(400);
@@ -153,7 +240,9 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_is_not_charged(
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;
         let s = &worker.stats;
-        if s.active.load(std::sync::atomic::Ordering::Relaxed) == 0 && s.cancelled.load(std::sync::atomic::Ordering::Relaxed) >= 1 {
+        if s.active.load(std::sync::atomic::Ordering::Relaxed) == 0
+            && s.cancelled.load(std::sync::atomic::Ordering::Relaxed) >= 1
+        {
             freed = true;
             break;
         }
@@ -165,21 +254,46 @@ async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_is_not_charged(
 
 #[actix_web::test]
 async fn a_model_worker_panic_fails_in_flight_requests_with_503_and_the_next_succeed() {
-    let Some((app, token)) = model_app().await else { return };
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
     let generator = app.state.generator.clone().expect("generator");
     generator.inject_panic();
-    expect(app.post_json("/v1/chat/completions", &chat(false), Some(&token)).await, StatusCode::SERVICE_UNAVAILABLE).await;
-    expect(app.post_json("/v1/chat/completions", &chat(false), Some(&token)).await, StatusCode::OK).await;
+    expect(
+        app.post_json("/v1/chat/completions", &chat(false), Some(&token)).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    expect(
+        app.post_json("/v1/chat/completions", &chat(false), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
     let embedder = app.state.embedder.clone().expect("embedder");
     embedder.inject_panic();
-    expect(app.post_json("/v1/embeddings", &json!({"input": "hello"}), Some(&token)).await, StatusCode::SERVICE_UNAVAILABLE).await;
-    expect(app.post_json("/v1/embeddings", &json!({"input": "hello"}), Some(&token)).await, StatusCode::OK).await;
+    expect(
+        app.post_json("/v1/embeddings", &json!({"input": "hello"}), Some(&token))
+            .await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    expect(
+        app.post_json("/v1/embeddings", &json!({"input": "hello"}), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
 }
 
 #[actix_web::test]
 async fn the_official_openai_python_client_works_against_the_api() {
-    let Some((app, token)) = model_app().await else { return };
-    let has_client = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
+    let has_client = std::process::Command::new("python3")
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
     if !has_client {
         if std::env::var("RAGCHAT_REQUIRE_SERVICES").is_ok_and(|v| v == "1") {
             panic!("the openai Python package is missing but RAGCHAT_REQUIRE_SERVICES=1 (scripts/test installs it)");
@@ -188,13 +302,22 @@ async fn the_official_openai_python_client_works_against_the_api() {
         return;
     }
     // An API key, as API clients use.
-    let key = expect(app.post_json("/auth/api-keys", &json!({"name": "openai-client"}), Some(&token)).await, StatusCode::CREATED).await;
+    let key = expect(
+        app.post_json("/auth/api-keys", &json!({"name": "openai-client"}), Some(&token))
+            .await,
+        StatusCode::CREATED,
+    )
+    .await;
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/openai_client.py");
     let address = app.address.clone();
     let key = key["key"].as_str().expect("key").to_string();
     // The client blocks; run it off this test's single-threaded runtime.
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("python3").arg(script).arg(address).arg(key).output()
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(address)
+            .arg(key)
+            .output()
     })
     .await
     .expect("join")
