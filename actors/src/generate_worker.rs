@@ -467,6 +467,25 @@ mod tests {
         .expect("start")
     }
 
+    /// Queues a greedy request and returns its event stream.
+    fn submit(
+        w: &GenerateWorker,
+        prompt: Vec<u32>,
+        max_tokens: usize,
+        stop: Vec<String>,
+    ) -> tokio::sync::mpsc::UnboundedReceiver<GenEvent> {
+        let (tx, rx) = unbounded_channel();
+        w.submit(GenerateRequest {
+            prompt_tokens: prompt,
+            params: greedy(),
+            max_tokens,
+            stop,
+            events: tx,
+        })
+        .expect("submit");
+        rx
+    }
+
     fn greedy() -> SamplingParams {
         SamplingParams {
             temperature: 0.0,
@@ -491,15 +510,7 @@ mod tests {
     #[tokio::test]
     async fn tokens_stream_until_the_end_of_turn_token() {
         let w = worker(64);
-        let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest {
-            prompt_tokens: vec![0],
-            params: greedy(),
-            max_tokens: 50,
-            stop: vec![],
-            events: tx,
-        })
-        .expect("submit");
+        let rx = submit(&w, vec![0], 50, vec![]);
         let (text, done) = collect(rx).await;
         assert_eq!(text, "bc", "a → b → c → end of turn");
         assert!(
@@ -519,15 +530,7 @@ mod tests {
     #[tokio::test]
     async fn max_tokens_stop_strings_and_context_limits_hold() {
         let w = worker(64);
-        let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest {
-            prompt_tokens: vec![3],
-            params: greedy(),
-            max_tokens: 2,
-            stop: vec![],
-            events: tx,
-        })
-        .expect("submit");
+        let rx = submit(&w, vec![3], 2, vec![]);
         let (text, done) = collect(rx).await;
         assert_eq!(text, "ab");
         assert!(matches!(
@@ -538,15 +541,7 @@ mod tests {
             })
         ));
 
-        let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest {
-            prompt_tokens: vec![3],
-            params: greedy(),
-            max_tokens: 50,
-            stop: vec!["bc".into()],
-            events: tx,
-        })
-        .expect("submit");
+        let rx = submit(&w, vec![3], 50, vec!["bc".into()]);
         let (text, done) = collect(rx).await;
         assert_eq!(text, "a", "text stops before the stop string");
         assert!(matches!(
@@ -572,26 +567,10 @@ mod tests {
     async fn a_panic_fails_the_sequences_in_flight_and_the_worker_recovers() {
         let w = worker(64);
         w.inject_panic();
-        let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest {
-            prompt_tokens: vec![0],
-            params: greedy(),
-            max_tokens: 5,
-            stop: vec![],
-            events: tx,
-        })
-        .expect("submit");
+        let rx = submit(&w, vec![0], 5, vec![]);
         let (_, end) = collect(rx).await;
         assert!(matches!(end, Some(GenEvent::Error(_, false))), "{end:?}");
-        let (tx, rx) = unbounded_channel();
-        w.submit(GenerateRequest {
-            prompt_tokens: vec![0],
-            params: greedy(),
-            max_tokens: 5,
-            stop: vec![],
-            events: tx,
-        })
-        .expect("submit");
+        let rx = submit(&w, vec![0], 5, vec![]);
         assert_eq!(collect(rx).await.0, "bc");
         assert_eq!(w.stats.restarts.load(Ordering::Relaxed), 1);
     }

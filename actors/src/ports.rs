@@ -57,7 +57,7 @@ pub trait AccountStore: Send + Sync + 'static {
     async fn list_api_keys(&self, user_id: Uuid) -> StoreResult<Vec<ApiKey>>;
     /// Revokes a key of this user; false when no live key of this user has that id.
     async fn revoke_api_key(&self, user_id: Uuid, key_id: Uuid) -> StoreResult<bool>;
-    /// The live key with this hash, its last_used_at updated.
+    /// The live key with this hash; last_used_at is refreshed when older than a minute.
     async fn use_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKey>>;
 
     async fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;

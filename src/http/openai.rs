@@ -42,6 +42,16 @@ pub fn model_error(e: ModelError) -> ApiError {
     }
 }
 
+/// A request may name the model; it must be the one this server runs.
+fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
+    match requested {
+        Some(m) if m != served => Err(ApiError::NotFound(format!(
+            "Model '{m}' not found: this server runs '{served}'"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 fn not_loaded(what: &str) -> ApiError {
     ApiError::Unavailable(format!(
         "The {what} model is not loaded on this server (run scripts/fetch-models)"
@@ -88,11 +98,7 @@ pub async fn embeddings(
     let worker = state.embedder.clone().ok_or_else(|| not_loaded("embedding"))?;
     let name = state.settings.models.embedding_name.clone();
     let body = body.into_inner();
-    if let Some(m) = body.model.as_deref().filter(|m| *m != name) {
-        return Err(ApiError::NotFound(format!(
-            "Model '{m}' not found: this server embeds with '{name}'"
-        )));
-    }
+    check_model(body.model.as_deref(), &name)?;
     let base64 = match body.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -255,11 +261,7 @@ pub async fn chat_completions(
     let worker = state.generator.clone().ok_or_else(|| not_loaded("generation"))?;
     let name = state.settings.models.generator_name.clone();
     let req = body.into_inner();
-    if let Some(m) = req.model.as_deref().filter(|m| *m != name) {
-        return Err(ApiError::NotFound(format!(
-            "Model '{m}' not found: this server generates with '{name}'"
-        )));
-    }
+    check_model(req.model.as_deref(), &name)?;
     let mut rx = start_generation(&state, &worker, &req)?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
     let created = Utc::now().timestamp();

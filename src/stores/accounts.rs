@@ -259,17 +259,22 @@ macro_rules! sql_accounts {
             }
 
             async fn use_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKey>> {
-                let sql = format!(
-                    "UPDATE api_keys SET last_used_at = $2 WHERE key_hash = $1 AND revoked_at IS NULL \
-                     RETURNING {KEY_COLUMNS}"
-                );
-                let row = sqlx::query(&sql)
-                    .bind(key_hash)
-                    .bind(Utc::now())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(store_error)?;
-                row.as_ref().map(Self::api_key).transpose()
+                let sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL");
+                let row = sqlx::query(&sql).bind(key_hash).fetch_optional(&self.pool).await.map_err(store_error)?;
+                let Some(mut key) = row.as_ref().map(Self::api_key).transpose()? else { return Ok(None) };
+                // Authentication is a hot path: last_used_at is written at most once a
+                // minute per key, not on every request.
+                let now = Utc::now();
+                if key.last_used_at.is_none_or(|t| now - t > chrono::Duration::seconds(60)) {
+                    sqlx::query("UPDATE api_keys SET last_used_at = $2 WHERE id = $1")
+                        .bind(key.id)
+                        .bind(now)
+                        .execute(&self.pool)
+                        .await
+                        .map_err(store_error)?;
+                    key.last_used_at = Some(now);
+                }
+                Ok(Some(key))
             }
 
             async fn insert_refresh_token(&self, t: &RefreshToken) -> StoreResult<()> {

@@ -76,6 +76,17 @@ macro_rules! sql_usage {
                 })
             }
 
+            /// Rows of (resource_type, n) as a map.
+            fn per_resource(rows: &[$row]) -> StoreResult<BTreeMap<Resource, u64>> {
+                rows.iter()
+                    .map(|r| {
+                        let name: String = r.try_get("resource_type").map_err(store_error)?;
+                        let n: i64 = r.try_get("n").map_err(store_error)?;
+                        Ok((parse::<Resource>(&name)?, to_u64(n)))
+                    })
+                    .collect()
+            }
+
             async fn counter(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>) -> StoreResult<u64> {
                 let used: Option<i64> = sqlx::query_scalar(
                     "SELECT used FROM quota_counters WHERE user_id = $1 AND resource_type = $2 AND period_start = $3",
@@ -158,19 +169,13 @@ macro_rules! sql_usage {
             }
 
             async fn counters(&self, user_id: Uuid, period_start: DateTime<Utc>) -> StoreResult<BTreeMap<Resource, u64>> {
-                let rows = sqlx::query("SELECT resource_type, used FROM quota_counters WHERE user_id = $1 AND period_start = $2")
+                let rows = sqlx::query("SELECT resource_type, used AS n FROM quota_counters WHERE user_id = $1 AND period_start = $2")
                     .bind(user_id)
                     .bind(period_start)
                     .fetch_all(&self.pool)
                     .await
                     .map_err(store_error)?;
-                let mut out = BTreeMap::new();
-                for r in rows {
-                    let name: String = r.try_get("resource_type").map_err(store_error)?;
-                    let used: i64 = r.try_get("used").map_err(store_error)?;
-                    out.insert(parse::<Resource>(&name)?, to_u64(used));
-                }
-                Ok(out)
+                Self::per_resource(&rows)
             }
 
             async fn insert_usage(&self, records: &[UsageRecord]) -> StoreResult<u64> {
@@ -201,7 +206,7 @@ macro_rules! sql_usage {
 
             async fn usage_totals(&self, user_id: Uuid, period: Period) -> StoreResult<BTreeMap<Resource, u64>> {
                 let rows = sqlx::query(
-                    "SELECT resource_type, CAST(SUM(quantity) AS BIGINT) AS total FROM usage_records \
+                    "SELECT resource_type, CAST(SUM(quantity) AS BIGINT) AS n FROM usage_records \
                      WHERE user_id = $1 AND billing_period_start >= $2 AND billing_period_start < $3 \
                      GROUP BY resource_type",
                 )
@@ -211,13 +216,7 @@ macro_rules! sql_usage {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(store_error)?;
-                let mut out = BTreeMap::new();
-                for r in rows {
-                    let name: String = r.try_get("resource_type").map_err(store_error)?;
-                    let total: i64 = r.try_get("total").map_err(store_error)?;
-                    out.insert(parse::<Resource>(&name)?, to_u64(total));
-                }
-                Ok(out)
+                Self::per_resource(&rows)
             }
 
             async fn usage_record_count(&self, user_id: Uuid) -> StoreResult<u64> {
