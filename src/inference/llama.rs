@@ -17,6 +17,7 @@ use candle_nn::Embedding;
 use candle_transformers::quantized_nn::RmsNorm;
 use ragchat_actors::inference::{CausalLm, ModelError};
 
+use super::fast::{attend_head, FastWeights, KvBuf, LayerParts};
 use super::model_error;
 
 /// From this many rows on, a linear layer uses its f32 copy (RAGCHAT_DENSE_MIN_ROWS
@@ -32,59 +33,39 @@ fn dense_min_rows() -> usize {
 }
 
 struct Linear {
-    q: QMatMul,
-    /// Our kernel for Q4_1 weights (candle has no SIMD path for them).
-    q41: Option<super::q4::Q41Matrix>,
+    /// candle's quantized product; None when the fast path serves every small input.
+    q: Option<QMatMul>,
     dense: Option<Tensor>,
 }
 
-/// Our Q4_1 kernel is opt-in (RAGCHAT_Q41_KERNEL=1) until it beats candle's path
-/// end to end: measured 2026-11-29, decode 20.8 tok/s with it against 33.8 without
-/// (1 stream), 41.5 against 44.7 (8 streams) — see BENCHMARKS.md.
-fn q41_kernel_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RAGCHAT_Q41_KERNEL").is_ok_and(|v| v == "1"))
-}
-
 impl Linear {
-    fn new(t: QTensor, dense: bool) -> candle_core::Result<Self> {
+    fn new(t: QTensor, dense: bool, quantized: bool) -> candle_core::Result<Self> {
         let d = if dense { Some(t.dequantize(&Device::Cpu)?) } else { None };
-        let q41 = match (t.dtype(), t.shape().dims()) {
-            (candle_core::quantized::GgmlDType::Q4_1, &[rows, cols]) if q41_kernel_enabled() => {
-                super::q4::Q41Matrix::new(t.data()?.into_owned(), rows, cols)
-            }
-            _ => None,
-        };
         Ok(Linear {
-            q: QMatMul::from_qtensor(t)?,
-            q41,
+            q: if quantized {
+                Some(QMatMul::from_qtensor(t)?)
+            } else {
+                None
+            },
             dense: d,
         })
     }
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let rows = x.elem_count() / x.dim(D::Minus1)?;
-        if let Some(m) = &self.q41 {
+        if let Some(q) = &self.q {
             if rows < dense_min_rows() || self.dense.is_none() {
-                let mut dims = x.dims().to_vec();
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let y = m.matmul(&xs, rows);
-                if let Some(last) = dims.last_mut() {
-                    *last = m.rows();
-                }
-                return Tensor::from_vec(y, dims, &Device::Cpu);
+                return q.forward(x);
             }
         }
-        match &self.dense {
-            Some(w) if rows >= dense_min_rows() => {
-                let w = match *x.dims() {
-                    [b, _, _] => w.broadcast_left(b)?.t()?,
-                    _ => w.t()?,
-                };
-                x.matmul(&w)
-            }
-            _ => self.q.forward(x),
-        }
+        let Some(w) = &self.dense else {
+            candle_core::bail!("linear layer without weights for the tensor path")
+        };
+        let w = match *x.dims() {
+            [b, _, _] => w.broadcast_left(b)?.t()?,
+            _ => w.t()?,
+        };
+        x.matmul(&w)
     }
 }
 
@@ -111,6 +92,45 @@ pub struct LlamaWeights {
     cos: Tensor,
     sin: Tensor,
     context_len: usize,
+    /// The slice forward for decode steps and short inputs, when every linear
+    /// layer has one of our kernels (RAGCHAT_FAST_DECODE=0 turns it off, for
+    /// measurements).
+    fast: Option<FastWeights>,
+}
+
+fn fast_enabled() -> bool {
+    std::env::var("RAGCHAT_FAST_DECODE").map_or(true, |v| v != "0")
+}
+
+/// Whether our kernels cover every product of the model: each linear layer and
+/// the output head (or the embeddings it is tied to) in Q4_1 or Q8_0.
+fn fast_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
+    use candle_core::quantized::GgmlDType;
+    let ok = |name: &str| {
+        ct.tensor_infos
+            .get(name)
+            .is_some_and(|t| matches!(t.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0))
+    };
+    let head = if ct.tensor_infos.contains_key("output.weight") {
+        "output.weight"
+    } else {
+        "token_embd.weight"
+    };
+    ok("token_embd.weight")
+        && ok(head)
+        && (0..n_layer).all(|i| {
+            [
+                "attn_q",
+                "attn_k",
+                "attn_v",
+                "attn_output",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_down",
+            ]
+            .iter()
+            .all(|n| ok(&format!("blk.{i}.{n}.weight")))
+        })
 }
 
 impl LlamaWeights {
@@ -142,25 +162,67 @@ impl LlamaWeights {
             .get("llama.rope.freq_base")
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10000.0);
+        let head_dim = hidden / n_head;
+        let use_fast = fast_enabled() && rope_dim == head_dim && fast_covers(ct, n_layer);
+        // With the fast path, candle's quantized products are not needed: small
+        // inputs go to ours, large ones to the f32 copy (or ours, without one).
+        let keep_q = !use_fast;
         let mut t = |name: &str| ct.tensor(r, name, &dev).map_err(model_error);
-        let embed_q = t("token_embd.weight")?;
-        let embed = Embedding::new(embed_q.dequantize(&dev).map_err(model_error)?, hidden);
-        let norm = RmsNorm::from_qtensor(t("output_norm.weight")?, eps).map_err(model_error)?;
-        let output = match t("output.weight") {
-            Ok(w) => w,
-            Err(_) => embed_q,
+        let fast_of = |q: &QTensor| {
+            super::fast::qmat(q).ok_or_else(|| ModelError::Internal("no kernel for a fast-path tensor".into()))
         };
-        let output = Linear::new(output, dense_prefill).map_err(model_error)?;
+        let vec_of = |q: &QTensor| {
+            super::fast::f32_vec(q).ok_or_else(|| ModelError::Internal("cannot read a norm vector".into()))
+        };
+        let embed_q = t("token_embd.weight")?;
+        let fast_embed = if use_fast { Some(fast_of(&embed_q)?) } else { None };
+        let embed = Embedding::new(embed_q.dequantize(&dev).map_err(model_error)?, hidden);
+        let norm_q = t("output_norm.weight")?;
+        let fast_norm = if use_fast { Some(vec_of(&norm_q)?) } else { None };
+        let norm = RmsNorm::from_qtensor(norm_q, eps).map_err(model_error)?;
+        let (output, tied) = match t("output.weight") {
+            Ok(w) => (w, false),
+            Err(_) => (embed_q, true),
+        };
+        let fast_output = if use_fast && !tied {
+            Some(fast_of(&output)?)
+        } else {
+            None
+        };
+        let output = Linear::new(output, dense_prefill, keep_q).map_err(model_error)?;
         let mut layers = Vec::with_capacity(n_layer);
+        let mut fast_layers = Vec::with_capacity(n_layer);
         for i in 0..n_layer {
             let p = format!("blk.{i}");
+            let mut parts = Vec::with_capacity(7);
             let mut lin = |n: &str| -> Result<Linear, ModelError> {
-                Linear::new(t(&format!("{p}.{n}.weight"))?, dense_prefill).map_err(model_error)
+                let q = t(&format!("{p}.{n}.weight"))?;
+                if use_fast {
+                    parts.push(fast_of(&q)?);
+                }
+                Linear::new(q, dense_prefill, keep_q).map_err(model_error)
             };
             let (wq, wk, wv, wo) = (lin("attn_q")?, lin("attn_k")?, lin("attn_v")?, lin("attn_output")?);
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
-            let attn_norm = RmsNorm::from_qtensor(t(&format!("{p}.attn_norm.weight"))?, eps).map_err(model_error)?;
-            let ffn_norm = RmsNorm::from_qtensor(t(&format!("{p}.ffn_norm.weight"))?, eps).map_err(model_error)?;
+            let attn_norm_q = t(&format!("{p}.attn_norm.weight"))?;
+            let ffn_norm_q = t(&format!("{p}.ffn_norm.weight"))?;
+            if use_fast {
+                let mut it = parts.into_iter();
+                let mut next = || it.next().ok_or_else(|| ModelError::Internal("layer parts".into()));
+                fast_layers.push(LayerParts {
+                    q: next()?,
+                    k: next()?,
+                    v: next()?,
+                    o: next()?,
+                    gate: next()?,
+                    up: next()?,
+                    down: next()?,
+                    attn_norm: vec_of(&attn_norm_q)?,
+                    ffn_norm: vec_of(&ffn_norm_q)?,
+                });
+            }
+            let attn_norm = RmsNorm::from_qtensor(attn_norm_q, eps).map_err(model_error)?;
+            let ffn_norm = RmsNorm::from_qtensor(ffn_norm_q, eps).map_err(model_error)?;
             layers.push(Layer {
                 wq,
                 wk,
@@ -172,6 +234,27 @@ impl LlamaWeights {
                 attn_norm,
                 ffn_norm,
             });
+        }
+        let fast = match (fast_embed, fast_norm) {
+            (Some(e), Some(n)) => FastWeights::new(
+                e,
+                fast_output,
+                fast_layers,
+                n,
+                super::fast::Shape {
+                    n_head,
+                    n_kv_head,
+                    head_dim,
+                    eps: eps as f32,
+                    context_len,
+                    freq_base,
+                },
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
+            _ => None,
+        };
+        if use_fast && fast.is_none() {
+            return Err(ModelError::Internal("the fast path rejected the model's shape".into()));
         }
         // RoPE tables (GGUF llama weights use the interleaved convention).
         let theta: Vec<f32> = (0..rope_dim)
@@ -193,20 +276,13 @@ impl LlamaWeights {
             output,
             n_head,
             n_kv_head,
-            head_dim: hidden / n_head,
+            head_dim,
             cos,
             sin,
             context_len,
+            fast,
         })
     }
-}
-
-/// One layer's KV cache of one sequence, laid out [position][kv head][head dim]
-/// so a decode step appends one row and reads each head with a fixed stride.
-#[derive(Default, Clone)]
-struct KvBuf {
-    k: Vec<f32>,
-    v: Vec<f32>,
 }
 
 /// One sequence: shared weights, its own KV cache.
@@ -215,45 +291,14 @@ pub struct LlamaSeq {
     cache: Vec<KvBuf>,
 }
 
-/// Decode attention for one new position, on plain slices: for each query head,
-/// scores against every cached key of its kv head, softmax, weighted sum of values.
-/// At batch 1 this is far cheaper than generic matmuls (no transposes, no
-/// repeat_kv copies, no GEMM packing).
+/// Decode attention for one new position, on plain slices (for models that
+/// take the tensor path; the fast path does the same inside its step).
 fn attend_one(q: &[f32], kv: &KvBuf, n_head: usize, n_kv_head: usize, hd: usize) -> Vec<f32> {
-    let row = n_kv_head * hd;
-    let len = kv.k.len() / row;
-    let rep = n_head / n_kv_head;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let len = kv.k.len() / (n_kv_head * hd);
     let mut out = vec![0f32; n_head * hd];
-    let mut scores = vec![0f32; len];
-    for h in 0..n_head {
-        let g = h / rep;
-        let qh = &q[h * hd..(h + 1) * hd];
-        let mut max = f32::NEG_INFINITY;
-        for (t, sc) in scores.iter_mut().enumerate() {
-            let kt = &kv.k[t * row + g * hd..t * row + (g + 1) * hd];
-            let mut acc = [0f32; 8];
-            for (qc, kc) in qh.chunks_exact(8).zip(kt.chunks_exact(8)) {
-                for l in 0..8 {
-                    acc[l] = qc[l].mul_add(kc[l], acc[l]);
-                }
-            }
-            *sc = acc.iter().sum::<f32>() * scale;
-            max = max.max(*sc);
-        }
-        let mut total = 0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            total += *sc;
-        }
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        for (t, p) in scores.iter().enumerate() {
-            let p = p / total;
-            let vt = &kv.v[t * row + g * hd..t * row + (g + 1) * hd];
-            for (o, x) in oh.iter_mut().zip(vt) {
-                *o = p.mul_add(*x, *o);
-            }
-        }
+    let mut scores = Vec::with_capacity(len);
+    for (h, o) in out.chunks_exact_mut(hd).enumerate() {
+        attend_head(&q[h * hd..(h + 1) * hd], h, n_head, n_kv_head, kv, len, &mut scores, o);
     }
     out
 }
@@ -329,6 +374,16 @@ impl LlamaSeq {
     fn run(&mut self, tokens: &[u32], pos: usize) -> candle_core::Result<Vec<f32>> {
         let dev = Device::Cpu;
         let n = tokens.len();
+        let w = self.w.clone();
+        if let Some(fast) = &w.fast {
+            if n < dense_min_rows() || w.output.dense.is_none() {
+                let positions: Vec<usize> = (pos..pos + n).collect();
+                let mut logits = fast
+                    .forward(&mut [&mut self.cache], &vec![0; n], tokens, &positions, &[n - 1])
+                    .map_err(candle_core::Error::msg)?;
+                return logits.pop().ok_or_else(|| candle_core::Error::msg("no logits"));
+            }
+        }
         let input = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
         let mut h = self.w.embed.forward(&input)?;
         // Additive causal mask over (new tokens) × (cached + new tokens).
@@ -341,7 +396,6 @@ impl LlamaSeq {
         } else {
             None
         };
-        let w = self.w.clone();
         for (i, l) in w.layers.iter().enumerate() {
             let x = l.attn_norm.forward(&h)?;
             let y = self.attend(
@@ -375,6 +429,13 @@ fn decode_rows(
     positions: &[usize],
 ) -> candle_core::Result<Vec<Vec<f32>>> {
     let b = seqs.len();
+    if let Some(fast) = &w.fast {
+        let mut caches: Vec<&mut Vec<KvBuf>> = seqs.iter_mut().map(|s| &mut s.cache).collect();
+        let rows: Vec<usize> = (0..b).collect();
+        return fast
+            .forward(&mut caches, &rows, tokens, positions, &rows)
+            .map_err(candle_core::Error::msg);
+    }
     let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(1)?; // (B, 1)
     let mut h = w.embed.forward(&input)?; // (B, 1, hidden)
     for (i, l) in w.layers.iter().enumerate() {
@@ -556,6 +617,40 @@ mod tests {
         for (a, b) in alone.iter().zip(&together) {
             assert!(cosine(a, b) > 0.9999, "{}", cosine(a, b));
             assert_eq!(argmax(a), argmax(b));
+        }
+    }
+}
+
+#[cfg(test)]
+mod profile {
+    //! `cargo test --release --lib decode_profile -- --ignored --nocapture` (for perf).
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn decode_profile() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mut f = std::fs::File::open(&path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let w = Arc::new(LlamaWeights::from_gguf(&ct, &mut f, 2048, true).expect("model"));
+        let n: usize = std::env::var("STEPS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+        for b in [1usize, 8] {
+            let template = LlamaSeq::new(w.clone());
+            let mut seqs: Vec<Box<dyn CausalLm>> = (0..b).map(|_| template.fork()).collect();
+            let prompt: Vec<u32> = (0..32).map(|i| 100 + i).collect();
+            for s in seqs.iter_mut() {
+                s.forward(&prompt, 0).expect("prefill");
+            }
+            let started = std::time::Instant::now();
+            for step in 0..n / b {
+                let mut refs: Vec<&mut Box<dyn CausalLm>> = seqs.iter_mut().collect();
+                let toks = vec![7u32; b];
+                let pos = vec![32 + step; b];
+                template.decode_batch(&mut refs, &toks, &pos).expect("step");
+            }
+            let rate = (n / b * b) as f64 / started.elapsed().as_secs_f64();
+            eprintln!("batch {b}: {rate:.1} tok/s");
         }
     }
 }

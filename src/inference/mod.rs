@@ -3,9 +3,11 @@
 //! tokenizer.json is given.
 
 pub mod bert;
+pub mod fast;
 pub mod gguf;
 pub mod llama;
-pub mod q4;
+pub mod pool;
+pub mod qmat;
 
 use ragchat_actors::inference::ModelError;
 

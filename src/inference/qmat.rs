@@ -1,0 +1,458 @@
+//! Our quantized matrix products for the llama decode step, for the two GGUF
+//! block types of the development model: Q4_1 (every linear layer of SmolLM2 Q4_1)
+//! and Q8_0 (its token embeddings, tied to the output head). candle 0.11 has no
+//! SIMD path for Q4_1 (its `vec_dot` is the scalar reference) and runs every
+//! product through its tensor machinery, which costs more than the product at
+//! one row. Here, as in ggml: activations are quantized to Q8 blocks once per
+//! product, each weight block is expanded once and multiplied with the matching
+//! block of up to eight activation rows (the batched decode step), using AVX2
+//! integer multiply-adds (`maddubs`: u8 × i8 → i16 pairs → i32), and output rows are
+//! shared among the threads of a [`Pool`].
+//!
+//! Block layouts (32 values):
+//! - Q4_1: f16 d, f16 m, 16 bytes of nibbles (low nibble = value j, high = value
+//!   j + 16); value = q·d + m.
+//! - Q8_0: f16 d, 32 i8; value = q·d.
+//! - Q8 activations: f32 d and s = d·Σq per block, 32 i8.
+//!
+//! Dot of a Q4_1 block with an activation block = d4·d8·Σ(q4·q8) + m4·s8; of a
+//! Q8_0 block = d·d8·Σ(q·q8).
+
+use half::f16;
+
+use super::pool::{share, Pool, SyncPtr};
+
+const BLOCK: usize = 32;
+/// Activation rows handled per pass over a weight row.
+const GROUP: usize = 4;
+/// How far ahead of the current weight block to prefetch, in bytes.
+const PREFETCH: usize = 2048;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Q41,
+    Q80,
+}
+
+impl Kind {
+    fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q41 => 20,
+            Kind::Q80 => 34,
+        }
+    }
+}
+
+/// A quantized (rows, cols) matrix, row-major, in GGUF block layout.
+pub struct QMat {
+    kind: Kind,
+    raw: Vec<u8>,
+    rows: usize,
+    cols: usize,
+}
+
+/// `b` activation rows in Q8 blocks.
+pub struct Q8Acts {
+    b: usize,
+    nb: usize,
+    d: Vec<f32>,
+    s: Vec<f32>,
+    q: Vec<i8>,
+}
+
+impl Q8Acts {
+    /// `x`: b rows of `cols` values (cols a multiple of 32).
+    pub fn quantize(x: &[f32], cols: usize) -> Q8Acts {
+        let b = x.len() / cols;
+        let nb = cols / BLOCK;
+        let mut a = Q8Acts {
+            b,
+            nb,
+            d: Vec::with_capacity(b * nb),
+            s: Vec::with_capacity(b * nb),
+            q: Vec::with_capacity(b * cols),
+        };
+        for blk in x.chunks_exact(BLOCK) {
+            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let mut sum = 0i32;
+            for v in blk {
+                let q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                sum += i32::from(q);
+                a.q.push(q);
+            }
+            a.d.push(d);
+            a.s.push(d * sum as f32);
+        }
+        a
+    }
+
+    fn row(&self, i: usize) -> ActRow<'_> {
+        ActRow {
+            d: &self.d[i * self.nb..(i + 1) * self.nb],
+            s: &self.s[i * self.nb..(i + 1) * self.nb],
+            q: &self.q[i * self.nb * BLOCK..(i + 1) * self.nb * BLOCK],
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ActRow<'a> {
+    d: &'a [f32],
+    s: &'a [f32],
+    q: &'a [i8],
+}
+
+impl QMat {
+    /// `raw`: GGUF data of a (rows, cols) matrix of `kind` blocks.
+    pub fn new(kind: Kind, raw: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
+        (cols.is_multiple_of(BLOCK) && raw.len() == rows * cols / BLOCK * kind.block_bytes()).then_some(QMat {
+            kind,
+            raw,
+            rows,
+            cols,
+        })
+    }
+
+    /// Stacks matrices of the same kind and width (e.g. q, k and v into one product).
+    pub fn stack(parts: Vec<QMat>) -> Option<QMat> {
+        let first = parts.first()?;
+        let (kind, cols) = (first.kind, first.cols);
+        if parts.iter().any(|p| p.kind != kind || p.cols != cols) {
+            return None;
+        }
+        let rows = parts.iter().map(|p| p.rows).sum();
+        let raw = parts.into_iter().flat_map(|p| p.raw).collect();
+        QMat::new(kind, raw, rows, cols)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    fn stride(&self) -> usize {
+        self.cols / BLOCK * self.kind.block_bytes()
+    }
+
+    /// Row `r` in f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        let stride = self.stride();
+        let row = &self.raw[r * stride..(r + 1) * stride];
+        for (blk, o) in row
+            .chunks_exact(self.kind.block_bytes())
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            match self.kind {
+                Kind::Q41 => {
+                    let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                    for j in 0..16 {
+                        o[j] = f32::from(blk[4 + j] & 0x0F) * d + m;
+                        o[j + 16] = f32::from(blk[4 + j] >> 4) * d + m;
+                    }
+                }
+                Kind::Q80 => {
+                    for (v, q) in o.iter_mut().zip(&blk[2..]) {
+                        *v = f32::from(*q as i8) * d;
+                    }
+                }
+            }
+        }
+    }
+
+    /// `out` (b × rows) = x · selfᵀ, output rows shared among the pool's threads.
+    pub fn matmul(&self, x: &Q8Acts, out: &mut [f32], pool: &Pool) {
+        assert_eq!(x.nb * BLOCK, self.cols, "activation width");
+        assert_eq!(out.len(), x.b * self.rows, "output size");
+        let ptr = SyncPtr(out.as_mut_ptr());
+        let parts = pool.threads();
+        pool.run(&|t| {
+            let range = share(self.rows, parts, t, 16);
+            // SAFETY: each thread writes only the columns of its own range of weight rows.
+            unsafe { self.rows_into(x, range, ptr) }
+        });
+    }
+
+    /// # Safety
+    /// `out` must point to b × rows floats that no one else writes in `range`'s columns.
+    unsafe fn rows_into(&self, x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr) {
+        let stride = self.stride();
+        let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+        let mut dots = [0f32; GROUP];
+        for r in range {
+            let row = &self.raw[r * stride..(r + 1) * stride];
+            let mut g0 = 0;
+            while g0 < x.b {
+                let n = (x.b - g0).min(GROUP);
+                let mut ys = [x.row(g0); GROUP];
+                for (i, y) in ys.iter_mut().enumerate().take(n) {
+                    *y = x.row(g0 + i);
+                }
+                if simd {
+                    dot_avx2(self.kind, row, x.nb, &ys[..n], &mut dots);
+                } else {
+                    dot_scalar(self.kind, row, x.nb, &ys[..n], &mut dots);
+                }
+                for (i, v) in dots.iter().enumerate().take(n) {
+                    *out.add((g0 + i) * self.rows + r) = *v;
+                }
+                g0 += n;
+            }
+        }
+    }
+}
+
+fn dot_scalar(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
+    let bb = kind.block_bytes();
+    for (y, o) in ys.iter().zip(out.iter_mut()) {
+        let mut total = 0f32;
+        for k in 0..nb {
+            let blk = &row[k * bb..(k + 1) * bb];
+            let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+            let qy = &y.q[k * BLOCK..(k + 1) * BLOCK];
+            let mut isum = 0i32;
+            match kind {
+                Kind::Q41 => {
+                    for j in 0..16 {
+                        isum += i32::from(blk[4 + j] & 0x0F) * i32::from(qy[j]);
+                        isum += i32::from(blk[4 + j] >> 4) * i32::from(qy[j + 16]);
+                    }
+                    let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                    total += m * y.s[k];
+                }
+                Kind::Q80 => {
+                    for j in 0..BLOCK {
+                        isum += i32::from(blk[2 + j] as i8) * i32::from(qy[j]);
+                    }
+                }
+            }
+            total += d * y.d[k] * isum as f32;
+        }
+        *o = total;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    let s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+    _mm_cvtss_f32(s1)
+}
+
+/// Dot products of one weight row with `N` activation rows. The accumulators
+/// stay in registers (N is a constant); with one or two rows, even and odd blocks
+/// go to separate accumulators so that consecutive blocks do not wait on each
+/// other's multiply-add.
+macro_rules! dot_kernel {
+    ($name:ident, $bytes:expr, |$blk:ident, $y:ident, $k:ident| $block:expr) => {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn $name<const N: usize>(row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
+            use std::arch::x86_64::*;
+            debug_assert!(ys.len() >= N && out.len() >= N && row.len() >= nb * $bytes);
+            let mut acc0 = [_mm256_setzero_ps(); N];
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let mut mins0 = [0f32; N];
+            let mut mins1 = [0f32; N];
+            macro_rules! step {
+                ($kk:expr, $acc:ident, $mins:ident) => {{
+                    let $k = $kk;
+                    let $blk = row.as_ptr().add($k * $bytes);
+                    _mm_prefetch::<_MM_HINT_T0>($blk.wrapping_add(PREFETCH) as *const i8);
+                    for i in 0..N {
+                        let $y = ys.get_unchecked(i);
+                        let (v, m): (__m256, f32) = $block;
+                        $acc[i] = _mm256_add_ps($acc[i], v);
+                        $mins[i] += m;
+                    }
+                }};
+            }
+            let mut k = 0;
+            if N <= 2 {
+                while k + 1 < nb {
+                    step!(k, acc0, mins0);
+                    step!(k + 1, acc1, mins1);
+                    k += 2;
+                }
+            }
+            while k < nb {
+                step!(k, acc0, mins0);
+                k += 1;
+            }
+            for i in 0..N {
+                out[i] = hsum(_mm256_add_ps(acc0[i], acc1[i])) + mins0[i] + mins1[i];
+            }
+        }
+    };
+}
+
+// Q4_1: 16 bytes of nibbles → 32 bytes (values 0..15 in the low lane, 16..31 in
+// the high), d·d8·Σ(q4·q8) as a vector and m·s8 as the scalar part.
+dot_kernel!(q41_dot_avx2, 20, |blk, y, k| {
+    let d = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+    let m = f16::from_le_bytes([*blk.add(2), *blk.add(3)]).to_f32();
+    let packed = _mm_loadu_si128(blk.add(4) as *const __m128i);
+    let q4 = _mm256_and_si256(
+        _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed),
+        _mm256_set1_epi8(0x0F),
+    );
+    let qy = _mm256_loadu_si256(y.q.as_ptr().add(k * BLOCK) as *const __m256i);
+    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q4, qy), _mm256_set1_epi16(1)));
+    (
+        _mm256_mul_ps(_mm256_set1_ps(d * *y.d.get_unchecked(k)), sums),
+        m * *y.s.get_unchecked(k),
+    )
+});
+
+// Q8_0: maddubs multiplies unsigned by signed, so the weights' signs move onto y.
+dot_kernel!(q80_dot_avx2, 34, |blk, y, k| {
+    let d = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+    let w = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+    let qy = _mm256_loadu_si256(y.q.as_ptr().add(k * BLOCK) as *const __m256i);
+    let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w));
+    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+    (_mm256_mul_ps(_mm256_set1_ps(d * *y.d.get_unchecked(k)), sums), 0.0)
+});
+
+/// # Safety
+/// AVX2 and FMA must be available; `ys.len()` and `out.len()` at most GROUP.
+unsafe fn dot_avx2(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
+    macro_rules! by_rows {
+        ($f:ident) => {
+            match ys.len() {
+                1 => $f::<1>(row, nb, ys, out),
+                2 => $f::<2>(row, nb, ys, out),
+                3 => $f::<3>(row, nb, ys, out),
+                _ => $f::<4>(row, nb, ys, out),
+            }
+        };
+    }
+    match kind {
+        Kind::Q41 => by_rows!(q41_dot_avx2),
+        Kind::Q80 => by_rows!(q80_dot_avx2),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantize_q4_1(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in w.chunks(BLOCK) {
+            let min = blk.iter().cloned().fold(f32::INFINITY, f32::min);
+            let max = blk.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let d = (max - min) / 15.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend_from_slice(&f16::from_f32(min).to_le_bytes());
+            for j in 0..16 {
+                let q0 = (((blk[j] - min) * inv).round() as u8).min(15);
+                let q1 = (((blk[j + 16] - min) * inv).round() as u8).min(15);
+                out.push(q0 | (q1 << 4));
+            }
+        }
+        out
+    }
+
+    fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for blk in w.chunks(BLOCK) {
+            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            out.extend(blk.iter().map(|v| (v * inv).round() as i8 as u8));
+        }
+        out
+    }
+
+    fn weights(rows: usize, cols: usize) -> Vec<f32> {
+        (0..rows * cols)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect()
+    }
+
+    #[test]
+    fn products_match_the_dequantized_weights_for_any_batch_and_thread_count() {
+        let (rows, cols) = (70, 96);
+        let w = weights(rows, cols);
+        for kind in [Kind::Q41, Kind::Q80] {
+            let raw: Vec<u8> = w
+                .chunks(cols)
+                .flat_map(|r| match kind {
+                    Kind::Q41 => quantize_q4_1(r),
+                    Kind::Q80 => quantize_q8_0(r),
+                })
+                .collect();
+            let m = QMat::new(kind, raw, rows, cols).expect("shape");
+            let mut deq = vec![0f32; rows * cols];
+            for (r, out) in deq.chunks_mut(cols).enumerate() {
+                m.dequantize_row(r, out);
+            }
+            for threads in [1, 3] {
+                let pool = Pool::new(threads);
+                for b in [1, 3, 8, 11] {
+                    let x: Vec<f32> = (0..b * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+                    let mut y = vec![0f32; b * rows];
+                    m.matmul(&Q8Acts::quantize(&x, cols), &mut y, &pool);
+                    for bi in 0..b {
+                        for r in 0..rows {
+                            let want: f32 = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]).sum();
+                            let got = y[bi * rows + r];
+                            // Q8 activations: ~1% error, as in ggml.
+                            assert!(
+                                (want - got).abs() < 0.02 * (1.0 + want.abs()),
+                                "{kind:?} b={b} ({bi},{r}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_paths_agree() {
+        if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")) {
+            return;
+        }
+        let cols = 128;
+        let w: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+        let x: Vec<f32> = (0..GROUP * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+        let acts = Q8Acts::quantize(&x, cols);
+        let ys: Vec<ActRow<'_>> = (0..GROUP).map(|i| acts.row(i)).collect();
+        for n in 1..=GROUP {
+            let ys = &ys[..n];
+            for (kind, row) in [(Kind::Q41, quantize_q4_1(&w)), (Kind::Q80, quantize_q8_0(&w))] {
+                let (mut a, mut b) = ([0f32; GROUP], [0f32; GROUP]);
+                dot_scalar(kind, &row, cols / BLOCK, ys, &mut a);
+                // SAFETY: checked above.
+                unsafe { dot_avx2(kind, &row, cols / BLOCK, ys, &mut b) };
+                for (x, y) in a.iter().zip(&b) {
+                    assert!((x - y).abs() < 1e-4 * (1.0 + x.abs()), "{kind:?} n={n}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stacking_keeps_rows_in_order() {
+        let cols = 64;
+        let a = QMat::new(Kind::Q80, quantize_q8_0(&weights(2, cols)), 2, cols).expect("a");
+        let b = QMat::new(Kind::Q80, quantize_q8_0(&weights(3, cols)[..cols]), 1, cols).expect("b");
+        let s = QMat::stack(vec![a, b]).expect("stack");
+        assert_eq!(s.rows(), 3);
+        let (mut r0, mut r2) = (vec![0f32; cols], vec![0f32; cols]);
+        s.dequantize_row(0, &mut r0);
+        s.dequantize_row(2, &mut r2);
+        assert_eq!(r0, r2, "row 2 is b's first row, the same weights as a's first");
+        assert!(QMat::stack(vec![]).is_none());
+    }
+}
