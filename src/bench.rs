@@ -315,6 +315,32 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         ),
     );
 
+    // Eight sequences decoding together, straight on the model (what llama.cpp's
+    // batched bench measures: decode only, prompts already in the caches).
+    let mut seqs: Vec<Box<dyn ragchat_actors::inference::CausalLm>> = (0..8).map(|_| lm.fork()).collect();
+    for s in seqs.iter_mut() {
+        s.forward(&short[..32], 0)?;
+    }
+    let started = Instant::now();
+    for step in 0..decode_n {
+        let mut refs: Vec<&mut Box<dyn ragchat_actors::inference::CausalLm>> = seqs.iter_mut().collect();
+        let toks: Vec<u32> = (0..8).map(|i| short[(step + i) % short.len()]).collect();
+        lm.decode_batch(&mut refs, &toks, &[32 + step; 8])?;
+    }
+    let batched = (8 * decode_n) as f64 / started.elapsed().as_secs_f64();
+    drop(seqs);
+    let (lc_b8, lc_b8_note) = match llama_batched_bench(&m.generator_path) {
+        Some(v) => (format!("{v:>8.1}"), "llama-batched-bench, measured now"),
+        None => (format!("{:>8}", "n/a"), "llama-batched-bench not built"),
+    };
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 8 sequences in one batch (model)   {batched:>8.1}   {lc_b8}     {:>8}   ({lc_b8_note})\n",
+            "n/a"
+        ),
+    );
+
     let gen = GenerateWorker::start(
         Box::new(move || Ok(lm.fork())),
         tok.clone(),
@@ -375,7 +401,7 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
     emit(
         &mut out,
         format!(
-            "  decode tok/s, 8 streams aggregate                {aggregate:>8.1}   {:>8.1}     {:>8}\n",
+            "  decode tok/s, 8 streams through GenerateWorker   {aggregate:>8.1}   {:>8.1}     {:>8}   (with their prefills)\n",
             122.0, "n/a"
         ),
     );
@@ -390,6 +416,30 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
     );
     emit(&mut out, String::from("\n* reference figures from issue 5 (development machine), shown where the tool is not installed here; llama.cpp is measured now when scripts/build-llama-cpp has built it.\n"));
     Ok(out)
+}
+
+/// llama.cpp's llama-batched-bench with 8 sequences of 32 + 64 tokens, 2 threads:
+/// the aggregate decode rate (S_TG, tok/s), when it is installed.
+fn llama_batched_bench(gguf: &str) -> Option<f64> {
+    let bin = std::env::var("HOME")
+        .ok()
+        .map(|h| std::path::Path::new(&h).join(".cache/ragchat-llama-cpp/bin/llama-batched-bench"))?;
+    if !bin.exists() || std::env::var("LLAMA_BENCH").is_ok_and(|v| !std::path::Path::new(&v).exists()) {
+        return None;
+    }
+    let out = std::process::Command::new(bin)
+        .args([
+            "-m", gguf, "-t", "2", "-c", "4096", "-npp", "32", "-ntg", "64", "-npl", "8",
+        ])
+        .output()
+        .ok()?;
+    // Table row: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let cells: Vec<&str> = l.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        (cells.len() >= 8 && cells[2] == "8")
+            .then(|| cells[7].parse().ok())
+            .flatten()
+    })
 }
 
 /// Runs llama.cpp's llama-bench on the same GGUF with 2 threads when it is installed
