@@ -25,7 +25,8 @@ use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::model_error;
+use super::fast::dot;
+use super::{fast_exp, model_error};
 
 #[derive(Deserialize)]
 struct Config {
@@ -139,16 +140,6 @@ struct Weights {
     max_positions: usize,
 }
 
-/// e^x for x ≤ 88, rel. error ~1e-7; plain arithmetic, so loops over it vectorize.
-#[inline(always)]
-fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
-    let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
-}
-
 /// erf(x), Abramowitz & Stegun 7.1.26 (abs. error < 1.5e-7).
 #[inline(always)]
 fn fast_erf(x: f32) -> f32 {
@@ -157,21 +148,6 @@ fn fast_erf(x: f32) -> f32 {
     let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
     let y = 1.0 - poly * fast_exp(-a * a);
     y.copysign(x)
-}
-
-/// A dot product in 16 independent lanes (a plain sum of products is a serial
-/// chain the compiler may not reorder).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..16 {
-            acc[l] = x[l].mul_add(y[l], acc[l]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[inline(always)]

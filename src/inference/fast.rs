@@ -276,6 +276,21 @@ impl FastWeights {
     }
 }
 
+/// A dot product in 16 independent lanes (a plain sum of products is a serial
+/// chain the compiler may not reorder, so it would not vectorize).
+#[inline(always)]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..16 {
+            acc[l] = x[l].mul_add(y[l], acc[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Query head `head` against the first `len` cached positions of its kv head
 /// (grouped-query attention: `n_head / n_kv_head` query heads share one).
 #[allow(clippy::too_many_arguments)]
@@ -297,20 +312,13 @@ pub fn attend_head(
     scores.clear();
     let mut max = f32::NEG_INFINITY;
     for t in 0..len {
-        let kt = &kv.k[at(t)];
-        let mut acc = [0f32; 8];
-        for (qc, kc) in q.chunks(8).zip(kt.chunks(8)) {
-            for (l, (a, b)) in qc.iter().zip(kc).enumerate() {
-                acc[l] = a.mul_add(*b, acc[l]);
-            }
-        }
-        let s = acc.iter().sum::<f32>() * scale;
+        let s = dot(q, &kv.k[at(t)]) * scale;
         max = max.max(s);
         scores.push(s);
     }
     let mut total = 0f32;
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
+        *s = super::fast_exp(*s - max);
         total += *s;
     }
     out.fill(0.0);
