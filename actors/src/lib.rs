@@ -7,6 +7,7 @@ pub mod domain;
 pub mod embed_worker;
 pub mod generate_worker;
 pub mod inference;
+pub mod knowledge;
 pub mod ledger;
 pub mod plans;
 pub mod ports;

@@ -11,6 +11,7 @@ use crate::domain::{
     ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
     User, UserFilter, UserPatch,
 };
+use crate::knowledge::{Chunk, Document, Owner, Reader};
 use crate::plans::{Period, Resource};
 
 /// Errors any store may answer. Adapters map driver errors into these; the HTTP
@@ -144,4 +145,29 @@ pub trait RateLimitStore: Send + Sync + 'static {
         quota: crate::ratelimit::Quota,
         cost: u32,
     ) -> StoreResult<crate::ratelimit::Decision>;
+}
+
+/// The knowledge base's documents and chunks. Implemented for SQLite (embedded
+/// default) and MongoDB; both pass the same contract tests
+/// (tests/api/document_store.rs). Search indexes are built from it in process.
+#[async_trait]
+pub trait DocumentStore: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Stores a document and its chunks, all or nothing. `Conflict` when the owner
+    /// already has a document with the same content hash.
+    async fn insert_document(&self, doc: &Document, chunks: &[Chunk]) -> StoreResult<()>;
+    async fn document(&self, id: Uuid) -> StoreResult<Option<Document>>;
+    async fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>>;
+    /// Documents the reader may see, newest first, and their total.
+    async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)>;
+    /// The chunks of a document, in order.
+    async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>>;
+    /// Every document id, oldest first (to rebuild the search indexes at start).
+    async fn document_ids(&self) -> StoreResult<Vec<Uuid>>;
+    /// Deletes a document and its chunks; false when there was none.
+    async fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
+    /// Bytes of text an owner has stored.
+    async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64>;
 }

@@ -6,6 +6,7 @@
 //! differ only in the migrations.
 
 mod accounts;
+mod documents;
 pub mod redis_limits;
 mod usage;
 
@@ -13,11 +14,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ragchat_actors::ports::{AccountStore, StoreError, UsageStore};
+use ragchat_actors::ports::{AccountStore, DocumentStore, StoreError, UsageStore};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::SqlitePool;
 
 pub use accounts::{PostgresAccountStore, SqliteAccountStore};
+pub use documents::{MongoDocumentStore, SqliteDocumentStore};
 
 use crate::config::DatabaseSettings;
 
@@ -45,6 +48,8 @@ pub enum ConnectError {
     DataDir(String, std::io::Error),
     #[error("cannot connect to the database: {0}")]
     Connect(#[from] sqlx::Error),
+    #[error("cannot open the store: {0}")]
+    Store(String),
     #[error("migrations failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
 }
@@ -61,29 +66,59 @@ pub async fn connect_accounts(settings: &DatabaseSettings) -> Result<Arc<dyn Acc
     Ok(connect(settings).await?.accounts)
 }
 
+/// A pool on a SQLite file (created with its directory when missing).
+pub(crate) async fn sqlite_pool(
+    url: &str,
+    max_connections: u32,
+    acquire: Duration,
+) -> Result<SqlitePool, ConnectError> {
+    let opts = SqliteConnectOptions::from_str(url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        // WAL + NORMAL: commits are atomic and survive a process crash; only an OS
+        // crash or power cut can lose the last commits. FULL fsyncs every commit and
+        // made each admitted request ~10× slower here.
+        .synchronous(SqliteSynchronous::Normal)
+        .foreign_keys(true)
+        .busy_timeout(Duration::from_secs(5));
+    let path = opts.get_filename();
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| ConnectError::DataDir(parent.display().to_string(), e))?;
+    }
+    Ok(SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(acquire)
+        .connect_with(opts)
+        .await?)
+}
+
+/// Opens the knowledge base's document store: MongoDB when `mongodb_url` is set,
+/// otherwise the embedded SQLite file at `sqlite_url` (migrated).
+pub async fn connect_documents(
+    mongodb_url: Option<&str>,
+    mongodb_database: &str,
+    sqlite_url: &str,
+) -> Result<Arc<dyn DocumentStore>, ConnectError> {
+    match mongodb_url {
+        Some(url) => Ok(Arc::new(
+            MongoDocumentStore::connect(url, mongodb_database)
+                .await
+                .map_err(|e| ConnectError::Store(e.to_string()))?,
+        )),
+        None => {
+            let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
+            sqlx::migrate!("./migrations/knowledge").run(&pool).await?;
+            Ok(Arc::new(SqliteDocumentStore::new(pool)))
+        }
+    }
+}
+
 /// Opens the SQL database named by the URL (migrating it) and returns its ports.
 pub async fn connect(settings: &DatabaseSettings) -> Result<SqlStores, ConnectError> {
     let url = settings.url.as_str();
     let acquire = Duration::from_millis(settings.acquire_timeout_ms);
     if url.starts_with("sqlite:") {
-        let opts = SqliteConnectOptions::from_str(url)?
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // WAL + NORMAL: commits are atomic and survive a process crash; only an OS
-            // crash or power cut can lose the last commits. FULL fsyncs every commit and
-            // made each admitted request ~10× slower here.
-            .synchronous(SqliteSynchronous::Normal)
-            .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(5));
-        let path = opts.get_filename();
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(|e| ConnectError::DataDir(parent.display().to_string(), e))?;
-        }
-        let pool = SqlitePoolOptions::new()
-            .max_connections(settings.max_connections)
-            .acquire_timeout(acquire)
-            .connect_with(opts)
-            .await?;
+        let pool = sqlite_pool(url, settings.max_connections, acquire).await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
         let store = Arc::new(SqliteAccountStore::new(pool));
         Ok(SqlStores {

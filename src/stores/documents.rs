@@ -1,0 +1,495 @@
+//! DocumentStore adapters: SQLite (the embedded default, in the same database file
+//! as the accounts) and MongoDB (documents and chunks collections, indexes created
+//! at start). Both pass the contract tests in tests/api/document_store.rs.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use mongodb::bson::{doc, spec::BinarySubtype, Binary, Bson, Document as BsonDoc};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, IndexModel};
+use ragchat_actors::domain::Page;
+use ragchat_actors::knowledge::{embedding_from_bytes, embedding_to_bytes, Chunk, Document, Owner, Reader};
+use ragchat_actors::ports::{DocumentStore, StoreError, StoreResult};
+use sqlx::types::Json;
+use sqlx::{Row, SqlitePool};
+use uuid::Uuid;
+
+use super::store_error;
+
+fn bad_row(what: &str) -> StoreError {
+    StoreError::Internal(format!("stored {what} is malformed"))
+}
+
+pub struct SqliteDocumentStore {
+    pool: SqlitePool,
+}
+
+impl SqliteDocumentStore {
+    pub fn new(pool: SqlitePool) -> Self {
+        SqliteDocumentStore { pool }
+    }
+}
+
+const DOC_COLUMNS: &str = "id, owner, title, source, content_hash, size_bytes, metadata, chunk_count, created_at";
+
+fn sqlite_document(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Document> {
+    let owner: String = row.try_get("owner").map_err(store_error)?;
+    let metadata: Json<serde_json::Map<String, serde_json::Value>> = row.try_get("metadata").map_err(store_error)?;
+    let size: i64 = row.try_get("size_bytes").map_err(store_error)?;
+    let chunks: i64 = row.try_get("chunk_count").map_err(store_error)?;
+    Ok(Document {
+        id: row.try_get("id").map_err(store_error)?,
+        owner: owner.parse().map_err(|_| bad_row("owner"))?,
+        title: row.try_get("title").map_err(store_error)?,
+        source: row.try_get("source").map_err(store_error)?,
+        content_hash: row.try_get("content_hash").map_err(store_error)?,
+        size_bytes: u64::try_from(size).map_err(|_| bad_row("size"))?,
+        metadata: metadata.0,
+        chunk_count: u32::try_from(chunks).map_err(|_| bad_row("chunk count"))?,
+        created_at: row.try_get("created_at").map_err(store_error)?,
+    })
+}
+
+/// `$1, $2, …` from `start` for `n` values.
+fn placeholders(start: usize, n: usize) -> String {
+    (start..start + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[async_trait]
+impl DocumentStore for SqliteDocumentStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(store_error)?;
+        Ok(())
+    }
+
+    async fn insert_document(&self, d: &Document, chunks: &[Chunk]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        sqlx::query(&format!(
+            "INSERT INTO documents ({DOC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+        ))
+        .bind(d.id)
+        .bind(d.owner.to_string())
+        .bind(&d.title)
+        .bind(&d.source)
+        .bind(&d.content_hash)
+        .bind(i64::try_from(d.size_bytes).map_err(|_| StoreError::Internal("document too large".into()))?)
+        .bind(Json(&d.metadata))
+        .bind(i64::from(d.chunk_count))
+        .bind(d.created_at)
+        .execute(&mut *tx)
+        .await
+        .map_err(store_error)?;
+        for c in chunks {
+            sqlx::query(
+                "INSERT INTO chunks (id, document_id, ordinal, content, embedding) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(c.id)
+            .bind(c.document_id)
+            .bind(i64::from(c.ordinal))
+            .bind(&c.content)
+            .bind(embedding_to_bytes(&c.embedding))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        }
+        tx.commit().await.map_err(store_error)
+    }
+
+    async fn document(&self, id: Uuid) -> StoreResult<Option<Document>> {
+        sqlx::query(&format!("SELECT {DOC_COLUMNS} FROM documents WHERE id = $1"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?
+            .as_ref()
+            .map(sqlite_document)
+            .transpose()
+    }
+
+    async fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>> {
+        sqlx::query(&format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE owner = $1 AND content_hash = $2"
+        ))
+        .bind(owner.to_string())
+        .bind(content_hash)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(store_error)?
+        .as_ref()
+        .map(sqlite_document)
+        .transpose()
+    }
+
+    async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)> {
+        let owners: Vec<String> = reader.owners().iter().map(Owner::to_string).collect();
+        let within = placeholders(1, owners.len());
+        let count_sql = format!("SELECT COUNT(*) AS n FROM documents WHERE owner IN ({within})");
+        let mut count = sqlx::query(&count_sql);
+        for o in &owners {
+            count = count.bind(o);
+        }
+        let total: i64 = count
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)?
+            .try_get("n")
+            .map_err(store_error)?;
+        let n = owners.len();
+        let list_sql = format!(
+            "SELECT {DOC_COLUMNS} FROM documents WHERE owner IN ({within})
+             ORDER BY created_at DESC, id DESC LIMIT ${} OFFSET ${}",
+            n + 1,
+            n + 2
+        );
+        let mut q = sqlx::query(&list_sql);
+        for o in &owners {
+            q = q.bind(o);
+        }
+        let rows = q
+            .bind(i64::from(page.limit))
+            .bind(i64::from(page.offset))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        let docs = rows.iter().map(sqlite_document).collect::<StoreResult<Vec<_>>>()?;
+        Ok((docs, u64::try_from(total).unwrap_or(0)))
+    }
+
+    async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>> {
+        let rows = sqlx::query(
+            "SELECT id, document_id, ordinal, content, embedding FROM chunks WHERE document_id = $1 ORDER BY ordinal",
+        )
+        .bind(document_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
+        rows.iter()
+            .map(|row| {
+                let ordinal: i64 = row.try_get("ordinal").map_err(store_error)?;
+                let emb: Vec<u8> = row.try_get("embedding").map_err(store_error)?;
+                Ok(Chunk {
+                    id: row.try_get("id").map_err(store_error)?,
+                    document_id: row.try_get("document_id").map_err(store_error)?,
+                    ordinal: u32::try_from(ordinal).map_err(|_| bad_row("ordinal"))?,
+                    content: row.try_get("content").map_err(store_error)?,
+                    embedding: embedding_from_bytes(&emb).ok_or_else(|| bad_row("embedding"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn document_ids(&self) -> StoreResult<Vec<Uuid>> {
+        let rows = sqlx::query("SELECT id FROM documents ORDER BY created_at, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(store_error)?;
+        rows.iter().map(|r| r.try_get("id").map_err(store_error)).collect()
+    }
+
+    async fn delete_document(&self, id: Uuid) -> StoreResult<bool> {
+        // Chunks go with it (ON DELETE CASCADE; foreign keys are on for every connection).
+        let done = sqlx::query("DELETE FROM documents WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(store_error)?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64> {
+        let n: i64 = sqlx::query("SELECT COALESCE(SUM(size_bytes), 0) AS n FROM documents WHERE owner = $1")
+            .bind(owner.to_string())
+            .fetch_one(&self.pool)
+            .await
+            .map_err(store_error)?
+            .try_get("n")
+            .map_err(store_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
+/// MongoDB: `documents` and `chunks` collections; ids are UUID strings.
+pub struct MongoDocumentStore {
+    db: mongodb::Database,
+    documents: Collection<BsonDoc>,
+    chunks: Collection<BsonDoc>,
+}
+
+fn mongo_error(e: mongodb::error::Error) -> StoreError {
+    use mongodb::error::{ErrorKind, WriteFailure};
+    match *e.kind {
+        ErrorKind::Write(WriteFailure::WriteError(ref w)) if w.code == 11000 => StoreError::Conflict(w.message.clone()),
+        ErrorKind::InsertMany(ref m)
+            if m.write_errors
+                .as_ref()
+                .is_some_and(|ws| ws.iter().any(|w| w.code == 11000)) =>
+        {
+            StoreError::Conflict("duplicate key".into())
+        }
+        ErrorKind::ServerSelection { .. } | ErrorKind::Io(_) | ErrorKind::ConnectionPoolCleared { .. } => {
+            StoreError::Unavailable(e.to_string())
+        }
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+impl MongoDocumentStore {
+    /// Connects and creates the indexes (idempotent).
+    pub async fn connect(url: &str, database: &str) -> StoreResult<Self> {
+        let mut opts = mongodb::options::ClientOptions::parse(url).await.map_err(mongo_error)?;
+        opts.server_selection_timeout = Some(std::time::Duration::from_secs(5));
+        opts.app_name = Some("ragchat".into());
+        let client = mongodb::Client::with_options(opts).map_err(mongo_error)?;
+        let db = client.database(database);
+        let store = MongoDocumentStore {
+            documents: db.collection("documents"),
+            chunks: db.collection("chunks"),
+            db,
+        };
+        let unique = |keys: BsonDoc| {
+            IndexModel::builder()
+                .keys(keys)
+                .options(IndexOptions::builder().unique(true).build())
+                .build()
+        };
+        store
+            .documents
+            .create_index(unique(doc! {"owner": 1, "content_hash": 1}))
+            .await
+            .map_err(mongo_error)?;
+        store
+            .documents
+            .create_index(IndexModel::builder().keys(doc! {"owner": 1, "created_at": -1}).build())
+            .await
+            .map_err(mongo_error)?;
+        store
+            .chunks
+            .create_index(unique(doc! {"document_id": 1, "ordinal": 1}))
+            .await
+            .map_err(mongo_error)?;
+        Ok(store)
+    }
+}
+
+fn to_bson_doc(d: &Document) -> StoreResult<BsonDoc> {
+    let metadata = mongodb::bson::to_document(&d.metadata).map_err(|e| StoreError::Internal(e.to_string()))?;
+    Ok(doc! {
+        "_id": d.id.to_string(),
+        "owner": d.owner.to_string(),
+        "title": &d.title,
+        "source": &d.source,
+        "content_hash": &d.content_hash,
+        "size_bytes": i64::try_from(d.size_bytes).map_err(|_| StoreError::Internal("document too large".into()))?,
+        "metadata": metadata,
+        "chunk_count": i64::from(d.chunk_count),
+        "created_at": mongodb::bson::DateTime::from_millis(d.created_at.timestamp_millis()),
+        // Microseconds, so that ordering and round trips keep sub-millisecond times.
+        "created_us": d.created_at.timestamp_micros(),
+    })
+}
+
+fn uuid_field(b: &BsonDoc, key: &str) -> StoreResult<Uuid> {
+    b.get_str(key)
+        .ok()
+        .and_then(|s| Uuid::parse_str(s).ok())
+        .ok_or_else(|| bad_row(key))
+}
+
+fn from_bson_doc(b: &BsonDoc) -> StoreResult<Document> {
+    let text = |k: &str| b.get_str(k).map(str::to_string).map_err(|_| bad_row(k));
+    let int = |k: &str| b.get_i64(k).map_err(|_| bad_row(k));
+    let metadata = match b.get("metadata") {
+        Some(Bson::Document(m)) => match Bson::Document(m.clone()).into_relaxed_extjson() {
+            serde_json::Value::Object(o) => o,
+            _ => return Err(bad_row("metadata")),
+        },
+        _ => serde_json::Map::new(),
+    };
+    Ok(Document {
+        id: uuid_field(b, "_id")?,
+        owner: text("owner")?.parse().map_err(|_| bad_row("owner"))?,
+        title: text("title")?,
+        source: text("source")?,
+        content_hash: text("content_hash")?,
+        size_bytes: u64::try_from(int("size_bytes")?).map_err(|_| bad_row("size"))?,
+        metadata,
+        chunk_count: u32::try_from(int("chunk_count")?).map_err(|_| bad_row("chunk count"))?,
+        created_at: DateTime::<Utc>::from_timestamp_micros(int("created_us")?).ok_or_else(|| bad_row("created_at"))?,
+    })
+}
+
+#[async_trait]
+impl DocumentStore for MongoDocumentStore {
+    fn backend(&self) -> &'static str {
+        "mongodb"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.db.run_command(doc! {"ping": 1}).await.map_err(mongo_error)?;
+        Ok(())
+    }
+
+    /// Without multi-document transactions (FerretDB has none): chunks first, then the
+    /// document that makes them visible; if the document cannot be written, the
+    /// chunks are removed again.
+    async fn insert_document(&self, d: &Document, chunks: &[Chunk]) -> StoreResult<()> {
+        let record = to_bson_doc(d)?;
+        if !chunks.is_empty() {
+            let docs: Vec<BsonDoc> = chunks
+                .iter()
+                .map(|c| {
+                    doc! {
+                        "_id": c.id.to_string(),
+                        "document_id": c.document_id.to_string(),
+                        "ordinal": i64::from(c.ordinal),
+                        "content": &c.content,
+                        "embedding": Binary { subtype: BinarySubtype::Generic, bytes: embedding_to_bytes(&c.embedding) },
+                    }
+                })
+                .collect();
+            if let Err(e) = self.chunks.insert_many(docs).await {
+                let _ = self.chunks.delete_many(doc! {"document_id": d.id.to_string()}).await;
+                return Err(mongo_error(e));
+            }
+        }
+        if let Err(e) = self.documents.insert_one(record).await {
+            let _ = self.chunks.delete_many(doc! {"document_id": d.id.to_string()}).await;
+            return Err(mongo_error(e));
+        }
+        Ok(())
+    }
+
+    async fn document(&self, id: Uuid) -> StoreResult<Option<Document>> {
+        self.documents
+            .find_one(doc! {"_id": id.to_string()})
+            .await
+            .map_err(mongo_error)?
+            .as_ref()
+            .map(from_bson_doc)
+            .transpose()
+    }
+
+    async fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>> {
+        self.documents
+            .find_one(doc! {"owner": owner.to_string(), "content_hash": content_hash})
+            .await
+            .map_err(mongo_error)?
+            .as_ref()
+            .map(from_bson_doc)
+            .transpose()
+    }
+
+    async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)> {
+        use futures_util::TryStreamExt;
+        let owners: Vec<String> = reader.owners().iter().map(Owner::to_string).collect();
+        let filter = doc! {"owner": {"$in": owners}};
+        let total = self
+            .documents
+            .count_documents(filter.clone())
+            .await
+            .map_err(mongo_error)?;
+        let found: Vec<BsonDoc> = self
+            .documents
+            .find(filter)
+            .sort(doc! {"created_us": -1, "_id": -1})
+            .skip(u64::from(page.offset))
+            .limit(i64::from(page.limit))
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let docs = found.iter().map(from_bson_doc).collect::<StoreResult<Vec<_>>>()?;
+        Ok((docs, total))
+    }
+
+    async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>> {
+        use futures_util::TryStreamExt;
+        let found: Vec<BsonDoc> = self
+            .chunks
+            .find(doc! {"document_id": document_id.to_string()})
+            .sort(doc! {"ordinal": 1})
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        found
+            .iter()
+            .map(|b| {
+                let emb = match b.get("embedding") {
+                    Some(Bson::Binary(bin)) => embedding_from_bytes(&bin.bytes),
+                    _ => None,
+                };
+                Ok(Chunk {
+                    id: uuid_field(b, "_id")?,
+                    document_id: uuid_field(b, "document_id")?,
+                    ordinal: b
+                        .get_i64("ordinal")
+                        .ok()
+                        .and_then(|o| u32::try_from(o).ok())
+                        .ok_or_else(|| bad_row("ordinal"))?,
+                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
+                    embedding: emb.ok_or_else(|| bad_row("embedding"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn document_ids(&self) -> StoreResult<Vec<Uuid>> {
+        use futures_util::TryStreamExt;
+        let found: Vec<BsonDoc> = self
+            .documents
+            .find(doc! {})
+            .projection(doc! {"_id": 1, "created_us": 1})
+            .sort(doc! {"created_us": 1, "_id": 1})
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        found.iter().map(|b| uuid_field(b, "_id")).collect()
+    }
+
+    async fn delete_document(&self, id: Uuid) -> StoreResult<bool> {
+        let gone = self
+            .documents
+            .delete_one(doc! {"_id": id.to_string()})
+            .await
+            .map_err(mongo_error)?;
+        self.chunks
+            .delete_many(doc! {"document_id": id.to_string()})
+            .await
+            .map_err(mongo_error)?;
+        Ok(gone.deleted_count > 0)
+    }
+
+    async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64> {
+        use futures_util::TryStreamExt;
+        let rows: Vec<BsonDoc> = self
+            .documents
+            .aggregate(vec![
+                doc! {"$match": {"owner": owner.to_string()}},
+                doc! {"$group": {"_id": Bson::Null, "n": {"$sum": "$size_bytes"}}},
+            ])
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let n = match rows.first().and_then(|r| r.get("n")) {
+            Some(Bson::Int64(n)) => *n,
+            Some(Bson::Int32(n)) => i64::from(*n),
+            Some(Bson::Double(n)) => *n as i64,
+            _ => 0,
+        };
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}

@@ -1,0 +1,196 @@
+//! DocumentStore contract: the same checks against the embedded SQLite store
+//! (always) and MongoDB (FerretDB from scripts/services.sh, when MONGODB_URL is set).
+
+use std::sync::Arc;
+
+use chrono::{Duration, Utc};
+use ragchat::stores::connect_documents;
+use ragchat_actors::domain::Page;
+use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
+use ragchat_actors::ports::{DocumentStore, StoreError};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::service_url;
+
+async fn sqlite() -> Arc<dyn DocumentStore> {
+    let dir = std::env::temp_dir().join("ragchat-tests");
+    let _ = std::fs::create_dir_all(&dir);
+    let url = format!(
+        "sqlite:{}",
+        dir.join(format!("knowledge-{}.db", Uuid::new_v4())).display()
+    );
+    connect_documents(None, "unused", &url).await.expect("sqlite store")
+}
+
+async fn mongo() -> Option<Arc<dyn DocumentStore>> {
+    let url = service_url("MONGODB_URL")?;
+    let db = format!("ragchat_test_{}", Uuid::new_v4().simple());
+    Some(
+        connect_documents(Some(&url), &db, "unused")
+            .await
+            .expect("mongodb store"),
+    )
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(#[actix_web::test] async fn $name() { super::$name(super::sqlite().await).await; })*
+        }
+        mod mongodb_backend {
+            $(#[actix_web::test] async fn $name() {
+                if let Some(store) = super::mongo().await { super::$name(store).await; }
+            })*
+        }
+    };
+}
+
+contract!(
+    documents_and_chunks_round_trip,
+    the_same_text_is_stored_once_per_owner_and_a_rejected_insert_leaves_nothing,
+    listings_show_only_what_the_reader_may_see_newest_first,
+    deleting_a_document_removes_its_chunks,
+);
+
+fn document(owner: Owner, text: &str, age_s: i64) -> (Document, Vec<Chunk>) {
+    let id = Uuid::new_v4();
+    let chunks: Vec<Chunk> = text
+        .split(". ")
+        .enumerate()
+        .map(|(i, part)| Chunk {
+            id: Uuid::new_v4(),
+            document_id: id,
+            ordinal: i as u32,
+            content: part.to_string(),
+            embedding: (0..8).map(|k| (i * 8 + k) as f32 * 0.125 - 0.3).collect(),
+        })
+        .collect();
+    let doc = Document {
+        id,
+        owner,
+        title: format!("About {}", &text[..text.len().min(12)]),
+        source: "test.txt".into(),
+        content_hash: format!("{:x}", md5ish(text)),
+        size_bytes: text.len() as u64,
+        metadata: json!({"lang": "en", "year": 2024, "tags": ["a", "b"]})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
+        chunk_count: chunks.len() as u32,
+        // Whole microseconds: what both stores keep.
+        created_at: chrono::DateTime::from_timestamp_micros((Utc::now() - Duration::seconds(age_s)).timestamp_micros())
+            .expect("time"),
+    };
+    (doc, chunks)
+}
+
+/// A stand-in content hash (the API uses SHA-256; the store only compares them).
+fn md5ish(text: &str) -> u64 {
+    text.bytes().fold(1469598103934665603u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(1099511628211)
+    })
+}
+
+async fn documents_and_chunks_round_trip(store: Arc<dyn DocumentStore>) {
+    store.ping().await.expect("ping");
+    let owner = Owner::User(Uuid::new_v4());
+    let (doc, chunks) = document(owner, "First sentence. Second one. Third and last", 0);
+    store.insert_document(&doc, &chunks).await.expect("insert");
+    assert_eq!(store.document(doc.id).await.expect("get"), Some(doc.clone()));
+    assert_eq!(store.chunks(doc.id).await.expect("chunks"), chunks);
+    assert_eq!(
+        store
+            .document_by_hash(&owner, &doc.content_hash)
+            .await
+            .expect("by hash"),
+        Some(doc.clone())
+    );
+    assert_eq!(
+        store
+            .document_by_hash(&Owner::Global, &doc.content_hash)
+            .await
+            .expect("by hash"),
+        None
+    );
+    assert_eq!(store.document(Uuid::new_v4()).await.expect("get"), None);
+    assert_eq!(store.stored_bytes(&owner).await.expect("bytes"), doc.size_bytes);
+    assert_eq!(store.document_ids().await.expect("ids"), vec![doc.id]);
+}
+
+async fn the_same_text_is_stored_once_per_owner_and_a_rejected_insert_leaves_nothing(store: Arc<dyn DocumentStore>) {
+    let owner = Owner::User(Uuid::new_v4());
+    let text = "Same text. Twice";
+    let (first, chunks) = document(owner, text, 0);
+    store.insert_document(&first, &chunks).await.expect("first");
+    let (again, again_chunks) = document(owner, text, 0);
+    match store.insert_document(&again, &again_chunks).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.document(again.id).await.expect("get"), None);
+    assert!(
+        store.chunks(again.id).await.expect("chunks").is_empty(),
+        "no orphan chunks"
+    );
+    // Another owner may store the same text.
+    let (other, other_chunks) = document(Owner::Global, text, 0);
+    store.insert_document(&other, &other_chunks).await.expect("other owner");
+    assert_eq!(store.stored_bytes(&owner).await.expect("bytes"), text.len() as u64);
+}
+
+async fn listings_show_only_what_the_reader_may_see_newest_first(store: Arc<dyn DocumentStore>) {
+    let (alice, bob, org_a, org_b) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let alice_r = Reader {
+        user_id: alice,
+        organization_id: Some(org_a),
+    };
+    let bob_r = Reader {
+        user_id: bob,
+        organization_id: Some(org_b),
+    };
+    let mut ids = std::collections::HashMap::new();
+    for (name, owner, age) in [
+        ("alice-own", Owner::User(alice), 50),
+        ("org-a", Owner::Organization(org_a), 40),
+        ("bob-own", Owner::User(bob), 30),
+        ("org-b", Owner::Organization(org_b), 20),
+        ("global", Owner::Global, 10),
+    ] {
+        let (d, c) = document(owner, &format!("{name} text. More"), age);
+        store.insert_document(&d, &c).await.expect("insert");
+        ids.insert(d.id, name);
+    }
+    let names = |docs: Vec<Document>| docs.iter().map(|d| ids[&d.id]).collect::<Vec<_>>();
+    let all = Page { offset: 0, limit: 50 };
+    let (docs, total) = store.list_documents(&alice_r, all).await.expect("list");
+    assert_eq!((names(docs), total), (vec!["global", "org-a", "alice-own"], 3));
+    let (docs, total) = store.list_documents(&bob_r, all).await.expect("list");
+    assert_eq!((names(docs), total), (vec!["global", "org-b", "bob-own"], 3));
+    let (docs, total) = store
+        .list_documents(&alice_r, Page { offset: 1, limit: 1 })
+        .await
+        .expect("page");
+    assert_eq!((names(docs), total), (vec!["org-a"], 3));
+    let loner = Reader {
+        user_id: Uuid::new_v4(),
+        organization_id: None,
+    };
+    let (docs, _) = store.list_documents(&loner, all).await.expect("list");
+    assert_eq!(names(docs), vec!["global"]);
+}
+
+async fn deleting_a_document_removes_its_chunks(store: Arc<dyn DocumentStore>) {
+    let owner = Owner::Organization(Uuid::new_v4());
+    let (doc, chunks) = document(owner, "To be removed. Soon", 0);
+    let (keep, keep_chunks) = document(owner, "To be kept. Always", 0);
+    store.insert_document(&doc, &chunks).await.expect("insert");
+    store.insert_document(&keep, &keep_chunks).await.expect("insert");
+    assert!(store.delete_document(doc.id).await.expect("delete"));
+    assert!(!store.delete_document(doc.id).await.expect("delete again"));
+    assert_eq!(store.document(doc.id).await.expect("get"), None);
+    assert!(store.chunks(doc.id).await.expect("chunks").is_empty());
+    assert_eq!(store.chunks(keep.id).await.expect("kept chunks").len(), 2);
+    assert_eq!(store.stored_bytes(&owner).await.expect("bytes"), keep.size_bytes);
+    assert_eq!(store.document_ids().await.expect("ids"), vec![keep.id]);
+}
