@@ -80,8 +80,25 @@ pub struct Settings {
     pub redis: RedisSettings,
     pub billing: BillingSettings,
     pub models: ModelSettings,
+    pub knowledge: KnowledgeSettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
+}
+
+/// The knowledge base: where documents live and how they are cut.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KnowledgeSettings {
+    /// The embedded document store (used when `mongodb_url` is empty).
+    pub sqlite_url: String,
+    /// MongoDB for documents, chunks and embeddings (production).
+    #[serde(default)]
+    pub mongodb_url: String,
+    pub mongodb_database: String,
+    /// Chunk size and overlap in tokens of the embedding model.
+    pub chunk_tokens: usize,
+    pub chunk_overlap: usize,
+    /// Largest document accepted, in bytes of text.
+    pub max_document_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

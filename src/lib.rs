@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod inference;
+pub mod knowledge;
 pub mod startup;
 pub mod stores;
 pub mod telemetry;

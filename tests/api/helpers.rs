@@ -46,6 +46,10 @@ pub fn test_settings(database_url: &str) -> Settings {
         .display()
         .to_string();
     s.ledger.flush_interval_ms = 50;
+    s.knowledge.sqlite_url = format!(
+        "sqlite:{}",
+        dir.join(format!("knowledge-{}.db", Uuid::new_v4())).display()
+    );
     // Models cost ~200 MB per server: only the model tests turn them on.
     s.models.enabled = false;
     s

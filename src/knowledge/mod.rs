@@ -1,0 +1,5 @@
+//! The knowledge base: chunking, the in-process search index, and the retrieval
+//! actor that owns it.
+
+pub mod chunking;
+pub mod index;
