@@ -119,7 +119,37 @@ impl Application {
             Duration::from_millis(settings.sessions.send_timeout_ms.max(1)),
         );
         let (embedder, generator) = start_models(&settings.models);
+        let k = &settings.knowledge;
+        let documents = stores::connect_documents(
+            Some(k.mongodb_url.trim()).filter(|u| !u.is_empty()),
+            &k.mongodb_database,
+            &k.sqlite_url,
+        )
+        .await?;
+        let chunker = if embedder.is_some() {
+            let path = std::path::Path::new(&settings.models.embedding_dir).join("tokenizer.json");
+            match crate::knowledge::chunking::Chunker::load(&path, k.chunk_tokens, k.chunk_overlap) {
+                Ok(c) => Some(Arc::new(c)),
+                Err(e) => {
+                    tracing::error!(error = %e, "chunker unavailable: ingestion is off");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let retrieval =
+            crate::knowledge::retrieval::Retrieval::start().map_err(|e| StartupError::Other(e.to_string()))?;
+        let loaded = crate::knowledge::retrieval::load_all(documents.as_ref(), &retrieval)
+            .await
+            .map_err(|e| StartupError::Other(format!("loading the search index: {e}")))?;
+        if loaded > 0 {
+            tracing::info!(documents = loaded, backend = documents.backend(), "search index loaded");
+        }
         let state = AppState {
+            documents,
+            chunker,
+            retrieval: Some(retrieval),
             embedder,
             generator,
             tokens: Arc::new(TokenService::new(&settings.auth)),

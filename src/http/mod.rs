@@ -5,6 +5,7 @@ pub mod admission;
 pub mod auth;
 pub mod billing;
 pub mod extractors;
+pub mod knowledge;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
@@ -47,6 +48,11 @@ pub struct AppState {
     /// Model workers; None when the model files are missing or models are disabled.
     pub embedder: Option<ragchat_actors::embed_worker::EmbedWorker>,
     pub generator: Option<ragchat_actors::generate_worker::GenerateWorker>,
+    /// The knowledge base: documents and chunks, the chunker (None without the
+    /// embedding model's tokenizer) and the retrieval actor.
+    pub documents: Arc<dyn ragchat_actors::ports::DocumentStore>,
+    pub chunker: Option<Arc<crate::knowledge::chunking::Chunker>>,
+    pub retrieval: Option<Addr<crate::knowledge::retrieval::Retrieval>>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -108,6 +114,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(auth::routes)
             .configure(billing::routes)
             .configure(openai::routes)
+            .configure(knowledge::routes)
             .service(
                 web::scope("/admin")
                     .wrap(from_fn(extractors::require_admin))

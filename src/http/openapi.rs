@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, billing, openai, ops};
+use super::{admin, auth, billing, knowledge, openai, ops};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,9 +19,11 @@ use super::{admin, auth, billing, openai, ops};
         billing::plans, billing::subscription, billing::change_subscription, billing::cancel_subscription,
         billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api, billing::probe_open,
         openai::models, openai::embeddings, openai::chat_completions,
+        knowledge::create_document, knowledge::list_documents, knowledge::get_document, knowledge::delete_document,
+        knowledge::search,
     ),
     modifiers(&BearerAuth),
-    tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "admin", description = "Superusers only"), (name = "ops"))
+    tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]
 pub struct ApiDoc;
 

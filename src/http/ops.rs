@@ -36,18 +36,30 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 #[utoipa::path(get, path = "/ready", tag = "ops",
     responses((status = 200, description = "All stores answer"), (status = 503, description = "A store is down")))]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
-    let accounts = match tokio::time::timeout(READY_TIMEOUT, state.accounts.ping()).await {
-        Ok(Ok(())) => "ok".to_string(),
-        Ok(Err(e)) => {
-            tracing::warn!(error = %e, "readiness: account store down");
-            "unavailable".to_string()
-        }
-        Err(_) => "timeout".to_string(),
-    };
-    let ok = accounts == "ok";
+    let status =
+        |r: Result<Result<(), ragchat_actors::ports::StoreError>, tokio::time::error::Elapsed>, what: &str| match r {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, store = what, "readiness: store down");
+                "unavailable".to_string()
+            }
+            Err(_) => "timeout".to_string(),
+        };
+    let accounts = status(
+        tokio::time::timeout(READY_TIMEOUT, state.accounts.ping()).await,
+        "accounts",
+    );
+    let documents = status(
+        tokio::time::timeout(READY_TIMEOUT, state.documents.ping()).await,
+        "documents",
+    );
+    let ok = accounts == "ok" && documents == "ok";
     let body = json!({
         "status": if ok { "ready" } else { "unavailable" },
-        "stores": { "accounts": { "backend": state.accounts.backend(), "status": accounts } },
+        "stores": {
+            "accounts": { "backend": state.accounts.backend(), "status": accounts },
+            "documents": { "backend": state.documents.backend(), "status": documents },
+        },
     });
     if ok {
         HttpResponse::Ok().json(body)

@@ -44,7 +44,7 @@ impl Route {
 #[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum Condition {
-    Range(Range),
+    Range(Box<Range>),
     In(In),
     Equals(Value),
 }
@@ -92,7 +92,8 @@ impl Condition {
         match self {
             Condition::Equals(want) => v == want || matches!(v, Value::Array(items) if items.contains(want)),
             Condition::In(In { values }) => values.iter().any(|w| w == v),
-            Condition::Range(Range { gt, gte, lt, lte }) => {
+            Condition::Range(r) => {
+                let Range { gt, gte, lt, lte } = r.as_ref();
                 let ok = |bound: &Option<Value>, allowed: &[std::cmp::Ordering]| {
                     bound
                         .as_ref()

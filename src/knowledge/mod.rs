@@ -3,3 +3,4 @@
 
 pub mod chunking;
 pub mod index;
+pub mod retrieval;

@@ -9,5 +9,6 @@ mod cli;
 mod document_store;
 mod errors;
 mod helpers;
+mod knowledge;
 mod ledger;
 mod models;
