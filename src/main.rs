@@ -32,6 +32,11 @@ enum Command {
         #[command(subcommand)]
         what: BenchTarget,
     },
+    /// Measure retrieval quality.
+    Eval {
+        #[command(subcommand)]
+        what: EvalTarget,
+    },
     /// Create a user account.
     CreateUser {
         #[arg(long)]
@@ -42,6 +47,21 @@ enum Command {
         plan: Plan,
         #[arg(long)]
         superuser: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum EvalTarget {
+    /// nDCG@10, Recall@100 and MRR@10 per route on a BEIR-style dataset
+    /// (corpus.jsonl; queries.SPLIT.jsonl or queries.jsonl; qrels.SPLIT.tsv or qrels/SPLIT.tsv).
+    Beir {
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Evaluate only the first N judged queries.
+        #[arg(long)]
+        max_queries: Option<usize>,
     },
 }
 
@@ -108,6 +128,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             what: BenchTarget::Models { seconds },
         } => {
             ragchat::bench::models(settings, seconds).await?;
+        }
+        Command::Eval {
+            what:
+                EvalTarget::Beir {
+                    data,
+                    split,
+                    max_queries,
+                },
+        } => {
+            ragchat::knowledge::eval::beir(&settings, &data, &split, max_queries).await?;
         }
         Command::Bench {
             what: BenchTarget::Sessions { count },

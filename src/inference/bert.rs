@@ -288,6 +288,10 @@ impl Weights {
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
         let one = |&(start, len): &(usize, usize), head: usize| -> Vec<f32> {
+            let mut out = vec![0f32; len * hd];
+            if len >= GEMM_ATTENTION_MIN {
+                return attention_gemm(qkv, h, hd, start, len, head, scale, out);
+            }
             // This head's keys and values, contiguous (len × hd).
             let part = |p: usize| -> Vec<f32> {
                 (0..len)
@@ -295,7 +299,6 @@ impl Weights {
                     .collect()
             };
             let (keys, values) = (part(1), part(2));
-            let mut out = vec![0f32; len * hd];
             let mut scores = vec![0f32; len];
             for (i, o) in out.chunks_exact_mut(hd).enumerate() {
                 let q = &qkv[(start + i) * 3 * h + head * hd..][..hd];
@@ -331,6 +334,89 @@ impl Weights {
         }
         ctx
     }
+}
+
+/// From this sentence length on, a head's attention is two GEMMs (scores, then
+/// the weighted values) rather than row-by-row loops.
+const GEMM_ATTENTION_MIN: usize = 64;
+
+/// One head's attention over one sentence with two GEMMs reading q, k and v in
+/// place from the packed qkv rows (row stride 3h): scores = q·kᵀ·scale, softmax
+/// by row, out = scores·v.
+#[allow(clippy::too_many_arguments)]
+fn attention_gemm(
+    qkv: &[f32],
+    h: usize,
+    hd: usize,
+    start: usize,
+    len: usize,
+    head: usize,
+    scale: f32,
+    mut out: Vec<f32>,
+) -> Vec<f32> {
+    let base = start * 3 * h + head * hd;
+    assert!(
+        qkv.len() >= (start + len) * 3 * h && out.len() == len * hd,
+        "attention shapes"
+    );
+    let row = (3 * h) as isize;
+    let mut scores = vec![0f32; len * len];
+    // SAFETY: q, k and v of rows start..start+len lie inside qkv (asserted above);
+    // scores is len × len and out len × hd, both row-major as the strides say.
+    unsafe {
+        gemm::gemm(
+            len,
+            len,
+            hd,
+            scores.as_mut_ptr(),
+            1,
+            len as isize,
+            false,
+            qkv.as_ptr().add(base),
+            1,
+            row,
+            qkv.as_ptr().add(base + h),
+            row,
+            1,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    for r in scores.chunks_exact_mut(len) {
+        let max = r.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        r.iter_mut().for_each(|s| *s = fast_exp(*s - max));
+        let inv = 1.0 / r.iter().sum::<f32>();
+        r.iter_mut().for_each(|s| *s *= inv);
+    }
+    // SAFETY: as above.
+    unsafe {
+        gemm::gemm(
+            len,
+            hd,
+            len,
+            out.as_mut_ptr(),
+            1,
+            hd as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            len as isize,
+            qkv.as_ptr().add(base + 2 * h),
+            1,
+            row,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+    out
 }
 
 pub struct BertEmbedder {
@@ -449,6 +535,10 @@ mod tests {
             "A man is playing a guitar on the stage.",
             "Short one.",
             "The committee postponed the vote on the new budget until the next quarterly meeting, citing missing figures.",
+            // Over GEMM_ATTENTION_MIN tokens: the GEMM attention path.
+            "Long sentence about rivers, mountains, forests and the people who live near them; it goes on with more words \
+             about weather, seasons, harvests, markets, roads, bridges, schools, hospitals and the small towns that grow \
+             along the valleys where trade has always followed the water down to the sea.",
         ];
         let mut ours = BertEmbedder::load(&dir, 256).expect("load");
         let got = ours.embed(&texts).expect("embed");

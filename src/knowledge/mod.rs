@@ -2,5 +2,6 @@
 //! actor that owns it.
 
 pub mod chunking;
+pub mod eval;
 pub mod index;
 pub mod retrieval;

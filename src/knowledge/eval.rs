@@ -1,0 +1,266 @@
+//! `ragchat eval beir`: retrieval quality on a BEIR-style dataset (corpus.jsonl,
+//! queries, qrels) for every route: nDCG@10, Recall@100 and MRR@10 over
+//! documents (a document ranks where its best chunk ranks).
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use chrono::Utc;
+use ragchat_actors::inference::Embedder;
+use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::chunking::Chunker;
+use super::index::{Filters, Route, SearchIndex};
+use crate::config::Settings;
+
+#[derive(Deserialize)]
+struct CorpusDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(default)]
+    title: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct Query {
+    #[serde(rename = "_id")]
+    id: String,
+    text: String,
+}
+
+/// nDCG@k with binary or graded relevance (qrels gains), ideal from the qrels.
+pub fn ndcg_at(ranked: &[String], rel: &HashMap<String, f64>, k: usize) -> f64 {
+    let dcg: f64 = ranked
+        .iter()
+        .take(k)
+        .enumerate()
+        .map(|(i, d)| rel.get(d).copied().unwrap_or(0.0) / ((i + 2) as f64).log2())
+        .sum();
+    let mut gains: Vec<f64> = rel.values().copied().filter(|g| *g > 0.0).collect();
+    gains.sort_by(|a, b| b.total_cmp(a));
+    let ideal: f64 = gains
+        .iter()
+        .take(k)
+        .enumerate()
+        .map(|(i, g)| g / ((i + 2) as f64).log2())
+        .sum();
+    if ideal > 0.0 {
+        dcg / ideal
+    } else {
+        0.0
+    }
+}
+
+pub fn recall_at(ranked: &[String], rel: &HashMap<String, f64>, k: usize) -> f64 {
+    let relevant = rel.values().filter(|g| **g > 0.0).count();
+    if relevant == 0 {
+        return 0.0;
+    }
+    let found = ranked
+        .iter()
+        .take(k)
+        .filter(|d| rel.get(*d).is_some_and(|g| *g > 0.0))
+        .count();
+    found as f64 / relevant as f64
+}
+
+pub fn mrr_at(ranked: &[String], rel: &HashMap<String, f64>, k: usize) -> f64 {
+    ranked
+        .iter()
+        .take(k)
+        .position(|d| rel.get(d).is_some_and(|g| *g > 0.0))
+        .map_or(0.0, |i| 1.0 / (i + 1) as f64)
+}
+
+fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1)))
+        .collect()
+}
+
+/// The first of the candidate paths that exists (BEIR's layout, or flat files).
+fn first_existing(dir: &Path, names: &[String]) -> anyhow::Result<std::path::PathBuf> {
+    names
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("none of {names:?} in {}", dir.display()))
+}
+
+pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Option<usize>) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let corpus: Vec<CorpusDoc> = read_lines(&data.join("corpus.jsonl"))?;
+    let queries: Vec<Query> = read_lines(&first_existing(
+        data,
+        &[format!("queries.{split}.jsonl"), "queries.jsonl".to_string()],
+    )?)?;
+    let qrels_path = first_existing(data, &[format!("qrels.{split}.tsv"), format!("qrels/{split}.tsv")])?;
+    let mut qrels: HashMap<String, HashMap<String, f64>> = HashMap::new();
+    for line in std::fs::read_to_string(&qrels_path)?.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if let [q, d, score, ..] = cols[..] {
+            qrels
+                .entry(q.to_string())
+                .or_default()
+                .insert(d.to_string(), score.trim().parse().unwrap_or(0.0));
+        }
+    }
+
+    let m = &settings.models;
+    let dir = Path::new(&m.embedding_dir);
+    let mut bert = crate::inference::bert::BertEmbedder::load(dir, m.embedding_max_tokens)?;
+    let k = &settings.knowledge;
+    let chunker =
+        Chunker::load(&dir.join("tokenizer.json"), k.chunk_tokens, k.chunk_overlap).map_err(anyhow::Error::msg)?;
+    let mut index = SearchIndex::new()?;
+    let started = Instant::now();
+    let mut corpus_of: HashMap<Uuid, String> = HashMap::new();
+    let mut chunks_total = 0usize;
+    // Title and abstract as one text, as sentence-transformers' BEIR evaluation does.
+    let docs: Vec<(Document, Vec<String>)> = corpus
+        .iter()
+        .map(|c| {
+            let id = Uuid::new_v4();
+            corpus_of.insert(id, c.id.clone());
+            let pieces = chunker.split(&c.text);
+            let doc = Document {
+                id,
+                owner: Owner::Global,
+                title: c.title.clone(),
+                source: c.id.clone(),
+                content_hash: String::new(),
+                size_bytes: c.text.len() as u64,
+                metadata: serde_json::Map::new(),
+                chunk_count: pieces.len() as u32,
+                created_at: Utc::now(),
+            };
+            (doc, pieces)
+        })
+        .collect();
+    for (b, batch) in docs.chunks(64).enumerate() {
+        if b % 10 == 0 {
+            eprintln!(
+                "  indexed {} of {} documents ({:.0} s)",
+                b * 64,
+                docs.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let texts: Vec<String> = batch
+            .iter()
+            .flat_map(|(d, pieces)| pieces.iter().map(move |p| format!("{} {p}", d.title)))
+            .collect();
+        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let mut vectors = bert.embed(&refs)?.into_iter();
+        for (d, pieces) in batch {
+            let chunks: Vec<Chunk> = pieces
+                .iter()
+                .enumerate()
+                .map(|(i, p)| Chunk {
+                    id: Uuid::new_v4(),
+                    document_id: d.id,
+                    ordinal: i as u32,
+                    content: p.clone(),
+                    embedding: vectors.next().unwrap_or_default(),
+                })
+                .collect();
+            chunks_total += chunks.len();
+            index.add(d, &chunks)?;
+        }
+    }
+    index.commit()?;
+    let secs = started.elapsed().as_secs_f64();
+    out.push_str(&format!(
+        "{}: {} documents, {chunks_total} chunks indexed in {secs:.1} s ({:.1} documents/s, chunking + embedding + indexing)\n",
+        data.display(),
+        corpus.len(),
+        corpus.len() as f64 / secs
+    ));
+    print!("{out}");
+
+    let reader = Reader {
+        user_id: Uuid::nil(),
+        organization_id: None,
+    };
+    let judged: Vec<&Query> = queries
+        .iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .take(max_queries.unwrap_or(usize::MAX))
+        .collect();
+    let mut line = format!(
+        "\n{} queries ({split} split)   nDCG@10   Recall@100   MRR@10   ms/query\n",
+        judged.len()
+    );
+    print!("{line}");
+    out.push_str(&line);
+    let texts: Vec<&str> = judged.iter().map(|q| q.text.as_str()).collect();
+    let mut q_vectors = Vec::with_capacity(texts.len());
+    for batch in texts.chunks(32) {
+        q_vectors.extend(bert.embed(batch)?);
+    }
+    for route in [Route::Text, Route::Vector, Route::Hybrid, Route::Auto] {
+        let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
+        let started = Instant::now();
+        for (q, v) in judged.iter().zip(&q_vectors) {
+            let hits = index.search(&q.text, Some(v), route, &reader, &Filters::new(), 200)?;
+            let mut seen = HashSet::new();
+            let ranked: Vec<String> = hits
+                .iter()
+                .filter_map(|h| corpus_of.get(&h.document_id))
+                .filter(|d| seen.insert((*d).clone()))
+                .cloned()
+                .collect();
+            let rel = &qrels[&q.id];
+            ndcg += ndcg_at(&ranked, rel, 10);
+            recall += recall_at(&ranked, rel, 100);
+            mrr += mrr_at(&ranked, rel, 10);
+        }
+        let n = judged.len().max(1) as f64;
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / n;
+        line = format!(
+            "  {:<8}                       {:.3}     {:.3}       {:.3}    {ms:.2}\n",
+            format!("{route:?}").to_lowercase(),
+            ndcg / n,
+            recall / n,
+            mrr / n
+        );
+        print!("{line}");
+        out.push_str(&line);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(pairs: &[(&str, f64)]) -> HashMap<String, f64> {
+        pairs.iter().map(|(d, g)| (d.to_string(), *g)).collect()
+    }
+
+    fn docs(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn metrics_match_hand_computed_values() {
+        let r = rel(&[("a", 1.0), ("b", 1.0)]);
+        let ranked = docs(&["x", "a", "y", "b"]);
+        // DCG = 1/log2(3) + 1/log2(5); IDCG = 1 + 1/log2(3).
+        let want = (1.0 / 3f64.log2() + 1.0 / 5f64.log2()) / (1.0 + 1.0 / 3f64.log2());
+        assert!((ndcg_at(&ranked, &r, 10) - want).abs() < 1e-12);
+        assert_eq!(ndcg_at(&docs(&["a", "b"]), &r, 10), 1.0);
+        assert_eq!(recall_at(&ranked, &r, 2), 0.5);
+        assert_eq!(recall_at(&ranked, &r, 100), 1.0);
+        assert_eq!(mrr_at(&ranked, &r, 10), 0.5);
+        assert_eq!(mrr_at(&docs(&["x"]), &r, 10), 0.0);
+        assert_eq!(ndcg_at(&ranked, &rel(&[]), 10), 0.0);
+    }
+}
