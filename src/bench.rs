@@ -432,15 +432,25 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
     Ok(out)
 }
 
+/// A llama.cpp tool built by scripts/build-llama-cpp, if it is there.
+fn llama_cpp_bin(name: &str) -> Option<std::path::PathBuf> {
+    let home = std::env::var("HOME").ok()?;
+    Some(
+        std::path::Path::new(&home)
+            .join(".cache/ragchat-llama-cpp/bin")
+            .join(name),
+    )
+    .filter(|p| p.exists())
+}
+
 /// llama.cpp's llama-batched-bench with 8 sequences of 32 + 64 tokens, 2 threads:
 /// the aggregate decode rate (S_TG, tok/s), when it is installed.
 fn llama_batched_bench(gguf: &str) -> Option<f64> {
-    let bin = std::env::var("HOME")
-        .ok()
-        .map(|h| std::path::Path::new(&h).join(".cache/ragchat-llama-cpp/bin/llama-batched-bench"))?;
-    if !bin.exists() || std::env::var("LLAMA_BENCH").is_ok_and(|v| !std::path::Path::new(&v).exists()) {
+    // LLAMA_BENCH naming a missing file turns both llama.cpp baselines off.
+    if std::env::var("LLAMA_BENCH").is_ok_and(|v| !std::path::Path::new(&v).exists()) {
         return None;
     }
+    let bin = llama_cpp_bin("llama-batched-bench")?;
     let out = std::process::Command::new(bin)
         .args([
             "-m", gguf, "-t", "2", "-c", "4096", "-npp", "32", "-ntg", "64", "-npl", "8",
@@ -459,17 +469,10 @@ fn llama_batched_bench(gguf: &str) -> Option<f64> {
 /// Runs llama.cpp's llama-bench on the same GGUF with 2 threads when it is installed
 /// (scripts/build-llama-cpp, or LLAMA_BENCH=path): (prefill pp256, decode tg64) tok/s.
 fn llama_bench(gguf: &str) -> Option<(f64, f64)> {
-    let bin = std::env::var("LLAMA_BENCH")
-        .ok()
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var("HOME")
-                .ok()
-                .map(|h| std::path::Path::new(&h).join(".cache/ragchat-llama-cpp/bin/llama-bench"))
-        })?;
-    if !bin.exists() {
-        return None;
-    }
+    let bin = match std::env::var("LLAMA_BENCH") {
+        Ok(path) => Some(std::path::PathBuf::from(path)).filter(|p| p.exists())?,
+        Err(_) => llama_cpp_bin("llama-bench")?,
+    };
     let out = std::process::Command::new(bin)
         .args(["-m", gguf, "-t", "2", "-p", "256", "-n", "64", "-r", "5", "-o", "json"])
         .output()

@@ -22,8 +22,13 @@ use crate::error::ApiError;
 use crate::knowledge::index::{Filters, Hit, Route};
 use crate::knowledge::retrieval::{IndexDocuments, RemoveDocument, Retrieval, Search};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
-    let limit = 8 << 20;
+/// The routes; `max_document_bytes` sets the body limit of the ingestion route
+/// (twice the text, for JSON escapes, plus room for the other fields).
+pub fn routes(max_document_bytes: usize) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| configure(cfg, max_document_bytes.saturating_mul(2).saturating_add(64 << 10))
+}
+
+fn configure(cfg: &mut web::ServiceConfig, limit: usize) {
     cfg.service(
         web::resource("/knowledge/documents")
             .app_data(
@@ -308,12 +313,13 @@ pub async fn delete_document(
     if doc.owner == Owner::Global && !current.user.is_superuser {
         return Err(ApiError::Forbidden("Only admins can delete global documents".into()));
     }
+    // The store first: if it fails, the document is still there and still found.
+    state.documents.delete_document(doc.id).await?;
     retrieval(&state)?
         .send(RemoveDocument(doc.id))
         .await
         .map_err(index_error)?
         .map_err(index_error)?;
-    state.documents.delete_document(doc.id).await?;
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -106,6 +106,7 @@ async fn not_found() -> Result<actix_web::HttpResponse, ApiError> {
 pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg: &mut web::ServiceConfig| {
         let json_limit = state.settings.server.json_limit_bytes;
+        let max_document = state.settings.knowledge.max_document_bytes;
         cfg.app_data(web::Data::new(state))
             .app_data(web::JsonConfig::default().limit(json_limit).error_handler(json_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))
@@ -114,7 +115,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(auth::routes)
             .configure(billing::routes)
             .configure(openai::routes)
-            .configure(knowledge::routes)
+            .configure(knowledge::routes(max_document))
             .service(
                 web::scope("/admin")
                     .wrap(from_fn(extractors::require_admin))

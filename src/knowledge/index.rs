@@ -133,10 +133,11 @@ pub struct Hit {
 pub struct SearchIndex {
     slots: Vec<Option<Entry>>,
     by_document: HashMap<Uuid, Vec<usize>>,
-    index: Index,
     writer: IndexWriter,
     reader: IndexReader,
     key: tantivy::schema::Field,
+    title: tantivy::schema::Field,
+    content: tantivy::schema::Field,
     parser: QueryParser,
     dirty: bool,
 }
@@ -168,10 +169,11 @@ impl SearchIndex {
         Ok(SearchIndex {
             slots: Vec::new(),
             by_document: HashMap::new(),
-            index,
             writer,
             reader,
             key,
+            title,
+            content,
             parser,
             dirty: false,
         })
@@ -188,11 +190,7 @@ impl SearchIndex {
     /// Adds a document's chunks (replacing any it had). Call `commit` after a batch.
     pub fn add(&mut self, doc: &Document, chunks: &[Chunk]) -> Result<(), IndexError> {
         self.remove(doc.id);
-        let fields = self.index.schema();
-        let (title, content) = (
-            fields.get_field("title").map_err(index_error)?,
-            fields.get_field("content").map_err(index_error)?,
-        );
+        let (title, content) = (self.title, self.content);
         let mut slots = Vec::with_capacity(chunks.len());
         for c in chunks {
             let slot = self.slots.len();

@@ -28,6 +28,19 @@ impl SqliteDocumentStore {
     pub fn new(pool: SqlitePool) -> Self {
         SqliteDocumentStore { pool }
     }
+
+    /// The document a query selects, if any.
+    async fn one<'q>(
+        &self,
+        q: sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> StoreResult<Option<Document>> {
+        q.fetch_optional(&self.pool)
+            .await
+            .map_err(store_error)?
+            .as_ref()
+            .map(sqlite_document)
+            .transpose()
+    }
 }
 
 const DOC_COLUMNS: &str = "id, owner, title, source, content_hash, size_bytes, metadata, chunk_count, created_at";
@@ -103,28 +116,14 @@ impl DocumentStore for SqliteDocumentStore {
     }
 
     async fn document(&self, id: Uuid) -> StoreResult<Option<Document>> {
-        sqlx::query(&format!("SELECT {DOC_COLUMNS} FROM documents WHERE id = $1"))
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(store_error)?
-            .as_ref()
-            .map(sqlite_document)
-            .transpose()
+        let sql = format!("SELECT {DOC_COLUMNS} FROM documents WHERE id = $1");
+        self.one(sqlx::query(&sql).bind(id)).await
     }
 
     async fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>> {
-        sqlx::query(&format!(
-            "SELECT {DOC_COLUMNS} FROM documents WHERE owner = $1 AND content_hash = $2"
-        ))
-        .bind(owner.to_string())
-        .bind(content_hash)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(store_error)?
-        .as_ref()
-        .map(sqlite_document)
-        .transpose()
+        let sql = format!("SELECT {DOC_COLUMNS} FROM documents WHERE owner = $1 AND content_hash = $2");
+        self.one(sqlx::query(&sql).bind(owner.to_string()).bind(content_hash))
+            .await
     }
 
     async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)> {
@@ -278,6 +277,19 @@ impl MongoDocumentStore {
     }
 }
 
+impl MongoDocumentStore {
+    /// The document a filter selects, if any.
+    async fn one(&self, filter: BsonDoc) -> StoreResult<Option<Document>> {
+        self.documents
+            .find_one(filter)
+            .await
+            .map_err(mongo_error)?
+            .as_ref()
+            .map(from_bson_doc)
+            .transpose()
+    }
+}
+
 fn to_bson_doc(d: &Document) -> StoreResult<BsonDoc> {
     let metadata = mongodb::bson::to_document(&d.metadata).map_err(|e| StoreError::Internal(e.to_string()))?;
     Ok(doc! {
@@ -367,23 +379,12 @@ impl DocumentStore for MongoDocumentStore {
     }
 
     async fn document(&self, id: Uuid) -> StoreResult<Option<Document>> {
-        self.documents
-            .find_one(doc! {"_id": id.to_string()})
-            .await
-            .map_err(mongo_error)?
-            .as_ref()
-            .map(from_bson_doc)
-            .transpose()
+        self.one(doc! {"_id": id.to_string()}).await
     }
 
     async fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>> {
-        self.documents
-            .find_one(doc! {"owner": owner.to_string(), "content_hash": content_hash})
+        self.one(doc! {"owner": owner.to_string(), "content_hash": content_hash})
             .await
-            .map_err(mongo_error)?
-            .as_ref()
-            .map(from_bson_doc)
-            .transpose()
     }
 
     async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)> {
