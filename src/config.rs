@@ -99,6 +99,11 @@ pub struct KnowledgeSettings {
     pub chunk_overlap: usize,
     /// Largest document accepted, in bytes of text.
     pub max_document_bytes: usize,
+    /// Largest uploaded file (multipart), in bytes.
+    pub max_upload_bytes: usize,
+    /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
+    /// to this directory and cannot leave it.
+    pub seed_root: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -22,6 +22,8 @@ pub enum ApiError {
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{0}")]
     Unprocessable(String),
     /// 429 with a string or object detail and the headers that go with it
     /// (Retry-After, RateLimit-*).
@@ -56,6 +58,29 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::knowledge::ingest::IngestError> for ApiError {
+    fn from(e: crate::knowledge::ingest::IngestError) -> Self {
+        use crate::knowledge::ingest::IngestError as E;
+        match e {
+            E::Invalid(m) => ApiError::Unprocessable(m),
+            E::TooLarge(m) => ApiError::PayloadTooLarge(m),
+            E::Store(e) => e.into(),
+            E::Model(e) => crate::http::openai::model_error(e),
+            E::Index(m) => ApiError::Internal(format!("search index: {m}")),
+        }
+    }
+}
+
+impl From<crate::knowledge::formats::FormatError> for ApiError {
+    fn from(e: crate::knowledge::formats::FormatError) -> Self {
+        use crate::knowledge::formats::FormatError as E;
+        match e {
+            E::Unsupported(m) => ApiError::UnsupportedMediaType(m),
+            E::Invalid(m) => ApiError::Unprocessable(m),
+        }
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
@@ -65,6 +90,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -94,6 +120,7 @@ impl ResponseError for ApiError {
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
             | ApiError::PayloadTooLarge(m)
+            | ApiError::UnsupportedMediaType(m)
             | ApiError::Unprocessable(m)
             | ApiError::Unavailable(m) => json!(m),
         };

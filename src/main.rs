@@ -37,6 +37,18 @@ enum Command {
         #[command(subcommand)]
         what: EvalTarget,
     },
+    /// Load a corpus into the knowledge base as global documents: a directory of
+    /// .txt/.md/.html/.pdf/.jsonl files or one file (e.g. a BEIR corpus.jsonl).
+    /// A running server indexes them at its next start (or use POST /admin/seed-enhanced).
+    Seed {
+        path: std::path::PathBuf,
+        /// Remove every global document first.
+        #[arg(long)]
+        clear_existing: bool,
+        /// Read, check and chunk; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Create a user account.
     CreateUser {
         #[arg(long)]
@@ -143,6 +155,17 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             what: BenchTarget::Sessions { count },
         } => {
             print!("{}", ragchat::bench::sessions(settings, count).await?);
+        }
+        Command::Seed {
+            path,
+            clear_existing,
+            dry_run,
+        } => {
+            let opts = ragchat::knowledge::seed::SeedOptions {
+                clear_existing,
+                dry_run,
+            };
+            ragchat::knowledge::seed::cli(&settings, &path, opts).await?;
         }
         Command::CreateUser {
             email,

@@ -126,18 +126,6 @@ impl Application {
             &k.sqlite_url,
         )
         .await?;
-        let chunker = if embedder.is_some() {
-            let path = std::path::Path::new(&settings.models.embedding_dir).join("tokenizer.json");
-            match crate::knowledge::chunking::Chunker::load(&path, k.chunk_tokens, k.chunk_overlap) {
-                Ok(c) => Some(Arc::new(c)),
-                Err(e) => {
-                    tracing::error!(error = %e, "chunker unavailable: ingestion is off");
-                    None
-                }
-            }
-        } else {
-            None
-        };
         let retrieval =
             crate::knowledge::retrieval::Retrieval::start().map_err(|e| StartupError::Other(e.to_string()))?;
         let loaded = crate::knowledge::retrieval::load_all(documents.as_ref(), &retrieval)
@@ -146,10 +134,26 @@ impl Application {
         if loaded > 0 {
             tracing::info!(documents = loaded, backend = documents.backend(), "search index loaded");
         }
+        let ingestor = embedder.clone().and_then(|embedder| {
+            let path = std::path::Path::new(&settings.models.embedding_dir).join("tokenizer.json");
+            match crate::knowledge::chunking::Chunker::load(&path, k.chunk_tokens, k.chunk_overlap) {
+                Ok(c) => Some(crate::knowledge::ingest::Ingestor {
+                    documents: documents.clone(),
+                    chunker: Arc::new(c),
+                    embedder,
+                    retrieval: Some(retrieval.clone()),
+                }),
+                Err(e) => {
+                    tracing::error!(error = %e, "chunker unavailable: ingestion is off");
+                    None
+                }
+            }
+        });
         let state = AppState {
             documents,
-            chunker,
+            ingestor,
             retrieval: Some(retrieval),
+            seed: Default::default(),
             embedder,
             generator,
             tokens: Arc::new(TokenService::new(&settings.auth)),
@@ -247,23 +251,13 @@ fn load_plans(settings: &Settings) -> Result<PlanCatalog, StartupError> {
         .map_err(|e| StartupError::Other(format!("plans file {}: {e}", path.display())))
 }
 
-/// Starts the model workers. A model whose files are missing (or that fails to
-/// load) is left out with a warning: the server runs, its routes answer 503.
-pub fn start_models(
-    m: &crate::config::ModelSettings,
-) -> (
-    Option<ragchat_actors::embed_worker::EmbedWorker>,
-    Option<ragchat_actors::generate_worker::GenerateWorker>,
-) {
+/// Starts the embedding worker (None, with a warning, when the model is missing).
+pub fn start_embedder(m: &crate::config::ModelSettings) -> Option<ragchat_actors::embed_worker::EmbedWorker> {
     use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
-    use ragchat_actors::generate_worker::{GenerateConfig, GenerateWorker};
     use ragchat_actors::inference::Embedder;
-    if !m.enabled {
-        return (None, None);
-    }
     let dir = PathBuf::from(&m.embedding_dir);
     let max_tokens = m.embedding_max_tokens;
-    let embedder = EmbedWorker::start(
+    EmbedWorker::start(
         Box::new(move || {
             crate::inference::bert::BertEmbedder::load(&dir, max_tokens).map(|e| Box::new(e) as Box<dyn Embedder>)
         }),
@@ -274,7 +268,22 @@ pub fn start_models(
         },
     )
     .map_err(|e| tracing::warn!(error = %e, "embedding model not loaded"))
-    .ok();
+    .ok()
+}
+
+/// Starts the model workers. A model whose files are missing (or that fails to
+/// load) is left out with a warning: the server runs, its routes answer 503.
+pub fn start_models(
+    m: &crate::config::ModelSettings,
+) -> (
+    Option<ragchat_actors::embed_worker::EmbedWorker>,
+    Option<ragchat_actors::generate_worker::GenerateWorker>,
+) {
+    use ragchat_actors::generate_worker::{GenerateConfig, GenerateWorker};
+    if !m.enabled {
+        return (None, None);
+    }
+    let embedder = start_embedder(m);
     let path = PathBuf::from(&m.generator_path);
     let tok = (!m.generator_tokenizer.trim().is_empty()).then(|| PathBuf::from(&m.generator_tokenizer));
     let generator = crate::inference::gguf::load(&path, tok.as_deref(), m.max_context, m.dense_prefill)

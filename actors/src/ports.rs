@@ -164,8 +164,9 @@ pub trait DocumentStore: Send + Sync + 'static {
     async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)>;
     /// The chunks of a document, in order.
     async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>>;
-    /// Every document id, oldest first (to rebuild the search indexes at start).
-    async fn document_ids(&self) -> StoreResult<Vec<Uuid>>;
+    /// Every document id, or those of one owner, oldest first (to rebuild the
+    /// search indexes at start; to clear seeded documents).
+    async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>>;
     /// Deletes a document and its chunks; false when there was none.
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
     /// Bytes of text an owner has stored.

@@ -18,7 +18,11 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::session::{Admit, Complete, Permit, Rejection, Release, Reload, SessionDeps, SessionExit, UserSession};
+use crate::ports::DocumentStore;
+use crate::session::{
+    Admit, Complete, Permit, Rejection, Release, ReleaseStorage, Reload, ReserveStorage, SessionDeps, SessionExit,
+    StorageGrant, UserSession,
+};
 
 const SHARDS: usize = 16;
 
@@ -129,6 +133,26 @@ impl SessionRegistry {
             }
         }
         Err(Rejection::Unavailable("session unavailable".into()))
+    }
+
+    /// Reserves room for new private documents (see `ReserveStorage`).
+    pub async fn reserve_storage(
+        &self,
+        user_id: Uuid,
+        store: Arc<dyn DocumentStore>,
+        bytes: u64,
+    ) -> Result<StorageGrant, Rejection> {
+        let addr = self.session(user_id);
+        match tokio::time::timeout(self.send_timeout, addr.send(ReserveStorage { store, bytes })).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Rejection::Unavailable("session unavailable".into())),
+            Err(_elapsed) => Err(Rejection::Unavailable("session overloaded".into())),
+        }
+    }
+
+    /// Hands a storage grant back once its documents are stored (or failed).
+    pub fn release_storage(&self, user_id: Uuid, grant: StorageGrant) {
+        self.session(user_id).do_send(ReleaseStorage(grant));
     }
 
     /// Records the work of a permit (once). If the session is gone the ledger is

@@ -20,9 +20,10 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::{Plan, UsageRecord};
+use crate::knowledge::Owner;
 use crate::ledger::{BillingLedger, Record};
 use crate::plans::{month_of, Period, PlanCatalog, PlanLimits, Resource};
-use crate::ports::{AccountStore, RateLimitStore, Reservation, StoreError, UsageStore};
+use crate::ports::{AccountStore, DocumentStore, RateLimitStore, Reservation, StoreError, UsageStore};
 use crate::ratelimit::{self, Quota};
 
 /// Rate-limit buckets: each route says which one it draws from.
@@ -161,6 +162,12 @@ pub enum Rejection {
         limit: u64,
         plan: Plan,
     },
+    /// New documents would take the user past the plan's storage.
+    StorageExceeded {
+        used_bytes: u64,
+        requested_bytes: u64,
+        limit_bytes: u64,
+    },
     /// The user no longer exists or is deactivated.
     UnknownUser,
     /// The quota store is down and the policy is to fail closed, or the local
@@ -196,6 +203,26 @@ pub struct Release {
 #[rtype(result = "()")]
 pub struct Reload;
 
+/// Reserves room for `bytes` of new private documents under the plan's
+/// `storage_mb`. Handled atomically, so a user's uploads are checked one at a
+/// time, and bytes reserved by uploads still being stored count as used. Hand
+/// the grant back with `ReleaseStorage` once the documents are stored (or not).
+#[derive(Message)]
+#[rtype(result = "Result<StorageGrant, Rejection>")]
+pub struct ReserveStorage {
+    pub store: Arc<dyn DocumentStore>,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StorageGrant {
+    pub bytes: u64,
+}
+
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReleaseStorage(pub StorageGrant);
+
 /// Makes the session panic (fault tests of the supervision).
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -221,6 +248,8 @@ pub struct UserSession {
     unreconciled: Vec<(Resource, DateTime<Utc>, u64)>,
     offline_used: HashMap<Resource, u64>,
     in_flight: usize,
+    /// Bytes granted to uploads that are still being stored.
+    storage_reserved: u64,
     last_active: Instant,
     born: Instant,
 }
@@ -237,6 +266,7 @@ impl UserSession {
             unreconciled: Vec::new(),
             offline_used: HashMap::new(),
             in_flight: 0,
+            storage_reserved: 0,
             last_active: Instant::now(),
             born: Instant::now(),
         }
@@ -321,21 +351,14 @@ impl Handler<Admit> for UserSession {
                 requeue: Vec::new(),
             };
             // 1. The plan (loaded once per session life, and after Reload).
-            let (plan, limits) = match cached_plan {
-                Some(p) => p,
-                None => match deps.accounts.user_by_id(user_id).await {
-                    Ok(Some(u)) if u.is_active => {
-                        let limits = deps.plans.current().get(u.subscription_plan).clone();
-                        out.plan = Some((u.subscription_plan, limits.clone()));
-                        (u.subscription_plan, limits)
-                    }
-                    Ok(_) => return out,
-                    Err(e) => {
-                        out.result = Err(Rejection::Unavailable(format!("account store: {e}")));
-                        return out;
-                    }
-                },
+            let (plan, limits) = match plan_of(&deps, user_id, cached_plan).await {
+                Ok(p) => p,
+                Err(r) => {
+                    out.result = Err(r);
+                    return out;
+                }
             };
+            out.plan = Some((plan, limits.clone()));
             // 2. The rate limit: Redis when configured (falling back to local state).
             let mut rate_info = None;
             if let Some((bucket, quota)) = bucket_quota {
@@ -542,6 +565,72 @@ impl Handler<Release> for UserSession {
         }
         self.exhausted.remove(&(p.resource, p.period.start));
         release_later(&self.deps, p);
+    }
+}
+
+/// The user's plan and limits: the cached ones, else from the account store.
+async fn plan_of(
+    deps: &SessionDeps,
+    user_id: Uuid,
+    cached: Option<(Plan, PlanLimits)>,
+) -> Result<(Plan, PlanLimits), Rejection> {
+    if let Some(p) = cached {
+        return Ok(p);
+    }
+    match deps.accounts.user_by_id(user_id).await {
+        Ok(Some(u)) if u.is_active => Ok((
+            u.subscription_plan,
+            deps.plans.current().get(u.subscription_plan).clone(),
+        )),
+        Ok(_) => Err(Rejection::UnknownUser),
+        Err(e) => Err(Rejection::Unavailable(format!("account store: {e}"))),
+    }
+}
+
+impl Handler<ReserveStorage> for UserSession {
+    type Result = AtomicResponse<Self, Result<StorageGrant, Rejection>>;
+
+    fn handle(&mut self, msg: ReserveStorage, _ctx: &mut Self::Context) -> Self::Result {
+        self.last_active = Instant::now();
+        let deps = self.deps.clone();
+        let user_id = self.user_id;
+        let cached = self.plan.clone();
+        let reserved = self.storage_reserved;
+        let fut = async move {
+            let plan = plan_of(&deps, user_id, cached).await?;
+            let limit_bytes = plan.1.limit(Resource::StorageMb).saturating_mul(1 << 20);
+            let used = msg
+                .store
+                .stored_bytes(&Owner::User(user_id))
+                .await
+                .map_err(|e| Rejection::Unavailable(format!("document store: {e}")))?;
+            let used_bytes = used.saturating_add(reserved);
+            if used_bytes.saturating_add(msg.bytes) > limit_bytes {
+                return Err(Rejection::StorageExceeded {
+                    used_bytes,
+                    requested_bytes: msg.bytes,
+                    limit_bytes,
+                });
+            }
+            Ok((plan, StorageGrant { bytes: msg.bytes }))
+        };
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(|out, act, _ctx| {
+            let (plan, grant) = out?;
+            act.plan = Some(plan);
+            act.storage_reserved = act.storage_reserved.saturating_add(grant.bytes);
+            act.in_flight += 1;
+            Ok(grant)
+        })))
+    }
+}
+
+impl Handler<ReleaseStorage> for UserSession {
+    type Result = ();
+
+    fn handle(&mut self, msg: ReleaseStorage, _ctx: &mut Self::Context) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.last_active = Instant::now();
+        self.storage_reserved = self.storage_reserved.saturating_sub(msg.0.bytes);
     }
 }
 

@@ -1,4 +1,4 @@
-//! /admin: user management. The scope is wrapped in `require_admin`; handlers also
+//! /admin: user management and knowledge-base seeding. The scope is wrapped in `require_admin`; handlers also
 //! take `AdminUser`, so each one states its guard in its signature.
 
 use actix_web::web;
@@ -19,6 +19,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/users").route(web::get().to(list_users)))
         .service(web::resource("/users/{user_id}").route(web::patch().to(update_user)))
         .service(web::resource("/users/{user_id}/audit").route(web::get().to(user_audit)))
+        .service(web::resource("/seed-enhanced").route(web::post().to(seed_enhanced)))
+        .service(web::resource("/seed-status").route(web::get().to(seed_status)))
         .service(
             web::resource("/settings/subscription_limits")
                 .route(web::get().to(get_subscription_limits))
@@ -267,4 +269,108 @@ pub async fn put_subscription_limits(
         })
         .await?;
     Ok(web::Json(json!({ "override": overrides, "effective": effective })))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SeedRequest {
+    /// A directory (walked recursively) or one file (.txt, .md, .html, .pdf,
+    /// .jsonl such as a BEIR corpus.jsonl), relative to `knowledge.seed_root`;
+    /// the root itself when absent.
+    pub path: Option<String>,
+    /// Remove every global document first.
+    #[serde(default)]
+    pub clear_existing: bool,
+    /// Read, check and chunk the corpus; store nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Answer at once (202) and seed in the background (the default), or wait
+    /// for the end (200).
+    #[serde(default = "default_true")]
+    pub background: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SeedStatusView {
+    #[serde(flatten)]
+    pub status: crate::knowledge::seed::SeedStatus,
+    /// Chunks in the search index now.
+    pub indexed_chunks: Option<usize>,
+}
+
+async fn seed_view(state: &AppState) -> SeedStatusView {
+    let status = state
+        .seed
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_else(|p| p.into_inner().clone());
+    let indexed_chunks = match &state.retrieval {
+        Some(r) => r.send(crate::knowledge::retrieval::IndexedChunks).await.ok(),
+        None => None,
+    };
+    SeedStatusView { status, indexed_chunks }
+}
+
+/// The corpus path of a request: under the seed root, never outside it.
+fn seed_path(root: &str, requested: Option<&str>) -> Result<std::path::PathBuf, ApiError> {
+    let root = std::fs::canonicalize(root)
+        .map_err(|e| ApiError::Unprocessable(format!("The seed root '{root}' is not readable: {e}")))?;
+    let wanted = root.join(requested.unwrap_or(""));
+    let path = std::fs::canonicalize(&wanted)
+        .map_err(|_| ApiError::NotFound(format!("No corpus at '{}'", requested.unwrap_or(""))))?;
+    if !path.starts_with(&root) {
+        return Err(ApiError::Forbidden(
+            "The corpus path must be inside the seed root".into(),
+        ));
+    }
+    Ok(path)
+}
+
+/// Seeds the knowledge base with global documents from a corpus on the server.
+#[utoipa::path(post, path = "/admin/seed-enhanced", tag = "admin", security(("bearer" = [])),
+    request_body = SeedRequest,
+    responses((status = 202, body = SeedStatusView, description = "Started in the background"),
+        (status = 200, body = SeedStatusView, description = "Finished (background: false)"),
+        (status = 403), (status = 404), (status = 409, description = "A seed is running"), (status = 422), (status = 503)))]
+pub async fn seed_enhanced(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    body: web::Json<SeedRequest>,
+) -> Result<actix_web::HttpResponse, ApiError> {
+    use crate::knowledge::seed::{self, SeedError, SeedOptions};
+    let body = body.into_inner();
+    let k = &state.settings.knowledge;
+    let path = seed_path(&k.seed_root, body.path.as_deref())?;
+    let ingestor = state
+        .ingestor
+        .clone()
+        .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into()))?;
+    let opts = SeedOptions {
+        clear_existing: body.clear_existing,
+        dry_run: body.dry_run,
+    };
+    seed::begin(&state.seed, &path, opts).map_err(|e| match e {
+        SeedError::Busy => ApiError::Conflict("A seed is already running: see GET /admin/seed-status".into()),
+        other => ApiError::Unprocessable(other.to_string()),
+    })?;
+    let (status, max) = (state.seed.clone(), k.max_document_bytes);
+    let job = async move { seed::run(&ingestor, &path, opts, max, status, &|_| {}).await };
+    if body.background {
+        actix_web::rt::spawn(job);
+        Ok(actix_web::HttpResponse::Accepted().json(seed_view(&state).await))
+    } else {
+        job.await;
+        Ok(actix_web::HttpResponse::Ok().json(seed_view(&state).await))
+    }
+}
+
+/// Progress of the running seed, or the result of the last one.
+#[utoipa::path(get, path = "/admin/seed-status", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, body = SeedStatusView), (status = 401), (status = 403)))]
+pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<SeedStatusView> {
+    web::Json(seed_view(&state).await)
 }

@@ -138,6 +138,19 @@ pub fn rejection_error(r: Rejection) -> ApiError {
                 headers: vec![("Retry-After", reset.to_string())],
             }
         }
+        Rejection::StorageExceeded {
+            used_bytes,
+            requested_bytes,
+            limit_bytes,
+        } => {
+            let mb = |b: u64| b as f64 / (1 << 20) as f64;
+            ApiError::PayloadTooLarge(format!(
+                "Storage quota exceeded: {:.1} of {:.0} MB used, this upload needs {:.2} MB",
+                mb(used_bytes),
+                mb(limit_bytes),
+                mb(requested_bytes)
+            ))
+        }
         Rejection::UnknownUser => ApiError::Unauthorized("Could not validate credentials".into()),
         Rejection::Unavailable(why) => {
             tracing::warn!(reason = %why, "admission unavailable");

@@ -5,22 +5,21 @@ use actix::Addr;
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use ragchat_actors::domain::Page;
-use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
-use ragchat_actors::plans::Resource;
-use ragchat_actors::ports::StoreError;
+use ragchat_actors::knowledge::{Document, Owner, Reader};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::admission::{Admitted, ApiCall, SearchCall};
+use super::admission::{rejection_error, Admitted, ApiCall, SearchCall};
 use super::extractors::CurrentUser;
 use super::openai::model_error;
 use super::AppState;
 use crate::error::ApiError;
+use crate::knowledge::formats::{self, Format};
 use crate::knowledge::index::{Filters, Hit, Route};
-use crate::knowledge::retrieval::{IndexDocuments, RemoveDocument, Retrieval, Search};
+use crate::knowledge::ingest::{validate, IngestError, Ingestor, NewDoc, Outcome};
+use crate::knowledge::retrieval::{RemoveDocument, Retrieval, Search};
 
 /// The routes; `max_document_bytes` sets the body limit of the ingestion route
 /// (twice the text, for JSON escapes, plus room for the other fields).
@@ -36,6 +35,11 @@ fn configure(cfg: &mut web::ServiceConfig, limit: usize) {
                     .limit(limit)
                     .error_handler(crate::error::json_error),
             )
+            .route(
+                web::post()
+                    .guard(actix_web::guard::fn_guard(is_multipart))
+                    .to(upload_document),
+            )
             .route(web::post().to(create_document))
             .route(web::get().to(list_documents)),
     )
@@ -45,6 +49,14 @@ fn configure(cfg: &mut web::ServiceConfig, limit: usize) {
             .route(web::delete().to(delete_document)),
     )
     .service(web::resource("/knowledge/search").route(web::post().to(search)));
+}
+
+fn is_multipart(ctx: &actix_web::guard::GuardContext) -> bool {
+    ctx.head()
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("multipart/form-data"))
 }
 
 /// Who may see a new document.
@@ -126,12 +138,66 @@ fn index_error(e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal(format!("search index: {e}"))
 }
 
+fn ingestor(state: &AppState) -> Result<&Ingestor, ApiError> {
+    state
+        .ingestor
+        .as_ref()
+        .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into()))
+}
+
+fn owner_for(user: &ragchat_actors::domain::User, visibility: Visibility) -> Result<Owner, ApiError> {
+    match visibility {
+        Visibility::Private => Ok(Owner::User(user.id)),
+        Visibility::Organization => {
+            Ok(Owner::Organization(user.organization_id.ok_or_else(|| {
+                ApiError::BadRequest("You do not belong to an organization".into())
+            })?))
+        }
+        Visibility::Global if user.is_superuser => Ok(Owner::Global),
+        Visibility::Global => Err(ApiError::Forbidden("Only admins can add global documents".into())),
+    }
+}
+
+/// Stores checked documents of one owner: duplicates come back as such; new
+/// private text is held against the uploader's storage quota by their session
+/// actor (so concurrent uploads cannot both pass the limit) while it is stored.
+async fn ingest(
+    state: &AppState,
+    user: &ragchat_actors::domain::User,
+    docs: Vec<NewDoc>,
+) -> Result<Vec<Outcome>, ApiError> {
+    let ingestor = ingestor(state)?;
+    let triage = ingestor.triage(docs).await?;
+    let bytes = triage.new_bytes(&Owner::User(user.id));
+    let grant = if bytes > 0 {
+        Some(
+            state
+                .registry
+                .reserve_storage(user.id, state.documents.clone(), bytes)
+                .await
+                .map_err(rejection_error)?,
+        )
+    } else {
+        None
+    };
+    let stored = ingestor.store(triage).await;
+    if let Some(g) = grant {
+        state.registry.release_storage(user.id, g);
+    }
+    Ok(stored?)
+}
+
 /// Stores a text document: chunked by tokens, embedded, indexed. The same text
-/// from the same owner is stored once (200 with `duplicate: true`).
+/// from the same owner is stored once (200 with `duplicate: true`). A
+/// `multipart/form-data` body uploads a file instead (see `upload_document`).
 #[utoipa::path(post, path = "/knowledge/documents", tag = "knowledge", security(("bearer" = [])),
-    request_body = NewDocument,
-    responses((status = 201, body = DocumentView), (status = 200, body = DocumentView, description = "Already stored"),
-        (status = 400), (status = 403), (status = 413), (status = 422), (status = 429), (status = 503)))]
+    request_body(content(
+        (NewDocument = "application/json"),
+        (UploadForm = "multipart/form-data"),
+    )),
+    responses((status = 201, body = DocumentView, description = "Stored: a DocumentView for a JSON body, an UploadResult for an upload"),
+        (status = 200, body = DocumentView, description = "Already stored"),
+        (status = 400), (status = 403), (status = 413), (status = 415), (status = 422), (status = 429), (status = 503)))]
 pub async fn create_document(
     admitted: Admitted<ApiCall>,
     state: web::Data<AppState>,
@@ -139,107 +205,183 @@ pub async fn create_document(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let user = admitted.user.user.clone();
-    let title = body.title.trim().to_string();
-    if title.is_empty() || title.chars().count() > 500 {
-        return Err(ApiError::Unprocessable("title must be 1 to 500 characters".into()));
-    }
-    if body.content.trim().is_empty() {
-        return Err(ApiError::Unprocessable("content is empty".into()));
-    }
-    let max = state.settings.knowledge.max_document_bytes;
-    if body.content.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "Document of {} bytes exceeds the limit of {max} bytes",
-            body.content.len()
-        )));
-    }
-    let owner = match body.visibility {
-        Visibility::Private => Owner::User(user.id),
-        Visibility::Organization => Owner::Organization(
-            user.organization_id
-                .ok_or_else(|| ApiError::BadRequest("You do not belong to an organization".into()))?,
-        ),
-        Visibility::Global if user.is_superuser => Owner::Global,
-        Visibility::Global => return Err(ApiError::Forbidden("Only admins can add global documents".into())),
-    };
-    let hash = hex::encode(Sha256::digest(body.content.as_bytes()));
-    if let Some(existing) = state.documents.document_by_hash(&owner, &hash).await? {
-        return Ok(HttpResponse::Ok().json(view(existing, true)));
-    }
-    // Storage quota: the uploader's private documents plus this one.
-    let limit_mb = state
-        .billing
-        .usage_summary(&user, Utc::now())
-        .await?
-        .limits
-        .limit(Resource::StorageMb);
-    let used = state.documents.stored_bytes(&Owner::User(user.id)).await?;
-    let size = body.content.len() as u64;
-    if matches!(owner, Owner::User(_)) && used + size > limit_mb.saturating_mul(1 << 20) {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "Storage quota exceeded: {:.1} of {limit_mb} MB used, this document needs {:.2} MB",
-            used as f64 / (1 << 20) as f64,
-            size as f64 / (1 << 20) as f64
-        )));
-    }
-    let chunker = state
-        .chunker
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into()))?;
-    let embedder = state
-        .embedder
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into()))?;
-    let content = body.content;
-    let pieces = web::block(move || chunker.split(&content))
-        .await
-        .map_err(ApiError::internal)?;
-    if pieces.is_empty() {
-        return Err(ApiError::Unprocessable("content has no text to index".into()));
-    }
-    let vectors = embedder.embed(pieces.clone()).await.map_err(model_error)?.vectors;
-    let id = Uuid::new_v4();
-    let chunks: Vec<Chunk> = pieces
-        .into_iter()
-        .zip(vectors)
-        .enumerate()
-        .map(|(i, (content, embedding))| Chunk {
-            id: Uuid::new_v4(),
-            document_id: id,
-            ordinal: i as u32,
-            content,
-            embedding,
-        })
-        .collect();
-    let doc = Document {
-        id,
-        owner,
-        title,
+    let mut doc = NewDoc {
+        owner: owner_for(&user, body.visibility)?,
+        title: body.title,
+        content: body.content,
         source: body.source.unwrap_or_default(),
-        content_hash: hash.clone(),
-        size_bytes: size,
         metadata: body.metadata.unwrap_or_default(),
-        chunk_count: chunks.len() as u32,
-        created_at: Utc::now(),
     };
-    match state.documents.insert_document(&doc, &chunks).await {
-        Ok(()) => {}
-        // The same text arrived twice at once: the other request stored it.
-        Err(StoreError::Conflict(_)) => {
-            if let Some(existing) = state.documents.document_by_hash(&owner, &hash).await? {
-                return Ok(HttpResponse::Ok().json(view(existing, true)));
-            }
-            return Err(ApiError::Conflict("Document is being stored by another request".into()));
+    validate(&mut doc, state.settings.knowledge.max_document_bytes)?;
+    let size = doc.content.len();
+    let outcome = ingest(&state, &user, vec![doc])
+        .await?
+        .pop()
+        .ok_or_else(|| ApiError::Internal("ingestion returned nothing".into()))?;
+    match outcome {
+        Outcome::Created(d) => {
+            admitted.complete(json!({"endpoint": "/knowledge/documents", "document_id": d.id, "bytes": size}));
+            Ok(HttpResponse::Created().json(view(d, false)))
         }
-        Err(e) => return Err(e.into()),
+        Outcome::Duplicate(d) => Ok(HttpResponse::Ok().json(view(d, true))),
     }
-    retrieval(&state)?
-        .send(IndexDocuments(vec![(doc.clone(), chunks)]))
+}
+
+/// The multipart form of an upload (documentation only; parsed by hand).
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct UploadForm {
+    /// The file: .txt, .md, .html, .pdf, or .jsonl (one document per line:
+    /// {"title", "text" or "content", "source"?, "metadata"?, "_id"?}).
+    #[schema(value_type = String, format = Binary)]
+    file: Vec<u8>,
+    /// private (default), organization or global (admins).
+    visibility: Option<Visibility>,
+    /// Overrides the title taken from the file (single-document files).
+    title: Option<String>,
+    source: Option<String>,
+    /// A JSON object, merged into each document's metadata.
+    metadata: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UploadResult {
+    pub documents: Vec<DocumentView>,
+    pub created: usize,
+    pub duplicates: usize,
+}
+
+struct Upload {
+    filename: String,
+    content_type: Option<String>,
+    bytes: Vec<u8>,
+}
+
+async fn read_field(field: &mut actix_multipart::Field, limit: usize, what: &str) -> Result<Vec<u8>, ApiError> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    while let Some(chunk) = field.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("Cannot read the upload: {e}")))?;
+        if out.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "{what} is over the limit of {limit} bytes"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Uploads one file as `multipart/form-data` (field `file`; optional fields
+/// `visibility`, `title`, `source`, `metadata`). A .jsonl file holds several
+/// documents: all of them are stored, or (on any bad line) none.
+pub async fn upload_document(
+    admitted: Admitted<ApiCall>,
+    state: web::Data<AppState>,
+    mut form: actix_multipart::Multipart,
+) -> Result<HttpResponse, ApiError> {
+    use futures_util::StreamExt;
+    let k = &state.settings.knowledge;
+    let mut file: Option<Upload> = None;
+    let (mut visibility, mut title, mut source, mut metadata) = (Visibility::Private, None, None, None);
+    while let Some(field) = form.next().await {
+        let mut field = field.map_err(|e| ApiError::BadRequest(format!("Malformed multipart body: {e}")))?;
+        let name = field.name().unwrap_or_default().to_string();
+        match name.as_str() {
+            "file" => {
+                if file.is_some() {
+                    return Err(ApiError::Unprocessable("Upload one file per request".into()));
+                }
+                let filename = field
+                    .content_disposition()
+                    .and_then(|cd| cd.get_filename())
+                    .map(str::to_string)
+                    .unwrap_or_default();
+                let content_type = field.content_type().map(|m| m.essence_str().to_string());
+                let bytes = read_field(&mut field, k.max_upload_bytes, "The file").await?;
+                file = Some(Upload {
+                    filename,
+                    content_type,
+                    bytes,
+                });
+            }
+            "visibility" | "title" | "source" | "metadata" => {
+                let raw = read_field(&mut field, 64 << 10, &format!("Field '{name}'")).await?;
+                let text = String::from_utf8(raw)
+                    .map_err(|_| ApiError::Unprocessable(format!("Field '{name}' is not UTF-8 text")))?;
+                match name.as_str() {
+                    "visibility" => {
+                        visibility = serde_json::from_value(Value::String(text.trim().to_string())).map_err(|_| {
+                            ApiError::Unprocessable("visibility must be private, organization or global".into())
+                        })?
+                    }
+                    "title" => title = Some(text),
+                    "source" => source = Some(text),
+                    _ => {
+                        let m: serde_json::Map<String, Value> = serde_json::from_str(&text)
+                            .map_err(|e| ApiError::Unprocessable(format!("metadata must be a JSON object: {e}")))?;
+                        metadata = Some(m);
+                    }
+                }
+            }
+            other => return Err(ApiError::Unprocessable(format!("Unknown form field '{other}'"))),
+        }
+    }
+    let file = file.ok_or_else(|| ApiError::Unprocessable("The form needs a 'file' field".into()))?;
+    let user = admitted.user.user.clone();
+    let owner = owner_for(&user, visibility)?;
+    let format = Format::detect(&file.filename, file.content_type.as_deref())?;
+    let name = file.filename.clone();
+    let extracted = web::block(move || formats::extract(&name, format, &file.bytes))
         .await
-        .map_err(index_error)?
-        .map_err(index_error)?;
-    admitted.complete(json!({"endpoint": "/knowledge/documents", "document_id": id, "bytes": size}));
-    Ok(HttpResponse::Created().json(view(doc, false)))
+        .map_err(ApiError::internal)??;
+    let single = extracted.len() == 1;
+    let mut docs = Vec::with_capacity(extracted.len());
+    for e in extracted {
+        let mut meta = e.metadata;
+        if let Some(extra) = &metadata {
+            meta.extend(extra.clone());
+        }
+        let mut d = NewDoc {
+            owner,
+            title: match (&title, single) {
+                (Some(t), true) => t.clone(),
+                _ => e.title,
+            },
+            content: e.content,
+            source: source.clone().unwrap_or(e.source),
+            metadata: meta,
+        };
+        validate(&mut d, k.max_document_bytes).map_err(|err| match err {
+            IngestError::Invalid(m) | IngestError::TooLarge(m) if !single => {
+                ApiError::Unprocessable(format!("'{}': {m}", d.source))
+            }
+            other => other.into(),
+        })?;
+        docs.push(d);
+    }
+    let bytes: usize = docs.iter().map(|d| d.content.len()).sum();
+    let outcomes = ingest(&state, &user, docs).await?;
+    let created = outcomes.iter().filter(|o| matches!(o, Outcome::Created(_))).count();
+    let result = UploadResult {
+        duplicates: outcomes.len() - created,
+        created,
+        documents: outcomes
+            .into_iter()
+            .map(|o| match o {
+                Outcome::Created(d) => view(d, false),
+                Outcome::Duplicate(d) => view(d, true),
+            })
+            .collect(),
+    };
+    if created > 0 {
+        admitted.complete(
+            json!({"endpoint": "/knowledge/documents", "upload": file.filename, "documents": created, "bytes": bytes}),
+        );
+        Ok(HttpResponse::Created().json(result))
+    } else {
+        Ok(HttpResponse::Ok().json(result))
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

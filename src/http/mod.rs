@@ -48,11 +48,12 @@ pub struct AppState {
     /// Model workers; None when the model files are missing or models are disabled.
     pub embedder: Option<ragchat_actors::embed_worker::EmbedWorker>,
     pub generator: Option<ragchat_actors::generate_worker::GenerateWorker>,
-    /// The knowledge base: documents and chunks, the chunker (None without the
-    /// embedding model's tokenizer) and the retrieval actor.
+    /// The knowledge base: documents and chunks, ingestion (None without the
+    /// embedding model), the retrieval actor and the state of the last seed.
     pub documents: Arc<dyn ragchat_actors::ports::DocumentStore>,
-    pub chunker: Option<Arc<crate::knowledge::chunking::Chunker>>,
+    pub ingestor: Option<crate::knowledge::ingest::Ingestor>,
     pub retrieval: Option<Addr<crate::knowledge::retrieval::Retrieval>>,
+    pub seed: Arc<std::sync::Mutex<crate::knowledge::seed::SeedStatus>>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

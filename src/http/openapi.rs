@@ -16,12 +16,14 @@ use super::{admin, auth, billing, knowledge, openai, ops};
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         admin::list_users, admin::update_user, admin::user_audit,
         admin::get_subscription_limits, admin::put_subscription_limits,
+        admin::seed_enhanced, admin::seed_status,
         billing::plans, billing::subscription, billing::change_subscription, billing::cancel_subscription,
         billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api, billing::probe_open,
         openai::models, openai::embeddings, openai::chat_completions,
         knowledge::create_document, knowledge::list_documents, knowledge::get_document, knowledge::delete_document,
         knowledge::search,
     ),
+    components(schemas(knowledge::UploadResult)),
     modifiers(&BearerAuth),
     tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]

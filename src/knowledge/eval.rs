@@ -155,7 +155,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Op
         }
         let texts: Vec<String> = batch
             .iter()
-            .flat_map(|(d, pieces)| pieces.iter().map(move |p| format!("{} {p}", d.title)))
+            .flat_map(|(d, pieces)| pieces.iter().map(move |p| super::ingest::embedding_text(&d.title, p)))
             .collect();
         let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
         let mut vectors = bert.embed(&refs)?.into_iter();

@@ -3,5 +3,8 @@
 
 pub mod chunking;
 pub mod eval;
+pub mod formats;
 pub mod index;
+pub mod ingest;
 pub mod retrieval;
+pub mod seed;

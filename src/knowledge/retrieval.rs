@@ -92,7 +92,7 @@ impl Handler<IndexedChunks> for Retrieval {
 
 /// Loads every stored document into the index (at start), in batches.
 pub async fn load_all(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Result<usize, String> {
-    let ids = store.document_ids().await.map_err(|e| e.to_string())?;
+    let ids = store.document_ids(None).await.map_err(|e| e.to_string())?;
     let mut batch = Vec::new();
     for id in &ids {
         let Some(doc) = store.document(*id).await.map_err(|e| e.to_string())? else {

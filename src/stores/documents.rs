@@ -184,11 +184,16 @@ impl DocumentStore for SqliteDocumentStore {
             .collect()
     }
 
-    async fn document_ids(&self) -> StoreResult<Vec<Uuid>> {
-        let rows = sqlx::query("SELECT id FROM documents ORDER BY created_at, id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(store_error)?;
+    async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>> {
+        let rows = match owner {
+            None => sqlx::query("SELECT id FROM documents ORDER BY created_at, id"),
+            Some(o) => {
+                sqlx::query("SELECT id FROM documents WHERE owner = $1 ORDER BY created_at, id").bind(o.to_string())
+            }
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(store_error)?;
         rows.iter().map(|r| r.try_get("id").map_err(store_error)).collect()
     }
 
@@ -444,11 +449,15 @@ impl DocumentStore for MongoDocumentStore {
             .collect()
     }
 
-    async fn document_ids(&self) -> StoreResult<Vec<Uuid>> {
+    async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>> {
         use futures_util::TryStreamExt;
+        let filter = match owner {
+            None => doc! {},
+            Some(o) => doc! {"owner": o.to_string()},
+        };
         let found: Vec<BsonDoc> = self
             .documents
-            .find(doc! {})
+            .find(filter)
             .projection(doc! {"_id": 1, "created_us": 1})
             .sort(doc! {"created_us": 1, "_id": 1})
             .await

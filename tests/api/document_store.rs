@@ -115,7 +115,7 @@ async fn documents_and_chunks_round_trip(store: Arc<dyn DocumentStore>) {
     );
     assert_eq!(store.document(Uuid::new_v4()).await.expect("get"), None);
     assert_eq!(store.stored_bytes(&owner).await.expect("bytes"), doc.size_bytes);
-    assert_eq!(store.document_ids().await.expect("ids"), vec![doc.id]);
+    assert_eq!(store.document_ids(None).await.expect("ids"), vec![doc.id]);
 }
 
 async fn the_same_text_is_stored_once_per_owner_and_a_rejected_insert_leaves_nothing(store: Arc<dyn DocumentStore>) {
@@ -192,5 +192,7 @@ async fn deleting_a_document_removes_its_chunks(store: Arc<dyn DocumentStore>) {
     assert!(store.chunks(doc.id).await.expect("chunks").is_empty());
     assert_eq!(store.chunks(keep.id).await.expect("kept chunks").len(), 2);
     assert_eq!(store.stored_bytes(&owner).await.expect("bytes"), keep.size_bytes);
-    assert_eq!(store.document_ids().await.expect("ids"), vec![keep.id]);
+    assert_eq!(store.document_ids(None).await.expect("ids"), vec![keep.id]);
+    assert_eq!(store.document_ids(Some(&owner)).await.expect("ids"), vec![keep.id]);
+    assert!(store.document_ids(Some(&Owner::Global)).await.expect("ids").is_empty());
 }

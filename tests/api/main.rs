@@ -12,3 +12,4 @@ mod helpers;
 mod knowledge;
 mod ledger;
 mod models;
+mod uploads;

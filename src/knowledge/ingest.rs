@@ -1,0 +1,282 @@
+//! Ingestion, shared by the JSON and upload routes, admin seeding and `ragchat
+//! seed`: documents are checked, told apart from ones already stored (same text,
+//! same owner), chunked by tokens, embedded in one pass through the EmbedWorker,
+//! stored, then indexed. A batch is stored whole or not at all.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use actix::Addr;
+use chrono::Utc;
+use ragchat_actors::embed_worker::EmbedWorker;
+use ragchat_actors::inference::ModelError;
+use ragchat_actors::knowledge::{Chunk, Document, Owner};
+use ragchat_actors::ports::{DocumentStore, StoreError};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use super::chunking::Chunker;
+use super::retrieval::{IndexDocuments, Retrieval};
+
+/// A document to store.
+#[derive(Debug, Clone)]
+pub struct NewDoc {
+    pub owner: Owner,
+    pub title: String,
+    pub content: String,
+    pub source: String,
+    pub metadata: Map<String, Value>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("embedding: {0}")]
+    Model(ModelError),
+    #[error("search index: {0}")]
+    Index(String),
+}
+
+/// What happened to one document of a batch.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Created(Document),
+    /// The owner already had this text (or it came twice in the batch).
+    Duplicate(Document),
+}
+
+impl Outcome {
+    pub fn document(&self) -> &Document {
+        match self {
+            Outcome::Created(d) | Outcome::Duplicate(d) => d,
+        }
+    }
+}
+
+/// Trims the title and checks the sizes.
+pub fn validate(doc: &mut NewDoc, max_bytes: usize) -> Result<(), IngestError> {
+    doc.title = doc.title.trim().to_string();
+    if doc.title.is_empty() || doc.title.chars().count() > 500 {
+        return Err(IngestError::Invalid("title must be 1 to 500 characters".into()));
+    }
+    if doc.content.trim().is_empty() {
+        return Err(IngestError::Invalid("content is empty".into()));
+    }
+    if doc.content.len() > max_bytes {
+        return Err(IngestError::TooLarge(format!(
+            "Document of {} bytes exceeds the limit of {max_bytes} bytes",
+            doc.content.len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn content_hash(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// The text a chunk is embedded as: its document's title, then the chunk (the
+/// title is context every chunk shares; the stored chunk is the text alone).
+pub fn embedding_text(title: &str, chunk: &str) -> String {
+    if title.is_empty() {
+        chunk.to_string()
+    } else {
+        format!("{title}\n{chunk}")
+    }
+}
+
+/// A batch told apart: documents new to their owner, and those already stored.
+pub struct Triage {
+    new: Vec<(NewDoc, String)>,
+    /// Position in the batch and the stored (or earlier in the batch) document.
+    known: Vec<(usize, Result<Document, usize>)>,
+    order: Vec<usize>,
+}
+
+impl Triage {
+    /// Bytes of text the batch would add to `owner`.
+    pub fn new_bytes(&self, owner: &Owner) -> u64 {
+        self.new
+            .iter()
+            .filter(|(d, _)| d.owner == *owner)
+            .map(|(d, _)| d.content.len() as u64)
+            .sum()
+    }
+
+    pub fn new_count(&self) -> usize {
+        self.new.len()
+    }
+
+    pub fn duplicates(&self) -> usize {
+        self.known.len()
+    }
+
+    pub fn new_texts(&self) -> impl Iterator<Item = &str> {
+        self.new.iter().map(|(d, _)| d.content.as_str())
+    }
+}
+
+#[derive(Clone)]
+pub struct Ingestor {
+    pub documents: Arc<dyn DocumentStore>,
+    pub chunker: Arc<Chunker>,
+    pub embedder: EmbedWorker,
+    /// None for `ragchat seed`: the server's index is rebuilt from the store at start.
+    pub retrieval: Option<Addr<Retrieval>>,
+}
+
+impl Ingestor {
+    /// Finds which documents are already stored (or repeat an earlier one of the batch).
+    pub async fn triage(&self, docs: Vec<NewDoc>) -> Result<Triage, IngestError> {
+        let mut t = Triage {
+            new: Vec::new(),
+            known: Vec::new(),
+            order: Vec::with_capacity(docs.len()),
+        };
+        let mut seen: HashMap<(Owner, String), usize> = HashMap::new();
+        for (i, d) in docs.into_iter().enumerate() {
+            let hash = content_hash(&d.content);
+            if let Some(&earlier) = seen.get(&(d.owner, hash.clone())) {
+                t.known.push((i, Err(earlier)));
+            } else if let Some(existing) = self.documents.document_by_hash(&d.owner, &hash).await? {
+                t.known.push((i, Ok(existing)));
+            } else {
+                seen.insert((d.owner, hash.clone()), t.new.len());
+                t.new.push((d, hash));
+            }
+            t.order.push(i);
+        }
+        Ok(t)
+    }
+
+    /// Chunks and embeds the new documents of a triaged batch, stores them, and
+    /// indexes them. If any store or the index fails, what this call stored is
+    /// deleted again. Outcomes come back in the batch's order.
+    pub async fn store(&self, triage: Triage) -> Result<Vec<Outcome>, IngestError> {
+        let Triage { new, known, order } = triage;
+        let chunker = self.chunker.clone();
+        let texts: Vec<String> = new.iter().map(|(d, _)| d.content.clone()).collect();
+        let pieces: Vec<Vec<String>> =
+            tokio::task::spawn_blocking(move || texts.iter().map(|t| chunker.split(t)).collect())
+                .await
+                .map_err(|e| IngestError::Index(format!("chunking stopped: {e}")))?;
+        if let Some(((d, _), _)) = new.iter().zip(&pieces).find(|(_, p)| p.is_empty()) {
+            return Err(IngestError::Invalid(format!("'{}' has no text to index", d.title)));
+        }
+        let inputs: Vec<String> = new
+            .iter()
+            .zip(&pieces)
+            .flat_map(|((d, _), ps)| ps.iter().map(|p| embedding_text(&d.title, p)))
+            .collect();
+        let mut vectors = self
+            .embedder
+            .embed(inputs)
+            .await
+            .map_err(IngestError::Model)?
+            .vectors
+            .into_iter();
+
+        let mut created: Vec<(Document, Vec<Chunk>)> = Vec::with_capacity(new.len());
+        let mut new_outcomes: Vec<Outcome> = Vec::with_capacity(new.len());
+        for ((d, hash), ps) in new.into_iter().zip(pieces) {
+            let id = Uuid::new_v4();
+            let mut chunks = Vec::with_capacity(ps.len());
+            for (i, content) in ps.into_iter().enumerate() {
+                let embedding = vectors
+                    .next()
+                    .ok_or_else(|| IngestError::Model(ModelError::Internal("fewer vectors than chunks".into())))?;
+                chunks.push(Chunk {
+                    id: Uuid::new_v4(),
+                    document_id: id,
+                    ordinal: i as u32,
+                    content,
+                    embedding,
+                });
+            }
+            let doc = Document {
+                id,
+                owner: d.owner,
+                title: d.title,
+                source: d.source,
+                content_hash: hash.clone(),
+                size_bytes: d.content.len() as u64,
+                metadata: d.metadata,
+                chunk_count: chunks.len() as u32,
+                created_at: Utc::now(),
+            };
+            match self.documents.insert_document(&doc, &chunks).await {
+                Ok(()) => {
+                    new_outcomes.push(Outcome::Created(doc.clone()));
+                    created.push((doc, chunks));
+                }
+                // The same text arrived at once through another request: that one stored it.
+                Err(StoreError::Conflict(_)) => match self.documents.document_by_hash(&doc.owner, &hash).await {
+                    Ok(Some(existing)) => new_outcomes.push(Outcome::Duplicate(existing)),
+                    Ok(None) => {
+                        self.undo(&created).await;
+                        return Err(StoreError::Conflict("document is being stored by another request".into()).into());
+                    }
+                    Err(e) => {
+                        self.undo(&created).await;
+                        return Err(e.into());
+                    }
+                },
+                Err(e) => {
+                    self.undo(&created).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        if let Some(retrieval) = &self.retrieval {
+            if !created.is_empty() {
+                let sent = retrieval.send(IndexDocuments(created.clone())).await;
+                let failed = match sent {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(e) = failed {
+                    self.undo(&created).await;
+                    return Err(IngestError::Index(e));
+                }
+            }
+        }
+        // Back into the batch's order.
+        let mut by_position: Vec<Option<Outcome>> = vec![None; order.len()];
+        let known_positions: std::collections::HashSet<usize> = known.iter().map(|(i, _)| *i).collect();
+        let mut fresh = new_outcomes.into_iter();
+        let mut new_at = Vec::new();
+        for &i in &order {
+            if !known_positions.contains(&i) {
+                let o = fresh.next();
+                new_at.push(i);
+                by_position[i] = o;
+            }
+        }
+        for (i, k) in known {
+            by_position[i] = match k {
+                Ok(d) => Some(Outcome::Duplicate(d)),
+                Err(earlier) => new_at
+                    .get(earlier)
+                    .and_then(|p| by_position[*p].as_ref())
+                    .map(|o| Outcome::Duplicate(o.document().clone())),
+            };
+        }
+        Ok(by_position.into_iter().flatten().collect())
+    }
+
+    /// Deletes what a failed batch stored (best effort: logged when it fails).
+    async fn undo(&self, created: &[(Document, Vec<Chunk>)]) {
+        for (d, _) in created {
+            if let Err(e) = self.documents.delete_document(d.id).await {
+                tracing::error!(document = %d.id, error = %e, "could not remove a document of a failed batch");
+            }
+        }
+    }
+}

@@ -1,0 +1,475 @@
+//! File uploads (multipart) in every supported format, bad files that must leave
+//! nothing behind, the storage quota under concurrent uploads, and seeding: the
+//! admin routes and `ragchat seed`.
+
+use std::time::{Duration, Instant};
+
+use reqwest::multipart::{Form, Part};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{expect, model_settings, models_dir, TestApp};
+
+async fn upload(app: &TestApp, token: &str, name: &str, bytes: Vec<u8>, fields: &[(&str, &str)]) -> reqwest::Response {
+    let mut form = Form::new().part("file", Part::bytes(bytes).file_name(name.to_string()));
+    for (k, v) in fields {
+        form = form.text(k.to_string(), v.to_string());
+    }
+    app.client
+        .post(app.url("/knowledge/documents"))
+        .bearer_auth(token)
+        .multipart(form)
+        .send()
+        .await
+        .expect("request")
+}
+
+/// A one-page PDF with `text` in Helvetica (offsets computed, so it is valid).
+fn pdf(text: &str) -> Vec<u8> {
+    let content = format!("BT /F1 12 Tf 72 720 Td ({text}) Tj ET");
+    let objects = [
+        "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
+        "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
+        "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
+            .to_string(),
+        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
+    ];
+    let mut out = b"%PDF-1.4\n".to_vec();
+    let mut offsets = Vec::new();
+    for (i, o) in objects.iter().enumerate() {
+        offsets.push(out.len());
+        out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+    }
+    let xref = out.len();
+    out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
+    for off in offsets {
+        out.extend_from_slice(format!("{off:010} 00000 n \n").as_bytes());
+    }
+    out.extend_from_slice(
+        format!(
+            "trailer\n<< /Size {} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n",
+            objects.len() + 1
+        )
+        .as_bytes(),
+    );
+    out
+}
+
+async fn total(app: &TestApp, token: &str) -> u64 {
+    expect(app.get("/knowledge/documents", Some(token)).await, StatusCode::OK).await["total"]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+async fn top_title(app: &TestApp, token: &str, query: &str) -> String {
+    let v = expect(
+        app.post_json(
+            "/knowledge/search",
+            &json!({"query": query, "route": "hybrid", "top_k": 1}),
+            Some(token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    v["results"][0]["title"].as_str().unwrap_or("").to_string()
+}
+
+#[actix_web::test]
+async fn uploads_in_every_format_are_searchable_and_bad_files_store_nothing() {
+    let Some(dir) = models_dir() else { return };
+    let mut settings = model_settings(&dir);
+    settings.knowledge.max_document_bytes = 4096;
+    settings.knowledge.max_upload_bytes = 16 << 10;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, alice) = app.user("alice@example.com").await;
+
+    let files: Vec<(&str, Vec<u8>, &str, &str)> = vec![
+        (
+            "glaciers.txt",
+            b"Glaciers carve U-shaped valleys as the ice grinds the bedrock.".to_vec(),
+            "glaciers",
+            "how do glaciers shape valleys",
+        ),
+        (
+            "bees.md",
+            b"# Honey bees\n\nBees communicate the direction of flowers with a waggle dance.".to_vec(),
+            "Honey bees",
+            "waggle dance of bees",
+        ),
+        (
+            "comets.html",
+            b"<html><head><title>Comets</title><script>var x = 1;</script></head><body><p>A comet's tail always points away from the Sun, pushed by the solar wind.</p></body></html>".to_vec(),
+            "Comets",
+            "why does a comet tail point away from the sun",
+        ),
+        (
+            "coral.pdf",
+            pdf("Coral reefs bleach when warm water drives out their symbiotic algae."),
+            "coral",
+            "coral reef bleaching warm water",
+        ),
+    ];
+    for (name, bytes, title, _) in &files {
+        let v = expect(
+            upload(&app, &alice, name, bytes.clone(), &[]).await,
+            StatusCode::CREATED,
+        )
+        .await;
+        assert_eq!(
+            (v["created"].as_u64(), v["duplicates"].as_u64()),
+            (Some(1), Some(0)),
+            "{name}: {v}"
+        );
+        assert_eq!(v["documents"][0]["title"], *title, "{name}");
+        assert_eq!(v["documents"][0]["source"], *name);
+    }
+    // JSON Lines: several documents, metadata and form fields kept.
+    let jsonl = b"{\"_id\": \"d1\", \"title\": \"Penguins\", \"text\": \"Emperor penguins huddle to survive the Antarctic winter.\", \"metadata\": {\"year\": 2020}}\n{\"_id\": \"d2\", \"title\": \"Owls\", \"text\": \"Owls hunt at night with silent flight feathers.\"}\n";
+    let v = expect(
+        upload(
+            &app,
+            &alice,
+            "birds.jsonl",
+            jsonl.to_vec(),
+            &[("metadata", "{\"topic\": \"birds\"}")],
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(v["created"], 2, "{v}");
+    assert_eq!(v["documents"][0]["source"], "d1");
+    assert_eq!(v["documents"][0]["metadata"], json!({"year": 2020, "topic": "birds"}));
+    // The same file again: nothing new.
+    let v = expect(
+        upload(&app, &alice, "birds.jsonl", jsonl.to_vec(), &[]).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (v["created"].as_u64(), v["duplicates"].as_u64()),
+        (Some(0), Some(2)),
+        "{v}"
+    );
+    for (name, _, title, query) in &files {
+        assert_eq!(top_title(&app, &alice, query).await, *title, "{name}");
+    }
+    assert_eq!(
+        top_title(&app, &alice, "penguins in the antarctic winter").await,
+        "Penguins"
+    );
+    let stored = total(&app, &alice).await;
+    assert_eq!(stored, 6);
+
+    // Bad files: a clear 4xx each, and nothing stored.
+    let mut corrupt = pdf("Half a file");
+    corrupt.truncate(corrupt.len() / 2);
+    let too_long_doc = "word ".repeat(1000);
+    let cases: Vec<(&str, Vec<u8>, StatusCode)> = vec![
+        ("empty.txt", Vec::new(), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "latin1.txt",
+            b"caf\xe9 au lait".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        ("broken.pdf", corrupt, StatusCode::UNPROCESSABLE_ENTITY),
+        ("fake.pdf", b"just text".to_vec(), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            "slides.pptx",
+            b"PK\x03\x04".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        ("huge.txt", vec![b'a'; 20 << 10], StatusCode::PAYLOAD_TOO_LARGE),
+        ("long.txt", too_long_doc.into_bytes(), StatusCode::PAYLOAD_TOO_LARGE),
+        (
+            "half.jsonl",
+            b"{\"title\": \"Fine\", \"text\": \"A valid first line.\"}\n{\"title\": \"Broken\"".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "notext.jsonl",
+            b"{\"title\": \"Fine\", \"text\": \"A valid first line.\"}\n{\"title\": \"No text\"}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    for (name, bytes, status) in cases {
+        let v = expect(upload(&app, &alice, name, bytes, &[]).await, status).await;
+        assert!(v["detail"].as_str().is_some_and(|d| !d.is_empty()), "{name}: {v}");
+    }
+    // A form without a file, with an unknown field, or a bad visibility.
+    let no_file = Form::new().text("title", "x");
+    let resp = app
+        .client
+        .post(app.url("/knowledge/documents"))
+        .bearer_auth(&alice)
+        .multipart(no_file)
+        .send()
+        .await
+        .expect("request");
+    expect(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let v = upload(
+        &app,
+        &alice,
+        "a.txt",
+        b"some text".to_vec(),
+        &[("visibility", "everyone")],
+    )
+    .await;
+    expect(v, StatusCode::UNPROCESSABLE_ENTITY).await;
+    let v = upload(
+        &app,
+        &alice,
+        "a.txt",
+        b"some text".to_vec(),
+        &[("visibility", "global")],
+    )
+    .await;
+    expect(v, StatusCode::FORBIDDEN).await;
+    assert_eq!(total(&app, &alice).await, stored, "a rejected upload stored something");
+    expect(
+        app.client
+            .post(app.url("/knowledge/documents"))
+            .multipart(Form::new().part("file", Part::bytes(b"x".to_vec()).file_name("a.txt")))
+            .send()
+            .await
+            .expect("request"),
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+}
+
+#[actix_web::test]
+async fn the_storage_quota_holds_under_concurrent_uploads() {
+    let Some(dir) = models_dir() else { return };
+    let mut settings = model_settings(&dir);
+    settings.knowledge.max_document_bytes = 400 << 10;
+    let app = TestApp::spawn_with(settings).await;
+    let admin = app.admin("admin@example.com").await;
+    expect(
+        app.client
+            .put(app.url("/admin/settings/subscription_limits"))
+            .bearer_auth(&admin)
+            .json(&json!({"free": {"storage_mb": 1, "api_calls": 1000}}))
+            .send()
+            .await
+            .expect("request"),
+        StatusCode::OK,
+    )
+    .await;
+    let (_, bob) = app.user("bob@example.com").await;
+    // 300 KiB each (mostly blank, so cheap to embed): three fit in 1 MiB, four do not.
+    let doc =
+        |i: usize| json!({"title": format!("Doc {i}"), "content": format!("note {i}{}end", " ".repeat(300 << 10))});
+    let requests = (0..6).map(|i| {
+        let (app, bob, body) = (&app, &bob, doc(i));
+        async move { app.post_json("/knowledge/documents", &body, Some(bob)).await.status() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    let created = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::PAYLOAD_TOO_LARGE).count();
+    assert_eq!((created, refused), (3, 3), "{statuses:?}");
+    assert_eq!(total(&app, &bob).await, 3);
+    // A small one still fits.
+    let resp = app
+        .post_json(
+            "/knowledge/documents",
+            &json!({"title": "Small", "content": "a small note"}),
+            Some(&bob),
+        )
+        .await;
+    expect(resp, StatusCode::CREATED).await;
+    // Deleting frees room again.
+    let first = expect(
+        app.get("/knowledge/documents?limit=100", Some(&bob)).await,
+        StatusCode::OK,
+    )
+    .await;
+    let big = first["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|d| d["size_bytes"].as_u64() > Some(1000)))
+        .and_then(|d| d["id"].as_str())
+        .expect("a big document")
+        .to_string();
+    expect(
+        app.delete(&format!("/knowledge/documents/{big}"), &bob).await,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    let resp = app.post_json("/knowledge/documents", &doc(9), Some(&bob)).await;
+    expect(resp, StatusCode::CREATED).await;
+}
+
+async fn wait_for_seed(app: &TestApp, admin: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = expect(app.get("/admin/seed-status", Some(admin)).await, StatusCode::OK).await;
+        if s["state"] != "running" {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "seed still running: {s}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[actix_web::test]
+async fn admins_seed_a_corpus_in_the_background_and_the_cli_seeds_the_store() {
+    let Some(dir) = models_dir() else { return };
+    let root = std::env::temp_dir().join(format!("ragchat-seed-{}", Uuid::new_v4()));
+    let corpus = root.join("corpus");
+    std::fs::create_dir_all(corpus.join("sub")).expect("dirs");
+    std::fs::write(
+        corpus.join("volcanoes.md"),
+        "# Volcanoes\n\nMagma rises through cracks in the crust and erupts as lava.",
+    )
+    .expect("write");
+    std::fs::write(
+        corpus.join("sub/tides.txt"),
+        "Tides follow the Moon's gravity on the rotating Earth.",
+    )
+    .expect("write");
+    std::fs::write(corpus.join("sub/bad.txt"), b"\xff\xfe not utf-8").expect("write");
+    std::fs::write(corpus.join("notes.docx"), b"ignored").expect("write");
+    std::fs::write(corpus.join(".hidden.txt"), "hidden files are skipped").expect("write");
+    std::fs::write(
+        root.join("beir.jsonl"),
+        "{\"_id\": \"1\", \"title\": \"Aqueducts\", \"text\": \"Roman aqueducts carried water by gravity.\"}\n{\"_id\": \"2\", \"title\": \"Bridges\", \"text\": \"Suspension bridges hang from cables.\"}\n",
+    )
+    .expect("write");
+
+    let mut settings = model_settings(&dir);
+    settings.knowledge.seed_root = root.display().to_string();
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let admin = app.admin("admin@example.com").await;
+    let (_, user) = app.user("user@example.com").await;
+
+    // Only admins; only inside the seed root.
+    expect(
+        app.post_json("/admin/seed-enhanced", &json!({}), Some(&user)).await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    expect(
+        app.post_json("/admin/seed-enhanced", &json!({"path": "../"}), Some(&admin))
+            .await,
+        StatusCode::FORBIDDEN,
+    )
+    .await;
+    expect(
+        app.post_json("/admin/seed-enhanced", &json!({"path": "missing"}), Some(&admin))
+            .await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    expect(
+        app.post_json("/admin/seed-enhanced", &json!({"dry_ran": true}), Some(&admin))
+            .await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+
+    // A dry run counts and stores nothing.
+    let s = expect(
+        app.post_json(
+            "/admin/seed-enhanced",
+            &json!({"path": "corpus", "dry_run": true, "background": false}),
+            Some(&admin),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (s["state"].as_str(), s["dry_run"].as_bool()),
+        (Some("completed"), Some(true)),
+        "{s}"
+    );
+    assert_eq!(
+        (s["documents_total"].as_u64(), s["documents_created"].as_u64()),
+        (Some(2), Some(2)),
+        "{s}"
+    );
+    assert_eq!(s["documents_failed"], 1, "{s}");
+    assert_eq!(total(&app, &user).await, 0);
+
+    // In the background, then searchable by everybody.
+    let s = expect(
+        app.post_json("/admin/seed-enhanced", &json!({"path": "corpus"}), Some(&admin))
+            .await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    assert!(s["state"] == "running" || s["state"] == "completed", "{s}");
+    let s = wait_for_seed(&app, &admin).await;
+    assert_eq!(s["state"], "completed", "{s}");
+    assert_eq!(
+        (s["documents_created"].as_u64(), s["documents_failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    assert!(s["errors"][0].as_str().is_some_and(|e| e.contains("bad.txt")), "{s}");
+    assert!(s["indexed_chunks"].as_u64() >= Some(2), "{s}");
+    assert_eq!(top_title(&app, &user, "how does magma erupt").await, "Volcanoes");
+    // Again: all duplicates. With clear_existing and a BEIR file: replaced.
+    let s = expect(
+        app.post_json(
+            "/admin/seed-enhanced",
+            &json!({"path": "corpus", "background": false}),
+            Some(&admin),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (s["documents_created"].as_u64(), s["documents_duplicate"].as_u64()),
+        (Some(0), Some(2)),
+        "{s}"
+    );
+    let s = expect(
+        app.post_json(
+            "/admin/seed-enhanced",
+            &json!({"path": "beir.jsonl", "clear_existing": true, "background": false}),
+            Some(&admin),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (s["documents_removed"].as_u64(), s["documents_created"].as_u64()),
+        (Some(2), Some(2)),
+        "{s}"
+    );
+    assert_eq!(total(&app, &user).await, 2);
+    assert_eq!(top_title(&app, &user, "roman water aqueducts").await, "Aqueducts");
+    assert_ne!(top_title(&app, &user, "magma eruption").await, "Volcanoes");
+
+    // The command line seeds the store; the server finds the documents at start.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
+        .args(["seed", &corpus.display().to_string()])
+        .env("RAGCHAT_ENV", "test")
+        .env("RAGCHAT__KNOWLEDGE__SQLITE_URL", &settings.knowledge.sqlite_url)
+        .env("RAGCHAT__MODELS__EMBEDDING_DIR", &settings.models.embedding_dir)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ragchat seed");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("2 new"), "{stdout}");
+    drop(app);
+    let app = TestApp::spawn_with(settings).await;
+    let user = app.login("user@example.com", "password-1234").await["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    assert_eq!(total(&app, &user).await, 4);
+    assert_eq!(top_title(&app, &user, "how does magma erupt").await, "Volcanoes");
+    let _ = std::fs::remove_dir_all(&root);
+}
