@@ -90,6 +90,20 @@ enum BenchTarget {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Search latency per route, ANN recall@10 and memory on synthetic chunks.
+    Search {
+        /// Index sizes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "20000,1000000")]
+        chunks: Vec<usize>,
+        #[arg(long, default_value_t = 200)]
+        queries: usize,
+        #[arg(long, default_value_t = 16)]
+        m: usize,
+        #[arg(long, default_value_t = 100)]
+        ef_construction: usize,
+        #[arg(long, default_value_t = 64)]
+        ef_search: usize,
+    },
     /// Memory per idle session actor.
     Sessions {
         #[arg(long, default_value_t = 100_000)]
@@ -150,6 +164,26 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                 },
         } => {
             ragchat::knowledge::eval::beir(&settings, &data, &split, max_queries).await?;
+        }
+        Command::Bench {
+            what:
+                BenchTarget::Search {
+                    chunks,
+                    queries,
+                    m,
+                    ef_construction,
+                    ef_search,
+                },
+        } => {
+            let config = ragchat::knowledge::hnsw::HnswConfig {
+                m,
+                ef_construction,
+                ef_search,
+            };
+            for n in chunks {
+                ragchat::knowledge::bench::run(n, queries, config)?;
+                println!();
+            }
         }
         Command::Bench {
             what: BenchTarget::Sessions { count },

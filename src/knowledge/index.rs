@@ -1,7 +1,8 @@
-//! The in-process search index over every chunk: exact vector search (cosine on
-//! unit-length embeddings) and BM25 over title and content with tantivy (English
-//! stemming), fused by reciprocal rank for `hybrid`. Visibility and metadata
-//! filters are applied to every route before ranking is cut to top_k.
+//! The in-process search index over every chunk: vector search (cosine on
+//! unit-length embeddings: exact up to `EXACT_MAX` chunks, HNSW beyond) and
+//! BM25 over title and content with tantivy (English stemming), fused by
+//! reciprocal rank for `hybrid`. Visibility and metadata filters are applied to
+//! every route before ranking is cut to top_k.
 
 use std::collections::HashMap;
 
@@ -14,8 +15,16 @@ use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions,
 use tantivy::{doc, Index, IndexReader, IndexWriter, TantivyDocument, Term};
 use uuid::Uuid;
 
+use super::hnsw::{Hnsw, HnswConfig};
+
 /// Reciprocal rank fusion constant (Cormack et al.; the usual 60).
 const RRF_K: f32 = 60.0;
+/// Up to this many live chunks the vector route scans them all (exact, and
+/// fast enough: ~1 ms); beyond, it searches the HNSW graph.
+pub const EXACT_MAX: usize = 20_000;
+/// Rebuild the graph when deleted nodes outnumber live ones (and are many).
+const REBUILD_DELETED: usize = 10_000;
+const NO_NODE: u32 = u32::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
@@ -115,7 +124,8 @@ struct Entry {
     source: String,
     content: String,
     metadata: serde_json::Map<String, Value>,
-    embedding: Vec<f32>,
+    /// Its vector in the graph (NO_NODE until committed or without a vector).
+    node: u32,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -132,6 +142,13 @@ pub struct Hit {
 
 pub struct SearchIndex {
     slots: Vec<Option<Entry>>,
+    /// Vectors live in the graph only (one copy), exact scans included.
+    graph: Option<Hnsw>,
+    hnsw: HnswConfig,
+    slot_of_node: Vec<u32>,
+    /// Vectors added since the last commit: (slot, vector).
+    pending: Vec<(usize, Vec<f32>)>,
+    exact_max: usize,
     by_document: HashMap<Uuid, Vec<usize>>,
     writer: IndexWriter,
     reader: IndexReader,
@@ -168,6 +185,11 @@ impl SearchIndex {
         parser.set_field_boost(title, 0.5);
         Ok(SearchIndex {
             slots: Vec::new(),
+            graph: None,
+            hnsw: HnswConfig::default(),
+            slot_of_node: Vec::new(),
+            pending: Vec::new(),
+            exact_max: EXACT_MAX,
             by_document: HashMap::new(),
             writer,
             reader,
@@ -205,8 +227,11 @@ impl SearchIndex {
                 source: doc.source.clone(),
                 content: c.content.clone(),
                 metadata: doc.metadata.clone(),
-                embedding: c.embedding.clone(),
+                node: NO_NODE,
             }));
+            if !c.embedding.is_empty() {
+                self.pending.push((slot, c.embedding.clone()));
+            }
             slots.push(slot);
         }
         self.by_document.insert(doc.id, slots);
@@ -218,13 +243,80 @@ impl SearchIndex {
         if let Some(slots) = self.by_document.remove(&document_id) {
             for s in slots {
                 self.writer.delete_term(Term::from_field_u64(self.key, s as u64));
-                self.slots[s] = None;
+                if let Some(e) = self.slots[s].take() {
+                    if let (Some(g), true) = (self.graph.as_mut(), e.node != NO_NODE) {
+                        g.remove(e.node);
+                    }
+                }
             }
+            self.pending.retain(|(slot, _)| self.slots[*slot].is_some());
             self.dirty = true;
         }
     }
 
+    /// Sets when the vector route switches from exact scans to the graph, and
+    /// the graph's parameters (benchmarks and tests).
+    pub fn with_vector_search(mut self, exact_max: usize, hnsw: HnswConfig) -> Self {
+        self.exact_max = exact_max;
+        self.hnsw = hnsw;
+        self
+    }
+
+    /// Bytes held by the vectors and the graph.
+    pub fn vector_memory_bytes(&self) -> usize {
+        self.graph.as_ref().map_or(0, Hnsw::memory_bytes)
+    }
+
+    /// Puts pending vectors into the graph (in parallel rounds when many).
+    fn insert_pending(&mut self) {
+        let pending = std::mem::take(&mut self.pending);
+        let Some(dim) = pending.first().map(|(_, v)| v.len()) else {
+            return;
+        };
+        let graph = self.graph.get_or_insert_with(|| Hnsw::new(dim, self.hnsw));
+        // A vector of another size (the model changed) cannot be compared: it is
+        // left out of the vector route, still found by text.
+        let (slots, vectors): (Vec<usize>, Vec<Vec<f32>>) =
+            pending.into_iter().filter(|(_, v)| v.len() == graph.dim()).unzip();
+        let first = graph.insert_many(&vectors);
+        for (i, slot) in slots.into_iter().enumerate() {
+            let node = first + i as u32;
+            self.slot_of_node.push(slot as u32);
+            if let Some(e) = self.slots[slot].as_mut() {
+                e.node = node;
+            }
+        }
+        let deleted = graph.len() - graph.live();
+        if deleted > REBUILD_DELETED && deleted > graph.live() {
+            self.rebuild_graph();
+        }
+    }
+
+    /// A new graph from the live vectors only.
+    fn rebuild_graph(&mut self) {
+        let Some(old) = self.graph.take() else { return };
+        let mut slots = Vec::new();
+        let mut vectors = Vec::new();
+        for (slot, e) in self.slots.iter().enumerate() {
+            if let Some(e) = e.as_ref().filter(|e| e.node != NO_NODE) {
+                slots.push(slot);
+                vectors.push(old.vector(e.node).to_vec());
+            }
+        }
+        let mut graph = Hnsw::new(old.dim(), self.hnsw);
+        drop(old);
+        graph.insert_many(&vectors);
+        self.slot_of_node = slots.iter().map(|s| *s as u32).collect();
+        for (node, slot) in slots.into_iter().enumerate() {
+            if let Some(e) = self.slots[slot].as_mut() {
+                e.node = node as u32;
+            }
+        }
+        self.graph = Some(graph);
+    }
+
     pub fn commit(&mut self) -> Result<(), IndexError> {
+        self.insert_pending();
         if self.dirty {
             self.writer.commit().map_err(index_error)?;
             self.reader.reload().map_err(index_error)?;
@@ -238,16 +330,69 @@ impl SearchIndex {
         (reader.may_see(&e.owner) && filters.iter().all(|(k, c)| c.matches(e.metadata.get(k)))).then_some(e)
     }
 
-    /// Slots by cosine similarity (embeddings are unit length), best first.
+    /// Slots by cosine similarity (embeddings are unit length), best first:
+    /// exact for small indexes, else the graph with a candidate list that grows
+    /// when filters leave too few, and an exact scan when even that is short.
     fn vector(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
+        let Some(graph) = self.graph.as_ref().filter(|g| g.dim() == query.len()) else {
+            return Vec::new();
+        };
+        if graph.live() > self.exact_max {
+            let accept = |node: u32| {
+                let slot = self.slot_of_node[node as usize] as usize;
+                self.allowed(slot, reader, filters).is_some()
+            };
+            // The share of chunks the filters let through, from a sample: the
+            // candidate list grows by its inverse; under 2% a scan is cheaper.
+            let step = (self.slots.len() / 512).max(1);
+            let (mut live, mut pass) = (0usize, 0usize);
+            for slot in (0..self.slots.len()).step_by(step) {
+                if self.slots[slot].is_some() {
+                    live += 1;
+                    pass += usize::from(self.allowed(slot, reader, filters).is_some());
+                }
+            }
+            let share = pass as f64 / live.max(1) as f64;
+            if share < 0.02 {
+                return self.vector_exact(graph, query, reader, filters, n);
+            }
+            let mut ef = ((((2 * n).max(self.hnsw.ef_search)) as f64 / share) as usize).min(4096);
+            for _ in 0..2 {
+                let found = graph.search(query, n, ef, &accept);
+                if found.len() == n {
+                    return found
+                        .into_iter()
+                        .map(|(node, s)| (self.slot_of_node[node as usize] as usize, s))
+                        .collect();
+                }
+                ef = (ef * 8).min(4096);
+            }
+        }
+        self.vector_exact(graph, query, reader, filters, n)
+    }
+
+    /// Every visible chunk scored; the n best.
+    pub fn vector_exact_search(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
+        match self.graph.as_ref().filter(|g| g.dim() == query.len()) {
+            Some(g) => self.vector_exact(g, query, reader, filters, n),
+            None => Vec::new(),
+        }
+    }
+
+    fn vector_exact(&self, graph: &Hnsw, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
         let mut scored: Vec<(usize, f32)> = (0..self.slots.len())
             .filter_map(|s| {
                 let e = self.allowed(s, reader, filters)?;
-                Some((s, crate::inference::fast::dot(query, &e.embedding)))
+                (e.node != NO_NODE).then(|| (s, crate::inference::fast::dot(query, graph.vector(e.node))))
             })
             .collect();
         top(&mut scored, n);
         scored
+    }
+
+    /// The vector route's ranking as slots (benchmarks compare it with exact).
+    pub fn vector_search(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
+        self.vector(query, reader, filters, n)
     }
 
     /// Slots by BM25, best first.
@@ -370,11 +515,19 @@ mod tests {
 
     #[test]
     fn routes_rank_visible_chunks_and_filters_apply() {
+        // Exact scans, and the graph (forced on from the first chunk).
+        routes_rank_visible_chunks_and_filters_apply_with(EXACT_MAX);
+        routes_rank_visible_chunks_and_filters_apply_with(0);
+    }
+
+    fn routes_rank_visible_chunks_and_filters_apply_with(exact_max: usize) {
         let me = Reader {
             user_id: Uuid::new_v4(),
             organization_id: None,
         };
-        let mut ix = SearchIndex::new().expect("index");
+        let mut ix = SearchIndex::new()
+            .expect("index")
+            .with_vector_search(exact_max, HnswConfig::default());
         let (a, ac) = doc_with(
             Owner::Global,
             "Cats",
