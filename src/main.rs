@@ -74,6 +74,12 @@ enum EvalTarget {
         /// Evaluate only the first N judged queries.
         #[arg(long)]
         max_queries: Option<usize>,
+        /// Keep the chunk vectors in this file between runs (same model and chunks).
+        #[arg(long)]
+        cache: Option<std::path::PathBuf>,
+        /// Also score hybrid under a grid of fusion settings (tuning).
+        #[arg(long)]
+        fusion_grid: bool,
     },
 }
 
@@ -161,9 +167,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
                     data,
                     split,
                     max_queries,
+                    cache,
+                    fusion_grid,
                 },
         } => {
-            ragchat::knowledge::eval::beir(&settings, &data, &split, max_queries).await?;
+            let opts = ragchat::knowledge::eval::EvalOptions {
+                max_queries,
+                cache,
+                fusion_grid,
+            };
+            ragchat::knowledge::eval::beir(&settings, &data, &split, opts).await?;
         }
         Command::Bench {
             what:

@@ -15,6 +15,9 @@ use super::hnsw::HnswConfig;
 use super::index::{Condition, Filters, Route, SearchIndex, EXACT_MAX};
 
 const DIM: usize = 384;
+
+/// One timed query: its text and its vector.
+type QueryFn<'a> = dyn FnMut(&(String, Vec<f32>)) -> anyhow::Result<()> + 'a;
 const VOCABULARY: usize = 30_000;
 
 /// A small deterministic generator (the figures must be reproducible).
@@ -22,7 +25,10 @@ struct Rng(u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 33
     }
     fn uniform(&mut self) -> f32 {
@@ -144,7 +150,10 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
             source: String::new(),
             content_hash: String::new(),
             size_bytes: 0,
-            metadata: json!({"bucket": made / per_doc % 10}).as_object().cloned().unwrap_or_default(),
+            metadata: json!({"bucket": made / per_doc % 10})
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
             chunk_count: n as u32,
             created_at: Utc::now(),
         };
@@ -172,7 +181,9 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
         organization_id: None,
     };
     let none = Filters::new();
-    let bucket: Filters = [("bucket".to_string(), Condition::Equals(json!(3)))].into_iter().collect();
+    let bucket: Filters = [("bucket".to_string(), Condition::Equals(json!(3)))]
+        .into_iter()
+        .collect();
     let qs: Vec<(String, Vec<f32>)> = (0..queries)
         .map(|_| {
             let t = &topics[rng.below(n_topics)];
@@ -192,29 +203,47 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
         "{:<44} {:>8} {:>8}   (top_k 10, {queries} queries, one thread)",
         "route", "p50 ms", "p99 ms"
     ));
-    let mut time = |name: &str, f: &mut dyn FnMut(&(String, Vec<f32>)) -> anyhow::Result<()>| -> anyhow::Result<()> {
+    let mut time = |name: &str, f: &mut QueryFn| -> anyhow::Result<()> {
         let mut samples = Vec::with_capacity(qs.len());
         for q in &qs {
             let t = Instant::now();
             f(q)?;
             samples.push(t.elapsed());
         }
-        say(format!("{name:<44} {:>8.2} {:>8.2}", pct(samples.clone(), 0.5), pct(samples, 0.99)));
+        say(format!(
+            "{name:<44} {:>8.2} {:>8.2}",
+            pct(samples.clone(), 0.5),
+            pct(samples, 0.99)
+        ));
         Ok(())
     };
     let ann = chunks > EXACT_MAX;
-    for (name, route) in [("text (BM25)", Route::Text), ("hybrid (RRF of vector and text, depth 100)", Route::Hybrid)] {
+    for (name, route) in [
+        ("text (BM25)", Route::Text),
+        ("hybrid (RRF of vector and text, depth 100)", Route::Hybrid),
+    ] {
         time(name, &mut |(text, v)| {
             index.search(text, Some(v), route, &reader, &none, 10)?;
             Ok(())
         })?;
     }
-    time(if ann { "vector (HNSW)" } else { "vector (exact: under the HNSW threshold)" }, &mut |(_, v)| {
-        index.vector_search(v, &reader, &none, 10);
-        Ok(())
-    })?;
     time(
-        if ann { "vector (HNSW), filter keeping 10%" } else { "vector (exact), filter keeping 10%" },
+        if ann {
+            "vector (HNSW)"
+        } else {
+            "vector (exact: under the HNSW threshold)"
+        },
+        &mut |(_, v)| {
+            index.vector_search(v, &reader, &none, 10);
+            Ok(())
+        },
+    )?;
+    time(
+        if ann {
+            "vector (HNSW), filter keeping 10%"
+        } else {
+            "vector (exact), filter keeping 10%"
+        },
         &mut |(_, v)| {
             index.vector_search(v, &reader, &bucket, 10);
             Ok(())
@@ -227,10 +256,26 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
     // Recall@10 of the vector route against the exact scan.
     let (mut hit, mut hit_filtered) = (0usize, 0usize);
     for (_, v) in &qs {
-        let exact: Vec<usize> = index.vector_exact_search(v, &reader, &none, 10).into_iter().map(|x| x.0).collect();
-        hit += index.vector_search(v, &reader, &none, 10).iter().filter(|x| exact.contains(&x.0)).count();
-        let exact: Vec<usize> = index.vector_exact_search(v, &reader, &bucket, 10).into_iter().map(|x| x.0).collect();
-        hit_filtered += index.vector_search(v, &reader, &bucket, 10).iter().filter(|x| exact.contains(&x.0)).count();
+        let exact: Vec<usize> = index
+            .vector_exact_search(v, &reader, &none, 10)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        hit += index
+            .vector_search(v, &reader, &none, 10)
+            .iter()
+            .filter(|x| exact.contains(&x.0))
+            .count();
+        let exact: Vec<usize> = index
+            .vector_exact_search(v, &reader, &bucket, 10)
+            .into_iter()
+            .map(|x| x.0)
+            .collect();
+        hit_filtered += index
+            .vector_search(v, &reader, &bucket, 10)
+            .iter()
+            .filter(|x| exact.contains(&x.0))
+            .count();
     }
     say(format!(
         "recall@10 of the vector route against the exact scan: {:.3} (with the 10% filter: {:.3})",

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::chunking::Chunker;
-use super::index::{Filters, Route, SearchIndex};
+use super::index::{Filters, Fusion, Route, SearchIndex};
 use crate::config::Settings;
 
 #[derive(Deserialize)]
@@ -94,7 +94,53 @@ fn first_existing(dir: &Path, names: &[String]) -> anyhow::Result<std::path::Pat
         .ok_or_else(|| anyhow::anyhow!("none of {names:?} in {}", dir.display()))
 }
 
-pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Option<usize>) -> anyhow::Result<String> {
+/// Chunk vectors saved by an earlier run with the same model and chunks.
+fn read_vectors(path: &Path, key: &str, n: usize) -> Option<Vec<Vec<f32>>> {
+    let bytes = std::fs::read(path).ok()?;
+    let (head, body) = bytes.split_at_checked(72)?;
+    if &head[..64] != key.as_bytes() {
+        return None;
+    }
+    let dim = u64::from_le_bytes(head[64..72].try_into().ok()?) as usize;
+    if dim == 0 || body.len() != n * dim * 4 {
+        return None;
+    }
+    Some(
+        body.chunks_exact(dim * 4)
+            .map(|v| {
+                v.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+fn write_vectors(path: &Path, key: &str, vectors: &[Vec<f32>]) -> anyhow::Result<()> {
+    let dim = vectors.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(72 + vectors.len() * dim * 4);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&(dim as u64).to_le_bytes());
+    for v in vectors {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    std::fs::write(path, out).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Options of `ragchat eval beir`.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    pub max_queries: Option<usize>,
+    /// Keep chunk vectors here between runs (same model and chunks only).
+    pub cache: Option<std::path::PathBuf>,
+    /// Also score hybrid with other fusion settings.
+    pub fusion_grid: bool,
+}
+
+pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptions) -> anyhow::Result<String> {
+    let (max_queries, cache) = (opts.max_queries, opts.cache.as_deref());
     let mut out = String::new();
     let corpus: Vec<CorpusDoc> = read_lines(&data.join("corpus.jsonl"))?;
     let queries: Vec<Query> = read_lines(&first_existing(
@@ -144,36 +190,61 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Op
             (doc, pieces)
         })
         .collect();
-    for (b, batch) in docs.chunks(64).enumerate() {
-        if b % 10 == 0 {
-            eprintln!(
-                "  indexed {} of {} documents ({:.0} s)",
-                b * 64,
-                docs.len(),
-                started.elapsed().as_secs_f64()
-            );
+    let texts: Vec<String> = docs
+        .iter()
+        .flat_map(|(d, pieces)| pieces.iter().map(move |p| super::ingest::embedding_text(&d.title, p)))
+        .collect();
+    let key = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(settings.models.embedding_dir.as_bytes());
+        for t in &texts {
+            h.update(t.as_bytes());
+            h.update([0u8]);
         }
-        let texts: Vec<String> = batch
+        hex::encode(h.finalize())
+    };
+    let cached = cache.and_then(|p| read_vectors(p, &key, texts.len()));
+    let vectors = match cached {
+        Some(v) => {
+            eprintln!("  {} chunk vectors read from the cache", v.len());
+            v
+        }
+        None => {
+            let mut vectors = Vec::with_capacity(texts.len());
+            for (b, batch) in texts.chunks(128).enumerate() {
+                if b % 10 == 0 {
+                    eprintln!(
+                        "  embedded {} of {} chunks ({:.0} s)",
+                        b * 128,
+                        texts.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+                vectors.extend(bert.embed(&refs)?);
+            }
+            if let Some(p) = cache {
+                write_vectors(p, &key, &vectors)?;
+            }
+            vectors
+        }
+    };
+    let mut vectors = vectors.into_iter();
+    for (d, pieces) in &docs {
+        let chunks: Vec<Chunk> = pieces
             .iter()
-            .flat_map(|(d, pieces)| pieces.iter().map(move |p| super::ingest::embedding_text(&d.title, p)))
+            .enumerate()
+            .map(|(i, p)| Chunk {
+                id: Uuid::new_v4(),
+                document_id: d.id,
+                ordinal: i as u32,
+                content: p.clone(),
+                embedding: vectors.next().unwrap_or_default(),
+            })
             .collect();
-        let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let mut vectors = bert.embed(&refs)?.into_iter();
-        for (d, pieces) in batch {
-            let chunks: Vec<Chunk> = pieces
-                .iter()
-                .enumerate()
-                .map(|(i, p)| Chunk {
-                    id: Uuid::new_v4(),
-                    document_id: d.id,
-                    ordinal: i as u32,
-                    content: p.clone(),
-                    embedding: vectors.next().unwrap_or_default(),
-                })
-                .collect();
-            chunks_total += chunks.len();
-            index.add(d, &chunks)?;
-        }
+        chunks_total += chunks.len();
+        index.add(d, &chunks)?;
     }
     index.commit()?;
     let secs = started.elapsed().as_secs_f64();
@@ -195,7 +266,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Op
         .take(max_queries.unwrap_or(usize::MAX))
         .collect();
     let mut line = format!(
-        "\n{} queries ({split} split)   nDCG@10   Recall@100   MRR@10   ms/query\n",
+        "\n{:<5} queries ({split} split)       nDCG@10   Recall@100   MRR@10   ms/query\n",
         judged.len()
     );
     print!("{line}");
@@ -205,7 +276,30 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Op
     for batch in texts.chunks(32) {
         q_vectors.extend(bert.embed(batch)?);
     }
-    for route in [Route::Text, Route::Vector, Route::Hybrid, Route::Auto] {
+    let mut runs: Vec<(String, Route, Option<Fusion>)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
+        .into_iter()
+        .map(|r| (format!("{r:?}").to_lowercase(), r, None))
+        .collect();
+    if opts.fusion_grid {
+        for k in [10.0, 30.0, 60.0, 100.0] {
+            for w in [0.7, 1.0, 1.4] {
+                runs.push((
+                    format!("rrf k={k} text×{w}"),
+                    Route::Hybrid,
+                    Some(Fusion::Rrf { k, text_weight: w }),
+                ));
+            }
+        }
+        for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
+            runs.push((
+                format!("convex α={alpha}"),
+                Route::Hybrid,
+                Some(Fusion::Convex { alpha }),
+            ));
+        }
+    }
+    for (name, route, fusion) in runs {
+        index.set_fusion(fusion.unwrap_or_default());
         let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
         let started = Instant::now();
         for (q, v) in judged.iter().zip(&q_vectors) {
@@ -225,8 +319,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, max_queries: Op
         let n = judged.len().max(1) as f64;
         let ms = started.elapsed().as_secs_f64() * 1000.0 / n;
         line = format!(
-            "  {:<8}                       {:.3}     {:.3}       {:.3}    {ms:.2}\n",
-            format!("{route:?}").to_lowercase(),
+            "  {name:<28}   {:.3}     {:.3}       {:.3}    {ms:.2}\n",
             ndcg / n,
             recall / n,
             mrr / n

@@ -472,7 +472,14 @@ mod tests {
         let mut next = rng(seed);
         let spread = 0.5 / (dim as f32 / 12.0).sqrt() * 2.0;
         (0..n)
-            .map(|i| unit(centers[(i * 7 + seed as usize) % 50].iter().map(|c| c + spread * next()).collect()))
+            .map(|i| {
+                unit(
+                    centers[(i * 7 + seed as usize) % 50]
+                        .iter()
+                        .map(|c| c + spread * next())
+                        .collect(),
+                )
+            })
             .collect()
     }
 

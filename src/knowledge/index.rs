@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tantivy::collector::TopDocs;
 use tantivy::query::QueryParser;
-use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions, Value as _, FAST, INDEXED, STORED};
-use tantivy::{doc, Index, IndexReader, IndexWriter, TantivyDocument, Term};
+use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED};
+use tantivy::{doc, Index, IndexReader, IndexWriter, Term};
 use uuid::Uuid;
 
 use super::hnsw::{Hnsw, HnswConfig};
@@ -116,6 +116,51 @@ impl Condition {
 
 pub type Filters = HashMap<String, Condition>;
 
+/// How `hybrid` merges the vector and text rankings (each `depth` long).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fusion {
+    /// Reciprocal rank fusion: Σ weight / (k + rank), text weighted `text_weight`.
+    Rrf { k: f32, text_weight: f32 },
+    /// alpha · vector + (1 − alpha) · text, each score min-max normalized over
+    /// its list (absent from a list: 0).
+    Convex { alpha: f32 },
+}
+
+impl Default for Fusion {
+    fn default() -> Self {
+        Fusion::Rrf {
+            k: RRF_K,
+            text_weight: 1.0,
+        }
+    }
+}
+
+impl Fusion {
+    fn fuse(self, vector: &[(usize, f32)], text: &[(usize, f32)]) -> Vec<(usize, f32)> {
+        let mut fused: HashMap<usize, f32> = HashMap::new();
+        match self {
+            Fusion::Rrf { k, text_weight } => {
+                for (list, w) in [(vector, 1.0), (text, text_weight)] {
+                    for (rank, (slot, _)) in list.iter().enumerate() {
+                        *fused.entry(*slot).or_default() += w / (k + rank as f32 + 1.0);
+                    }
+                }
+            }
+            Fusion::Convex { alpha } => {
+                for (list, w) in [(vector, alpha), (text, 1.0 - alpha)] {
+                    let hi = list.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
+                    let lo = list.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+                    let span = (hi - lo).max(1e-9);
+                    for (slot, score) in list {
+                        *fused.entry(*slot).or_default() += w * (score - lo) / span;
+                    }
+                }
+            }
+        }
+        fused.into_iter().collect()
+    }
+}
+
 struct Entry {
     chunk_id: Uuid,
     document_id: Uuid,
@@ -149,6 +194,7 @@ pub struct SearchIndex {
     /// Vectors added since the last commit: (slot, vector).
     pending: Vec<(usize, Vec<f32>)>,
     exact_max: usize,
+    fusion: Fusion,
     by_document: HashMap<Uuid, Vec<usize>>,
     writer: IndexWriter,
     reader: IndexReader,
@@ -170,7 +216,7 @@ fn index_error(e: impl std::fmt::Display) -> IndexError {
 impl SearchIndex {
     pub fn new() -> Result<Self, IndexError> {
         let mut sb = Schema::builder();
-        let key = sb.add_u64_field("key", INDEXED | STORED | FAST);
+        let key = sb.add_u64_field("key", INDEXED | FAST);
         let text = TextOptions::default().set_indexing_options(
             TextFieldIndexing::default()
                 .set_tokenizer("en_stem")
@@ -190,6 +236,7 @@ impl SearchIndex {
             slot_of_node: Vec::new(),
             pending: Vec::new(),
             exact_max: EXACT_MAX,
+            fusion: Fusion::default(),
             by_document: HashMap::new(),
             writer,
             reader,
@@ -260,6 +307,11 @@ impl SearchIndex {
         self.exact_max = exact_max;
         self.hnsw = hnsw;
         self
+    }
+
+    /// How `hybrid` fuses its two rankings.
+    pub fn set_fusion(&mut self, fusion: Fusion) {
+        self.fusion = fusion;
     }
 
     /// Bytes held by the vectors and the graph.
@@ -372,14 +424,27 @@ impl SearchIndex {
     }
 
     /// Every visible chunk scored; the n best.
-    pub fn vector_exact_search(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
+    pub fn vector_exact_search(
+        &self,
+        query: &[f32],
+        reader: &Reader,
+        filters: &Filters,
+        n: usize,
+    ) -> Vec<(usize, f32)> {
         match self.graph.as_ref().filter(|g| g.dim() == query.len()) {
             Some(g) => self.vector_exact(g, query, reader, filters, n),
             None => Vec::new(),
         }
     }
 
-    fn vector_exact(&self, graph: &Hnsw, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
+    fn vector_exact(
+        &self,
+        graph: &Hnsw,
+        query: &[f32],
+        reader: &Reader,
+        filters: &Filters,
+        n: usize,
+    ) -> Vec<(usize, f32)> {
         let mut scored: Vec<(usize, f32)> = (0..self.slots.len())
             .filter_map(|s| {
                 let e = self.allowed(s, reader, filters)?;
@@ -405,9 +470,20 @@ impl SearchIndex {
             .search(&q, &TopDocs::with_limit(want).order_by_score())
             .map_err(index_error)?;
         let mut out = Vec::with_capacity(n);
+        // The slot from the key's fast field (a column read, not a stored document).
+        let mut columns = HashMap::new();
         for (score, addr) in found {
-            let d: TantivyDocument = searcher.doc(addr).map_err(index_error)?;
-            let Some(slot) = d.get_first(self.key).and_then(|v| v.as_u64()) else {
+            let column = match columns.entry(addr.segment_ord) {
+                std::collections::hash_map::Entry::Occupied(c) => c.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => v.insert(
+                    searcher
+                        .segment_reader(addr.segment_ord)
+                        .fast_fields()
+                        .u64("key")
+                        .map_err(index_error)?,
+                ),
+            };
+            let Some(slot) = column.first(addr.doc_id) else {
                 continue;
             };
             let slot = slot as usize;
@@ -436,17 +512,9 @@ impl SearchIndex {
             (Route::Vector, Some(e)) => self.vector(e, reader, filters, top_k),
             (Route::Hybrid, Some(e)) => {
                 let depth = (top_k * 10).max(100);
-                let lists = [
-                    self.vector(e, reader, filters, depth),
-                    self.text(query, reader, filters, depth)?,
-                ];
-                let mut fused: HashMap<usize, f32> = HashMap::new();
-                for list in &lists {
-                    for (rank, (slot, _)) in list.iter().enumerate() {
-                        *fused.entry(*slot).or_default() += 1.0 / (RRF_K + rank as f32 + 1.0);
-                    }
-                }
-                let mut v: Vec<(usize, f32)> = fused.into_iter().collect();
+                let vector = self.vector(e, reader, filters, depth);
+                let text = self.text(query, reader, filters, depth)?;
+                let mut v = self.fusion.fuse(&vector, &text);
                 top(&mut v, top_k);
                 v
             }
