@@ -103,8 +103,20 @@ struct Norm {
 }
 
 impl Norm {
-    /// x ← LayerNorm(x + add), row by row.
+    /// x ← LayerNorm(x + add), row by row (blocks of rows on all cores when many).
     fn apply(&self, x: &mut [f32], add: Option<&[f32]>) {
+        let h = self.w.len();
+        const BLOCK: usize = 256;
+        if x.len() >= 4 * BLOCK * h {
+            x.par_chunks_mut(BLOCK * h).enumerate().for_each(|(b, part)| {
+                self.apply_rows(part, add.map(|a| &a[b * BLOCK * h..(b * BLOCK * h + part.len())]))
+            });
+        } else {
+            self.apply_rows(x, add);
+        }
+    }
+
+    fn apply_rows(&self, x: &mut [f32], add: Option<&[f32]>) {
         let h = self.w.len();
         for (r, row) in x.chunks_exact_mut(h).enumerate() {
             if let Some(a) = add {
@@ -264,7 +276,13 @@ impl Weights {
             let a = l.attn_out.forward(&ctx, rows);
             l.attn_norm.apply(&mut x, Some(&a));
             let mut inter = l.inter.forward(&x, rows);
-            inter.iter_mut().for_each(|v| *v = gelu(*v));
+            if inter.len() >= 1 << 20 {
+                inter
+                    .par_chunks_mut(1 << 16)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
+            } else {
+                inter.iter_mut().for_each(|v| *v = gelu(*v));
+            }
             let o = l.out.forward(&inter, rows);
             l.out_norm.apply(&mut x, Some(&o));
         }

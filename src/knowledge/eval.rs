@@ -13,7 +13,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::chunking::Chunker;
-use super::index::{Filters, Fusion, Route, SearchIndex};
+use super::index::{Filters, Fusion, Route, SearchIndex, RRF_K, TITLE_BOOST};
 use crate::config::Settings;
 
 #[derive(Deserialize)]
@@ -276,30 +276,41 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     for batch in texts.chunks(32) {
         q_vectors.extend(bert.embed(batch)?);
     }
-    let mut runs: Vec<(String, Route, Option<Fusion>)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
+    let mut runs: Vec<(String, Route, Fusion, f32)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
         .into_iter()
-        .map(|r| (format!("{r:?}").to_lowercase(), r, None))
+        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), TITLE_BOOST))
         .collect();
     if opts.fusion_grid {
-        for k in [10.0, 30.0, 60.0, 100.0] {
+        for k in [10.0, 30.0, RRF_K, 100.0] {
             for w in [0.7, 1.0, 1.4] {
                 runs.push((
                     format!("rrf k={k} text×{w}"),
                     Route::Hybrid,
-                    Some(Fusion::Rrf { k, text_weight: w }),
+                    Fusion::Rrf { k, text_weight: w },
+                    TITLE_BOOST,
                 ));
             }
         }
-        for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
+        for boost in [0.0, 0.25, TITLE_BOOST, 1.0] {
             runs.push((
-                format!("convex α={alpha}"),
-                Route::Hybrid,
-                Some(Fusion::Convex { alpha }),
+                format!("text, title boost {boost}"),
+                Route::Text,
+                Fusion::default(),
+                boost,
             ));
+            for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
+                runs.push((
+                    format!("convex α={alpha}, title {boost}"),
+                    Route::Hybrid,
+                    Fusion::Convex { alpha },
+                    boost,
+                ));
+            }
         }
     }
-    for (name, route, fusion) in runs {
-        index.set_fusion(fusion.unwrap_or_default());
+    for (name, route, fusion, boost) in runs {
+        index.set_fusion(fusion);
+        index.set_title_boost(boost);
         let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
         let started = Instant::now();
         for (q, v) in judged.iter().zip(&q_vectors) {

@@ -18,7 +18,9 @@ use uuid::Uuid;
 use super::hnsw::{Hnsw, HnswConfig};
 
 /// Reciprocal rank fusion constant (Cormack et al.; the usual 60).
-const RRF_K: f32 = 60.0;
+pub const RRF_K: f32 = 60.0;
+/// The weight of title matches in BM25 (content weighs 1).
+pub const TITLE_BOOST: f32 = 0.5;
 /// Up to this many live chunks the vector route scans them all (exact, and
 /// fast enough: ~1 ms); beyond, it searches the HNSW graph.
 pub const EXACT_MAX: usize = 20_000;
@@ -126,12 +128,11 @@ pub enum Fusion {
     Convex { alpha: f32 },
 }
 
+/// Tuned on SciFact's train split (`ragchat eval beir --fusion-grid`): nDCG@10
+/// 0.723 against 0.711 for reciprocal rank fusion with k = 60.
 impl Default for Fusion {
     fn default() -> Self {
-        Fusion::Rrf {
-            k: RRF_K,
-            text_weight: 1.0,
-        }
+        Fusion::Convex { alpha: 0.5 }
     }
 }
 
@@ -228,7 +229,7 @@ impl SearchIndex {
         let writer = index.writer_with_num_threads(1, 32 << 20).map_err(index_error)?;
         let reader = index.reader().map_err(index_error)?;
         let mut parser = QueryParser::for_index(&index, vec![title, content]);
-        parser.set_field_boost(title, 0.5);
+        parser.set_field_boost(title, TITLE_BOOST);
         Ok(SearchIndex {
             slots: Vec::new(),
             graph: None,
@@ -307,6 +308,11 @@ impl SearchIndex {
         self.exact_max = exact_max;
         self.hnsw = hnsw;
         self
+    }
+
+    /// The weight of title matches in BM25 (content weighs 1).
+    pub fn set_title_boost(&mut self, boost: f32) {
+        self.parser.set_field_boost(self.title, boost);
     }
 
     /// How `hybrid` fuses its two rankings.
