@@ -99,6 +99,10 @@ pub struct KnowledgeSettings {
     pub chunk_overlap: usize,
     /// Largest document accepted, in bytes of text.
     pub max_document_bytes: usize,
+    /// Where the search index keeps its snapshot (empty: memory only, rebuilt
+    /// from the store at every start).
+    #[serde(default)]
+    pub index_dir: String,
     /// Largest uploaded file (multipart), in bytes.
     pub max_upload_bytes: usize,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative

@@ -126,14 +126,21 @@ impl Application {
             &k.sqlite_url,
         )
         .await?;
+        let index_dir = Some(k.index_dir.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
+        let started = std::time::Instant::now();
         let retrieval =
-            crate::knowledge::retrieval::Retrieval::start().map_err(|e| StartupError::Other(e.to_string()))?;
-        let loaded = crate::knowledge::retrieval::load_all(documents.as_ref(), &retrieval)
+            crate::knowledge::retrieval::Retrieval::start(index_dir).map_err(|e| StartupError::Other(e.to_string()))?;
+        let synced = crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval)
             .await
             .map_err(|e| StartupError::Other(format!("loading the search index: {e}")))?;
-        if loaded > 0 {
-            tracing::info!(documents = loaded, backend = documents.backend(), "search index loaded");
-        }
+        tracing::info!(
+            kept = synced.kept,
+            added = synced.added,
+            removed = synced.removed,
+            seconds = started.elapsed().as_secs_f64(),
+            backend = documents.backend(),
+            "search index ready"
+        );
         let ingestor = embedder.clone().and_then(|embedder| {
             let path = std::path::Path::new(&settings.models.embedding_dir).join("tokenizer.json");
             match crate::knowledge::chunking::Chunker::load(&path, k.chunk_tokens, k.chunk_overlap) {

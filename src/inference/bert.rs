@@ -57,8 +57,11 @@ struct Dense {
 const PARALLEL_MIN: usize = 32 << 20;
 
 impl Dense {
-    fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
-        let mut y = Vec::with_capacity(rows * self.out);
+    /// y ← x·wᵀ + b, reusing y's memory (fresh pages of large buffers cost
+    /// page faults on every layer otherwise).
+    fn forward_into(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) {
+        y.clear();
+        y.reserve(rows * self.out);
         for _ in 0..rows {
             y.extend_from_slice(&self.b);
         }
@@ -92,7 +95,6 @@ impl Dense {
                 par,
             );
         }
-        y
     }
 }
 
@@ -122,8 +124,8 @@ impl Norm {
             if let Some(a) = add {
                 row.iter_mut().zip(&a[r * h..(r + 1) * h]).for_each(|(v, d)| *v += d);
             }
-            let mean = row.iter().sum::<f32>() / h as f32;
-            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / h as f32;
+            let mean = lane_sum(row, |v| v) / h as f32;
+            let var = lane_sum(row, |v| (v - mean) * (v - mean)) / h as f32;
             let inv = 1.0 / (var + self.eps).sqrt();
             for ((v, g), b) in row.iter_mut().zip(&self.w).zip(&self.b) {
                 *v = (*v - mean) * inv * g + b;
@@ -150,6 +152,55 @@ struct Weights {
     hidden: usize,
     heads: usize,
     max_positions: usize,
+}
+
+// Reductions in 16 independent lanes: a plain sum or max over f32 is a serial
+// chain the compiler may not reorder (so it does not vectorize); on 256-token
+// attention rows that chain cost more than the exponentials.
+
+#[inline(always)]
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let tail: f32 = chunks.remainder().iter().map(|v| f(*v)).sum();
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] += f(c[l]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |m, v| m.max(*v))
+}
+
+/// x ← exp(x − max); returns the sum.
+#[inline(always)]
+fn exp_in_place(x: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in chunks.by_ref() {
+        for l in 0..16 {
+            c[l] = fast_exp(c[l] - max);
+            acc[l] += c[l];
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - max);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// erf(x), Abramowitz & Stegun 7.1.26 (abs. error < 1.5e-7).
@@ -270,12 +321,13 @@ impl Weights {
         }
         let rows = x.len() / h;
         self.embed_norm.apply(&mut x, None);
+        let (mut qkv, mut ctx, mut a, mut inter, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for l in &self.layers {
-            let qkv = l.qkv.forward(&x, rows);
-            let ctx = self.attention(&qkv, &spans, rows);
-            let a = l.attn_out.forward(&ctx, rows);
+            l.qkv.forward_into(&x, rows, &mut qkv);
+            self.attention(&qkv, &spans, rows, &mut ctx);
+            l.attn_out.forward_into(&ctx, rows, &mut a);
             l.attn_norm.apply(&mut x, Some(&a));
-            let mut inter = l.inter.forward(&x, rows);
+            l.inter.forward_into(&x, rows, &mut inter);
             if inter.len() >= 1 << 20 {
                 inter
                     .par_chunks_mut(1 << 16)
@@ -283,7 +335,7 @@ impl Weights {
             } else {
                 inter.iter_mut().for_each(|v| *v = gelu(*v));
             }
-            let o = l.out.forward(&inter, rows);
+            l.out.forward_into(&inter, rows, &mut o);
             l.out_norm.apply(&mut x, Some(&o));
         }
         Ok(spans
@@ -301,7 +353,7 @@ impl Weights {
     }
 
     /// Self-attention of each sentence over its own tokens, head by head.
-    fn attention(&self, qkv: &[f32], spans: &[(usize, usize)], rows: usize) -> Vec<f32> {
+    fn attention(&self, qkv: &[f32], spans: &[(usize, usize)], rows: usize, ctx: &mut Vec<f32>) {
         let h = self.hidden;
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -325,8 +377,7 @@ impl Weights {
                     *s = dot(q, k) * scale;
                     max = max.max(*s);
                 }
-                scores.iter_mut().for_each(|s| *s = fast_exp(*s - max));
-                let inv = 1.0 / scores.iter().sum::<f32>();
+                let inv = 1.0 / exp_in_place(&mut scores, max);
                 for (p, v) in scores.iter().zip(values.chunks_exact(hd)) {
                     let p = p * inv;
                     o.iter_mut().zip(v).for_each(|(a, v)| *a = p.mul_add(*v, *a));
@@ -343,14 +394,14 @@ impl Weights {
         } else {
             jobs.iter().map(|&(s, head)| one(&spans[s], head)).collect()
         };
-        let mut ctx = vec![0f32; rows * h];
+        ctx.clear();
+        ctx.resize(rows * h, 0.0);
         for (&(s, head), out) in jobs.iter().zip(&results) {
             let (start, len) = spans[s];
             for i in 0..len {
                 ctx[(start + i) * h + head * hd..][..hd].copy_from_slice(&out[i * hd..(i + 1) * hd]);
             }
         }
-        ctx
     }
 }
 
@@ -405,9 +456,7 @@ fn attention_gemm(
         );
     }
     for r in scores.chunks_exact_mut(len) {
-        let max = r.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-        r.iter_mut().for_each(|s| *s = fast_exp(*s - max));
-        let inv = 1.0 / r.iter().sum::<f32>();
+        let inv = 1.0 / exp_in_place(r, lane_max(r));
         r.iter_mut().for_each(|s| *s *= inv);
     }
     // SAFETY: as above.

@@ -11,14 +11,22 @@ pub mod qmat;
 
 use ragchat_actors::inference::ModelError;
 
-/// e^x for x ≤ 88, rel. error ~1e-7; plain arithmetic, so loops over it vectorize.
+/// e^x for x ≤ 88, rel. error ~1e-7. Branch-free arithmetic on floats and
+/// their bits (no `round`, no saturating casts), so loops over it vectorize.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    // min/max written as selects: `clamp` keeps NaN semantics that stay scalar.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let x = if x > 88.0 { 88.0 } else { x };
+    // Round x·log2(e) to the nearest integer by adding 1.5·2^23: the integer
+    // then sits in the low mantissa bits.
+    const SHIFT: f32 = 12_582_912.0;
+    let t = x * std::f32::consts::LOG2_E + SHIFT;
+    let n = t - SHIFT;
+    let ni = t.to_bits() as i32 - SHIFT.to_bits() as i32;
     let r = x - n * 0.693_145_75 - n * 1.428_606_8e-6;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    f32::from_bits(((n as i32 + 127) as u32) << 23) * p
+    f32::from_bits(((ni + 127) as u32) << 23) * p
 }
 
 pub(crate) fn model_error(e: impl std::fmt::Display) -> ModelError {

@@ -446,7 +446,115 @@ impl Hnsw {
     pub fn config(&self) -> HnswConfig {
         self.config
     }
+
+    /// Writes the graph in a little-endian binary layout (see `read_from`).
+    pub fn write_to(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let header = [
+            FORMAT,
+            self.dim as u64,
+            self.config.m as u64,
+            self.config.ef_construction as u64,
+            self.config.ef_search as u64,
+            self.len() as u64,
+            u64::from(self.entry),
+            self.max_level as u64,
+            self.rng,
+        ];
+        for v in header {
+            w.write_all(&v.to_le_bytes())?;
+        }
+        let mut buf = Vec::with_capacity(1 << 20);
+        let flush = |buf: &mut Vec<u8>, w: &mut dyn std::io::Write| -> std::io::Result<()> {
+            w.write_all(buf)?;
+            buf.clear();
+            Ok(())
+        };
+        for chunk in self.vectors.chunks(1 << 16) {
+            chunk.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes()));
+            flush(&mut buf, w)?;
+        }
+        buf.extend_from_slice(&self.levels);
+        buf.extend(self.deleted.iter().map(|d| u8::from(*d)));
+        flush(&mut buf, w)?;
+        let edges = self.layer0.iter().chain(self.upper.iter().flat_map(|u| u.iter()));
+        for (n, s) in edges {
+            buf.extend_from_slice(&n.to_le_bytes());
+            buf.extend_from_slice(&s.to_le_bytes());
+            if buf.len() >= 1 << 20 {
+                flush(&mut buf, w)?;
+            }
+        }
+        flush(&mut buf, w)
+    }
+
+    /// Reads a graph written by `write_to`; None when the bytes are not one.
+    pub fn read_from(r: &mut impl std::io::Read) -> std::io::Result<Option<Hnsw>> {
+        let mut word = [0u8; 8];
+        let mut header = [0u64; 9];
+        for h in header.iter_mut() {
+            r.read_exact(&mut word)?;
+            *h = u64::from_le_bytes(word);
+        }
+        let [format, dim, m, ef_construction, ef_search, n, entry, max_level, rng] = header;
+        if format != FORMAT || dim == 0 || m == 0 || n > u64::from(u32::MAX) {
+            return Ok(None);
+        }
+        let (dim, n) = (dim as usize, n as usize);
+        let mut h = Hnsw::new(
+            dim,
+            HnswConfig {
+                m: m as usize,
+                ef_construction: ef_construction as usize,
+                ef_search: ef_search as usize,
+            },
+        );
+        let mut bytes = vec![0u8; n * dim * 4];
+        r.read_exact(&mut bytes)?;
+        h.vectors = bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        let mut levels = vec![0u8; n];
+        r.read_exact(&mut levels)?;
+        let mut deleted = vec![0u8; n];
+        r.read_exact(&mut deleted)?;
+        let upper_slots: usize = levels.iter().map(|l| *l as usize * h.width(1)).sum();
+        let mut edges = vec![0u8; (n * h.width(0) + upper_slots) * 8];
+        r.read_exact(&mut edges)?;
+        let mut it = edges.chunks_exact(8).map(|b| {
+            (
+                u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+                f32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+            )
+        });
+        h.layer0 = it.by_ref().take(n * h.width(0)).collect();
+        let w1 = h.width(1);
+        h.upper = levels
+            .iter()
+            .map(|l| {
+                it.by_ref()
+                    .take(*l as usize * w1)
+                    .collect::<Vec<_>>()
+                    .into_boxed_slice()
+            })
+            .collect();
+        if h.layer0.iter().any(|e| e.0 != NONE && e.0 as usize >= n)
+            || (entry != u64::from(NONE) && entry as usize >= n)
+        {
+            return Ok(None);
+        }
+        h.deleted = deleted.iter().map(|d| *d != 0).collect();
+        h.live = h.deleted.iter().filter(|d| !**d).count();
+        h.levels = levels;
+        h.entry = entry as u32;
+        h.max_level = max_level as usize;
+        h.rng = rng;
+        Ok(Some(h))
+    }
 }
+
+/// Version of the `write_to` layout.
+const FORMAT: u64 = 0x5241_4748_4e53_5701;
 
 #[cfg(test)]
 mod tests {
@@ -537,6 +645,30 @@ mod tests {
         let got = h.search(q, 5, 64, &|_| true);
         assert!(got.windows(2).all(|w| w[0].1 >= w[1].1));
         assert!((got[0].1 - dot(q, &points[got[0].0 as usize])).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_written_graph_reads_back_the_same() {
+        let points = data(600, 16, 3);
+        let mut h = Hnsw::new(16, HnswConfig::default());
+        h.insert_many(&points);
+        h.remove(5);
+        let mut bytes = Vec::new();
+        h.write_to(&mut bytes).expect("write");
+        let back = Hnsw::read_from(&mut bytes.as_slice()).expect("read").expect("a graph");
+        assert_eq!((back.len(), back.live(), back.dim()), (h.len(), h.live(), h.dim()));
+        for q in data(20, 16, 4) {
+            assert_eq!(back.search(&q, 10, 64, &|_| true), h.search(&q, 10, 64, &|_| true));
+        }
+        assert!(
+            Hnsw::read_from(&mut &bytes[..bytes.len() - 9]).is_err(),
+            "a truncated file is refused"
+        );
+        bytes[0] ^= 1;
+        assert!(
+            Hnsw::read_from(&mut bytes.as_slice()).expect("read").is_none(),
+            "another format is refused"
+        );
     }
 
     #[test]

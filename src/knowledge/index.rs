@@ -27,6 +27,8 @@ pub const EXACT_MAX: usize = 20_000;
 /// Rebuild the graph when deleted nodes outnumber live ones (and are many).
 const REBUILD_DELETED: usize = 10_000;
 const NO_NODE: u32 = u32::MAX;
+/// Version of the snapshot `save` writes.
+const SNAPSHOT_FORMAT: u32 = 1;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema, Default)]
 #[serde(rename_all = "lowercase")]
@@ -373,6 +375,142 @@ impl SearchIndex {
         self.graph = Some(graph);
     }
 
+    /// Ids of the documents in the index.
+    pub fn document_ids(&self) -> Vec<Uuid> {
+        self.by_document.keys().copied().collect()
+    }
+
+    /// Writes the index to `dir`: a new snapshot folder with the entries, the
+    /// graph and a manifest, then the `current` file is switched to it by a
+    /// rename (a crash leaves the previous snapshot in use), then older
+    /// snapshots are removed. BM25 is rebuilt from the entries when loaded.
+    pub fn save(&mut self, dir: &std::path::Path) -> Result<(), IndexError> {
+        use std::io::Write;
+        self.commit()?;
+        let name = format!("snapshot-{}", Uuid::new_v4().simple());
+        let snap = dir.join(&name);
+        std::fs::create_dir_all(&snap).map_err(index_error)?;
+        let mut entries =
+            std::io::BufWriter::new(std::fs::File::create(snap.join("entries.jsonl")).map_err(index_error)?);
+        let mut count = 0usize;
+        for e in self.slots.iter().flatten() {
+            let line = serde_json::json!({
+                "c": e.chunk_id, "d": e.document_id, "o": e.owner.to_string(), "t": e.title,
+                "s": e.source, "x": e.content, "m": e.metadata, "n": e.node,
+            });
+            serde_json::to_writer(&mut entries, &line).map_err(index_error)?;
+            entries.write_all(b"\n").map_err(index_error)?;
+            count += 1;
+        }
+        entries.flush().map_err(index_error)?;
+        drop(entries);
+        if let Some(g) = &self.graph {
+            let mut graph =
+                std::io::BufWriter::new(std::fs::File::create(snap.join("graph.bin")).map_err(index_error)?);
+            g.write_to(&mut graph).map_err(index_error)?;
+            graph.flush().map_err(index_error)?;
+        }
+        let manifest = serde_json::json!({"format": SNAPSHOT_FORMAT, "entries": count, "graph": self.graph.is_some()});
+        std::fs::write(snap.join("manifest.json"), manifest.to_string()).map_err(index_error)?;
+        std::fs::write(dir.join("current.tmp"), &name).map_err(index_error)?;
+        std::fs::rename(dir.join("current.tmp"), dir.join("current")).map_err(index_error)?;
+        if let Ok(list) = std::fs::read_dir(dir) {
+            for old in list.flatten() {
+                let n = old.file_name().to_string_lossy().to_string();
+                if n.starts_with("snapshot-") && n != name {
+                    let _ = std::fs::remove_dir_all(old.path());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads an index written by `save`; None when there is none or it does not
+    /// read back whole (the caller rebuilds from the store).
+    pub fn load(dir: &std::path::Path) -> Result<Option<SearchIndex>, IndexError> {
+        let Ok(current) = std::fs::read_to_string(dir.join("current")) else {
+            return Ok(None);
+        };
+        let current = current.trim();
+        if !current.starts_with("snapshot-") || current.contains(['/', '\\']) {
+            return Ok(None);
+        }
+        let dir = dir.join(current);
+        let Ok(manifest) = std::fs::read_to_string(dir.join("manifest.json")) else {
+            return Ok(None);
+        };
+        let Ok(manifest) = serde_json::from_str::<Value>(&manifest) else {
+            return Ok(None);
+        };
+        if manifest["format"] != SNAPSHOT_FORMAT {
+            return Ok(None);
+        }
+        let mut index = SearchIndex::new()?;
+        if manifest["graph"] == true {
+            let Ok(file) = std::fs::File::open(dir.join("graph.bin")) else {
+                return Ok(None);
+            };
+            match Hnsw::read_from(&mut std::io::BufReader::new(file)) {
+                Ok(Some(g)) => {
+                    index.slot_of_node = vec![NO_NODE; g.len()];
+                    index.hnsw = g.config();
+                    index.graph = Some(g);
+                }
+                _ => return Ok(None),
+            }
+        }
+        let Ok(text) = std::fs::read_to_string(dir.join("entries.jsonl")) else {
+            return Ok(None);
+        };
+        #[derive(Deserialize)]
+        struct Saved {
+            c: Uuid,
+            d: Uuid,
+            o: String,
+            t: String,
+            s: String,
+            x: String,
+            m: serde_json::Map<String, Value>,
+            n: u32,
+        }
+        let nodes = index.slot_of_node.len();
+        for line in text.lines() {
+            let Ok(e) = serde_json::from_str::<Saved>(line) else {
+                return Ok(None);
+            };
+            let (Ok(owner), true) = (e.o.parse::<Owner>(), e.n == NO_NODE || (e.n as usize) < nodes) else {
+                return Ok(None);
+            };
+            let slot = index.slots.len();
+            index
+                .writer
+                .add_document(
+                    doc!(index.key => slot as u64, index.title => e.t.as_str(), index.content => e.x.as_str()),
+                )
+                .map_err(index_error)?;
+            if e.n != NO_NODE {
+                index.slot_of_node[e.n as usize] = slot as u32;
+            }
+            index.by_document.entry(e.d).or_default().push(slot);
+            index.slots.push(Some(Entry {
+                chunk_id: e.c,
+                document_id: e.d,
+                owner,
+                title: e.t,
+                source: e.s,
+                content: e.x,
+                metadata: e.m,
+                node: e.n,
+            }));
+        }
+        if manifest["entries"].as_u64() != Some(index.slots.len() as u64) {
+            return Ok(None);
+        }
+        index.dirty = true;
+        index.commit()?;
+        Ok(Some(index))
+    }
+
     pub fn commit(&mut self) -> Result<(), IndexError> {
         self.insert_pending();
         if self.dirty {
@@ -670,6 +808,64 @@ mod tests {
             .expect("text")
             .is_empty());
         assert_eq!(ix.len(), 2);
+    }
+
+    #[test]
+    fn a_saved_index_loads_back_and_answers_the_same() {
+        let dir = std::env::temp_dir().join(format!("ragchat-index-{}", Uuid::new_v4()));
+        assert!(SearchIndex::load(&dir).expect("load").is_none(), "no snapshot yet");
+        let me = Reader {
+            user_id: Uuid::new_v4(),
+            organization_id: None,
+        };
+        let mut ix = SearchIndex::new()
+            .expect("index")
+            .with_vector_search(0, HnswConfig::default());
+        let mut docs = Vec::new();
+        for i in 0..40 {
+            let angle = i as f32 / 7.0;
+            let (d, c) = doc_with(
+                if i % 2 == 0 {
+                    Owner::Global
+                } else {
+                    Owner::User(me.user_id)
+                },
+                &format!("Title {i}"),
+                &[(
+                    &format!("chunk {i} about topic{}", i % 5),
+                    vec![angle.cos(), angle.sin()],
+                )],
+                json!({"i": i}),
+            );
+            ix.add(&d, &c).expect("add");
+            docs.push(d);
+        }
+        ix.remove(docs[3].id);
+        ix.save(&dir).expect("save");
+        ix.remove(docs[4].id);
+        ix.save(&dir).expect("save again");
+        let snapshots = std::fs::read_dir(&dir)
+            .expect("dir")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("snapshot-"))
+            .count();
+        assert_eq!(snapshots, 1, "older snapshots are removed");
+        let back = SearchIndex::load(&dir).expect("load").expect("a snapshot");
+        assert_eq!(back.len(), 38);
+        let none = Filters::new();
+        for (q, v) in [("topic1", [1.0, 0.0]), ("topic3 chunk", [0.0, 1.0])] {
+            for route in [Route::Text, Route::Vector, Route::Hybrid] {
+                let a = ix.search(q, Some(&v), route, &me, &none, 5).expect("search");
+                let b = back.search(q, Some(&v), route, &me, &none, 5).expect("search");
+                let ids = |h: &[Hit]| h.iter().map(|x| x.chunk_id).collect::<Vec<_>>();
+                assert_eq!(ids(&a), ids(&b), "{q} {route:?}");
+            }
+        }
+        assert!(back.document_ids().contains(&docs[5].id) && !back.document_ids().contains(&docs[4].id));
+        // A broken snapshot is not used (the caller rebuilds from the store).
+        std::fs::write(dir.join("current"), "snapshot-missing").expect("write");
+        assert!(SearchIndex::load(&dir).expect("load").is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

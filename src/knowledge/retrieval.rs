@@ -1,5 +1,12 @@
 //! The retrieval actor: owns the search index on its own arbiter, so indexing and
 //! searches are serialised through its mailbox while HTTP workers stay free.
+//! With an index folder it keeps a snapshot on disk (written after changes, at
+//! most every `SAVE_EVERY`), so a restart reads it and only catches up with
+//! what the store gained or lost meanwhile.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use actix::prelude::*;
 use ragchat_actors::knowledge::{Chunk, Document, Reader};
@@ -8,21 +15,90 @@ use uuid::Uuid;
 
 use super::index::{Filters, Hit, IndexError, Route, SearchIndex};
 
+const SAVE_EVERY: Duration = Duration::from_secs(30);
+
 pub struct Retrieval {
     index: SearchIndex,
+    dir: Option<PathBuf>,
+    /// Changed since the last snapshot.
+    unsaved: bool,
 }
 
 impl Actor for Retrieval {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.dir.is_some() {
+            ctx.run_interval(SAVE_EVERY, |act, _| {
+                if let Err(e) = act.save() {
+                    tracing::error!(error = %e, "could not write the search index snapshot");
+                }
+            });
+        }
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "could not write the search index snapshot");
+        }
+        Running::Stop
+    }
 }
 
 impl Retrieval {
-    /// Starts the actor on a new arbiter with an empty index.
-    pub fn start() -> Result<Addr<Retrieval>, IndexError> {
-        let index = SearchIndex::new()?;
+    /// Starts the actor on a new arbiter: with `dir`, from the snapshot there
+    /// when one reads back whole; otherwise with an empty index.
+    pub fn start(dir: Option<PathBuf>) -> Result<Addr<Retrieval>, IndexError> {
+        let loaded = match &dir {
+            Some(d) => SearchIndex::load(d)?,
+            None => None,
+        };
+        if let (Some(d), Some(ix)) = (&dir, &loaded) {
+            tracing::info!(dir = %d.display(), chunks = ix.len(), "search index snapshot loaded");
+        }
+        let index = match loaded {
+            Some(ix) => ix,
+            None => SearchIndex::new()?,
+        };
         Ok(Retrieval::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Retrieval { index }
+            Retrieval {
+                index,
+                dir,
+                unsaved: false,
+            }
         }))
+    }
+
+    fn save(&mut self) -> Result<(), IndexError> {
+        if let (Some(dir), true) = (&self.dir, self.unsaved) {
+            self.index.save(dir)?;
+            self.unsaved = false;
+        }
+        Ok(())
+    }
+}
+
+/// Writes the snapshot now if anything changed (no-op without an index folder).
+#[derive(Message)]
+#[rtype(result = "Result<(), IndexError>")]
+pub struct SaveIndex;
+
+impl Handler<SaveIndex> for Retrieval {
+    type Result = Result<(), IndexError>;
+    fn handle(&mut self, _: SaveIndex, _: &mut Self::Context) -> Self::Result {
+        self.save()
+    }
+}
+
+/// Ids of the documents in the index.
+#[derive(Message)]
+#[rtype(result = "Vec<Uuid>")]
+pub struct IndexedDocuments;
+
+impl Handler<IndexedDocuments> for Retrieval {
+    type Result = Vec<Uuid>;
+    fn handle(&mut self, _: IndexedDocuments, _: &mut Self::Context) -> Vec<Uuid> {
+        self.index.document_ids()
     }
 }
 
@@ -34,6 +110,7 @@ pub struct IndexDocuments(pub Vec<(Document, Vec<Chunk>)>);
 impl Handler<IndexDocuments> for Retrieval {
     type Result = Result<(), IndexError>;
     fn handle(&mut self, msg: IndexDocuments, _: &mut Self::Context) -> Self::Result {
+        self.unsaved |= !msg.0.is_empty();
         for (d, c) in &msg.0 {
             self.index.add(d, c)?;
         }
@@ -48,6 +125,7 @@ pub struct RemoveDocument(pub Uuid);
 impl Handler<RemoveDocument> for Retrieval {
     type Result = Result<(), IndexError>;
     fn handle(&mut self, msg: RemoveDocument, _: &mut Self::Context) -> Self::Result {
+        self.unsaved = true;
         self.index.remove(msg.0);
         self.index.commit()
     }
@@ -90,28 +168,60 @@ impl Handler<IndexedChunks> for Retrieval {
     }
 }
 
-/// Loads every stored document into the index (at start), in batches.
-pub async fn load_all(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Result<usize, String> {
-    let ids = store.document_ids(None).await.map_err(|e| e.to_string())?;
+/// What `sync` did.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Synced {
+    /// Documents the index already had (from its snapshot).
+    pub kept: usize,
+    pub added: usize,
+    pub removed: usize,
+}
+
+/// Brings the index in line with the store (at start): documents the index has
+/// but the store lost are removed, documents the store has but the index lacks
+/// are read and added in batches; then a snapshot is written.
+pub async fn sync(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Result<Synced, String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let indexed: HashSet<Uuid> = retrieval
+        .send(IndexedDocuments)
+        .await
+        .map_err(|x| e(&x))?
+        .into_iter()
+        .collect();
+    let stored = store.document_ids(None).await.map_err(|x| e(&x))?;
+    let stored_set: HashSet<Uuid> = stored.iter().copied().collect();
+    let mut out = Synced::default();
+    for gone in indexed.difference(&stored_set) {
+        retrieval
+            .send(RemoveDocument(*gone))
+            .await
+            .map_err(|x| e(&x))?
+            .map_err(|x| e(&x))?;
+        out.removed += 1;
+    }
     let mut batch = Vec::new();
-    for id in &ids {
-        let Some(doc) = store.document(*id).await.map_err(|e| e.to_string())? else {
+    for id in stored.iter().filter(|id| !indexed.contains(id)) {
+        let Some(doc) = store.document(*id).await.map_err(|x| e(&x))? else {
             continue;
         };
-        let chunks = store.chunks(*id).await.map_err(|e| e.to_string())?;
+        let chunks = store.chunks(*id).await.map_err(|x| e(&x))?;
         batch.push((doc, chunks));
+        out.added += 1;
         if batch.len() == 256 {
+            let docs = std::mem::take(&mut batch);
             retrieval
-                .send(IndexDocuments(std::mem::take(&mut batch)))
+                .send(IndexDocuments(docs))
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|x| e(&x))?
+                .map_err(|x| e(&x))?;
         }
     }
     retrieval
         .send(IndexDocuments(batch))
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(ids.len())
+        .map_err(|x| e(&x))?
+        .map_err(|x| e(&x))?;
+    out.kept = stored.len() - out.added;
+    retrieval.send(SaveIndex).await.map_err(|x| e(&x))?.map_err(|x| e(&x))?;
+    Ok(out)
 }
