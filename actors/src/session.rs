@@ -216,8 +216,12 @@ pub struct ReserveStorage {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StorageGrant {
+    pub id: Uuid,
     pub bytes: u64,
 }
+
+/// A grant nobody handed back (its request vanished) stops counting after this.
+const STORAGE_HOLD: Duration = Duration::from_secs(30 * 60);
 
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -248,8 +252,8 @@ pub struct UserSession {
     unreconciled: Vec<(Resource, DateTime<Utc>, u64)>,
     offline_used: HashMap<Resource, u64>,
     in_flight: usize,
-    /// Bytes granted to uploads that are still being stored.
-    storage_reserved: u64,
+    /// Grants to uploads still being stored: id, bytes, when.
+    storage: Vec<(Uuid, u64, Instant)>,
     last_active: Instant,
     born: Instant,
 }
@@ -266,7 +270,7 @@ impl UserSession {
             unreconciled: Vec::new(),
             offline_used: HashMap::new(),
             in_flight: 0,
-            storage_reserved: 0,
+            storage: Vec::new(),
             last_active: Instant::now(),
             born: Instant::now(),
         }
@@ -301,7 +305,9 @@ impl Actor for UserSession {
         ctx.set_mailbox_capacity(256);
         let every = (self.deps.config.idle_timeout / 4).max(Duration::from_millis(50));
         ctx.run_interval(every, |act, ctx| {
-            if act.in_flight == 0 && act.last_active.elapsed() >= act.deps.config.idle_timeout {
+            act.storage.retain(|g| g.2.elapsed() < STORAGE_HOLD);
+            if act.in_flight == 0 && act.storage.is_empty() && act.last_active.elapsed() >= act.deps.config.idle_timeout
+            {
                 ctx.stop();
             }
         });
@@ -595,7 +601,8 @@ impl Handler<ReserveStorage> for UserSession {
         let deps = self.deps.clone();
         let user_id = self.user_id;
         let cached = self.plan.clone();
-        let reserved = self.storage_reserved;
+        self.storage.retain(|g| g.2.elapsed() < STORAGE_HOLD);
+        let reserved: u64 = self.storage.iter().map(|g| g.1).sum();
         let fut = async move {
             let plan = plan_of(&deps, user_id, cached).await?;
             let limit_bytes = plan.1.limit(Resource::StorageMb).saturating_mul(1 << 20);
@@ -612,13 +619,18 @@ impl Handler<ReserveStorage> for UserSession {
                     limit_bytes,
                 });
             }
-            Ok((plan, StorageGrant { bytes: msg.bytes }))
+            Ok((
+                plan,
+                StorageGrant {
+                    id: Uuid::new_v4(),
+                    bytes: msg.bytes,
+                },
+            ))
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|out, act, _ctx| {
             let (plan, grant) = out?;
             act.plan = Some(plan);
-            act.storage_reserved = act.storage_reserved.saturating_add(grant.bytes);
-            act.in_flight += 1;
+            act.storage.push((grant.id, grant.bytes, Instant::now()));
             Ok(grant)
         })))
     }
@@ -628,9 +640,8 @@ impl Handler<ReleaseStorage> for UserSession {
     type Result = ();
 
     fn handle(&mut self, msg: ReleaseStorage, _ctx: &mut Self::Context) {
-        self.in_flight = self.in_flight.saturating_sub(1);
         self.last_active = Instant::now();
-        self.storage_reserved = self.storage_reserved.saturating_sub(msg.0.bytes);
+        self.storage.retain(|g| g.0 != msg.0.id);
     }
 }
 

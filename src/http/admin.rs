@@ -359,11 +359,13 @@ pub async fn seed_enhanced(
     })?;
     let (status, max) = (state.seed.clone(), k.max_document_bytes);
     let job = async move { seed::run(&ingestor, &path, opts, max, status, &|_| {}).await };
+    // Always its own task: a waiting client that leaves does not stop the seed
+    // halfway (nor leave its state "running" for ever).
+    let handle = actix_web::rt::spawn(job);
     if body.background {
-        actix_web::rt::spawn(job);
         Ok(actix_web::HttpResponse::Accepted().json(seed_view(&state).await))
     } else {
-        job.await;
+        handle.await.map_err(ApiError::internal)?;
         Ok(actix_web::HttpResponse::Ok().json(seed_view(&state).await))
     }
 }

@@ -166,25 +166,44 @@ async fn ingest(
     user: &ragchat_actors::domain::User,
     docs: Vec<NewDoc>,
 ) -> Result<Vec<Outcome>, ApiError> {
-    let ingestor = ingestor(state)?;
+    let ingestor = ingestor(state)?.clone();
     let triage = ingestor.triage(docs).await?;
     let bytes = triage.new_bytes(&Owner::User(user.id));
-    let grant = if bytes > 0 {
-        Some(
-            state
-                .registry
-                .reserve_storage(user.id, state.documents.clone(), bytes)
-                .await
-                .map_err(rejection_error)?,
-        )
+    let held = if bytes > 0 {
+        let grant = state
+            .registry
+            .reserve_storage(user.id, state.documents.clone(), bytes)
+            .await
+            .map_err(rejection_error)?;
+        Some(HeldStorage {
+            registry: state.registry.clone(),
+            user_id: user.id,
+            grant,
+        })
     } else {
         None
     };
-    let stored = ingestor.store(triage).await;
-    if let Some(g) = grant {
-        state.registry.release_storage(user.id, g);
+    // Its own task: a client that goes away mid-way cannot leave a batch half
+    // stored or a grant held; the guard hands the grant back when it ends.
+    let task = actix_web::rt::spawn(async move {
+        let stored = ingestor.store(triage).await;
+        drop(held);
+        stored
+    });
+    Ok(task.await.map_err(ApiError::internal)??)
+}
+
+/// A storage grant, handed back to the session when dropped.
+struct HeldStorage {
+    registry: std::sync::Arc<ragchat_actors::registry::SessionRegistry>,
+    user_id: Uuid,
+    grant: ragchat_actors::session::StorageGrant,
+}
+
+impl Drop for HeldStorage {
+    fn drop(&mut self) {
+        self.registry.release_storage(self.user_id, self.grant);
     }
-    Ok(stored?)
 }
 
 /// Stores a text document: chunked by tokens, embedded, indexed. The same text

@@ -72,6 +72,14 @@ impl Format {
     }
 }
 
+/// Titles taken from a file are cut to the 500 characters a title may have.
+fn clip(title: String) -> String {
+    match title.char_indices().nth(500) {
+        Some((cut, _)) => title[..cut].trim_end().to_string(),
+        None => title,
+    }
+}
+
 /// The file name without directories or extension, as a fallback title.
 fn stem(filename: &str) -> String {
     Path::new(filename)
@@ -182,7 +190,7 @@ fn json_lines(filename: &str, text: &str) -> Result<Vec<Extracted>, FormatError>
             .or_else(|| id.clone())
             .unwrap_or_else(|| format!("{} line {}", stem(filename), i + 1));
         out.push(Extracted {
-            title,
+            title: clip(title),
             content,
             source: l.source.or(id).unwrap_or_else(|| filename.to_string()),
             metadata: l.metadata.unwrap_or_default(),
@@ -202,7 +210,7 @@ pub fn extract(filename: &str, format: Format, bytes: &[u8]) -> Result<Vec<Extra
     }
     let single = |title: Option<String>, content: String| {
         Ok(vec![Extracted {
-            title: title.unwrap_or_else(|| stem(filename)),
+            title: clip(title.unwrap_or_else(|| stem(filename))),
             content: non_empty(filename, content)?,
             source: filename.to_string(),
             metadata: Map::new(),

@@ -496,7 +496,15 @@ impl Hnsw {
             *h = u64::from_le_bytes(word);
         }
         let [format, dim, m, ef_construction, ef_search, n, entry, max_level, rng] = header;
-        if format != FORMAT || dim == 0 || m == 0 || n > u64::from(u32::MAX) {
+        // Bounds first: a corrupted header must not ask for absurd sizes.
+        if format != FORMAT
+            || !(1..=65_536).contains(&dim)
+            || !(2..=256).contains(&m)
+            || n > u64::from(u32::MAX)
+            || max_level > 16
+            || ef_construction > 100_000
+            || ef_search > 100_000
+        {
             return Ok(None);
         }
         let (dim, n) = (dim as usize, n as usize);
@@ -508,19 +516,18 @@ impl Hnsw {
                 ef_search: ef_search as usize,
             },
         );
-        let mut bytes = vec![0u8; n * dim * 4];
-        r.read_exact(&mut bytes)?;
+        let bytes = read_len(r, n * dim * 4)?;
         h.vectors = bytes
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
-        let mut levels = vec![0u8; n];
-        r.read_exact(&mut levels)?;
-        let mut deleted = vec![0u8; n];
-        r.read_exact(&mut deleted)?;
+        let levels = read_len(r, n)?;
+        if levels.iter().any(|l| u64::from(*l) > max_level) {
+            return Ok(None);
+        }
+        let deleted = read_len(r, n)?;
         let upper_slots: usize = levels.iter().map(|l| *l as usize * h.width(1)).sum();
-        let mut edges = vec![0u8; (n * h.width(0) + upper_slots) * 8];
-        r.read_exact(&mut edges)?;
+        let edges = read_len(r, (n * h.width(0) + upper_slots) * 8)?;
         let mut it = edges.chunks_exact(8).map(|b| {
             (
                 u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
@@ -538,9 +545,13 @@ impl Hnsw {
                     .into_boxed_slice()
             })
             .collect();
-        if h.layer0.iter().any(|e| e.0 != NONE && e.0 as usize >= n)
-            || (entry != u64::from(NONE) && entry as usize >= n)
-        {
+        let bad_id = |e: &(u32, f32)| e.0 != NONE && e.0 as usize >= n;
+        let entry_ok = if n == 0 {
+            entry == u64::from(NONE)
+        } else {
+            (entry as usize) < n && u64::from(levels[entry as usize]) == max_level
+        };
+        if !entry_ok || h.layer0.iter().any(bad_id) || h.upper.iter().any(|u| u.iter().any(bad_id)) {
             return Ok(None);
         }
         h.deleted = deleted.iter().map(|d| *d != 0).collect();
@@ -551,6 +562,21 @@ impl Hnsw {
         h.rng = rng;
         Ok(Some(h))
     }
+}
+
+/// Exactly `len` bytes, read as they come (a truncated file fails before any
+/// allocation of the size its header claims).
+fn read_len(r: &mut impl std::io::Read, len: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    r.by_ref().take(len as u64).read_to_end(&mut out)?;
+    if out.len() != len {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "truncated graph",
+        ));
+    }
+    Ok(out)
 }
 
 /// Version of the `write_to` layout.

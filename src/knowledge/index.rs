@@ -402,13 +402,21 @@ impl SearchIndex {
             entries.write_all(b"\n").map_err(index_error)?;
             count += 1;
         }
-        entries.flush().map_err(index_error)?;
-        drop(entries);
+        // On disk before `current` points at it (the old snapshot is removed after).
+        entries
+            .into_inner()
+            .map_err(index_error)?
+            .sync_all()
+            .map_err(index_error)?;
         if let Some(g) = &self.graph {
             let mut graph =
                 std::io::BufWriter::new(std::fs::File::create(snap.join("graph.bin")).map_err(index_error)?);
             g.write_to(&mut graph).map_err(index_error)?;
-            graph.flush().map_err(index_error)?;
+            graph
+                .into_inner()
+                .map_err(index_error)?
+                .sync_all()
+                .map_err(index_error)?;
         }
         let manifest = serde_json::json!({"format": SNAPSHOT_FORMAT, "entries": count, "graph": self.graph.is_some()});
         std::fs::write(snap.join("manifest.json"), manifest.to_string()).map_err(index_error)?;

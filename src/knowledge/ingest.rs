@@ -84,12 +84,20 @@ pub fn content_hash(text: &str) -> String {
 /// The text a chunk is embedded as: its document's title, then the chunk (the
 /// title is context every chunk shares; the stored chunk is the text alone).
 pub fn embedding_text(title: &str, chunk: &str) -> String {
+    // A long title would push the chunk's end past the model's 256 tokens.
+    let title = match title.char_indices().nth(TITLE_CHARS) {
+        Some((cut, _)) => &title[..cut],
+        None => title,
+    };
     if title.is_empty() {
         chunk.to_string()
     } else {
         format!("{title}\n{chunk}")
     }
 }
+
+/// At most this much of a title goes in front of each chunk (~40 tokens).
+const TITLE_CHARS: usize = 200;
 
 /// A batch told apart: documents new to their owner, and those already stored.
 pub struct Triage {
@@ -271,11 +279,15 @@ impl Ingestor {
         Ok(by_position.into_iter().flatten().collect())
     }
 
-    /// Deletes what a failed batch stored (best effort: logged when it fails).
+    /// Deletes what a failed batch stored, from the index too (best effort:
+    /// logged when it fails).
     async fn undo(&self, created: &[(Document, Vec<Chunk>)]) {
         for (d, _) in created {
             if let Err(e) = self.documents.delete_document(d.id).await {
                 tracing::error!(document = %d.id, error = %e, "could not remove a document of a failed batch");
+            }
+            if let Some(r) = &self.retrieval {
+                let _ = r.send(super::retrieval::RemoveDocument(d.id)).await;
             }
         }
     }

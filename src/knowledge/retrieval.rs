@@ -111,10 +111,16 @@ impl Handler<IndexDocuments> for Retrieval {
     type Result = Result<(), IndexError>;
     fn handle(&mut self, msg: IndexDocuments, _: &mut Self::Context) -> Self::Result {
         self.unsaved |= !msg.0.is_empty();
-        for (d, c) in &msg.0 {
-            self.index.add(d, c)?;
+        let added = msg.0.iter().try_for_each(|(d, c)| self.index.add(d, c));
+        let result = added.and_then(|()| self.index.commit());
+        if result.is_err() {
+            // All of the batch or none of it: the caller removes it from the store.
+            for (d, _) in &msg.0 {
+                self.index.remove(d.id);
+            }
+            let _ = self.index.commit();
         }
-        self.index.commit()
+        result
     }
 }
 

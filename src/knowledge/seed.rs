@@ -270,7 +270,26 @@ async fn seed(
         let result = if opts.dry_run {
             dry_run(ingestor, valid).await
         } else {
-            store(ingestor, valid).await
+            match store(ingestor, valid.clone()).await {
+                // One bad document must not cost the others of its batch: one by one.
+                Err(e) if n > 1 => {
+                    tracing::warn!(error = %e, "seed batch failed; storing its documents one by one");
+                    let mut c = Counts::default();
+                    for d in valid {
+                        let source = d.source.clone();
+                        match store(ingestor, vec![d]).await {
+                            Ok(one) => c.add(one),
+                            Err(e) => {
+                                let mut s = lock(status);
+                                s.documents_failed += 1;
+                                s.error(format!("{source}: {e}"));
+                            }
+                        }
+                    }
+                    Ok(c)
+                }
+                other => other,
+            }
         };
         {
             let mut s = lock(status);
@@ -302,6 +321,15 @@ struct Counts {
     duplicate: usize,
     chunks: usize,
     bytes: u64,
+}
+
+impl Counts {
+    fn add(&mut self, o: Counts) {
+        self.created += o.created;
+        self.duplicate += o.duplicate;
+        self.chunks += o.chunks;
+        self.bytes += o.bytes;
+    }
 }
 
 async fn store(ingestor: &Ingestor, docs: Vec<NewDoc>) -> Result<Counts, IngestError> {
