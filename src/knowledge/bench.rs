@@ -220,7 +220,7 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
     let ann = chunks > EXACT_MAX;
     for (name, route) in [
         ("text (BM25)", Route::Text),
-        ("hybrid (RRF of vector and text, depth 100)", Route::Hybrid),
+        ("hybrid (fusion of vector and text, depth 100)", Route::Hybrid),
     ] {
         time(name, &mut |(text, v)| {
             index.search(text, Some(v), route, &reader, &none, 10)?;
