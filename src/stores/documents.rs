@@ -1,6 +1,6 @@
-//! DocumentStore adapters: SQLite (the embedded default, in the same database file
-//! as the accounts) and MongoDB (documents and chunks collections, indexes created
-//! at start). Both pass the contract tests in tests/api/document_store.rs.
+//! DocumentStore adapters: SQLite (the embedded default, in its own database file)
+//! and MongoDB (documents, chunks and embeddings collections, indexes created at
+//! start). Both pass the contract tests in tests/api/document_store.rs.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -219,11 +219,13 @@ impl DocumentStore for SqliteDocumentStore {
     }
 }
 
-/// MongoDB: `documents` and `chunks` collections; ids are UUID strings.
+/// MongoDB: `documents`, `chunks` (text) and `embeddings` (one vector per chunk,
+/// `_id` the chunk's id) collections; ids are UUID strings.
 pub struct MongoDocumentStore {
     db: mongodb::Database,
     documents: Collection<BsonDoc>,
     chunks: Collection<BsonDoc>,
+    embeddings: Collection<BsonDoc>,
 }
 
 fn mongo_error(e: mongodb::error::Error) -> StoreError {
@@ -245,6 +247,14 @@ fn mongo_error(e: mongodb::error::Error) -> StoreError {
 }
 
 impl MongoDocumentStore {
+    /// Removes the chunks and vectors of a document that could not be stored
+    /// whole (best effort: nothing points at them without the document).
+    async fn remove_parts(&self, id: Uuid) {
+        for parts in [&self.chunks, &self.embeddings] {
+            let _ = parts.delete_many(doc! {"document_id": id.to_string()}).await;
+        }
+    }
+
     /// Connects and creates the indexes (idempotent).
     pub async fn connect(url: &str, database: &str) -> StoreResult<Self> {
         let mut opts = mongodb::options::ClientOptions::parse(url).await.map_err(mongo_error)?;
@@ -255,6 +265,7 @@ impl MongoDocumentStore {
         let store = MongoDocumentStore {
             documents: db.collection("documents"),
             chunks: db.collection("chunks"),
+            embeddings: db.collection("embeddings"),
             db,
         };
         let unique = |keys: BsonDoc| {
@@ -276,6 +287,11 @@ impl MongoDocumentStore {
         store
             .chunks
             .create_index(unique(doc! {"document_id": 1, "ordinal": 1}))
+            .await
+            .map_err(mongo_error)?;
+        store
+            .embeddings
+            .create_index(IndexModel::builder().keys(doc! {"document_id": 1}).build())
             .await
             .map_err(mongo_error)?;
         Ok(store)
@@ -359,7 +375,7 @@ impl DocumentStore for MongoDocumentStore {
     async fn insert_document(&self, d: &Document, chunks: &[Chunk]) -> StoreResult<()> {
         let record = to_bson_doc(d)?;
         if !chunks.is_empty() {
-            let docs: Vec<BsonDoc> = chunks
+            let texts: Vec<BsonDoc> = chunks
                 .iter()
                 .map(|c| {
                     doc! {
@@ -367,17 +383,30 @@ impl DocumentStore for MongoDocumentStore {
                         "document_id": c.document_id.to_string(),
                         "ordinal": i64::from(c.ordinal),
                         "content": &c.content,
-                        "embedding": Binary { subtype: BinarySubtype::Generic, bytes: embedding_to_bytes(&c.embedding) },
                     }
                 })
                 .collect();
-            if let Err(e) = self.chunks.insert_many(docs).await {
-                let _ = self.chunks.delete_many(doc! {"document_id": d.id.to_string()}).await;
+            let vectors: Vec<BsonDoc> = chunks
+                .iter()
+                .map(|c| {
+                    doc! {
+                        "_id": c.id.to_string(),
+                        "document_id": c.document_id.to_string(),
+                        "vector": Binary { subtype: BinarySubtype::Generic, bytes: embedding_to_bytes(&c.embedding) },
+                    }
+                })
+                .collect();
+            let written = match self.chunks.insert_many(texts).await {
+                Ok(_) => self.embeddings.insert_many(vectors).await.map(|_| ()),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                self.remove_parts(d.id).await;
                 return Err(mongo_error(e));
             }
         }
         if let Err(e) = self.documents.insert_one(record).await {
-            let _ = self.chunks.delete_many(doc! {"document_id": d.id.to_string()}).await;
+            self.remove_parts(d.id).await;
             return Err(mongo_error(e));
         }
         Ok(())
@@ -427,13 +456,28 @@ impl DocumentStore for MongoDocumentStore {
             .try_collect()
             .await
             .map_err(mongo_error)?;
+        let vectors: Vec<BsonDoc> = self
+            .embeddings
+            .find(doc! {"document_id": document_id.to_string()})
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let mut by_chunk: std::collections::HashMap<String, Vec<f32>> = std::collections::HashMap::new();
+        for v in &vectors {
+            let (Ok(id), Some(Bson::Binary(bin))) = (v.get_str("_id"), v.get("vector")) else {
+                return Err(bad_row("embedding"));
+            };
+            by_chunk.insert(
+                id.to_string(),
+                embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
+            );
+        }
         found
             .iter()
             .map(|b| {
-                let emb = match b.get("embedding") {
-                    Some(Bson::Binary(bin)) => embedding_from_bytes(&bin.bytes),
-                    _ => None,
-                };
+                let emb = b.get_str("_id").ok().and_then(|id| by_chunk.remove(id));
                 Ok(Chunk {
                     id: uuid_field(b, "_id")?,
                     document_id: uuid_field(b, "document_id")?,
@@ -474,10 +518,12 @@ impl DocumentStore for MongoDocumentStore {
             .delete_one(doc! {"_id": id.to_string()})
             .await
             .map_err(mongo_error)?;
-        self.chunks
-            .delete_many(doc! {"document_id": id.to_string()})
-            .await
-            .map_err(mongo_error)?;
+        for parts in [&self.chunks, &self.embeddings] {
+            parts
+                .delete_many(doc! {"document_id": id.to_string()})
+                .await
+                .map_err(mongo_error)?;
+        }
         Ok(gone.deleted_count > 0)
     }
 
