@@ -537,7 +537,7 @@ impl SearchIndex {
     /// Slots by cosine similarity (embeddings are unit length), best first:
     /// exact for small indexes, else the graph with a candidate list that grows
     /// when filters leave too few, and an exact scan when even that is short.
-    fn vector(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
+    pub fn vector_search(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
         let Some(graph) = self.graph.as_ref().filter(|g| g.dim() == query.len()) else {
             return Vec::new();
         };
@@ -607,11 +607,6 @@ impl SearchIndex {
         scored
     }
 
-    /// The vector route's ranking as slots (benchmarks compare it with exact).
-    pub fn vector_search(&self, query: &[f32], reader: &Reader, filters: &Filters, n: usize) -> Vec<(usize, f32)> {
-        self.vector(query, reader, filters, n)
-    }
-
     /// Slots by BM25, best first.
     fn text(&self, query: &str, reader: &Reader, filters: &Filters, n: usize) -> Result<Vec<(usize, f32)>, IndexError> {
         let (q, _) = self.parser.parse_query_lenient(query);
@@ -661,10 +656,10 @@ impl SearchIndex {
     ) -> Result<Vec<Hit>, IndexError> {
         let ranked = match (route.resolve(query), embedding) {
             (Route::Text, _) => self.text(query, reader, filters, top_k)?,
-            (Route::Vector, Some(e)) => self.vector(e, reader, filters, top_k),
+            (Route::Vector, Some(e)) => self.vector_search(e, reader, filters, top_k),
             (Route::Hybrid, Some(e)) => {
                 let depth = (top_k * 10).max(100);
-                let vector = self.vector(e, reader, filters, depth);
+                let vector = self.vector_search(e, reader, filters, depth);
                 let text = self.text(query, reader, filters, depth)?;
                 let mut v = self.fusion.fuse(&vector, &text);
                 top(&mut v, top_k);

@@ -99,12 +99,21 @@ pub fn embedding_text(title: &str, chunk: &str) -> String {
 /// At most this much of a title goes in front of each chunk (~40 tokens).
 const TITLE_CHARS: usize = 200;
 
+/// What one document of a batch turned out to be.
+enum Place {
+    /// New: its index in `Triage::new`.
+    New(usize),
+    /// Already stored.
+    Stored(Document),
+    /// The same text as the new document at this index of `Triage::new`.
+    Repeat(usize),
+}
+
 /// A batch told apart: documents new to their owner, and those already stored.
 pub struct Triage {
     new: Vec<(NewDoc, String)>,
-    /// Position in the batch and the stored (or earlier in the batch) document.
-    known: Vec<(usize, Result<Document, usize>)>,
-    order: Vec<usize>,
+    /// One per document of the batch, in its order.
+    places: Vec<Place>,
 }
 
 impl Triage {
@@ -122,7 +131,7 @@ impl Triage {
     }
 
     pub fn duplicates(&self) -> usize {
-        self.known.len()
+        self.places.len() - self.new.len()
     }
 
     pub fn new_texts(&self) -> impl Iterator<Item = &str> {
@@ -144,21 +153,21 @@ impl Ingestor {
     pub async fn triage(&self, docs: Vec<NewDoc>) -> Result<Triage, IngestError> {
         let mut t = Triage {
             new: Vec::new(),
-            known: Vec::new(),
-            order: Vec::with_capacity(docs.len()),
+            places: Vec::with_capacity(docs.len()),
         };
         let mut seen: HashMap<(Owner, String), usize> = HashMap::new();
-        for (i, d) in docs.into_iter().enumerate() {
+        for d in docs {
             let hash = content_hash(&d.content);
-            if let Some(&earlier) = seen.get(&(d.owner, hash.clone())) {
-                t.known.push((i, Err(earlier)));
+            let place = if let Some(&earlier) = seen.get(&(d.owner, hash.clone())) {
+                Place::Repeat(earlier)
             } else if let Some(existing) = self.documents.document_by_hash(&d.owner, &hash).await? {
-                t.known.push((i, Ok(existing)));
+                Place::Stored(existing)
             } else {
                 seen.insert((d.owner, hash.clone()), t.new.len());
                 t.new.push((d, hash));
-            }
-            t.order.push(i);
+                Place::New(t.new.len() - 1)
+            };
+            t.places.push(place);
         }
         Ok(t)
     }
@@ -167,7 +176,7 @@ impl Ingestor {
     /// indexes them. If any store or the index fails, what this call stored is
     /// deleted again. Outcomes come back in the batch's order.
     pub async fn store(&self, triage: Triage) -> Result<Vec<Outcome>, IngestError> {
-        let Triage { new, known, order } = triage;
+        let Triage { new, places } = triage;
         let chunker = self.chunker.clone();
         let texts: Vec<String> = new.iter().map(|(d, _)| d.content.clone()).collect();
         let pieces: Vec<Vec<String>> =
@@ -256,27 +265,14 @@ impl Ingestor {
             }
         }
         // Back into the batch's order.
-        let mut by_position: Vec<Option<Outcome>> = vec![None; order.len()];
-        let known_positions: std::collections::HashSet<usize> = known.iter().map(|(i, _)| *i).collect();
-        let mut fresh = new_outcomes.into_iter();
-        let mut new_at = Vec::new();
-        for &i in &order {
-            if !known_positions.contains(&i) {
-                let o = fresh.next();
-                new_at.push(i);
-                by_position[i] = o;
-            }
-        }
-        for (i, k) in known {
-            by_position[i] = match k {
-                Ok(d) => Some(Outcome::Duplicate(d)),
-                Err(earlier) => new_at
-                    .get(earlier)
-                    .and_then(|p| by_position[*p].as_ref())
-                    .map(|o| Outcome::Duplicate(o.document().clone())),
-            };
-        }
-        Ok(by_position.into_iter().flatten().collect())
+        Ok(places
+            .into_iter()
+            .filter_map(|p| match p {
+                Place::New(j) => new_outcomes.get(j).cloned(),
+                Place::Stored(d) => Some(Outcome::Duplicate(d)),
+                Place::Repeat(j) => new_outcomes.get(j).map(|o| Outcome::Duplicate(o.document().clone())),
+            })
+            .collect())
     }
 
     /// Deletes what a failed batch stored, from the index too (best effort:

@@ -231,10 +231,7 @@ async fn seed(
             .document_ids(Some(&Owner::Global))
             .await
             .map_err(|e| SeedError::Source(format!("listing global documents: {e}")))?;
-        for id in &ids {
-            if opts.dry_run {
-                break;
-            }
+        for id in ids.iter().filter(|_| !opts.dry_run) {
             ingestor
                 .documents
                 .delete_document(*id)

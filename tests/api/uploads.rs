@@ -161,8 +161,22 @@ async fn uploads_in_every_format_are_searchable_and_bad_files_store_nothing() {
         top_title(&app, &alice, "penguins in the antarctic winter").await,
         "Penguins"
     );
+    // The same text twice in one file: stored once, the second is its duplicate.
+    let twice = b"{\"title\": \"A\", \"text\": \"Moss grows on the north side.\"}\n{\"title\": \"B\", \"text\": \"Moss grows on the north side.\"}\n";
+    let v = expect(
+        upload(&app, &alice, "twice.jsonl", twice.to_vec(), &[]).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(
+        (v["created"].as_u64(), v["duplicates"].as_u64()),
+        (Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["documents"][0]["id"], v["documents"][1]["id"]);
+    assert_eq!(v["documents"][1]["duplicate"], true);
     let stored = total(&app, &alice).await;
-    assert_eq!(stored, 6);
+    assert_eq!(stored, 7);
 
     // Bad files: a clear 4xx each, and nothing stored.
     let mut corrupt = pdf("Half a file");
