@@ -81,6 +81,7 @@ pub struct Settings {
     pub billing: BillingSettings,
     pub models: ModelSettings,
     pub knowledge: KnowledgeSettings,
+    pub chat: ChatSettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
 }
@@ -108,6 +109,33 @@ pub struct KnowledgeSettings {
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,
+}
+
+/// Chat: where conversations live and how answers are made.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChatSettings {
+    /// The embedded conversation store (used when `scylla_nodes` is empty).
+    pub sqlite_url: String,
+    /// ScyllaDB/Cassandra contact points, comma-separated host:port (production).
+    #[serde(default)]
+    pub scylla_nodes: String,
+    pub scylla_keyspace: String,
+    /// Replication factor of the keyspace when ragchat creates it.
+    pub scylla_replication: u32,
+    /// The system prompt; empty: the built-in one.
+    #[serde(default)]
+    pub system_prompt: String,
+    /// Sources retrieved when a request does not say (`top_k`).
+    pub default_top_k: usize,
+    /// Characters of each source shown in `sources[].excerpt`.
+    pub excerpt_chars: usize,
+    /// Past messages read for the prompt (then cut to the context budget).
+    pub history_messages: u32,
+    /// Longest accepted message, in characters.
+    pub max_message_chars: usize,
+    /// WebSocket: a ping this often; a connection silent for `ws_timeout_secs` is closed.
+    pub ws_ping_secs: u64,
+    pub ws_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -126,6 +126,14 @@ impl Application {
             &k.sqlite_url,
         )
         .await?;
+        let c = &settings.chat;
+        let conversations = stores::connect_conversations(
+            Some(c.scylla_nodes.trim()).filter(|n| !n.is_empty()),
+            &c.scylla_keyspace,
+            c.scylla_replication,
+            &c.sqlite_url,
+        )
+        .await?;
         let index_dir = Some(k.index_dir.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
         let started = std::time::Instant::now();
         let retrieval =
@@ -157,6 +165,7 @@ impl Application {
             }
         });
         let state = AppState {
+            conversations,
             documents,
             ingestor,
             retrieval: Some(retrieval),

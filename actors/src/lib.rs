@@ -3,6 +3,7 @@
 //! model workers) that depend only on those ports. This crate never names a driver.
 
 pub mod billing;
+pub mod chat;
 pub mod domain;
 pub mod embed_worker;
 pub mod generate_worker;

@@ -7,6 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::chat::{ChatRecord, ChatSession, Cursor};
 use crate::domain::{
     ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
     User, UserFilter, UserPatch,
@@ -171,4 +172,33 @@ pub trait DocumentStore: Send + Sync + 'static {
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
     /// Bytes of text an owner has stored.
     async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64>;
+}
+
+/// Conversations: sessions by user, messages by (user, session) in time order.
+/// Implemented for SQLite (embedded default) and ScyllaDB/Cassandra; both pass
+/// the same contract tests (tests/api/conversation_store.rs). Every call names
+/// the user: a session of another user is simply not there.
+#[async_trait]
+pub trait ConversationStore: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a session; `Conflict` if this user already has one with this id.
+    async fn create_session(&self, session: &ChatSession) -> StoreResult<()>;
+    async fn session(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<Option<ChatSession>>;
+    /// A user's sessions, most recently active first, and their total.
+    async fn sessions(&self, user_id: Uuid, page: Page) -> StoreResult<(Vec<ChatSession>, u64)>;
+    /// Appends messages (a question and its answer) to a session of this user and
+    /// moves its `updated_at` to the last of them.
+    async fn append(&self, user_id: Uuid, session_id: Uuid, messages: &[ChatRecord]) -> StoreResult<()>;
+    /// Up to `limit` messages older than `before` (all when None), newest first.
+    async fn messages(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> StoreResult<Vec<ChatRecord>>;
+    /// Deletes a session and its messages; false when this user has no such session.
+    async fn delete_session(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<bool>;
 }

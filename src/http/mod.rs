@@ -54,6 +54,8 @@ pub struct AppState {
     pub ingestor: Option<crate::knowledge::ingest::Ingestor>,
     pub retrieval: Option<Addr<crate::knowledge::retrieval::Retrieval>>,
     pub seed: Arc<std::sync::Mutex<crate::knowledge::seed::SeedStatus>>,
+    /// Chat sessions and their messages.
+    pub conversations: Arc<dyn ragchat_actors::ports::ConversationStore>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -53,12 +53,17 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         tokio::time::timeout(READY_TIMEOUT, state.documents.ping()).await,
         "documents",
     );
-    let ok = accounts == "ok" && documents == "ok";
+    let conversations = status(
+        tokio::time::timeout(READY_TIMEOUT, state.conversations.ping()).await,
+        "conversations",
+    );
+    let ok = accounts == "ok" && documents == "ok" && conversations == "ok";
     let body = json!({
         "status": if ok { "ready" } else { "unavailable" },
         "stores": {
             "accounts": { "backend": state.accounts.backend(), "status": accounts },
             "documents": { "backend": state.documents.backend(), "status": documents },
+            "conversations": { "backend": state.conversations.backend(), "status": conversations },
         },
     });
     if ok {

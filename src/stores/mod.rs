@@ -6,6 +6,7 @@
 //! differ only in the migrations.
 
 mod accounts;
+mod conversations;
 mod documents;
 pub mod redis_limits;
 mod usage;
@@ -14,12 +15,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ragchat_actors::ports::{AccountStore, DocumentStore, StoreError, UsageStore};
+use ragchat_actors::ports::{AccountStore, ConversationStore, DocumentStore, StoreError, UsageStore};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::SqlitePool;
 
 pub use accounts::{PostgresAccountStore, SqliteAccountStore};
+pub use conversations::{ScyllaConversationStore, SqliteConversationStore};
 pub use documents::{MongoDocumentStore, SqliteDocumentStore};
 
 use crate::config::DatabaseSettings;
@@ -109,6 +111,29 @@ pub async fn connect_documents(
             let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
             sqlx::migrate!("./migrations/knowledge").run(&pool).await?;
             Ok(Arc::new(SqliteDocumentStore::new(pool)))
+        }
+    }
+}
+
+/// Opens the conversation store: ScyllaDB/Cassandra when `scylla_nodes` is set
+/// (keyspace and tables created when missing), otherwise the embedded SQLite
+/// file at `sqlite_url` (migrated).
+pub async fn connect_conversations(
+    scylla_nodes: Option<&str>,
+    keyspace: &str,
+    replication: u32,
+    sqlite_url: &str,
+) -> Result<Arc<dyn ConversationStore>, ConnectError> {
+    match scylla_nodes {
+        Some(nodes) => Ok(Arc::new(
+            ScyllaConversationStore::connect(nodes, keyspace, replication)
+                .await
+                .map_err(|e| ConnectError::Store(e.to_string()))?,
+        )),
+        None => {
+            let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
+            sqlx::migrate!("./migrations/chat").run(&pool).await?;
+            Ok(Arc::new(SqliteConversationStore::new(pool)))
         }
     }
 }

@@ -50,6 +50,7 @@ pub fn test_settings(database_url: &str) -> Settings {
         "sqlite:{}",
         dir.join(format!("knowledge-{}.db", Uuid::new_v4())).display()
     );
+    s.chat.sqlite_url = format!("sqlite:{}", dir.join(format!("chat-{}.db", Uuid::new_v4())).display());
     s.knowledge.index_dir = dir.join(format!("index-{}", Uuid::new_v4())).display().to_string();
     // Models cost ~200 MB per server: only the model tests turn them on.
     s.models.enabled = false;

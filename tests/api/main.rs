@@ -6,6 +6,7 @@ mod admin;
 mod auth;
 mod billing;
 mod cli;
+mod conversation_store;
 mod document_store;
 mod errors;
 mod helpers;

@@ -1,0 +1,310 @@
+//! Conversations: the stored shape of chat sessions and messages, and the
+//! prompt a RAG answer is generated from (system prompt, numbered sources, then
+//! as many recent turns as the model's context leaves room for).
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::inference::{ChatTokenizer, ModelError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s {
+            "user" => Ok(Role::User),
+            "assistant" => Ok(Role::Assistant),
+            _ => Err(()),
+        }
+    }
+}
+
+/// One conversation of one user.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatSession {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// The start of the first question.
+    pub title: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub message_count: u64,
+}
+
+/// One message of a conversation. Times are kept to the millisecond (what every
+/// store holds), so a message reads back equal to what was written.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ChatRecord {
+    pub id: Uuid,
+    pub session_id: Uuid,
+    pub role: Role,
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+    /// Sources, token counts, whether the answer was cancelled.
+    pub metadata: serde_json::Value,
+}
+
+/// `t` cut to whole milliseconds.
+pub fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(t.timestamp_millis()).single().unwrap_or(t)
+}
+
+/// Where a page of messages starts: strictly older than this message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    pub at: DateTime<Utc>,
+    pub id: Uuid,
+}
+
+impl Cursor {
+    pub fn of(m: &ChatRecord) -> Cursor {
+        Cursor {
+            at: m.created_at,
+            id: m.id,
+        }
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}_{}", self.at.timestamp_millis(), self.id.simple())
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        let (ms, id) = s.split_once('_').ok_or(())?;
+        let ms: i64 = ms.parse().map_err(|_| ())?;
+        Ok(Cursor {
+            at: Utc.timestamp_millis_opt(ms).single().ok_or(())?,
+            id: id.parse().map_err(|_| ())?,
+        })
+    }
+}
+
+/// The title of a new session: the first words of its first question.
+pub fn title_of(question: &str) -> String {
+    const MAX: usize = 80;
+    let flat = question.split_whitespace().collect::<Vec<_>>().join(" ");
+    if flat.chars().count() <= MAX {
+        return flat;
+    }
+    let cut: String = flat.chars().take(MAX).collect();
+    let cut = cut.rsplit_once(' ').map(|(a, _)| a.to_string()).unwrap_or(cut);
+    format!("{cut}…")
+}
+
+/// A retrieved passage offered to the model.
+#[derive(Debug, Clone)]
+pub struct Passage {
+    pub title: String,
+    pub text: String,
+}
+
+pub const DEFAULT_SYSTEM_PROMPT: &str = "You are a helpful assistant. Answer the user's question. When sources are \
+given, base the answer on them and cite them by number, like [1]; if they do not contain the answer, say so.";
+
+/// What went into a prompt: the tokens, how many sources and past messages fit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub tokens: Vec<u32>,
+    pub sources_used: usize,
+    pub history_used: usize,
+}
+
+/// Builds the prompt within `budget` tokens (the context minus the room kept for
+/// the answer): system prompt and sources first (the lowest-ranked sources are
+/// dropped when they alone would not fit), then the question, then past messages
+/// newest first until the budget is spent (oldest dropped first). `history`
+/// is in time order. The question itself must fit, or the request is invalid.
+pub fn build_prompt(
+    tok: &dyn ChatTokenizer,
+    system: &str,
+    passages: &[Passage],
+    history: &[(Role, String)],
+    question: &str,
+    budget: usize,
+) -> Result<Prompt, ModelError> {
+    let count =
+        |turns: &[(String, String)]| -> Result<usize, ModelError> { Ok(tok.encode(&tok.chat_prompt(turns))?.len()) };
+    let system_with = |n: usize| {
+        let mut s = system.to_string();
+        if n > 0 {
+            s.push_str("\n\nSources:\n");
+            for (i, p) in passages.iter().take(n).enumerate() {
+                s.push_str(&format!("[{}] {}\n{}\n\n", i + 1, p.title.trim(), p.text.trim()));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let q = ("user".to_string(), question.to_string());
+    let bare = count(&[("system".into(), system_with(0)), q.clone()])?;
+    if bare > budget {
+        return Err(ModelError::Invalid(format!(
+            "the message is too long: the prompt needs {bare} tokens and the model has room for {budget}"
+        )));
+    }
+    // Sources: as many of the best as fit (at most half the room is left for history
+    // only when there are no sources to give).
+    let mut sources_used = passages.len();
+    while sources_used > 0 && count(&[("system".into(), system_with(sources_used)), q.clone()])? > budget {
+        sources_used -= 1;
+    }
+    let head = ("system".to_string(), system_with(sources_used));
+    // History: one message at a time from the newest, while the whole still fits.
+    let mut kept = 0;
+    let mut total = count(&[head.clone(), q.clone()])?;
+    for (role, text) in history.iter().rev() {
+        // The template adds a few tokens per message; count them with the message.
+        let one = count(&[(role.as_str().to_string(), text.clone())])?;
+        let marker = count(&[])?;
+        let cost = one.saturating_sub(marker);
+        if total + cost > budget {
+            break;
+        }
+        total += cost;
+        kept += 1;
+    }
+    // Turns must begin with the user: an answer without its question is dropped.
+    let mut start = history.len() - kept;
+    while start < history.len() && history[start].0 != Role::User {
+        start += 1;
+    }
+    let mut turns = vec![head];
+    turns.extend(
+        history[start..]
+            .iter()
+            .map(|(r, t)| (r.as_str().to_string(), t.clone())),
+    );
+    turns.push(q);
+    let tokens = tok.encode(&tok.chat_prompt(&turns))?;
+    if tokens.len() > budget {
+        // Tokenization across message boundaries can differ by a token or two.
+        return Err(ModelError::Invalid(
+            "the conversation does not fit the model's context".into(),
+        ));
+    }
+    Ok(Prompt {
+        tokens,
+        sources_used,
+        history_used: history.len() - start,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One token per whitespace-separated word (template markers included).
+    struct Words;
+    impl ChatTokenizer for Words {
+        fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
+            Ok(text.split_whitespace().map(|w| w.len() as u32).collect())
+        }
+        fn decode(&self, _: &[u32]) -> Result<String, ModelError> {
+            Ok(String::new())
+        }
+        fn stop_tokens(&self) -> &[u32] {
+            &[]
+        }
+        fn chat_prompt(&self, messages: &[(String, String)]) -> String {
+            let mut p = String::new();
+            for (role, content) in messages {
+                p.push_str(&format!("<{role}> {content} </> "));
+            }
+            p.push_str("<assistant>");
+            p
+        }
+    }
+
+    fn words(n: usize, w: &str) -> String {
+        vec![w; n].join(" ")
+    }
+
+    fn passages() -> Vec<Passage> {
+        (0..3)
+            .map(|i| Passage {
+                title: format!("doc{i}"),
+                text: words(20, "fact"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn everything_fits_in_a_large_budget() {
+        let history = vec![(Role::User, words(5, "q")), (Role::Assistant, words(5, "a"))];
+        let p = build_prompt(&Words, "sys", &passages(), &history, "question now", 1000).expect("prompt");
+        assert_eq!((p.sources_used, p.history_used), (3, 2));
+    }
+
+    #[test]
+    fn oldest_history_goes_first_and_turns_start_with_a_question() {
+        let history: Vec<(Role, String)> = (0..10)
+            .map(|i| {
+                let r = if i % 2 == 0 { Role::User } else { Role::Assistant };
+                (r, words(10, &format!("t{i}")))
+            })
+            .collect();
+        let full = build_prompt(&Words, "sys", &[], &history, "q", 10_000).expect("prompt");
+        assert_eq!(full.history_used, 10);
+        // Room for the head, the question and about three messages of 12 tokens.
+        let head = build_prompt(&Words, "sys", &[], &[], "q", 10_000)
+            .expect("prompt")
+            .tokens
+            .len();
+        let p = build_prompt(&Words, "sys", &[], &history, "q", head + 3 * 12 + 2).expect("prompt");
+        assert_eq!(
+            p.history_used, 2,
+            "three fit, but the oldest of them is an answer: dropped"
+        );
+        assert!(p.tokens.len() <= head + 3 * 12 + 2);
+    }
+
+    #[test]
+    fn low_ranked_sources_are_dropped_when_they_do_not_fit() {
+        let head = build_prompt(&Words, "sys", &[], &[], "q", 10_000)
+            .expect("prompt")
+            .tokens
+            .len();
+        let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 50).expect("prompt");
+        assert_eq!(p.sources_used, 2, "each source costs 22 tokens");
+        let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 10).expect("prompt");
+        assert_eq!(p.sources_used, 0);
+    }
+
+    #[test]
+    fn a_question_longer_than_the_budget_is_refused() {
+        let r = build_prompt(&Words, "sys", &[], &[], &words(100, "w"), 50);
+        assert!(matches!(r, Err(ModelError::Invalid(_))));
+    }
+
+    #[test]
+    fn cursors_and_titles() {
+        let c = Cursor {
+            at: to_millis(Utc::now()),
+            id: Uuid::new_v4(),
+        };
+        assert_eq!(c.to_string().parse::<Cursor>(), Ok(c));
+        assert!("nonsense".parse::<Cursor>().is_err());
+        assert_eq!(title_of("  What is   the  answer? "), "What is the answer?");
+        let long = title_of(&words(40, "word"));
+        assert!(long.ends_with('…') && long.chars().count() <= 81, "{long}");
+    }
+}
