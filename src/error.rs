@@ -100,22 +100,33 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut resp = HttpResponse::build(self.status_code());
-        let detail = match self {
+        match self {
+            ApiError::Unauthorized(_) => {
+                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::TooManyRequests { headers, .. } => {
+                for (name, value) in headers {
+                    resp.insert_header((*name, value.as_str()));
+                }
+            }
+            _ => {}
+        }
+        resp.json(json!({ "detail": self.detail() }))
+    }
+}
+
+impl ApiError {
+    /// What the client is told (`detail`): never the text of an internal error,
+    /// which is logged here instead.
+    pub fn detail(&self) -> serde_json::Value {
+        match self {
             ApiError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 json!("Internal server error")
             }
-            ApiError::Unauthorized(m) => {
-                resp.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
-                json!(m)
-            }
-            ApiError::TooManyRequests { detail, headers } => {
-                for (name, value) in headers {
-                    resp.insert_header((*name, value.as_str()));
-                }
-                detail.clone()
-            }
+            ApiError::TooManyRequests { detail, .. } => detail.clone(),
             ApiError::BadRequest(m)
+            | ApiError::Unauthorized(m)
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
@@ -123,8 +134,7 @@ impl ResponseError for ApiError {
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Unprocessable(m)
             | ApiError::Unavailable(m) => json!(m),
-        };
-        resp.json(json!({ "detail": detail }))
+        }
     }
 }
 

@@ -159,6 +159,38 @@ pub fn rejection_error(r: Rejection) -> ApiError {
     }
 }
 
+impl<R: Consumes> Admitted<R> {
+    /// Asks the user's session to admit one unit (for callers that are not an
+    /// HTTP request of their own, such as a WebSocket message).
+    pub async fn admit(state: &AppState, user: CurrentUser) -> Result<Self, ApiError> {
+        let registry = state.registry.clone();
+        let permit = registry
+            .admit(
+                user.user.id,
+                Admit {
+                    bucket: R::BUCKET,
+                    resource: R::RESOURCE,
+                    cost: 1,
+                },
+            )
+            .await
+            .map_err(rejection_error)?;
+        Ok(Admitted {
+            user,
+            permit: Some(permit),
+            registry,
+            _r: PhantomData,
+        })
+    }
+
+    /// Gives the unit back now (the work did not happen).
+    pub fn release(mut self) {
+        if let Some(p) = self.permit.take() {
+            self.registry.release(p);
+        }
+    }
+}
+
 impl<R: Consumes> FromRequest for Admitted<R> {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
@@ -169,24 +201,7 @@ impl<R: Consumes> FromRequest for Admitted<R> {
         Box::pin(async move {
             let user = user.await?;
             let state = state.ok_or_else(|| ApiError::internal("application state missing"))?;
-            let registry = state.registry.clone();
-            let permit = registry
-                .admit(
-                    user.user.id,
-                    Admit {
-                        bucket: R::BUCKET,
-                        resource: R::RESOURCE,
-                        cost: 1,
-                    },
-                )
-                .await
-                .map_err(rejection_error)?;
-            Ok(Admitted {
-                user,
-                permit: Some(permit),
-                registry,
-                _r: PhantomData,
-            })
+            Admitted::admit(&state, user).await
         })
     }
 }

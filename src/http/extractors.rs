@@ -37,7 +37,7 @@ pub struct CurrentUser {
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub CurrentUser);
 
-fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
+pub fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
     let value = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -64,15 +64,22 @@ async fn authenticate(req: HttpRequest) -> Result<CurrentUser, ApiError> {
         .ok_or_else(|| ApiError::internal("application state missing"))?
         .clone();
     let token = bearer(&req)?;
+    let current = user_for_token(&state, &token).await?;
+    req.extensions_mut().insert(current.clone());
+    Ok(current)
+}
+
+/// The active user a bearer token (JWT or API key) belongs to.
+pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser, ApiError> {
     let (user_id, method) = if token.starts_with(API_KEY_PREFIX) {
         let key = state
             .accounts
-            .use_api_key(&token_digest(&token))
+            .use_api_key(&token_digest(token))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("Invalid API key".into()))?;
         (key.user_id, AuthMethod::ApiKey)
     } else {
-        let claims = state.tokens.verify(&token).map_err(|e| match e {
+        let claims = state.tokens.verify(token).map_err(|e| match e {
             TokenError::Expired => ApiError::Unauthorized("Token has expired".into()),
             _ => ApiError::Unauthorized("Could not validate credentials".into()),
         })?;
@@ -86,9 +93,7 @@ async fn authenticate(req: HttpRequest) -> Result<CurrentUser, ApiError> {
     if !user.is_active {
         return Err(ApiError::Forbidden("User account is deactivated".into()));
     }
-    let current = CurrentUser { user, method };
-    req.extensions_mut().insert(current.clone());
-    Ok(current)
+    Ok(CurrentUser { user, method })
 }
 
 fn require_superuser(current: CurrentUser) -> Result<AdminUser, ApiError> {

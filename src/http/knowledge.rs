@@ -120,7 +120,7 @@ fn view(d: Document, duplicate: bool) -> DocumentView {
     }
 }
 
-fn reader_of(u: &CurrentUser) -> Reader {
+pub(crate) fn reader_of(u: &CurrentUser) -> Reader {
     Reader {
         user_id: u.user.id,
         organization_id: u.user.organization_id,

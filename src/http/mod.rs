@@ -4,11 +4,13 @@ pub mod admin;
 pub mod admission;
 pub mod auth;
 pub mod billing;
+pub mod chat;
 pub mod extractors;
 pub mod knowledge;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -118,6 +120,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(auth::routes)
             .configure(billing::routes)
             .configure(openai::routes)
+            .configure(chat::routes)
             .configure(knowledge::routes(max_document))
             .service(
                 web::scope("/admin")

@@ -5,7 +5,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, billing, knowledge, openai, ops};
+use super::{admin, auth, billing, chat, knowledge, openai, ops, ws};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -22,10 +22,12 @@ use super::{admin, auth, billing, knowledge, openai, ops};
         openai::models, openai::embeddings, openai::chat_completions,
         knowledge::create_document, knowledge::list_documents, knowledge::get_document, knowledge::delete_document,
         knowledge::search,
+        chat::message, chat::stream_message, chat::list_sessions, chat::session_messages, chat::delete_session,
+        ws::ws_chat,
     ),
     components(schemas(knowledge::UploadResult)),
     modifiers(&BearerAuth),
-    tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "admin", description = "Superusers only"), (name = "ops"))
+    tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "chat"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]
 pub struct ApiDoc;
 

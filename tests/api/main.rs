@@ -5,6 +5,7 @@ mod account_store;
 mod admin;
 mod auth;
 mod billing;
+mod chat;
 mod cli;
 mod conversation_store;
 mod document_store;

@@ -1,0 +1,247 @@
+//! `/ws/chat`: the chat over a WebSocket, several questions per connection.
+//!
+//! Authentication at connect: `Authorization: Bearer <JWT or API key>`, or
+//! `?token=` for clients that cannot set headers (browsers). A refused
+//! handshake answers 401/403 like any route.
+//!
+//! Frames are JSON text both ways. From the client:
+//! - `{"type": "message", "id"?: any, ...the body of POST /chat/message}`
+//! - `{"type": "cancel"}`: stops the answer in progress (it counts as a cancelled answer)
+//! - `{"type": "ping"}` (answered `{"type": "pong"}`); WebSocket pings are answered too
+//!
+//! From the server, each carrying the `id` of the message it answers:
+//! `sources` (session_id, message_id, sources, retrieval_route), `token`
+//! ({"text"}), `done` ({"response": the ChatResponse}), `error` ({"status", "detail"}).
+//!
+//! One answer at a time per connection: a message while one streams gets an
+//! error frame (409) and the stream goes on. Sending waits while the client's
+//! buffer is full (backpressure: the connection's queue is bounded). The server
+//! pings every `chat.ws_ping_secs` and closes a connection silent for
+//! `chat.ws_timeout_secs`. Closing the socket mid-answer cancels it like an SSE
+//! client leaving: the slot is freed and the message is counted once.
+
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
+use futures_util::StreamExt;
+use ragchat_actors::generate_worker::GenEvent;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use super::admission::{Admitted, ChatMessage};
+use super::chat::{prepare, step, ChatRequest, Step, Turn};
+use super::extractors::{bearer, user_for_token, CurrentUser};
+use super::AppState;
+use crate::error::ApiError;
+
+/// Largest accepted frame (a message is at most `chat.max_message_chars`).
+const MAX_FRAME: usize = 256 << 10;
+
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// Upgrades to a WebSocket after authenticating the caller.
+#[utoipa::path(get, path = "/ws/chat", tag = "chat", security(("bearer" = [])),
+    params(("token" = Option<String>, Query, description = "JWT or API key, when no Authorization header can be sent")),
+    responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 400), (status = 401), (status = 403)))]
+pub async fn ws_chat(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let token = match bearer(&req) {
+        Ok(t) => t,
+        Err(header_error) => web::Query::<TokenQuery>::from_query(req.query_string())
+            .ok()
+            .and_then(|q| q.into_inner().token)
+            .filter(|t| !t.trim().is_empty())
+            .ok_or(header_error)?,
+    };
+    let user = user_for_token(&state, token.trim()).await?;
+    let (response, session, messages) =
+        actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("WebSocket handshake: {e}")))?;
+    let messages = messages.max_frame_size(MAX_FRAME).aggregate_continuations();
+    actix_web::rt::spawn(run(state.get_ref().clone(), user, session, messages));
+    Ok(response)
+}
+
+/// The answer in progress on a connection.
+struct Current {
+    id: Value,
+    turn: Turn,
+    events: UnboundedReceiver<GenEvent>,
+}
+
+async fn next_event(current: &mut Option<Current>) -> Option<GenEvent> {
+    match current {
+        Some(c) => c.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn frame(kind: &str, id: &Value, mut body: Value) -> String {
+    body["type"] = json!(kind);
+    body["id"] = id.clone();
+    body.to_string()
+}
+
+fn error_frame(id: &Value, e: &ApiError) -> String {
+    frame(
+        "error",
+        id,
+        json!({"status": e.status_code().as_u16(), "detail": e.detail()}),
+    )
+}
+
+async fn run(
+    state: AppState,
+    user: CurrentUser,
+    mut session: Session,
+    mut messages: actix_ws::AggregatedMessageStream,
+) {
+    let cfg = &state.settings.chat;
+    let mut ping = tokio::time::interval(Duration::from_secs(cfg.ws_ping_secs.max(1)));
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = Duration::from_secs(cfg.ws_timeout_secs.max(cfg.ws_ping_secs + 1));
+    let mut heard = Instant::now();
+    let mut current: Option<Current> = None;
+    let close = loop {
+        tokio::select! {
+            msg = messages.next() => {
+                heard = Instant::now();
+                let reply = match msg {
+                    None | Some(Err(_)) => break None,
+                    Some(Ok(AggregatedMessage::Close(_))) => break Some(CloseCode::Normal),
+                    Some(Ok(AggregatedMessage::Ping(b))) => {
+                        if session.pong(&b).await.is_err() {
+                            break None;
+                        }
+                        continue;
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => continue,
+                    Some(Ok(AggregatedMessage::Binary(_))) => Some(error_frame(
+                        &Value::Null,
+                        &ApiError::Unprocessable("send JSON text frames".into()),
+                    )),
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        on_frame(&state, &user, &text, &mut current).await
+                    }
+                };
+                if let Some(r) = reply {
+                    if session.text(r).await.is_err() {
+                        break None;
+                    }
+                }
+            }
+            ev = next_event(&mut current) => {
+                let Some(c) = current.as_mut() else { continue };
+                let out = match step(ev) {
+                    Step::Text(t) if t.is_empty() => continue,
+                    Step::Text(t) => {
+                        c.turn.push(&t);
+                        frame("token", &c.id, json!({ "text": t }))
+                    }
+                    Step::Done(done) => {
+                        let Some(c) = current.take() else { continue };
+                        match c.turn.finish(done).await {
+                            Ok(r) => frame("done", &c.id, json!({ "response": r })),
+                            Err(e) => error_frame(&c.id, &e),
+                        }
+                    }
+                    Step::Failed(e) => {
+                        let Some(c) = current.take() else { continue };
+                        c.turn.fail();
+                        error_frame(&c.id, &e)
+                    }
+                };
+                // Waits while the client's queue is full: the answer is read at
+                // the pace of the client (the model keeps its own pace).
+                if session.text(out).await.is_err() {
+                    break None;
+                }
+            }
+            _ = ping.tick() => {
+                if heard.elapsed() > timeout {
+                    break Some(CloseCode::Policy);
+                }
+                if session.ping(b"").await.is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+    // A turn still running is cancelled by its drop (counted once, slot freed).
+    drop(current);
+    if let Some(code) = close {
+        let _ = session
+            .close(Some(CloseReason {
+                code,
+                description: None,
+            }))
+            .await;
+    }
+}
+
+/// Handles one client frame; returns the frame to send back, if any.
+async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mut Option<Current>) -> Option<String> {
+    let mut value: Value = match serde_json::from_str(text) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return Some(error_frame(
+                &Value::Null,
+                &ApiError::BadRequest("frames are JSON objects with a \"type\"".into()),
+            ))
+        }
+    };
+    let obj = value.as_object_mut()?;
+    let id = obj.remove("id").unwrap_or(Value::Null);
+    let kind = obj.remove("type").and_then(|t| t.as_str().map(str::to_string));
+    match kind.as_deref() {
+        Some("ping") => Some(frame("pong", &id, json!({}))),
+        Some("cancel") => match current.take() {
+            // Dropping the turn cancels the generation and records it.
+            Some(c) => Some(frame("cancelled", &c.id, json!({}))),
+            None => Some(error_frame(&id, &ApiError::Conflict("no answer is in progress".into()))),
+        },
+        Some("message") => {
+            if current.is_some() {
+                return Some(error_frame(
+                    &id,
+                    &ApiError::Conflict("an answer is in progress: wait for done, or send cancel".into()),
+                ));
+            }
+            let req: ChatRequest = match serde_json::from_value(value) {
+                Ok(r) => r,
+                Err(e) => {
+                    return Some(error_frame(
+                        &id,
+                        &ApiError::Unprocessable(format!("Invalid message: {e}")),
+                    ))
+                }
+            };
+            let admitted = match Admitted::<ChatMessage>::admit(state, user.clone()).await {
+                Ok(a) => a,
+                Err(e) => return Some(error_frame(&id, &e)),
+            };
+            match prepare(state, user, req).await {
+                Ok((prepared, events)) => {
+                    let head = frame("sources", &id, prepared.head());
+                    *current = Some(Current {
+                        id,
+                        turn: Turn::new(state.clone(), admitted, prepared),
+                        events,
+                    });
+                    Some(head)
+                }
+                Err(e) => Some(error_frame(&id, &e)),
+            }
+        }
+        _ => Some(error_frame(
+            &id,
+            &ApiError::Unprocessable("type must be message, cancel or ping".into()),
+        )),
+    }
+}

@@ -1,0 +1,492 @@
+//! Chat: RAG answers over HTTP (JSON and SSE) and WebSocket, conversations,
+//! and what a client leaving mid-answer costs. Real clients: reqwest reading
+//! the event stream, tokio-tungstenite speaking WebSocket.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use uuid::Uuid;
+
+use crate::helpers::{expect, model_settings, models_dir, TestApp};
+
+/// A server with models, three global documents (one about a made-up protocol
+/// that only the knowledge base can know), an admin and a user.
+async fn chat_app() -> Option<(TestApp, String, String, String)> {
+    let dir = models_dir()?;
+    let app = TestApp::spawn_with(model_settings(&dir)).await;
+    let admin = app
+        .admin(&format!("chat-admin-{}@example.com", Uuid::new_v4().simple()))
+        .await;
+    let docs = [
+        ("Zorblax protocol", "The Zorblax protocol is a messaging protocol for weather balloons. It listens on port 7431 and signs every packet with a rotating key."),
+        ("Baking bread", "Bread dough rises because yeast ferments sugars and releases carbon dioxide. Bake at 220 degrees for thirty minutes."),
+        ("Tide pools", "Tide pools hold sea stars, anemones and small crabs between high and low tide along rocky shores."),
+    ];
+    for (title, content) in docs {
+        expect(
+            app.post_json(
+                "/knowledge/documents",
+                &json!({"title": title, "content": content, "visibility": "global"}),
+                Some(&admin),
+            )
+            .await,
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+    let (user_id, token) = app.user(&format!("chat-{}@example.com", Uuid::new_v4().simple())).await;
+    Some((app, admin, user_id, token))
+}
+
+fn ask(message: &str) -> Value {
+    json!({"message": message, "max_tokens": 24})
+}
+
+/// Usage records of a user once the ledger has written them (polls until
+/// `expected` appear, then checks no more arrive).
+async fn usage_records(app: &TestApp, user_id: &str, expected: u64) -> u64 {
+    let id: Uuid = user_id.parse().expect("user id");
+    let mut n = 0;
+    for _ in 0..100 {
+        n = app.state.usage.usage_record_count(id).await.expect("count");
+        if n >= expected {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    app.state.usage.usage_record_count(id).await.expect("count").max(n)
+}
+
+#[actix_web::test]
+async fn messages_are_answered_from_the_knowledge_base_and_kept_per_user() {
+    let Some((app, _admin, user_id, token)) = chat_app().await else {
+        return;
+    };
+    let r = expect(
+        app.post_json(
+            "/chat/message",
+            &json!({"message": "Which port does the Zorblax protocol listen on?", "max_tokens": 24, "route": "hybrid"}),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(r["response_type"], "rag_enhanced", "{r}");
+    assert_eq!(r["context_used"], true);
+    assert_eq!(
+        r["sources"][0]["title"], "Zorblax protocol",
+        "the best source first: {r}"
+    );
+    assert!(r["sources"][0]["excerpt"].as_str().expect("excerpt").contains("7431"));
+    assert!(r["answer"].as_str().is_some_and(|a| !a.is_empty()));
+    assert!(r["confidence"].as_f64().is_some_and(|c| c > 0.0 && c <= 1.0));
+    assert_eq!(r["retrieval_route"], "hybrid");
+    assert!(r["tokens_used"].as_u64().is_some_and(|t| t > 20));
+    assert_eq!(r["subscription_plan"], "free");
+    assert_eq!(r["usage_info"]["messages_used"], 1);
+    assert_eq!(
+        r["usage_info"]["messages_remaining"].as_u64().expect("remaining") + 1,
+        r["usage_info"]["messages_limit"].as_u64().expect("limit")
+    );
+    assert!(r.get("debug_info").is_none(), "debug_info only with debug_mode");
+    let session = r["session_id"].as_str().expect("session").to_string();
+
+    // The same conversation, without retrieval, with debug information.
+    let r2 = expect(
+        app.post_json(
+            "/chat/message",
+            &json!({"message": "Thanks. And in one word?", "session_id": session, "enable_rag": false,
+                    "debug_mode": true, "max_tokens": 8}),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(r2["session_id"], session.as_str());
+    assert_eq!(r2["response_type"], "generation_only");
+    assert_eq!(r2["sources"], json!([]));
+    assert_eq!(r2["retrieval_route"], Value::Null);
+    assert_eq!(r2["confidence"], 0.0);
+    assert_eq!(r2["debug_info"]["history_messages_in_prompt"], 2, "{r2}");
+    assert_eq!(r2["usage_info"]["messages_used"], 2);
+
+    // The conversation, listed and paged.
+    let list = expect(app.get("/chat/sessions", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["sessions"][0]["session_id"], session.as_str());
+    assert_eq!(list["sessions"][0]["message_count"], 4);
+    assert_eq!(
+        list["sessions"][0]["title"],
+        "Which port does the Zorblax protocol listen on?"
+    );
+    let page = expect(
+        app.get(&format!("/chat/sessions/{session}/messages?limit=3"), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let roles: Vec<&str> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| m["role"].as_str().expect("role"))
+        .collect();
+    assert_eq!(
+        roles,
+        ["assistant", "user", "assistant"],
+        "the newest three, oldest first"
+    );
+    assert_eq!(page["messages"][2]["message_id"], r2["message_id"]);
+    assert_eq!(
+        page["messages"][0]["metadata"]["sources"][0]["title"],
+        "Zorblax protocol"
+    );
+    let before = page["next_before"].as_str().expect("cursor");
+    let older = expect(
+        app.get(
+            &format!("/chat/sessions/{session}/messages?limit=3&before={before}"),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(older["messages"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        older["messages"][0]["content"],
+        "Which port does the Zorblax protocol listen on?"
+    );
+    assert_eq!(older["next_before"], Value::Null);
+
+    // Bad requests: clear 4xx, nothing counted.
+    for (body, status) in [
+        (json!({"message": "   "}), StatusCode::UNPROCESSABLE_ENTITY),
+        (json!({"message": "hi", "top_k": 50}), StatusCode::UNPROCESSABLE_ENTITY),
+        (
+            json!({"message": "hi", "max_tokens": 0}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"message": "hi", "route": "psychic"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"message": "hi", "colour": "blue"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"message": "hi", "session_id": Uuid::new_v4()}),
+            StatusCode::NOT_FOUND,
+        ),
+        (json!({"message": "x".repeat(9000)}), StatusCode::UNPROCESSABLE_ENTITY),
+    ] {
+        let got = expect(app.post_json("/chat/message", &body, Some(&token)).await, status).await;
+        assert!(got["detail"].is_string(), "{got}");
+    }
+    let bad_cursor = app
+        .get(
+            &format!("/chat/sessions/{session}/messages?before=yesterday"),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(bad_cursor.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(usage_records(&app, &user_id, 2).await, 2, "two answers, two records");
+
+    // Another user sees nothing of it and cannot write to it or delete it.
+    let (_, other) = app
+        .user(&format!("chat-other-{}@example.com", Uuid::new_v4().simple()))
+        .await;
+    let theirs = expect(app.get("/chat/sessions", Some(&other)).await, StatusCode::OK).await;
+    assert_eq!(theirs["total"], 0);
+    let path = format!("/chat/sessions/{session}/messages");
+    expect(app.get(&path, Some(&other)).await, StatusCode::NOT_FOUND).await;
+    expect(
+        app.delete(&format!("/chat/sessions/{session}"), &other).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    let mut sneaky = ask("What did they ask?");
+    sneaky["session_id"] = json!(session);
+    expect(
+        app.post_json("/chat/message", &sneaky, Some(&other)).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    expect(
+        app.post_json("/chat/message", &ask("hi"), None).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+
+    // The owner deletes it.
+    expect(
+        app.delete(&format!("/chat/sessions/{session}"), &token).await,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    expect(app.get(&path, Some(&token)).await, StatusCode::NOT_FOUND).await;
+    let list = expect(app.get("/chat/sessions", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(list["total"], 0);
+}
+
+/// Server-sent events of one response: (event, data) pairs.
+async fn read_sse(resp: reqwest::Response, stop_after_tokens: Option<usize>) -> Vec<(String, Value)> {
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream")));
+    let mut body = resp.bytes_stream();
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    while let Some(chunk) = body.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut event = String::from("message");
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event: ") {
+                    event = e.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            events.push((event, serde_json::from_str(&data).expect("event data is JSON")));
+            let tokens = events.iter().filter(|(e, _)| e == "token").count();
+            if stop_after_tokens.is_some_and(|n| tokens >= n) {
+                return events; // drops the body: the client goes away
+            }
+        }
+    }
+    events
+}
+
+#[actix_web::test]
+async fn the_stream_sends_sources_then_tokens_then_the_whole_response() {
+    let Some((app, _admin, user_id, token)) = chat_app().await else {
+        return;
+    };
+    let resp = app
+        .post_json(
+            "/chat/stream",
+            &ask("Tell me about the Zorblax protocol."),
+            Some(&token),
+        )
+        .await;
+    let events = read_sse(resp, None).await;
+    let kinds: Vec<&str> = events.iter().map(|(e, _)| e.as_str()).collect();
+    assert_eq!(kinds.first(), Some(&"sources"), "{kinds:?}");
+    assert_eq!(kinds.last(), Some(&"done"), "{kinds:?}");
+    assert!(
+        kinds[1..kinds.len() - 1].iter().all(|k| *k == "token") && kinds.len() > 3,
+        "{kinds:?}"
+    );
+    let head = &events[0].1;
+    assert_eq!(head["sources"][0]["title"], "Zorblax protocol");
+    let done = &events.last().expect("done").1;
+    let streamed: String = events
+        .iter()
+        .filter(|(e, _)| e == "token")
+        .map(|(_, d)| d["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(done["answer"], streamed.trim(), "the tokens add up to the answer");
+    assert_eq!(done["session_id"], head["session_id"]);
+    assert_eq!(done["message_id"], head["message_id"]);
+    assert_eq!(done["usage_info"]["messages_used"], 1);
+    // A refusal before the stream is a plain JSON error.
+    let bad = app
+        .post_json("/chat/stream", &json!({"message": ""}), Some(&token))
+        .await;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(usage_records(&app, &user_id, 1).await, 1);
+}
+
+/// Waits until the generation worker has no sequence running and has counted
+/// at least `cancelled` cancellations.
+async fn slot_freed(app: &TestApp, cancelled: u64) -> bool {
+    let stats = &app.state.generator.as_ref().expect("generator").stats;
+    for _ in 0..200 {
+        if stats.active.load(Ordering::Relaxed) == 0 && stats.cancelled.load(Ordering::Relaxed) >= cancelled {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[actix_web::test]
+async fn a_client_that_leaves_mid_answer_frees_the_slot_and_is_counted_once() {
+    let Some((app, _admin, user_id, token)) = chat_app().await else {
+        return;
+    };
+    let long = json!({"message": "Write a very long story about a dragon who learns to bake bread.",
+                      "max_tokens": 400, "enable_rag": false});
+    let resp = app.post_json("/chat/stream", &long, Some(&token)).await;
+    let events = read_sse(resp, Some(2)).await;
+    let session = events[0].1["session_id"].as_str().expect("session").to_string();
+    assert!(slot_freed(&app, 1).await, "the sequence left the batch");
+    assert_eq!(usage_records(&app, &user_id, 1).await, 1, "counted once");
+    let usage = expect(app.get("/billing/usage", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(usage["messages_this_month"], 1);
+    // The question and the partial answer are in the conversation, marked.
+    let page = expect(
+        app.get(&format!("/chat/sessions/{session}/messages"), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(page["messages"][0]["role"], "user");
+    assert_eq!(page["messages"][1]["metadata"]["cancelled"], true, "{page}");
+
+    // The same over a WebSocket: the socket closes mid-answer.
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&token)))
+        .await
+        .expect("connect");
+    let mut frame = long.clone();
+    frame["type"] = json!("message");
+    ws.send(Message::text(frame.to_string())).await.expect("send");
+    let mut tokens = 0;
+    while tokens < 2 {
+        let f = next_json(&mut ws).await;
+        if f["type"] == "token" {
+            tokens += 1;
+        }
+    }
+    drop(ws);
+    assert!(slot_freed(&app, 2).await, "the WebSocket's sequence left the batch");
+    assert_eq!(usage_records(&app, &user_id, 2).await, 2);
+}
+
+fn ws_url(app: &TestApp, token: Option<&str>) -> String {
+    let base = app.address.replacen("http://", "ws://", 1);
+    match token {
+        Some(t) => format!("{base}/ws/chat?token={t}"),
+        None => format!("{base}/ws/chat"),
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next JSON text frame (WebSocket pings are answered by the client library).
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let msg = tokio::time::timeout(Duration::from_secs(60), ws.next())
+            .await
+            .expect("a frame within 60 s")
+            .expect("open")
+            .expect("frame");
+        if let Message::Text(t) = msg {
+            return serde_json::from_str(t.as_str()).expect("JSON frame");
+        }
+    }
+}
+
+/// Frames until `done` or `error` for this id.
+async fn answer(ws: &mut Ws, id: u64) -> Vec<Value> {
+    let mut frames = Vec::new();
+    loop {
+        let f = next_json(ws).await;
+        let end = f["id"] == id && (f["type"] == "done" || f["type"] == "error");
+        frames.push(f);
+        if end {
+            return frames;
+        }
+    }
+}
+
+#[actix_web::test]
+async fn the_websocket_answers_several_questions_on_one_connection() {
+    let Some((app, _admin, user_id, token)) = chat_app().await else {
+        return;
+    };
+    // Authentication at connect: a header or ?token=.
+    let refused = tokio_tungstenite::connect_async(ws_url(&app, None)).await;
+    assert!(
+        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401),
+        "{refused:?}"
+    );
+    let refused = tokio_tungstenite::connect_async(ws_url(&app, Some("not-a-token"))).await;
+    assert!(matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401));
+    let mut req = ws_url(&app, None).into_client_request().expect("request");
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {token}").parse().expect("header"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connect with a header");
+
+    ws.send(Message::text(json!({"type": "ping", "id": 0}).to_string()))
+        .await
+        .expect("send");
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+    ws.send(Message::text("not json")).await.expect("send");
+    assert_eq!(next_json(&mut ws).await["status"], 400);
+    ws.send(Message::text(
+        json!({"type": "message", "id": 9, "message": ""}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["id"].as_u64(), f["status"].as_u64()),
+        (Some("error"), Some(9), Some(422))
+    );
+
+    // Two questions in one conversation; a third while one streams is refused.
+    ws.send(Message::text(
+        json!({"type": "message", "id": 1, "message": "Which port does the Zorblax protocol use?", "max_tokens": 24})
+            .to_string(),
+    ))
+    .await
+    .expect("send");
+    ws.send(Message::text(
+        json!({"type": "message", "id": 2, "message": "too soon"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let frames = answer(&mut ws, 1).await;
+    let busy = frames
+        .iter()
+        .find(|f| f["id"] == 2)
+        .expect("the early message is answered");
+    assert_eq!(
+        (busy["type"].as_str(), busy["status"].as_u64()),
+        (Some("error"), Some(409))
+    );
+    let mine: Vec<&Value> = frames.iter().filter(|f| f["id"] == 1).collect();
+    assert_eq!(mine[0]["type"], "sources");
+    assert_eq!(mine[0]["sources"][0]["title"], "Zorblax protocol");
+    let done = &mine.last().expect("done")["response"];
+    let streamed: String = mine
+        .iter()
+        .filter(|f| f["type"] == "token")
+        .map(|f| f["text"].as_str().expect("text"))
+        .collect();
+    assert_eq!(done["answer"], streamed.trim());
+    let session = done["session_id"].clone();
+
+    ws.send(Message::text(
+        json!({"type": "message", "id": 3, "message": "Say it again.", "session_id": session, "max_tokens": 16})
+            .to_string(),
+    ))
+    .await
+    .expect("send");
+    let frames = answer(&mut ws, 3).await;
+    let done = &frames.last().expect("done")["response"];
+    assert_eq!(done["session_id"], session);
+    assert_eq!(done["usage_info"]["messages_used"], 2);
+    ws.close(None).await.expect("close");
+
+    let list = expect(app.get("/chat/sessions", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(list["sessions"][0]["message_count"], 4);
+    assert_eq!(usage_records(&app, &user_id, 2).await, 2);
+}
