@@ -187,25 +187,34 @@ pub fn build_prompt(
     while start < history.len() && history[start].0 != Role::User {
         start += 1;
     }
-    let mut turns = vec![head];
-    turns.extend(
-        history[start..]
-            .iter()
-            .map(|(r, t)| (r.as_str().to_string(), t.clone())),
-    );
-    turns.push(q);
-    let tokens = tok.encode(&tok.chat_prompt(&turns))?;
-    if tokens.len() > budget {
-        // Tokenization across message boundaries can differ by a token or two.
-        return Err(ModelError::Invalid(
-            "the conversation does not fit the model's context".into(),
-        ));
+    // The per-message costs assume tokens do not merge across message
+    // boundaries; if the whole comes out longer, drop the oldest turns again.
+    loop {
+        let mut turns = vec![head.clone()];
+        turns.extend(
+            history[start..]
+                .iter()
+                .map(|(r, t)| (r.as_str().to_string(), t.clone())),
+        );
+        turns.push(q.clone());
+        let tokens = tok.encode(&tok.chat_prompt(&turns))?;
+        if tokens.len() <= budget {
+            return Ok(Prompt {
+                tokens,
+                sources_used,
+                history_used: history.len() - start,
+            });
+        }
+        if start >= history.len() {
+            return Err(ModelError::Invalid(
+                "the conversation does not fit the model's context".into(),
+            ));
+        }
+        start += 1;
+        while start < history.len() && history[start].0 != Role::User {
+            start += 1;
+        }
     }
-    Ok(Prompt {
-        tokens,
-        sources_used,
-        history_used: history.len() - start,
-    })
 }
 
 #[cfg(test)]

@@ -404,11 +404,26 @@ impl Turn {
     }
 
     /// The answer is complete: store it, then count it. A store failure gives
-    /// the unit back and answers 503.
+    /// the unit back and answers 503. The work runs in a task of its own, so a
+    /// client leaving meanwhile cannot cut it in half.
     pub async fn finish(mut self, done: Finish) -> Result<ChatResponse, ApiError> {
         let (Some(p), Some(admitted)) = (self.meta.take(), self.admitted.take()) else {
             return Err(ApiError::internal("chat turn finished twice"));
         };
+        let state = self.state.clone();
+        let text = std::mem::take(&mut self.text);
+        actix_web::rt::spawn(async move { Self::complete(state, p, admitted, text, done).await })
+            .await
+            .map_err(ApiError::internal)?
+    }
+
+    async fn complete(
+        state: AppState,
+        p: Prepared,
+        admitted: Admitted<ChatMessage>,
+        text: String,
+        done: Finish,
+    ) -> Result<ChatResponse, ApiError> {
         let confidence = p.sources.first().map_or(0.0, |s| s.relevance_score.clamp(0.0, 1.0));
         let context_used = !p.sources.is_empty();
         let response_type = if context_used {
@@ -418,7 +433,7 @@ impl Turn {
         };
         let answer = Self::answer_record(
             &p,
-            &self.text,
+            &text,
             json!({
                 "sources": p.sources,
                 "retrieval_route": p.route,
@@ -429,7 +444,7 @@ impl Turn {
                 "finish_reason": done.reason.as_str(),
             }),
         );
-        if let Err(e) = Self::save(&self.state, &p, answer).await {
+        if let Err(e) = Self::save(&state, &p, answer).await {
             admitted.release();
             return Err(e);
         }
@@ -451,7 +466,7 @@ impl Turn {
         Ok(ChatResponse {
             session_id: p.session.id,
             message_id: p.answer_id,
-            answer: self.text.trim().to_string(),
+            answer: text.trim().to_string(),
             confidence,
             response_type: response_type.into(),
             context_used,
@@ -476,25 +491,33 @@ impl Turn {
             a.release();
         }
     }
-}
 
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let (Some(p), Some(admitted)) = (self.meta.take(), self.admitted.take()) else {
-            return;
-        };
-        // The client left mid-answer: the generation stops with the dropped
-        // receiver; the question, the partial answer and the unit are recorded.
+    /// The client stopped the answer: the generation ends (its events are
+    /// dropped by the caller), the question and the partial answer are stored,
+    /// then the unit counted. Returns once that is done, so a next message sees
+    /// the conversation whole.
+    pub async fn cancel(mut self) {
+        if let Some(task) = self.cancel_task() {
+            let _ = task.await;
+        }
+    }
+
+    /// Starts recording a cancelled answer (once); None if already finished.
+    fn cancel_task(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let (p, admitted) = (self.meta.take()?, self.admitted.take()?);
         let state = self.state.clone();
         let text = std::mem::take(&mut self.text);
-        actix_web::rt::spawn(async move {
+        Some(actix_web::rt::spawn(async move {
             let answer = Self::answer_record(
                 &p,
                 &text,
                 json!({"sources": p.sources, "retrieval_route": p.route, "cancelled": true}),
             );
             if let Err(e) = Self::save(&state, &p, answer).await {
+                // Nothing kept, nothing counted (as any failed save).
                 tracing::warn!(error = %e, session = %p.session.id, "a cancelled answer could not be saved");
+                admitted.release();
+                return;
             }
             admitted.complete(json!({
                 "endpoint": "/chat",
@@ -503,7 +526,16 @@ impl Drop for Turn {
                 "cancelled": true,
                 "answer_chars": text.len(),
             }));
-        });
+        }))
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // The client left mid-answer (the HTTP body or the socket was dropped):
+        // the generation stops with the dropped receiver; the rest is recorded
+        // in the background.
+        let _ = self.cancel_task();
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! Authentication at connect: `Authorization: Bearer <JWT or API key>`, or
 //! `?token=` for clients that cannot set headers (browsers). A refused
-//! handshake answers 401/403 like any route.
+//! handshake answers 401/403 like any route. The account is checked again for
+//! every message (a deactivated user gets an error frame, 403).
 //!
 //! Frames are JSON text both ways. From the client:
 //! - `{"type": "message", "id"?: any, ...the body of POST /chat/message}`
@@ -15,9 +16,11 @@
 //!
 //! One answer at a time per connection: a message while one streams gets an
 //! error frame (409) and the stream goes on. Sending waits while the client's
-//! buffer is full (backpressure: the connection's queue is bounded). The server
+//! buffer is full (backpressure: the connection's queue is bounded); a client
+//! that reads nothing for `chat.ws_timeout_secs` is disconnected. The server
 //! pings every `chat.ws_ping_secs` and closes a connection silent for
-//! `chat.ws_timeout_secs`. Closing the socket mid-answer cancels it like an SSE
+//! `chat.ws_timeout_secs`. Frame `id`s are numbers or strings of at most 128
+//! characters. Closing the socket mid-answer cancels it like an SSE
 //! client leaving: the slot is freed and the message is counted once.
 
 use std::time::{Duration, Instant};
@@ -37,6 +40,8 @@ use crate::error::ApiError;
 
 /// Largest accepted frame (a message is at most `chat.max_message_chars`).
 const MAX_FRAME: usize = 256 << 10;
+/// Longest accepted `id` of a client frame.
+const MAX_ID_CHARS: usize = 128;
 
 #[derive(serde::Deserialize)]
 struct TokenQuery {
@@ -88,6 +93,12 @@ fn frame(kind: &str, id: &Value, mut body: Value) -> String {
     body.to_string()
 }
 
+/// Sends a text frame; false when the connection is gone or the client has not
+/// read for `limit` (its queue stayed full): the caller closes the connection.
+async fn send(session: &mut Session, text: String, limit: Duration) -> bool {
+    matches!(tokio::time::timeout(limit, session.text(text)).await, Ok(Ok(())))
+}
+
 fn error_frame(id: &Value, e: &ApiError) -> String {
     frame(
         "error",
@@ -103,7 +114,8 @@ async fn run(
     mut messages: actix_ws::AggregatedMessageStream,
 ) {
     let cfg = &state.settings.chat;
-    let mut ping = tokio::time::interval(Duration::from_secs(cfg.ws_ping_secs.max(1)));
+    let every = Duration::from_secs(cfg.ws_ping_secs.max(1));
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let timeout = Duration::from_secs(cfg.ws_timeout_secs.max(cfg.ws_ping_secs + 1));
     let mut heard = Instant::now();
@@ -116,7 +128,7 @@ async fn run(
                     None | Some(Err(_)) => break None,
                     Some(Ok(AggregatedMessage::Close(_))) => break Some(CloseCode::Normal),
                     Some(Ok(AggregatedMessage::Ping(b))) => {
-                        if session.pong(&b).await.is_err() {
+                        if !matches!(tokio::time::timeout(timeout, session.pong(&b)).await, Ok(Ok(()))) {
                             break None;
                         }
                         continue;
@@ -127,11 +139,13 @@ async fn run(
                         &ApiError::Unprocessable("send JSON text frames".into()),
                     )),
                     Some(Ok(AggregatedMessage::Text(text))) => {
-                        on_frame(&state, &user, &text, &mut current).await
+                        let reply = on_frame(&state, &user, &text, &mut current).await;
+                        heard = Instant::now(); // the client was not the slow one
+                        reply
                     }
                 };
                 if let Some(r) = reply {
-                    if session.text(r).await.is_err() {
+                    if !send(&mut session, r, timeout).await {
                         break None;
                     }
                 }
@@ -146,10 +160,12 @@ async fn run(
                     }
                     Step::Done(done) => {
                         let Some(c) = current.take() else { continue };
-                        match c.turn.finish(done).await {
+                        let out = match c.turn.finish(done).await {
                             Ok(r) => frame("done", &c.id, json!({ "response": r })),
                             Err(e) => error_frame(&c.id, &e),
-                        }
+                        };
+                        heard = Instant::now();
+                        out
                     }
                     Step::Failed(e) => {
                         let Some(c) = current.take() else { continue };
@@ -158,8 +174,8 @@ async fn run(
                     }
                 };
                 // Waits while the client's queue is full: the answer is read at
-                // the pace of the client (the model keeps its own pace).
-                if session.text(out).await.is_err() {
+                // the pace of the client, up to the timeout.
+                if !send(&mut session, out, timeout).await {
                     break None;
                 }
             }
@@ -167,7 +183,7 @@ async fn run(
                 if heard.elapsed() > timeout {
                     break Some(CloseCode::Policy);
                 }
-                if session.ping(b"").await.is_err() {
+                if !matches!(tokio::time::timeout(timeout, session.ping(b"")).await, Ok(Ok(()))) {
                     break None;
                 }
             }
@@ -185,6 +201,22 @@ async fn run(
     }
 }
 
+/// The connection's user as the store has it now.
+async fn fresh(state: &AppState, user: &CurrentUser) -> Result<CurrentUser, ApiError> {
+    let now = state
+        .accounts
+        .user_by_id(user.user.id)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("Could not validate credentials".into()))?;
+    if !now.is_active {
+        return Err(ApiError::Forbidden("User account is deactivated".into()));
+    }
+    Ok(CurrentUser {
+        user: now,
+        method: user.method,
+    })
+}
+
 /// Handles one client frame; returns the frame to send back, if any.
 async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mut Option<Current>) -> Option<String> {
     let mut value: Value = match serde_json::from_str(text) {
@@ -198,12 +230,31 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
     };
     let obj = value.as_object_mut()?;
     let id = obj.remove("id").unwrap_or(Value::Null);
+    // The id is echoed in every frame of the answer: keep it small.
+    let id_ok = match &id {
+        Value::Null | Value::Number(_) => true,
+        Value::String(s) => s.len() <= MAX_ID_CHARS,
+        _ => false,
+    };
+    if !id_ok {
+        return Some(error_frame(
+            &Value::Null,
+            &ApiError::Unprocessable(format!(
+                "id must be a number or a string of at most {MAX_ID_CHARS} characters"
+            )),
+        ));
+    }
     let kind = obj.remove("type").and_then(|t| t.as_str().map(str::to_string));
     match kind.as_deref() {
         Some("ping") => Some(frame("pong", &id, json!({}))),
         Some("cancel") => match current.take() {
-            // Dropping the turn cancels the generation and records it.
-            Some(c) => Some(frame("cancelled", &c.id, json!({}))),
+            // The events are dropped first (the model stops), then the partial
+            // answer is stored and counted before the next frame is read.
+            Some(Current { id, turn, events }) => {
+                drop(events);
+                turn.cancel().await;
+                Some(frame("cancelled", &id, json!({})))
+            }
             None => Some(error_frame(&id, &ApiError::Conflict("no answer is in progress".into()))),
         },
         Some("message") => {
@@ -222,11 +273,17 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
                     ))
                 }
             };
+            // The token was checked at connect; the account is checked again for
+            // every message (deactivated, or moved to another organization).
+            let user = match fresh(state, user).await {
+                Ok(u) => u,
+                Err(e) => return Some(error_frame(&id, &e)),
+            };
             let admitted = match Admitted::<ChatMessage>::admit(state, user.clone()).await {
                 Ok(a) => a,
                 Err(e) => return Some(error_frame(&id, &e)),
             };
-            match prepare(state, user, req).await {
+            match prepare(state, &user, req).await {
                 Ok((prepared, events)) => {
                     let head = frame("sources", &id, prepared.head());
                     *current = Some(Current {

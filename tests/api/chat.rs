@@ -365,6 +365,68 @@ async fn a_client_that_leaves_mid_answer_frees_the_slot_and_is_counted_once() {
     drop(ws);
     assert!(slot_freed(&app, 2).await, "the WebSocket's sequence left the batch");
     assert_eq!(usage_records(&app, &user_id, 2).await, 2);
+
+    // `cancel` on an open socket: stopped, stored and counted before the
+    // next frame is read, so the conversation can go on at once.
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&token)))
+        .await
+        .expect("connect");
+    frame["id"] = json!("long");
+    ws.send(Message::text(frame.to_string())).await.expect("send");
+    let mut session = Value::Null;
+    let mut tokens = 0;
+    while tokens < 2 {
+        let f = next_json(&mut ws).await;
+        if f["type"] == "sources" {
+            session = f["session_id"].clone();
+        }
+        if f["type"] == "token" {
+            tokens += 1;
+        }
+    }
+    ws.send(Message::text(json!({"type": "cancel"}).to_string()))
+        .await
+        .expect("send");
+    loop {
+        let f = next_json(&mut ws).await;
+        if f["type"] == "cancelled" {
+            assert_eq!(f["id"], "long");
+            break;
+        }
+    }
+    ws.send(Message::text(
+        json!({"type": "message", "id": "next", "message": "Shorter, please.", "session_id": session,
+               "max_tokens": 8, "enable_rag": false})
+        .to_string(),
+    ))
+    .await
+    .expect("send");
+    let frames = answer(&mut ws, "next").await;
+    let done = frames.last().expect("end");
+    assert_eq!(done["type"], "done", "{done}");
+    assert_eq!(done["response"]["session_id"], session);
+    assert!(slot_freed(&app, 3).await);
+    assert_eq!(
+        usage_records(&app, &user_id, 4).await,
+        4,
+        "three cancelled, one answered: each once"
+    );
+    let page = expect(
+        app.get(
+            &format!("/chat/sessions/{}/messages", session.as_str().expect("id")),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let cancelled: Vec<&Value> = page["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .map(|m| &m["metadata"]["cancelled"])
+        .collect();
+    assert_eq!(cancelled, [&Value::Null, &json!(true), &Value::Null, &Value::Null]);
 }
 
 fn ws_url(app: &TestApp, token: Option<&str>) -> String {
@@ -392,7 +454,8 @@ async fn next_json(ws: &mut Ws) -> Value {
 }
 
 /// Frames until `done` or `error` for this id.
-async fn answer(ws: &mut Ws, id: u64) -> Vec<Value> {
+async fn answer(ws: &mut Ws, id: impl Into<Value>) -> Vec<Value> {
+    let id = id.into();
     let mut frames = Vec::new();
     loop {
         let f = next_json(ws).await;
@@ -431,6 +494,16 @@ async fn the_websocket_answers_several_questions_on_one_connection() {
     ws.send(Message::text("not json")).await.expect("send");
     assert_eq!(next_json(&mut ws).await["status"], 400);
     ws.send(Message::text(
+        json!({"type": "ping", "id": {"huge": "x".repeat(1000)}}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(
+        next_json(&mut ws).await["status"],
+        422,
+        "ids are small numbers or strings"
+    );
+    ws.send(Message::text(
         json!({"type": "message", "id": 9, "message": ""}).to_string(),
     ))
     .await
@@ -453,7 +526,7 @@ async fn the_websocket_answers_several_questions_on_one_connection() {
     ))
     .await
     .expect("send");
-    let frames = answer(&mut ws, 1).await;
+    let frames = answer(&mut ws, 1u64).await;
     let busy = frames
         .iter()
         .find(|f| f["id"] == 2)
@@ -480,7 +553,7 @@ async fn the_websocket_answers_several_questions_on_one_connection() {
     ))
     .await
     .expect("send");
-    let frames = answer(&mut ws, 3).await;
+    let frames = answer(&mut ws, 3u64).await;
     let done = &frames.last().expect("done")["response"];
     assert_eq!(done["session_id"], session);
     assert_eq!(done["usage_info"]["messages_used"], 2);
