@@ -492,6 +492,8 @@ struct ChatSample {
     first_token: Option<Duration>,
     total: Duration,
     tokens: usize,
+    /// Prompt and answer tokens, from the `done` event.
+    tokens_used: usize,
     ok: bool,
 }
 
@@ -526,10 +528,17 @@ async fn chat_stream(port: u16, token: &str, body: &str) -> std::io::Result<Chat
         }
     }
     let text = String::from_utf8_lossy(&seen);
+    let tokens_used = text
+        .split("\"tokens_used\":")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
     Ok(ChatSample {
         first_token,
         total: t.elapsed(),
         tokens: text.matches("event: token").count(),
+        tokens_used,
         ok: text.starts_with("HTTP/1.1 200") && text.contains("event: done"),
     })
 }
@@ -718,8 +727,8 @@ pub async fn chat(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()>
         settings.models.generator_name, settings.models.max_active, opts.max_tokens, settings.chat.default_top_k
     );
     println!(
-        "{:<16} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10} {:>8}",
-        "mode", "clients", "requests", "req/s", "TTFT p50", "TTFT p99", "total p50", "tok/s"
+        "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>8}",
+        "mode", "clients", "requests", "req/s", "TTFT p50", "TTFT p99", "total p50", "tok/s", "prompt"
     );
     let mut q = 0usize;
     for rag in [true, false] {
@@ -756,8 +765,13 @@ pub async fn chat(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()>
             let ttft = stats(samples.iter().filter_map(|s| s.first_token).collect());
             let total = stats(samples.iter().map(|s| s.total).collect());
             let generated: usize = samples.iter().map(|s| s.tokens).sum();
+            let prompt = samples
+                .iter()
+                .map(|s| s.tokens_used.saturating_sub(s.tokens))
+                .sum::<usize>()
+                / samples.len().max(1);
             println!(
-                "{:<16} {:>7} {:>9} {:>10.2} {:>10.0} {:>10.0} {:>10.0} {:>8.1}",
+                "{:<16} {:>7} {:>9} {:>8.2} {:>10.0} {:>10.0} {:>10.0} {:>8.1} {:>8}",
                 if rag { "rag (hybrid)" } else { "no rag (base)" },
                 c,
                 samples.len(),
@@ -765,7 +779,8 @@ pub async fn chat(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()>
                 ms(ttft.p50),
                 ms(ttft.p99),
                 ms(total.p50),
-                generated as f64 / wall
+                generated as f64 / wall,
+                prompt
             );
         }
     }

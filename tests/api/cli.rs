@@ -162,8 +162,23 @@ fn serve_stops_gracefully_on_sigterm() {
         .spawn()
         .expect("spawn");
     let started = Instant::now();
+    // Up means answering HTTP (the port is bound a moment before the server
+    // runs and takes over SIGTERM; a signal in between would kill it outright).
+    let healthy = || -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut buf = [0u8; 12];
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .is_ok()
+            && s.read_exact(&mut buf).is_ok()
+            && buf.starts_with(b"HTTP/1.1 200")
+    };
     let up = loop {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+        if healthy() {
+            std::thread::sleep(Duration::from_millis(200));
             break true;
         }
         if started.elapsed() > Duration::from_secs(30) {
