@@ -82,6 +82,8 @@ pub struct Settings {
     pub models: ModelSettings,
     pub knowledge: KnowledgeSettings,
     pub chat: ChatSettings,
+    #[serde(default)]
+    pub metrics: MetricsSettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
 }
@@ -109,6 +111,14 @@ pub struct KnowledgeSettings {
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,
+}
+
+/// GET /metrics access: a superuser's credentials, or this token (for a
+/// Prometheus scraper; empty: no token, superusers only).
+#[derive(Debug, Clone, Deserialize, Default)]
+pub struct MetricsSettings {
+    #[serde(default)]
+    pub token: Secret,
 }
 
 /// Chat: where conversations live and how answers are made.
@@ -329,6 +339,12 @@ impl Settings {
 
     /// Refuses settings the server must not run with.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let metrics_token = self.metrics.token.expose();
+        if !metrics_token.is_empty() && metrics_token.len() < 24 {
+            return Err(ConfigError::Invalid(
+                "metrics.token must be at least 24 characters (or empty: superusers only)".into(),
+            ));
+        }
         let secret = self.auth.jwt_secret.expose();
         if self.environment() == Environment::Production {
             if secret.len() < 32 {

@@ -118,6 +118,8 @@ impl Application {
             settings.sessions.threads,
             Duration::from_millis(settings.sessions.send_timeout_ms.max(1)),
         );
+        // The metrics recorder, before anything records.
+        let _ = crate::http::metrics::handle();
         let (embedder, generator) = start_models(&settings.models);
         let k = &settings.knowledge;
         let documents = stores::connect_documents(

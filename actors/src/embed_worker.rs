@@ -204,6 +204,7 @@ fn embed_jobs(
         stats.batches.fetch_add(1, Ordering::Relaxed);
         stats.items.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         stats.last_batch_size.store(chunk.len() as u64, Ordering::Relaxed);
+        metrics::histogram!("embed_batch_size").record(chunk.len() as f64);
         for (&(j, t, len), v) in chunk.iter().zip(vectors) {
             out[j].vectors[t] = v;
             out[j].tokens += len;

@@ -232,6 +232,7 @@ fn run(
                 }
             }
             for (req, queued_at) in incoming.drain(..) {
+                metrics::histogram!("generate_queue_wait_seconds").record(queued_at.elapsed().as_secs_f64());
                 if req.events.is_closed() {
                     stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
@@ -279,6 +280,7 @@ fn run(
                     Ok(all) => {
                         drop(need);
                         stats.last_batch.store(batch, Ordering::Relaxed);
+                        metrics::histogram!("generate_batch_size").record(batch as f64);
                         for (n, logits) in idx.into_iter().zip(all) {
                             active[n].logits = Some(logits);
                         }

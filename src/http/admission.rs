@@ -174,7 +174,10 @@ impl<R: Consumes> Admitted<R> {
                 },
             )
             .await
-            .map_err(rejection_error)?;
+            .map_err(|r| {
+                super::metrics::record_rejection(&r, R::RESOURCE.as_str());
+                rejection_error(r)
+            })?;
         Ok(Admitted {
             user,
             permit: Some(permit),

@@ -144,6 +144,15 @@ impl Prepared {
     }
 }
 
+pub(crate) fn route_name(r: Route) -> &'static str {
+    match r {
+        Route::Vector => "vector",
+        Route::Text => "text",
+        Route::Hybrid => "hybrid",
+        Route::Auto => "auto",
+    }
+}
+
 fn max_tokens_of(state: &AppState, req: &ChatRequest) -> Result<usize, ApiError> {
     let n = req.max_tokens.unwrap_or(state.settings.models.default_max_tokens);
     if !(1..=2048).contains(&n) {
@@ -260,6 +269,7 @@ pub async fn prepare(
                 .map_err(|e| ApiError::Internal(format!("search index: {e}")))?
                 .map_err(|e| ApiError::Internal(format!("search index: {e}")))?;
             route = Some(r);
+            super::metrics::record_retrieval(route_name(r), retrieval_started.elapsed().as_secs_f64());
         }
     }
     let retrieval_ms = retrieval_started.elapsed().as_secs_f64() * 1000.0;
@@ -448,6 +458,9 @@ impl Turn {
             admitted.release();
             return Err(e);
         }
+        metrics::counter!("chat_answers_total", "response_type" => response_type, "outcome" => "completed")
+            .increment(1);
+        metrics::histogram!("chat_time_to_first_token_seconds").record(done.first_token_ms / 1000.0);
         let plan = admitted.permit().map(|permit| permit.plan);
         let permit = admitted.complete(json!({
             "endpoint": "/chat",
@@ -519,6 +532,8 @@ impl Turn {
                 admitted.release();
                 return;
             }
+            metrics::counter!("chat_answers_total", "response_type" => "cancelled", "outcome" => "cancelled")
+                .increment(1);
             admitted.complete(json!({
                 "endpoint": "/chat",
                 "session_id": p.session.id,

@@ -534,6 +534,7 @@ pub async fn search(
         )));
     }
     let route = body.route.resolve(&query);
+    let started = std::time::Instant::now();
     let embedding = if route == Route::Text {
         None
     } else {
@@ -560,6 +561,7 @@ pub async fn search(
         .await
         .map_err(index_error)?
         .map_err(index_error)?;
+    super::metrics::record_retrieval(super::chat::route_name(route), started.elapsed().as_secs_f64());
     admitted.complete(json!({"endpoint": "/knowledge/search", "route": route}));
     Ok(web::Json(SearchResponse { query, route, results }))
 }

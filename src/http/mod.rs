@@ -7,6 +7,7 @@ pub mod billing;
 pub mod chat;
 pub mod extractors;
 pub mod knowledge;
+pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
@@ -95,7 +96,15 @@ pub async fn request_context(
         if let Ok(v) = HeaderValue::from_str(&id) {
             resp.headers_mut().insert(REQUEST_ID, v);
         }
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let seconds = started.elapsed().as_secs_f64();
+        let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
+        metrics::record_request(
+            resp.request().method().as_str(),
+            &route,
+            resp.status().as_u16(),
+            seconds,
+        );
+        let elapsed_ms = seconds * 1000.0;
         tracing::info!(status = resp.status().as_u16(), elapsed_ms, "handled");
         Ok(resp)
     }
@@ -117,6 +126,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .app_data(web::QueryConfig::default().error_handler(query_error))
             .app_data(web::PathConfig::default().error_handler(path_error))
             .configure(ops::routes)
+            .configure(metrics::routes)
             .configure(auth::routes)
             .configure(billing::routes)
             .configure(openai::routes)

@@ -5,13 +5,13 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
-use super::{admin, auth, billing, chat, knowledge, openai, ops, ws};
+use super::{admin, auth, billing, chat, knowledge, metrics, openai, ops, ws};
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "ragchat", description = "RAG chatbot server with accounts, plans, quotas and billing."),
     paths(
-        ops::health, ops::ready,
+        ops::health, ops::ready, metrics::metrics,
         auth::register, auth::login, auth::refresh, auth::logout, auth::me,
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         admin::list_users, admin::update_user, admin::user_audit,

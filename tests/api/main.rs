@@ -13,5 +13,6 @@ mod errors;
 mod helpers;
 mod knowledge;
 mod ledger;
+mod metrics;
 mod models;
 mod uploads;
