@@ -15,8 +15,10 @@
 //!   and the partial answer (marked `cancelled`) are kept in the conversation,
 //!   and the generation stops at the next step, freeing its slot;
 //! - a request refused before generation (bad input, unknown session, prompt
-//!   too long, model overloaded) or failed by the server (model crash, store
-//!   down when saving) gives its unit back.
+//!   too long, model overloaded) or failed by the model (crash) gives its unit back.
+//!
+//! Stores that fail degrade the answer instead of refusing it: no history, no
+//! sources or not saved, each said in `warnings`.
 
 use std::time::Instant;
 
@@ -117,6 +119,10 @@ pub struct ChatResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Object)]
     pub debug_info: Option<Value>,
+    /// Present when the answer had to do without something: the knowledge base,
+    /// the conversation history, or saving to the conversation.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// A message on its way: retrieved, prompted and queued on the model.
@@ -129,6 +135,8 @@ pub struct Prepared {
     route: Option<Route>,
     started: Instant,
     debug: Option<Value>,
+    /// What the answer had to do without (a store or the index was down).
+    warnings: Vec<String>,
 }
 
 impl Prepared {
@@ -140,6 +148,7 @@ impl Prepared {
             "sources": self.sources,
             "retrieval_route": self.route,
             "context_used": !self.sources.is_empty(),
+            "warnings": self.warnings,
         })
     }
 }
@@ -168,6 +177,43 @@ fn excerpt(text: &str, chars: usize) -> String {
     }
     let cut: String = t.chars().take(chars).collect();
     format!("{}…", cut.trim_end())
+}
+
+const HISTORY_UNAVAILABLE: &str = "The conversation history is unavailable right now: this answer was made without it";
+const KNOWLEDGE_UNAVAILABLE: &str = "The knowledge base is unavailable right now: this answer was made without sources";
+const NOT_SAVED: &str = "The conversation store is unavailable: this answer was not saved to the conversation";
+
+/// Query embedding and search.
+async fn retrieve(
+    state: &AppState,
+    user: &CurrentUser,
+    req: &ChatRequest,
+    question: &str,
+    route: Route,
+    top_k: usize,
+) -> Result<Vec<crate::knowledge::index::Hit>, String> {
+    let retrieval = state.retrieval.as_ref().ok_or("the search index is not running")?;
+    let embedding = match (&state.embedder, route) {
+        (Some(e), Route::Vector | Route::Hybrid) => e
+            .embed(vec![question.to_string()])
+            .await
+            .map_err(|e| e.to_string())?
+            .vectors
+            .pop(),
+        _ => None,
+    };
+    retrieval
+        .send(Search {
+            query: question.to_string(),
+            embedding,
+            route,
+            reader: super::knowledge::reader_of(user),
+            filters: req.filters.clone(),
+            top_k,
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// Validates the request, reads the conversation, retrieves, builds the prompt
@@ -203,38 +249,49 @@ pub async fn prepare(
     let user_id = user.user.id;
     let now = to_millis(Utc::now());
 
-    // The conversation: yours, or a new one.
+    // The conversation: yours, or a new one. A store that fails is not a
+    // reason to refuse an answer: it comes without history, and says so.
+    let mut warnings = Vec::new();
+    let fresh = |id: Uuid| ChatSession {
+        id,
+        user_id,
+        title: title_of(&question),
+        created_at: now,
+        updated_at: now,
+        message_count: 0,
+    };
     let (session, is_new, history) = match req.session_id {
-        Some(id) => {
-            let s = state
-                .conversations
-                .session(user_id, id)
-                .await?
-                .ok_or_else(|| ApiError::NotFound("Chat session not found".into()))?;
-            let mut past = state
+        Some(id) => match state.conversations.session(user_id, id).await {
+            Ok(Some(s)) => match state
                 .conversations
                 .messages(user_id, id, None, cfg.history_messages)
-                .await?;
-            past.reverse();
-            let history: Vec<(Role, String)> = past
-                .into_iter()
-                .filter(|m| !m.content.trim().is_empty())
-                .map(|m| (m.role, m.content))
-                .collect();
-            (s, false, history)
-        }
-        None => (
-            ChatSession {
-                id: Uuid::new_v4(),
-                user_id,
-                title: title_of(&question),
-                created_at: now,
-                updated_at: now,
-                message_count: 0,
+                .await
+            {
+                Ok(mut past) => {
+                    past.reverse();
+                    let history: Vec<(Role, String)> = past
+                        .into_iter()
+                        .filter(|m| !m.content.trim().is_empty())
+                        .map(|m| (m.role, m.content))
+                        .collect();
+                    (s, false, history)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "conversation history unavailable");
+                    warnings.push(HISTORY_UNAVAILABLE.to_string());
+                    (s, false, Vec::new())
+                }
             },
-            true,
-            Vec::new(),
-        ),
+            Ok(None) => return Err(ApiError::NotFound("Chat session not found".into())),
+            Err(e) => {
+                // Whose session it is cannot be checked: nothing of it is read, and
+                // the answer is saved only if the store takes it as this user's.
+                tracing::warn!(error = %e, "conversation store unavailable");
+                warnings.push(HISTORY_UNAVAILABLE.to_string());
+                (fresh(id), false, Vec::new())
+            }
+        },
+        None => (fresh(Uuid::new_v4()), true, Vec::new()),
     };
 
     // Retrieval.
@@ -242,34 +299,22 @@ pub async fn prepare(
     let mut route = None;
     let mut hits = Vec::new();
     if req.enable_rag {
-        if let Some(retrieval) = &state.retrieval {
+        {
             let mut r = req.route.resolve(&question);
             if state.embedder.is_none() {
                 r = Route::Text;
             }
-            let embedding = match (&state.embedder, r) {
-                (Some(e), Route::Vector | Route::Hybrid) => e
-                    .embed(vec![question.clone()])
-                    .await
-                    .map_err(model_error)?
-                    .vectors
-                    .pop(),
-                _ => None,
-            };
-            hits = retrieval
-                .send(Search {
-                    query: question.clone(),
-                    embedding,
-                    route: r,
-                    reader: super::knowledge::reader_of(user),
-                    filters: req.filters.clone(),
-                    top_k,
-                })
-                .await
-                .map_err(|e| ApiError::Internal(format!("search index: {e}")))?
-                .map_err(|e| ApiError::Internal(format!("search index: {e}")))?;
-            route = Some(r);
-            super::metrics::record_retrieval(route_name(r), retrieval_started.elapsed().as_secs_f64());
+            match retrieve(state, user, &req, &question, r, top_k).await {
+                Ok(found) => {
+                    hits = found;
+                    route = Some(r);
+                    super::metrics::record_retrieval(route_name(r), retrieval_started.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retrieval failed: answering without sources");
+                    warnings.push(KNOWLEDGE_UNAVAILABLE.to_string());
+                }
+            }
         }
     }
     let retrieval_ms = retrieval_started.elapsed().as_secs_f64() * 1000.0;
@@ -350,6 +395,7 @@ pub async fn prepare(
         route,
         started,
         debug,
+        warnings,
     };
     Ok((prepared, events))
 }
@@ -413,9 +459,10 @@ impl Turn {
         Ok(())
     }
 
-    /// The answer is complete: store it, then count it. A store failure gives
-    /// the unit back and answers 503. The work runs in a task of its own, so a
-    /// client leaving meanwhile cannot cut it in half.
+    /// The answer is complete: store it, then count it. If the store fails the
+    /// answer is still given (and counted), with a warning that it was not
+    /// saved. The work runs in a task of its own, so a client leaving meanwhile
+    /// cannot cut it in half.
     pub async fn finish(mut self, done: Finish) -> Result<ChatResponse, ApiError> {
         let (Some(p), Some(admitted)) = (self.meta.take(), self.admitted.take()) else {
             return Err(ApiError::internal("chat turn finished twice"));
@@ -454,9 +501,11 @@ impl Turn {
                 "finish_reason": done.reason.as_str(),
             }),
         );
+        let mut warnings = p.warnings.clone();
         if let Err(e) = Self::save(&state, &p, answer).await {
-            admitted.release();
-            return Err(e);
+            // The answer exists and is delivered: it counts, and says it was not kept.
+            tracing::warn!(error = %e, session = %p.session.id, "the answer could not be saved");
+            warnings.push(NOT_SAVED.to_string());
         }
         metrics::counter!("chat_answers_total", "response_type" => response_type, "outcome" => "completed")
             .increment(1);
@@ -494,6 +543,7 @@ impl Turn {
                 messages_remaining: limit.saturating_sub(used),
             },
             debug_info,
+            warnings,
         })
     }
 

@@ -563,3 +563,70 @@ async fn the_websocket_answers_several_questions_on_one_connection() {
     assert_eq!(list["sessions"][0]["message_count"], 4);
     assert_eq!(usage_records(&app, &user_id, 2).await, 2);
 }
+
+#[actix_web::test]
+async fn answers_go_on_without_sources_history_or_saving_when_those_fail() {
+    let Some((app, _admin, user_id, token)) = chat_app().await else {
+        return;
+    };
+    let question = json!({"message": "Which port does the Zorblax protocol listen on?", "route": "hybrid",
+                          "max_tokens": 8});
+    let first = expect(
+        app.post_json("/chat/message", &question, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(first.get("warnings").is_none(), "{first}");
+    let session = first["session_id"].clone();
+
+    // Retrieval fails: the embedding model's next batch panics (its worker restarts).
+    app.state.embedder.as_ref().expect("embedder").inject_panic();
+    let r = expect(
+        app.post_json("/chat/message", &question, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(r["response_type"], "generation_only", "{r}");
+    assert_eq!(r["sources"], json!([]));
+    assert!(
+        r["warnings"][0].as_str().is_some_and(|w| w.contains("knowledge base")),
+        "{r}"
+    );
+
+    // The conversation store fails under the running server (its tables dropped).
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&app.state.settings.chat.sqlite_url)
+            .await
+            .expect("open the conversation store");
+        for table in ["chat_messages", "chat_sessions"] {
+            sqlx::query(&format!("DROP TABLE {table}"))
+                .execute(&mut conn)
+                .await
+                .expect("drop");
+        }
+    }
+    let mut again = question.clone();
+    again["session_id"] = session.clone();
+    let r = expect(
+        app.post_json("/chat/message", &again, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    let warnings: Vec<&str> = r["warnings"]
+        .as_array()
+        .expect("warnings")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(warnings.iter().any(|w| w.contains("history")), "{r}");
+    assert!(warnings.iter().any(|w| w.contains("not saved")), "{r}");
+    assert_eq!(r["session_id"], session);
+    assert_eq!(r["response_type"], "rag_enhanced", "retrieval is back: {r}");
+    assert!(r["answer"].as_str().is_some_and(|a| !a.is_empty()));
+    assert_eq!(
+        usage_records(&app, &user_id, 3).await,
+        3,
+        "three answers given, three counted"
+    );
+}
