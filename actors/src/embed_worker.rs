@@ -46,6 +46,27 @@ pub struct WorkerStats {
     pub restarts: AtomicU64,
     pub queued: AtomicU64,
     pub last_batch_size: AtomicU64,
+    /// The last crash or failed reload, with its time (for /admin/actors).
+    pub last_error: std::sync::Mutex<Option<String>>,
+    /// The thread has ended (its model could not be reloaded).
+    pub stopped: AtomicBool,
+}
+
+impl WorkerStats {
+    pub fn note_error(&self, what: String) {
+        let line = format!("{}: {what}", chrono::Utc::now().to_rfc3339());
+        match self.last_error.lock() {
+            Ok(mut g) => *g = Some(line),
+            Err(p) => *p.into_inner() = Some(line),
+        }
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        match self.last_error.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -156,7 +177,11 @@ fn run(
                     let _ = job.reply.send(Err(e.clone()));
                 }
             }
-            Err(_) => {
+            Err(payload) => {
+                stats.note_error(format!(
+                    "panicked: {}",
+                    crate::generate_worker::panic_text(payload.as_ref())
+                ));
                 tracing::error!("embedding worker panicked; failing its batch and reloading the model");
                 for job in jobs {
                     let _ = job
@@ -168,6 +193,8 @@ fn run(
                     Ok(m) => model = m,
                     Err(e) => {
                         tracing::error!(error = %e, "embedding model reload failed; worker stops");
+                        stats.note_error(format!("model reload failed: {e}"));
+                        stats.stopped.store(true, Ordering::SeqCst);
                         return;
                     }
                 }

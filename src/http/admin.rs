@@ -1,4 +1,4 @@
-//! /admin: user management and knowledge-base seeding. The scope is wrapped in `require_admin`; handlers also
+//! /admin: user management, knowledge-base seeding and the supervision tree. The scope is wrapped in `require_admin`; handlers also
 //! take `AdminUser`, so each one states its guard in its signature.
 
 use actix_web::web;
@@ -21,6 +21,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/users/{user_id}/audit").route(web::get().to(user_audit)))
         .service(web::resource("/seed-enhanced").route(web::post().to(seed_enhanced)))
         .service(web::resource("/seed-status").route(web::get().to(seed_status)))
+        .service(web::resource("/actors").route(web::get().to(actors)))
         .service(
             web::resource("/settings/subscription_limits")
                 .route(web::get().to(get_subscription_limits))
@@ -375,4 +376,81 @@ pub async fn seed_enhanced(
     responses((status = 200, body = SeedStatusView), (status = 401), (status = 403)))]
 pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<SeedStatusView> {
     web::Json(seed_view(&state).await)
+}
+
+/// The supervision tree as operators see it: each supervisor, what it
+/// supervises, its state, restarts and last error, and its queue.
+#[utoipa::path(get, path = "/admin/actors", tag = "admin", security(("bearer" = [])),
+    responses((status = 200), (status = 401), (status = 403)))]
+pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<serde_json::Value> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use std::time::Duration;
+    let r = state.registry.stats();
+    let mut tree = vec![json!({
+        "name": "session-registry",
+        "supervises": "UserSession actors, one per active user, sharded over dedicated arbiters",
+        "strategy": "a session that stopped or panicked is started again on the user's next request, its state reloaded from the stores",
+        "state": "running",
+        "restarts": r.restarted,
+        "children": {"kind": "UserSession", "active": r.active, "created": r.created, "evicted_idle": r.evicted},
+        "threads": state.settings.sessions.threads,
+    })];
+    let ledger = tokio::time::timeout(
+        Duration::from_millis(500),
+        state.ledger.send(ragchat_actors::ledger::GetStats),
+    )
+    .await;
+    tree.push(match ledger {
+        Ok(Ok(l)) => json!({
+            "name": "billing-ledger", "supervises": "usage records: batched writes, a local spool while the store is down",
+            "state": if l.store_down { "degraded: store down, spooling" } else { "running" },
+            "mailbox": l.buffered, "spooled": l.spooled, "written": l.written, "failed_flushes": l.failed_flushes,
+        }),
+        Ok(Err(e)) => json!({"name": "billing-ledger", "state": "stopped", "last_error": e.to_string()}),
+        Err(_) => json!({"name": "billing-ledger", "state": "not answering within 500 ms"}),
+    });
+    tree.push(match &state.retrieval {
+        Some(addr) => match tokio::time::timeout(
+            Duration::from_millis(500),
+            addr.send(crate::knowledge::retrieval::IndexedChunks),
+        )
+        .await
+        {
+            Ok(Ok(n)) => json!({"name": "retrieval", "supervises": "the search index (snapshot on disk)",
+                                "state": "running", "indexed_chunks": n}),
+            Ok(Err(e)) => json!({"name": "retrieval", "state": "stopped", "last_error": e.to_string()}),
+            Err(_) => json!({"name": "retrieval", "state": "busy: not answering within 500 ms"}),
+        },
+        None => json!({"name": "retrieval", "state": "not started"}),
+    });
+    tree.push(match &state.generator {
+        Some(g) => {
+            let s = &g.stats;
+            json!({
+                "name": "generate-worker", "supervises": "the causal LM thread (continuous batching)",
+                "strategy": "a panic fails the sequences in flight (503) and reloads the model",
+                "state": if s.stopped.load(Relaxed) { "stopped" } else { "running" },
+                "restarts": s.restarts.load(Relaxed), "last_error": s.last_error(),
+                "mailbox": s.queued.load(Relaxed), "active_sequences": s.active.load(Relaxed),
+                "last_batch": s.last_batch.load(Relaxed), "tokens": s.tokens.load(Relaxed),
+                "cancelled": s.cancelled.load(Relaxed),
+            })
+        }
+        None => json!({"name": "generate-worker", "state": "not loaded"}),
+    });
+    tree.push(match &state.embedder {
+        Some(e) => {
+            let s = &e.stats;
+            json!({
+                "name": "embed-worker", "supervises": "the embedding model thread (dynamic batching)",
+                "strategy": "a panic fails the batch in flight (503) and reloads the model",
+                "state": if s.stopped.load(Relaxed) { "stopped" } else { "running" },
+                "restarts": s.restarts.load(Relaxed), "last_error": s.last_error(),
+                "mailbox": s.queued.load(Relaxed), "batches": s.batches.load(Relaxed),
+                "last_batch": s.last_batch_size.load(Relaxed),
+            })
+        }
+        None => json!({"name": "embed-worker", "state": "not loaded"}),
+    });
+    web::Json(json!({ "supervisors": tree }))
 }

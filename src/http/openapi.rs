@@ -16,7 +16,7 @@ use super::{admin, auth, billing, chat, knowledge, metrics, openai, ops, ws};
         auth::create_api_key, auth::list_api_keys, auth::delete_api_key,
         admin::list_users, admin::update_user, admin::user_audit,
         admin::get_subscription_limits, admin::put_subscription_limits,
-        admin::seed_enhanced, admin::seed_status,
+        admin::seed_enhanced, admin::seed_status, admin::actors,
         billing::plans, billing::subscription, billing::change_subscription, billing::cancel_subscription,
         billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api, billing::probe_open,
         openai::models, openai::embeddings, openai::chat_completions,

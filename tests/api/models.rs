@@ -283,6 +283,29 @@ async fn a_model_worker_panic_fails_in_flight_requests_with_503_and_the_next_suc
         StatusCode::OK,
     )
     .await;
+    // Operators see both restarts and why, in the supervision tree.
+    let tree = expect(app.get("/admin/actors", Some(&token)).await, StatusCode::OK).await;
+    let node = |name: &str| {
+        tree["supervisors"]
+            .as_array()
+            .expect("supervisors")
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .expect("node")
+    };
+    for name in ["generate-worker", "embed-worker"] {
+        let n = node(name);
+        assert_eq!(
+            (n["state"].as_str(), n["restarts"].as_u64()),
+            (Some("running"), Some(1)),
+            "{n}"
+        );
+        assert!(n["last_error"].as_str().is_some_and(|e| e.contains("injected")), "{n}");
+    }
+    for name in ["session-registry", "billing-ledger", "retrieval"] {
+        assert_eq!(node(name)["state"], "running", "{tree}");
+    }
 }
 
 #[actix_web::test]
