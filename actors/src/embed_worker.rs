@@ -138,6 +138,7 @@ fn run(
     crash_next: Arc<AtomicBool>,
 ) {
     let max_batch = config.max_batch.max(1);
+    let mut policy = crate::supervision::RestartPolicy::default();
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         let mut n = jobs[0].texts.len();
@@ -189,6 +190,7 @@ fn run(
                         .send(Err(ModelError::Unavailable("embedding worker crashed; retry".into())));
                 }
                 stats.restarts.fetch_add(1, Ordering::Relaxed);
+                policy.restart_blocking("embed-worker");
                 match factory() {
                     Ok(m) => model = m,
                     Err(e) => {

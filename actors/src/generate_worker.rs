@@ -230,6 +230,7 @@ fn run(
 ) {
     let mut active: Vec<Seq> = Vec::new();
     let max_active = config.max_active.max(1);
+    let mut policy = crate::supervision::RestartPolicy::default();
     loop {
         // Join: block when idle, otherwise take what is waiting (up to max_active).
         let mut incoming = Vec::new();
@@ -363,6 +364,8 @@ fn run(
             }
             stats.active.store(0, Ordering::Relaxed);
             stats.restarts.fetch_add(1, Ordering::Relaxed);
+            // Waits first when crashes come in a row (the queue waits meanwhile).
+            policy.restart_blocking("generate-worker");
             match factory() {
                 Ok(m) => template = m,
                 Err(e) => {

@@ -15,3 +15,4 @@ pub mod ports;
 pub mod ratelimit;
 pub mod registry;
 pub mod session;
+pub mod supervision;

@@ -306,6 +306,25 @@ async fn a_model_worker_panic_fails_in_flight_requests_with_503_and_the_next_suc
     for name in ["session-registry", "billing-ledger", "retrieval"] {
         assert_eq!(node(name)["state"], "running", "{tree}");
     }
+    // And in the metrics (the recorder is shared by every server of this process: at least one each).
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for child in ["generate-worker", "embed-worker"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("supervisor_restarts_total{") && l.contains(&format!("child=\"{child}\"")))
+            .unwrap_or_else(|| panic!("no restarts of {child} in:\n{metrics}"));
+        let n: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("value");
+        assert!(n >= 1.0, "{line}");
+    }
 }
 
 #[actix_web::test]
