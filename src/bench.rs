@@ -361,6 +361,8 @@ pub async fn models(settings: Settings, seconds: f64) -> anyhow::Result<String> 
         GenerateConfig {
             max_active: 8,
             queue_capacity: 64,
+            // Whole prompts, as the figures in BENCHMARKS.md were measured.
+            prefill_chunk: 0,
         },
     )?;
     let greedy = SamplingParams {

@@ -286,6 +286,10 @@ pub struct ModelSettings {
     pub max_active: usize,
     pub generate_queue: usize,
     pub default_max_tokens: usize,
+    /// Prompt tokens prefilled per step (0: whole prompts at once); running
+    /// answers decode a token between pieces.
+    #[serde(default)]
+    pub prefill_chunk: usize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -312,6 +312,7 @@ pub fn start_models(
                 GenerateConfig {
                     max_active: m.max_active.max(1),
                     queue_capacity: m.generate_queue.max(1),
+                    prefill_chunk: m.prefill_chunk,
                 },
             )
         })

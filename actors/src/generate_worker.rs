@@ -30,6 +30,10 @@ pub struct GenerateConfig {
     pub max_active: usize,
     /// Requests waiting beyond this are refused as overloaded.
     pub queue_capacity: usize,
+    /// Longest piece of a prompt prefilled in one step (0: the whole prompt at
+    /// once). Between pieces the running sequences decode a token, so a long
+    /// prompt stalls them for one piece at a time instead of all of it.
+    pub prefill_chunk: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,6 +197,8 @@ struct Seq {
     /// Prompt and generated tokens.
     tokens: Vec<u32>,
     prompt_len: usize,
+    /// Prompt tokens already fed to the model (below `prompt_len`: prefilling).
+    prefilled: usize,
     /// Logits waiting to be sampled (after prefill or the last forward).
     logits: Option<Vec<f32>>,
     max_tokens: usize,
@@ -209,6 +215,25 @@ struct Seq {
 impl Seq {
     fn generated(&self) -> &[u32] {
         &self.tokens[self.prompt_len..]
+    }
+
+    fn prefilling(&self) -> bool {
+        self.prefilled < self.prompt_len
+    }
+
+    /// Feeds the next piece of the prompt; logits when the prompt is complete.
+    fn prefill_step(&mut self, chunk: usize) -> Result<(), ModelError> {
+        let end = if chunk == 0 {
+            self.prompt_len
+        } else {
+            (self.prefilled + chunk).min(self.prompt_len)
+        };
+        let logits = self.model.forward(&self.tokens[self.prefilled..end], self.prefilled)?;
+        self.prefilled = end;
+        if !self.prefilling() {
+            self.logits = Some(logits);
+        }
+        Ok(())
     }
 }
 
@@ -240,9 +265,13 @@ fn run(
                 Err(_) => return,
             }
         }
-        // One prefill per step: a long prompt must not hold back the first tokens of
-        // the prompts queued behind it, nor the decoding of the running sequences.
-        while active.len() + incoming.len() < max_active && incoming.is_empty() {
+        // One piece of prefill per step: a long prompt must not hold back the
+        // decoding of the running sequences. A prompt still prefilling goes first
+        // (first come, first served); otherwise one new request joins.
+        let prefilling = active
+            .iter()
+            .any(|s| s.prefilling() && !s.failed && !s.events.is_closed());
+        while active.len() + incoming.len() < max_active && incoming.is_empty() && !prefilling {
             match rx.try_recv() {
                 Ok(r) => incoming.push(r),
                 Err(TryRecvError::Empty) => break,
@@ -268,26 +297,40 @@ fn run(
                     stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let mut model = template.fork();
-                match model.forward(&req.prompt_tokens, 0) {
-                    Ok(logits) => active.push(Seq {
-                        model,
-                        sampler: Sampler::new(req.params),
-                        prompt_len: req.prompt_tokens.len(),
-                        tokens: req.prompt_tokens,
-                        logits: Some(logits),
-                        max_tokens: req.max_tokens,
-                        stop: req.stop,
-                        sent: 0,
-                        events: req.events,
-                        queued_at,
-                        first_token_ms: None,
-                        failed: false,
-                    }),
+                let mut seq = Seq {
+                    model: template.fork(),
+                    sampler: Sampler::new(req.params),
+                    prompt_len: req.prompt_tokens.len(),
+                    prefilled: 0,
+                    tokens: req.prompt_tokens,
+                    logits: None,
+                    max_tokens: req.max_tokens,
+                    stop: req.stop,
+                    sent: 0,
+                    events: req.events,
+                    queued_at,
+                    first_token_ms: None,
+                    failed: false,
+                };
+                // The first piece now; the rest one piece per step (below).
+                match seq.prefill_step(config.prefill_chunk) {
+                    Ok(()) => active.push(seq),
                     Err(e) => {
-                        let _ = req
+                        let _ = seq
                             .events
                             .send(GenEvent::Error(e.to_string(), matches!(e, ModelError::Invalid(_))));
+                    }
+                }
+            }
+            // Or one more piece of the oldest prompt still prefilling.
+            if prefilling {
+                if let Some(s) = active
+                    .iter_mut()
+                    .find(|s| s.prefilling() && !s.failed && !s.events.is_closed())
+                {
+                    if let Err(e) = s.prefill_step(config.prefill_chunk) {
+                        let _ = s.events.send(GenEvent::Error(e.to_string(), false));
+                        s.failed = true;
                     }
                 }
             }
@@ -297,7 +340,7 @@ fn run(
                 (Vec::new(), Vec::new(), Vec::new());
             let mut idx = Vec::new();
             for (n, s) in active.iter_mut().enumerate() {
-                if s.logits.is_none() && !s.events.is_closed() {
+                if s.logits.is_none() && !s.prefilling() && !s.failed && !s.events.is_closed() {
                     let pos = s.tokens.len() - 1;
                     toks.push(s.tokens[pos]);
                     poss.push(pos);
@@ -383,6 +426,9 @@ fn run(
 fn advance(s: &mut Seq, tok: &dyn ChatTokenizer, stats: &GenStats) -> Outcome {
     if s.events.is_closed() || s.failed {
         return Outcome::Gone;
+    }
+    if s.prefilling() {
+        return Outcome::Continue;
     }
     let Some(mut logits) = s.logits.take() else {
         return Outcome::Gone;
@@ -500,6 +546,7 @@ mod tests {
             GenerateConfig {
                 max_active: 4,
                 queue_capacity: 8,
+                prefill_chunk: 2,
             },
         )
         .expect("start")
@@ -599,6 +646,29 @@ mod tests {
             events: tx,
         });
         assert!(matches!(too_long, Err(ModelError::Invalid(_))));
+    }
+
+    #[tokio::test]
+    async fn long_prompts_are_prefilled_in_pieces_while_others_decode() {
+        // Pieces of 2 tokens: a 9-token prompt takes 5 steps of prefill.
+        let w = worker(64);
+        let short = submit(&w, vec![0], 50, vec![]);
+        let long = submit(&w, vec![1, 2, 0, 1, 2, 0, 1, 2, 0], 50, vec![]);
+        let (a, b) = tokio::join!(collect(short), collect(long));
+        assert_eq!(a.0, "bc");
+        assert_eq!(b.0, "bc", "the whole prompt was fed: the last token decides");
+        assert!(
+            matches!(
+                b.1,
+                Some(GenEvent::Done {
+                    prompt_tokens: 9,
+                    completion_tokens: 2,
+                    ..
+                })
+            ),
+            "{b:?}"
+        );
+        assert!(w.stats.steps.load(Ordering::Relaxed) >= 5);
     }
 
     #[tokio::test]

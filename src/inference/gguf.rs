@@ -328,6 +328,8 @@ mod tests {
             GenerateConfig {
                 max_active: 2,
                 queue_capacity: 4,
+                // Pieces of three tokens: the prompt is prefilled over several steps.
+                prefill_chunk: 3,
             },
         )
         .expect("worker");

@@ -372,3 +372,31 @@ async fn the_official_openai_python_client_works_against_the_api() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("OK"));
 }
+
+#[actix_web::test]
+async fn a_long_prompt_prefilled_in_pieces_gives_the_same_answer() {
+    let Some(dir) = models_dir() else {
+        return;
+    };
+    let long = "The lighthouse keeper wrote in her log every evening. ".repeat(30)
+        + "In one sentence: what did the lighthouse keeper do every evening?";
+    let body = json!({"messages": [{"role": "user", "content": long}], "max_tokens": 16,
+                      "temperature": 0.0, "seed": 1});
+    let mut answers = Vec::new();
+    for chunk in [0, 64] {
+        let mut settings = model_settings(&dir);
+        settings.models.prefill_chunk = chunk;
+        let app = TestApp::spawn_with(settings).await;
+        let token = app
+            .admin(&format!("chunks-{}@example.com", uuid::Uuid::new_v4().simple()))
+            .await;
+        let r = expect(
+            app.post_json("/v1/chat/completions", &body, Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+        assert!(r["usage"]["prompt_tokens"].as_u64().is_some_and(|n| n > 300), "{r}");
+        answers.push(r["choices"][0]["message"]["content"].clone());
+    }
+    assert_eq!(answers[0], answers[1], "whole prompt vs pieces of 64 tokens (greedy)");
+}
