@@ -5,12 +5,13 @@
 //! its client is gone (its event channel closed). Tokens stream out through one
 //! channel per request as they are produced.
 //!
-//! Each step admits at most one new sequence (its prefill), then advances every
-//! running sequence by one token, so a long prompt delays the others by one
-//! prefill at most. Each step currently runs one forward per sequence (batch-1
-//! kernels); the schedule is the part that is batched. A panic inside a
-//! step fails every sequence in flight with `Unavailable` (503) and reloads the
-//! model; the queue behind it is served by the new one.
+//! Each step runs at most one piece of prefill (`prefill_chunk` prompt tokens:
+//! the next piece of the oldest prompt still prefilling, or the first piece of
+//! one new request), then advances every running sequence by one token in one
+//! batched forward, so a long prompt delays the others by one piece at a time.
+//! A panic inside a step fails every sequence in flight with `Unavailable` (503)
+//! and reloads the model (backing off when crashes repeat); the queue behind it
+//! is served by the new one.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
