@@ -9,6 +9,7 @@
 //! the next piece of the oldest prompt still prefilling, or the first piece of
 //! one new request), then advances every running sequence by one token in one
 //! batched forward, so a long prompt delays the others by one piece at a time.
+//! With no sequence decoding, a prompt is prefilled whole (pieces cost more).
 //! A panic inside a step fails every sequence in flight with `Unavailable` (503)
 //! and reloads the model (backing off when crashes repeat); the queue behind it
 //! is served by the new one.
@@ -313,8 +314,10 @@ fn run(
                     first_token_ms: None,
                     failed: false,
                 };
-                // The first piece now; the rest one piece per step (below).
-                match seq.prefill_step(config.prefill_chunk) {
+                // The first piece now; the rest one piece per step (below). With
+                // nobody decoding there is no one to make way for: all at once.
+                let chunk = if decoding(&active) { config.prefill_chunk } else { 0 };
+                match seq.prefill_step(chunk) {
                     Ok(()) => active.push(seq),
                     Err(e) => {
                         let _ = seq
@@ -325,11 +328,12 @@ fn run(
             }
             // Or one more piece of the oldest prompt still prefilling.
             if prefilling {
+                let chunk = if decoding(&active) { config.prefill_chunk } else { 0 };
                 if let Some(s) = active
                     .iter_mut()
                     .find(|s| s.prefilling() && !s.failed && !s.events.is_closed())
                 {
-                    if let Err(e) = s.prefill_step(config.prefill_chunk) {
+                    if let Err(e) = s.prefill_step(chunk) {
                         let _ = s.events.send(GenEvent::Error(e.to_string(), false));
                         s.failed = true;
                     }
@@ -421,6 +425,13 @@ fn run(
             }
         }
     }
+}
+
+/// Whether any sequence is decoding (and would wait for a prefill).
+fn decoding(active: &[Seq]) -> bool {
+    active
+        .iter()
+        .any(|s| !s.prefilling() && !s.failed && !s.events.is_closed())
 }
 
 /// Samples one token for a sequence, streams its text, and runs the next forward.
