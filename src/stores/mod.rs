@@ -8,6 +8,7 @@
 mod accounts;
 mod conversations;
 mod documents;
+mod instrumented;
 pub mod redis_limits;
 mod usage;
 
@@ -101,18 +102,19 @@ pub async fn connect_documents(
     mongodb_database: &str,
     sqlite_url: &str,
 ) -> Result<Arc<dyn DocumentStore>, ConnectError> {
-    match mongodb_url {
-        Some(url) => Ok(Arc::new(
+    let store: Arc<dyn DocumentStore> = match mongodb_url {
+        Some(url) => Arc::new(
             MongoDocumentStore::connect(url, mongodb_database)
                 .await
                 .map_err(|e| ConnectError::Store(e.to_string()))?,
-        )),
+        ),
         None => {
             let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
             sqlx::migrate!("./migrations/knowledge").run(&pool).await?;
-            Ok(Arc::new(SqliteDocumentStore::new(pool)))
+            Arc::new(SqliteDocumentStore::new(pool))
         }
-    }
+    };
+    Ok(Arc::new(instrumented::Documents(store)))
 }
 
 /// Opens the conversation store: ScyllaDB/Cassandra when `scylla_nodes` is set
@@ -124,18 +126,19 @@ pub async fn connect_conversations(
     replication: u32,
     sqlite_url: &str,
 ) -> Result<Arc<dyn ConversationStore>, ConnectError> {
-    match scylla_nodes {
-        Some(nodes) => Ok(Arc::new(
+    let store: Arc<dyn ConversationStore> = match scylla_nodes {
+        Some(nodes) => Arc::new(
             ScyllaConversationStore::connect(nodes, keyspace, replication)
                 .await
                 .map_err(|e| ConnectError::Store(e.to_string()))?,
-        )),
+        ),
         None => {
             let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
             sqlx::migrate!("./migrations/chat").run(&pool).await?;
-            Ok(Arc::new(SqliteConversationStore::new(pool)))
+            Arc::new(SqliteConversationStore::new(pool))
         }
-    }
+    };
+    Ok(Arc::new(instrumented::Conversations(store)))
 }
 
 /// Opens the SQL database named by the URL (migrating it) and returns its ports.

@@ -59,6 +59,7 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
     let doc = format!("/knowledge/documents/{}", Uuid::new_v4());
     expect(app.get(&doc, Some(&user)).await, StatusCode::NOT_FOUND).await;
     expect(app.get("/no/such/route", None).await, StatusCode::NOT_FOUND).await;
+    expect(app.get("/chat/sessions", Some(&user)).await, StatusCode::OK).await;
     for want in [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
         let resp = app
             .client
@@ -108,5 +109,18 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
             assert!(sample(&text, gauge, &[]).is_some(), "{gauge} missing:\n{text}");
         }
         assert_eq!(sample(&text, "ratelimit_redis_fallback_active", &[]), Some(0.0));
+        // Store calls, by store, backend and operation.
+        for (store, op) in [("conversations", "sessions"), ("documents", "document")] {
+            let timed = sample(
+                &text,
+                "store_operation_duration_seconds_count",
+                &[
+                    &format!("store=\"{store}\""),
+                    "backend=\"sqlite\"",
+                    &format!("op=\"{op}\""),
+                ],
+            );
+            assert!(timed.is_some_and(|n| n >= 1.0), "{store}.{op} missing:\n{text}");
+        }
     }
 }
