@@ -570,12 +570,24 @@ async fn idle_websocket(port: u16, token: &str) -> std::io::Result<TcpStream> {
     Ok(stream)
 }
 
+#[derive(Debug, clap::Args)]
 pub struct ChatBench {
+    /// The BEIR folder (corpus.jsonl, queries.train.jsonl).
+    #[arg(long, default_value = "../shared/data/scifact")]
     pub data: std::path::PathBuf,
+    /// Documents of the corpus to index.
+    #[arg(long, default_value_t = 1000)]
     pub docs: usize,
+    /// Concurrent clients, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub clients: Vec<usize>,
+    /// Requests per client at each level.
+    #[arg(long, default_value_t = 2)]
     pub requests: usize,
+    #[arg(long, default_value_t = 32)]
     pub max_tokens: usize,
+    /// Idle WebSocket connections to hold (0: skip).
+    #[arg(long, default_value_t = 1000)]
     pub idle_websockets: usize,
 }
 

@@ -112,25 +112,7 @@ enum BenchTarget {
     },
     /// Chat over SciFact: requests/s and time to first token at several
     /// concurrencies (RAG and model-only baseline), memory per idle WebSocket.
-    Chat {
-        /// The BEIR folder (corpus.jsonl, queries.train.jsonl).
-        #[arg(long, default_value = "../shared/data/scifact")]
-        data: std::path::PathBuf,
-        /// Documents of the corpus to index.
-        #[arg(long, default_value_t = 1000)]
-        docs: usize,
-        /// Concurrent clients, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-        clients: Vec<usize>,
-        /// Requests per client at each level.
-        #[arg(long, default_value_t = 2)]
-        requests: usize,
-        #[arg(long, default_value_t = 32)]
-        max_tokens: usize,
-        /// Idle WebSocket connections to hold (0: skip).
-        #[arg(long, default_value_t = 1000)]
-        idle_websockets: usize,
-    },
+    Chat(ragchat::bench::ChatBench),
     /// Memory per idle session actor.
     Sessions {
         #[arg(long, default_value_t = 100_000)]
@@ -220,28 +202,9 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
             }
         }
         Command::Bench {
-            what:
-                BenchTarget::Chat {
-                    data,
-                    docs,
-                    clients,
-                    requests,
-                    max_tokens,
-                    idle_websockets,
-                },
+            what: BenchTarget::Chat(opts),
         } => {
-            ragchat::bench::chat(
-                settings,
-                ragchat::bench::ChatBench {
-                    data,
-                    docs,
-                    clients,
-                    requests,
-                    max_tokens,
-                    idle_websockets,
-                },
-            )
-            .await?;
+            ragchat::bench::chat(settings, opts).await?;
         }
         Command::Bench {
             what: BenchTarget::Sessions { count },

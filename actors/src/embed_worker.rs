@@ -47,26 +47,9 @@ pub struct WorkerStats {
     pub queued: AtomicU64,
     pub last_batch_size: AtomicU64,
     /// The last crash or failed reload, with its time (for /admin/actors).
-    pub last_error: std::sync::Mutex<Option<String>>,
+    pub last_error: crate::supervision::LastError,
     /// The thread has ended (its model could not be reloaded).
     pub stopped: AtomicBool,
-}
-
-impl WorkerStats {
-    pub fn note_error(&self, what: String) {
-        let line = format!("{}: {what}", chrono::Utc::now().to_rfc3339());
-        match self.last_error.lock() {
-            Ok(mut g) => *g = Some(line),
-            Err(p) => *p.into_inner() = Some(line),
-        }
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        match self.last_error.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -179,7 +162,7 @@ fn run(
                 }
             }
             Err(payload) => {
-                stats.note_error(format!(
+                stats.last_error.note(format!(
                     "panicked: {}",
                     crate::generate_worker::panic_text(payload.as_ref())
                 ));
@@ -195,7 +178,7 @@ fn run(
                     Ok(m) => model = m,
                     Err(e) => {
                         tracing::error!(error = %e, "embedding model reload failed; worker stops");
-                        stats.note_error(format!("model reload failed: {e}"));
+                        stats.last_error.note(format!("model reload failed: {e}"));
                         stats.stopped.store(true, Ordering::SeqCst);
                         return;
                     }

@@ -90,7 +90,7 @@ pub struct GenStats {
     /// Sequences in the last batched decode.
     pub last_batch: AtomicU64,
     /// The last crash or failed reload, with its time (for /admin/actors).
-    pub last_error: std::sync::Mutex<Option<String>>,
+    pub last_error: crate::supervision::LastError,
     /// The thread has ended (its model could not be reloaded).
     pub stopped: AtomicBool,
 }
@@ -102,23 +102,6 @@ pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .map(|s| s.to_string())
         .or_else(|| payload.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "panic".into())
-}
-
-impl GenStats {
-    pub fn note_error(&self, what: String) {
-        let line = format!("{}: {what}", chrono::Utc::now().to_rfc3339());
-        match self.last_error.lock() {
-            Ok(mut g) => *g = Some(line),
-            Err(p) => *p.into_inner() = Some(line),
-        }
-    }
-
-    pub fn last_error(&self) -> Option<String> {
-        match self.last_error.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
 }
 
 #[derive(Clone)]
@@ -395,7 +378,9 @@ fn run(
             stats.active.store(active.len() as u64, Ordering::Relaxed);
         }));
         if let Err(payload) = &step {
-            stats.note_error(format!("panicked: {}", panic_text(payload.as_ref())));
+            stats
+                .last_error
+                .note(format!("panicked: {}", panic_text(payload.as_ref())));
             tracing::error!(
                 in_flight = active.len(),
                 "generation worker panicked; failing its sequences and reloading the model"
@@ -418,7 +403,7 @@ fn run(
                 Ok(m) => template = m,
                 Err(e) => {
                     tracing::error!(error = %e, "model reload failed; generation worker stops");
-                    stats.note_error(format!("model reload failed: {e}"));
+                    stats.last_error.note(format!("model reload failed: {e}"));
                     stats.stopped.store(true, Ordering::SeqCst);
                     return;
                 }

@@ -7,6 +7,27 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+/// The last failure of a supervised child, with its time (for /admin/actors).
+#[derive(Debug, Default)]
+pub struct LastError(std::sync::Mutex<Option<String>>);
+
+impl LastError {
+    pub fn note(&self, what: String) {
+        let line = format!("{}: {what}", chrono::Utc::now().to_rfc3339());
+        match self.0.lock() {
+            Ok(mut g) => *g = Some(line),
+            Err(p) => *p.into_inner() = Some(line),
+        }
+    }
+
+    pub fn get(&self) -> Option<String> {
+        match self.0.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RestartPolicy {
     /// Restarts older than this are forgotten.

@@ -430,7 +430,7 @@ pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<
                 "name": "generate-worker", "supervises": "the causal LM thread (continuous batching)",
                 "strategy": "a panic fails the sequences in flight (503) and reloads the model",
                 "state": if s.stopped.load(Relaxed) { "stopped" } else { "running" },
-                "restarts": s.restarts.load(Relaxed), "last_error": s.last_error(),
+                "restarts": s.restarts.load(Relaxed), "last_error": s.last_error.get(),
                 "mailbox": s.queued.load(Relaxed), "active_sequences": s.active.load(Relaxed),
                 "last_batch": s.last_batch.load(Relaxed), "tokens": s.tokens.load(Relaxed),
                 "cancelled": s.cancelled.load(Relaxed),
@@ -445,7 +445,7 @@ pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<
                 "name": "embed-worker", "supervises": "the embedding model thread (dynamic batching)",
                 "strategy": "a panic fails the batch in flight (503) and reloads the model",
                 "state": if s.stopped.load(Relaxed) { "stopped" } else { "running" },
-                "restarts": s.restarts.load(Relaxed), "last_error": s.last_error(),
+                "restarts": s.restarts.load(Relaxed), "last_error": s.last_error.get(),
                 "mailbox": s.queued.load(Relaxed), "batches": s.batches.load(Relaxed),
                 "last_batch": s.last_batch_size.load(Relaxed),
             })
