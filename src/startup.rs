@@ -8,17 +8,17 @@ use std::time::Duration;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use actix::{Actor, Addr, Arbiter};
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer};
 use ragchat_actors::billing::Billing;
-use ragchat_actors::ledger::{BillingLedger, Flush, LedgerConfig, LedgerStats};
+use ragchat_actors::ledger::{Ledger, LedgerConfig, LedgerStats};
 use ragchat_actors::plans::PlanCatalog;
 use ragchat_actors::ports::RateLimitStore;
 use ragchat_actors::ratelimit::Quota;
 use ragchat_actors::registry::SessionRegistry;
 use ragchat_actors::session::{Bucket, PlanBook, SessionConfig, SessionDeps, StoreDownPolicy};
+use ragchat_actors::supervision::RestartPolicy;
 
 use crate::auth::{PasswordHasher, TokenService};
 use crate::config::{config_dir, Environment, RateLimit, Settings};
@@ -70,9 +70,7 @@ impl Application {
             spool_path: PathBuf::from(&settings.ledger.spool_path),
         };
         let usage = sql.usage.clone();
-        let ledger = BillingLedger::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            BillingLedger::new(usage, ledger_config)
-        });
+        let ledger = Ledger::start(usage, ledger_config, RestartPolicy::default()).map_err(StartupError::Other)?;
         let redis_limits = if settings.redis.url.trim().is_empty() {
             None
         } else {
@@ -138,9 +136,9 @@ impl Application {
         .await?;
         let index_dir = Some(k.index_dir.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
         let started = std::time::Instant::now();
-        let retrieval =
-            crate::knowledge::retrieval::Retrieval::start(index_dir).map_err(|e| StartupError::Other(e.to_string()))?;
-        let synced = crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval)
+        let retrieval = crate::knowledge::retrieval::Retrieval::supervised(index_dir, documents.clone())
+            .map_err(StartupError::Other)?;
+        let synced = crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval.addr())
             .await
             .map_err(|e| StartupError::Other(format!("loading the search index: {e}")))?;
         tracing::info!(
@@ -242,10 +240,10 @@ impl Application {
 
 /// Flushes the ledger until nothing is left in memory (records either reached the
 /// store or the spool file).
-pub async fn flush_ledger(ledger: &Addr<BillingLedger>) -> LedgerStats {
+pub async fn flush_ledger(ledger: &Ledger) -> LedgerStats {
     let mut last = LedgerStats::default();
     for _ in 0..50 {
-        match ledger.send(Flush).await {
+        match ledger.flush().await {
             Ok(stats) => {
                 last = stats;
                 if stats.buffered == 0 {

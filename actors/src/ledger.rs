@@ -9,17 +9,26 @@
 //! record carries its permit id as idempotency key, so a replay after a partial
 //! failure never counts twice. `Flush` (sent on graceful shutdown) writes or spools
 //! everything still in memory.
+//!
+//! Supervision: the ledger runs under a [`Supervised`] handle ([`Ledger`]). If it
+//! dies, what it held in memory (the buffer and a batch being written) goes to
+//! the spool as it stops, records sent while it is down wait in the handle, and
+//! the new instance replays the spool and receives them: nothing is lost.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::prelude::*;
 
 use crate::domain::UsageRecord;
 use crate::ports::UsageStore;
+use crate::supervision::{Child, Mailbox, RestartPolicy, SendTracked, Supervised};
+
+pub static LEDGER_MAILBOX: Mailbox = Mailbox::new("billing-ledger");
+crate::tracked_mailbox!(BillingLedger, LEDGER_MAILBOX; Record, Flush, GetStats, Crash);
 
 #[derive(Debug, Clone)]
 pub struct LedgerConfig {
@@ -41,7 +50,12 @@ pub struct Flush;
 #[rtype(result = "LedgerStats")]
 pub struct GetStats;
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Makes the ledger panic (fault tests of its supervision).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, MessageResponse)]
 pub struct LedgerStats {
     /// Records in memory, not yet written.
     pub buffered: usize,
@@ -57,8 +71,11 @@ pub struct BillingLedger {
     store: Arc<dyn UsageStore>,
     config: LedgerConfig,
     buffer: Vec<UsageRecord>,
+    /// A copy of the batch being written, until the write (or spool) is done.
+    inflight: Vec<UsageRecord>,
     flushing: bool,
     stats: LedgerStats,
+    child: Option<Arc<Child>>,
 }
 
 impl BillingLedger {
@@ -68,12 +85,20 @@ impl BillingLedger {
             store,
             config,
             buffer: Vec::new(),
+            inflight: Vec::new(),
             flushing: false,
             stats: LedgerStats {
                 spooled,
                 ..Default::default()
             },
+            child: None,
         }
+    }
+
+    /// Reports its exit to `child` (its supervisor).
+    pub fn supervised_by(mut self, child: Arc<Child>) -> Self {
+        self.child = Some(child);
+        self
     }
 
     /// One flush cycle: replay the spool, then write the buffer (or spool it).
@@ -83,6 +108,7 @@ impl BillingLedger {
         }
         self.flushing = true;
         let batch: Vec<UsageRecord> = std::mem::take(&mut self.buffer);
+        self.inflight = batch.clone();
         let store = self.store.clone();
         let path = self.config.spool_path.clone();
         let max_batch = self.config.max_batch.max(1);
@@ -136,6 +162,7 @@ impl BillingLedger {
         };
         Box::pin(work.into_actor(self).map(|(written, failed, spooled), act, _| {
             act.flushing = false;
+            act.inflight.clear();
             act.stats.written += written;
             act.stats.spooled = spooled;
             act.stats.store_down = failed;
@@ -212,6 +239,20 @@ impl Actor for BillingLedger {
             }
         });
     }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        // Whatever is still in memory goes to the spool (a batch being written
+        // may be partly stored already: replays are idempotent).
+        let mut left = std::mem::take(&mut self.inflight);
+        left.append(&mut self.buffer);
+        if !left.is_empty() {
+            tracing::warn!(records = left.len(), "ledger stopping: spooling what it held");
+            spool_or_log(&self.config.spool_path, &left);
+        }
+        if let Some(child) = &self.child {
+            child.exited();
+        }
+    }
 }
 
 impl Handler<Record> for BillingLedger {
@@ -247,9 +288,98 @@ impl Handler<Flush> for BillingLedger {
 }
 
 impl Handler<GetStats> for BillingLedger {
-    type Result = MessageResult<GetStats>;
+    type Result = LedgerStats;
 
-    fn handle(&mut self, _: GetStats, _ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.stats_now())
+    fn handle(&mut self, _: GetStats, _ctx: &mut Self::Context) -> LedgerStats {
+        self.stats_now()
+    }
+}
+
+impl Handler<Crash> for BillingLedger {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, _ctx: &mut Self::Context) {
+        // Deliberate: the fault test checks the supervisor restarts the ledger.
+        #[allow(clippy::panic)]
+        {
+            panic!("billing ledger crashed on request");
+        }
+    }
+}
+
+/// The ledger as the rest of the server holds it: the current instance of the
+/// supervised actor, and records parked while it is being restarted.
+#[derive(Clone)]
+pub struct Ledger {
+    sup: Arc<Supervised<BillingLedger>>,
+    parked: Arc<Mutex<Vec<UsageRecord>>>,
+}
+
+fn lock(m: &Mutex<Vec<UsageRecord>>) -> std::sync::MutexGuard<'_, Vec<UsageRecord>> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Ledger {
+    /// Starts the ledger on an arbiter of its own, under a supervisor. Must run
+    /// inside an actix System.
+    pub fn start(store: Arc<dyn UsageStore>, config: LedgerConfig, policy: RestartPolicy) -> Result<Ledger, String> {
+        let arbiter = Arbiter::new().handle();
+        let parked: Arc<Mutex<Vec<UsageRecord>>> = Arc::default();
+        let waiting = parked.clone();
+        let on_restart = Box::new(move |addr: &Addr<BillingLedger>| {
+            let records = std::mem::take(&mut *lock(&waiting));
+            if !records.is_empty() {
+                tracing::info!(
+                    records = records.len(),
+                    "ledger back: sending the records parked meanwhile"
+                );
+            }
+            for r in records {
+                addr.do_send_tracked(Record(r));
+            }
+        });
+        let sup = Supervised::start(
+            "billing-ledger",
+            policy,
+            move |child| {
+                let (store, config) = (store.clone(), config.clone());
+                Ok(BillingLedger::start_in_arbiter(&arbiter, move |_| {
+                    BillingLedger::new(store, config).supervised_by(child)
+                }))
+            },
+            Some(on_restart),
+        )?;
+        Ok(Ledger { sup, parked })
+    }
+
+    /// Hands a record to the ledger (never dropped: parked while it restarts).
+    pub fn record(&self, record: UsageRecord) {
+        let mut parked = lock(&self.parked);
+        let addr = self.sup.addr();
+        if addr.connected() {
+            addr.do_send_tracked(Record(record));
+        } else {
+            parked.push(record);
+        }
+    }
+
+    /// Records waiting for a restarted ledger.
+    pub fn parked(&self) -> usize {
+        lock(&self.parked).len()
+    }
+
+    pub fn supervisor(&self) -> &Supervised<BillingLedger> {
+        &self.sup
+    }
+
+    pub async fn stats(&self) -> Result<LedgerStats, MailboxError> {
+        self.sup.send(GetStats).await
+    }
+
+    pub async fn flush(&self) -> Result<LedgerStats, MailboxError> {
+        self.sup.send(Flush).await
     }
 }

@@ -23,6 +23,7 @@ use crate::session::{
     Admit, Complete, Permit, Rejection, Release, ReleaseStorage, Reload, ReserveStorage, SessionDeps, SessionExit,
     StorageGrant, UserSession,
 };
+use crate::supervision::SendTracked;
 
 const SHARDS: usize = 16;
 
@@ -94,6 +95,7 @@ impl SessionRegistry {
             }
             // Still registered but its mailbox is gone: it died without stopping.
             self.restarted.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("supervisor_restarts_total", "child" => "user-session").increment(1);
             tracing::warn!(user = %user_id, "session died; restarting it");
         }
         let deps = self.deps.clone();
@@ -113,6 +115,7 @@ impl SessionRegistry {
             if crashed {
                 // The next request starts a fresh session (state reloaded from the stores).
                 self.restarted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("supervisor_restarts_total", "child" => "user-session").increment(1);
                 tracing::warn!(user = %user_id, "session crashed; it restarts on the next request");
             } else {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
@@ -125,7 +128,7 @@ impl SessionRegistry {
     pub async fn admit(&self, user_id: Uuid, msg: Admit) -> Result<Permit, Rejection> {
         for attempt in 0..2 {
             let addr = self.session(user_id);
-            match tokio::time::timeout(self.send_timeout, addr.send(msg.clone())).await {
+            match tokio::time::timeout(self.send_timeout, addr.send_tracked(msg.clone())).await {
                 Ok(Ok(result)) => return result,
                 Ok(Err(_mailbox_closed)) if attempt == 0 => continue,
                 Ok(Err(_)) => break,
@@ -143,7 +146,7 @@ impl SessionRegistry {
         bytes: u64,
     ) -> Result<StorageGrant, Rejection> {
         let addr = self.session(user_id);
-        match tokio::time::timeout(self.send_timeout, addr.send(ReserveStorage { store, bytes })).await {
+        match tokio::time::timeout(self.send_timeout, addr.send_tracked(ReserveStorage { store, bytes })).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Rejection::Unavailable("session unavailable".into())),
             Err(_elapsed) => Err(Rejection::Unavailable("session overloaded".into())),
@@ -152,30 +155,31 @@ impl SessionRegistry {
 
     /// Hands a storage grant back once its documents are stored (or failed).
     pub fn release_storage(&self, user_id: Uuid, grant: StorageGrant) {
-        self.session(user_id).do_send(ReleaseStorage(grant));
+        self.session(user_id).do_send_tracked(ReleaseStorage(grant));
     }
 
     /// Records the work of a permit (once). If the session is gone the ledger is
     /// fed through a fresh one: usage is never dropped.
     pub fn complete(&self, permit: Permit, metadata: serde_json::Value) {
         let addr = self.session(permit.user_id);
-        if let Err(e) = addr.try_send(Complete { permit, metadata }) {
+        if let Err(e) = addr.try_send_tracked(Complete { permit, metadata }) {
             let Complete { permit, metadata } = match e {
                 SendError::Full(m) | SendError::Closed(m) => m,
             };
-            self.session(permit.user_id).do_send(Complete { permit, metadata });
+            self.session(permit.user_id)
+                .do_send_tracked(Complete { permit, metadata });
         }
     }
 
     /// Gives back the quota of a permit whose work did not happen.
     pub fn release(&self, permit: Permit) {
-        self.session(permit.user_id).do_send(Release { permit });
+        self.session(permit.user_id).do_send_tracked(Release { permit });
     }
 
     /// Forgets cached plan and limits of a user (plan changed).
     pub fn invalidate(&self, user_id: Uuid) {
         if let Some(addr) = self.shard(&user_id).get(&user_id) {
-            addr.do_send(Reload);
+            addr.do_send_tracked(Reload);
         }
     }
 
@@ -187,7 +191,7 @@ impl SessionRegistry {
                 Err(p) => p.into_inner(),
             };
             for addr in guard.values() {
-                addr.do_send(Reload);
+                addr.do_send_tracked(Reload);
             }
         }
     }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 use crate::domain::{Plan, UsageRecord};
 use crate::knowledge::Owner;
-use crate::ledger::{BillingLedger, Record};
+use crate::ledger::Ledger;
 use crate::plans::{month_of, Period, PlanCatalog, PlanLimits, Resource};
 use crate::ports::{AccountStore, DocumentStore, RateLimitStore, Reservation, StoreError, UsageStore};
 use crate::ratelimit::{self, Quota};
@@ -116,7 +116,7 @@ pub struct SessionDeps {
     pub accounts: Arc<dyn AccountStore>,
     pub usage: Arc<dyn UsageStore>,
     pub limiter: Option<Arc<dyn RateLimitStore>>,
-    pub ledger: Addr<BillingLedger>,
+    pub ledger: Ledger,
     pub plans: Arc<PlanBook>,
     pub config: Arc<SessionConfig>,
 }
@@ -297,6 +297,9 @@ impl UserSession {
         d
     }
 }
+
+pub static SESSION_MAILBOX: crate::supervision::Mailbox = crate::supervision::Mailbox::new("user-session");
+crate::tracked_mailbox!(UserSession, SESSION_MAILBOX; Admit, Complete, Release, ReserveStorage, ReleaseStorage, Reload, Crash);
 
 impl Actor for UserSession {
     type Context = Context<Self>;
@@ -546,7 +549,7 @@ impl Handler<Complete> for UserSession {
         if p.offline {
             self.unreconciled.push((p.resource, p.period.start, p.cost));
         }
-        self.deps.ledger.do_send(Record(UsageRecord {
+        self.deps.ledger.record(UsageRecord {
             id: p.id,
             user_id: p.user_id,
             resource: p.resource,
@@ -554,7 +557,7 @@ impl Handler<Complete> for UserSession {
             period: p.period,
             metadata: msg.metadata,
             created_at: Utc::now(),
-        }));
+        });
     }
 }
 

@@ -383,44 +383,66 @@ pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::
 #[utoipa::path(get, path = "/admin/actors", tag = "admin", security(("bearer" = [])),
     responses((status = 200), (status = 401), (status = 403)))]
 pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<serde_json::Value> {
+    use ragchat_actors::supervision::Child;
     use std::sync::atomic::Ordering::Relaxed;
     use std::time::Duration;
     let r = state.registry.stats();
+    let sessions = &ragchat_actors::session::SESSION_MAILBOX;
     let mut tree = vec![json!({
         "name": "session-registry",
         "supervises": "UserSession actors, one per active user, sharded over dedicated arbiters",
         "strategy": "a session that stopped or panicked is started again on the user's next request, its state reloaded from the stores",
         "state": "running",
         "restarts": r.restarted,
+        "mailbox": sessions.depth(), "handled": sessions.handled(),
         "children": {"kind": "UserSession", "active": r.active, "created": r.created, "evicted_idle": r.evicted},
         "threads": state.settings.sessions.threads,
     })];
-    let ledger = tokio::time::timeout(
-        Duration::from_millis(500),
-        state.ledger.send(ragchat_actors::ledger::GetStats),
-    )
-    .await;
-    tree.push(match ledger {
-        Ok(Ok(l)) => json!({
-            "name": "billing-ledger", "supervises": "usage records: batched writes, a local spool while the store is down",
-            "state": if l.store_down { "degraded: store down, spooling" } else { "running" },
-            "mailbox": l.buffered, "spooled": l.spooled, "written": l.written, "failed_flushes": l.failed_flushes,
-        }),
-        Ok(Err(e)) => json!({"name": "billing-ledger", "state": "stopped", "last_error": e.to_string()}),
-        Err(_) => json!({"name": "billing-ledger", "state": "not answering within 500 ms"}),
-    });
+    let supervised = |c: &Child, mailbox: &ragchat_actors::supervision::Mailbox| {
+        json!({
+            "name": c.name, "state": c.state(), "restarts": c.restarts(), "last_error": c.last_error.get(),
+            "mailbox": mailbox.depth(), "handled": mailbox.handled(),
+            "strategy": "restarted when it stops or panics: at once, then with a doubling backoff (250 ms to 30 s) while it keeps failing within a minute",
+        })
+    };
+    let mut node = supervised(
+        state.ledger.supervisor().child(),
+        &ragchat_actors::ledger::LEDGER_MAILBOX,
+    );
+    node["supervises"] = json!(
+        "usage records: batched writes, a local spool while the store is down; what it holds is spooled if it dies"
+    );
+    node["parked"] = json!(state.ledger.parked());
+    match tokio::time::timeout(Duration::from_millis(500), state.ledger.stats()).await {
+        Ok(Ok(l)) => {
+            if l.store_down {
+                node["state"] = json!("degraded: store down, spooling");
+            }
+            node["buffered"] = json!(l.buffered);
+            node["spooled"] = json!(l.spooled);
+            node["written"] = json!(l.written);
+            node["failed_flushes"] = json!(l.failed_flushes);
+        }
+        Ok(Err(e)) => node["error"] = json!(e.to_string()),
+        Err(_) => node["error"] = json!("not answering within 500 ms"),
+    }
+    tree.push(node);
     tree.push(match &state.retrieval {
-        Some(addr) => match tokio::time::timeout(
-            Duration::from_millis(500),
-            addr.send(crate::knowledge::retrieval::IndexedChunks),
-        )
-        .await
-        {
-            Ok(Ok(n)) => json!({"name": "retrieval", "supervises": "the search index (snapshot on disk)",
-                                "state": "running", "indexed_chunks": n}),
-            Ok(Err(e)) => json!({"name": "retrieval", "state": "stopped", "last_error": e.to_string()}),
-            Err(_) => json!({"name": "retrieval", "state": "busy: not answering within 500 ms"}),
-        },
+        Some(sup) => {
+            let mut node = supervised(sup.child(), &crate::knowledge::retrieval::RETRIEVAL_MAILBOX);
+            node["supervises"] = json!("the search index (snapshot on disk); a restart reloads the snapshot and catches up with the document store");
+            match tokio::time::timeout(
+                Duration::from_millis(500),
+                sup.send(crate::knowledge::retrieval::IndexedChunks),
+            )
+            .await
+            {
+                Ok(Ok(n)) => node["indexed_chunks"] = json!(n),
+                Ok(Err(e)) => node["error"] = json!(e.to_string()),
+                Err(_) => node["error"] = json!("busy: not answering within 500 ms"),
+            }
+            node
+        }
         None => json!({"name": "retrieval", "state": "not started"}),
     });
     tree.push(match &state.generator {

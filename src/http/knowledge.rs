@@ -1,11 +1,11 @@
 //! The knowledge base: ingestion (JSON text), listing, reading and deleting
 //! documents, and search over the chunks the caller may see.
 
-use actix::Addr;
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use ragchat_actors::domain::Page;
 use ragchat_actors::knowledge::{Document, Owner, Reader};
+use ragchat_actors::supervision::Supervised;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -127,10 +127,10 @@ pub(crate) fn reader_of(u: &CurrentUser) -> Reader {
     }
 }
 
-fn retrieval(state: &AppState) -> Result<&Addr<Retrieval>, ApiError> {
+fn retrieval(state: &AppState) -> Result<&Supervised<Retrieval>, ApiError> {
     state
         .retrieval
-        .as_ref()
+        .as_deref()
         .ok_or_else(|| ApiError::Unavailable("The search index is not running".into()))
 }
 

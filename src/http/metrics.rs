@@ -5,8 +5,11 @@
 //! latency histograms; admission rejections by reason and resource; retrieval
 //! latency by route; chat answers and time to first token; model worker queue
 //! waits and batch sizes. Read from the components at each scrape: sessions,
-//! model workers, the ledger (backlog, spool, store down), the Redis fallback,
-//! the search index size.
+//! model workers, the ledger (backlog, spool, store down, parked records), the
+//! Redis fallback, the search index size, and per actor kind the mailbox depth
+//! and messages handled (`actor_mailbox_depth`, `actor_messages_handled_total`;
+//! waits and handling times are histograms recorded as messages are handled).
+//! Restarts of every supervised child: `supervisor_restarts_total{child}`.
 //!
 //! Access: `Authorization: Bearer <metrics.token>` when `metrics.token` is set
 //! (for a Prometheus scraper), or a superuser's JWT / API key.
@@ -132,6 +135,7 @@ async fn sample(state: &AppState) {
         let st = &g.stats;
         gauge!("generate_active_sequences").set(st.active.load(Ordering::Relaxed) as f64);
         gauge!("generate_queued_requests").set(st.queued.load(Ordering::Relaxed) as f64);
+        gauge!("actor_mailbox_depth", "actor" => "generate-worker").set(st.queued.load(Ordering::Relaxed) as f64);
         counter!("generate_steps_total").absolute(st.steps.load(Ordering::Relaxed));
         counter!("generate_tokens_total").absolute(st.tokens.load(Ordering::Relaxed));
         counter!("generate_cancelled_total").absolute(st.cancelled.load(Ordering::Relaxed));
@@ -140,21 +144,26 @@ async fn sample(state: &AppState) {
     if let Some(e) = &state.embedder {
         let st = &e.stats;
         gauge!("embed_queued_requests").set(st.queued.load(Ordering::Relaxed) as f64);
+        gauge!("actor_mailbox_depth", "actor" => "embed-worker").set(st.queued.load(Ordering::Relaxed) as f64);
         counter!("embed_batches_total").absolute(st.batches.load(Ordering::Relaxed));
         counter!("embed_texts_total").absolute(st.items.load(Ordering::Relaxed));
         counter!("model_worker_restarts_total", "worker" => "embed").absolute(st.restarts.load(Ordering::Relaxed));
     }
-    if let Ok(Ok(l)) = tokio::time::timeout(
-        Duration::from_millis(500),
-        state.ledger.send(ragchat_actors::ledger::GetStats),
-    )
-    .await
-    {
+    if let Ok(Ok(l)) = tokio::time::timeout(Duration::from_millis(500), state.ledger.stats()).await {
         gauge!("ledger_buffered_records").set(l.buffered as f64);
         gauge!("ledger_spooled_records").set(l.spooled as f64);
         counter!("ledger_written_records_total").absolute(l.written);
         counter!("ledger_failed_flushes_total").absolute(l.failed_flushes);
         gauge!("ledger_store_down").set(if l.store_down { 1.0 } else { 0.0 });
+    }
+    gauge!("ledger_parked_records").set(state.ledger.parked() as f64);
+    for m in [
+        &ragchat_actors::session::SESSION_MAILBOX,
+        &ragchat_actors::ledger::LEDGER_MAILBOX,
+        &crate::knowledge::retrieval::RETRIEVAL_MAILBOX,
+    ] {
+        gauge!("actor_mailbox_depth", "actor" => m.kind).set(m.depth() as f64);
+        counter!("actor_messages_handled_total", "actor" => m.kind).absolute(m.handled());
     }
     let fallback = state.redis_limits.as_ref().is_some_and(|r| r.fallback_active());
     gauge!("ratelimit_redis_fallback_active").set(if fallback { 1.0 } else { 0.0 });

@@ -16,17 +16,17 @@ pub mod ws;
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix::Addr;
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpMessage};
 use ragchat_actors::billing::Billing;
-use ragchat_actors::ledger::BillingLedger;
+use ragchat_actors::ledger::Ledger;
 use ragchat_actors::ports::{AccountStore, UsageStore};
 use ragchat_actors::registry::SessionRegistry;
 use ragchat_actors::session::PlanBook;
+use ragchat_actors::supervision::Supervised;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -45,7 +45,7 @@ pub struct AppState {
     pub plans: Arc<PlanBook>,
     pub billing: Arc<Billing>,
     pub registry: Arc<SessionRegistry>,
-    pub ledger: Addr<BillingLedger>,
+    pub ledger: Ledger,
     /// The Redis rate limiter, when configured (its breaker state is reported).
     pub redis_limits: Option<Arc<crate::stores::redis_limits::RedisRateLimits>>,
     /// Model workers; None when the model files are missing or models are disabled.
@@ -55,7 +55,7 @@ pub struct AppState {
     /// embedding model), the retrieval actor and the state of the last seed.
     pub documents: Arc<dyn ragchat_actors::ports::DocumentStore>,
     pub ingestor: Option<crate::knowledge::ingest::Ingestor>,
-    pub retrieval: Option<Addr<crate::knowledge::retrieval::Retrieval>>,
+    pub retrieval: Option<Arc<Supervised<crate::knowledge::retrieval::Retrieval>>>,
     pub seed: Arc<std::sync::Mutex<crate::knowledge::seed::SeedStatus>>,
     /// Chat sessions and their messages.
     pub conversations: Arc<dyn ragchat_actors::ports::ConversationStore>,

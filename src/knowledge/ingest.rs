@@ -6,7 +6,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use actix::Addr;
 use chrono::Utc;
 use ragchat_actors::embed_worker::EmbedWorker;
 use ragchat_actors::inference::ModelError;
@@ -18,6 +17,7 @@ use uuid::Uuid;
 
 use super::chunking::Chunker;
 use super::retrieval::{IndexDocuments, Retrieval};
+use ragchat_actors::supervision::Supervised;
 
 /// A document to store.
 #[derive(Debug, Clone)]
@@ -145,7 +145,7 @@ pub struct Ingestor {
     pub chunker: Arc<Chunker>,
     pub embedder: EmbedWorker,
     /// None for `ragchat seed`: the server's index is rebuilt from the store at start.
-    pub retrieval: Option<Addr<Retrieval>>,
+    pub retrieval: Option<Arc<Supervised<Retrieval>>>,
 }
 
 impl Ingestor {

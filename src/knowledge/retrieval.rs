@@ -6,11 +6,13 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use ragchat_actors::knowledge::{Chunk, Document, Reader};
 use ragchat_actors::ports::DocumentStore;
+use ragchat_actors::supervision::{Child, Mailbox, RestartPolicy, SendTracked, Supervised};
 use uuid::Uuid;
 
 use super::index::{Filters, Hit, IndexError, Route, SearchIndex};
@@ -22,7 +24,12 @@ pub struct Retrieval {
     dir: Option<PathBuf>,
     /// Changed since the last snapshot.
     unsaved: bool,
+    child: Option<Arc<Child>>,
 }
+
+pub static RETRIEVAL_MAILBOX: Mailbox = Mailbox::new("retrieval");
+ragchat_actors::tracked_mailbox!(Retrieval, RETRIEVAL_MAILBOX;
+    SaveIndex, IndexedDocuments, IndexDocuments, RemoveDocument, Search, IndexedChunks, Crash);
 
 impl Actor for Retrieval {
     type Context = Context<Self>;
@@ -38,17 +45,60 @@ impl Actor for Retrieval {
     }
 
     fn stopping(&mut self, _: &mut Self::Context) -> Running {
-        if let Err(e) = self.save() {
-            tracing::error!(error = %e, "could not write the search index snapshot");
+        // After a panic the index may be half-changed: the last snapshot stays.
+        if !std::thread::panicking() {
+            if let Err(e) = self.save() {
+                tracing::error!(error = %e, "could not write the search index snapshot");
+            }
         }
         Running::Stop
+    }
+
+    fn stopped(&mut self, _: &mut Self::Context) {
+        if let Some(child) = &self.child {
+            child.exited();
+        }
     }
 }
 
 impl Retrieval {
-    /// Starts the actor on a new arbiter: with `dir`, from the snapshot there
-    /// when one reads back whole; otherwise with an empty index.
-    pub fn start(dir: Option<PathBuf>) -> Result<Addr<Retrieval>, IndexError> {
+    /// Starts the actor on an arbiter of its own under a supervisor: with
+    /// `dir`, from the snapshot there when one reads back whole, otherwise with
+    /// an empty index. After a restart (the actor died) the new instance starts
+    /// from the snapshot and catches up with `documents` in the background.
+    /// The first instance is brought in line by the caller (`sync`).
+    pub fn supervised(
+        dir: Option<PathBuf>,
+        documents: Arc<dyn DocumentStore>,
+    ) -> Result<Arc<Supervised<Retrieval>>, String> {
+        let arbiter = Arbiter::new().handle();
+        let on_restart = Box::new(move |addr: &Addr<Retrieval>| {
+            let (documents, addr) = (documents.clone(), addr.clone());
+            actix::spawn(async move {
+                match sync(documents.as_ref(), &addr).await {
+                    Ok(s) => tracing::info!(
+                        added = s.added,
+                        removed = s.removed,
+                        "search index caught up after a restart"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "search index not caught up after a restart"),
+                }
+            });
+        });
+        Supervised::start(
+            "retrieval",
+            RestartPolicy::default(),
+            move |child| {
+                let mut r = Retrieval::load(dir.clone()).map_err(|e| e.to_string())?;
+                r.child = Some(child);
+                Ok(Retrieval::start_in_arbiter(&arbiter, move |_| r))
+            },
+            Some(on_restart),
+        )
+    }
+
+    /// An instance (not started): from the snapshot in `dir` when one reads back.
+    fn load(dir: Option<PathBuf>) -> Result<Retrieval, IndexError> {
         let loaded = match &dir {
             Some(d) => SearchIndex::load(d)?,
             None => None,
@@ -60,13 +110,12 @@ impl Retrieval {
             Some(ix) => ix,
             None => SearchIndex::new()?,
         };
-        Ok(Retrieval::start_in_arbiter(&Arbiter::new().handle(), move |_| {
-            Retrieval {
-                index,
-                dir,
-                unsaved: false,
-            }
-        }))
+        Ok(Retrieval {
+            index,
+            dir,
+            unsaved: false,
+            child: None,
+        })
     }
 
     fn save(&mut self) -> Result<(), IndexError> {
@@ -162,6 +211,21 @@ impl Handler<Search> for Retrieval {
     }
 }
 
+/// Makes the actor panic (fault tests of its supervision).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for Retrieval {
+    type Result = ();
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        #[allow(clippy::panic)]
+        {
+            panic!("retrieval crashed on request");
+        }
+    }
+}
+
 /// Chunks indexed.
 #[derive(Message)]
 #[rtype(result = "usize")]
@@ -189,7 +253,7 @@ pub struct Synced {
 pub async fn sync(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Result<Synced, String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let indexed: HashSet<Uuid> = retrieval
-        .send(IndexedDocuments)
+        .send_tracked(IndexedDocuments)
         .await
         .map_err(|x| e(&x))?
         .into_iter()
@@ -199,7 +263,7 @@ pub async fn sync(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Res
     let mut out = Synced::default();
     for gone in indexed.difference(&stored_set) {
         retrieval
-            .send(RemoveDocument(*gone))
+            .send_tracked(RemoveDocument(*gone))
             .await
             .map_err(|x| e(&x))?
             .map_err(|x| e(&x))?;
@@ -216,18 +280,22 @@ pub async fn sync(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Res
         if batch.len() == 256 {
             let docs = std::mem::take(&mut batch);
             retrieval
-                .send(IndexDocuments(docs))
+                .send_tracked(IndexDocuments(docs))
                 .await
                 .map_err(|x| e(&x))?
                 .map_err(|x| e(&x))?;
         }
     }
     retrieval
-        .send(IndexDocuments(batch))
+        .send_tracked(IndexDocuments(batch))
         .await
         .map_err(|x| e(&x))?
         .map_err(|x| e(&x))?;
     out.kept = stored.len() - out.added;
-    retrieval.send(SaveIndex).await.map_err(|x| e(&x))?.map_err(|x| e(&x))?;
+    retrieval
+        .send_tracked(SaveIndex)
+        .await
+        .map_err(|x| e(&x))?
+        .map_err(|x| e(&x))?;
     Ok(out)
 }

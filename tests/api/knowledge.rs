@@ -5,6 +5,8 @@
 use ragchat_actors::domain::{Email, NewUser, Plan};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
+use std::time::Duration;
+
 use uuid::Uuid;
 
 use crate::helpers::{expect, model_settings, models_dir, test_settings, TestApp};
@@ -276,4 +278,65 @@ async fn documents_are_private_to_their_owners_and_searchable_by_every_route() {
 
 fn ids_of(items: &[Value]) -> Vec<Value> {
     items.iter().map(|i| i["id"].clone()).collect()
+}
+
+#[actix_web::test]
+async fn a_crashed_retrieval_actor_is_restarted_and_catches_up_with_the_store() {
+    let Some(dir) = models_dir() else { return };
+    let app = TestApp::spawn_with(model_settings(&dir)).await;
+    let alice = member(&app, "retrieval-crash@example.com", None).await;
+    let admin = app.admin("retrieval-admin@example.com").await;
+    let tides = add(&app, &alice, json!({"title": "Tides", "content": TIDES})).await;
+    let query = json!({"query": "why are there ocean tides", "route": "text", "top_k": 3});
+    assert_eq!(
+        ids(&search(&app, &alice, query.clone()).await)[0],
+        tides["id"].as_str().expect("id")
+    );
+
+    let sup = app.state.retrieval.clone().expect("retrieval");
+    sup.do_send(ragchat::knowledge::retrieval::Crash);
+    let mut hits = Vec::new();
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if sup.child().restarts() == 1 {
+            let resp = app.post_json("/knowledge/search", &query, Some(&alice)).await;
+            assert!(
+                resp.status().is_success() || resp.status() == StatusCode::SERVICE_UNAVAILABLE,
+                "{}",
+                resp.status()
+            );
+            if resp.status().is_success() {
+                let v: Value = resp.json().await.expect("json");
+                hits = v["results"].as_array().cloned().unwrap_or_default();
+                if !hits.is_empty() {
+                    break;
+                }
+            }
+        }
+    }
+    assert_eq!(sup.child().restarts(), 1);
+    assert_eq!(
+        ids(&hits).first().map(String::as_str),
+        tides["id"].as_str(),
+        "the index caught up from the store"
+    );
+
+    let tree = expect(app.get("/admin/actors", Some(&admin)).await, StatusCode::OK).await;
+    let node = tree["supervisors"]
+        .as_array()
+        .and_then(|s| s.iter().find(|n| n["name"] == "retrieval"))
+        .cloned()
+        .expect("retrieval in the tree");
+    assert_eq!(
+        (node["restarts"].as_u64(), node["state"].as_str()),
+        (Some(1), Some("running")),
+        "{node}"
+    );
+    assert!(
+        node["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("retrieval crashed on request"),
+        "{node}"
+    );
 }

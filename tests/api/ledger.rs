@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use ragchat_actors::ledger::GetStats;
 use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
@@ -91,13 +90,13 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     let out = pg.services("stop");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let mut stats = app.state.ledger.send(GetStats).await.expect("ledger");
+    let mut stats = app.state.ledger.stats().await.expect("ledger");
     for _ in 0..100 {
         if stats.spooled == 15 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stats = app.state.ledger.send(GetStats).await.expect("ledger");
+        stats = app.state.ledger.stats().await.expect("ledger");
     }
     assert_eq!((stats.spooled, stats.buffered), (15, 0), "records spooled: {stats:?}");
     assert!(stats.store_down);
@@ -113,7 +112,7 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     let mut count = 0;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stats = app.state.ledger.send(GetStats).await.expect("ledger");
+        stats = app.state.ledger.stats().await.expect("ledger");
         count = app.state.usage.usage_record_count(uid).await.unwrap_or(0);
         if stats.spooled == 0 && count == 15 {
             break;
@@ -131,4 +130,78 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     )
     .await;
     assert_eq!(body["used"], 16);
+}
+
+#[actix_web::test]
+async fn a_crashed_ledger_is_restarted_and_loses_no_record() {
+    let mut settings = test_settings(&format!(
+        "sqlite:{}",
+        std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("{}.db", Uuid::new_v4()))
+            .display()
+    ));
+    settings.ledger.flush_interval_ms = 600_000; // records stay in the ledger's memory
+    let app = TestApp::spawn_with(settings).await;
+    let admin = app.admin("ledger-admin@example.com").await;
+    let (id, token) = app.user("crashy-ledger@example.com").await;
+    let uid = Uuid::parse_str(&id).expect("uuid");
+    for _ in 0..5 {
+        expect(
+            app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+    }
+    let mut stats = app.state.ledger.stats().await.expect("ledger");
+    for _ in 0..100 {
+        if stats.buffered == 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = app.state.ledger.stats().await.expect("ledger");
+    }
+    assert_eq!(stats.buffered, 5, "records held in memory: {stats:?}");
+
+    let sup = app.state.ledger.supervisor();
+    sup.do_send(ragchat_actors::ledger::Crash);
+    for _ in 0..200 {
+        if sup.child().restarts() == 1 && sup.addr().connected() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(sup.child().restarts(), 1, "restarted by its supervisor");
+    // Requests keep being served and counted.
+    for _ in 0..3 {
+        expect(
+            app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+    }
+    let mut count = 0;
+    for _ in 0..100 {
+        let _ = app.state.ledger.flush().await;
+        count = app.state.usage.usage_record_count(uid).await.unwrap_or(0);
+        if count == 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count, 8, "the 5 records it held when it died were spooled and replayed");
+
+    let tree = expect(app.get("/admin/actors", Some(&admin)).await, StatusCode::OK).await;
+    let node = tree["supervisors"]
+        .as_array()
+        .and_then(|s| s.iter().find(|n| n["name"] == "billing-ledger"))
+        .cloned()
+        .expect("ledger in the tree");
+    assert_eq!(node["restarts"], 1, "{node}");
+    assert_eq!(node["state"], "running", "{node}");
+    assert!(
+        node["last_error"].as_str().unwrap_or("").contains("crashed on request"),
+        "{node}"
+    );
+    assert!(node["handled"].as_u64().unwrap_or(0) >= 3, "{node}");
 }
