@@ -106,7 +106,12 @@ impl Application {
         let deps = SessionDeps {
             accounts: accounts.clone(),
             usage: sql.usage.clone(),
-            limiter: redis_limits.clone().map(|r| r as Arc<dyn RateLimitStore>),
+            limiter: redis_limits.clone().map(|r| {
+                Arc::new(crate::stores::instrumented::RateLimits {
+                    inner: r,
+                    backend: "redis",
+                }) as Arc<dyn RateLimitStore>
+            }),
             ledger: ledger.clone(),
             plans: plans.clone(),
             config: Arc::new(session_config),

@@ -1,6 +1,6 @@
 //! Store calls timed and counted for /metrics: `store_operation_duration_seconds`
-//! and `store_errors_total` by store, backend and operation. Wraps the
-//! conversation and document stores.
+//! and `store_errors_total` by store, backend and operation. Wraps every store:
+//! accounts and usage (SQL), rate limits (Redis), documents, conversations.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -8,9 +8,19 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use ragchat_actors::chat::{ChatRecord, ChatSession, Cursor};
-use ragchat_actors::domain::Page;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use ragchat_actors::domain::{
+    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
+    User, UserFilter, UserPatch,
+};
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
-use ragchat_actors::ports::{ConversationStore, DocumentStore, StoreError, StoreResult};
+use ragchat_actors::plans::{Period, Resource};
+use ragchat_actors::ports::{
+    AccountStore, ConversationStore, DocumentStore, RateLimitStore, Reservation, StoreError, StoreResult, UsageStore,
+};
+use ragchat_actors::ratelimit::{Decision, Quota};
 use uuid::Uuid;
 
 async fn timed<T>(
@@ -167,3 +177,79 @@ impl DocumentStore for Documents {
         timed("documents", self.backend(), "stored_bytes", self.0.stored_bytes(owner)).await
     }
 }
+
+/// A store of a trait whose methods all answer `StoreResult`, timed method by
+/// method: `timed_store!(Wrapper, Trait, "store"; fn name(&self, arg: Type) -> Ret; ...)`.
+/// The wrapper holds `inner` and the `backend` label.
+macro_rules! timed_store {
+    ($wrapper:ident, $trait:ident, $store:literal; $(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        pub struct $wrapper {
+            pub inner: Arc<dyn $trait>,
+            pub backend: &'static str,
+        }
+
+        #[async_trait]
+        impl $trait for $wrapper {
+            $(async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                timed($store, self.backend, stringify!($name), self.inner.$name($($arg),*)).await
+            })*
+        }
+    };
+}
+
+timed_store!(Usage, UsageStore, "usage";
+    fn try_reserve(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64, limit: u64) -> StoreResult<Reservation>;
+    fn release(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
+    fn force_add(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
+    fn counters(&self, user_id: Uuid, period_start: DateTime<Utc>) -> StoreResult<BTreeMap<Resource, u64>>;
+    fn insert_usage(&self, records: &[UsageRecord]) -> StoreResult<u64>;
+    fn usage_totals(&self, user_id: Uuid, period: Period) -> StoreResult<BTreeMap<Resource, u64>>;
+    fn usage_record_count(&self, user_id: Uuid) -> StoreResult<u64>;
+    fn subscription(&self, user_id: Uuid) -> StoreResult<Option<Subscription>>;
+    fn put_subscription(&self, sub: &Subscription) -> StoreResult<()>;
+    fn insert_invoice(&self, invoice: &Invoice) -> StoreResult<()>;
+    fn invoices(&self, user_id: Uuid) -> StoreResult<Vec<Invoice>>;
+);
+
+timed_store!(RateLimits, RateLimitStore, "ratelimit";
+    fn check(&self, key: &str, quota: Quota, cost: u32) -> StoreResult<Decision>;
+);
+
+/// Accounts, timed (as `timed_store!`, plus the untimed `backend`).
+pub struct Accounts(pub Arc<dyn AccountStore>);
+
+macro_rules! timed_accounts {
+    ($(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        #[async_trait]
+        impl AccountStore for Accounts {
+            fn backend(&self) -> &'static str {
+                self.0.backend()
+            }
+            $(async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                timed("accounts", self.0.backend(), stringify!($name), self.0.$name($($arg),*)).await
+            })*
+        }
+    };
+}
+
+timed_accounts!(
+    fn ping(&self) -> StoreResult<()>;
+    fn create_organization(&self, name: &str) -> StoreResult<Organization>;
+    fn organization(&self, id: Uuid) -> StoreResult<Option<Organization>>;
+    fn create_user(&self, user: NewUser) -> StoreResult<User>;
+    fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>>;
+    fn user_by_email(&self, email: &str) -> StoreResult<Option<User>>;
+    fn list_users(&self, filter: &UserFilter, page: Page) -> StoreResult<(Vec<User>, u64)>;
+    fn update_user(&self, id: Uuid, patch: &UserPatch) -> StoreResult<User>;
+    fn insert_api_key(&self, key: &ApiKey) -> StoreResult<()>;
+    fn list_api_keys(&self, user_id: Uuid) -> StoreResult<Vec<ApiKey>>;
+    fn revoke_api_key(&self, user_id: Uuid, key_id: Uuid) -> StoreResult<bool>;
+    fn use_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKey>>;
+    fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
+    fn consume_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshOutcome>;
+    fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<bool>;
+    fn get_setting(&self, key: &str) -> StoreResult<Option<serde_json::Value>>;
+    fn put_setting(&self, key: &str, value: &serde_json::Value) -> StoreResult<()>;
+    fn record_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    fn audit_for(&self, target_id: Uuid) -> StoreResult<Vec<AuditEntry>>;
+);

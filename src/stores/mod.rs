@@ -8,7 +8,7 @@
 mod accounts;
 mod conversations;
 mod documents;
-mod instrumented;
+pub mod instrumented;
 pub mod redis_limits;
 mod usage;
 
@@ -62,6 +62,16 @@ pub enum ConnectError {
 pub struct SqlStores {
     pub accounts: Arc<dyn AccountStore>,
     pub usage: Arc<dyn UsageStore>,
+}
+
+impl SqlStores {
+    /// Both ports of one SQL store, timed for /metrics.
+    fn timed<S: AccountStore + UsageStore>(store: Arc<S>, backend: &'static str) -> SqlStores {
+        SqlStores {
+            accounts: Arc::new(instrumented::Accounts(store.clone())),
+            usage: Arc::new(instrumented::Usage { inner: store, backend }),
+        }
+    }
 }
 
 /// Opens the account store named by the URL and brings its schema up to date.
@@ -148,11 +158,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<SqlStores, ConnectEr
     if url.starts_with("sqlite:") {
         let pool = sqlite_pool(url, settings.max_connections, acquire).await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        let store = Arc::new(SqliteAccountStore::new(pool));
-        Ok(SqlStores {
-            accounts: store.clone(),
-            usage: store,
-        })
+        Ok(SqlStores::timed(Arc::new(SqliteAccountStore::new(pool)), "sqlite"))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections)
@@ -160,11 +166,7 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<SqlStores, ConnectEr
             .connect(url)
             .await?;
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
-        let store = Arc::new(PostgresAccountStore::new(pool));
-        Ok(SqlStores {
-            accounts: store.clone(),
-            usage: store,
-        })
+        Ok(SqlStores::timed(Arc::new(PostgresAccountStore::new(pool)), "postgres"))
     } else {
         Err(ConnectError::UnsupportedUrl(url.to_string()))
     }

@@ -110,7 +110,12 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
         }
         assert_eq!(sample(&text, "ratelimit_redis_fallback_active", &[]), Some(0.0));
         // Store calls, by store, backend and operation.
-        for (store, op) in [("conversations", "sessions"), ("documents", "document")] {
+        for (store, op) in [
+            ("conversations", "sessions"),
+            ("documents", "document"),
+            ("accounts", "user_by_email"),
+            ("usage", "try_reserve"),
+        ] {
             let timed = sample(
                 &text,
                 "store_operation_duration_seconds_count",
@@ -122,5 +127,23 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
             );
             assert!(timed.is_some_and(|n| n >= 1.0), "{store}.{op} missing:\n{text}");
         }
+        // Actors, by kind: mailbox depth, messages handled, waits and handling times.
+        for kind in ["user-session", "billing-ledger", "retrieval"] {
+            let label = format!("actor=\"{kind}\"");
+            assert!(
+                sample(&text, "actor_mailbox_depth", &[&label]).is_some(),
+                "{kind} depth missing:\n{text}"
+            );
+            assert!(sample(&text, "actor_messages_handled_total", &[&label]).is_some());
+        }
+        let handled = sample(&text, "actor_messages_handled_total", &["actor=\"user-session\""]);
+        assert!(handled.is_some_and(|n| n >= 3.0), "{text}");
+        assert!(sample(
+            &text,
+            "actor_message_handling_seconds_count",
+            &["actor=\"user-session\""]
+        )
+        .is_some_and(|n| n >= 3.0));
+        assert!(sample(&text, "actor_mailbox_wait_seconds_count", &["actor=\"user-session\""]).is_some());
     }
 }
