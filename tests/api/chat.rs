@@ -12,7 +12,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::helpers::{expect, model_settings, models_dir, TestApp};
+use crate::fault_proxy::FaultProxy;
+use crate::helpers::{expect, model_settings, models_dir, service_url, TestApp};
 
 /// A server with models, three global documents (one about a made-up protocol
 /// that only the knowledge base can know), an admin and a user.
@@ -629,4 +630,107 @@ async fn answers_go_on_without_sources_history_or_saving_when_those_fail() {
         3,
         "three answers given, three counted"
     );
+}
+
+fn warnings_of(r: &Value) -> Vec<String> {
+    r["warnings"]
+        .as_array()
+        .map(|w| w.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// MongoDB (FerretDB) and the CQL server (Cassandra) of scripts/services.sh go
+/// away under a running server (through a proxy that cuts every connection, so
+/// the shared servers stay up for other tests) and come back.
+#[actix_web::test]
+async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_they_are_back() {
+    let (Some(mongo), Some(cql)) = (service_url("MONGODB_URL"), service_url("SCYLLA_URL")) else {
+        return;
+    };
+    let Some(dir) = models_dir() else { return };
+    let mongo_addr = mongo.trim_start_matches("mongodb://").trim_end_matches('/').to_string();
+    let (mongo_proxy, cql_proxy) = (FaultProxy::start(&mongo_addr), FaultProxy::start(cql.trim()));
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut settings = model_settings(&dir);
+    settings.knowledge.mongodb_url = format!("mongodb://127.0.0.1:{}", mongo_proxy.port);
+    settings.knowledge.mongodb_database = format!("faults_{tag}");
+    settings.chat.scylla_nodes = format!("127.0.0.1:{}", cql_proxy.port);
+    settings.chat.scylla_keyspace = format!("faults_{tag}");
+    let app = TestApp::spawn_with(settings).await;
+    let admin = app.admin(&format!("faults-admin-{tag}@example.com")).await;
+    let zorblax = "The Zorblax protocol is a messaging protocol for weather balloons. It listens on port 7431.";
+    expect(
+        app.post_json(
+            "/knowledge/documents",
+            &json!({"title": "Zorblax protocol", "content": zorblax, "visibility": "global"}),
+            Some(&admin),
+        )
+        .await,
+        StatusCode::CREATED,
+    )
+    .await;
+    let (user_id, token) = app.user(&format!("faults-{tag}@example.com")).await;
+    let question = json!({"message": "Which port does the Zorblax protocol listen on?", "max_tokens": 8});
+    let first = expect(app.post_json("/chat/message", &question, Some(&token)).await, StatusCode::OK).await;
+    assert!(warnings_of(&first).is_empty(), "{first}");
+    assert_eq!(first["response_type"], "rag_enhanced", "{first}");
+    let session = first["session_id"].clone();
+
+    mongo_proxy.cut();
+    cql_proxy.cut();
+    // Readiness says which stores are down.
+    let ready = app.get("/ready", None).await;
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready: Value = ready.json().await.expect("json");
+    assert_ne!(ready["stores"]["documents"]["status"], "ok", "{ready}");
+    assert_ne!(ready["stores"]["conversations"]["status"], "ok", "{ready}");
+    // Chat answers: without its history (and unsaved), and says so. Sources
+    // still come: the search index lives in the server, not in MongoDB.
+    let mut again = question.clone();
+    again["session_id"] = session.clone();
+    let r = expect(app.post_json("/chat/message", &again, Some(&token)).await, StatusCode::OK).await;
+    let w = warnings_of(&r);
+    assert!(w.iter().any(|w| w.contains("history")), "{r}");
+    assert!(w.iter().any(|w| w.contains("not saved")), "{r}");
+    assert!(r["answer"].as_str().is_some_and(|a| !a.is_empty()), "{r}");
+    assert_eq!(r["sources"][0]["title"], "Zorblax protocol", "{r}");
+    // A new conversation too; and without RAG it is generation_only.
+    let mut plain = question.clone();
+    plain["enable_rag"] = json!(false);
+    let r = expect(app.post_json("/chat/message", &plain, Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(r["response_type"], "generation_only", "{r}");
+    assert!(warnings_of(&r).iter().any(|w| w.contains("not saved")), "{r}");
+    // What needs the stores answers 503 with a reason, not 500.
+    let resp = app.get("/chat/sessions", Some(&token)).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let resp = app
+        .post_json(
+            "/knowledge/documents",
+            &json!({"title": "Later", "content": "Written while MongoDB is down."}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(resp.json::<Value>().await.expect("json")["detail"].is_string());
+
+    // Back: history and saving resume.
+    mongo_proxy.restore();
+    cql_proxy.restore();
+    let mut recovered = None;
+    let mut answered = 3;
+    for _ in 0..60 {
+        let r = expect(app.post_json("/chat/message", &again, Some(&token)).await, StatusCode::OK).await;
+        answered += 1;
+        if warnings_of(&r).is_empty() {
+            recovered = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = recovered.expect("the stores came back");
+    assert_eq!(r["session_id"], session);
+    let ready = app.get("/ready", None).await;
+    assert_eq!(ready.status(), StatusCode::OK);
+    // Every answer was counted once, whether it was saved or not.
+    assert_eq!(usage_records(&app, &user_id, answered).await, answered);
 }

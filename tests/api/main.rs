@@ -10,6 +10,7 @@ mod cli;
 mod conversation_store;
 mod document_store;
 mod errors;
+mod fault_proxy;
 mod helpers;
 mod knowledge;
 mod ledger;
