@@ -613,6 +613,7 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
     settings.redis.url = format!("redis://127.0.0.1:{port}");
     settings.redis.timeout_ms = 200;
     settings.redis.breaker_cooldown_ms = 300;
+    settings.rate_limits.chat.limit = 20; // per minute
     let app = TestApp::spawn_with(settings).await;
     let admin = app.admin("redis-admin@example.com").await;
     let (id, token) = app.user("redis-user@example.com").await;
@@ -629,18 +630,54 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
     let ttl: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await.expect("pttl");
     assert!(ttl > 0, "the limit lives in Redis with an expiry");
 
-    assert!(services("stop").status.success());
-    for _ in 0..5 {
-        let resp = probe(&app, "chat", &token).await;
-        assert_eq!(resp.status(), StatusCode::OK, "no 5xx while Redis is down");
-    }
-    assert!(limiter.fallback_active());
+    // Killed under load: four clients keep calling while Redis goes away.
+    let redis_pid: String = std::fs::read_to_string(dir.join("run/redis.pid")).unwrap_or_default();
+    let killer = {
+        let pid = redis_pid.trim().to_string();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            std::process::Command::new("kill").args(["-9", &pid]).status()
+        })
+    };
+    let clients = (0..4).map(|_| async {
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            seen.push(probe(&app, "chat", &token).await.status());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        seen
+    });
+    let statuses: Vec<StatusCode> = futures_util::future::join_all(clients)
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        killer.join().expect("kill").is_ok_and(|s| s.success()),
+        "redis killed (pid {redis_pid:?})"
+    );
+    assert!(limiter.fallback_active(), "on the in-memory limits");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::TOO_MANY_REQUESTS),
+        "no 5xx while Redis is down: {statuses:?}"
+    );
+    // The limit held across the switch: 5 admitted before, 15 more, then refusals.
+    let admitted = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+    assert_eq!(admitted, 15, "{statuses:?}");
+    expect(probe(&app, "chat", &token).await, StatusCode::TOO_MANY_REQUESTS).await;
 
+    // Redis restarted (empty: it keeps no data): checks go back to it.
     assert!(services("start").status.success());
     tokio::time::sleep(Duration::from_millis(400)).await; // the breaker's cooldown
     let mut back = false;
-    for _ in 0..20 {
-        expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
+    for _ in 0..30 {
+        let status = probe(&app, "chat", &token).await.status();
+        assert!(
+            status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS,
+            "{status}"
+        );
         if !limiter.fallback_active() {
             back = true;
             break;

@@ -671,7 +671,11 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     .await;
     let (user_id, token) = app.user(&format!("faults-{tag}@example.com")).await;
     let question = json!({"message": "Which port does the Zorblax protocol listen on?", "max_tokens": 8});
-    let first = expect(app.post_json("/chat/message", &question, Some(&token)).await, StatusCode::OK).await;
+    let first = expect(
+        app.post_json("/chat/message", &question, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
     assert!(warnings_of(&first).is_empty(), "{first}");
     assert_eq!(first["response_type"], "rag_enhanced", "{first}");
     let session = first["session_id"].clone();
@@ -688,7 +692,11 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     // still come: the search index lives in the server, not in MongoDB.
     let mut again = question.clone();
     again["session_id"] = session.clone();
-    let r = expect(app.post_json("/chat/message", &again, Some(&token)).await, StatusCode::OK).await;
+    let r = expect(
+        app.post_json("/chat/message", &again, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
     let w = warnings_of(&r);
     assert!(w.iter().any(|w| w.contains("history")), "{r}");
     assert!(w.iter().any(|w| w.contains("not saved")), "{r}");
@@ -697,7 +705,11 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     // A new conversation too; and without RAG it is generation_only.
     let mut plain = question.clone();
     plain["enable_rag"] = json!(false);
-    let r = expect(app.post_json("/chat/message", &plain, Some(&token)).await, StatusCode::OK).await;
+    let r = expect(
+        app.post_json("/chat/message", &plain, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
     assert_eq!(r["response_type"], "generation_only", "{r}");
     assert!(warnings_of(&r).iter().any(|w| w.contains("not saved")), "{r}");
     // What needs the stores answers 503 with a reason, not 500.
@@ -719,7 +731,11 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     let mut recovered = None;
     let mut answered = 3;
     for _ in 0..60 {
-        let r = expect(app.post_json("/chat/message", &again, Some(&token)).await, StatusCode::OK).await;
+        let r = expect(
+            app.post_json("/chat/message", &again, Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
         answered += 1;
         if warnings_of(&r).is_empty() {
             recovered = Some(r);

@@ -87,7 +87,11 @@ impl FaultProxy {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("proxy on {} did not turn {}", self.port, if want { "up" } else { "down" });
+        panic!(
+            "proxy on {} did not turn {}",
+            self.port,
+            if want { "up" } else { "down" }
+        );
     }
 
     /// The server goes away: open connections are closed, new ones refused.

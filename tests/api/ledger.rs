@@ -74,7 +74,7 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     let pg = PrivatePostgres::start();
     let mut settings = test_settings(&pg.url);
     settings.ledger.flush_interval_ms = 1000; // records wait in memory when PG stops
-    settings.database.acquire_timeout_ms = 500;
+                                              // The default `database.acquire_timeout_ms`: the 503 comes within a second.
     let app = TestApp::spawn_with(settings).await;
     let (id, token) = app.user("ledger@example.com").await;
     let uid = Uuid::parse_str(&id).expect("uuid");
@@ -105,7 +105,7 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     let started = std::time::Instant::now();
     let resp = app.post_json("/billing/probe/api", &json!({}), Some(&token)).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(1), "{:?}", started.elapsed());
 
     let out = pg.services("start");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
