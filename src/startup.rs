@@ -143,17 +143,38 @@ impl Application {
         let started = std::time::Instant::now();
         let retrieval = crate::knowledge::retrieval::Retrieval::supervised(index_dir, documents.clone())
             .map_err(StartupError::Other)?;
-        let synced = crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval.addr())
-            .await
-            .map_err(|e| StartupError::Other(format!("loading the search index: {e}")))?;
-        tracing::info!(
-            kept = synced.kept,
-            added = synced.added,
-            removed = synced.removed,
-            seconds = started.elapsed().as_secs_f64(),
-            backend = documents.backend(),
-            "search index ready"
-        );
+        // The index comes from its snapshot, then catches up with the store; a
+        // store unreachable now is caught up with once it answers.
+        match crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval.addr()).await {
+            Ok(synced) => tracing::info!(
+                kept = synced.kept,
+                added = synced.added,
+                removed = synced.removed,
+                seconds = started.elapsed().as_secs_f64(),
+                backend = documents.backend(),
+                "search index ready"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "search index not caught up with the document store: retrying in the background");
+                let (documents, retrieval) = (documents.clone(), retrieval.clone());
+                actix::spawn(async move {
+                    let mut wait = Duration::from_secs(1);
+                    loop {
+                        tokio::time::sleep(wait).await;
+                        match crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval.addr()).await {
+                            Ok(s) => {
+                                tracing::info!(added = s.added, removed = s.removed, "search index caught up");
+                                return;
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "search index still not caught up");
+                                wait = (wait * 2).min(Duration::from_secs(30));
+                            }
+                        }
+                    }
+                });
+            }
+        }
         let ingestor = embedder.clone().and_then(|embedder| {
             let path = std::path::Path::new(&settings.models.embedding_dir).join("tokenizer.json");
             match crate::knowledge::chunking::Chunker::load(&path, k.chunk_tokens, k.chunk_overlap) {

@@ -46,137 +46,90 @@ async fn timed<T>(
     result
 }
 
-pub struct Conversations(pub Arc<dyn ConversationStore>);
+/// A store that may not be connected yet: its calls answer `Unavailable` until
+/// a connection made in the background fills it (a store unreachable when the
+/// server starts does not keep the server from starting).
+pub struct Slot<S: ?Sized> {
+    pub backend: &'static str,
+    store: std::sync::OnceLock<Arc<S>>,
+    why: std::sync::Mutex<String>,
+}
 
-#[async_trait]
-impl ConversationStore for Conversations {
-    fn backend(&self) -> &'static str {
-        self.0.backend()
+impl<S: ?Sized> Slot<S> {
+    pub fn ready(backend: &'static str, store: Arc<S>) -> Arc<Self> {
+        let slot = Self::pending(backend, String::new());
+        let _ = slot.store.set(store);
+        slot
     }
-    async fn ping(&self) -> StoreResult<()> {
-        timed("conversations", self.backend(), "ping", self.0.ping()).await
+
+    pub fn pending(backend: &'static str, why: String) -> Arc<Self> {
+        Arc::new(Slot {
+            backend,
+            store: std::sync::OnceLock::new(),
+            why: std::sync::Mutex::new(why),
+        })
     }
-    async fn create_session(&self, session: &ChatSession) -> StoreResult<()> {
-        timed(
-            "conversations",
-            self.backend(),
-            "create_session",
-            self.0.create_session(session),
-        )
-        .await
+
+    pub fn get(&self) -> StoreResult<&Arc<S>> {
+        self.store.get().ok_or_else(|| {
+            let why = match self.why.lock() {
+                Ok(g) => g.clone(),
+                Err(p) => p.into_inner().clone(),
+            };
+            StoreError::Unavailable(format!("{} is not connected yet: {why}", self.backend))
+        })
     }
-    async fn session(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<Option<ChatSession>> {
-        timed(
-            "conversations",
-            self.backend(),
-            "session",
-            self.0.session(user_id, session_id),
-        )
-        .await
+
+    pub fn fill(&self, store: Arc<S>) {
+        let _ = self.store.set(store);
     }
-    async fn sessions(&self, user_id: Uuid, page: Page) -> StoreResult<(Vec<ChatSession>, u64)> {
-        timed(
-            "conversations",
-            self.backend(),
-            "sessions",
-            self.0.sessions(user_id, page),
-        )
-        .await
-    }
-    async fn append(&self, user_id: Uuid, session_id: Uuid, messages: &[ChatRecord]) -> StoreResult<()> {
-        timed(
-            "conversations",
-            self.backend(),
-            "append",
-            self.0.append(user_id, session_id, messages),
-        )
-        .await
-    }
-    async fn messages(
-        &self,
-        user_id: Uuid,
-        session_id: Uuid,
-        before: Option<Cursor>,
-        limit: u32,
-    ) -> StoreResult<Vec<ChatRecord>> {
-        timed(
-            "conversations",
-            self.backend(),
-            "messages",
-            self.0.messages(user_id, session_id, before, limit),
-        )
-        .await
-    }
-    async fn delete_session(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<bool> {
-        timed(
-            "conversations",
-            self.backend(),
-            "delete_session",
-            self.0.delete_session(user_id, session_id),
-        )
-        .await
+
+    pub fn failed(&self, why: String) {
+        match self.why.lock() {
+            Ok(mut g) => *g = why,
+            Err(p) => *p.into_inner() = why,
+        }
     }
 }
 
-pub struct Documents(pub Arc<dyn DocumentStore>);
+/// As `timed_store!`, for a store behind a [`Slot`].
+macro_rules! timed_slot_store {
+    ($wrapper:ident, $trait:ident, $store:literal; $(fn $name:ident(&self $(, $arg:ident: $ty:ty)*) -> $ret:ty;)*) => {
+        pub struct $wrapper(pub Arc<Slot<dyn $trait>>);
 
-#[async_trait]
-impl DocumentStore for Documents {
-    fn backend(&self) -> &'static str {
-        self.0.backend()
-    }
-    async fn ping(&self) -> StoreResult<()> {
-        timed("documents", self.backend(), "ping", self.0.ping()).await
-    }
-    async fn insert_document(&self, doc: &Document, chunks: &[Chunk]) -> StoreResult<()> {
-        timed(
-            "documents",
-            self.backend(),
-            "insert_document",
-            self.0.insert_document(doc, chunks),
-        )
-        .await
-    }
-    async fn document(&self, id: Uuid) -> StoreResult<Option<Document>> {
-        timed("documents", self.backend(), "document", self.0.document(id)).await
-    }
-    async fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>> {
-        timed(
-            "documents",
-            self.backend(),
-            "document_by_hash",
-            self.0.document_by_hash(owner, content_hash),
-        )
-        .await
-    }
-    async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)> {
-        timed(
-            "documents",
-            self.backend(),
-            "list_documents",
-            self.0.list_documents(reader, page),
-        )
-        .await
-    }
-    async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>> {
-        timed("documents", self.backend(), "chunks", self.0.chunks(document_id)).await
-    }
-    async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>> {
-        timed("documents", self.backend(), "document_ids", self.0.document_ids(owner)).await
-    }
-    async fn delete_document(&self, id: Uuid) -> StoreResult<bool> {
-        timed(
-            "documents",
-            self.backend(),
-            "delete_document",
-            self.0.delete_document(id),
-        )
-        .await
-    }
-    async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64> {
-        timed("documents", self.backend(), "stored_bytes", self.0.stored_bytes(owner)).await
-    }
+        #[async_trait]
+        impl $trait for $wrapper {
+            fn backend(&self) -> &'static str {
+                self.0.backend
+            }
+            $(async fn $name(&self $(, $arg: $ty)*) -> $ret {
+                timed($store, self.0.backend, stringify!($name), async { self.0.get()?.$name($($arg),*).await }).await
+            })*
+        }
+    };
 }
+
+timed_slot_store!(Conversations, ConversationStore, "conversations";
+    fn ping(&self) -> StoreResult<()>;
+    fn create_session(&self, session: &ChatSession) -> StoreResult<()>;
+    fn session(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<Option<ChatSession>>;
+    fn sessions(&self, user_id: Uuid, page: Page) -> StoreResult<(Vec<ChatSession>, u64)>;
+    fn append(&self, user_id: Uuid, session_id: Uuid, messages: &[ChatRecord]) -> StoreResult<()>;
+    fn messages(&self, user_id: Uuid, session_id: Uuid, before: Option<Cursor>, limit: u32) -> StoreResult<Vec<ChatRecord>>;
+    fn delete_session(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<bool>;
+);
+
+timed_slot_store!(Documents, DocumentStore, "documents";
+    fn ping(&self) -> StoreResult<()>;
+    fn insert_document(&self, doc: &Document, chunks: &[Chunk]) -> StoreResult<()>;
+    fn document(&self, id: Uuid) -> StoreResult<Option<Document>>;
+    fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>>;
+    fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)>;
+    fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>>;
+    fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>>;
+    fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
+    fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64>;
+);
 
 /// A store of a trait whose methods all answer `StoreResult`, timed method by
 /// method: `timed_store!(Wrapper, Trait, "store"; fn name(&self, arg: Type) -> Ret; ...)`.

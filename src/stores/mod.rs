@@ -106,49 +106,104 @@ pub(crate) async fn sqlite_pool(
 }
 
 /// Opens the knowledge base's document store: MongoDB when `mongodb_url` is set,
-/// otherwise the embedded SQLite file at `sqlite_url` (migrated).
+/// otherwise the embedded SQLite file at `sqlite_url` (migrated). A MongoDB that
+/// cannot be reached does not stop the server: the store answers `Unavailable`
+/// while it is connected in the background.
 pub async fn connect_documents(
     mongodb_url: Option<&str>,
     mongodb_database: &str,
     sqlite_url: &str,
 ) -> Result<Arc<dyn DocumentStore>, ConnectError> {
-    let store: Arc<dyn DocumentStore> = match mongodb_url {
-        Some(url) => Arc::new(
-            MongoDocumentStore::connect(url, mongodb_database)
-                .await
-                .map_err(|e| ConnectError::Store(e.to_string()))?,
-        ),
+    let slot: Arc<instrumented::Slot<dyn DocumentStore>> = match mongodb_url {
+        Some(url) => {
+            let (url, db) = (url.to_string(), mongodb_database.to_string());
+            in_background("mongodb", move || {
+                let (url, db) = (url.clone(), db.clone());
+                async move {
+                    MongoDocumentStore::connect(&url, &db)
+                        .await
+                        .map(|s| Arc::new(s) as Arc<dyn DocumentStore>)
+                }
+            })
+            .await?
+        }
         None => {
             let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
             sqlx::migrate!("./migrations/knowledge").run(&pool).await?;
-            Arc::new(SqliteDocumentStore::new(pool))
+            instrumented::Slot::ready("sqlite", Arc::new(SqliteDocumentStore::new(pool)))
         }
     };
-    Ok(Arc::new(instrumented::Documents(store)))
+    Ok(Arc::new(instrumented::Documents(slot)))
+}
+
+/// Connects now if it can. If the store is unreachable (not misconfigured:
+/// that fails here), returns a pending slot and keeps trying in the background
+/// (1 s, doubling to 30 s), logging each failure.
+async fn in_background<S, F, Fut>(backend: &'static str, connect: F) -> Result<Arc<instrumented::Slot<S>>, ConnectError>
+where
+    S: ?Sized + Send + Sync + 'static,
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Arc<S>, StoreError>> + Send,
+{
+    let first = match connect().await {
+        Ok(store) => return Ok(instrumented::Slot::ready(backend, store)),
+        Err(StoreError::Unavailable(e)) => e,
+        Err(e) => return Err(ConnectError::Store(e.to_string())),
+    };
+    tracing::error!(backend, error = %first, "store unreachable at start: serving without it, connecting in the background");
+    let slot = instrumented::Slot::pending(backend, first);
+    let filling = slot.clone();
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            tokio::time::sleep(wait).await;
+            match connect().await {
+                Ok(store) => {
+                    filling.fill(store);
+                    tracing::info!(backend, "store connected");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(backend, error = %e, "store still unreachable");
+                    filling.failed(e.to_string());
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+    });
+    Ok(slot)
 }
 
 /// Opens the conversation store: ScyllaDB/Cassandra when `scylla_nodes` is set
-/// (keyspace and tables created when missing), otherwise the embedded SQLite
-/// file at `sqlite_url` (migrated).
+/// (keyspace and tables created when missing; connected in the background when
+/// unreachable at start), otherwise the embedded SQLite file at `sqlite_url`
+/// (migrated).
 pub async fn connect_conversations(
     scylla_nodes: Option<&str>,
     keyspace: &str,
     replication: u32,
     sqlite_url: &str,
 ) -> Result<Arc<dyn ConversationStore>, ConnectError> {
-    let store: Arc<dyn ConversationStore> = match scylla_nodes {
-        Some(nodes) => Arc::new(
-            ScyllaConversationStore::connect(nodes, keyspace, replication)
-                .await
-                .map_err(|e| ConnectError::Store(e.to_string()))?,
-        ),
+    let slot: Arc<instrumented::Slot<dyn ConversationStore>> = match scylla_nodes {
+        Some(nodes) => {
+            let (nodes, ks) = (nodes.to_string(), keyspace.to_string());
+            in_background("scylla", move || {
+                let (nodes, ks) = (nodes.clone(), ks.clone());
+                async move {
+                    ScyllaConversationStore::connect(&nodes, &ks, replication)
+                        .await
+                        .map(|s| Arc::new(s) as Arc<dyn ConversationStore>)
+                }
+            })
+            .await?
+        }
         None => {
             let pool = sqlite_pool(sqlite_url, 8, Duration::from_secs(5)).await?;
             sqlx::migrate!("./migrations/chat").run(&pool).await?;
-            Arc::new(SqliteConversationStore::new(pool))
+            instrumented::Slot::ready("sqlite", Arc::new(SqliteConversationStore::new(pool)))
         }
     };
-    Ok(Arc::new(instrumented::Conversations(store)))
+    Ok(Arc::new(instrumented::Conversations(slot)))
 }
 
 /// Opens the SQL database named by the URL (migrating it) and returns its ports.

@@ -656,7 +656,7 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     settings.knowledge.mongodb_database = format!("faults_{tag}");
     settings.chat.scylla_nodes = format!("127.0.0.1:{}", cql_proxy.port);
     settings.chat.scylla_keyspace = format!("faults_{tag}");
-    let app = TestApp::spawn_with(settings).await;
+    let app = TestApp::spawn_with(settings.clone()).await;
     let admin = app.admin(&format!("faults-admin-{tag}@example.com")).await;
     let zorblax = "The Zorblax protocol is a messaging protocol for weather balloons. It listens on port 7431.";
     expect(
@@ -725,11 +725,31 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(resp.json::<Value>().await.expect("json")["detail"].is_string());
 
+    // A server started while both are down starts (and says it is not ready).
+    settings.knowledge.index_dir = std::env::temp_dir()
+        .join("ragchat-tests")
+        .join(format!("index-{tag}-second"))
+        .display()
+        .to_string();
+    settings.ledger.spool_path = format!("{}.second", settings.ledger.spool_path);
+    let second = TestApp::spawn_with(settings).await;
+    assert_eq!(
+        second.get("/ready", None).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let r = expect(
+        second.post_json("/chat/message", &question, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert!(warnings_of(&r).iter().any(|w| w.contains("not saved")), "{r}");
+    assert_eq!(r["response_type"], "generation_only", "its index is still empty: {r}");
+
     // Back: history and saving resume.
     mongo_proxy.restore();
     cql_proxy.restore();
     let mut recovered = None;
-    let mut answered = 3;
+    let mut answered = 4;
     for _ in 0..60 {
         let r = expect(
             app.post_json("/chat/message", &again, Some(&token)).await,
@@ -747,6 +767,24 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     assert_eq!(r["session_id"], session);
     let ready = app.get("/ready", None).await;
     assert_eq!(ready.status(), StatusCode::OK);
+    // The second server connects to both and its index catches up from MongoDB.
+    let mut caught_up = None;
+    for _ in 0..80 {
+        let r = expect(
+            second.post_json("/chat/message", &question, Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+        answered += 1;
+        if warnings_of(&r).is_empty() && r["response_type"] == "rag_enhanced" {
+            caught_up = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = caught_up.expect("the second server connected and caught up");
+    assert_eq!(r["sources"][0]["title"], "Zorblax protocol", "{r}");
+    assert_eq!(second.get("/ready", None).await.status(), StatusCode::OK);
     // Every answer was counted once, whether it was saved or not.
     assert_eq!(usage_records(&app, &user_id, answered).await, answered);
 }
