@@ -23,7 +23,7 @@ use crate::session::{
     Admit, Complete, Permit, Rejection, Release, ReleaseStorage, Reload, ReserveStorage, SessionDeps, SessionExit,
     StorageGrant, UserSession,
 };
-use crate::supervision::SendTracked;
+use crate::supervision::{RestartPolicy, SendTracked};
 
 const SHARDS: usize = 16;
 
@@ -43,6 +43,7 @@ pub struct SessionRegistry {
     created: AtomicU64,
     evicted: AtomicU64,
     restarted: AtomicU64,
+    storms: Mutex<RestartPolicy>,
     me: Weak<SessionRegistry>,
 }
 
@@ -74,6 +75,12 @@ impl SessionRegistry {
             created: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             restarted: AtomicU64::new(0),
+            storms: Mutex::new(RestartPolicy::new(
+                Duration::from_secs(60),
+                Duration::ZERO,
+                Duration::ZERO,
+                10,
+            )),
             me: me.clone(),
         })
     }
@@ -94,9 +101,7 @@ impl SessionRegistry {
                 return addr.clone();
             }
             // Still registered but its mailbox is gone: it died without stopping.
-            self.restarted.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("supervisor_restarts_total", "child" => "user-session").increment(1);
-            tracing::warn!(user = %user_id, "session died; restarting it");
+            self.note_restart(user_id, "session died; restarting it");
         }
         let deps = self.deps.clone();
         let exit: Arc<dyn SessionExit> = Arc::new(Exit(self.me.clone()));
@@ -107,6 +112,19 @@ impl SessionRegistry {
         addr
     }
 
+    /// Counts a session restart (in metrics too) and logs it; many within a
+    /// minute, across users, are logged as a restart storm. Sessions restart on
+    /// the user's next request, with no backoff: the request is waiting.
+    fn note_restart(&self, user_id: Uuid, what: &str) {
+        self.restarted.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(user = %user_id, "{what}");
+        let mut storms = match self.storms.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let _ = storms.note_restart("user-session");
+    }
+
     /// Removes a stopped session, unless a newer one already took its place.
     fn forget(&self, user_id: Uuid, addr: &Addr<UserSession>, crashed: bool) {
         let mut shard = self.shard(&user_id);
@@ -114,9 +132,7 @@ impl SessionRegistry {
             shard.remove(&user_id);
             if crashed {
                 // The next request starts a fresh session (state reloaded from the stores).
-                self.restarted.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("supervisor_restarts_total", "child" => "user-session").increment(1);
-                tracing::warn!(user = %user_id, "session crashed; it restarts on the next request");
+                self.note_restart(user_id, "session crashed; it restarts on the next request");
             } else {
                 self.evicted.fetch_add(1, Ordering::Relaxed);
             }
