@@ -364,7 +364,8 @@ impl Child {
             tracing::error!(child = self.name, error = %why, "supervised actor died");
             self.last_error.note(why);
         } else {
-            tracing::warn!(child = self.name, "supervised actor stopped");
+            // Also at every shutdown: not a warning.
+            tracing::info!(child = self.name, "supervised actor stopped");
         }
         self.exited.notify_one();
     }
