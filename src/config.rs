@@ -119,6 +119,10 @@ pub struct KnowledgeSettings {
 pub struct MetricsSettings {
     #[serde(default)]
     pub token: Secret,
+    /// A separate host:port serving only /metrics, without credentials (keep it
+    /// private to the network). Empty: none.
+    #[serde(default)]
+    pub bind: String,
 }
 
 /// Chat: where conversations live and how answers are made.

@@ -40,6 +40,8 @@ pub struct Application {
     port: u16,
     server: Server,
     state: AppState,
+    /// The `metrics.bind` server (already running) and its port.
+    metrics: Option<(u16, actix_web::dev::ServerHandle)>,
 }
 
 impl Application {
@@ -231,7 +233,18 @@ impl Application {
             .listen(listener)
             .map_err(|e| StartupError::Other(e.to_string()))?
             .run();
-        Ok(Application { port, server, state })
+        let metrics = metrics_server(&settings, &state)?;
+        Ok(Application {
+            port,
+            server,
+            state,
+            metrics,
+        })
+    }
+
+    /// The port of the `metrics.bind` server, when one is configured.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(|(p, _)| *p)
     }
 
     pub fn port(&self) -> u16 {
@@ -253,6 +266,9 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let ledger = self.state.ledger.clone();
         let result = self.server.await;
+        if let Some((_, metrics)) = &self.metrics {
+            metrics.stop(true).await;
+        }
         let stats = flush_ledger(&ledger).await;
         tracing::info!(
             written = stats.written,
@@ -262,6 +278,43 @@ impl Application {
         );
         result
     }
+}
+
+/// Starts the `metrics.bind` server (one worker, `GET /metrics` only, no
+/// credentials) when configured.
+fn metrics_server(
+    settings: &Settings,
+    state: &AppState,
+) -> Result<Option<(u16, actix_web::dev::ServerHandle)>, StartupError> {
+    let addr = settings.metrics.bind.trim();
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = TcpListener::bind(addr).map_err(|e| StartupError::Bind(addr.to_string(), e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| StartupError::Bind(addr.to_string(), e))?
+        .port();
+    let data = actix_web::web::Data::new(state.clone());
+    let server = HttpServer::new(move || {
+        App::new().app_data(data.clone()).route(
+            "/metrics",
+            actix_web::web::get().to(http::metrics::metrics_on_private_address),
+        )
+    })
+    .workers(1)
+    .disable_signals()
+    .listen(listener)
+    .map_err(|e| StartupError::Other(e.to_string()))?
+    .run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    tracing::info!(
+        address = addr,
+        port,
+        "metrics served without credentials on a separate address"
+    );
+    Ok(Some((port, handle)))
 }
 
 /// Flushes the ledger until nothing is left in memory (records either reached the

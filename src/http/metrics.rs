@@ -12,7 +12,9 @@
 //! Restarts of every supervised child: `supervisor_restarts_total{child}`.
 //!
 //! Access: `Authorization: Bearer <metrics.token>` when `metrics.token` is set
-//! (for a Prometheus scraper), or a superuser's JWT / API key.
+//! (for a Prometheus scraper), or a superuser's JWT / API key. Or, with
+//! `metrics.bind` set, without credentials on that separate address (serving
+//! /metrics only), which the network must keep private.
 
 use std::sync::atomic::Ordering;
 use std::sync::OnceLock;
@@ -184,8 +186,17 @@ async fn sample(state: &AppState) {
     responses((status = 200, description = "Prometheus text format"), (status = 401), (status = 403), (status = 503)))]
 pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     allowed(&req, &state).await?;
+    render(&state).await
+}
+
+/// `/metrics` on the separate `metrics.bind` address: no credentials.
+pub async fn metrics_on_private_address(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    render(&state).await
+}
+
+async fn render(state: &AppState) -> Result<HttpResponse, ApiError> {
     let handle = handle().ok_or_else(|| ApiError::Unavailable("metrics are not recorded in this process".into()))?;
-    sample(&state).await;
+    sample(state).await;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(handle.render()))

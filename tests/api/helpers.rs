@@ -95,6 +95,8 @@ pub struct TestApp {
     pub client: Client,
     pub accounts: Arc<dyn AccountStore>,
     pub state: ragchat::http::AppState,
+    /// The `metrics.bind` server's port, when configured.
+    pub metrics_port: Option<u16>,
     handle: actix_web::dev::ServerHandle,
 }
 
@@ -122,6 +124,7 @@ impl TestApp {
         let address = format!("http://127.0.0.1:{}", app.port());
         let accounts = app.state().accounts.clone();
         let state = app.state().clone();
+        let metrics_port = app.metrics_port();
         let server = app.into_server();
         let handle = server.handle();
         actix_web::rt::spawn(server);
@@ -133,6 +136,7 @@ impl TestApp {
                 .expect("client"),
             accounts,
             state,
+            metrics_port,
             handle,
         }
     }

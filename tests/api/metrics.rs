@@ -147,3 +147,42 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
         assert!(sample(&text, "actor_mailbox_wait_seconds_count", &["actor=\"user-session\""]).is_some());
     }
 }
+
+#[actix_web::test]
+async fn a_separate_metrics_address_serves_only_metrics_without_credentials() {
+    let mut settings = test_settings(&format!(
+        "sqlite:{}",
+        std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("{}.db", Uuid::new_v4()))
+            .display()
+    ));
+    settings.metrics.bind = "127.0.0.1:0".into();
+    let app = TestApp::spawn_with(settings).await;
+    let port = app.metrics_port.expect("metrics server started");
+    assert_ne!(format!("http://127.0.0.1:{port}"), app.address);
+    expect(app.get("/health", None).await, StatusCode::OK).await;
+
+    let private = format!("http://127.0.0.1:{port}");
+    let resp = app
+        .client
+        .get(format!("{private}/metrics"))
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.expect("text");
+    assert!(
+        sample(&text, "http_requests_total", &["route=\"/health\""]).is_some(),
+        "{text}"
+    );
+    // Nothing else is served there, and the public /metrics still wants credentials.
+    let other = app
+        .client
+        .get(format!("{private}/health"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    assert_eq!(scrape(&app, None).await.0, StatusCode::UNAUTHORIZED);
+}
