@@ -325,7 +325,7 @@ pub async fn flush_ledger(ledger: &Ledger) -> LedgerStats {
         match ledger.flush().await {
             Ok(stats) => {
                 last = stats;
-                if stats.buffered == 0 {
+                if stats.buffered == 0 && ledger.parked() == 0 {
                     break;
                 }
             }

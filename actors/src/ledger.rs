@@ -37,9 +37,34 @@ pub struct LedgerConfig {
     pub spool_path: PathBuf,
 }
 
+type Parked = Arc<Mutex<Vec<UsageRecord>>>;
+
+/// One usage record on its way to the ledger. If the message is dropped without
+/// being handled (the ledger died with it in its mailbox, or was already gone),
+/// the record is parked in the [`Ledger`] handle for the next instance.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
-pub struct Record(pub UsageRecord);
+pub struct Record {
+    record: Option<UsageRecord>,
+    parked: Parked,
+}
+
+impl Record {
+    fn new(record: UsageRecord, parked: &Parked) -> Self {
+        Record {
+            record: Some(record),
+            parked: parked.clone(),
+        }
+    }
+}
+
+impl Drop for Record {
+    fn drop(&mut self) {
+        if let Some(r) = self.record.take() {
+            lock(&self.parked).push(r);
+        }
+    }
+}
 
 /// Write (or spool) everything now; answers when done.
 #[derive(Message, Debug)]
@@ -258,8 +283,10 @@ impl Actor for BillingLedger {
 impl Handler<Record> for BillingLedger {
     type Result = ();
 
-    fn handle(&mut self, msg: Record, ctx: &mut Self::Context) {
-        self.buffer.push(msg.0);
+    fn handle(&mut self, mut msg: Record, ctx: &mut Self::Context) {
+        if let Some(r) = msg.record.take() {
+            self.buffer.push(r);
+        }
         if self.buffer.len() >= self.config.max_batch && !self.flushing {
             let f = self.flush_cycle();
             ctx.spawn(f.map(|_, _, _| ()));
@@ -308,11 +335,13 @@ impl Handler<Crash> for BillingLedger {
 }
 
 /// The ledger as the rest of the server holds it: the current instance of the
-/// supervised actor, and records parked while it is being restarted.
+/// supervised actor, and records parked while it is being restarted (sent while
+/// it was down, or left in the mailbox of an instance that died).
 #[derive(Clone)]
 pub struct Ledger {
     sup: Arc<Supervised<BillingLedger>>,
-    parked: Arc<Mutex<Vec<UsageRecord>>>,
+    parked: Parked,
+    spool_path: PathBuf,
 }
 
 fn lock(m: &Mutex<Vec<UsageRecord>>) -> std::sync::MutexGuard<'_, Vec<UsageRecord>> {
@@ -327,18 +356,13 @@ impl Ledger {
     /// inside an actix System.
     pub fn start(store: Arc<dyn UsageStore>, config: LedgerConfig, policy: RestartPolicy) -> Result<Ledger, String> {
         let arbiter = Arbiter::new().handle();
-        let parked: Arc<Mutex<Vec<UsageRecord>>> = Arc::default();
+        let parked: Parked = Arc::default();
         let waiting = parked.clone();
+        let spool_path = config.spool_path.clone();
         let on_restart = Box::new(move |addr: &Addr<BillingLedger>| {
-            let records = std::mem::take(&mut *lock(&waiting));
-            if !records.is_empty() {
-                tracing::info!(
-                    records = records.len(),
-                    "ledger back: sending the records parked meanwhile"
-                );
-            }
-            for r in records {
-                addr.do_send_tracked(Record(r));
+            let n = deliver_parked(addr, &waiting);
+            if n > 0 {
+                tracing::info!(records = n, "ledger back: sending the records parked meanwhile");
             }
         });
         let sup = Supervised::start(
@@ -352,18 +376,21 @@ impl Ledger {
             },
             Some(on_restart),
         )?;
-        Ok(Ledger { sup, parked })
+        Ok(Ledger {
+            sup,
+            parked,
+            spool_path,
+        })
     }
 
     /// Hands a record to the ledger (never dropped: parked while it restarts).
     pub fn record(&self, record: UsageRecord) {
-        let mut parked = lock(&self.parked);
         let addr = self.sup.addr();
         if addr.connected() {
-            addr.do_send_tracked(Record(record));
-        } else {
-            parked.push(record);
+            deliver_parked(&addr, &self.parked);
         }
+        // Parked by its own drop if the ledger is gone.
+        addr.do_send_tracked(Record::new(record, &self.parked));
     }
 
     /// Records waiting for a restarted ledger.
@@ -379,7 +406,31 @@ impl Ledger {
         self.sup.send(GetStats).await
     }
 
+    /// Writes (or spools) everything now. With the ledger down (being
+    /// restarted), the parked records go straight to the spool, which the next
+    /// instance replays.
     pub async fn flush(&self) -> Result<LedgerStats, MailboxError> {
+        let addr = self.sup.addr();
+        if addr.connected() {
+            deliver_parked(&addr, &self.parked);
+        } else {
+            let records = std::mem::take(&mut *lock(&self.parked));
+            if !records.is_empty() {
+                tracing::warn!(records = records.len(), "ledger down: spooling the parked records");
+                spool_or_log(&self.spool_path, &records);
+            }
+        }
         self.sup.send(Flush).await
     }
+}
+
+/// Sends the parked records to `addr`; returns how many. One that cannot be
+/// delivered parks itself again.
+fn deliver_parked(addr: &Addr<BillingLedger>, parked: &Parked) -> usize {
+    let records = std::mem::take(&mut *lock(parked));
+    let n = records.len();
+    for r in records {
+        addr.do_send_tracked(Record::new(r, parked));
+    }
+    n
 }

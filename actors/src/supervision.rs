@@ -116,7 +116,7 @@ impl RestartPolicy {
                 child,
                 restarts_in_window = n,
                 backoff_ms = delay.as_millis() as u64,
-                "restart storm: backing off"
+                "restart storm"
             );
         } else {
             tracing::warn!(child, restarts_in_window = n, "restarting");
@@ -475,9 +475,9 @@ async fn watch<A: Actor>(me: Weak<Supervised<A>>, mut policy: RestartPolicy) {
             tokio::time::sleep(delay).await;
         }
         let Some(sup) = me.upgrade() else { return };
-        child.restarts.fetch_add(1, Ordering::Relaxed);
         match (sup.factory)(child.clone()) {
             Ok(addr) => {
+                child.restarts.fetch_add(1, Ordering::Relaxed);
                 match sup.addr.write() {
                     Ok(mut g) => *g = addr.clone(),
                     Err(p) => *p.into_inner() = addr.clone(),

@@ -697,11 +697,16 @@ fn top(v: &mut Vec<(usize, f32)>, n: usize) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn doc_with(owner: Owner, title: &str, texts: &[(&str, Vec<f32>)], meta: Value) -> (Document, Vec<Chunk>) {
+    pub(crate) fn doc_with(
+        owner: Owner,
+        title: &str,
+        texts: &[(&str, Vec<f32>)],
+        meta: Value,
+    ) -> (Document, Vec<Chunk>) {
         let id = Uuid::new_v4();
         let chunks = texts
             .iter()

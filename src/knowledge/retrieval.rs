@@ -25,6 +25,9 @@ pub struct Retrieval {
     /// Changed since the last snapshot.
     unsaved: bool,
     child: Option<Arc<Child>>,
+    /// Documents removed while this instance runs: a catch-up `sync` that read
+    /// one before its deletion must not index it again.
+    removed: HashSet<Uuid>,
 }
 
 pub static RETRIEVAL_MAILBOX: Mailbox = Mailbox::new("retrieval");
@@ -115,6 +118,7 @@ impl Retrieval {
             dir,
             unsaved: false,
             child: None,
+            removed: HashSet::new(),
         })
     }
 
@@ -158,7 +162,8 @@ pub struct IndexDocuments(pub Vec<(Document, Vec<Chunk>)>);
 
 impl Handler<IndexDocuments> for Retrieval {
     type Result = Result<(), IndexError>;
-    fn handle(&mut self, msg: IndexDocuments, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, mut msg: IndexDocuments, _: &mut Self::Context) -> Self::Result {
+        msg.0.retain(|(d, _)| !self.removed.contains(&d.id));
         self.unsaved |= !msg.0.is_empty();
         let added = msg.0.iter().try_for_each(|(d, c)| self.index.add(d, c));
         let result = added.and_then(|()| self.index.commit());
@@ -181,6 +186,7 @@ impl Handler<RemoveDocument> for Retrieval {
     type Result = Result<(), IndexError>;
     fn handle(&mut self, msg: RemoveDocument, _: &mut Self::Context) -> Self::Result {
         self.unsaved = true;
+        self.removed.insert(msg.0);
         self.index.remove(msg.0);
         self.index.commit()
     }
@@ -298,4 +304,30 @@ pub async fn sync(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Res
         .map_err(|x| e(&x))?
         .map_err(|x| e(&x))?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use ragchat_actors::knowledge::Owner;
+    use serde_json::json;
+
+    use super::*;
+    use crate::knowledge::index::tests::doc_with;
+
+    #[actix::test]
+    async fn a_document_removed_meanwhile_is_not_indexed_again_by_a_late_catch_up() {
+        let addr = Retrieval::load(None).expect("index").start();
+        let (gone, gone_chunks) = doc_with(Owner::Global, "Gone", &[("deleted text", vec![1.0, 0.0])], json!({}));
+        let (kept, kept_chunks) = doc_with(Owner::Global, "Kept", &[("kept text", vec![0.0, 1.0])], json!({}));
+        // A catch-up read both; one was deleted before its batch reached the index.
+        addr.send(RemoveDocument(gone.id))
+            .await
+            .expect("alive")
+            .expect("removed");
+        addr.send(IndexDocuments(vec![(gone, gone_chunks), (kept.clone(), kept_chunks)]))
+            .await
+            .expect("alive")
+            .expect("indexed");
+        assert_eq!(addr.send(IndexedDocuments).await.expect("alive"), vec![kept.id]);
+    }
 }
