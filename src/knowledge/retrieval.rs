@@ -75,6 +75,7 @@ impl Retrieval {
         documents: Arc<dyn DocumentStore>,
     ) -> Result<Arc<Supervised<Retrieval>>, String> {
         let arbiter = Arbiter::new().handle();
+        let first = std::sync::atomic::AtomicBool::new(true);
         let on_restart = Box::new(move |addr: &Addr<Retrieval>| {
             let (documents, addr) = (documents.clone(), addr.clone());
             actix::spawn(async move {
@@ -92,6 +93,24 @@ impl Retrieval {
             "retrieval",
             RestartPolicy::default(),
             move |child| {
+                if !first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    // A restart: the snapshot is read on the retrieval arbiter, not
+                    // on the supervisor's; unreadable, the index starts empty and
+                    // the catch-up fills it from the store.
+                    let empty = Retrieval::load(None).map_err(|e| e.to_string())?;
+                    let dir = dir.clone();
+                    return Ok(Retrieval::start_in_arbiter(&arbiter, move |_| {
+                        let mut r = match Retrieval::load(dir.clone()) {
+                            Ok(r) => r,
+                            Err(e) => {
+                                tracing::error!(error = %e, "search index snapshot unreadable: starting empty");
+                                Retrieval { dir, ..empty }
+                            }
+                        };
+                        r.child = Some(child);
+                        r
+                    }));
+                }
                 let mut r = Retrieval::load(dir.clone()).map_err(|e| e.to_string())?;
                 r.child = Some(child);
                 Ok(Retrieval::start_in_arbiter(&arbiter, move |_| r))
