@@ -158,23 +158,7 @@ impl Application {
             ),
             Err(e) => {
                 tracing::error!(error = %e, "search index not caught up with the document store: retrying in the background");
-                let (documents, retrieval) = (documents.clone(), retrieval.clone());
-                actix::spawn(async move {
-                    let mut wait = Duration::from_secs(1);
-                    loop {
-                        tokio::time::sleep(wait).await;
-                        match crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval.addr()).await {
-                            Ok(s) => {
-                                tracing::info!(added = s.added, removed = s.removed, "search index caught up");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(error = %e, "search index still not caught up");
-                                wait = (wait * 2).min(Duration::from_secs(30));
-                            }
-                        }
-                    }
-                });
+                crate::knowledge::retrieval::catch_up_in_background(documents.clone(), retrieval.addr());
             }
         }
         let ingestor = embedder.clone().and_then(|embedder| {

@@ -14,7 +14,7 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Once, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,27 @@ impl RestartPolicy {
             tracing::warn!(child, restarts_in_window = n, "restarting");
         }
         delay
+    }
+}
+
+/// Runs `attempt` until it succeeds: at once, then after waits of 1 s doubling
+/// to 30 s, logging each failure as `what` (a store to reconnect, an index to
+/// catch up).
+pub async fn retry_until_ok<T, E, Fut>(what: &'static str, mut attempt: impl FnMut() -> Fut) -> T
+where
+    E: std::fmt::Display,
+    Fut: std::future::Future<Output = Result<T, E>>,
+{
+    let mut wait = Duration::from_secs(1);
+    loop {
+        match attempt().await {
+            Ok(v) => return v,
+            Err(e) => {
+                tracing::warn!(what, error = %e, retry_in_ms = wait.as_millis() as u64, "still failing");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
+            }
+        }
     }
 }
 
@@ -340,8 +361,8 @@ impl<A: TrackedActor> SendTracked<A> for Addr<A> {
 pub struct Child {
     pub name: &'static str,
     restarts: AtomicU64,
-    /// 0 running, 1 restarting, 2 stopped.
-    state: AtomicU8,
+    /// Being restarted (between its exit and the new instance).
+    restarting: AtomicBool,
     pub last_error: LastError,
     exited: tokio::sync::Notify,
 }
@@ -351,7 +372,7 @@ impl Child {
         Child {
             name,
             restarts: AtomicU64::new(0),
-            state: AtomicU8::new(0),
+            restarting: AtomicBool::new(false),
             last_error: LastError::default(),
             exited: tokio::sync::Notify::new(),
         }
@@ -375,10 +396,10 @@ impl Child {
     }
 
     pub fn state(&self) -> &'static str {
-        match self.state.load(Ordering::Relaxed) {
-            0 => "running",
-            1 => "restarting",
-            _ => "stopped",
+        if self.restarting.load(Ordering::Relaxed) {
+            "restarting"
+        } else {
+            "running"
         }
     }
 }
@@ -468,7 +489,7 @@ async fn watch<A: Actor>(me: Weak<Supervised<A>>, mut policy: RestartPolicy) {
         if sup.addr().connected() {
             continue;
         }
-        child.state.store(1, Ordering::Relaxed);
+        child.restarting.store(true, Ordering::Relaxed);
         let delay = policy.note_restart(child.name);
         drop(sup);
         if !delay.is_zero() {
@@ -482,7 +503,7 @@ async fn watch<A: Actor>(me: Weak<Supervised<A>>, mut policy: RestartPolicy) {
                     Ok(mut g) => *g = addr.clone(),
                     Err(p) => *p.into_inner() = addr.clone(),
                 }
-                child.state.store(0, Ordering::Relaxed);
+                child.restarting.store(false, Ordering::Relaxed);
                 if let Some(hook) = &sup.on_restart {
                     hook(&addr);
                 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use ragchat_actors::knowledge::{Chunk, Document, Reader};
 use ragchat_actors::ports::DocumentStore;
-use ragchat_actors::supervision::{Child, Mailbox, RestartPolicy, SendTracked, Supervised};
+use ragchat_actors::supervision::{retry_until_ok, Child, Mailbox, RestartPolicy, SendTracked, Supervised};
 use uuid::Uuid;
 
 use super::index::{Filters, Hit, IndexError, Route, SearchIndex};
@@ -76,19 +76,8 @@ impl Retrieval {
     ) -> Result<Arc<Supervised<Retrieval>>, String> {
         let arbiter = Arbiter::new().handle();
         let first = std::sync::atomic::AtomicBool::new(true);
-        let on_restart = Box::new(move |addr: &Addr<Retrieval>| {
-            let (documents, addr) = (documents.clone(), addr.clone());
-            actix::spawn(async move {
-                match sync(documents.as_ref(), &addr).await {
-                    Ok(s) => tracing::info!(
-                        added = s.added,
-                        removed = s.removed,
-                        "search index caught up after a restart"
-                    ),
-                    Err(e) => tracing::error!(error = %e, "search index not caught up after a restart"),
-                }
-            });
-        });
+        let on_restart =
+            Box::new(move |addr: &Addr<Retrieval>| catch_up_in_background(documents.clone(), addr.clone()));
         Supervised::start(
             "retrieval",
             RestartPolicy::default(),
@@ -261,6 +250,30 @@ impl Handler<IndexedChunks> for Retrieval {
     fn handle(&mut self, _: IndexedChunks, _: &mut Self::Context) -> usize {
         self.index.len()
     }
+}
+
+/// Brings the index in line with the store in the background, retrying (with
+/// backoff) until the store answers or this instance is gone: after a
+/// restart, or when the store was down at start.
+pub fn catch_up_in_background(documents: Arc<dyn DocumentStore>, retrieval: Addr<Retrieval>) {
+    actix::spawn(async move {
+        let (documents, retrieval) = (&documents, &retrieval);
+        let done = retry_until_ok("search index catch-up", || async move {
+            // An instance that died meanwhile is caught up by its successor's hook.
+            if !retrieval.connected() {
+                return Ok(None);
+            }
+            sync(documents.as_ref(), retrieval).await.map(Some)
+        })
+        .await;
+        if let Some(s) = done {
+            tracing::info!(
+                added = s.added,
+                removed = s.removed,
+                "search index caught up with the store"
+            );
+        }
+    });
 }
 
 /// What `sync` did.

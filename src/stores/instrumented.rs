@@ -52,7 +52,8 @@ async fn timed<T>(
 pub struct Slot<S: ?Sized> {
     pub backend: &'static str,
     store: std::sync::OnceLock<Arc<S>>,
-    why: std::sync::Mutex<String>,
+    /// Why it was not connected at start.
+    why: String,
 }
 
 impl<S: ?Sized> Slot<S> {
@@ -66,29 +67,18 @@ impl<S: ?Sized> Slot<S> {
         Arc::new(Slot {
             backend,
             store: std::sync::OnceLock::new(),
-            why: std::sync::Mutex::new(why),
+            why,
         })
     }
 
     pub fn get(&self) -> StoreResult<&Arc<S>> {
-        self.store.get().ok_or_else(|| {
-            let why = match self.why.lock() {
-                Ok(g) => g.clone(),
-                Err(p) => p.into_inner().clone(),
-            };
-            StoreError::Unavailable(format!("{} is not connected yet: {why}", self.backend))
-        })
+        self.store
+            .get()
+            .ok_or_else(|| StoreError::Unavailable(format!("{} is not connected yet: {}", self.backend, self.why)))
     }
 
     pub fn fill(&self, store: Arc<S>) {
         let _ = self.store.set(store);
-    }
-
-    pub fn failed(&self, why: String) {
-        match self.why.lock() {
-            Ok(mut g) => *g = why,
-            Err(p) => *p.into_inner() = why,
-        }
     }
 }
 

@@ -154,22 +154,9 @@ where
     let slot = instrumented::Slot::pending(backend, first);
     let filling = slot.clone();
     tokio::spawn(async move {
-        let mut wait = Duration::from_secs(1);
-        loop {
-            tokio::time::sleep(wait).await;
-            match connect().await {
-                Ok(store) => {
-                    filling.fill(store);
-                    tracing::info!(backend, "store connected");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(backend, error = %e, "store still unreachable");
-                    filling.failed(e.to_string());
-                    wait = (wait * 2).min(Duration::from_secs(30));
-                }
-            }
-        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        filling.fill(ragchat_actors::supervision::retry_until_ok(backend, connect).await);
+        tracing::info!(backend, "store connected");
     });
     Ok(slot)
 }

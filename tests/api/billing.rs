@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{expect, fresh_postgres_url, service_url, test_settings, TestApp};
+use crate::helpers::{expect, fresh_postgres_url, service_url, temp_sqlite_url, test_settings, TestApp};
 
 async fn probe(app: &TestApp, kind: &str, token: &str) -> reqwest::Response {
     app.post_json(&format!("/billing/probe/{kind}"), &json!({}), Some(token))
@@ -126,13 +126,7 @@ async fn the_chat_rate_limit_refuses_the_31st_call_in_a_minute_with_headers() {
 
 #[actix_web::test]
 async fn an_unreachable_redis_falls_back_to_local_limits_without_errors() {
-    let mut settings = test_settings(&format!(
-        "sqlite:{}",
-        std::env::temp_dir()
-            .join("ragchat-tests")
-            .join(format!("{}.db", Uuid::new_v4()))
-            .display()
-    ));
+    let mut settings = test_settings(&temp_sqlite_url());
     settings.redis.url = "redis://127.0.0.1:1".into(); // nothing listens there
     let app = TestApp::spawn_with(settings).await;
     let admin = app.admin("fb-admin@example.com").await;
@@ -467,13 +461,7 @@ async fn a_crashed_session_is_restarted_with_its_state_reloaded() {
 
 #[actix_web::test]
 async fn idle_sessions_are_stopped_and_come_back_on_demand() {
-    let mut settings = test_settings(&format!(
-        "sqlite:{}",
-        std::env::temp_dir()
-            .join("ragchat-tests")
-            .join(format!("{}.db", Uuid::new_v4()))
-            .display()
-    ));
+    let mut settings = test_settings(&temp_sqlite_url());
     settings.sessions.idle_timeout_secs = 1;
     let app = TestApp::spawn_with(settings).await;
     let (_, token) = app.user("idle@example.com").await;
@@ -603,13 +591,7 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
             .expect("scripts/services.sh")
     };
     assert!(services("start").status.success());
-    let mut settings = test_settings(&format!(
-        "sqlite:{}",
-        std::env::temp_dir()
-            .join("ragchat-tests")
-            .join(format!("{}.db", Uuid::new_v4()))
-            .display()
-    ));
+    let mut settings = test_settings(&temp_sqlite_url());
     settings.redis.url = format!("redis://127.0.0.1:{port}");
     settings.redis.timeout_ms = 200;
     settings.redis.breaker_cooldown_ms = 300;

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 /// Where the per-test SQLite files go.
-fn temp_sqlite_url() -> String {
+pub fn temp_sqlite_url() -> String {
     let dir = std::env::temp_dir().join("ragchat-tests");
     let _ = std::fs::create_dir_all(&dir);
     format!("sqlite:{}", dir.join(format!("{}.db", Uuid::new_v4())).display())

@@ -9,7 +9,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{expect, service_url, test_settings, TestApp};
+use crate::helpers::{expect, service_url, temp_sqlite_url, test_settings, TestApp};
 
 /// A PostgreSQL server of this test's own (so stopping it disturbs no other test),
 /// run by scripts/services.sh in a private directory and port.
@@ -134,13 +134,7 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
 
 #[actix_web::test]
 async fn a_crashed_ledger_is_restarted_and_loses_no_record() {
-    let mut settings = test_settings(&format!(
-        "sqlite:{}",
-        std::env::temp_dir()
-            .join("ragchat-tests")
-            .join(format!("{}.db", Uuid::new_v4()))
-            .display()
-    ));
+    let mut settings = test_settings(&temp_sqlite_url());
     settings.ledger.flush_interval_ms = 600_000; // records stay in the ledger's memory
     let app = TestApp::spawn_with(settings).await;
     let admin = app.admin("ledger-admin@example.com").await;

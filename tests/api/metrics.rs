@@ -5,7 +5,7 @@ use ragchat::config::Secret;
 use reqwest::StatusCode;
 use uuid::Uuid;
 
-use crate::helpers::{expect, test_settings, TestApp};
+use crate::helpers::{expect, temp_sqlite_url, test_settings, TestApp};
 
 const SCRAPE_TOKEN: &str = "scrape-token-0123456789abcdef";
 
@@ -30,11 +30,7 @@ fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 
 #[actix_web::test]
 async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
-    let dir = std::env::temp_dir().join("ragchat-tests");
-    let mut settings = test_settings(&format!(
-        "sqlite:{}",
-        dir.join(format!("{}.db", Uuid::new_v4())).display()
-    ));
+    let mut settings = test_settings(&temp_sqlite_url());
     settings.metrics.token = Secret::new(SCRAPE_TOKEN);
     settings.rate_limits.chat.limit = 2;
     let app = TestApp::spawn_with(settings).await;
@@ -150,13 +146,7 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
 
 #[actix_web::test]
 async fn a_separate_metrics_address_serves_only_metrics_without_credentials() {
-    let mut settings = test_settings(&format!(
-        "sqlite:{}",
-        std::env::temp_dir()
-            .join("ragchat-tests")
-            .join(format!("{}.db", Uuid::new_v4()))
-            .display()
-    ));
+    let mut settings = test_settings(&temp_sqlite_url());
     settings.metrics.bind = "127.0.0.1:0".into();
     let app = TestApp::spawn_with(settings).await;
     let port = app.metrics_port.expect("metrics server started");
