@@ -132,6 +132,10 @@ impl TestApp {
             address,
             client: Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                // Idle connections are dropped well before the server's 5 s
+                // keep-alive closes them: reusing one the server is closing
+                // fails the request (IncompleteMessage) after a pause in a test.
+                .pool_idle_timeout(std::time::Duration::from_secs(2))
                 .build()
                 .expect("client"),
             accounts,
