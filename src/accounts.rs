@@ -1,7 +1,8 @@
 //! Account operations shared by the CLI and start-up: creating users and seeding
 //! the demo users of the development environment.
 
-use ragchat_actors::domain::{Email, NewUser, Plan, User};
+use ragchat_actors::domain::{Email, NewUser, User};
+use ragchat_actors::plans::Plan;
 use ragchat_actors::ports::{AccountStore, StoreError};
 
 use crate::auth::PasswordHasher;
@@ -31,10 +32,10 @@ pub async fn create_user(
     spec: UserSpec<'_>,
 ) -> Result<User, AccountError> {
     let email = Email::parse(spec.email).map_err(|e| AccountError::Invalid(e.to_string()))?;
-    if spec.password.chars().count() < crate::http::auth::MIN_PASSWORD_LEN {
+    if spec.password.chars().count() < crate::auth::passwords::MIN_PASSWORD_LEN {
         return Err(AccountError::Invalid(format!(
             "password must be at least {} characters",
-            crate::http::auth::MIN_PASSWORD_LEN
+            crate::auth::passwords::MIN_PASSWORD_LEN
         )));
     }
     let hashed_password = hasher

@@ -629,7 +629,7 @@ pub async fn chat(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()>
         crate::accounts::UserSpec {
             email: "bench-ws@example.com",
             password: "benchmark-password-123",
-            plan: ragchat_actors::domain::Plan::Free,
+            plan: ragchat_actors::plans::Plan::Free,
             superuser: false,
         },
     )
@@ -724,7 +724,7 @@ pub async fn chat(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()>
             crate::accounts::UserSpec {
                 email: &format!("bench-chat-{i}@example.com"),
                 password: "benchmark-password-123",
-                plan: ragchat_actors::domain::Plan::Enterprise,
+                plan: ragchat_actors::plans::Plan::Enterprise,
                 superuser: false,
             },
         )

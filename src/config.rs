@@ -111,6 +111,11 @@ pub struct KnowledgeSettings {
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,
+    /// POST /knowledge/search: results when the request does not say, the most
+    /// a request may ask for, and the longest query in characters.
+    pub search_default_top_k: usize,
+    pub search_max_top_k: usize,
+    pub max_query_chars: usize,
 }
 
 /// GET /metrics access: a superuser's credentials, or this token (for a
@@ -147,6 +152,15 @@ pub struct ChatSettings {
     pub history_messages: u32,
     /// Longest accepted message, in characters.
     pub max_message_chars: usize,
+    /// The most sources a request may ask for (`top_k`).
+    pub max_top_k: usize,
+    /// The longest answer a request may ask for (`max_tokens`), in tokens.
+    pub max_answer_tokens: usize,
+    /// Sampling temperature of chat answers.
+    pub temperature: f32,
+    /// WebSocket: largest accepted frame in bytes, longest frame `id` in characters.
+    pub ws_max_frame_bytes: usize,
+    pub ws_max_id_chars: usize,
     /// WebSocket: a ping this often; a connection silent for `ws_timeout_secs` is closed.
     pub ws_ping_secs: u64,
     pub ws_timeout_secs: u64,
@@ -230,6 +244,10 @@ pub struct SessionSettings {
     pub threads: usize,
     /// How long a request waits for its session before answering 503.
     pub send_timeout_ms: u64,
+    /// User rows (active, plan, superuser) are read from the account store at
+    /// most this often per user; a change made on another node is seen within
+    /// this time (0: read on every request).
+    pub user_cache_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -238,6 +256,11 @@ pub struct QuotaSettings {
     pub store_down: String,
     /// Units per resource a session may admit while the store is down (fail_open).
     pub offline_allowance: u64,
+    /// The most units a session reserves from the store at a time; near the
+    /// limit it reserves one at a time (1: every unit is its own store write).
+    pub max_lease: u64,
+    /// Reserved units unused for this long go back to the store.
+    pub lease_idle_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -4,7 +4,10 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use ragchat_actors::chat::turn::ChatError;
+use ragchat_actors::inference::ModelError;
 use ragchat_actors::ports::StoreError;
+use ragchat_actors::retrieval::RetrievalError;
 use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,46 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<ModelError> for ApiError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Invalid(m) => ApiError::BadRequest(m),
+            ModelError::Unavailable(m) => {
+                tracing::warn!(reason = %m, "model unavailable");
+                ApiError::Unavailable(format!("Model temporarily unavailable: {m}"))
+            }
+            ModelError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<RetrievalError> for ApiError {
+    fn from(e: RetrievalError) -> Self {
+        match e {
+            RetrievalError::NotRunning => ApiError::Unavailable("The search index is not running".into()),
+            RetrievalError::NoEmbedder => {
+                ApiError::Unavailable("The embedding model is not loaded; use route \"text\"".into())
+            }
+            RetrievalError::Model(e) => e.into(),
+            RetrievalError::Index(e) => ApiError::Internal(e.to_string()),
+            RetrievalError::Mailbox(m) => ApiError::Internal(format!("search index: {m}")),
+        }
+    }
+}
+
+impl From<ChatError> for ApiError {
+    fn from(e: ChatError) -> Self {
+        match e {
+            ChatError::Invalid(m) => ApiError::Unprocessable(m),
+            ChatError::SessionNotFound => ApiError::NotFound("Chat session not found".into()),
+            ChatError::NoModel => ApiError::Unavailable(e.to_string()),
+            ChatError::Model(e) => e.into(),
+            ChatError::Store(e) => e.into(),
+            ChatError::Internal(m) => ApiError::Internal(m),
+        }
+    }
+}
+
 impl From<crate::knowledge::ingest::IngestError> for ApiError {
     fn from(e: crate::knowledge::ingest::IngestError) -> Self {
         use crate::knowledge::ingest::IngestError as E;
@@ -65,7 +108,7 @@ impl From<crate::knowledge::ingest::IngestError> for ApiError {
             E::Invalid(m) => ApiError::Unprocessable(m),
             E::TooLarge(m) => ApiError::PayloadTooLarge(m),
             E::Store(e) => e.into(),
-            E::Model(e) => crate::http::openai::model_error(e),
+            E::Model(e) => e.into(),
             E::Index(m) => ApiError::Internal(format!("search index: {m}")),
         }
     }
@@ -111,11 +154,21 @@ impl ResponseError for ApiError {
             }
             _ => {}
         }
-        resp.json(json!({ "detail": self.detail() }))
+        resp.json(self.body())
     }
 }
 
 impl ApiError {
+    /// The HTTP status as a number (also in WebSocket error frames).
+    pub fn status(&self) -> u16 {
+        self.status_code().as_u16()
+    }
+
+    /// The JSON body of the error, for every transport (HTTP, SSE, WebSocket).
+    pub fn body(&self) -> serde_json::Value {
+        json!({ "detail": self.detail() })
+    }
+
     /// What the client is told (`detail`): never the text of an internal error,
     /// which is logged here instead.
     pub fn detail(&self) -> serde_json::Value {

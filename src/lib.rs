@@ -9,6 +9,7 @@ pub mod error;
 pub mod http;
 pub mod inference;
 pub mod knowledge;
+pub mod models;
 pub mod startup;
 pub mod stores;
 pub mod telemetry;

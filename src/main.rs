@@ -8,7 +8,7 @@ use ragchat::auth::PasswordHasher;
 use ragchat::config::Settings;
 use ragchat::startup::Application;
 use ragchat::{stores, telemetry};
-use ragchat_actors::domain::Plan;
+use ragchat_actors::plans::Plan;
 
 #[derive(Parser)]
 #[command(

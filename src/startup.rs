@@ -11,13 +11,17 @@ use std::path::PathBuf;
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer};
+use ragchat_actors::admission::ratelimit::Quota;
+use ragchat_actors::admission::registry::SessionRegistry;
+use ragchat_actors::admission::session::{Bucket, SessionConfig, SessionDeps, StoreDownPolicy};
+use ragchat_actors::admission::users::UserCache;
 use ragchat_actors::billing::Billing;
+use ragchat_actors::chat::turn::{ChatLimits, ChatService};
 use ragchat_actors::ledger::{Ledger, LedgerConfig, LedgerStats};
+use ragchat_actors::plans::PlanBook;
 use ragchat_actors::plans::PlanCatalog;
 use ragchat_actors::ports::RateLimitStore;
-use ragchat_actors::ratelimit::Quota;
-use ragchat_actors::registry::SessionRegistry;
-use ragchat_actors::session::{Bucket, PlanBook, SessionConfig, SessionDeps, StoreDownPolicy};
+use ragchat_actors::retrieval::{catch_up_in_background, Retrieval, Retriever};
 use ragchat_actors::supervision::RestartPolicy;
 
 use crate::auth::{PasswordHasher, TokenService};
@@ -63,7 +67,11 @@ impl Application {
             }
         }
         let plans = Arc::new(PlanBook::new(load_plans(&settings)?));
-        if let Err(e) = plans.reload(accounts.as_ref()).await {
+        let overrides = accounts
+            .get_setting(ragchat_actors::plans::SUBSCRIPTION_LIMITS_KEY)
+            .await
+            .map_err(|e| e.to_string());
+        if let Err(e) = overrides.and_then(|o| plans.apply(o.as_ref())) {
             tracing::error!(error = %e, "subscription_limits override ignored");
         }
         let ledger_config = LedgerConfig {
@@ -104,6 +112,8 @@ impl Application {
             } else {
                 StoreDownPolicy::FailClosed
             },
+            max_lease: settings.quota.max_lease.max(1),
+            lease_idle: Duration::from_millis(settings.quota.lease_idle_ms),
         };
         let deps = SessionDeps {
             accounts: accounts.clone(),
@@ -116,6 +126,7 @@ impl Application {
             }),
             ledger: ledger.clone(),
             plans: plans.clone(),
+            users: Arc::new(UserCache::new(Duration::from_millis(settings.sessions.user_cache_ms))),
             config: Arc::new(session_config),
         };
         let registry = SessionRegistry::new(
@@ -124,8 +135,8 @@ impl Application {
             Duration::from_millis(settings.sessions.send_timeout_ms.max(1)),
         );
         // The metrics recorder, before anything records.
-        let _ = crate::http::metrics::handle();
-        let (embedder, generator) = start_models(&settings.models);
+        let _ = crate::telemetry::handle();
+        let (embedder, generator) = crate::models::start_models(&settings.models);
         let k = &settings.knowledge;
         let documents = stores::connect_documents(
             Some(k.mongodb_url.trim()).filter(|u| !u.is_empty()),
@@ -143,11 +154,11 @@ impl Application {
         .await?;
         let index_dir = Some(k.index_dir.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
         let started = std::time::Instant::now();
-        let retrieval = crate::knowledge::retrieval::Retrieval::supervised(index_dir, documents.clone())
-            .map_err(StartupError::Other)?;
+        let source = Arc::new(crate::knowledge::retrieval::IndexFolder { dir: index_dir });
+        let retrieval = Retrieval::supervised(source, documents.clone()).map_err(StartupError::Other)?;
         // The index comes from its snapshot, then catches up with the store; a
         // store unreachable now is caught up with once it answers.
-        match crate::knowledge::retrieval::sync(documents.as_ref(), &retrieval.addr()).await {
+        match ragchat_actors::retrieval::sync(documents.as_ref(), &retrieval.addr()).await {
             Ok(synced) => tracing::info!(
                 kept = synced.kept,
                 added = synced.added,
@@ -158,7 +169,7 @@ impl Application {
             ),
             Err(e) => {
                 tracing::error!(error = %e, "search index not caught up with the document store: retrying in the background");
-                crate::knowledge::retrieval::catch_up_in_background(documents.clone(), retrieval.addr());
+                catch_up_in_background(documents.clone(), retrieval.addr());
             }
         }
         let ingestor = embedder.clone().and_then(|embedder| {
@@ -176,11 +187,19 @@ impl Application {
                 }
             }
         });
+        let retrieval = Retriever::new(Some(retrieval), embedder.clone());
+        let chat = ChatService {
+            conversations: conversations.clone(),
+            retriever: retrieval.clone(),
+            generator: generator.clone(),
+            limits: Arc::new(chat_limits(&settings)),
+        };
         let state = AppState {
+            chat,
             conversations,
             documents,
             ingestor,
-            retrieval: Some(retrieval),
+            retrieval,
             seed: Default::default(),
             embedder,
             generator,
@@ -320,6 +339,23 @@ pub async fn flush_ledger(ledger: &Ledger) -> LedgerStats {
     last
 }
 
+/// The limits and defaults of a chat turn, from `[chat]` and `[models]`.
+fn chat_limits(settings: &Settings) -> ChatLimits {
+    let c = &settings.chat;
+    ChatLimits {
+        max_message_chars: c.max_message_chars,
+        default_top_k: c.default_top_k,
+        max_top_k: c.max_top_k,
+        default_max_tokens: settings.models.default_max_tokens,
+        max_answer_tokens: c.max_answer_tokens,
+        temperature: c.temperature,
+        excerpt_chars: c.excerpt_chars,
+        history_messages: c.history_messages,
+        system_prompt: c.system_prompt.clone(),
+        model_name: settings.models.generator_name.clone(),
+    }
+}
+
 /// The plan catalog from config/{billing.plans_file}.
 fn load_plans(settings: &Settings) -> Result<PlanCatalog, StartupError> {
     let path = config_dir().join(&settings.billing.plans_file);
@@ -328,56 +364,4 @@ fn load_plans(settings: &Settings) -> Result<PlanCatalog, StartupError> {
         .build()
         .and_then(|c| c.try_deserialize::<PlanCatalog>())
         .map_err(|e| StartupError::Other(format!("plans file {}: {e}", path.display())))
-}
-
-/// Starts the embedding worker (None, with a warning, when the model is missing).
-pub fn start_embedder(m: &crate::config::ModelSettings) -> Option<ragchat_actors::embed_worker::EmbedWorker> {
-    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
-    use ragchat_actors::inference::Embedder;
-    let dir = PathBuf::from(&m.embedding_dir);
-    let max_tokens = m.embedding_max_tokens;
-    EmbedWorker::start(
-        Box::new(move || {
-            crate::inference::bert::BertEmbedder::load(&dir, max_tokens).map(|e| Box::new(e) as Box<dyn Embedder>)
-        }),
-        EmbedConfig {
-            max_batch: m.embed_max_batch.max(1),
-            max_wait: Duration::from_millis(m.embed_max_wait_ms),
-            queue_capacity: m.embed_queue.max(1),
-        },
-    )
-    .map_err(|e| tracing::warn!(error = %e, "embedding model not loaded"))
-    .ok()
-}
-
-/// Starts the model workers. A model whose files are missing (or that fails to
-/// load) is left out with a warning: the server runs, its routes answer 503.
-pub fn start_models(
-    m: &crate::config::ModelSettings,
-) -> (
-    Option<ragchat_actors::embed_worker::EmbedWorker>,
-    Option<ragchat_actors::generate_worker::GenerateWorker>,
-) {
-    use ragchat_actors::generate_worker::{GenerateConfig, GenerateWorker};
-    if !m.enabled {
-        return (None, None);
-    }
-    let embedder = start_embedder(m);
-    let path = PathBuf::from(&m.generator_path);
-    let tok = (!m.generator_tokenizer.trim().is_empty()).then(|| PathBuf::from(&m.generator_tokenizer));
-    let generator = crate::inference::gguf::load(&path, tok.as_deref(), m.max_context, m.dense_prefill)
-        .and_then(|(template, tokenizer)| {
-            GenerateWorker::start(
-                Box::new(move || Ok(template.fork())),
-                tokenizer,
-                GenerateConfig {
-                    max_active: m.max_active.max(1),
-                    queue_capacity: m.generate_queue.max(1),
-                    prefill_chunk: m.prefill_chunk,
-                },
-            )
-        })
-        .map_err(|e| tracing::warn!(error = %e, "generation model not loaded"))
-        .ok();
-    (embedder, generator)
 }

@@ -15,10 +15,11 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::domain::{Invoice, Plan, Subscription, SubscriptionStatus, User, UserPatch};
+use crate::domain::{Invoice, Subscription, SubscriptionStatus, User, UserPatch};
+use crate::plans::Plan;
+use crate::plans::PlanBook;
 use crate::plans::{billing_period, month_of, BillingCycle, Period, PlanLimits, Resource};
 use crate::ports::{AccountStore, StoreError, StoreResult, UsageStore};
-use crate::session::PlanBook;
 
 pub const CURRENCY: &str = "usd";
 

@@ -8,49 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// A subscription plan. Limits per plan live in config/plans.toml (billing issue).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Plan {
-    #[default]
-    Free,
-    Pro,
-    Enterprise,
-}
-
-impl Plan {
-    pub const ALL: [Plan; 3] = [Plan::Free, Plan::Pro, Plan::Enterprise];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Plan::Free => "free",
-            Plan::Pro => "pro",
-            Plan::Enterprise => "enterprise",
-        }
-    }
-}
-
-impl fmt::Display for Plan {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown subscription plan '{0}': expected free, pro or enterprise")]
-pub struct UnknownPlan(pub String);
-
-impl FromStr for Plan {
-    type Err = UnknownPlan;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "free" => Ok(Plan::Free),
-            "pro" => Ok(Plan::Pro),
-            "enterprise" => Ok(Plan::Enterprise),
-            _ => Err(UnknownPlan(s.to_string())),
-        }
-    }
-}
+use crate::plans::Plan;
 
 /// A syntactically plausible, normalized (trimmed, lower-cased) e-mail address.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]

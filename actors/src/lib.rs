@@ -2,6 +2,7 @@
 //! world, and — as later issues land — the actors (sessions, ledger, retrieval,
 //! model workers) that depend only on those ports. This crate never names a driver.
 
+pub mod admission;
 pub mod billing;
 pub mod chat;
 pub mod domain;
@@ -12,7 +13,5 @@ pub mod knowledge;
 pub mod ledger;
 pub mod plans;
 pub mod ports;
-pub mod ratelimit;
-pub mod registry;
-pub mod session;
+pub mod retrieval;
 pub mod supervision;

@@ -7,11 +7,54 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::domain::Plan;
+/// A subscription plan. Limits per plan live in config/plans.toml (billing issue).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Plan {
+    #[default]
+    Free,
+    Pro,
+    Enterprise,
+}
+
+impl Plan {
+    pub const ALL: [Plan; 3] = [Plan::Free, Plan::Pro, Plan::Enterprise];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Plan::Free => "free",
+            Plan::Pro => "pro",
+            Plan::Enterprise => "enterprise",
+        }
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown subscription plan '{0}': expected free, pro or enterprise")]
+pub struct UnknownPlan(pub String);
+
+impl FromStr for Plan {
+    type Err = UnknownPlan;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "free" => Ok(Plan::Free),
+            "pro" => Ok(Plan::Pro),
+            "enterprise" => Ok(Plan::Enterprise),
+            _ => Err(UnknownPlan(s.to_string())),
+        }
+    }
+}
 
 /// What a plan limits per month.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -238,6 +281,49 @@ pub fn billing_period(cycle: BillingCycle, anchor: DateTime<Utc>, t: DateTime<Ut
 pub fn proration_cents(from_price: u64, to_price: u64, period: &Period, t: DateTime<Utc>) -> u64 {
     let diff = to_price.saturating_sub(from_price) as f64;
     (diff * period.remaining_fraction(t)).round() as u64
+}
+
+/// The current plan catalog: the base from config/plans.toml with the
+/// `subscription_limits` override applied; swapped whole when it changes.
+pub struct PlanBook {
+    base: PlanCatalog,
+    current: std::sync::RwLock<Arc<PlanCatalog>>,
+}
+
+pub const SUBSCRIPTION_LIMITS_KEY: &str = "subscription_limits";
+
+impl PlanBook {
+    pub fn new(base: PlanCatalog) -> Self {
+        PlanBook {
+            current: std::sync::RwLock::new(Arc::new(base.clone())),
+            base,
+        }
+    }
+
+    pub fn current(&self) -> Arc<PlanCatalog> {
+        match self.current.read() {
+            Ok(g) => g.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn base(&self) -> &PlanCatalog {
+        &self.base
+    }
+
+    /// Applies the `subscription_limits` override row (None: the base alone);
+    /// an invalid override is refused and the last good catalog stays.
+    pub fn apply(&self, overrides: Option<&serde_json::Value>) -> Result<(), String> {
+        let catalog = match overrides {
+            Some(v) => self.base.with_overrides(v)?,
+            None => self.base.clone(),
+        };
+        match self.current.write() {
+            Ok(mut g) => *g = Arc::new(catalog),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(catalog),
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::chat::{ChatRecord, ChatSession, Cursor};
+use crate::chat::records::{ChatRecord, ChatSession, Cursor};
 use crate::domain::{
     ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
     User, UserFilter, UserPatch,
@@ -143,9 +143,9 @@ pub trait RateLimitStore: Send + Sync + 'static {
     async fn check(
         &self,
         key: &str,
-        quota: crate::ratelimit::Quota,
+        quota: crate::admission::ratelimit::Quota,
         cost: u32,
-    ) -> StoreResult<crate::ratelimit::Decision>;
+    ) -> StoreResult<crate::admission::ratelimit::Decision>;
 }
 
 /// The knowledge base's documents and chunks. Implemented for SQLite (embedded

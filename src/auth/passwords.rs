@@ -8,6 +8,10 @@ use argon2::{Algorithm, Argon2, Params, Version};
 
 use crate::config::Argon2Settings;
 
+pub const MIN_PASSWORD_LEN: usize = 8;
+/// Argon2 accepts any length; the cap keeps a request from making us hash megabytes.
+pub const MAX_PASSWORD_LEN: usize = 256;
+
 #[derive(Debug, thiserror::Error)]
 #[error("password hashing failed: {0}")]
 pub struct HashError(String);

@@ -3,14 +3,15 @@
 
 use actix_web::web;
 use chrono::Utc;
-use ragchat_actors::domain::{AuditEntry, Page, Plan, UserFilter, UserPatch};
+use ragchat_actors::domain::{AuditEntry, Page, UserFilter, UserPatch};
+use ragchat_actors::plans::Plan;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
-use super::auth::UserView;
 use super::extractors::AdminUser;
+use super::views::UserView;
 use super::AppState;
 use crate::error::ApiError;
 
@@ -227,7 +228,7 @@ pub async fn get_subscription_limits(
 ) -> Result<web::Json<serde_json::Value>, ApiError> {
     let stored = state
         .accounts
-        .get_setting(ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY)
+        .get_setting(ragchat_actors::plans::SUBSCRIPTION_LIMITS_KEY)
         .await?;
     Ok(web::Json(
         json!({ "override": stored, "effective": *state.plans.current() }),
@@ -250,13 +251,9 @@ pub async fn put_subscription_limits(
         .base()
         .with_overrides(&overrides)
         .map_err(ApiError::Unprocessable)?;
-    let key = ragchat_actors::session::SUBSCRIPTION_LIMITS_KEY;
+    let key = ragchat_actors::plans::SUBSCRIPTION_LIMITS_KEY;
     state.accounts.put_setting(key, &overrides).await?;
-    state
-        .plans
-        .reload(state.accounts.as_ref())
-        .await
-        .map_err(ApiError::internal)?;
+    state.plans.apply(Some(&overrides)).map_err(ApiError::internal)?;
     state.registry.invalidate_all();
     state
         .accounts
@@ -309,8 +306,8 @@ async fn seed_view(state: &AppState) -> SeedStatusView {
         .lock()
         .map(|s| s.clone())
         .unwrap_or_else(|p| p.into_inner().clone());
-    let indexed_chunks = match &state.retrieval {
-        Some(r) => r.send(crate::knowledge::retrieval::IndexedChunks).await.ok(),
+    let indexed_chunks = match state.retrieval.actor() {
+        Some(r) => r.send(ragchat_actors::retrieval::IndexedChunks).await.ok(),
         None => None,
     };
     SeedStatusView { status, indexed_chunks }
@@ -387,7 +384,7 @@ pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<
     use std::sync::atomic::Ordering::Relaxed;
     use std::time::Duration;
     let r = state.registry.stats();
-    let sessions = &ragchat_actors::session::SESSION_MAILBOX;
+    let sessions = &ragchat_actors::admission::session::SESSION_MAILBOX;
     let mut tree = vec![json!({
         "name": "session-registry",
         "supervises": "UserSession actors, one per active user, sharded over dedicated arbiters",
@@ -427,13 +424,13 @@ pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<
         Err(_) => node["error"] = json!("not answering within 500 ms"),
     }
     tree.push(node);
-    tree.push(match &state.retrieval {
+    tree.push(match state.retrieval.actor() {
         Some(sup) => {
-            let mut node = supervised(sup.child(), &crate::knowledge::retrieval::RETRIEVAL_MAILBOX);
+            let mut node = supervised(sup.child(), &ragchat_actors::retrieval::RETRIEVAL_MAILBOX);
             node["supervises"] = json!("the search index (snapshot on disk); a restart reloads the snapshot and catches up with the document store");
             match tokio::time::timeout(
                 Duration::from_millis(500),
-                sup.send(crate::knowledge::retrieval::IndexedChunks),
+                sup.send(ragchat_actors::retrieval::IndexedChunks),
             )
             .await
             {

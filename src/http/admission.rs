@@ -7,13 +7,12 @@
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::Arc;
 
 use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponseBuilder};
+use ragchat_actors::admission::registry::Ticket;
+use ragchat_actors::admission::session::{Admit, Bucket, Permit, RateInfo, Rejection};
 use ragchat_actors::plans::{PlanCatalog, Resource};
-use ragchat_actors::registry::SessionRegistry;
-use ragchat_actors::session::{Admit, Bucket, Permit, RateInfo, Rejection};
 use serde_json::json;
 
 use super::extractors::CurrentUser;
@@ -56,26 +55,33 @@ impl Consumes for BackgroundTask {
 
 pub struct Admitted<R: Consumes> {
     pub user: CurrentUser,
-    permit: Option<Permit>,
-    registry: Arc<SessionRegistry>,
+    ticket: Ticket,
     _r: PhantomData<R>,
 }
 
 impl<R: Consumes> Admitted<R> {
     pub fn permit(&self) -> Option<&Permit> {
-        self.permit.as_ref()
+        self.ticket.permit()
     }
 
     /// The work happened: record its usage (once).
-    pub fn complete(mut self, metadata: serde_json::Value) -> Option<Permit> {
-        let permit = self.permit.take()?;
-        self.registry.complete(permit.clone(), metadata);
-        Some(permit)
+    pub fn complete(self, metadata: serde_json::Value) -> Option<Permit> {
+        self.ticket.complete(metadata)
+    }
+
+    /// Gives the unit back now (the work did not happen).
+    pub fn release(self) {
+        self.ticket.release()
+    }
+
+    /// The admitted unit, for a service that completes or releases it itself.
+    pub fn into_ticket(self) -> Ticket {
+        self.ticket
     }
 
     /// Adds RateLimit-* headers to a response.
     pub fn rate_headers(&self, resp: &mut HttpResponseBuilder) {
-        if let Some(info) = self.permit.as_ref().and_then(|p| p.rate) {
+        if let Some(info) = self.permit().and_then(|p| p.rate) {
             add_rate_headers(resp, info);
         }
     }
@@ -85,14 +91,6 @@ pub fn add_rate_headers(resp: &mut HttpResponseBuilder, info: RateInfo) {
     resp.insert_header(("RateLimit-Limit", info.limit.to_string()))
         .insert_header(("RateLimit-Remaining", info.remaining.to_string()))
         .insert_header(("RateLimit-Reset", info.reset_secs.to_string()));
-}
-
-impl<R: Consumes> Drop for Admitted<R> {
-    fn drop(&mut self) {
-        if let Some(p) = self.permit.take() {
-            self.registry.release(p);
-        }
-    }
 }
 
 /// Maps a session's refusal to the HTTP answer of the original design.
@@ -163,34 +161,25 @@ impl<R: Consumes> Admitted<R> {
     /// Asks the user's session to admit one unit (for callers that are not an
     /// HTTP request of their own, such as a WebSocket message).
     pub async fn admit(state: &AppState, user: CurrentUser) -> Result<Self, ApiError> {
-        let registry = state.registry.clone();
-        let permit = registry
-            .admit(
-                user.user.id,
-                Admit {
-                    bucket: R::BUCKET,
-                    resource: R::RESOURCE,
-                    cost: 1,
-                },
-            )
-            .await
-            .map_err(|r| {
-                super::metrics::record_rejection(&r, R::RESOURCE.as_str());
-                rejection_error(r)
-            })?;
+        let ticket = Ticket::admit(
+            state.registry.clone(),
+            user.user.id,
+            Admit {
+                bucket: R::BUCKET,
+                resource: R::RESOURCE,
+                cost: 1,
+            },
+        )
+        .await
+        .map_err(|r| {
+            crate::telemetry::record_rejection(&r, R::RESOURCE.as_str());
+            rejection_error(r)
+        })?;
         Ok(Admitted {
             user,
-            permit: Some(permit),
-            registry,
+            ticket,
             _r: PhantomData,
         })
-    }
-
-    /// Gives the unit back now (the work did not happen).
-    pub fn release(mut self) {
-        if let Some(p) = self.permit.take() {
-            self.registry.release(p);
-        }
     }
 }
 

@@ -2,13 +2,16 @@
 
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Duration, Utc};
-use ragchat_actors::domain::{ApiKey, Email, NewUser, Plan, RefreshOutcome, RefreshToken, User};
+use ragchat_actors::domain::{ApiKey, Email, NewUser, RefreshOutcome, RefreshToken};
+use ragchat_actors::plans::Plan;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::extractors::CurrentUser;
+use super::views::UserView;
 use super::AppState;
+use crate::auth::passwords::{MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 use crate::auth::{new_api_key, new_refresh_token, token_digest};
 use crate::error::ApiError;
 
@@ -24,46 +27,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .route(web::get().to(list_api_keys)),
         )
         .service(web::resource("/auth/api-keys/{key_id}").route(web::delete().to(delete_api_key)));
-}
-
-pub const MIN_PASSWORD_LEN: usize = 8;
-/// Argon2 accepts any length; the cap keeps a request from making us hash megabytes.
-pub const MAX_PASSWORD_LEN: usize = 256;
-
-/// A user as the API shows it: every field except the password hash.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct UserView {
-    pub id: Uuid,
-    pub email: String,
-    pub full_name: Option<String>,
-    pub is_active: bool,
-    pub is_verified: bool,
-    pub is_superuser: bool,
-    #[schema(value_type = String, example = "free")]
-    pub subscription_plan: Plan,
-    pub organization_id: Option<Uuid>,
-    #[schema(value_type = Object)]
-    pub preferences: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-}
-
-impl From<User> for UserView {
-    fn from(u: User) -> Self {
-        UserView {
-            id: u.id,
-            email: u.email,
-            full_name: u.full_name,
-            is_active: u.is_active,
-            is_verified: u.is_verified,
-            is_superuser: u.is_superuser,
-            subscription_plan: u.subscription_plan,
-            organization_id: u.organization_id,
-            preferences: u.preferences,
-            created_at: u.created_at,
-            updated_at: u.updated_at,
-        }
-    }
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -6,7 +6,8 @@
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
 use ragchat_actors::billing::{BillingError, Effective};
-use ragchat_actors::domain::{Invoice, Plan, Subscription};
+use ragchat_actors::domain::{Invoice, Subscription};
+use ragchat_actors::plans::Plan;
 use ragchat_actors::plans::{BillingCycle, PlanLimits, Resource};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -198,7 +199,7 @@ pub async fn change_subscription(
     let plan: Plan = body
         .plan
         .parse()
-        .map_err(|e: ragchat_actors::domain::UnknownPlan| ApiError::Unprocessable(e.to_string()))?;
+        .map_err(|e: ragchat_actors::plans::UnknownPlan| ApiError::Unprocessable(e.to_string()))?;
     let cycle: BillingCycle = match body.billing_cycle.as_deref() {
         None => BillingCycle::Monthly,
         Some(c) => c.parse().map_err(ApiError::Unprocessable)?,
@@ -237,6 +238,8 @@ pub async fn cancel_subscription(
 #[utoipa::path(get, path = "/billing/usage", tag = "billing", security(("bearer" = [])),
     responses((status = 200, body = UsageView), (status = 401)))]
 pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<UsageView>, ApiError> {
+    // Units this node holds in leases go back first: the counters then read what was admitted.
+    state.registry.return_leases(current.user.id).await;
     let s = state.billing.usage_summary(&current.user, Utc::now()).await?;
     let used = |r: Resource| s.used.get(&r).copied().unwrap_or(0);
     let remaining: serde_json::Map<String, serde_json::Value> = Resource::ALL

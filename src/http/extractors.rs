@@ -14,6 +14,7 @@ use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
 use ragchat_actors::domain::User;
+use ragchat_actors::knowledge::Reader;
 
 use super::AppState;
 use crate::auth::{token_digest, TokenError, API_KEY_PREFIX};
@@ -31,6 +32,16 @@ pub enum AuthMethod {
 pub struct CurrentUser {
     pub user: User,
     pub method: AuthMethod,
+}
+
+impl CurrentUser {
+    /// What this user may read in the knowledge base.
+    pub fn reader(&self) -> Reader {
+        Reader {
+            user_id: self.user.id,
+            organization_id: self.user.organization_id,
+        }
+    }
 }
 
 /// An authenticated superuser.
@@ -85,15 +96,21 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
         })?;
         (claims.sub, AuthMethod::Jwt)
     };
+    // The row is cached for `sessions.user_cache_ms` (changes on this node forget it at once).
     let user = state
-        .accounts
-        .user_by_id(user_id)
+        .registry
+        .deps()
+        .users
+        .get(state.accounts.as_ref(), user_id)
         .await?
         .ok_or_else(|| ApiError::Unauthorized("Could not validate credentials".into()))?;
     if !user.is_active {
         return Err(ApiError::Forbidden("User account is deactivated".into()));
     }
-    Ok(CurrentUser { user, method })
+    Ok(CurrentUser {
+        user: user.as_ref().clone(),
+        method,
+    })
 }
 
 fn require_superuser(current: CurrentUser) -> Result<AdminUser, ApiError> {

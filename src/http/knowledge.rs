@@ -4,8 +4,8 @@
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use ragchat_actors::domain::Page;
-use ragchat_actors::knowledge::{Document, Owner, Reader};
-use ragchat_actors::supervision::Supervised;
+use ragchat_actors::knowledge::{Document, Owner};
+use ragchat_actors::retrieval::{invalid_filter, Filters, Hit, Query, RemoveDocument, RetrievalError, Route};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -13,13 +13,10 @@ use uuid::Uuid;
 
 use super::admission::{rejection_error, Admitted, ApiCall, SearchCall};
 use super::extractors::CurrentUser;
-use super::openai::model_error;
 use super::AppState;
 use crate::error::ApiError;
 use crate::knowledge::formats::{self, Format};
-use crate::knowledge::index::{Filters, Hit, Route};
 use crate::knowledge::ingest::{validate, IngestError, Ingestor, NewDoc, Outcome};
-use crate::knowledge::retrieval::{RemoveDocument, Retrieval, Search};
 
 /// The routes; `max_document_bytes` sets the body limit of the ingestion route
 /// (twice the text, for JSON escapes, plus room for the other fields).
@@ -120,24 +117,6 @@ fn view(d: Document, duplicate: bool) -> DocumentView {
     }
 }
 
-pub(crate) fn reader_of(u: &CurrentUser) -> Reader {
-    Reader {
-        user_id: u.user.id,
-        organization_id: u.user.organization_id,
-    }
-}
-
-fn retrieval(state: &AppState) -> Result<&Supervised<Retrieval>, ApiError> {
-    state
-        .retrieval
-        .as_deref()
-        .ok_or_else(|| ApiError::Unavailable("The search index is not running".into()))
-}
-
-fn index_error(e: impl std::fmt::Display) -> ApiError {
-    ApiError::Internal(format!("search index: {e}"))
-}
-
 fn ingestor(state: &AppState) -> Result<&Ingestor, ApiError> {
     state
         .ingestor
@@ -195,9 +174,9 @@ async fn ingest(
 
 /// A storage grant, handed back to the session when dropped.
 struct HeldStorage {
-    registry: std::sync::Arc<ragchat_actors::registry::SessionRegistry>,
+    registry: std::sync::Arc<ragchat_actors::admission::registry::SessionRegistry>,
     user_id: Uuid,
-    grant: ragchat_actors::session::StorageGrant,
+    grant: ragchat_actors::admission::storage::StorageGrant,
 }
 
 impl Drop for HeldStorage {
@@ -434,7 +413,7 @@ pub async fn list_documents(
         offset: query.offset,
         limit,
     };
-    let (docs, total) = state.documents.list_documents(&reader_of(&current), page).await?;
+    let (docs, total) = state.documents.list_documents(&current.reader(), page).await?;
     Ok(web::Json(DocumentList {
         items: docs.into_iter().map(|d| view(d, false)).collect(),
         total,
@@ -445,7 +424,7 @@ pub async fn list_documents(
 
 async fn visible(state: &AppState, current: &CurrentUser, id: Uuid) -> Result<Document, ApiError> {
     match state.documents.document(id).await? {
-        Some(d) if reader_of(current).may_see(&d.owner) => Ok(d),
+        Some(d) if current.reader().may_see(&d.owner) => Ok(d),
         _ => Err(ApiError::NotFound("Document not found".into())),
     }
 }
@@ -476,11 +455,12 @@ pub async fn delete_document(
     }
     // The store first: if it fails, the document is still there and still found.
     state.documents.delete_document(doc.id).await?;
-    retrieval(&state)?
+    let retrieval = state.retrieval.actor().ok_or(RetrievalError::NotRunning)?;
+    retrieval
         .send(RemoveDocument(doc.id))
         .await
-        .map_err(index_error)?
-        .map_err(index_error)?;
+        .map_err(|e| RetrievalError::Mailbox(e.to_string()))?
+        .map_err(RetrievalError::Index)?;
     Ok(HttpResponse::NoContent().finish())
 }
 
@@ -488,8 +468,8 @@ pub async fn delete_document(
 #[serde(deny_unknown_fields)]
 pub struct SearchRequest {
     pub query: String,
-    #[serde(default = "default_top_k")]
-    pub top_k: usize,
+    /// Results, 1 to `knowledge.search_max_top_k` (default `knowledge.search_default_top_k`).
+    pub top_k: Option<usize>,
     #[serde(default)]
     pub route: Route,
     /// Metadata conditions: {"field": value}, {"field": {"in": [...]}},
@@ -497,10 +477,6 @@ pub struct SearchRequest {
     #[serde(default)]
     #[schema(value_type = Object)]
     pub filters: Filters,
-}
-
-fn default_top_k() -> usize {
-    5
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -522,46 +498,35 @@ pub async fn search(
 ) -> Result<web::Json<SearchResponse>, ApiError> {
     let body = body.into_inner();
     let query = body.query.trim().to_string();
-    if query.is_empty() || query.chars().count() > 2000 {
-        return Err(ApiError::Unprocessable("query must be 1 to 2000 characters".into()));
-    }
-    if !(1..=100).contains(&body.top_k) {
-        return Err(ApiError::Unprocessable("top_k must be 1 to 100".into()));
-    }
-    if let Some((field, _)) = body.filters.iter().find(|(_, c)| !c.is_valid()) {
+    let k = &state.settings.knowledge;
+    if query.is_empty() || query.chars().count() > k.max_query_chars {
         return Err(ApiError::Unprocessable(format!(
-            "filter on '{field}': a range needs gt, gte, lt or lte"
+            "query must be 1 to {} characters",
+            k.max_query_chars
         )));
     }
-    let route = body.route.resolve(&query);
-    let started = std::time::Instant::now();
-    let embedding = if route == Route::Text {
-        None
-    } else {
-        let embedder = state
-            .embedder
-            .clone()
-            .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded; use route \"text\"".into()))?;
-        embedder
-            .embed(vec![query.clone()])
-            .await
-            .map_err(model_error)?
-            .vectors
-            .pop()
-    };
-    let results = retrieval(&state)?
-        .send(Search {
-            query: query.clone(),
-            embedding,
-            route,
-            reader: reader_of(&admitted.user),
+    let top_k = body.top_k.unwrap_or(k.search_default_top_k);
+    if !(1..=k.search_max_top_k).contains(&top_k) {
+        return Err(ApiError::Unprocessable(format!(
+            "top_k must be 1 to {}",
+            k.search_max_top_k
+        )));
+    }
+    if let Some(m) = invalid_filter(&body.filters) {
+        return Err(ApiError::Unprocessable(m));
+    }
+    let found = state
+        .retrieval
+        .search(Query {
+            text: query.clone(),
+            route: body.route,
+            reader: admitted.user.reader(),
             filters: body.filters,
-            top_k: body.top_k,
+            top_k,
+            text_without_embedder: false,
         })
-        .await
-        .map_err(index_error)?
-        .map_err(index_error)?;
-    super::metrics::record_retrieval(super::chat::route_name(route), started.elapsed().as_secs_f64());
+        .await?;
+    let (route, results) = (found.route, found.hits);
     admitted.complete(json!({"endpoint": "/knowledge/search", "route": route}));
     Ok(web::Json(SearchResponse { query, route, results }))
 }

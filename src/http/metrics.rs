@@ -17,12 +17,10 @@
 //! /metrics only), which the network must keep private.
 
 use std::sync::atomic::Ordering;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use actix_web::{web, HttpRequest, HttpResponse};
 use metrics::{counter, gauge};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use sha2::{Digest, Sha256};
 
 use super::extractors::{bearer, user_for_token};
@@ -31,78 +29,6 @@ use crate::error::ApiError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/metrics").route(web::get().to(metrics)));
-}
-
-/// Latency buckets in seconds: 1 ms to 2 minutes (chat answers are long).
-const SECONDS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
-];
-const SIZES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
-
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// The process's Prometheus recorder: installed on first use (None if another
-/// recorder was installed first). Histogram buffers are drained every few
-/// seconds by a thread of its own.
-pub fn handle() -> Option<&'static PrometheusHandle> {
-    HANDLE
-        .get_or_init(|| {
-            let built = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
-                .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_size".into()), SIZES))
-                .and_then(|b| b.install_recorder());
-            match built {
-                Ok(h) => {
-                    let upkeep = h.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("metrics-upkeep".into())
-                        .spawn(move || loop {
-                            std::thread::sleep(Duration::from_secs(5));
-                            upkeep.run_upkeep();
-                        });
-                    Some(h)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "metrics recorder not installed: /metrics answers 503");
-                    None
-                }
-            }
-        })
-        .as_ref()
-}
-
-/// Records one HTTP request (called by the request middleware).
-pub fn record_request(method: &str, route: &str, status: u16, seconds: f64) {
-    let labels = [
-        ("method", method.to_string()),
-        ("route", route.to_string()),
-        ("status", status.to_string()),
-    ];
-    counter!("http_requests_total", &labels).increment(1);
-    metrics::histogram!(
-        "http_request_duration_seconds",
-        "method" => method.to_string(),
-        "route" => route.to_string()
-    )
-    .record(seconds);
-}
-
-/// Records a refused admission: the reason and the resource or bucket.
-pub fn record_rejection(r: &ragchat_actors::session::Rejection, resource: &str) {
-    use ragchat_actors::session::Rejection as R;
-    let (reason, what) = match r {
-        R::RateLimited { bucket, .. } => ("rate_limited", bucket.as_str().to_string()),
-        R::QuotaExceeded { resource, .. } => ("quota_exceeded", resource.as_str().to_string()),
-        R::StorageExceeded { .. } => ("storage_exceeded", "storage_mb".to_string()),
-        R::UnknownUser => ("unknown_user", resource.to_string()),
-        R::Unavailable(_) => ("unavailable", resource.to_string()),
-    };
-    counter!("admission_rejections_total", "reason" => reason, "resource" => what).increment(1);
-}
-
-/// Records one retrieval (query embedding and search) on a route.
-pub fn record_retrieval(route: &str, seconds: f64) {
-    metrics::histogram!("retrieval_duration_seconds", "route" => route.to_string()).record(seconds);
 }
 
 fn same(a: &str, b: &str) -> bool {
@@ -160,19 +86,19 @@ async fn sample(state: &AppState) {
     }
     gauge!("ledger_parked_records").set(state.ledger.parked() as f64);
     for m in [
-        &ragchat_actors::session::SESSION_MAILBOX,
+        &ragchat_actors::admission::session::SESSION_MAILBOX,
         &ragchat_actors::ledger::LEDGER_MAILBOX,
-        &crate::knowledge::retrieval::RETRIEVAL_MAILBOX,
+        &ragchat_actors::retrieval::RETRIEVAL_MAILBOX,
     ] {
         gauge!("actor_mailbox_depth", "actor" => m.kind).set(m.depth() as f64);
         counter!("actor_messages_handled_total", "actor" => m.kind).absolute(m.handled());
     }
     let fallback = state.redis_limits.as_ref().is_some_and(|r| r.fallback_active());
     gauge!("ratelimit_redis_fallback_active").set(if fallback { 1.0 } else { 0.0 });
-    if let Some(r) = &state.retrieval {
+    if let Some(r) = state.retrieval.actor() {
         if let Ok(Ok(n)) = tokio::time::timeout(
             Duration::from_millis(500),
-            r.send(crate::knowledge::retrieval::IndexedChunks),
+            r.send(ragchat_actors::retrieval::IndexedChunks),
         )
         .await
         {
@@ -195,7 +121,8 @@ pub async fn metrics_on_private_address(state: web::Data<AppState>) -> Result<Ht
 }
 
 async fn render(state: &AppState) -> Result<HttpResponse, ApiError> {
-    let handle = handle().ok_or_else(|| ApiError::Unavailable("metrics are not recorded in this process".into()))?;
+    let handle = crate::telemetry::handle()
+        .ok_or_else(|| ApiError::Unavailable("metrics are not recorded in this process".into()))?;
     sample(state).await;
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")

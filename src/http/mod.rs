@@ -11,6 +11,8 @@ pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod ops;
+pub mod sse;
+pub mod views;
 pub mod ws;
 
 use std::sync::Arc;
@@ -21,12 +23,11 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpMessage};
+use ragchat_actors::admission::registry::SessionRegistry;
 use ragchat_actors::billing::Billing;
 use ragchat_actors::ledger::Ledger;
+use ragchat_actors::plans::PlanBook;
 use ragchat_actors::ports::{AccountStore, UsageStore};
-use ragchat_actors::registry::SessionRegistry;
-use ragchat_actors::session::PlanBook;
-use ragchat_actors::supervision::Supervised;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -52,13 +53,16 @@ pub struct AppState {
     pub embedder: Option<ragchat_actors::embed_worker::EmbedWorker>,
     pub generator: Option<ragchat_actors::generate_worker::GenerateWorker>,
     /// The knowledge base: documents and chunks, ingestion (None without the
-    /// embedding model), the retrieval actor and the state of the last seed.
+    /// embedding model), retrieval (the supervised actor and the query
+    /// embedding) and the state of the last seed.
     pub documents: Arc<dyn ragchat_actors::ports::DocumentStore>,
     pub ingestor: Option<crate::knowledge::ingest::Ingestor>,
-    pub retrieval: Option<Arc<Supervised<crate::knowledge::retrieval::Retrieval>>>,
+    pub retrieval: ragchat_actors::retrieval::Retriever,
     pub seed: Arc<std::sync::Mutex<crate::knowledge::seed::SeedStatus>>,
     /// Chat sessions and their messages.
     pub conversations: Arc<dyn ragchat_actors::ports::ConversationStore>,
+    /// The chat turn (conversations, retrieval and the model behind it).
+    pub chat: ragchat_actors::chat::turn::ChatService,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -98,7 +102,7 @@ pub async fn request_context(
         }
         let seconds = started.elapsed().as_secs_f64();
         let route = resp.request().match_pattern().unwrap_or_else(|| "unmatched".into());
-        metrics::record_request(
+        crate::telemetry::record_request(
             resp.request().method().as_str(),
             &route,
             resp.status().as_u16(),
@@ -131,6 +135,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(billing::routes)
             .configure(openai::routes)
             .configure(chat::routes)
+            .configure(ws::routes)
             .configure(knowledge::routes(max_document))
             .service(
                 web::scope("/admin")

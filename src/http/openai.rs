@@ -9,17 +9,18 @@ use actix_web::web::Bytes;
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use futures_util::{stream, StreamExt};
-use ragchat_actors::generate_worker::{GenEvent, GenerateRequest, GenerateWorker};
-use ragchat_actors::inference::{ModelError, SamplingParams};
+use ragchat_actors::chat::stream::{Generation, Step};
+use ragchat_actors::generate_worker::{GenerateRequest, GenerateWorker};
+use ragchat_actors::inference::SamplingParams;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+use tokio::sync::mpsc::unbounded_channel;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::admission::{Admitted, ApiCall, ChatMessage};
 use super::extractors::CurrentUser;
-use super::AppState;
+use super::{sse, AppState};
 use crate::error::ApiError;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -30,17 +31,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 pub const MAX_EMBED_INPUTS: usize = 256;
 pub const MAX_INPUT_CHARS: usize = 32_768;
-
-pub fn model_error(e: ModelError) -> ApiError {
-    match e {
-        ModelError::Invalid(m) => ApiError::BadRequest(m),
-        ModelError::Unavailable(m) => {
-            tracing::warn!(reason = %m, "model unavailable");
-            ApiError::Unavailable(format!("Model temporarily unavailable: {m}"))
-        }
-        ModelError::Internal(m) => ApiError::Internal(m),
-    }
-}
 
 /// A request may name the model; it must be the one this server runs.
 fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
@@ -125,7 +115,7 @@ pub async fn embeddings(
             "each input must be 1 to {MAX_INPUT_CHARS} characters"
         )));
     }
-    let out = worker.embed(texts).await.map_err(model_error)?;
+    let out = worker.embed(texts).await?;
     let data: Vec<Value> = out
         .vectors
         .into_iter()
@@ -207,7 +197,7 @@ fn start_generation(
     state: &AppState,
     worker: &GenerateWorker,
     req: &ChatCompletionRequest,
-) -> Result<UnboundedReceiver<GenEvent>, ApiError> {
+) -> Result<Generation, ApiError> {
     if req.messages.is_empty() {
         return Err(ApiError::Unprocessable("messages must not be empty".into()));
     }
@@ -222,7 +212,7 @@ fn start_generation(
         turns.push((m.role.clone(), m.content.clone()));
     }
     let prompt = worker.tokenizer().chat_prompt(&turns);
-    let prompt_tokens = worker.tokenizer().encode(&prompt).map_err(model_error)?;
+    let prompt_tokens = worker.tokenizer().encode(&prompt)?;
     let stop = match &req.stop {
         None => Vec::new(),
         Some(StopIn::One(s)) => vec![s.clone()],
@@ -237,16 +227,14 @@ fn start_generation(
         return Err(ApiError::Unprocessable("max_tokens must be positive".into()));
     }
     let (tx, rx) = unbounded_channel();
-    worker
-        .submit(GenerateRequest {
-            prompt_tokens,
-            params: sampling(req)?,
-            max_tokens,
-            stop,
-            events: tx,
-        })
-        .map_err(model_error)?;
-    Ok(rx)
+    worker.submit(GenerateRequest {
+        prompt_tokens,
+        params: sampling(req)?,
+        max_tokens,
+        stop,
+        events: tx,
+    })?;
+    Ok(Generation::new(rx))
 }
 
 /// Chat completion with the configured model (ChatML), plain or streamed (SSE).
@@ -262,46 +250,32 @@ pub async fn chat_completions(
     let name = state.settings.models.generator_name.clone();
     let req = body.into_inner();
     check_model(req.model.as_deref(), &name)?;
-    let mut rx = start_generation(&state, &worker, &req)?;
+    let mut generation = start_generation(&state, &worker, &req)?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
     let created = Utc::now().timestamp();
     if !req.stream {
         let mut text = String::new();
-        while let Some(ev) = rx.recv().await {
-            match ev {
-                GenEvent::Token { text: t } => text.push_str(&t),
-                GenEvent::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    ..
-                } => {
+        loop {
+            match generation.next().await {
+                Step::Text(t) => text.push_str(&t),
+                Step::Done(done) => {
                     let mut resp = HttpResponse::Ok();
                     admitted.rate_headers(&mut resp);
                     admitted.complete(
-                        json!({"endpoint": "/v1/chat/completions", "prompt_tokens": prompt_tokens,
-                                             "completion_tokens": completion_tokens}),
+                        json!({"endpoint": "/v1/chat/completions", "prompt_tokens": done.prompt_tokens,
+                                             "completion_tokens": done.completion_tokens}),
                     );
                     return Ok(resp.json(json!({
                         "id": id, "object": "chat.completion", "created": created, "model": name,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                     "finish_reason": finish_reason.as_str()}],
-                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                  "total_tokens": prompt_tokens + completion_tokens},
+                                     "finish_reason": done.reason.as_str()}],
+                        "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                                  "total_tokens": done.prompt_tokens + done.completion_tokens},
                     })));
                 }
-                GenEvent::Error(m, client) => {
-                    return Err(if client {
-                        ApiError::BadRequest(m)
-                    } else {
-                        model_error(ModelError::Unavailable(m))
-                    })
-                }
+                Step::Failed(e) => return Err(e.into()),
             }
         }
-        return Err(model_error(ModelError::Unavailable(
-            "generation ended without an answer".into(),
-        )));
     }
 
     // Streaming: the permit travels with the stream; it is completed on `Done` and
@@ -309,65 +283,38 @@ pub async fn chat_completions(
     let chunk = move |delta: Value, finish: Option<&str>| {
         let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
-        Bytes::from(format!("data: {c}\n\n"))
+        sse::frame(None, &c)
     };
     let first = chunk(json!({"role": "assistant", "content": ""}), None);
-    struct StreamState<F> {
-        rx: UnboundedReceiver<GenEvent>,
-        admitted: Option<Admitted<ChatMessage>>,
-        chunk: F,
-        done: bool,
-    }
-    let st = StreamState {
-        rx,
-        admitted: Some(admitted),
-        chunk,
-        done: false,
-    };
-    let body = stream::once(async move { Ok::<Bytes, actix_web::Error>(first) }).chain(stream::unfold(
-        st,
-        |mut st| async move {
-            if st.done {
-                return None;
+    let st = Some((generation, admitted, chunk));
+    let rest = stream::unfold(st, |st| async move {
+        let (mut generation, admitted, chunk) = st?;
+        Some(match generation.next().await {
+            Step::Text(text) => (
+                chunk(json!({"content": text}), None),
+                Some((generation, admitted, chunk)),
+            ),
+            Step::Done(done) => {
+                admitted.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
+                                         "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}));
+                let mut out = chunk(json!({}), Some(done.reason.as_str())).to_vec();
+                let usage = json!({"object": "chat.completion.chunk", "choices": [],
+                                   "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                                             "total_tokens": done.prompt_tokens + done.completion_tokens}});
+                out.extend_from_slice(&sse::frame(None, &usage));
+                out.extend_from_slice(&sse::frame(None, &"[DONE]"));
+                (Bytes::from(out), None)
             }
-            let bytes = match st.rx.recv().await {
-                Some(GenEvent::Token { text }) if text.is_empty() => Bytes::new(),
-                Some(GenEvent::Token { text }) => (st.chunk)(json!({"content": text}), None),
-                Some(GenEvent::Done {
-                    finish_reason,
-                    prompt_tokens,
-                    completion_tokens,
-                    ..
-                }) => {
-                    if let Some(a) = st.admitted.take() {
-                        a.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
-                                      "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}));
-                    }
-                    st.done = true;
-                    let mut out = (st.chunk)(json!({}), Some(finish_reason.as_str())).to_vec();
-                    let usage = json!({"object": "chat.completion.chunk", "choices": [],
-                                   "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                                             "total_tokens": prompt_tokens + completion_tokens}});
-                    out.extend_from_slice(format!("data: {usage}\n\ndata: [DONE]\n\n").as_bytes());
-                    Bytes::from(out)
-                }
-                other => {
-                    st.done = true;
-                    let m = match other {
-                        Some(GenEvent::Error(m, _)) => m,
-                        _ => "generation stopped".to_string(),
-                    };
-                    Bytes::from(format!(
-                        "data: {}\n\ndata: [DONE]\n\n",
-                        json!({"error": {"message": m, "type": "server_error"}})
-                    ))
-                }
-            };
-            Some((Ok::<Bytes, actix_web::Error>(bytes), st))
-        },
-    ));
-    Ok(HttpResponse::Ok()
-        .content_type("text/event-stream")
-        .insert_header(("Cache-Control", "no-cache"))
-        .streaming(body))
+            Step::Failed(e) => {
+                let mut out = sse::frame(
+                    None,
+                    &json!({"error": {"message": e.to_string(), "type": "server_error"}}),
+                )
+                .to_vec();
+                out.extend_from_slice(&sse::frame(None, &"[DONE]"));
+                (Bytes::from(out), None)
+            }
+        })
+    });
+    Ok(sse::response(HttpResponse::Ok(), stream::iter([first]).chain(rest)))
 }

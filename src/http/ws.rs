@@ -25,23 +25,21 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, Session};
 use futures_util::StreamExt;
-use ragchat_actors::generate_worker::GenEvent;
+use ragchat_actors::chat::stream::Event;
+use ragchat_actors::chat::turn::{ChatEvent, ChatRequest, Turn};
 use serde_json::{json, Value};
-use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::admission::{Admitted, ChatMessage};
-use super::chat::{prepare, step, ChatRequest, Step, Turn};
 use super::extractors::{bearer, user_for_token, CurrentUser};
 use super::AppState;
 use crate::error::ApiError;
 
-/// Largest accepted frame (a message is at most `chat.max_message_chars`).
-const MAX_FRAME: usize = 256 << 10;
-/// Longest accepted `id` of a client frame.
-const MAX_ID_CHARS: usize = 128;
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource("/ws/chat").route(web::get().to(ws_chat)));
+}
 
 #[derive(serde::Deserialize)]
 struct TokenQuery {
@@ -68,7 +66,9 @@ pub async fn ws_chat(
     let user = user_for_token(&state, token.trim()).await?;
     let (response, session, messages) =
         actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("WebSocket handshake: {e}")))?;
-    let messages = messages.max_frame_size(MAX_FRAME).aggregate_continuations();
+    let messages = messages
+        .max_frame_size(state.settings.chat.ws_max_frame_bytes)
+        .aggregate_continuations();
     actix_web::rt::spawn(run(state.get_ref().clone(), user, session, messages));
     Ok(response)
 }
@@ -77,12 +77,11 @@ pub async fn ws_chat(
 struct Current {
     id: Value,
     turn: Turn,
-    events: UnboundedReceiver<GenEvent>,
 }
 
-async fn next_event(current: &mut Option<Current>) -> Option<GenEvent> {
+async fn next_event(current: &mut Option<Current>) -> Option<ChatEvent> {
     match current {
-        Some(c) => c.events.recv().await,
+        Some(c) => c.turn.next().await,
         None => std::future::pending().await,
     }
 }
@@ -100,11 +99,9 @@ async fn send(session: &mut Session, text: String, limit: Duration) -> bool {
 }
 
 fn error_frame(id: &Value, e: &ApiError) -> String {
-    frame(
-        "error",
-        id,
-        json!({"status": e.status_code().as_u16(), "detail": e.detail()}),
-    )
+    let mut body = e.body();
+    body["status"] = json!(e.status());
+    frame("error", id, body)
 }
 
 async fn run(
@@ -152,27 +149,21 @@ async fn run(
             }
             ev = next_event(&mut current) => {
                 let Some(c) = current.as_mut() else { continue };
-                let out = match step(ev) {
-                    Step::Text(t) if t.is_empty() => continue,
-                    Step::Text(t) => {
-                        c.turn.push(&t);
-                        frame("token", &c.id, json!({ "text": t }))
-                    }
-                    Step::Done(done) => {
-                        let Some(c) = current.take() else { continue };
-                        let out = match c.turn.finish(done).await {
-                            Ok(r) => frame("done", &c.id, json!({ "response": r })),
-                            Err(e) => error_frame(&c.id, &e),
-                        };
-                        heard = Instant::now();
-                        out
-                    }
-                    Step::Failed(e) => {
-                        let Some(c) = current.take() else { continue };
-                        c.turn.fail();
-                        error_frame(&c.id, &e)
-                    }
+                let (out, last) = match ev {
+                    Some(Event::Sources(head)) => (frame("sources", &c.id, head), false),
+                    Some(Event::Token(text)) => (frame("token", &c.id, json!({ "text": text })), false),
+                    Some(Event::Done(r)) => (frame("done", &c.id, json!({ "response": r })), true),
+                    Some(Event::Error(e)) => (error_frame(&c.id, &ApiError::from(e)), true),
+                    None => (String::new(), true),
                 };
+                if last {
+                    // The answer is over: the connection takes the next message.
+                    current = None;
+                    heard = Instant::now();
+                    if out.is_empty() {
+                        continue;
+                    }
+                }
                 // Waits while the client's queue is full: the answer is read at
                 // the pace of the client, up to the timeout.
                 if !send(&mut session, out, timeout).await {
@@ -233,14 +224,15 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
     // The id is echoed in every frame of the answer: keep it small.
     let id_ok = match &id {
         Value::Null | Value::Number(_) => true,
-        Value::String(s) => s.len() <= MAX_ID_CHARS,
+        Value::String(s) => s.len() <= state.settings.chat.ws_max_id_chars,
         _ => false,
     };
     if !id_ok {
         return Some(error_frame(
             &Value::Null,
             &ApiError::Unprocessable(format!(
-                "id must be a number or a string of at most {MAX_ID_CHARS} characters"
+                "id must be a number or a string of at most {} characters",
+                state.settings.chat.ws_max_id_chars
             )),
         ));
     }
@@ -250,8 +242,7 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
         Some("cancel") => match current.take() {
             // The events are dropped first (the model stops), then the partial
             // answer is stored and counted before the next frame is read.
-            Some(Current { id, turn, events }) => {
-                drop(events);
+            Some(Current { id, turn }) => {
                 turn.cancel().await;
                 Some(frame("cancelled", &id, json!({})))
             }
@@ -283,17 +274,13 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
                 Ok(a) => a,
                 Err(e) => return Some(error_frame(&id, &e)),
             };
-            match prepare(state, &user, req).await {
-                Ok((prepared, events)) => {
-                    let head = frame("sources", &id, prepared.head());
-                    *current = Some(Current {
-                        id,
-                        turn: Turn::new(state.clone(), admitted, prepared),
-                        events,
-                    });
-                    Some(head)
+            let reader = user.reader();
+            match state.chat.start(admitted.into_ticket(), reader, req).await {
+                Ok(turn) => {
+                    *current = Some(Current { id, turn });
+                    None
                 }
-                Err(e) => Some(error_frame(&id, &e)),
+                Err(e) => Some(error_frame(&id, &ApiError::from(e))),
             }
         }
         _ => Some(error_frame(

@@ -12,7 +12,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::hnsw::HnswConfig;
-use super::index::{Condition, Filters, Route, SearchIndex, EXACT_MAX};
+use super::index::{HybridIndex, EXACT_MAX};
+use ragchat_actors::retrieval::{Condition, Filters, Route};
 
 const DIM: usize = 384;
 
@@ -116,7 +117,7 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
     let topics = topics(n_topics, &mut rng);
     let rss_before = rss_mb();
     let started = Instant::now();
-    let mut index = SearchIndex::new()?.with_vector_search(EXACT_MAX, hnsw);
+    let mut index = HybridIndex::new()?.with_vector_search(EXACT_MAX, hnsw);
     let per_doc = 4;
     let mut made = 0;
     while made < chunks {
@@ -290,7 +291,7 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
     let bytes: u64 = walk_size(&dir);
     drop(index);
     let t = Instant::now();
-    let back = SearchIndex::load(&dir)?.ok_or_else(|| anyhow::anyhow!("the snapshot did not read back"))?;
+    let back = HybridIndex::load(&dir)?.ok_or_else(|| anyhow::anyhow!("the snapshot did not read back"))?;
     let loaded = t.elapsed().as_secs_f64();
     say(format!(
         "snapshot: written in {saved:.1} s ({:.0} MB), read back with BM25 re-indexed in {loaded:.1} s ({} chunks)",

@@ -13,8 +13,9 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use super::chunking::Chunker;
-use super::index::{Filters, Fusion, Route, SearchIndex, RRF_K, TITLE_BOOST};
+use super::index::{Fusion, HybridIndex, RRF_K, TITLE_BOOST};
 use crate::config::Settings;
+use ragchat_actors::retrieval::{Filters, Route};
 
 #[derive(Deserialize)]
 struct CorpusDoc {
@@ -165,7 +166,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     let k = &settings.knowledge;
     let chunker =
         Chunker::load(&dir.join("tokenizer.json"), k.chunk_tokens, k.chunk_overlap).map_err(anyhow::Error::msg)?;
-    let mut index = SearchIndex::new()?;
+    let mut index = HybridIndex::new()?;
     let started = Instant::now();
     let mut corpus_of: HashMap<Uuid, String> = HashMap::new();
     let mut chunks_total = 0usize;

@@ -7,7 +7,8 @@
 use std::collections::HashMap;
 
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
-use serde::{Deserialize, Serialize};
+use ragchat_actors::retrieval::{Filters, Hit, IndexError, Route};
+use serde::Deserialize;
 use serde_json::Value;
 use tantivy::collector::TopDocs;
 use tantivy::query::QueryParser;
@@ -29,96 +30,6 @@ const REBUILD_DELETED: usize = 10_000;
 const NO_NODE: u32 = u32::MAX;
 /// Version of the snapshot `save` writes.
 const SNAPSHOT_FORMAT: u32 = 1;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum Route {
-    Vector,
-    Text,
-    Hybrid,
-    /// `text` for queries of one or two words (names, codes: exact terms matter
-    /// most), `hybrid` otherwise.
-    #[default]
-    Auto,
-}
-
-impl Route {
-    pub fn resolve(self, query: &str) -> Route {
-        match self {
-            Route::Auto if query.split_whitespace().count() <= 2 => Route::Text,
-            Route::Auto => Route::Hybrid,
-            r => r,
-        }
-    }
-}
-
-/// A metadata condition: a value (equality), {"in": [...]}, or a range with any
-/// of gt, gte, lt, lte (numbers or strings).
-#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(untagged)]
-pub enum Condition {
-    Range(Box<Range>),
-    In(In),
-    Equals(Value),
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct Range {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gt: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gte: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    lt: Option<Value>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    lte: Option<Value>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct In {
-    #[serde(rename = "in")]
-    values: Vec<Value>,
-}
-
-fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
-    match (a, b) {
-        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
-        (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
-        _ => None,
-    }
-}
-
-impl Condition {
-    /// A range needs at least one bound (an empty object would match everything).
-    pub fn is_valid(&self) -> bool {
-        match self {
-            Condition::Range(r) => r.gt.is_some() || r.gte.is_some() || r.lt.is_some() || r.lte.is_some(),
-            _ => true,
-        }
-    }
-
-    pub fn matches(&self, v: Option<&Value>) -> bool {
-        use std::cmp::Ordering::*;
-        let Some(v) = v else { return false };
-        match self {
-            Condition::Equals(want) => v == want || matches!(v, Value::Array(items) if items.contains(want)),
-            Condition::In(In { values }) => values.iter().any(|w| w == v),
-            Condition::Range(r) => {
-                let Range { gt, gte, lt, lte } = r.as_ref();
-                let ok = |bound: &Option<Value>, allowed: &[std::cmp::Ordering]| {
-                    bound
-                        .as_ref()
-                        .is_none_or(|b| compare(v, b).is_some_and(|o| allowed.contains(&o)))
-                };
-                ok(gt, &[Greater]) && ok(gte, &[Greater, Equal]) && ok(lt, &[Less]) && ok(lte, &[Less, Equal])
-            }
-        }
-    }
-}
-
-pub type Filters = HashMap<String, Condition>;
 
 /// How `hybrid` merges the vector and text rankings (each `depth` long).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -176,19 +87,7 @@ struct Entry {
     node: u32,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Hit {
-    pub document_id: Uuid,
-    pub chunk_id: Uuid,
-    pub title: String,
-    pub content: String,
-    pub score: f32,
-    pub source: String,
-    #[schema(value_type = Object)]
-    pub metadata: serde_json::Map<String, Value>,
-}
-
-pub struct SearchIndex {
+pub struct HybridIndex {
     slots: Vec<Option<Entry>>,
     /// Vectors live in the graph only (one copy), exact scans included.
     graph: Option<Hnsw>,
@@ -208,15 +107,11 @@ pub struct SearchIndex {
     dirty: bool,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("search index: {0}")]
-pub struct IndexError(String);
-
 fn index_error(e: impl std::fmt::Display) -> IndexError {
-    IndexError(e.to_string())
+    IndexError::of(e)
 }
 
-impl SearchIndex {
+impl HybridIndex {
     pub fn new() -> Result<Self, IndexError> {
         let mut sb = Schema::builder();
         let key = sb.add_u64_field("key", INDEXED | FAST);
@@ -232,7 +127,7 @@ impl SearchIndex {
         let reader = index.reader().map_err(index_error)?;
         let mut parser = QueryParser::for_index(&index, vec![title, content]);
         parser.set_field_boost(title, TITLE_BOOST);
-        Ok(SearchIndex {
+        Ok(HybridIndex {
             slots: Vec::new(),
             graph: None,
             hnsw: HnswConfig::default(),
@@ -435,7 +330,7 @@ impl SearchIndex {
 
     /// Reads an index written by `save`; None when there is none or it does not
     /// read back whole (the caller rebuilds from the store).
-    pub fn load(dir: &std::path::Path) -> Result<Option<SearchIndex>, IndexError> {
+    pub fn load(dir: &std::path::Path) -> Result<Option<HybridIndex>, IndexError> {
         let Ok(current) = std::fs::read_to_string(dir.join("current")) else {
             return Ok(None);
         };
@@ -453,7 +348,7 @@ impl SearchIndex {
         if manifest["format"] != SNAPSHOT_FORMAT {
             return Ok(None);
         }
-        let mut index = SearchIndex::new()?;
+        let mut index = HybridIndex::new()?;
         if manifest["graph"] == true {
             let Ok(file) = std::fs::File::open(dir.join("graph.bin")) else {
                 return Ok(None);
@@ -745,7 +640,7 @@ pub(crate) mod tests {
             user_id: Uuid::new_v4(),
             organization_id: None,
         };
-        let mut ix = SearchIndex::new()
+        let mut ix = HybridIndex::new()
             .expect("index")
             .with_vector_search(exact_max, HnswConfig::default());
         let (a, ac) = doc_with(
@@ -821,12 +716,12 @@ pub(crate) mod tests {
     #[test]
     fn a_saved_index_loads_back_and_answers_the_same() {
         let dir = std::env::temp_dir().join(format!("ragchat-index-{}", Uuid::new_v4()));
-        assert!(SearchIndex::load(&dir).expect("load").is_none(), "no snapshot yet");
+        assert!(HybridIndex::load(&dir).expect("load").is_none(), "no snapshot yet");
         let me = Reader {
             user_id: Uuid::new_v4(),
             organization_id: None,
         };
-        let mut ix = SearchIndex::new()
+        let mut ix = HybridIndex::new()
             .expect("index")
             .with_vector_search(0, HnswConfig::default());
         let mut docs = Vec::new();
@@ -858,7 +753,7 @@ pub(crate) mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with("snapshot-"))
             .count();
         assert_eq!(snapshots, 1, "older snapshots are removed");
-        let back = SearchIndex::load(&dir).expect("load").expect("a snapshot");
+        let back = HybridIndex::load(&dir).expect("load").expect("a snapshot");
         assert_eq!(back.len(), 38);
         let none = Filters::new();
         for (q, v) in [("topic1", [1.0, 0.0]), ("topic3 chunk", [0.0, 1.0])] {
@@ -872,7 +767,7 @@ pub(crate) mod tests {
         assert!(back.document_ids().contains(&docs[5].id) && !back.document_ids().contains(&docs[4].id));
         // A broken snapshot is not used (the caller rebuilds from the store).
         std::fs::write(dir.join("current"), "snapshot-missing").expect("write");
-        assert!(SearchIndex::load(&dir).expect("load").is_none());
+        assert!(HybridIndex::load(&dir).expect("load").is_none());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 use super::chunking::Chunker;
-use super::retrieval::{IndexDocuments, Retrieval};
+use ragchat_actors::retrieval::{IndexDocuments, Retrieval};
 use ragchat_actors::supervision::Supervised;
 
 /// A document to store.
@@ -283,7 +283,7 @@ impl Ingestor {
                 tracing::error!(document = %d.id, error = %e, "could not remove a document of a failed batch");
             }
             if let Some(r) = &self.retrieval {
-                let _ = r.send(super::retrieval::RemoveDocument(d.id)).await;
+                let _ = r.send(ragchat_actors::retrieval::RemoveDocument(d.id)).await;
             }
         }
     }

@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 
 use super::formats::{self, Extracted, Format};
 use super::ingest::{validate, IngestError, Ingestor, NewDoc, Outcome};
-use super::retrieval::RemoveDocument;
+use ragchat_actors::retrieval::RemoveDocument;
 
 /// Documents per ingestion batch (one embedding pass, one index commit).
 const BATCH: usize = 32;
@@ -372,7 +372,7 @@ pub async fn cli(settings: &crate::config::Settings, path: &Path, opts: SeedOpti
         &k.sqlite_url,
     )
     .await?;
-    let embedder = crate::startup::start_embedder(&settings.models)
+    let embedder = crate::models::start_embedder(&settings.models)
         .ok_or_else(|| anyhow::anyhow!("the embedding model is not loaded (run scripts/fetch-models)"))?;
     let tokenizer = Path::new(&settings.models.embedding_dir).join("tokenizer.json");
     let chunker =

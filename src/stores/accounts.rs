@@ -3,8 +3,9 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, NewUser, Organization, Page, Plan, RefreshOutcome, RefreshToken, User, UserFilter, UserPatch,
+    ApiKey, AuditEntry, NewUser, Organization, Page, RefreshOutcome, RefreshToken, User, UserFilter, UserPatch,
 };
+use ragchat_actors::plans::Plan;
 use ragchat_actors::ports::{AccountStore, StoreError, StoreResult};
 use sqlx::types::Json;
 use sqlx::Row;

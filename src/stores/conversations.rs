@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use ragchat_actors::chat::{ChatRecord, ChatSession, Cursor, Role};
+use ragchat_actors::chat::records::{ChatRecord, ChatSession, Cursor, Role};
 use ragchat_actors::domain::Page;
 use ragchat_actors::ports::{ConversationStore, StoreError, StoreResult};
 use scylla::client::execution_profile::ExecutionProfile;

@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use ragchat_actors::chat::{ChatRecord, ChatSession, Cursor};
+use ragchat_actors::chat::records::{ChatRecord, ChatSession, Cursor};
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use ragchat_actors::admission::ratelimit::{Decision, Quota};
 use ragchat_actors::domain::{
     ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
     User, UserFilter, UserPatch,
@@ -20,7 +21,6 @@ use ragchat_actors::plans::{Period, Resource};
 use ragchat_actors::ports::{
     AccountStore, ConversationStore, DocumentStore, RateLimitStore, Reservation, StoreError, StoreResult, UsageStore,
 };
-use ragchat_actors::ratelimit::{Decision, Quota};
 use uuid::Uuid;
 
 async fn timed<T>(

@@ -1,5 +1,5 @@
 //! Rate limits in Redis: one Lua script per check (GCRA, the same arithmetic as
-//! ragchat_actors::ratelimit), so several server processes share each user's limit.
+//! ragchat_actors::admission::ratelimit), so several server processes share each user's limit.
 //! Keys expire when their bucket is full again.
 //!
 //! A circuit breaker keeps a Redis outage cheap: a failed or slow call (over
@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use ragchat_actors::admission::ratelimit::{Decision, Quota};
 use ragchat_actors::ports::{RateLimitStore, StoreError, StoreResult};
-use ragchat_actors::ratelimit::{Decision, Quota};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::Mutex;
 

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use ragchat_actors::domain::{Invoice, Plan, Subscription, UsageRecord};
+use ragchat_actors::domain::{Invoice, Subscription, UsageRecord};
+use ragchat_actors::plans::Plan;
 use ragchat_actors::plans::{Period, Resource};
 use ragchat_actors::ports::{Reservation, StoreError, StoreResult, UsageStore};
 use sqlx::types::Json;

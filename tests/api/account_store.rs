@@ -7,8 +7,9 @@ use chrono::{Duration, Utc};
 use ragchat::config::DatabaseSettings;
 use ragchat::stores::connect_accounts;
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, Email, NewUser, Page, Plan, RefreshOutcome, RefreshToken, UserFilter, UserPatch,
+    ApiKey, AuditEntry, Email, NewUser, Page, RefreshOutcome, RefreshToken, UserFilter, UserPatch,
 };
+use ragchat_actors::plans::Plan;
 use ragchat_actors::ports::{AccountStore, StoreError};
 use serde_json::json;
 use uuid::Uuid;

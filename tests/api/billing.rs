@@ -4,9 +4,10 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use futures_util::future::join_all;
-use ragchat_actors::domain::{Plan, Subscription, SubscriptionStatus, UsageRecord};
+use ragchat_actors::admission::session::Crash;
+use ragchat_actors::domain::{Subscription, SubscriptionStatus, UsageRecord};
+use ragchat_actors::plans::Plan;
 use ragchat_actors::plans::{BillingCycle, Period, Resource};
-use ragchat_actors::session::Crash;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;

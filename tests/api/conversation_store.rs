@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use chrono::{Duration, Utc};
 use ragchat::stores::connect_conversations;
-use ragchat_actors::chat::{to_millis, ChatRecord, ChatSession, Cursor, Role};
+use ragchat_actors::chat::records::{to_millis, ChatRecord, ChatSession, Cursor, Role};
 use ragchat_actors::domain::Page;
 use ragchat_actors::ports::{ConversationStore, StoreError};
 use serde_json::json;

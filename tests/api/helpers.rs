@@ -220,7 +220,7 @@ impl TestApp {
             ragchat::accounts::UserSpec {
                 email,
                 password: "admin-password-1234",
-                plan: ragchat_actors::domain::Plan::Enterprise,
+                plan: ragchat_actors::plans::Plan::Enterprise,
                 superuser: true,
             },
         )

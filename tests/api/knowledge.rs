@@ -2,7 +2,8 @@
 //! organizations, search routes and filters, deletion, bad input, and the index
 //! rebuilt from the store after a restart.
 
-use ragchat_actors::domain::{Email, NewUser, Plan};
+use ragchat_actors::domain::{Email, NewUser};
+use ragchat_actors::plans::Plan;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::time::Duration;
@@ -293,8 +294,8 @@ async fn a_crashed_retrieval_actor_is_restarted_and_catches_up_with_the_store() 
         tides["id"].as_str().expect("id")
     );
 
-    let sup = app.state.retrieval.clone().expect("retrieval");
-    sup.do_send(ragchat::knowledge::retrieval::Crash);
+    let sup = app.state.retrieval.actor().cloned().expect("retrieval");
+    sup.do_send(ragchat_actors::retrieval::Crash);
     let mut hits = Vec::new();
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -18,11 +18,12 @@ use std::time::Duration;
 use actix::prelude::*;
 use uuid::Uuid;
 
-use crate::ports::DocumentStore;
-use crate::session::{
-    Admit, Complete, Permit, Rejection, Release, ReleaseStorage, Reload, ReserveStorage, SessionDeps, SessionExit,
-    StorageGrant, UserSession,
+use super::session::{
+    Admit, Complete, Permit, Rejection, Release, ReleaseStorage, Reload, ReserveStorage, ReturnLeases, SessionDeps,
+    SessionExit, UserSession,
 };
+use super::storage::StorageGrant;
+use crate::ports::DocumentStore;
 use crate::supervision::{RestartPolicy, SendTracked};
 
 const SHARDS: usize = 16;
@@ -192,8 +193,17 @@ impl SessionRegistry {
         self.session(permit.user_id).do_send_tracked(Release { permit });
     }
 
+    /// Hands the quota units the user's session holds in leases back to the
+    /// store, so the store's counters read what was admitted (on this node).
+    pub async fn return_leases(&self, user_id: Uuid) {
+        if let Some(addr) = self.existing(user_id) {
+            let _ = tokio::time::timeout(self.send_timeout, addr.send_tracked(ReturnLeases)).await;
+        }
+    }
+
     /// Forgets cached plan and limits of a user (plan changed).
     pub fn invalidate(&self, user_id: Uuid) {
+        self.deps.users.forget(user_id);
         if let Some(addr) = self.shard(&user_id).get(&user_id) {
             addr.do_send_tracked(Reload);
         }
@@ -201,6 +211,7 @@ impl SessionRegistry {
 
     /// Forgets cached plans of every session (catalog changed).
     pub fn invalidate_all(&self) {
+        self.deps.users.clear();
         for shard in &self.shards {
             let guard = match shard.lock() {
                 Ok(g) => g,
@@ -236,5 +247,49 @@ impl SessionRegistry {
 
     pub fn deps(&self) -> &SessionDeps {
         &self.deps
+    }
+}
+/// One admitted unit of work: the permit and the registry it goes back to.
+/// `complete` records its usage once; dropped without `complete` (the work did
+/// not happen, or its request vanished) it gives the unit back.
+pub struct Ticket {
+    permit: Option<Permit>,
+    registry: Arc<SessionRegistry>,
+}
+
+impl Ticket {
+    /// Asks the user's session to admit `msg`.
+    pub async fn admit(registry: Arc<SessionRegistry>, user_id: Uuid, msg: Admit) -> Result<Ticket, Rejection> {
+        let permit = registry.admit(user_id, msg).await?;
+        Ok(Ticket {
+            permit: Some(permit),
+            registry,
+        })
+    }
+
+    pub fn permit(&self) -> Option<&Permit> {
+        self.permit.as_ref()
+    }
+
+    /// The work happened: record its usage (once).
+    pub fn complete(mut self, metadata: serde_json::Value) -> Option<Permit> {
+        let permit = self.permit.take()?;
+        self.registry.complete(permit.clone(), metadata);
+        Some(permit)
+    }
+
+    /// Gives the unit back now (the work did not happen).
+    pub fn release(mut self) {
+        if let Some(p) = self.permit.take() {
+            self.registry.release(p);
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if let Some(p) = self.permit.take() {
+            self.registry.release(p);
+        }
     }
 }

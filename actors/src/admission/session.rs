@@ -9,6 +9,11 @@
 //! Senders: the HTTP layer (through `SessionRegistry`) sends `Admit`, then
 //! `Complete` or `Release` with the permit; the registry sends `Reload` after plan
 //! changes. The session sends one `Record` per completed permit to the ledger.
+//!
+//! The handlers are thin: the rules are pure functions beside this file
+//! (`ratelimit` for GCRA, `quota` for leases, `storage` for reservations). When
+//! the user's row is cached (`users`), Redis is not involved and the quota lease
+//! holds units, `Admit` is decided without any await: no store round trip.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -19,12 +24,15 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::{Plan, UsageRecord};
+use super::quota::{Lease, QuotaStep};
+use super::ratelimit::{self, Quota};
+use super::storage::{self, Holds, StorageGrant};
+use super::users::UserCache;
+use crate::domain::UsageRecord;
 use crate::knowledge::Owner;
 use crate::ledger::Ledger;
-use crate::plans::{month_of, Period, PlanCatalog, PlanLimits, Resource};
+use crate::plans::{month_of, Period, Plan, PlanBook, PlanLimits, Resource};
 use crate::ports::{AccountStore, DocumentStore, RateLimitStore, Reservation, StoreError, UsageStore};
-use crate::ratelimit::{self, Quota};
 
 /// Rate-limit buckets: each route says which one it draws from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -61,53 +69,11 @@ pub struct SessionConfig {
     pub rate_limits: BTreeMap<Bucket, Quota>,
     pub idle_timeout: Duration,
     pub store_down: StoreDownPolicy,
-}
-
-/// The current plan catalog: the base from config/plans.toml with the
-/// `subscription_limits` override applied; swapped whole when it changes.
-pub struct PlanBook {
-    base: PlanCatalog,
-    current: std::sync::RwLock<Arc<PlanCatalog>>,
-}
-
-pub const SUBSCRIPTION_LIMITS_KEY: &str = "subscription_limits";
-
-impl PlanBook {
-    pub fn new(base: PlanCatalog) -> Self {
-        PlanBook {
-            current: std::sync::RwLock::new(Arc::new(base.clone())),
-            base,
-        }
-    }
-
-    pub fn current(&self) -> Arc<PlanCatalog> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    pub fn base(&self) -> &PlanCatalog {
-        &self.base
-    }
-
-    /// Re-reads the override row; an invalid override is refused (logged) and the
-    /// last good catalog stays.
-    pub async fn reload(&self, accounts: &dyn AccountStore) -> Result<(), String> {
-        let catalog = match accounts
-            .get_setting(SUBSCRIPTION_LIMITS_KEY)
-            .await
-            .map_err(|e| e.to_string())?
-        {
-            Some(v) => self.base.with_overrides(&v)?,
-            None => self.base.clone(),
-        };
-        match self.current.write() {
-            Ok(mut g) => *g = Arc::new(catalog),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(catalog),
-        }
-        Ok(())
-    }
+    /// The most quota units a session reserves at a time (1: every unit is
+    /// reserved in the store as it is admitted).
+    pub max_lease: u64,
+    /// Units of a lease unused this long go back to the store.
+    pub lease_idle: Duration,
 }
 
 /// Everything a session needs; shared by all sessions.
@@ -118,6 +84,8 @@ pub struct SessionDeps {
     pub limiter: Option<Arc<dyn RateLimitStore>>,
     pub ledger: Ledger,
     pub plans: Arc<PlanBook>,
+    /// User rows, read at most once per `ttl` per user (shared with authentication).
+    pub users: Arc<UserCache>,
     pub config: Arc<SessionConfig>,
 }
 
@@ -139,7 +107,7 @@ pub struct Permit {
     pub cost: u64,
     pub period: Period,
     pub plan: Plan,
-    /// Counter value after this reservation.
+    /// Units of the month admitted, this one included.
     pub used: u64,
     pub limit: u64,
     pub rate: Option<RateInfo>,
@@ -204,9 +172,8 @@ pub struct Release {
 pub struct Reload;
 
 /// Reserves room for `bytes` of new private documents under the plan's
-/// `storage_mb`. Handled atomically, so a user's uploads are checked one at a
-/// time, and bytes reserved by uploads still being stored count as used. Hand
-/// the grant back with `ReleaseStorage` once the documents are stored (or not).
+/// `storage_mb` (see `storage`). Hand the grant back with `ReleaseStorage` once
+/// the documents are stored (or not).
 #[derive(Message)]
 #[rtype(result = "Result<StorageGrant, Rejection>")]
 pub struct ReserveStorage {
@@ -214,18 +181,15 @@ pub struct ReserveStorage {
     pub bytes: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct StorageGrant {
-    pub id: Uuid,
-    pub bytes: u64,
-}
-
-/// A grant nobody handed back (its request vanished) stops counting after this.
-const STORAGE_HOLD: Duration = Duration::from_secs(30 * 60);
-
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct ReleaseStorage(pub StorageGrant);
+
+/// Hands the units of the user's leases back to the store now (so its
+/// counters read exactly what was admitted); answers once they are written.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReturnLeases;
 
 /// Makes the session panic (fault tests of the supervision).
 #[derive(Message, Debug)]
@@ -242,7 +206,6 @@ pub struct UserSession {
     user_id: Uuid,
     deps: SessionDeps,
     exit: Arc<dyn SessionExit>,
-    plan: Option<(Plan, PlanLimits)>,
     /// GCRA state per bucket: the fallback when Redis is down, and the only state
     /// when Redis is not configured.
     local_tat: HashMap<Bucket, f64>,
@@ -252,8 +215,12 @@ pub struct UserSession {
     unreconciled: Vec<(Resource, DateTime<Utc>, u64)>,
     offline_used: HashMap<Resource, u64>,
     in_flight: usize,
-    /// Grants to uploads still being stored: id, bytes, when.
-    storage: Vec<(Uuid, u64, Instant)>,
+    /// Quota units reserved in the store and not admitted yet, per resource.
+    leases: HashMap<Resource, Lease>,
+    /// A check of idle leases is scheduled.
+    lease_check: bool,
+    /// Grants to uploads still being stored.
+    storage: Holds,
     last_active: Instant,
     born: Instant,
 }
@@ -264,13 +231,14 @@ impl UserSession {
             user_id,
             deps,
             exit,
-            plan: None,
             local_tat: HashMap::new(),
             exhausted: HashMap::new(),
             unreconciled: Vec::new(),
             offline_used: HashMap::new(),
             in_flight: 0,
-            storage: Vec::new(),
+            leases: HashMap::new(),
+            lease_check: false,
+            storage: Holds::default(),
             last_active: Instant::now(),
             born: Instant::now(),
         }
@@ -299,7 +267,8 @@ impl UserSession {
 }
 
 pub static SESSION_MAILBOX: crate::supervision::Mailbox = crate::supervision::Mailbox::new("user-session");
-crate::tracked_mailbox!(UserSession, SESSION_MAILBOX; Admit, Complete, Release, ReserveStorage, ReleaseStorage, Reload, Crash);
+crate::tracked_mailbox!(UserSession, SESSION_MAILBOX;
+    Admit, Complete, Release, ReserveStorage, ReleaseStorage, ReturnLeases, Reload, Crash);
 
 impl Actor for UserSession {
     type Context = Context<Self>;
@@ -308,12 +277,24 @@ impl Actor for UserSession {
         ctx.set_mailbox_capacity(256);
         let every = (self.deps.config.idle_timeout / 4).max(Duration::from_millis(50));
         ctx.run_interval(every, |act, ctx| {
-            act.storage.retain(|g| g.2.elapsed() < STORAGE_HOLD);
+            act.storage.expire(Instant::now());
             if act.in_flight == 0 && act.storage.is_empty() && act.last_active.elapsed() >= act.deps.config.idle_timeout
             {
                 ctx.stop();
             }
         });
+    }
+
+    fn stopping(&mut self, _: &mut Self::Context) -> Running {
+        // Units reserved and not admitted go back (a panic loses them: the
+        // counter then overstates the month by at most one lease).
+        if !std::thread::panicking() {
+            let returns = self.take_leases();
+            let usage = self.deps.usage.clone();
+            let user_id = self.user_id;
+            actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+        }
+        Running::Stop
     }
 
     fn stopped(&mut self, ctx: &mut Self::Context) {
@@ -322,10 +303,119 @@ impl Actor for UserSession {
     }
 }
 
+impl UserSession {
+    /// Empties every lease: (resource, month, units) to hand back to the store.
+    fn take_leases(&mut self) -> Vec<(Resource, DateTime<Utc>, u64)> {
+        self.leases
+            .iter_mut()
+            .filter_map(|(r, l)| {
+                let n = l.take_unused();
+                (n > 0).then_some((*r, l.period_start, n))
+            })
+            .collect()
+    }
+
+    /// Checks for idle leases after `lease_idle` (once scheduled, until none holds units).
+    fn schedule_lease_check(&mut self, ctx: &mut Context<Self>) {
+        if self.lease_check || !self.leases.values().any(|l| l.held > 0) {
+            return;
+        }
+        self.lease_check = true;
+        let idle = self.deps.config.lease_idle;
+        ctx.run_later(idle, move |act, ctx| {
+            act.lease_check = false;
+            if act.last_active.elapsed() >= idle {
+                let returns = act.take_leases();
+                let usage = act.deps.usage.clone();
+                let user_id = act.user_id;
+                actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+            } else {
+                act.schedule_lease_check(ctx);
+            }
+        });
+    }
+
+    /// Decides an admission without waiting for anything, when everything it
+    /// needs is here: the user's row cached, the rate limit local (no Redis for
+    /// this bucket) and the quota lease holding the units. None otherwise.
+    fn admit_now(&mut self, msg: &Admit, period: &Period) -> Option<Result<Permit, Rejection>> {
+        let user = self.deps.users.cached(self.user_id)?;
+        if !user.is_active {
+            return Some(Err(Rejection::UnknownUser));
+        }
+        let bucket_quota = msg
+            .bucket
+            .and_then(|b| self.deps.config.rate_limits.get(&b).map(|q| (b, *q)));
+        if bucket_quota.is_some() && self.deps.limiter.is_some() {
+            return None;
+        }
+        let lease = self.leases.get(&msg.resource)?;
+        if lease.period_start != period.start || lease.held < msg.cost || !self.unreconciled.is_empty() {
+            return None;
+        }
+        let plan = user.subscription_plan;
+        let limit = self.deps.plans.current().get(plan).limit(msg.resource);
+        let mut rate = None;
+        if let Some((bucket, quota)) = bucket_quota {
+            let d = self.local_check(bucket, quota, true);
+            if !d.allowed {
+                return Some(Err(rate_limited(bucket, quota, &d)));
+            }
+            rate = Some(rate_info(quota, &d));
+        }
+        let lease = self.leases.get_mut(&msg.resource)?;
+        let used = match lease.step(msg.cost, limit, self.deps.config.max_lease) {
+            QuotaStep::Admit { used } => used,
+            QuotaStep::Reserve { .. } => return None,
+        };
+        self.in_flight += 1;
+        Some(Ok(Permit {
+            id: Uuid::new_v4(),
+            user_id: self.user_id,
+            resource: msg.resource,
+            cost: msg.cost,
+            period: period.clone(),
+            plan,
+            used,
+            limit,
+            rate,
+            offline: false,
+        }))
+    }
+}
+
+fn rate_limited(bucket: Bucket, quota: Quota, d: &ratelimit::Decision) -> Rejection {
+    Rejection::RateLimited {
+        bucket,
+        limit: quota.limit,
+        period_secs: quota.period_ms / 1000,
+        retry_after_ms: d.retry_after_ms,
+        reset_ms: d.reset_ms,
+    }
+}
+
+fn rate_info(quota: Quota, d: &ratelimit::Decision) -> RateInfo {
+    RateInfo {
+        limit: quota.limit,
+        remaining: d.remaining,
+        reset_secs: d.reset_ms.div_ceil(1000),
+    }
+}
+
+/// Hands unused lease units back to the store.
+async fn hand_back(usage: &dyn UsageStore, user_id: Uuid, returns: Vec<(Resource, DateTime<Utc>, u64)>) {
+    for (resource, start, n) in returns {
+        if let Err(e) = usage.release(user_id, resource, start, n).await {
+            tracing::warn!(user = %user_id, error = %e, units = n, "could not hand back leased quota units");
+        }
+    }
+}
+
 struct AdmitOutcome {
-    plan: Option<(Plan, PlanLimits)>,
     rate: Option<(Bucket, Quota, Result<ratelimit::Decision, ()>)>,
     result: Result<Permit, Rejection>,
+    /// The lease after this admission.
+    lease: Lease,
     /// Offline units that could not be reconciled yet; put back into the actor.
     requeue: Vec<(Resource, DateTime<Utc>, u64)>,
 }
@@ -335,12 +425,26 @@ impl Handler<Admit> for UserSession {
 
     fn handle(&mut self, msg: Admit, _ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
-        let deps = self.deps.clone();
-        let user_id = self.user_id;
-        let cached_plan = self.plan.clone();
         let now = Utc::now();
         let period = month_of(now);
+        if let Some(result) = self.admit_now(&msg, &period) {
+            return AtomicResponse::new(Box::pin(fut::ready(result)));
+        }
+        let deps = self.deps.clone();
+        let user_id = self.user_id;
         let exhausted = self.exhausted.get(&(msg.resource, period.start)).copied();
+        // A lease of last month: its units go back to last month's counter.
+        let lease = match self.leases.remove(&msg.resource) {
+            Some(l) if l.period_start == period.start => l,
+            Some(mut old) => {
+                let n = old.take_unused();
+                let returns = vec![(msg.resource, old.period_start, n)];
+                let usage = deps.usage.clone();
+                actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+                Lease::empty(period.start)
+            }
+            None => Lease::empty(period.start),
+        };
         let bucket_quota = msg
             .bucket
             .and_then(|b| deps.config.rate_limits.get(&b).map(|q| (b, *q)));
@@ -354,22 +458,21 @@ impl Handler<Admit> for UserSession {
 
         let fut = async move {
             let mut out = AdmitOutcome {
-                plan: cached_plan.clone(),
                 rate: None,
                 result: Err(Rejection::UnknownUser),
+                lease,
                 requeue: Vec::new(),
             };
-            // 1. The plan (loaded once per session life, and after Reload).
-            let (plan, limits) = match plan_of(&deps, user_id, cached_plan).await {
+            // 1. The plan, from the user's row (cached for a second).
+            let (plan, limits) = match plan_of(&deps, user_id).await {
                 Ok(p) => p,
                 Err(r) => {
                     out.result = Err(r);
                     return out;
                 }
             };
-            out.plan = Some((plan, limits.clone()));
             // 2. The rate limit: Redis when configured (falling back to local state).
-            let mut rate_info = None;
+            let mut rate = None;
             if let Some((bucket, quota)) = bucket_quota {
                 let decision = match (local_first, &deps.limiter) {
                     (Some(d), _) => Ok(d),
@@ -384,24 +487,14 @@ impl Handler<Admit> for UserSession {
                 // here only a definite refusal stops us.
                 if let Ok(d) = decision {
                     if !d.allowed {
-                        out.result = Err(Rejection::RateLimited {
-                            bucket,
-                            limit: quota.limit,
-                            period_secs: quota.period_ms / 1000,
-                            retry_after_ms: d.retry_after_ms,
-                            reset_ms: d.reset_ms,
-                        });
+                        out.result = Err(rate_limited(bucket, quota, &d));
                         return out;
                     }
-                    rate_info = Some(RateInfo {
-                        limit: quota.limit,
-                        remaining: d.remaining,
-                        reset_secs: d.reset_ms.div_ceil(1000),
-                    });
+                    rate = Some(rate_info(quota, &d));
                 }
                 // Err: Redis unavailable; decided against local state after the await.
             }
-            // 3. The quota.
+            // 3. The quota: from the lease, else reserved in the store.
             let limit = limits.limit(msg.resource);
             let mut permit = Permit {
                 id: Uuid::new_v4(),
@@ -412,16 +505,17 @@ impl Handler<Admit> for UserSession {
                 plan,
                 used: 0,
                 limit,
-                rate: rate_info,
+                rate,
                 offline: false,
             };
+            let refused = |used| Rejection::QuotaExceeded {
+                resource: msg.resource,
+                used,
+                limit,
+                plan,
+            };
             if let Some(used) = exhausted {
-                out.result = Err(Rejection::QuotaExceeded {
-                    resource: msg.resource,
-                    used,
-                    limit,
-                    plan,
-                });
+                out.result = Err(refused(used));
                 return out;
             }
             // Units admitted offline are added to the counters first, once the store answers.
@@ -434,35 +528,53 @@ impl Handler<Admit> for UserSession {
                     return out;
                 }
             }
-            out.result = match deps
-                .usage
-                .try_reserve(user_id, msg.resource, period.start, msg.cost, limit)
-                .await
-            {
-                Ok(Reservation::Granted { used }) => {
-                    permit.used = used;
-                    Ok(permit)
+            // At most twice: a refused lease is asked again at the size the fresh
+            // counter allows (down to the request's own cost).
+            for _ in 0..2 {
+                let units = match out.lease.step(msg.cost, limit, deps.config.max_lease) {
+                    QuotaStep::Admit { used } => {
+                        permit.used = used;
+                        out.result = Ok(permit);
+                        return out;
+                    }
+                    QuotaStep::Reserve { units } => units,
+                };
+                match deps
+                    .usage
+                    .try_reserve(user_id, msg.resource, period.start, units, limit)
+                    .await
+                {
+                    Ok(Reservation::Granted { used }) => {
+                        permit.used = out.lease.granted(units, used, msg.cost);
+                        out.result = Ok(permit);
+                        return out;
+                    }
+                    Ok(Reservation::Denied { used }) => {
+                        out.lease.refused(used);
+                        out.result = Err(refused(used));
+                        if units <= msg.cost {
+                            return out;
+                        }
+                    }
+                    Err(StoreError::Unavailable(e)) | Err(StoreError::Internal(e)) => {
+                        out.result = store_down(deps.config.store_down, permit, offline_used, &e);
+                        return out;
+                    }
+                    Err(e) => {
+                        out.result = Err(Rejection::Unavailable(e.to_string()));
+                        return out;
+                    }
                 }
-                Ok(Reservation::Denied { used }) => Err(Rejection::QuotaExceeded {
-                    resource: msg.resource,
-                    used,
-                    limit,
-                    plan,
-                }),
-                Err(StoreError::Unavailable(e)) | Err(StoreError::Internal(e)) => {
-                    store_down(deps.config.store_down, permit, offline_used, &e)
-                }
-                Err(e) => Err(Rejection::Unavailable(e.to_string())),
-            };
+            }
             // When Redis was unreachable the map step below applies the local rate
-            // decision, and releases this reservation if that refuses.
+            // decision, and gives this unit back if that refuses.
             out
         };
 
-        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |mut out, act, _ctx| {
-            act.plan = out.plan.take();
+        AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |mut out, act, ctx| {
             act.unreconciled.append(&mut out.requeue);
             let mut result = out.result;
+            let mut lease = out.lease;
             if let Some((bucket, quota, decision)) = out.rate {
                 match decision {
                     Ok(d) if d.allowed => {
@@ -476,25 +588,18 @@ impl Handler<Admit> for UserSession {
                         let d = act.local_check(bucket, quota, true);
                         if !d.allowed {
                             if let Ok(p) = &result {
-                                release_later(&act.deps, p.clone());
+                                if !p.offline {
+                                    lease.give_back(p.cost);
+                                }
                             }
-                            result = Err(Rejection::RateLimited {
-                                bucket,
-                                limit: quota.limit,
-                                period_secs: quota.period_ms / 1000,
-                                retry_after_ms: d.retry_after_ms,
-                                reset_ms: d.reset_ms,
-                            });
+                            result = Err(rate_limited(bucket, quota, &d));
                         } else if let Ok(p) = &mut result {
-                            p.rate = Some(RateInfo {
-                                limit: quota.limit,
-                                remaining: d.remaining,
-                                reset_secs: d.reset_ms.div_ceil(1000),
-                            });
+                            p.rate = Some(rate_info(quota, &d));
                         }
                     }
                 }
             }
+            act.leases.insert(msg.resource, lease);
             match &result {
                 Ok(p) => {
                     act.in_flight += 1;
@@ -508,6 +613,7 @@ impl Handler<Admit> for UserSession {
                 Err(_) => {}
             }
             act.last_active = Instant::now();
+            act.schedule_lease_check(ctx);
             result
         })))
     }
@@ -522,21 +628,6 @@ fn store_down(policy: StoreDownPolicy, mut permit: Permit, offline_used: u64, wh
         }
         _ => Err(Rejection::Unavailable(format!("quota store unreachable: {why}"))),
     }
-}
-
-fn release_later(deps: &SessionDeps, permit: Permit) {
-    if permit.offline {
-        return;
-    }
-    let usage = deps.usage.clone();
-    actix::spawn(async move {
-        if let Err(e) = usage
-            .release(permit.user_id, permit.resource, permit.period.start, permit.cost)
-            .await
-        {
-            tracing::warn!(user = %permit.user_id, error = %e, "could not release a quota reservation");
-        }
-    });
 }
 
 impl Handler<Complete> for UserSession {
@@ -564,29 +655,35 @@ impl Handler<Complete> for UserSession {
 impl Handler<Release> for UserSession {
     type Result = ();
 
-    fn handle(&mut self, msg: Release, _ctx: &mut Self::Context) {
+    fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
         self.in_flight = self.in_flight.saturating_sub(1);
         let p = msg.permit;
+        self.exhausted.remove(&(p.resource, p.period.start));
         if p.offline {
             if let Some(n) = self.offline_used.get_mut(&p.resource) {
                 *n = n.saturating_sub(p.cost);
             }
+            return;
         }
-        self.exhausted.remove(&(p.resource, p.period.start));
-        release_later(&self.deps, p);
+        // The unit goes back to this month's lease (handed back to the store
+        // when the lease sits idle), or straight to the store.
+        match self.leases.get_mut(&p.resource) {
+            Some(l) if l.period_start == p.period.start => {
+                l.give_back(p.cost);
+                self.schedule_lease_check(ctx);
+            }
+            _ => {
+                let usage = self.deps.usage.clone();
+                let returns = vec![(p.resource, p.period.start, p.cost)];
+                actix::spawn(async move { hand_back(usage.as_ref(), p.user_id, returns).await });
+            }
+        }
     }
 }
 
-/// The user's plan and limits: the cached ones, else from the account store.
-async fn plan_of(
-    deps: &SessionDeps,
-    user_id: Uuid,
-    cached: Option<(Plan, PlanLimits)>,
-) -> Result<(Plan, PlanLimits), Rejection> {
-    if let Some(p) = cached {
-        return Ok(p);
-    }
-    match deps.accounts.user_by_id(user_id).await {
+/// The user's plan and limits, from the user's row (cached for a second).
+async fn plan_of(deps: &SessionDeps, user_id: Uuid) -> Result<(Plan, PlanLimits), Rejection> {
+    match deps.users.get(deps.accounts.as_ref(), user_id).await {
         Ok(Some(u)) if u.is_active => Ok((
             u.subscription_plan,
             deps.plans.current().get(u.subscription_plan).clone(),
@@ -603,37 +700,28 @@ impl Handler<ReserveStorage> for UserSession {
         self.last_active = Instant::now();
         let deps = self.deps.clone();
         let user_id = self.user_id;
-        let cached = self.plan.clone();
-        self.storage.retain(|g| g.2.elapsed() < STORAGE_HOLD);
-        let reserved: u64 = self.storage.iter().map(|g| g.1).sum();
+        let reserved = self.storage.reserved(Instant::now());
         let fut = async move {
-            let plan = plan_of(&deps, user_id, cached).await?;
-            let limit_bytes = plan.1.limit(Resource::StorageMb).saturating_mul(1 << 20);
-            let used = msg
+            let (_, limits) = plan_of(&deps, user_id).await?;
+            let limit_bytes = limits.limit(Resource::StorageMb).saturating_mul(1 << 20);
+            let stored = msg
                 .store
                 .stored_bytes(&Owner::User(user_id))
                 .await
                 .map_err(|e| Rejection::Unavailable(format!("document store: {e}")))?;
-            let used_bytes = used.saturating_add(reserved);
-            if used_bytes.saturating_add(msg.bytes) > limit_bytes {
-                return Err(Rejection::StorageExceeded {
-                    used_bytes,
-                    requested_bytes: msg.bytes,
-                    limit_bytes,
-                });
-            }
-            Ok((
-                plan,
-                StorageGrant {
-                    id: Uuid::new_v4(),
-                    bytes: msg.bytes,
-                },
-            ))
+            storage::check(stored, reserved, msg.bytes, limit_bytes).map_err(|e| Rejection::StorageExceeded {
+                used_bytes: e.used_bytes,
+                requested_bytes: e.requested_bytes,
+                limit_bytes: e.limit_bytes,
+            })?;
+            Ok(StorageGrant {
+                id: Uuid::new_v4(),
+                bytes: msg.bytes,
+            })
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|out, act, _ctx| {
-            let (plan, grant) = out?;
-            act.plan = Some(plan);
-            act.storage.push((grant.id, grant.bytes, Instant::now()));
+            let grant = out?;
+            act.storage.hold(grant, Instant::now());
             Ok(grant)
         })))
     }
@@ -644,7 +732,20 @@ impl Handler<ReleaseStorage> for UserSession {
 
     fn handle(&mut self, msg: ReleaseStorage, _ctx: &mut Self::Context) {
         self.last_active = Instant::now();
-        self.storage.retain(|g| g.0 != msg.0.id);
+        self.storage.release(msg.0.id);
+    }
+}
+
+impl Handler<ReturnLeases> for UserSession {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: ReturnLeases, _ctx: &mut Self::Context) -> Self::Result {
+        let returns = self.take_leases();
+        let usage = self.deps.usage.clone();
+        let user_id = self.user_id;
+        AtomicResponse::new(Box::pin(
+            async move { hand_back(usage.as_ref(), user_id, returns).await }.into_actor(self),
+        ))
     }
 }
 
@@ -652,8 +753,14 @@ impl Handler<Reload> for UserSession {
     type Result = ();
 
     fn handle(&mut self, _: Reload, _ctx: &mut Self::Context) {
-        self.plan = None;
+        // The plan or its limits changed: spent quotas may not be spent any more,
+        // and the leases were sized for the old limits.
+        self.deps.users.forget(self.user_id);
         self.exhausted.clear();
+        let returns = self.take_leases();
+        let usage = self.deps.usage.clone();
+        let user_id = self.user_id;
+        actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
     }
 }
 

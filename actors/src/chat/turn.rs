@@ -1,0 +1,700 @@
+//! The chat turn: one admitted message from its question to its stored answer.
+//!
+//! `ChatService::start` validates the request, reads the conversation,
+//! retrieves (through the `Retriever`), builds the prompt within the context,
+//! and queues it on the GenerateWorker; the `Turn` it returns is read event by
+//! event (`sources`, `token`…, then `done` with the whole response or `error`)
+//! by every transport.
+//!
+//! Usage is recorded exactly once per admitted message:
+//! - an answer that completes counts once;
+//! - an answer whose client leaves mid-stream (the `Turn` is dropped) or
+//!   cancels also counts once: the question and the partial answer (marked
+//!   `cancelled`) are kept in the conversation, and the generation stops at the
+//!   next step, freeing its slot;
+//! - a request refused before generation (bad input, unknown session, prompt
+//!   too long, model overloaded) or failed by the model gives its unit back.
+//!
+//! Stores that fail degrade the answer instead of refusing it: no history, no
+//! sources or not saved, each said in `warnings`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{Duration, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::sync::mpsc::unbounded_channel;
+use uuid::Uuid;
+
+use super::prompt::{build_prompt, Passage, DEFAULT_SYSTEM_PROMPT};
+use super::records::{title_of, to_millis, ChatRecord, ChatSession, Role};
+use super::stream::{Event, Finish, Generation, Step};
+use crate::admission::registry::Ticket;
+use crate::generate_worker::{GenerateRequest, GenerateWorker};
+use crate::inference::{ModelError, SamplingParams};
+use crate::knowledge::Reader;
+use crate::ports::{ConversationStore, StoreError};
+use crate::retrieval::{invalid_filter, Filters, Query, Retriever, Route};
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ChatRequest {
+    pub message: String,
+    /// Continue this conversation (404 if it is not yours); a new one otherwise.
+    pub session_id: Option<Uuid>,
+    /// Answer from the knowledge base (default) or from the model alone.
+    #[serde(default = "yes")]
+    pub enable_rag: bool,
+    /// Sources to retrieve, 1 to `chat.max_top_k` (default `chat.default_top_k`).
+    pub top_k: Option<usize>,
+    #[serde(default)]
+    pub route: Route,
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    pub filters: Filters,
+    #[serde(default)]
+    pub debug_mode: bool,
+    /// Longest answer in tokens (default `models.default_max_tokens`, at most
+    /// `chat.max_answer_tokens`).
+    pub max_tokens: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SourceView {
+    pub document_id: Uuid,
+    pub title: String,
+    pub excerpt: String,
+    pub relevance_score: f32,
+    /// Where the document came from (its `source`: upload, seed file, …).
+    pub source_type: String,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct UsageInfo {
+    pub messages_used: u64,
+    pub messages_limit: u64,
+    pub messages_remaining: u64,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ChatResponse {
+    pub session_id: Uuid,
+    pub message_id: Uuid,
+    pub answer: String,
+    /// The best source's relevance (0 to 1); 0 when no source was used.
+    pub confidence: f32,
+    /// "rag_enhanced" when sources went into the prompt, else "generation_only".
+    pub response_type: String,
+    pub context_used: bool,
+    pub sources: Vec<SourceView>,
+    /// The route that ran ("auto" resolved); null without retrieval.
+    pub retrieval_route: Option<Route>,
+    pub response_time_ms: u64,
+    /// Prompt and answer tokens.
+    pub tokens_used: u64,
+    pub subscription_plan: String,
+    pub usage_info: UsageInfo,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Object)]
+    pub debug_info: Option<Value>,
+    /// Present when the answer had to do without something: the knowledge base,
+    /// the conversation history, or saving to the conversation.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Why a turn was refused or failed; mapped to HTTP once, in the `ragchat` crate.
+#[derive(Debug, thiserror::Error)]
+pub enum ChatError {
+    /// The request breaks a limit or is malformed (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// The session is unknown or not the caller's (404).
+    #[error("Chat session not found")]
+    SessionNotFound,
+    /// The generation model is not loaded on this server (503).
+    #[error("The generation model is not loaded on this server (run scripts/fetch-models)")]
+    NoModel,
+    /// The model refused (prompt too long: 400) or is unavailable (503).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The limits and defaults of a turn (from `[chat]` and `[models]` in config).
+#[derive(Debug, Clone)]
+pub struct ChatLimits {
+    pub max_message_chars: usize,
+    pub default_top_k: usize,
+    pub max_top_k: usize,
+    pub default_max_tokens: usize,
+    pub max_answer_tokens: usize,
+    pub temperature: f32,
+    pub excerpt_chars: usize,
+    pub history_messages: u32,
+    /// Empty: the built-in system prompt.
+    pub system_prompt: String,
+    /// The generation model's name (in debug_info).
+    pub model_name: String,
+}
+
+pub const HISTORY_UNAVAILABLE: &str =
+    "The conversation history is unavailable right now: this answer was made without it";
+pub const KNOWLEDGE_UNAVAILABLE: &str =
+    "The knowledge base is unavailable right now: this answer was made without sources";
+pub const NOT_SAVED: &str = "The conversation store is unavailable: this answer was not saved to the conversation";
+
+/// What a chat turn needs: the conversations, retrieval and the model.
+#[derive(Clone)]
+pub struct ChatService {
+    pub conversations: Arc<dyn ConversationStore>,
+    pub retriever: Retriever,
+    pub generator: Option<GenerateWorker>,
+    pub limits: Arc<ChatLimits>,
+}
+
+/// A chat event: the head (sources), tokens, then the response or the error.
+pub type ChatEvent = Event<Box<ChatResponse>, ChatError>;
+
+fn excerpt(text: &str, chars: usize) -> String {
+    let t = text.trim();
+    if t.chars().count() <= chars {
+        return t.to_string();
+    }
+    let cut: String = t.chars().take(chars).collect();
+    format!("{}…", cut.trim_end())
+}
+
+/// The checked numbers of a request.
+struct Checked {
+    question: String,
+    top_k: usize,
+    max_tokens: usize,
+}
+
+impl ChatLimits {
+    fn check(&self, req: &ChatRequest) -> Result<Checked, ChatError> {
+        let question = req.message.trim().to_string();
+        if question.is_empty() || question.chars().count() > self.max_message_chars {
+            return Err(ChatError::Invalid(format!(
+                "message must be 1 to {} characters",
+                self.max_message_chars
+            )));
+        }
+        let top_k = req.top_k.unwrap_or(self.default_top_k);
+        if !(1..=self.max_top_k).contains(&top_k) {
+            return Err(ChatError::Invalid(format!("top_k must be 1 to {}", self.max_top_k)));
+        }
+        if let Some(m) = invalid_filter(&req.filters) {
+            return Err(ChatError::Invalid(m));
+        }
+        let max_tokens = req.max_tokens.unwrap_or(self.default_max_tokens);
+        if !(1..=self.max_answer_tokens).contains(&max_tokens) {
+            return Err(ChatError::Invalid(format!(
+                "max_tokens must be 1 to {}",
+                self.max_answer_tokens
+            )));
+        }
+        Ok(Checked {
+            question,
+            top_k,
+            max_tokens,
+        })
+    }
+}
+
+impl ChatService {
+    /// Validates the request, reads the conversation, retrieves, builds the
+    /// prompt and queues it on the model. Nothing is stored yet; a refusal
+    /// drops the ticket, which gives its unit back.
+    pub async fn start(&self, ticket: Ticket, reader: Reader, req: ChatRequest) -> Result<Turn, ChatError> {
+        let started = Instant::now();
+        let limits = &self.limits;
+        let Checked {
+            question,
+            top_k,
+            max_tokens,
+        } = limits.check(&req)?;
+        let worker = self.generator.clone().ok_or(ChatError::NoModel)?;
+        let user_id = reader.user_id;
+        let now = to_millis(Utc::now());
+
+        // The conversation: yours, or a new one. A store that fails is not a
+        // reason to refuse an answer: it comes without history, and says so.
+        let mut warnings = Vec::new();
+        let fresh = |id: Uuid| ChatSession {
+            id,
+            user_id,
+            title: title_of(&question),
+            created_at: now,
+            updated_at: now,
+            message_count: 0,
+        };
+        let (session, is_new, history) = match req.session_id {
+            Some(id) => match self.conversations.session(user_id, id).await {
+                Ok(Some(s)) => match self
+                    .conversations
+                    .messages(user_id, id, None, limits.history_messages)
+                    .await
+                {
+                    Ok(mut past) => {
+                        past.reverse();
+                        let history: Vec<(Role, String)> = past
+                            .into_iter()
+                            .filter(|m| !m.content.trim().is_empty())
+                            .map(|m| (m.role, m.content))
+                            .collect();
+                        (s, false, history)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "conversation history unavailable");
+                        warnings.push(HISTORY_UNAVAILABLE.to_string());
+                        (s, false, Vec::new())
+                    }
+                },
+                Ok(None) => return Err(ChatError::SessionNotFound),
+                Err(e) => {
+                    // Whose session it is cannot be checked: nothing of it is read, and
+                    // the answer is saved only if the store takes it as this user's.
+                    tracing::warn!(error = %e, "conversation store unavailable");
+                    warnings.push(HISTORY_UNAVAILABLE.to_string());
+                    (fresh(id), false, Vec::new())
+                }
+            },
+            None => (fresh(Uuid::new_v4()), true, Vec::new()),
+        };
+
+        // Retrieval: without sources (and a warning) when it fails.
+        let retrieval_started = Instant::now();
+        let mut route = None;
+        let mut hits = Vec::new();
+        if req.enable_rag {
+            let query = Query {
+                text: question.clone(),
+                route: req.route,
+                reader,
+                filters: req.filters.clone(),
+                top_k,
+                text_without_embedder: true,
+            };
+            match self.retriever.search(query).await {
+                Ok(found) => {
+                    hits = found.hits;
+                    route = Some(found.route);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retrieval failed: answering without sources");
+                    warnings.push(KNOWLEDGE_UNAVAILABLE.to_string());
+                }
+            }
+        }
+        let retrieval_ms = retrieval_started.elapsed().as_secs_f64() * 1000.0;
+
+        // The prompt, within the context (tokenizing is CPU work: off the caller's thread).
+        let passages: Vec<Passage> = hits
+            .iter()
+            .map(|h| Passage {
+                title: h.title.clone(),
+                text: h.content.clone(),
+            })
+            .collect();
+        let system = if limits.system_prompt.trim().is_empty() {
+            DEFAULT_SYSTEM_PROMPT.to_string()
+        } else {
+            limits.system_prompt.clone()
+        };
+        let budget = worker
+            .context_len()
+            .saturating_sub(max_tokens.min(worker.context_len() / 2));
+        let tok = worker.tokenizer().clone();
+        let (q, history_len) = (question.clone(), history.len());
+        let prompt = off_thread(move || build_prompt(tok.as_ref(), &system, &passages, &history, &q, budget)).await??;
+        let sources: Vec<SourceView> = hits
+            .iter()
+            .take(prompt.sources_used)
+            .map(|h| SourceView {
+                document_id: h.document_id,
+                title: h.title.clone(),
+                excerpt: excerpt(&h.content, limits.excerpt_chars),
+                relevance_score: h.score,
+                source_type: h.source.clone(),
+            })
+            .collect();
+        let debug = req.debug_mode.then(|| {
+            json!({
+                "sources_retrieved": hits.len(),
+                "sources_in_prompt": prompt.sources_used,
+                "history_messages_read": history_len,
+                "history_messages_in_prompt": prompt.history_used,
+                "prompt_tokens": prompt.tokens.len(),
+                "prompt_budget_tokens": budget,
+                "retrieval_ms": retrieval_ms,
+                "top_k": top_k,
+                "model": limits.model_name,
+            })
+        });
+
+        let (tx, events) = unbounded_channel();
+        worker.submit(GenerateRequest {
+            prompt_tokens: prompt.tokens,
+            params: SamplingParams {
+                temperature: limits.temperature,
+                ..SamplingParams::default()
+            },
+            max_tokens,
+            stop: Vec::new(),
+            events: tx,
+        })?;
+        let meta = Meta {
+            question: ChatRecord {
+                id: Uuid::new_v4(),
+                session_id: session.id,
+                role: Role::User,
+                content: question,
+                created_at: now,
+                metadata: json!({}),
+            },
+            session,
+            is_new,
+            answer_id: Uuid::new_v4(),
+            sources,
+            route,
+            started,
+            debug,
+            warnings,
+        };
+        Ok(Turn {
+            conversations: self.conversations.clone(),
+            ticket: Some(ticket),
+            meta: Some(meta),
+            generation: Some(Generation::new(events)),
+            head_sent: false,
+            text: String::new(),
+        })
+    }
+}
+
+/// Runs CPU work on the blocking pool and waits for it.
+async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T, ChatError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ChatError::Internal(format!("the prompt builder stopped: {e}")))
+}
+
+/// Runs `work` as a task of its own (so a caller that goes away cannot cut it
+/// in half) and waits for its result.
+async fn detached<T: 'static>(work: impl std::future::Future<Output = T> + 'static) -> Result<T, ChatError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    actix::spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.await
+        .map_err(|_| ChatError::Internal("the chat turn's task stopped".into()))
+}
+
+/// A message on its way: retrieved, prompted and queued on the model.
+struct Meta {
+    session: ChatSession,
+    is_new: bool,
+    question: ChatRecord,
+    answer_id: Uuid,
+    sources: Vec<SourceView>,
+    route: Option<Route>,
+    started: Instant,
+    debug: Option<Value>,
+    /// What the answer had to do without (a store or the index was down).
+    warnings: Vec<String>,
+}
+
+impl Meta {
+    /// The first event: where the answer will come from.
+    fn head(&self) -> Value {
+        json!({
+            "session_id": self.session.id,
+            "message_id": self.answer_id,
+            "sources": self.sources,
+            "retrieval_route": self.route,
+            "context_used": !self.sources.is_empty(),
+            "warnings": self.warnings,
+        })
+    }
+
+    fn answer_record(&self, text: &str, metadata: Value) -> ChatRecord {
+        // Strictly after the question, so the two never tie in the store's order.
+        let at = to_millis(Utc::now()).max(self.question.created_at + Duration::milliseconds(1));
+        ChatRecord {
+            id: self.answer_id,
+            session_id: self.session.id,
+            role: Role::Assistant,
+            content: text.to_string(),
+            created_at: at,
+            metadata,
+        }
+    }
+
+    /// Stores the question and the answer (creating the conversation if new).
+    async fn save(&self, conversations: &dyn ConversationStore, answer: ChatRecord) -> Result<(), StoreError> {
+        if self.is_new {
+            conversations.create_session(&self.session).await?;
+        }
+        conversations
+            .append(self.session.user_id, self.session.id, &[self.question.clone(), answer])
+            .await
+    }
+}
+
+/// One admitted message from its prompt to its stored answer, read with
+/// `next`. Dropped before its end (the client went away), it records the
+/// partial answer and its usage, once, in a task of its own.
+pub struct Turn {
+    conversations: Arc<dyn ConversationStore>,
+    ticket: Option<Ticket>,
+    meta: Option<Meta>,
+    generation: Option<Generation>,
+    head_sent: bool,
+    text: String,
+}
+
+impl Turn {
+    /// The next event: the head first, then tokens, then the response or the
+    /// error; None after that.
+    pub async fn next(&mut self) -> Option<ChatEvent> {
+        if !self.head_sent {
+            self.head_sent = true;
+            return self.meta.as_ref().map(|m| Event::Sources(m.head()));
+        }
+        let step = self.generation.as_mut()?.next().await;
+        Some(match step {
+            Step::Text(t) => {
+                self.text.push_str(&t);
+                Event::Token(t)
+            }
+            Step::Done(done) => {
+                self.generation = None;
+                match self.finish(done).await {
+                    Ok(r) => Event::Done(Box::new(r)),
+                    Err(e) => Event::Error(e),
+                }
+            }
+            Step::Failed(e) => {
+                // The server failed the answer: nothing stored, the unit given back.
+                self.generation = None;
+                self.meta = None;
+                if let Some(t) = self.ticket.take() {
+                    t.release();
+                }
+                Event::Error(ChatError::Model(e))
+            }
+        })
+    }
+
+    /// Reads the turn to its end: the response, or the error.
+    pub async fn answer(mut self) -> Result<ChatResponse, ChatError> {
+        loop {
+            match self.next().await {
+                Some(Event::Done(r)) => return Ok(*r),
+                Some(Event::Error(e)) => return Err(e),
+                Some(_) => continue,
+                None => return Err(ChatError::Internal("the chat turn ended without an answer".into())),
+            }
+        }
+    }
+
+    /// The answer is complete: store it, then count it. If the store fails the
+    /// answer is still given (and counted), with a warning that it was not
+    /// saved. The work runs in a task of its own, so a client leaving meanwhile
+    /// cannot cut it in half.
+    async fn finish(&mut self, done: Finish) -> Result<ChatResponse, ChatError> {
+        let (Some(meta), Some(ticket)) = (self.meta.take(), self.ticket.take()) else {
+            return Err(ChatError::Internal("chat turn finished twice".into()));
+        };
+        let conversations = self.conversations.clone();
+        let text = std::mem::take(&mut self.text);
+        detached(complete(conversations, meta, ticket, text, done)).await
+    }
+
+    /// The client stopped the answer: the generation ends, the question and
+    /// the partial answer are stored, then the unit counted. Returns once that
+    /// is done, so a next message sees the conversation whole.
+    pub async fn cancel(mut self) {
+        self.generation = None;
+        if let Some(task) = self.cancel_task() {
+            let _ = task.await;
+        }
+    }
+
+    /// Starts recording a cancelled answer (once); None if already finished.
+    fn cancel_task(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (meta, ticket) = (self.meta.take()?, self.ticket.take()?);
+        let conversations = self.conversations.clone();
+        let text = std::mem::take(&mut self.text);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        actix::spawn(async move {
+            let answer = meta.answer_record(
+                &text,
+                json!({"sources": meta.sources, "retrieval_route": meta.route, "cancelled": true}),
+            );
+            if let Err(e) = meta.save(conversations.as_ref(), answer).await {
+                // Nothing kept, nothing counted (as any failed save).
+                tracing::warn!(error = %e, session = %meta.session.id, "a cancelled answer could not be saved");
+                ticket.release();
+            } else {
+                metrics::counter!("chat_answers_total", "response_type" => "cancelled", "outcome" => "cancelled")
+                    .increment(1);
+                ticket.complete(json!({
+                    "endpoint": "/chat",
+                    "session_id": meta.session.id,
+                    "message_id": meta.answer_id,
+                    "cancelled": true,
+                    "answer_chars": text.len(),
+                }));
+            }
+            let _ = tx.send(());
+        });
+        Some(rx)
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        // The client left mid-answer: the generation stops with the dropped
+        // receiver; the rest is recorded in the background.
+        self.generation = None;
+        let _ = self.cancel_task();
+    }
+}
+
+async fn complete(
+    conversations: Arc<dyn ConversationStore>,
+    meta: Meta,
+    ticket: Ticket,
+    text: String,
+    done: Finish,
+) -> ChatResponse {
+    let confidence = meta.sources.first().map_or(0.0, |s| s.relevance_score.clamp(0.0, 1.0));
+    let context_used = !meta.sources.is_empty();
+    let response_type = if context_used {
+        "rag_enhanced"
+    } else {
+        "generation_only"
+    };
+    let answer = meta.answer_record(
+        &text,
+        json!({
+            "sources": meta.sources,
+            "retrieval_route": meta.route,
+            "response_type": response_type,
+            "confidence": confidence,
+            "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens,
+            "finish_reason": done.reason.as_str(),
+        }),
+    );
+    let mut warnings = meta.warnings.clone();
+    if let Err(e) = meta.save(conversations.as_ref(), answer).await {
+        // The answer exists and is delivered: it counts, and says it was not kept.
+        tracing::warn!(error = %e, session = %meta.session.id, "the answer could not be saved");
+        warnings.push(NOT_SAVED.to_string());
+    }
+    metrics::counter!("chat_answers_total", "response_type" => response_type, "outcome" => "completed").increment(1);
+    metrics::histogram!("chat_time_to_first_token_seconds").record(done.first_token_ms / 1000.0);
+    let plan = ticket.permit().map(|permit| permit.plan);
+    let permit = ticket.complete(json!({
+        "endpoint": "/chat",
+        "session_id": meta.session.id,
+        "message_id": meta.answer_id,
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+    }));
+    let (used, limit) = permit.as_ref().map_or((0, 0), |p| (p.used, p.limit));
+    let debug_info = meta.debug.map(|mut d| {
+        d["completion_tokens"] = json!(done.completion_tokens);
+        d["finish_reason"] = json!(done.reason.as_str());
+        d["first_token_ms"] = json!(done.first_token_ms);
+        d
+    });
+    ChatResponse {
+        session_id: meta.session.id,
+        message_id: meta.answer_id,
+        answer: text.trim().to_string(),
+        confidence,
+        response_type: response_type.into(),
+        context_used,
+        sources: meta.sources,
+        retrieval_route: meta.route,
+        response_time_ms: meta.started.elapsed().as_millis() as u64,
+        tokens_used: (done.prompt_tokens + done.completion_tokens) as u64,
+        subscription_plan: plan.map(|p| p.as_str().to_string()).unwrap_or_default(),
+        usage_info: UsageInfo {
+            messages_used: used,
+            messages_limit: limit,
+            messages_remaining: limit.saturating_sub(used),
+        },
+        debug_info,
+        warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> ChatLimits {
+        ChatLimits {
+            max_message_chars: 10,
+            default_top_k: 3,
+            max_top_k: 20,
+            default_max_tokens: 256,
+            max_answer_tokens: 2048,
+            temperature: 0.3,
+            excerpt_chars: 20,
+            history_messages: 10,
+            system_prompt: String::new(),
+            model_name: "m".into(),
+        }
+    }
+
+    fn req(message: &str) -> ChatRequest {
+        ChatRequest {
+            message: message.into(),
+            session_id: None,
+            enable_rag: true,
+            top_k: None,
+            route: Route::Auto,
+            filters: Filters::new(),
+            debug_mode: false,
+            max_tokens: None,
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_against_the_configured_limits() {
+        let l = limits();
+        let ok = l.check(&req("  hello  ")).map(|c| (c.question, c.top_k, c.max_tokens));
+        assert_eq!(ok.ok(), Some(("hello".to_string(), 3, 256)));
+        assert!(matches!(l.check(&req("   ")), Err(ChatError::Invalid(_))));
+        assert!(matches!(l.check(&req("eleven chars")), Err(ChatError::Invalid(m)) if m.contains("1 to 10")));
+        let mut r = req("hi");
+        r.top_k = Some(21);
+        assert!(matches!(l.check(&r), Err(ChatError::Invalid(m)) if m == "top_k must be 1 to 20"));
+        r.top_k = Some(20);
+        r.max_tokens = Some(2049);
+        assert!(matches!(l.check(&r), Err(ChatError::Invalid(m)) if m == "max_tokens must be 1 to 2048"));
+        r.max_tokens = Some(0);
+        assert!(l.check(&r).is_err());
+    }
+
+    #[test]
+    fn excerpts_are_cut_on_characters() {
+        assert_eq!(excerpt("  short ", 20), "short");
+        assert_eq!(excerpt("ééééé ééééé", 6), "ééééé…");
+    }
+}
