@@ -1,6 +1,20 @@
-//! `ragchat eval …`: retrieval quality.
+//! `ragchat eval …`: retrieval quality. `ragchat eval beir`: on a BEIR-style dataset
+//! (corpus.jsonl, queries, qrels) for every route: nDCG@10, Recall@100 and MRR@10
+//! over documents (a document ranks where its best chunk ranks).
 
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Instant;
+
+use chrono::Utc;
 use ragchat::config::Settings;
+use ragchat::knowledge::chunking::Chunker;
+use ragchat::knowledge::index::{Filters, Fusion, Route, SearchIndex, RRF_K, TITLE_BOOST};
+use ragchat::knowledge::ingest::embedding_text;
+use ragchat_actors::inference::Embedder;
+use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
+use serde::Deserialize;
+use uuid::Uuid;
 
 #[derive(clap::Subcommand)]
 pub enum EvalTarget {
@@ -32,13 +46,366 @@ pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
             cache,
             fusion_grid,
         } => {
-            let opts = ragchat::knowledge::eval::EvalOptions {
+            let opts = EvalOptions {
                 max_queries,
                 cache,
                 fusion_grid,
             };
-            ragchat::knowledge::eval::beir(&settings, &data, &split, opts).await?;
+            beir(&settings, &data, &split, opts).await?;
         }
     }
     Ok(())
+}
+
+#[derive(Deserialize)]
+struct CorpusDoc {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(default)]
+    title: String,
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct Query {
+    #[serde(rename = "_id")]
+    id: String,
+    text: String,
+}
+
+/// nDCG@k with binary or graded relevance (qrels gains), ideal from the qrels.
+pub fn ndcg_at(ranked: &[String], rel: &HashMap<String, f64>, k: usize) -> f64 {
+    let dcg: f64 = ranked
+        .iter()
+        .take(k)
+        .enumerate()
+        .map(|(i, d)| rel.get(d).copied().unwrap_or(0.0) / ((i + 2) as f64).log2())
+        .sum();
+    let mut gains: Vec<f64> = rel.values().copied().filter(|g| *g > 0.0).collect();
+    gains.sort_by(|a, b| b.total_cmp(a));
+    let ideal: f64 = gains
+        .iter()
+        .take(k)
+        .enumerate()
+        .map(|(i, g)| g / ((i + 2) as f64).log2())
+        .sum();
+    if ideal > 0.0 {
+        dcg / ideal
+    } else {
+        0.0
+    }
+}
+
+pub fn recall_at(ranked: &[String], rel: &HashMap<String, f64>, k: usize) -> f64 {
+    let relevant = rel.values().filter(|g| **g > 0.0).count();
+    if relevant == 0 {
+        return 0.0;
+    }
+    let found = ranked
+        .iter()
+        .take(k)
+        .filter(|d| rel.get(*d).is_some_and(|g| *g > 0.0))
+        .count();
+    found as f64 / relevant as f64
+}
+
+pub fn mrr_at(ranked: &[String], rel: &HashMap<String, f64>, k: usize) -> f64 {
+    ranked
+        .iter()
+        .take(k)
+        .position(|d| rel.get(d).is_some_and(|g| *g > 0.0))
+        .map_or(0.0, |i| 1.0 / (i + 1) as f64)
+}
+
+fn read_lines<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Vec<T>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1)))
+        .collect()
+}
+
+/// The first of the candidate paths that exists (BEIR's layout, or flat files).
+fn first_existing(dir: &Path, names: &[String]) -> anyhow::Result<std::path::PathBuf> {
+    names
+        .iter()
+        .map(|n| dir.join(n))
+        .find(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("none of {names:?} in {}", dir.display()))
+}
+
+/// Chunk vectors saved by an earlier run with the same model and chunks.
+fn read_vectors(path: &Path, key: &str, n: usize) -> Option<Vec<Vec<f32>>> {
+    let bytes = std::fs::read(path).ok()?;
+    let (head, body) = bytes.split_at_checked(72)?;
+    if &head[..64] != key.as_bytes() {
+        return None;
+    }
+    let dim = u64::from_le_bytes(head[64..72].try_into().ok()?) as usize;
+    if dim == 0 || body.len() != n * dim * 4 {
+        return None;
+    }
+    Some(
+        body.chunks_exact(dim * 4)
+            .map(|v| {
+                v.chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect()
+            })
+            .collect(),
+    )
+}
+
+fn write_vectors(path: &Path, key: &str, vectors: &[Vec<f32>]) -> anyhow::Result<()> {
+    let dim = vectors.first().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(72 + vectors.len() * dim * 4);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&(dim as u64).to_le_bytes());
+    for v in vectors {
+        for x in v {
+            out.extend_from_slice(&x.to_le_bytes());
+        }
+    }
+    std::fs::write(path, out).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Options of `ragchat eval beir`.
+#[derive(Debug, Clone, Default)]
+pub struct EvalOptions {
+    pub max_queries: Option<usize>,
+    /// Keep chunk vectors here between runs (same model and chunks only).
+    pub cache: Option<std::path::PathBuf>,
+    /// Also score hybrid with other fusion settings.
+    pub fusion_grid: bool,
+}
+
+pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptions) -> anyhow::Result<String> {
+    let (max_queries, cache) = (opts.max_queries, opts.cache.as_deref());
+    let mut out = String::new();
+    let corpus: Vec<CorpusDoc> = read_lines(&data.join("corpus.jsonl"))?;
+    let queries: Vec<Query> = read_lines(&first_existing(
+        data,
+        &[format!("queries.{split}.jsonl"), "queries.jsonl".to_string()],
+    )?)?;
+    let qrels_path = first_existing(data, &[format!("qrels.{split}.tsv"), format!("qrels/{split}.tsv")])?;
+    let mut qrels: HashMap<String, HashMap<String, f64>> = HashMap::new();
+    for line in std::fs::read_to_string(&qrels_path)?.lines().skip(1) {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if let [q, d, score, ..] = cols[..] {
+            qrels
+                .entry(q.to_string())
+                .or_default()
+                .insert(d.to_string(), score.trim().parse().unwrap_or(0.0));
+        }
+    }
+
+    let m = &settings.models;
+    let dir = Path::new(&m.embedding_dir);
+    let mut bert = ragchat::inference::bert::BertEmbedder::load(dir, m.embedding_max_tokens)?;
+    let k = &settings.knowledge;
+    let chunker =
+        Chunker::load(&dir.join("tokenizer.json"), k.chunk_tokens, k.chunk_overlap).map_err(anyhow::Error::msg)?;
+    let mut index = SearchIndex::new()?;
+    let started = Instant::now();
+    let mut corpus_of: HashMap<Uuid, String> = HashMap::new();
+    let mut chunks_total = 0usize;
+    // Title and abstract as one text, as sentence-transformers' BEIR evaluation does.
+    let docs: Vec<(Document, Vec<String>)> = corpus
+        .iter()
+        .map(|c| {
+            let id = Uuid::new_v4();
+            corpus_of.insert(id, c.id.clone());
+            let pieces = chunker.split(&c.text);
+            let doc = Document {
+                id,
+                owner: Owner::Global,
+                title: c.title.clone(),
+                source: c.id.clone(),
+                content_hash: String::new(),
+                size_bytes: c.text.len() as u64,
+                metadata: serde_json::Map::new(),
+                chunk_count: pieces.len() as u32,
+                created_at: Utc::now(),
+            };
+            (doc, pieces)
+        })
+        .collect();
+    let texts: Vec<String> = docs
+        .iter()
+        .flat_map(|(d, pieces)| pieces.iter().map(move |p| embedding_text(&d.title, p)))
+        .collect();
+    let key = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(settings.models.embedding_dir.as_bytes());
+        for t in &texts {
+            h.update(t.as_bytes());
+            h.update([0u8]);
+        }
+        hex::encode(h.finalize())
+    };
+    let cached = cache.and_then(|p| read_vectors(p, &key, texts.len()));
+    let vectors = match cached {
+        Some(v) => {
+            eprintln!("  {} chunk vectors read from the cache", v.len());
+            v
+        }
+        None => {
+            let mut vectors = Vec::with_capacity(texts.len());
+            for (b, batch) in texts.chunks(128).enumerate() {
+                if b % 10 == 0 {
+                    eprintln!(
+                        "  embedded {} of {} chunks ({:.0} s)",
+                        b * 128,
+                        texts.len(),
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+                vectors.extend(bert.embed(&refs)?);
+            }
+            if let Some(p) = cache {
+                write_vectors(p, &key, &vectors)?;
+            }
+            vectors
+        }
+    };
+    let mut vectors = vectors.into_iter();
+    for (d, pieces) in &docs {
+        let chunks: Vec<Chunk> = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Chunk {
+                id: Uuid::new_v4(),
+                document_id: d.id,
+                ordinal: i as u32,
+                content: p.clone(),
+                embedding: vectors.next().unwrap_or_default(),
+            })
+            .collect();
+        chunks_total += chunks.len();
+        index.add(d, &chunks)?;
+    }
+    index.commit()?;
+    let secs = started.elapsed().as_secs_f64();
+    out.push_str(&format!(
+        "{}: {} documents, {chunks_total} chunks indexed in {secs:.1} s ({:.1} documents/s, chunking + embedding + indexing)\n",
+        data.display(),
+        corpus.len(),
+        corpus.len() as f64 / secs
+    ));
+    print!("{out}");
+
+    let reader = Reader {
+        user_id: Uuid::nil(),
+        organization_id: None,
+    };
+    let judged: Vec<&Query> = queries
+        .iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .take(max_queries.unwrap_or(usize::MAX))
+        .collect();
+    let mut line = format!(
+        "\n{:<5} queries ({split} split)       nDCG@10   Recall@100   MRR@10   ms/query\n",
+        judged.len()
+    );
+    print!("{line}");
+    out.push_str(&line);
+    let texts: Vec<&str> = judged.iter().map(|q| q.text.as_str()).collect();
+    let mut q_vectors = Vec::with_capacity(texts.len());
+    for batch in texts.chunks(32) {
+        q_vectors.extend(bert.embed(batch)?);
+    }
+    let mut runs: Vec<(String, Route, Fusion, f32)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
+        .into_iter()
+        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), TITLE_BOOST))
+        .collect();
+    if opts.fusion_grid {
+        for k in [10.0, 30.0, RRF_K, 100.0] {
+            for w in [0.7, 1.0, 1.4] {
+                runs.push((
+                    format!("rrf k={k} text×{w}"),
+                    Route::Hybrid,
+                    Fusion::Rrf { k, text_weight: w },
+                    TITLE_BOOST,
+                ));
+            }
+        }
+        for boost in [0.0, 0.25, TITLE_BOOST, 1.0] {
+            runs.push((
+                format!("text, title boost {boost}"),
+                Route::Text,
+                Fusion::default(),
+                boost,
+            ));
+            for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
+                runs.push((
+                    format!("convex α={alpha}, title {boost}"),
+                    Route::Hybrid,
+                    Fusion::Convex { alpha },
+                    boost,
+                ));
+            }
+        }
+    }
+    for (name, route, fusion, boost) in runs {
+        index.set_fusion(fusion);
+        index.set_title_boost(boost);
+        let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
+        let started = Instant::now();
+        for (q, v) in judged.iter().zip(&q_vectors) {
+            let hits = index.search(&q.text, Some(v), route, &reader, &Filters::new(), 200)?;
+            let mut seen = HashSet::new();
+            let ranked: Vec<String> = hits
+                .iter()
+                .filter_map(|h| corpus_of.get(&h.document_id))
+                .filter(|d| seen.insert((*d).clone()))
+                .cloned()
+                .collect();
+            let rel = &qrels[&q.id];
+            ndcg += ndcg_at(&ranked, rel, 10);
+            recall += recall_at(&ranked, rel, 100);
+            mrr += mrr_at(&ranked, rel, 10);
+        }
+        let n = judged.len().max(1) as f64;
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / n;
+        line = format!(
+            "  {name:<28}   {:.3}     {:.3}       {:.3}    {ms:.2}\n",
+            ndcg / n,
+            recall / n,
+            mrr / n
+        );
+        print!("{line}");
+        out.push_str(&line);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(pairs: &[(&str, f64)]) -> HashMap<String, f64> {
+        pairs.iter().map(|(d, g)| (d.to_string(), *g)).collect()
+    }
+
+    fn docs(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn metrics_match_hand_computed_values() {
+        let r = rel(&[("a", 1.0), ("b", 1.0)]);
+        let ranked = docs(&["x", "a", "y", "b"]);
+        // DCG = 1/log2(3) + 1/log2(5); IDCG = 1 + 1/log2(3).
+        let want = (1.0 / 3f64.log2() + 1.0 / 5f64.log2()) / (1.0 + 1.0 / 3f64.log2());
+        assert!((ndcg_at(&ranked, &r, 10) - want).abs() < 1e-12);
+        assert_eq!(ndcg_at(&docs(&["a", "b"]), &r, 10), 1.0);
+        assert_eq!(recall_at(&ranked, &r, 2), 0.5);
+        assert_eq!(recall_at(&ranked, &r, 100), 1.0);
+        assert_eq!(mrr_at(&ranked, &r, 10), 0.5);
+        assert_eq!(mrr_at(&docs(&["x"]), &r, 10), 0.0);
+        assert_eq!(ndcg_at(&ranked, &rel(&[]), 10), 0.0);
+    }
 }

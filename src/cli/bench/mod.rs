@@ -1,6 +1,15 @@
-//! `ragchat bench …`: performance figures printed next to their baselines.
+//! `ragchat bench …`: performance figures printed next to their baselines, one
+//! file per benchmark (`scripts/bench-admission` is the admission benchmark, with wrk).
+
+mod auth;
+mod chat;
+mod common;
+mod models;
+mod search;
+mod sessions;
 
 use ragchat::config::Settings;
+use ragchat::knowledge::hnsw::HnswConfig;
 
 #[derive(clap::Subcommand)]
 pub enum BenchTarget {
@@ -31,7 +40,7 @@ pub enum BenchTarget {
     },
     /// Chat over SciFact: requests/s and time to first token at several
     /// concurrencies (RAG and model-only baseline), memory per idle WebSocket.
-    Chat(ragchat::bench::ChatBench),
+    Chat(chat::ChatBench),
     /// Memory per idle session actor.
     Sessions {
         #[arg(long, default_value_t = 100_000)]
@@ -42,10 +51,10 @@ pub enum BenchTarget {
 pub async fn run(what: BenchTarget, settings: Settings) -> anyhow::Result<()> {
     match what {
         BenchTarget::Auth { iterations } => {
-            print!("{}", ragchat::bench::auth(settings, iterations).await?);
+            print!("{}", auth::run(settings, iterations).await?);
         }
         BenchTarget::Models { seconds } => {
-            ragchat::bench::models(settings, seconds).await?;
+            models::run(settings, seconds).await?;
         }
         BenchTarget::Search {
             chunks,
@@ -54,21 +63,21 @@ pub async fn run(what: BenchTarget, settings: Settings) -> anyhow::Result<()> {
             ef_construction,
             ef_search,
         } => {
-            let config = ragchat::knowledge::hnsw::HnswConfig {
+            let config = HnswConfig {
                 m,
                 ef_construction,
                 ef_search,
             };
             for n in chunks {
-                ragchat::knowledge::bench::run(n, queries, config)?;
+                search::run(n, queries, config)?;
                 println!();
             }
         }
         BenchTarget::Chat(opts) => {
-            ragchat::bench::chat(settings, opts).await?;
+            chat::run(settings, opts).await?;
         }
         BenchTarget::Sessions { count } => {
-            print!("{}", ragchat::bench::sessions(settings, count).await?);
+            print!("{}", sessions::run(settings, count).await?);
         }
     }
     Ok(())

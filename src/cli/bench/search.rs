@@ -7,12 +7,11 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ragchat::knowledge::hnsw::HnswConfig;
+use ragchat::knowledge::index::{Condition, Filters, Route, SearchIndex, EXACT_MAX};
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use serde_json::json;
 use uuid::Uuid;
-
-use super::hnsw::HnswConfig;
-use super::index::{Condition, Filters, Route, SearchIndex, EXACT_MAX};
 
 const DIM: usize = 384;
 
