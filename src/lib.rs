@@ -3,7 +3,6 @@
 
 pub mod accounts;
 pub mod auth;
-pub mod bench;
 pub mod config;
 pub mod error;
 pub mod http;

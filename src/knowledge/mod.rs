@@ -1,9 +1,7 @@
 //! The knowledge base: chunking, the in-process search index, and the retrieval
 //! actor that owns it.
 
-pub mod bench;
 pub mod chunking;
-pub mod eval;
 pub mod formats;
 pub mod hnsw;
 pub mod index;

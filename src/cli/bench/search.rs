@@ -7,13 +7,12 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ragchat::knowledge::hnsw::HnswConfig;
+use ragchat::knowledge::index::{HybridIndex, EXACT_MAX};
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
+use ragchat_actors::retrieval::{Condition, Filters, Route};
 use serde_json::json;
 use uuid::Uuid;
-
-use super::hnsw::HnswConfig;
-use super::index::{HybridIndex, EXACT_MAX};
-use ragchat_actors::retrieval::{Condition, Filters, Route};
 
 const DIM: usize = 384;
 

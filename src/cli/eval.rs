@@ -1,21 +1,62 @@
-//! `ragchat eval beir`: retrieval quality on a BEIR-style dataset (corpus.jsonl,
-//! queries, qrels) for every route: nDCG@10, Recall@100 and MRR@10 over
-//! documents (a document ranks where its best chunk ranks).
+//! `ragchat eval …`: retrieval quality. `ragchat eval beir`: on a BEIR-style dataset
+//! (corpus.jsonl, queries, qrels) for every route: nDCG@10, Recall@100 and MRR@10
+//! over documents (a document ranks where its best chunk ranks).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Instant;
 
 use chrono::Utc;
+use ragchat::config::Settings;
+use ragchat::knowledge::chunking::Chunker;
+use ragchat::knowledge::index::{Fusion, HybridIndex, RRF_K, TITLE_BOOST};
+use ragchat::knowledge::ingest::embedding_text;
 use ragchat_actors::inference::Embedder;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
+use ragchat_actors::retrieval::{Filters, Route};
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::chunking::Chunker;
-use super::index::{Fusion, HybridIndex, RRF_K, TITLE_BOOST};
-use crate::config::Settings;
-use ragchat_actors::retrieval::{Filters, Route};
+#[derive(clap::Subcommand)]
+pub enum EvalTarget {
+    /// nDCG@10, Recall@100 and MRR@10 per route on a BEIR-style dataset
+    /// (corpus.jsonl; queries.SPLIT.jsonl or queries.jsonl; qrels.SPLIT.tsv or qrels/SPLIT.tsv).
+    Beir {
+        #[arg(long)]
+        data: std::path::PathBuf,
+        #[arg(long, default_value = "test")]
+        split: String,
+        /// Evaluate only the first N judged queries.
+        #[arg(long)]
+        max_queries: Option<usize>,
+        /// Keep the chunk vectors in this file between runs (same model and chunks).
+        #[arg(long)]
+        cache: Option<std::path::PathBuf>,
+        /// Also score hybrid under a grid of fusion settings (tuning).
+        #[arg(long)]
+        fusion_grid: bool,
+    },
+}
+
+pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
+    match what {
+        EvalTarget::Beir {
+            data,
+            split,
+            max_queries,
+            cache,
+            fusion_grid,
+        } => {
+            let opts = EvalOptions {
+                max_queries,
+                cache,
+                fusion_grid,
+            };
+            beir(&settings, &data, &split, opts).await?;
+        }
+    }
+    Ok(())
+}
 
 #[derive(Deserialize)]
 struct CorpusDoc {
@@ -162,7 +203,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
 
     let m = &settings.models;
     let dir = Path::new(&m.embedding_dir);
-    let mut bert = crate::inference::bert::BertEmbedder::load(dir, m.embedding_max_tokens)?;
+    let mut bert = ragchat::inference::bert::BertEmbedder::load(dir, m.embedding_max_tokens)?;
     let k = &settings.knowledge;
     let chunker =
         Chunker::load(&dir.join("tokenizer.json"), k.chunk_tokens, k.chunk_overlap).map_err(anyhow::Error::msg)?;
@@ -193,7 +234,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         .collect();
     let texts: Vec<String> = docs
         .iter()
-        .flat_map(|(d, pieces)| pieces.iter().map(move |p| super::ingest::embedding_text(&d.title, p)))
+        .flat_map(|(d, pieces)| pieces.iter().map(move |p| embedding_text(&d.title, p)))
         .collect();
     let key = {
         use sha2::{Digest, Sha256};

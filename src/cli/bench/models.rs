@@ -1,0 +1,313 @@
+//! `ragchat bench models`: embedding and generation throughput and time to first
+//! token, beside llama.cpp (measured now when it is built) and reference figures.
+
+use std::time::{Duration, Instant};
+
+use ragchat::config::Settings;
+
+use super::common::ms;
+
+/// Sentences of about 45 tokens for the embedding benchmark.
+fn sentences(n: usize) -> Vec<String> {
+    let base = [
+        "Recent studies of the human gut microbiome suggest that dietary fiber intake changes the composition of bacterial communities within weeks",
+        "The committee reviewed the proposal for the new railway line and asked the engineers to estimate the cost of the tunnel under the river",
+        "Patients who received the combined therapy showed a lower rate of hospital readmission than those treated with the standard drug alone",
+        "Volunteers planted more than three thousand trees along the northern edge of the park to reduce noise from the nearby highway traffic",
+    ];
+    (0..n)
+        .map(|i| {
+            format!(
+                "{}, according to a report published last spring by the regional authority ({i}).",
+                base[i % base.len()]
+            )
+        })
+        .collect()
+}
+
+/// `ragchat bench models`: embeddings (sentences/s at batch 1, 8, 32) and
+/// generation (prefill and decode tokens/s, aggregate decode with 8 streams, time to
+/// first token with a 1,000-token prompt at 1 and 8 concurrent requests), printed
+/// beside the reference figures of llama.cpp and sentence-transformers measured on
+/// the development machine (their tools are not installed here).
+pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
+    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
+    use ragchat_actors::generate_worker::{GenEvent, GenerateConfig, GenerateRequest, GenerateWorker};
+    use ragchat_actors::inference::{Embedder, SamplingParams};
+
+    let m = &settings.models;
+    let mut out = String::new();
+    // Lines are printed as they are measured (the whole run takes minutes).
+    fn emit(out: &mut String, line: String) {
+        print!("{line}");
+        out.push_str(&line);
+    }
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    emit(
+        &mut out,
+        format!(
+            "machine: {threads} threads; models from {} and {}\n",
+            m.embedding_dir, m.generator_path
+        ),
+    );
+
+    // Embeddings, straight on the model (batch sizes exact), then through the worker.
+    let mut bert =
+        ragchat::inference::bert::BertEmbedder::load(std::path::Path::new(&m.embedding_dir), m.embedding_max_tokens)?;
+    let texts = sentences(256);
+    let tokens = bert.count_tokens(&texts[0])?;
+    emit(&mut out, format!("\nembeddings (all-MiniLM-L6-v2, {tokens}-token sentences)   ragchat   sentence-transformers*   stock candle*\n"));
+    for (batch, st, stock) in [(1usize, 51.0, 39.0), (8, 91.0, 53.0), (32, 107.0, 65.0)] {
+        let mut done = 0usize;
+        let started = Instant::now();
+        while started.elapsed().as_secs_f64() < seconds {
+            let refs: Vec<&str> = texts.iter().skip(done % 128).take(batch).map(String::as_str).collect();
+            bert.embed(&refs)?;
+            done += batch;
+        }
+        let rate = done as f64 / started.elapsed().as_secs_f64();
+        emit(&mut out, format!("  batch {batch:>2}: sentences/s                        {rate:>8.1}   {st:>8.1}                {stock:>8.1}\n"));
+    }
+    let worker = EmbedWorker::start(
+        {
+            let dir = std::path::PathBuf::from(&m.embedding_dir);
+            let max = m.embedding_max_tokens;
+            Box::new(move || {
+                ragchat::inference::bert::BertEmbedder::load(&dir, max).map(|e| Box::new(e) as Box<dyn Embedder>)
+            })
+        },
+        EmbedConfig {
+            max_batch: m.embed_max_batch,
+            max_wait: Duration::from_millis(m.embed_max_wait_ms),
+            queue_capacity: 1024,
+        },
+    )?;
+    let started = Instant::now();
+    let calls = texts.iter().take(128).map(|t| worker.embed(vec![t.clone()]));
+    futures_util::future::join_all(calls).await;
+    let rate = 128.0 / started.elapsed().as_secs_f64();
+    let batches = worker.stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    emit(&mut out, format!("  128 concurrent single-sentence requests through EmbedWorker: {rate:.1} sentences/s in {batches} forwards\n"));
+
+    // Generation.
+    let (lm, tok) = ragchat::inference::gguf::load(
+        std::path::Path::new(&m.generator_path),
+        None,
+        m.max_context,
+        m.dense_prefill,
+    )?;
+    let filler = "The quick brown fox jumps over the lazy dog while the farmer counts his sheep in the field. ";
+    let mut prompt_text = String::new();
+    while tok.encode(&prompt_text)?.len() < 1000 {
+        prompt_text.push_str(filler);
+    }
+    let mut long_prompt = tok.encode(&prompt_text)?;
+    long_prompt.truncate(1000);
+    let short: Vec<u32> = long_prompt[..256].to_vec();
+
+    let mut seq = lm.fork();
+    let started = Instant::now();
+    seq.forward(&short, 0)?;
+    let prefill = short.len() as f64 / started.elapsed().as_secs_f64();
+    let decode_n = 64;
+    let started = Instant::now();
+    for pos in short.len()..short.len() + decode_n {
+        seq.forward(&[short[pos % short.len()]], pos)?;
+    }
+    let decode_after_prompt = decode_n as f64 / started.elapsed().as_secs_f64();
+    // As llama-bench's tg64: 64 tokens from an empty context.
+    let mut seq = lm.fork();
+    let started = Instant::now();
+    for pos in 0..decode_n {
+        seq.forward(&[short[pos % short.len()]], pos)?;
+    }
+    let decode = decode_n as f64 / started.elapsed().as_secs_f64();
+    let (lc_pp, lc_tg, lc_note) = match llama_bench(&m.generator_path) {
+        Some((pp, tg)) => (pp, tg, "llama.cpp (measured now)"),
+        None => (205.0, 90.0, "llama.cpp*"),
+    };
+    emit(
+        &mut out,
+        format!("\ngeneration (SmolLM2-135M-Instruct Q4_1)              ragchat   {lc_note}   stock candle*\n"),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  prefill tok/s (256-token prompt)                 {prefill:>8.1}   {lc_pp:>8.1}     {:>8.1}\n",
+            67.0
+        ),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 1 stream (tg64, empty context)     {decode:>8.1}   {lc_tg:>8.1}     {:>8.1}\n",
+            50.0
+        ),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 1 stream after a 256-token prompt  {decode_after_prompt:>8.1}   {:>8}     {:>8}\n",
+            "n/a", "n/a"
+        ),
+    );
+
+    // Eight sequences decoding together, straight on the model (what llama.cpp's
+    // batched bench measures: decode only, prompts already in the caches).
+    let mut seqs: Vec<Box<dyn ragchat_actors::inference::CausalLm>> = (0..8).map(|_| lm.fork()).collect();
+    for s in seqs.iter_mut() {
+        s.forward(&short[..32], 0)?;
+    }
+    let started = Instant::now();
+    for step in 0..decode_n {
+        let mut refs: Vec<&mut Box<dyn ragchat_actors::inference::CausalLm>> = seqs.iter_mut().collect();
+        let toks: Vec<u32> = (0..8).map(|i| short[(step + i) % short.len()]).collect();
+        lm.decode_batch(&mut refs, &toks, &[32 + step; 8])?;
+    }
+    let batched = (8 * decode_n) as f64 / started.elapsed().as_secs_f64();
+    drop(seqs);
+    let (lc_b8, lc_b8_note) = match llama_batched_bench(&m.generator_path) {
+        Some(v) => (format!("{v:>8.1}"), "llama-batched-bench, measured now"),
+        None => (format!("{:>8}", "n/a"), "llama-batched-bench not built"),
+    };
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 8 sequences in one batch (model)   {batched:>8.1}   {lc_b8}     {:>8}   ({lc_b8_note})\n",
+            "n/a"
+        ),
+    );
+
+    let gen = GenerateWorker::start(
+        Box::new(move || Ok(lm.fork())),
+        tok.clone(),
+        GenerateConfig {
+            max_active: 8,
+            queue_capacity: 64,
+            // Whole prompts, as the figures in BENCHMARKS.md were measured.
+            prefill_chunk: 0,
+        },
+    )?;
+    let greedy = SamplingParams {
+        temperature: 0.0,
+        top_p: 1.0,
+        top_k: 0,
+        repetition_penalty: 1.0,
+        seed: Some(1),
+    };
+    let run = |prompt: Vec<u32>, max_tokens: usize| {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let submitted = Instant::now();
+        let ok = gen.submit(GenerateRequest {
+            prompt_tokens: prompt,
+            params: greedy.clone(),
+            max_tokens,
+            stop: vec![],
+            events: tx,
+        });
+        async move {
+            ok.map_err(|e| anyhow::anyhow!(e.to_string()))?;
+            let mut first = None;
+            let mut n = 0usize;
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    GenEvent::Token { .. } => {
+                        first.get_or_insert_with(|| submitted.elapsed());
+                    }
+                    GenEvent::Done { completion_tokens, .. } => {
+                        n = completion_tokens;
+                        break;
+                    }
+                    GenEvent::Error(e, _) => anyhow::bail!(e),
+                }
+            }
+            Ok::<_, anyhow::Error>((first.unwrap_or_default(), n))
+        }
+    };
+    let started = Instant::now();
+    let streams = futures_util::future::join_all((0..8).map(|_| run(short[..32].to_vec(), 64))).await;
+    let total: usize = streams.iter().filter_map(|r| r.as_ref().ok()).map(|r| r.1).sum();
+    let aggregate = total as f64 / started.elapsed().as_secs_f64();
+    let ttft1 = run(long_prompt.clone(), 1).await?.0;
+    let ttft8: Vec<Duration> = futures_util::future::join_all((0..8).map(|_| run(long_prompt.clone(), 1)))
+        .await
+        .into_iter()
+        .filter_map(|r| r.ok().map(|x| x.0))
+        .collect();
+    let ttft8_max = ttft8.iter().max().copied().unwrap_or_default();
+    let ttft8_mean = ttft8.iter().sum::<Duration>() / u32::try_from(ttft8.len().max(1)).unwrap_or(1);
+
+    emit(
+        &mut out,
+        format!(
+            "  decode tok/s, 8 streams through GenerateWorker   {aggregate:>8.1}   {:>8.1}     {:>8}   (with their prefills)\n",
+            122.0, "n/a"
+        ),
+    );
+    emit(
+        &mut out,
+        format!(
+            "  time to first token, 1000-token prompt: 1 request {:.0} ms; 8 concurrent mean {:.0} ms, max {:.0} ms\n",
+            ms(ttft1),
+            ms(ttft8_mean),
+            ms(ttft8_max)
+        ),
+    );
+    emit(&mut out, String::from("\n* reference figures from issue 5 (development machine), shown where the tool is not installed here; llama.cpp is measured now when scripts/build-llama-cpp has built it.\n"));
+    Ok(out)
+}
+
+/// A llama.cpp tool built by scripts/build-llama-cpp, if it is there.
+fn llama_cpp_bin(name: &str) -> Option<std::path::PathBuf> {
+    let home = std::env::var("HOME").ok()?;
+    Some(
+        std::path::Path::new(&home)
+            .join(".cache/ragchat-llama-cpp/bin")
+            .join(name),
+    )
+    .filter(|p| p.exists())
+}
+
+/// llama.cpp's llama-batched-bench with 8 sequences of 32 + 64 tokens, 2 threads:
+/// the aggregate decode rate (S_TG, tok/s), when it is installed.
+fn llama_batched_bench(gguf: &str) -> Option<f64> {
+    // LLAMA_BENCH naming a missing file turns both llama.cpp baselines off.
+    if std::env::var("LLAMA_BENCH").is_ok_and(|v| !std::path::Path::new(&v).exists()) {
+        return None;
+    }
+    let bin = llama_cpp_bin("llama-batched-bench")?;
+    let out = std::process::Command::new(bin)
+        .args([
+            "-m", gguf, "-t", "2", "-c", "4096", "-npp", "32", "-ntg", "64", "-npl", "8",
+        ])
+        .output()
+        .ok()?;
+    // Table row: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let cells: Vec<&str> = l.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
+        (cells.len() >= 8 && cells[2] == "8")
+            .then(|| cells[7].parse().ok())
+            .flatten()
+    })
+}
+
+/// Runs llama.cpp's llama-bench on the same GGUF with 2 threads when it is installed
+/// (scripts/build-llama-cpp, or LLAMA_BENCH=path): (prefill pp256, decode tg64) tok/s.
+fn llama_bench(gguf: &str) -> Option<(f64, f64)> {
+    let bin = match std::env::var("LLAMA_BENCH") {
+        Ok(path) => Some(std::path::PathBuf::from(path)).filter(|p| p.exists())?,
+        Err(_) => llama_cpp_bin("llama-bench")?,
+    };
+    let out = std::process::Command::new(bin)
+        .args(["-m", gguf, "-t", "2", "-p", "256", "-n", "64", "-r", "5", "-o", "json"])
+        .output()
+        .ok()?;
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    let rate = |prompt: bool| {
+        rows.as_array()?.iter().find_map(|r| {
+            let is_prompt = r["n_prompt"].as_u64().unwrap_or(0) > 0 && r["n_gen"].as_u64().unwrap_or(0) == 0;
+            (is_prompt == prompt).then(|| r["avg_ts"].as_f64()).flatten()
+        })
+    };
+    Some((rate(true)?, rate(false)?))
+}
