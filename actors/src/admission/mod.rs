@@ -9,6 +9,8 @@
 //! - `storage`: reservations of document storage (pure).
 //! - `users`: user rows cached for a second (shared with authentication).
 
+#[cfg(test)]
+mod fakes;
 pub mod quota;
 pub mod ratelimit;
 pub mod registry;

@@ -293,3 +293,174 @@ impl Drop for Ticket {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::Ordering;
+
+    use futures_util::future::join_all;
+
+    use super::*;
+    use crate::admission::fakes::world;
+    use crate::admission::ratelimit::Quota;
+    use crate::admission::session::Bucket;
+    use crate::plans::{month_of, Plan, Resource};
+    use crate::ports::UsageStore;
+
+    fn api() -> Admit {
+        Admit {
+            bucket: Some(Bucket::Api),
+            resource: Resource::ApiCalls,
+            cost: 1,
+        }
+    }
+
+    async fn ticket(reg: &Arc<SessionRegistry>, user: Uuid) -> Result<Ticket, Rejection> {
+        Ticket::admit(reg.clone(), user, api()).await
+    }
+
+    #[actix::test]
+    async fn concurrent_requests_admit_exactly_the_quota_and_each_completion_is_recorded_once() {
+        let w = world(32, Duration::from_secs(60), BTreeMap::new());
+        let user = w.accounts.add(Plan::Free); // 1,000 api calls
+        let results = join_all((0..1_100).map(|_| ticket(&w.registry, user))).await;
+        let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+        assert_eq!((ok.len(), refused.len()), (1_000, 100));
+        assert!(refused.iter().all(|r| matches!(
+            r,
+            Err(Rejection::QuotaExceeded {
+                used: 1_000,
+                limit: 1_000,
+                ..
+            })
+        )));
+        for t in ok.into_iter().flatten() {
+            t.complete(serde_json::json!({}));
+        }
+        for _ in 0..200 {
+            if w.usage.recorded(user) == 1_000 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(w.usage.recorded(user), 1_000);
+        assert_eq!(w.usage.usage_record_count(user).await.ok(), Some(1_000));
+    }
+
+    #[actix::test]
+    async fn leases_admit_without_a_store_write_per_request() {
+        let w = world(32, Duration::from_secs(60), BTreeMap::new());
+        let user = w.accounts.add(Plan::Pro); // 100,000 api calls: leases of 32
+        for _ in 0..320 {
+            ticket(&w.registry, user)
+                .await
+                .expect("admitted")
+                .complete(serde_json::json!({}));
+        }
+        assert_eq!(
+            w.usage.reserves.load(Ordering::Relaxed),
+            10,
+            "one conditional increment per 32 units"
+        );
+        assert_eq!(w.accounts.reads.load(Ordering::Relaxed), 1, "the user row is read once");
+        // The counter holds exactly what was admitted: the leases were used up.
+        let month = month_of(chrono::Utc::now()).start;
+        assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 320);
+        let t = ticket(&w.registry, user).await.expect("admitted");
+        assert_eq!(
+            t.permit().map(|p| p.used),
+            Some(321),
+            "the permit counts what was admitted"
+        );
+        assert_eq!(
+            w.usage.counter(user, Resource::ApiCalls, month),
+            352,
+            "32 units reserved ahead"
+        );
+        // Handed back on demand (GET /billing/usage), the counter reads what was admitted.
+        w.registry.return_leases(user).await;
+        assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 321);
+    }
+
+    #[actix::test]
+    async fn work_that_did_not_happen_gives_its_unit_back() {
+        let w = world(32, Duration::from_secs(60), BTreeMap::new());
+        let user = w.accounts.add(Plan::Free);
+        let month = month_of(chrono::Utc::now()).start;
+        // Released explicitly, or dropped (the request vanished): not counted.
+        ticket(&w.registry, user).await.expect("admitted").release();
+        drop(ticket(&w.registry, user).await.expect("admitted"));
+        let done = ticket(&w.registry, user).await.expect("admitted");
+        assert_eq!(
+            done.permit().map(|p| p.used),
+            Some(1),
+            "two units came back: {:?}",
+            done.permit()
+        );
+        done.complete(serde_json::json!({}));
+        w.registry.return_leases(user).await;
+        assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 1);
+    }
+
+    #[actix::test]
+    async fn an_idle_lease_goes_back_to_the_store() {
+        let w = world(32, Duration::from_millis(50), BTreeMap::new());
+        let user = w.accounts.add(Plan::Pro);
+        let month = month_of(chrono::Utc::now()).start;
+        ticket(&w.registry, user)
+            .await
+            .expect("admitted")
+            .complete(serde_json::json!({}));
+        assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 32);
+        for _ in 0..100 {
+            if w.usage.counter(user, Resource::ApiCalls, month) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 1);
+    }
+
+    #[actix::test]
+    async fn the_rate_limit_refuses_the_call_after_the_limit_and_gives_nothing_of_the_quota() {
+        let limits = BTreeMap::from([(
+            Bucket::Api,
+            Quota {
+                limit: 5,
+                period_ms: 60_000,
+            },
+        )]);
+        let w = world(32, Duration::from_secs(60), limits);
+        let user = w.accounts.add(Plan::Pro);
+        for i in 0..5 {
+            let t = ticket(&w.registry, user).await.expect("admitted");
+            assert_eq!(t.permit().and_then(|p| p.rate).map(|r| r.remaining), Some(4 - i));
+            t.complete(serde_json::json!({}));
+        }
+        assert!(matches!(
+            ticket(&w.registry, user).await,
+            Err(Rejection::RateLimited { limit: 5, .. })
+        ));
+        let t = ticket(&w.registry, user).await;
+        assert!(t.is_err());
+        w.registry.return_leases(user).await;
+        let month = month_of(chrono::Utc::now()).start;
+        assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 5);
+    }
+
+    #[actix::test]
+    async fn a_deactivated_user_is_refused_once_this_node_forgets_the_row() {
+        let w = world(32, Duration::from_secs(60), BTreeMap::new());
+        let user = w.accounts.add(Plan::Pro);
+        ticket(&w.registry, user)
+            .await
+            .expect("admitted")
+            .complete(serde_json::json!({}));
+        w.accounts.deactivate(user);
+        // The admin route calls invalidate after the change: the cached row is dropped.
+        w.registry.invalidate(user);
+        assert!(w.users.cached(user).is_none());
+        assert!(matches!(ticket(&w.registry, user).await, Err(Rejection::UnknownUser)));
+    }
+}

@@ -1,0 +1,313 @@
+//! In-memory stores for the unit tests of sessions and the registry: the
+//! accounts (user rows only) and the usage counters, with the same conditional
+//! increment as the real stores and a count of the calls made to them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use super::registry::SessionRegistry;
+use super::session::{Bucket, SessionConfig, SessionDeps, StoreDownPolicy};
+use super::users::UserCache;
+use crate::admission::ratelimit::Quota;
+use crate::domain::{
+    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
+    User, UserFilter, UserPatch,
+};
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::plans::{Period, Plan, PlanBook, PlanCatalog, PlanLimits, Resource};
+use crate::ports::{AccountStore, Reservation, StoreError, StoreResult, UsageStore};
+use crate::supervision::RestartPolicy;
+
+fn no<T>() -> StoreResult<T> {
+    Err(StoreError::Internal("not in the fake".into()))
+}
+
+#[derive(Default)]
+pub struct Accounts {
+    pub users: Mutex<HashMap<Uuid, User>>,
+    pub reads: AtomicU64,
+}
+
+impl Accounts {
+    pub fn add(&self, plan: Plan) -> Uuid {
+        let now = Utc::now();
+        let id = Uuid::new_v4();
+        let user = User {
+            id,
+            email: format!("{id}@example.com"),
+            hashed_password: String::new(),
+            full_name: None,
+            is_active: true,
+            is_verified: true,
+            is_superuser: false,
+            subscription_plan: plan,
+            organization_id: None,
+            preferences: serde_json::json!({}),
+            created_at: now,
+            updated_at: now,
+        };
+        if let Ok(mut u) = self.users.lock() {
+            u.insert(id, user);
+        }
+        id
+    }
+
+    pub fn deactivate(&self, id: Uuid) {
+        if let Ok(mut m) = self.users.lock() {
+            if let Some(u) = m.get_mut(&id) {
+                u.is_active = false;
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl AccountStore for Accounts {
+    fn backend(&self) -> &'static str {
+        "fake"
+    }
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+    async fn create_organization(&self, _: &str) -> StoreResult<Organization> {
+        no()
+    }
+    async fn organization(&self, _: Uuid) -> StoreResult<Option<Organization>> {
+        no()
+    }
+    async fn create_user(&self, _: NewUser) -> StoreResult<User> {
+        no()
+    }
+    async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        Ok(self.users.lock().ok().and_then(|u| u.get(&id).cloned()))
+    }
+    async fn user_by_email(&self, _: &str) -> StoreResult<Option<User>> {
+        no()
+    }
+    async fn list_users(&self, _: &UserFilter, _: Page) -> StoreResult<(Vec<User>, u64)> {
+        no()
+    }
+    async fn update_user(&self, _: Uuid, _: &UserPatch) -> StoreResult<User> {
+        no()
+    }
+    async fn insert_api_key(&self, _: &ApiKey) -> StoreResult<()> {
+        no()
+    }
+    async fn list_api_keys(&self, _: Uuid) -> StoreResult<Vec<ApiKey>> {
+        no()
+    }
+    async fn revoke_api_key(&self, _: Uuid, _: Uuid) -> StoreResult<bool> {
+        no()
+    }
+    async fn use_api_key(&self, _: &str) -> StoreResult<Option<ApiKey>> {
+        no()
+    }
+    async fn insert_refresh_token(&self, _: &RefreshToken) -> StoreResult<()> {
+        no()
+    }
+    async fn consume_refresh_token(&self, _: &str, _: DateTime<Utc>) -> StoreResult<RefreshOutcome> {
+        no()
+    }
+    async fn revoke_refresh_family_of(&self, _: &str) -> StoreResult<bool> {
+        no()
+    }
+    async fn get_setting(&self, _: &str) -> StoreResult<Option<serde_json::Value>> {
+        Ok(None)
+    }
+    async fn put_setting(&self, _: &str, _: &serde_json::Value) -> StoreResult<()> {
+        no()
+    }
+    async fn record_audit(&self, _: &AuditEntry) -> StoreResult<()> {
+        no()
+    }
+    async fn audit_for(&self, _: Uuid) -> StoreResult<Vec<AuditEntry>> {
+        no()
+    }
+}
+
+type Key = (Uuid, Resource, DateTime<Utc>);
+
+#[derive(Default)]
+pub struct Usage {
+    pub counters: Mutex<HashMap<Key, u64>>,
+    pub records: Mutex<Vec<UsageRecord>>,
+    /// Conditional increments asked for.
+    pub reserves: AtomicU64,
+}
+
+impl Usage {
+    pub fn counter(&self, user: Uuid, r: Resource, start: DateTime<Utc>) -> u64 {
+        self.counters
+            .lock()
+            .ok()
+            .and_then(|c| c.get(&(user, r, start)).copied())
+            .unwrap_or(0)
+    }
+
+    pub fn recorded(&self, user: Uuid) -> u64 {
+        self.records
+            .lock()
+            .map(|r| r.iter().filter(|x| x.user_id == user).map(|x| x.quantity).sum())
+            .unwrap_or(0)
+    }
+}
+
+#[async_trait]
+impl UsageStore for Usage {
+    async fn try_reserve(
+        &self,
+        u: Uuid,
+        r: Resource,
+        s: DateTime<Utc>,
+        cost: u64,
+        limit: u64,
+    ) -> StoreResult<Reservation> {
+        self.reserves.fetch_add(1, Ordering::Relaxed);
+        let mut c = self
+            .counters
+            .lock()
+            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let used = c.entry((u, r, s)).or_insert(0);
+        if *used + cost <= limit {
+            *used += cost;
+            Ok(Reservation::Granted { used: *used })
+        } else {
+            Ok(Reservation::Denied { used: *used })
+        }
+    }
+    async fn release(&self, u: Uuid, r: Resource, s: DateTime<Utc>, cost: u64) -> StoreResult<()> {
+        let mut c = self
+            .counters
+            .lock()
+            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let used = c.entry((u, r, s)).or_insert(0);
+        *used = used.saturating_sub(cost);
+        Ok(())
+    }
+    async fn force_add(&self, u: Uuid, r: Resource, s: DateTime<Utc>, cost: u64) -> StoreResult<()> {
+        let mut c = self
+            .counters
+            .lock()
+            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        *c.entry((u, r, s)).or_insert(0) += cost;
+        Ok(())
+    }
+    async fn counters(&self, u: Uuid, s: DateTime<Utc>) -> StoreResult<BTreeMap<Resource, u64>> {
+        let c = self
+            .counters
+            .lock()
+            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        Ok(c.iter()
+            .filter(|((uu, _, ss), _)| *uu == u && *ss == s)
+            .map(|((_, r, _), n)| (*r, *n))
+            .collect())
+    }
+    async fn insert_usage(&self, records: &[UsageRecord]) -> StoreResult<u64> {
+        let mut all = self
+            .records
+            .lock()
+            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let mut new = 0;
+        for r in records {
+            if !all.iter().any(|x| x.id == r.id) {
+                all.push(r.clone());
+                new += 1;
+            }
+        }
+        Ok(new)
+    }
+    async fn usage_totals(&self, _: Uuid, _: Period) -> StoreResult<BTreeMap<Resource, u64>> {
+        no()
+    }
+    async fn usage_record_count(&self, u: Uuid) -> StoreResult<u64> {
+        Ok(self
+            .records
+            .lock()
+            .map(|r| r.iter().filter(|x| x.user_id == u).count() as u64)
+            .unwrap_or(0))
+    }
+    async fn subscription(&self, _: Uuid) -> StoreResult<Option<Subscription>> {
+        no()
+    }
+    async fn put_subscription(&self, _: &Subscription) -> StoreResult<()> {
+        no()
+    }
+    async fn insert_invoice(&self, _: &Invoice) -> StoreResult<()> {
+        no()
+    }
+    async fn invoices(&self, _: Uuid) -> StoreResult<Vec<Invoice>> {
+        no()
+    }
+}
+
+fn limits(messages: u64, api_calls: u64) -> PlanLimits {
+    PlanLimits {
+        messages,
+        background_tasks: 10,
+        api_calls,
+        storage_mb: 10,
+        price_monthly_cents: 0,
+        price_yearly_cents: 0,
+        features: Vec::new(),
+    }
+}
+
+/// A registry over the fakes: free = 20 messages / 1,000 API calls, pro = 1,000 /
+/// 100,000; no rate limit unless given; leases of up to `max_lease` units.
+pub struct World {
+    pub accounts: Arc<Accounts>,
+    pub usage: Arc<Usage>,
+    pub registry: Arc<SessionRegistry>,
+    pub users: Arc<UserCache>,
+}
+
+pub fn world(max_lease: u64, lease_idle: Duration, rate_limits: BTreeMap<Bucket, Quota>) -> World {
+    let accounts = Arc::new(Accounts::default());
+    let usage = Arc::new(Usage::default());
+    let spool = std::env::temp_dir().join(format!("ragchat-fake-spool-{}.jsonl", Uuid::new_v4().simple()));
+    let ledger = Ledger::start(
+        usage.clone(),
+        LedgerConfig {
+            flush_interval: Duration::from_millis(10),
+            max_batch: 100,
+            spool_path: spool,
+        },
+        RestartPolicy::default(),
+    )
+    .expect("ledger");
+    let catalog = PlanCatalog {
+        free: limits(20, 1_000),
+        pro: limits(1_000, 100_000),
+        enterprise: limits(1_000_000, 1_000_000),
+    };
+    let users = Arc::new(UserCache::new(Duration::from_secs(60)));
+    let deps = SessionDeps {
+        accounts: accounts.clone(),
+        usage: usage.clone(),
+        limiter: None,
+        ledger,
+        plans: Arc::new(PlanBook::new(catalog)),
+        users: users.clone(),
+        config: Arc::new(SessionConfig {
+            rate_limits,
+            idle_timeout: Duration::from_secs(600),
+            store_down: StoreDownPolicy::FailClosed,
+            max_lease,
+            lease_idle,
+        }),
+    };
+    let registry = SessionRegistry::new(deps, 1, Duration::from_secs(5));
+    World {
+        accounts,
+        usage,
+        registry,
+        users,
+    }
+}
