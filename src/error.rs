@@ -54,9 +54,12 @@ macro_rules! error_codes {
     ($($(#[$doc:meta])* $variant:ident = $name:literal, $kind:ident;)*) => {
         /// A stable, machine-readable error code: the `code` of every error body.
         /// Each has a section in docs/errors.md (its `link`).
+        ///
+        /// Serialized in snake_case: the `as_str` names must be those (a unit test checks).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+        #[serde(rename_all = "snake_case")]
         pub enum ErrorCode {
-            $($(#[$doc])* #[serde(rename = $name)] $variant,)*
+            $($(#[$doc])* $variant,)*
         }
 
         impl ErrorCode {
