@@ -17,7 +17,7 @@ use ragchat_actors::domain::User;
 
 use super::AppState;
 use crate::auth::{token_digest, TokenError, API_KEY_PREFIX};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,7 +80,9 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
         (key.user_id, AuthMethod::ApiKey)
     } else {
         let claims = state.tokens.verify(token).map_err(|e| match e {
-            TokenError::Expired => ApiError::Unauthorized("Token has expired".into()),
+            TokenError::Expired => {
+                ApiError::Unauthorized("Token has expired".into()).with_code(ErrorCode::TokenExpired)
+            }
             _ => ApiError::Unauthorized("Could not validate credentials".into()),
         })?;
         (claims.sub, AuthMethod::Jwt)
@@ -91,7 +93,7 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
         .await?
         .ok_or_else(|| ApiError::Unauthorized("Could not validate credentials".into()))?;
     if !user.is_active {
-        return Err(ApiError::Forbidden("User account is deactivated".into()));
+        return Err(ApiError::Forbidden("User account is deactivated".into()).with_code(ErrorCode::AccountDeactivated));
     }
     Ok(CurrentUser { user, method })
 }
@@ -100,7 +102,7 @@ fn require_superuser(current: CurrentUser) -> Result<AdminUser, ApiError> {
     if current.user.is_superuser {
         Ok(AdminUser(current))
     } else {
-        Err(ApiError::Forbidden("Admin privileges required".into()))
+        Err(ApiError::Forbidden("Admin privileges required".into()).with_code(ErrorCode::AdminRequired))
     }
 }
 
