@@ -122,8 +122,10 @@ pub async fn list_users(
 /// the audit log with who made it and when.
 #[utoipa::path(patch, path = "/admin/users/{user_id}", tag = "admin", security(("bearer" = [])),
     params(("user_id" = Uuid, Path, description = "User id")), request_body = UpdateUserRequest,
-    responses((status = 200, body = UserView), (status = 400, body = ErrorBody, description = "Admins cannot demote or deactivate themselves"),
-              (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = UserView),
+        (status = 400, body = ErrorBody, description = "Admins cannot demote or deactivate themselves"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 pub async fn update_user(
     admin: AdminUser,
     state: web::Data<AppState>,
@@ -195,7 +197,8 @@ pub async fn update_user(
 /// The audit log of changes made to one user, oldest first.
 #[utoipa::path(get, path = "/admin/users/{user_id}/audit", tag = "admin", security(("bearer" = [])),
     params(("user_id" = Uuid, Path, description = "User id")),
-    responses((status = 200, body = Vec<AuditView>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = Vec<AuditView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn user_audit(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -220,7 +223,8 @@ pub async fn user_audit(
 /// The `subscription_limits` override currently stored (null when none) and the
 /// effective catalog.
 #[utoipa::path(get, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn get_subscription_limits(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -238,7 +242,8 @@ pub async fn get_subscription_limits(
 /// `{"free": {"messages": 20}}`). Takes effect at once for every session.
 #[utoipa::path(put, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
     request_body(content = Object, description = "Overrides keyed by plan"),
-    responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn put_subscription_limits(
     admin: AdminUser,
     state: web::Data<AppState>,
@@ -336,7 +341,9 @@ fn seed_path(root: &str, requested: Option<&str>) -> Result<std::path::PathBuf, 
     request_body = SeedRequest,
     responses((status = 202, body = SeedStatusView, description = "Started in the background"),
         (status = 200, body = SeedStatusView, description = "Finished (background: false)"),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "A seed is running"), (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A seed is running"), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn seed_enhanced(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -374,7 +381,8 @@ pub async fn seed_enhanced(
 
 /// Progress of the running seed, or the result of the last one.
 #[utoipa::path(get, path = "/admin/seed-status", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = SeedStatusView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = SeedStatusView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<SeedStatusView> {
     web::Json(seed_view(&state).await)
 }

@@ -151,7 +151,8 @@ fn check_password(password: &str) -> Result<(), ApiError> {
 
 /// Creates a user account on the free plan.
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest,
-    responses((status = 201, body = UserView), (status = 409, body = ErrorBody, description = "Email already registered"),
+    responses((status = 201, body = UserView),
+        (status = 409, body = ErrorBody, description = "Email already registered"),
               (status = 422, body = ErrorBody, description = "Invalid e-mail or password")))]
 pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterRequest>) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
@@ -222,7 +223,8 @@ async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Resul
 ///
 /// An unknown e-mail and a wrong password get the same answer in about the same time.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = TokenResponse), (status = 401, body = ErrorBody, description = "Incorrect email or password"),
+    responses((status = 200, body = TokenResponse),
+        (status = 401, body = ErrorBody, description = "Incorrect email or password"),
               (status = 403, body = ErrorBody, description = "User account is deactivated")))]
 pub async fn login(
     state: web::Data<AppState>,
@@ -267,7 +269,8 @@ fn invalid_refresh(detail: &str) -> ApiError {
 ///
 /// Presenting a spent token again revokes every token of that login (its family).
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
-    responses((status = 200, body = TokenResponse), (status = 401, body = ErrorBody, description = "Invalid, expired or reused refresh token")))]
+    responses((status = 200, body = TokenResponse),
+        (status = 401, body = ErrorBody, description = "Invalid, expired or reused refresh token")))]
 pub async fn refresh(
     state: web::Data<AppState>,
     body: web::Json<RefreshRequest>,
@@ -320,7 +323,8 @@ pub async fn me(current: CurrentUser) -> web::Json<UserView> {
 
 /// Creates an API key. The key is in this response only; store it now.
 #[utoipa::path(post, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])), request_body = CreateApiKeyRequest,
-    responses((status = 201, body = CreatedApiKey), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 201, body = CreatedApiKey), (status = 401, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 pub async fn create_api_key(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -365,7 +369,8 @@ pub async fn list_api_keys(
 /// Revokes one of the caller's API keys.
 #[utoipa::path(delete, path = "/auth/api-keys/{key_id}", tag = "auth", security(("bearer" = [])),
     params(("key_id" = Uuid, Path, description = "API key id")),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "No such key")))]
+    responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "No such key")))]
 pub async fn delete_api_key(
     current: CurrentUser,
     state: web::Data<AppState>,

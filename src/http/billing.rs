@@ -189,7 +189,8 @@ pub async fn subscription(
 /// Changes plan or billing cycle. Upgrades apply now with a prorated charge;
 /// downgrades apply at the end of the period.
 #[utoipa::path(post, path = "/billing/subscription", tag = "billing", security(("bearer" = [])), request_body = ChangePlanRequest,
-    responses((status = 200, body = ChangePlanResponse), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already on that plan"),
+    responses((status = 200, body = ChangePlanResponse), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "Already on that plan"),
               (status = 422, body = ErrorBody)))]
 pub async fn change_subscription(
     current: CurrentUser,

@@ -217,7 +217,9 @@ impl Drop for HeldStorage {
     )),
     responses((status = 201, body = DocumentView, description = "Stored: a DocumentView for a JSON body, an UploadResult for an upload"),
         (status = 200, body = DocumentView, description = "Already stored"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create_document(
     admitted: Admitted<ApiCall>,
     state: web::Data<AppState>,
@@ -465,7 +467,8 @@ pub async fn get_document(
 /// Deletes a document and its chunks: private ones by their owner, organization
 /// ones by its members, global ones by admins.
 #[utoipa::path(delete, path = "/knowledge/documents/{id}", tag = "knowledge", security(("bearer" = [])),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
 pub async fn delete_document(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -517,8 +520,8 @@ pub struct SearchResponse {
 /// Searches the chunks the caller may see.
 #[utoipa::path(post, path = "/knowledge/search", tag = "knowledge", security(("bearer" = [])),
     request_body = SearchRequest,
-    responses((status = 200, body = SearchResponse), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody), (status = 429, body = ErrorBody),
-        (status = 503, body = ErrorBody)))]
+    responses((status = 200, body = SearchResponse), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn search(
     admitted: Admitted<SearchCall>,
     state: web::Data<AppState>,
