@@ -97,7 +97,7 @@ impl EmbedWorker {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(_)) => return Err(ModelError::Unavailable("embedding worker overloaded".into())),
+            Err(TrySendError::Full(_)) => return Err(ModelError::Overloaded("embedding worker overloaded".into())),
             Err(TrySendError::Disconnected(_)) => {
                 return Err(ModelError::Unavailable("embedding worker stopped".into()))
             }

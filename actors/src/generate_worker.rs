@@ -59,16 +59,15 @@ impl FinishReason {
 pub enum GenEvent {
     /// New text (may be empty while a multi-byte character or a possible stop
     /// string is held back).
-    Token {
-        text: String,
-    },
+    Token { text: String },
     Done {
         finish_reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
         first_token_ms: f64,
     },
-    Error(String, bool),
+    /// The request failed: `Invalid`/`TooLong` (the client's), else `Unavailable`.
+    Error(ModelError),
 }
 
 pub struct GenerateRequest {
@@ -147,14 +146,14 @@ impl GenerateWorker {
     }
 
     /// Queues a request. A prompt that leaves no room in the context is refused
-    /// here (`Invalid`, a 4xx); a full queue is `Unavailable` (overloaded).
+    /// here (`TooLong`, a 4xx); a full queue is `Overloaded` (a 503).
     pub fn submit(&self, mut req: GenerateRequest) -> Result<(), ModelError> {
         let n = req.prompt_tokens.len();
         if n == 0 {
             return Err(ModelError::Invalid("the prompt is empty".into()));
         }
         if n >= self.context_len {
-            return Err(ModelError::Invalid(format!(
+            return Err(ModelError::TooLong(format!(
                 "the prompt is {n} tokens but the model's context holds {}: shorten the conversation",
                 self.context_len
             )));
@@ -165,7 +164,7 @@ impl GenerateWorker {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(TrySendError::Full(_)) => Err(ModelError::Unavailable("generation worker overloaded".into())),
+            Err(TrySendError::Full(_)) => Err(ModelError::Overloaded("generation worker overloaded".into())),
             Err(TrySendError::Disconnected(_)) => Err(ModelError::Unavailable("generation worker stopped".into())),
         }
     }
@@ -303,9 +302,11 @@ fn run(
                 match seq.prefill_step(chunk) {
                     Ok(()) => active.push(seq),
                     Err(e) => {
-                        let _ = seq
-                            .events
-                            .send(GenEvent::Error(e.to_string(), matches!(e, ModelError::Invalid(_))));
+                        let e = match e {
+                            ModelError::Invalid(_) | ModelError::TooLong(_) => e,
+                            other => ModelError::Unavailable(other.to_string()),
+                        };
+                        let _ = seq.events.send(GenEvent::Error(e));
                     }
                 }
             }
@@ -317,7 +318,7 @@ fn run(
                     .find(|s| s.prefilling() && !s.failed && !s.events.is_closed())
                 {
                     if let Err(e) = s.prefill_step(chunk) {
-                        let _ = s.events.send(GenEvent::Error(e.to_string(), false));
+                        let _ = s.events.send(GenEvent::Error(ModelError::Unavailable(e.to_string())));
                         s.failed = true;
                     }
                 }
@@ -350,7 +351,9 @@ fn run(
                     Err(e) => {
                         drop(need);
                         for n in idx {
-                            let _ = active[n].events.send(GenEvent::Error(e.to_string(), false));
+                            let _ = active[n]
+                                .events
+                                .send(GenEvent::Error(ModelError::Unavailable(e.to_string())));
                             active[n].failed = true;
                         }
                     }
@@ -386,14 +389,14 @@ fn run(
                 "generation worker panicked; failing its sequences and reloading the model"
             );
             for s in active.drain(..) {
-                let _ = s
-                    .events
-                    .send(GenEvent::Error("generation worker crashed; retry".into(), false));
+                let _ = s.events.send(GenEvent::Error(ModelError::Unavailable(
+                    "generation worker crashed; retry".into(),
+                )));
             }
             for (req, _) in incoming.drain(..) {
-                let _ = req
-                    .events
-                    .send(GenEvent::Error("generation worker crashed; retry".into(), false));
+                let _ = req.events.send(GenEvent::Error(ModelError::Unavailable(
+                    "generation worker crashed; retry".into(),
+                )));
             }
             stats.active.store(0, Ordering::Relaxed);
             stats.restarts.fetch_add(1, Ordering::Relaxed);
@@ -443,7 +446,7 @@ fn advance(s: &mut Seq, tok: &dyn ChatTokenizer, stats: &GenStats) -> Outcome {
     let text = match tok.decode(s.generated()) {
         Ok(t) => t,
         Err(e) => {
-            let _ = s.events.send(GenEvent::Error(e.to_string(), false));
+            let _ = s.events.send(GenEvent::Error(ModelError::Unavailable(e.to_string())));
             return Outcome::Gone;
         }
     };
@@ -642,7 +645,7 @@ mod tests {
             stop: vec![],
             events: tx,
         });
-        assert!(matches!(too_long, Err(ModelError::Invalid(_))));
+        assert!(matches!(too_long, Err(ModelError::TooLong(_))));
     }
 
     #[tokio::test]
@@ -674,7 +677,10 @@ mod tests {
         w.inject_panic();
         let rx = submit(&w, vec![0], 5, vec![]);
         let (_, end) = collect(rx).await;
-        assert!(matches!(end, Some(GenEvent::Error(_, false))), "{end:?}");
+        assert!(
+            matches!(end, Some(GenEvent::Error(ModelError::Unavailable(_)))),
+            "{end:?}"
+        );
         let rx = submit(&w, vec![0], 5, vec![]);
         assert_eq!(collect(rx).await.0, "bc");
         assert_eq!(w.stats.restarts.load(Ordering::Relaxed), 1);

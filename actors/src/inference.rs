@@ -5,12 +5,18 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ModelError {
-    /// The input cannot be processed (e.g. longer than the context): a 4xx.
+    /// The input cannot be processed: a 4xx.
     #[error("{0}")]
     Invalid(String),
-    /// The worker is overloaded, crashed or stopped: a 503.
+    /// The prompt does not fit the model's context: a 4xx.
+    #[error("{0}")]
+    TooLong(String),
+    /// The worker's queue is full: a 503 worth retrying soon.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The worker crashed, stopped or is not loaded: a 503.
     #[error("{0}")]
     Unavailable(String),
     #[error("model error: {0}")]

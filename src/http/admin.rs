@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::extractors::AdminUser;
 use super::views::UserView;
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 /// Routes relative to the /admin scope.
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -79,7 +79,7 @@ fn parse_plan(raw: &str) -> Result<Plan, ApiError> {
 
 /// Lists users, filtered by e-mail substring and plan, paged.
 #[utoipa::path(get, path = "/admin/users", tag = "admin", security(("bearer" = [])), params(UserQuery),
-    responses((status = 200, body = UserPageView), (status = 401), (status = 403)))]
+    responses((status = 200, body = UserPageView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn list_users(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -123,8 +123,10 @@ pub async fn list_users(
 /// the audit log with who made it and when.
 #[utoipa::path(patch, path = "/admin/users/{user_id}", tag = "admin", security(("bearer" = [])),
     params(("user_id" = Uuid, Path, description = "User id")), request_body = UpdateUserRequest,
-    responses((status = 200, body = UserView), (status = 400, description = "Admins cannot demote or deactivate themselves"),
-              (status = 401), (status = 403), (status = 404), (status = 422)))]
+    responses((status = 200, body = UserView),
+        (status = 400, body = ErrorBody, description = "Admins cannot demote or deactivate themselves"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 pub async fn update_user(
     admin: AdminUser,
     state: web::Data<AppState>,
@@ -153,7 +155,7 @@ pub async fn update_user(
         .accounts
         .user_by_id(user_id)
         .await?
-        .ok_or_else(|| ApiError::NotFound("User not found".into()))?;
+        .ok_or_else(|| ApiError::NotFound("User not found".into()).with_code(ErrorCode::UserNotFound))?;
     let after = state.accounts.update_user(user_id, &patch).await?;
     let mut changes = serde_json::Map::new();
     if before.subscription_plan != after.subscription_plan {
@@ -196,7 +198,8 @@ pub async fn update_user(
 /// The audit log of changes made to one user, oldest first.
 #[utoipa::path(get, path = "/admin/users/{user_id}/audit", tag = "admin", security(("bearer" = [])),
     params(("user_id" = Uuid, Path, description = "User id")),
-    responses((status = 200, body = Vec<AuditView>), (status = 401), (status = 403)))]
+    responses((status = 200, body = Vec<AuditView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn user_audit(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -221,7 +224,8 @@ pub async fn user_audit(
 /// The `subscription_limits` override currently stored (null when none) and the
 /// effective catalog.
 #[utoipa::path(get, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, description = "{override, effective}"), (status = 401), (status = 403)))]
+    responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn get_subscription_limits(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -239,7 +243,8 @@ pub async fn get_subscription_limits(
 /// `{"free": {"messages": 20}}`). Takes effect at once for every session.
 #[utoipa::path(put, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
     request_body(content = Object, description = "Overrides keyed by plan"),
-    responses((status = 200, description = "{override, effective}"), (status = 401), (status = 403), (status = 422)))]
+    responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn put_subscription_limits(
     admin: AdminUser,
     state: web::Data<AppState>,
@@ -333,7 +338,9 @@ fn seed_path(root: &str, requested: Option<&str>) -> Result<std::path::PathBuf, 
     request_body = SeedRequest,
     responses((status = 202, body = SeedStatusView, description = "Started in the background"),
         (status = 200, body = SeedStatusView, description = "Finished (background: false)"),
-        (status = 403), (status = 404), (status = 409, description = "A seed is running"), (status = 422), (status = 503)))]
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "A seed is running"), (status = 422, body = ErrorBody),
+        (status = 503, body = ErrorBody)))]
 pub async fn seed_enhanced(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -343,16 +350,17 @@ pub async fn seed_enhanced(
     let body = body.into_inner();
     let k = &state.settings.knowledge;
     let path = seed_path(&k.seed_root, body.path.as_deref())?;
-    let ingestor = state
-        .ingestor
-        .clone()
-        .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into()))?;
+    let ingestor = state.ingestor.clone().ok_or_else(|| {
+        ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into())
+            .with_code(ErrorCode::ModelNotLoaded)
+    })?;
     let opts = SeedOptions {
         clear_existing: body.clear_existing,
         dry_run: body.dry_run,
     };
     seed::begin(&state.seed, &path, opts).map_err(|e| match e {
-        SeedError::Busy => ApiError::Conflict("A seed is already running: see GET /admin/seed-status".into()),
+        SeedError::Busy => ApiError::Conflict("A seed is already running: see GET /admin/seed-status".into())
+            .with_code(ErrorCode::SeedInProgress),
         other => ApiError::Unprocessable(other.to_string()),
     })?;
     let (status, max) = (state.seed.clone(), k.max_document_bytes);
@@ -370,7 +378,8 @@ pub async fn seed_enhanced(
 
 /// Progress of the running seed, or the result of the last one.
 #[utoipa::path(get, path = "/admin/seed-status", tag = "admin", security(("bearer" = [])),
-    responses((status = 200, body = SeedStatusView), (status = 401), (status = 403)))]
+    responses((status = 200, body = SeedStatusView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody)))]
 pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<SeedStatusView> {
     web::Json(seed_view(&state).await)
 }
@@ -378,7 +387,7 @@ pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::
 /// The supervision tree as operators see it: each supervisor, what it
 /// supervises, its state, restarts and last error, and its queue.
 #[utoipa::path(get, path = "/admin/actors", tag = "admin", security(("bearer" = [])),
-    responses((status = 200), (status = 401), (status = 403)))]
+    responses((status = 200), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<serde_json::Value> {
     use ragchat_actors::supervision::Child;
     use std::sync::atomic::Ordering::Relaxed;

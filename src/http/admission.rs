@@ -95,6 +95,7 @@ pub fn add_rate_headers(resp: &mut HttpResponseBuilder, info: RateInfo) {
 
 /// Maps a session's refusal to the HTTP answer of the original design.
 pub fn rejection_error(r: Rejection) -> ApiError {
+    use crate::error::ErrorCode;
     match r {
         Rejection::RateLimited {
             limit,
@@ -115,6 +116,7 @@ pub fn rejection_error(r: Rejection) -> ApiError {
                     ("RateLimit-Reset", reset_ms.div_ceil(1000).to_string()),
                 ],
             }
+            .with_code(ErrorCode::RateLimited)
         }
         Rejection::QuotaExceeded {
             resource,
@@ -135,6 +137,7 @@ pub fn rejection_error(r: Rejection) -> ApiError {
                 }),
                 headers: vec![("Retry-After", reset.to_string())],
             }
+            .with_code(ErrorCode::QuotaExceeded)
         }
         Rejection::StorageExceeded {
             used_bytes,
@@ -148,6 +151,7 @@ pub fn rejection_error(r: Rejection) -> ApiError {
                 mb(limit_bytes),
                 mb(requested_bytes)
             ))
+            .with_code(ErrorCode::StorageQuotaExceeded)
         }
         Rejection::UnknownUser => ApiError::Unauthorized("Could not validate credentials".into()),
         Rejection::Unavailable(why) => {

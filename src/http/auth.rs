@@ -13,7 +13,7 @@ use super::views::UserView;
 use super::AppState;
 use crate::auth::passwords::{MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 use crate::auth::{new_api_key, new_refresh_token, token_digest};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/auth/register").route(web::post().to(register)))
@@ -114,8 +114,9 @@ fn check_password(password: &str) -> Result<(), ApiError> {
 
 /// Creates a user account on the free plan.
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest,
-    responses((status = 201, body = UserView), (status = 409, description = "Email already registered"),
-              (status = 422, description = "Invalid e-mail or password")))]
+    responses((status = 201, body = UserView),
+        (status = 409, body = ErrorBody, description = "Email already registered"),
+              (status = 422, body = ErrorBody, description = "Invalid e-mail or password")))]
 pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterRequest>) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let email = Email::parse(&body.email).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
@@ -140,7 +141,9 @@ pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterReques
         })
         .await
         .map_err(|e| match e {
-            ragchat_actors::ports::StoreError::Conflict(_) => ApiError::Conflict("Email already registered".into()),
+            ragchat_actors::ports::StoreError::Conflict(_) => {
+                ApiError::Conflict("Email already registered".into()).with_code(ErrorCode::EmailTaken)
+            }
             other => other.into(),
         })?;
     Ok(HttpResponse::Created().json(UserView::from(user)))
@@ -183,8 +186,9 @@ async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Resul
 ///
 /// An unknown e-mail and a wrong password get the same answer in about the same time.
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
-    responses((status = 200, body = TokenResponse), (status = 401, description = "Incorrect email or password"),
-              (status = 403, description = "User account is deactivated")))]
+    responses((status = 200, body = TokenResponse),
+        (status = 401, body = ErrorBody, description = "Incorrect email or password"),
+              (status = 403, body = ErrorBody, description = "User account is deactivated")))]
 pub async fn login(
     state: web::Data<AppState>,
     body: web::Json<LoginRequest>,
@@ -208,19 +212,28 @@ pub async fn login(
         .map_err(ApiError::internal)?;
     let user = match user {
         Some(u) if ok => u,
-        _ => return Err(ApiError::Unauthorized("Incorrect email or password".into())),
+        _ => {
+            return Err(
+                ApiError::Unauthorized("Incorrect email or password".into()).with_code(ErrorCode::InvalidCredentials)
+            )
+        }
     };
     if !user.is_active {
-        return Err(ApiError::Forbidden("User account is deactivated".into()));
+        return Err(ApiError::Forbidden("User account is deactivated".into()).with_code(ErrorCode::AccountDeactivated));
     }
     Ok(web::Json(issue_tokens(&state, user.id, Uuid::new_v4()).await?))
+}
+
+fn invalid_refresh(detail: &str) -> ApiError {
+    ApiError::Unauthorized(detail.into()).with_code(ErrorCode::InvalidRefreshToken)
 }
 
 /// Rotates a refresh token: the old one is spent, a new pair is returned.
 ///
 /// Presenting a spent token again revokes every token of that login (its family).
 #[utoipa::path(post, path = "/auth/refresh", tag = "auth", request_body = RefreshRequest,
-    responses((status = 200, body = TokenResponse), (status = 401, description = "Invalid, expired or reused refresh token")))]
+    responses((status = 200, body = TokenResponse),
+        (status = 401, body = ErrorBody, description = "Invalid, expired or reused refresh token")))]
 pub async fn refresh(
     state: web::Data<AppState>,
     body: web::Json<RefreshRequest>,
@@ -235,18 +248,19 @@ pub async fn refresh(
             tracing::warn!(%family_id, "refresh token reuse: family revoked");
             return Err(ApiError::Unauthorized(
                 "Refresh token already used: all sessions of this login were revoked, please log in again".into(),
-            ));
+            )
+            .with_code(ErrorCode::InvalidRefreshToken));
         }
-        RefreshOutcome::Expired => return Err(ApiError::Unauthorized("Refresh token has expired".into())),
-        RefreshOutcome::Unknown => return Err(ApiError::Unauthorized("Invalid refresh token".into())),
+        RefreshOutcome::Expired => return Err(invalid_refresh("Refresh token has expired")),
+        RefreshOutcome::Unknown => return Err(invalid_refresh("Invalid refresh token")),
     };
     let user = state
         .accounts
         .user_by_id(user_id)
         .await?
-        .ok_or_else(|| ApiError::Unauthorized("Invalid refresh token".into()))?;
+        .ok_or_else(|| invalid_refresh("Invalid refresh token"))?;
     if !user.is_active {
-        return Err(ApiError::Forbidden("User account is deactivated".into()));
+        return Err(ApiError::Forbidden("User account is deactivated".into()).with_code(ErrorCode::AccountDeactivated));
     }
     Ok(web::Json(issue_tokens(&state, user.id, family_id).await?))
 }
@@ -265,14 +279,15 @@ pub async fn logout(state: web::Data<AppState>, body: web::Json<RefreshRequest>)
 
 /// The authenticated user.
 #[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = UserView), (status = 401), (status = 403)))]
+    responses((status = 200, body = UserView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn me(current: CurrentUser) -> web::Json<UserView> {
     web::Json(current.user.into())
 }
 
 /// Creates an API key. The key is in this response only; store it now.
 #[utoipa::path(post, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])), request_body = CreateApiKeyRequest,
-    responses((status = 201, body = CreatedApiKey), (status = 401), (status = 422)))]
+    responses((status = 201, body = CreatedApiKey), (status = 401, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
 pub async fn create_api_key(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -305,7 +320,7 @@ pub async fn create_api_key(
 
 /// The caller's live API keys (without the keys themselves).
 #[utoipa::path(get, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = Vec<ApiKeyView>), (status = 401)))]
+    responses((status = 200, body = Vec<ApiKeyView>), (status = 401, body = ErrorBody)))]
 pub async fn list_api_keys(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -317,7 +332,8 @@ pub async fn list_api_keys(
 /// Revokes one of the caller's API keys.
 #[utoipa::path(delete, path = "/auth/api-keys/{key_id}", tag = "auth", security(("bearer" = [])),
     params(("key_id" = Uuid, Path, description = "API key id")),
-    responses((status = 204), (status = 401), (status = 404, description = "No such key")))]
+    responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "No such key")))]
 pub async fn delete_api_key(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -330,6 +346,6 @@ pub async fn delete_api_key(
     {
         Ok(HttpResponse::NoContent().finish())
     } else {
-        Err(ApiError::NotFound("API key not found".into()))
+        Err(ApiError::NotFound("API key not found".into()).with_code(ErrorCode::ApiKeyNotFound))
     }
 }

@@ -16,7 +16,7 @@ use utoipa::ToSchema;
 use super::admission::{Admitted, ApiCall, ChatMessage, Consumes, SearchCall};
 use super::extractors::CurrentUser;
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/billing/plans").route(web::get().to(plans)))
@@ -178,7 +178,7 @@ pub async fn plans(state: web::Data<AppState>) -> web::Json<Vec<PlanView>> {
 
 /// The caller's subscription (made from the account's plan if it has none yet).
 #[utoipa::path(get, path = "/billing/subscription", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = SubscriptionView), (status = 401)))]
+    responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody)))]
 pub async fn subscription(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -190,7 +190,9 @@ pub async fn subscription(
 /// Changes plan or billing cycle. Upgrades apply now with a prorated charge;
 /// downgrades apply at the end of the period.
 #[utoipa::path(post, path = "/billing/subscription", tag = "billing", security(("bearer" = [])), request_body = ChangePlanRequest,
-    responses((status = 200, body = ChangePlanResponse), (status = 409, description = "Already on that plan"), (status = 422)))]
+    responses((status = 200, body = ChangePlanResponse), (status = 401, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "Already on that plan"),
+              (status = 422, body = ErrorBody)))]
 pub async fn change_subscription(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -209,7 +211,8 @@ pub async fn change_subscription(
         .change_plan(&current.user, plan, cycle, Utc::now())
         .await
         .map_err(|e| match e {
-            BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle")),
+            BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle"))
+                .with_code(ErrorCode::PlanUnchanged),
             BillingError::Store(s) => s.into(),
         })?;
     state.registry.invalidate(current.user.id);
@@ -225,7 +228,7 @@ pub async fn change_subscription(
 
 /// Cancels: the plan runs until the period end, then the account is on free.
 #[utoipa::path(post, path = "/billing/subscription/cancel", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = SubscriptionView), (status = 401)))]
+    responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody)))]
 pub async fn cancel_subscription(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -236,7 +239,7 @@ pub async fn cancel_subscription(
 
 /// This month's usage against the plan's limits.
 #[utoipa::path(get, path = "/billing/usage", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = UsageView), (status = 401)))]
+    responses((status = 200, body = UsageView), (status = 401, body = ErrorBody)))]
 pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<UsageView>, ApiError> {
     // Units this node holds in leases go back first: the counters then read what was admitted.
     state.registry.return_leases(current.user.id).await;
@@ -261,7 +264,7 @@ pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<w
 
 /// Invoices of closed periods, oldest first.
 #[utoipa::path(get, path = "/billing/invoices", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = Vec<InvoiceView>), (status = 401)))]
+    responses((status = 200, body = Vec<InvoiceView>), (status = 401, body = ErrorBody)))]
 pub async fn invoices(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -282,21 +285,24 @@ async fn probe<R: Consumes>(admitted: Admitted<R>) -> HttpResponse {
 
 /// Consumes one chat message (chat rate limit, `messages` quota) and does nothing else.
 #[utoipa::path(post, path = "/billing/probe/chat", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
+    responses((status = 200, description = "Admitted and recorded"), (status = 401, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "Rate limit or quota exceeded")))]
 pub async fn probe_chat(admitted: Admitted<ChatMessage>) -> HttpResponse {
     probe(admitted).await
 }
 
 /// Consumes one search (search rate limit, `api_calls` quota) and does nothing else.
 #[utoipa::path(post, path = "/billing/probe/search", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
+    responses((status = 200, description = "Admitted and recorded"), (status = 401, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "Rate limit or quota exceeded")))]
 pub async fn probe_search(admitted: Admitted<SearchCall>) -> HttpResponse {
     probe(admitted).await
 }
 
 /// Consumes one API call (api rate limit, `api_calls` quota) and does nothing else.
 #[utoipa::path(post, path = "/billing/probe/api", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, description = "Admitted and recorded"), (status = 429, description = "Rate limit or quota exceeded")))]
+    responses((status = 200, description = "Admitted and recorded"), (status = 401, body = ErrorBody),
+              (status = 429, body = ErrorBody, description = "Rate limit or quota exceeded")))]
 pub async fn probe_api(admitted: Admitted<ApiCall>) -> HttpResponse {
     probe(admitted).await
 }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::admission::{Admitted, ChatMessage};
 use super::extractors::CurrentUser;
 use super::{sse, AppState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/chat/message").route(web::post().to(message)))
@@ -33,8 +33,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 
 /// Answers a message with sources, in one JSON body.
 #[utoipa::path(post, path = "/chat/message", tag = "chat", security(("bearer" = [])), request_body = ChatRequest,
-    responses((status = 200, body = ChatResponse), (status = 404, description = "Unknown session"),
-              (status = 422), (status = 429), (status = 503)))]
+    responses((status = 200, body = ChatResponse), (status = 400, body = ErrorBody, description = "Prompt too long"),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "Unknown session"),
+              (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn message(
     admitted: Admitted<ChatMessage>,
     state: web::Data<AppState>,
@@ -64,7 +65,9 @@ fn sse_frame(ev: ChatEvent) -> (actix_web::web::Bytes, bool) {
 /// are generated, then `done` (the whole response) or `error` ({"detail", "code"…}).
 /// Refusals before the stream starts are plain JSON errors with their status.
 #[utoipa::path(post, path = "/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatRequest,
-    responses((status = 200, description = "text/event-stream"), (status = 404), (status = 422), (status = 429), (status = 503)))]
+    responses((status = 200, description = "text/event-stream"), (status = 400, body = ErrorBody),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn stream_message(
     admitted: Admitted<ChatMessage>,
     state: web::Data<AppState>,
@@ -120,7 +123,7 @@ pub struct SessionList {
 /// Your conversations, most recently active first.
 #[utoipa::path(get, path = "/chat/sessions", tag = "chat", security(("bearer" = [])),
     params(("offset" = Option<u32>, Query), ("limit" = Option<u32>, Query, description = "1 to 100, default 20")),
-    responses((status = 200, body = SessionList), (status = 422)))]
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list_sessions(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -193,7 +196,8 @@ pub struct MessagePage {
 /// A page of a conversation: the newest messages, or those before a cursor.
 #[utoipa::path(get, path = "/chat/sessions/{id}/messages", tag = "chat", security(("bearer" = [])),
     params(("before" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 200, default 50")),
-    responses((status = 200, body = MessagePage), (status = 404), (status = 422)))]
+    responses((status = 200, body = MessagePage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
 pub async fn session_messages(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -213,7 +217,7 @@ pub async fn session_messages(
     };
     let user_id = current.user.id;
     if state.conversations.session(user_id, *id).await?.is_none() {
-        return Err(ApiError::NotFound("Chat session not found".into()));
+        return Err(ApiError::NotFound("Chat session not found".into()).with_code(ErrorCode::SessionNotFound));
     }
     let mut page = state.conversations.messages(user_id, *id, before, q.limit).await?;
     let next_before = (page.len() == q.limit as usize)
@@ -238,7 +242,7 @@ pub async fn session_messages(
 
 /// Deletes a conversation and its messages.
 #[utoipa::path(delete, path = "/chat/sessions/{id}", tag = "chat", security(("bearer" = [])),
-    responses((status = 204), (status = 404)))]
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn delete_session(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -247,6 +251,6 @@ pub async fn delete_session(
     if state.conversations.delete_session(current.user.id, *id).await? {
         Ok(HttpResponse::NoContent().finish())
     } else {
-        Err(ApiError::NotFound("Chat session not found".into()))
+        Err(ApiError::NotFound("Chat session not found".into()).with_code(ErrorCode::SessionNotFound))
     }
 }

@@ -18,7 +18,7 @@ use ragchat_actors::knowledge::Reader;
 
 use super::AppState;
 use crate::auth::{token_digest, TokenError, API_KEY_PREFIX};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// How the caller proved who they are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +91,9 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
         (key.user_id, AuthMethod::ApiKey)
     } else {
         let claims = state.tokens.verify(token).map_err(|e| match e {
-            TokenError::Expired => ApiError::Unauthorized("Token has expired".into()),
+            TokenError::Expired => {
+                ApiError::Unauthorized("Token has expired".into()).with_code(ErrorCode::TokenExpired)
+            }
             _ => ApiError::Unauthorized("Could not validate credentials".into()),
         })?;
         (claims.sub, AuthMethod::Jwt)
@@ -105,7 +107,7 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
         .await?
         .ok_or_else(|| ApiError::Unauthorized("Could not validate credentials".into()))?;
     if !user.is_active {
-        return Err(ApiError::Forbidden("User account is deactivated".into()));
+        return Err(ApiError::Forbidden("User account is deactivated".into()).with_code(ErrorCode::AccountDeactivated));
     }
     Ok(CurrentUser {
         user: user.as_ref().clone(),
@@ -117,7 +119,7 @@ fn require_superuser(current: CurrentUser) -> Result<AdminUser, ApiError> {
     if current.user.is_superuser {
         Ok(AdminUser(current))
     } else {
-        Err(ApiError::Forbidden("Admin privileges required".into()))
+        Err(ApiError::Forbidden("Admin privileges required".into()).with_code(ErrorCode::AdminRequired))
     }
 }
 

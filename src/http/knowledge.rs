@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::admission::{rejection_error, Admitted, ApiCall, SearchCall};
 use super::extractors::CurrentUser;
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::knowledge::formats::{self, Format};
 use crate::knowledge::ingest::{validate, IngestError, Ingestor, NewDoc, Outcome};
 
@@ -118,10 +118,10 @@ fn view(d: Document, duplicate: bool) -> DocumentView {
 }
 
 fn ingestor(state: &AppState) -> Result<&Ingestor, ApiError> {
-    state
-        .ingestor
-        .as_ref()
-        .ok_or_else(|| ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into()))
+    state.ingestor.as_ref().ok_or_else(|| {
+        ApiError::Unavailable("The embedding model is not loaded (run scripts/fetch-models)".into())
+            .with_code(ErrorCode::ModelNotLoaded)
+    })
 }
 
 fn owner_for(user: &ragchat_actors::domain::User, visibility: Visibility) -> Result<Owner, ApiError> {
@@ -133,7 +133,9 @@ fn owner_for(user: &ragchat_actors::domain::User, visibility: Visibility) -> Res
             })?))
         }
         Visibility::Global if user.is_superuser => Ok(Owner::Global),
-        Visibility::Global => Err(ApiError::Forbidden("Only admins can add global documents".into())),
+        Visibility::Global => {
+            Err(ApiError::Forbidden("Only admins can add global documents".into()).with_code(ErrorCode::AdminRequired))
+        }
     }
 }
 
@@ -195,7 +197,9 @@ impl Drop for HeldStorage {
     )),
     responses((status = 201, body = DocumentView, description = "Stored: a DocumentView for a JSON body, an UploadResult for an upload"),
         (status = 200, body = DocumentView, description = "Already stored"),
-        (status = 400), (status = 403), (status = 413), (status = 415), (status = 422), (status = 429), (status = 503)))]
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create_document(
     admitted: Admitted<ApiCall>,
     state: web::Data<AppState>,
@@ -399,7 +403,7 @@ pub struct DocumentList {
 
 /// Documents the caller may see (their own, their organization's, global), newest first.
 #[utoipa::path(get, path = "/knowledge/documents", tag = "knowledge", security(("bearer" = [])), params(ListQuery),
-    responses((status = 200, body = DocumentList), (status = 401), (status = 422)))]
+    responses((status = 200, body = DocumentList), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn list_documents(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -425,13 +429,13 @@ pub async fn list_documents(
 async fn visible(state: &AppState, current: &CurrentUser, id: Uuid) -> Result<Document, ApiError> {
     match state.documents.document(id).await? {
         Some(d) if current.reader().may_see(&d.owner) => Ok(d),
-        _ => Err(ApiError::NotFound("Document not found".into())),
+        _ => Err(ApiError::NotFound("Document not found".into()).with_code(ErrorCode::DocumentNotFound)),
     }
 }
 
 /// One document the caller may see.
 #[utoipa::path(get, path = "/knowledge/documents/{id}", tag = "knowledge", security(("bearer" = [])),
-    responses((status = 200, body = DocumentView), (status = 404)))]
+    responses((status = 200, body = DocumentView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub async fn get_document(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -443,7 +447,8 @@ pub async fn get_document(
 /// Deletes a document and its chunks: private ones by their owner, organization
 /// ones by its members, global ones by admins.
 #[utoipa::path(delete, path = "/knowledge/documents/{id}", tag = "knowledge", security(("bearer" = [])),
-    responses((status = 204), (status = 403), (status = 404)))]
+    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody)))]
 pub async fn delete_document(
     current: CurrentUser,
     state: web::Data<AppState>,
@@ -451,7 +456,9 @@ pub async fn delete_document(
 ) -> Result<HttpResponse, ApiError> {
     let doc = visible(&state, &current, *id).await?;
     if doc.owner == Owner::Global && !current.user.is_superuser {
-        return Err(ApiError::Forbidden("Only admins can delete global documents".into()));
+        return Err(
+            ApiError::Forbidden("Only admins can delete global documents".into()).with_code(ErrorCode::AdminRequired)
+        );
     }
     // The store first: if it fails, the document is still there and still found.
     state.documents.delete_document(doc.id).await?;
@@ -490,7 +497,8 @@ pub struct SearchResponse {
 /// Searches the chunks the caller may see.
 #[utoipa::path(post, path = "/knowledge/search", tag = "knowledge", security(("bearer" = [])),
     request_body = SearchRequest,
-    responses((status = 200, body = SearchResponse), (status = 422), (status = 429), (status = 503)))]
+    responses((status = 200, body = SearchResponse), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody),
+        (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn search(
     admitted: Admitted<SearchCall>,
     state: web::Data<AppState>,

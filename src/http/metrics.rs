@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::extractors::{bearer, user_for_token};
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/metrics").route(web::get().to(metrics)));
@@ -46,9 +46,10 @@ async fn allowed(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     if user.user.is_superuser {
         Ok(())
     } else {
-        Err(ApiError::Forbidden(
-            "Admin privileges or the metrics token required".into(),
-        ))
+        Err(
+            ApiError::Forbidden("Admin privileges or the metrics token required".into())
+                .with_code(ErrorCode::AdminRequired),
+        )
     }
 }
 
@@ -109,7 +110,8 @@ async fn sample(state: &AppState) {
 
 /// Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "ops", security(("bearer" = [])),
-    responses((status = 200, description = "Prometheus text format"), (status = 401), (status = 403), (status = 503)))]
+    responses((status = 200, description = "Prometheus text format"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     allowed(&req, &state).await?;
     render(&state).await

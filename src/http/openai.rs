@@ -21,7 +21,7 @@ use uuid::Uuid;
 use super::admission::{Admitted, ApiCall, ChatMessage};
 use super::extractors::CurrentUser;
 use super::{sse, AppState};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/v1/models").route(web::get().to(models)))
@@ -37,7 +37,8 @@ fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
     match requested {
         Some(m) if m != served => Err(ApiError::NotFound(format!(
             "Model '{m}' not found: this server runs '{served}'"
-        ))),
+        ))
+        .with_code(ErrorCode::ModelNotFound)),
         _ => Ok(()),
     }
 }
@@ -46,10 +47,12 @@ fn not_loaded(what: &str) -> ApiError {
     ApiError::Unavailable(format!(
         "The {what} model is not loaded on this server (run scripts/fetch-models)"
     ))
+    .with_code(ErrorCode::ModelNotLoaded)
 }
 
 /// The models this server runs.
-#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])), responses((status = 200)))]
+#[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])),
+    responses((status = 200), (status = 401, body = ErrorBody)))]
 pub async fn models(_user: CurrentUser, state: web::Data<AppState>) -> web::Json<Value> {
     let m = &state.settings.models;
     let mut data = Vec::new();
@@ -79,7 +82,9 @@ pub struct EmbeddingRequest {
 
 /// Embeds one text or a list (all-MiniLM-L6-v2: 384 dimensions, unit length).
 #[utoipa::path(post, path = "/v1/embeddings", tag = "openai", security(("bearer" = [])), request_body = EmbeddingRequest,
-    responses((status = 200), (status = 400), (status = 404, description = "Unknown model"), (status = 429), (status = 503)))]
+    responses((status = 200), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+              (status = 404, body = ErrorBody, description = "Unknown model"), (status = 422, body = ErrorBody),
+              (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn embeddings(
     admitted: Admitted<ApiCall>,
     state: web::Data<AppState>,
@@ -239,8 +244,9 @@ fn start_generation(
 
 /// Chat completion with the configured model (ChatML), plain or streamed (SSE).
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])), request_body = ChatCompletionRequest,
-    responses((status = 200), (status = 400, description = "Prompt longer than the context"), (status = 404, description = "Unknown model"),
-              (status = 422), (status = 429), (status = 503)))]
+    responses((status = 200), (status = 400, body = ErrorBody, description = "Prompt longer than the context"),
+              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "Unknown model"),
+              (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn chat_completions(
     admitted: Admitted<ChatMessage>,
     state: web::Data<AppState>,

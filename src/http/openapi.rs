@@ -25,7 +25,7 @@ use super::{admin, auth, billing, chat, knowledge, metrics, openai, ops, ws};
         chat::message, chat::stream_message, chat::list_sessions, chat::session_messages, chat::delete_session,
         ws::ws_chat,
     ),
-    components(schemas(knowledge::UploadResult)),
+    components(schemas(knowledge::UploadResult, crate::error::ErrorBody, crate::error::ErrorCode, crate::error::ErrorType)),
     modifiers(&BearerAuth),
     tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "chat"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 use super::admission::{Admitted, ChatMessage};
 use super::extractors::{bearer, user_for_token, CurrentUser};
 use super::AppState;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorBody};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/ws/chat").route(web::get().to(ws_chat)));
@@ -49,7 +49,8 @@ struct TokenQuery {
 /// Upgrades to a WebSocket after authenticating the caller.
 #[utoipa::path(get, path = "/ws/chat", tag = "chat", security(("bearer" = [])),
     params(("token" = Option<String>, Query, description = "JWT or API key, when no Authorization header can be sent")),
-    responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 400), (status = 401), (status = 403)))]
+    responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 400, body = ErrorBody),
+               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
 pub async fn ws_chat(
     req: HttpRequest,
     body: web::Payload,

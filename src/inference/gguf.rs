@@ -356,7 +356,7 @@ mod tests {
                 if let GenEvent::Done { completion_tokens, .. } = ev {
                     return Some(completion_tokens);
                 }
-                if let GenEvent::Error(e, _) = ev {
+                if let GenEvent::Error(e) = ev {
                     panic!("generation failed: {e}");
                 }
             }

@@ -466,7 +466,7 @@ fn decode_rows(
 impl CausalLm for LlamaSeq {
     fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() || pos + tokens.len() > self.w.context_len {
-            return Err(ModelError::Invalid(format!(
+            return Err(ModelError::TooLong(format!(
                 "sequence longer than the context ({})",
                 self.w.context_len
             )));

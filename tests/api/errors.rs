@@ -1,9 +1,227 @@
-//! Errors are {"detail": ...} with the right status; every response has a request id.
+//! Errors are {"detail", "code", "type", "link"} with the right status, every code is
+//! documented in docs/errors.md and every route's error responses are in the OpenAPI
+//! document; every response has a request id.
 
+use std::collections::BTreeMap;
+
+use ragchat::error::ErrorCode;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use crate::helpers::{expect, TestApp};
+
+/// docs/errors.md's sections: `## <code>` heading → the section's text.
+fn documented_codes() -> BTreeMap<String, String> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/errors.md");
+    let text = std::fs::read_to_string(path).expect("docs/errors.md");
+    let mut sections = BTreeMap::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            if let Some((code, body)) = current.take() {
+                sections.insert(code, body);
+            }
+            current = Some((heading.trim().to_string(), String::new()));
+        } else if let Some((_, body)) = current.as_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    if let Some((code, body)) = current {
+        sections.insert(code, body);
+    }
+    sections
+}
+
+/// Asserts an error body's code, type and link, and that the link is a section of
+/// docs/errors.md.
+fn assert_error(body: &Value, code: &str, kind: &str) {
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["type"], kind, "{body}");
+    let link = body["link"].as_str().expect("a link");
+    let anchor = link.strip_prefix("docs/errors.md#").expect("a docs/errors.md anchor");
+    assert!(
+        documented_codes().contains_key(anchor),
+        "{link} is a section of docs/errors.md"
+    );
+    assert!(body.get("detail").is_some(), "detail is kept: {body}");
+}
+
+#[test]
+fn every_error_code_is_documented_with_its_type_and_nothing_else_is() {
+    let docs = documented_codes();
+    for code in ErrorCode::ALL {
+        let section = docs
+            .get(code.as_str())
+            .unwrap_or_else(|| panic!("docs/errors.md has no '## {}' section", code.as_str()));
+        let kind = format!("type `{}`", code.error_type().as_str());
+        assert!(section.contains(&kind), "the section of {} says {kind}", code.as_str());
+        assert!(
+            section.contains("Status "),
+            "the section of {} gives its status",
+            code.as_str()
+        );
+        assert_eq!(code.link(), format!("docs/errors.md#{}", code.as_str()));
+    }
+    let known: Vec<&str> = ErrorCode::ALL.iter().map(|c| c.as_str()).collect();
+    for heading in docs.keys() {
+        assert!(
+            known.contains(&heading.as_str()),
+            "docs/errors.md documents an unknown code '{heading}'"
+        );
+    }
+}
+
+/// Error responses that are deliberately not an ErrorBody.
+const NOT_ERROR_BODIES: &[&str] = &[
+    // /ready's 503 is the readiness report ({status, stores}), not an error.
+    "GET /ready 503",
+];
+
+#[test]
+fn every_route_documents_its_errors_with_the_error_body() {
+    use utoipa::OpenApi;
+    let doc = serde_json::to_value(ragchat::http::openapi::ApiDoc::openapi()).expect("json");
+    let schema = &doc["components"]["schemas"]["ErrorBody"];
+    for field in ["detail", "code", "type", "link"] {
+        assert!(
+            schema["properties"].get(field).is_some(),
+            "ErrorBody has {field}: {schema}"
+        );
+    }
+    let codes = &doc["components"]["schemas"]["ErrorCode"]["enum"];
+    for code in ErrorCode::ALL {
+        assert!(
+            codes.as_array().is_some_and(|a| a.contains(&json!(code.as_str()))),
+            "the ErrorCode schema lists {}: {codes}",
+            code.as_str()
+        );
+    }
+    let mut failures: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for (method, op) in item.as_object().expect("operations") {
+            let route = format!("{} {path}", method.to_uppercase());
+            let mut problems = Vec::new();
+            let responses = op["responses"].as_object().expect("responses");
+            let secured = op["security"]
+                .as_array()
+                .is_some_and(|s| s.iter().any(|r| r.get("bearer").is_some()));
+            if secured && !responses.contains_key("401") {
+                problems.push("needs a token but does not list 401".to_string());
+            }
+            for (status, resp) in responses {
+                let is_error = status.parse::<u16>().is_ok_and(|s| s >= 400);
+                if !is_error || NOT_ERROR_BODIES.contains(&format!("{route} {status}").as_str()) {
+                    continue;
+                }
+                let reference = &resp["content"]["application/json"]["schema"]["$ref"];
+                if reference != "#/components/schemas/ErrorBody" {
+                    problems.push(format!("{status} is not an ErrorBody"));
+                }
+            }
+            if !problems.is_empty() {
+                failures.insert(route, problems);
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "routes whose errors are not documented: {failures:#?}"
+    );
+}
+
+#[actix_web::test]
+async fn error_bodies_carry_a_documented_code_type_and_link() {
+    let app = TestApp::spawn().await;
+    let body = expect(app.get("/auth/me", None).await, StatusCode::UNAUTHORIZED).await;
+    assert_error(&body, "unauthenticated", "auth");
+    assert_eq!(body["detail"], "Not authenticated");
+
+    let body = expect(
+        app.post_json("/auth/login", &json!({"email": 42}), None).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert_error(&body, "invalid_request", "invalid_request");
+    let body = expect(
+        app.post_json(
+            "/auth/login",
+            &json!({"email": "nobody@example.com", "password": "x"}),
+            None,
+        )
+        .await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_error(&body, "invalid_credentials", "auth");
+
+    let (_, token) = app.user("coded@example.com").await;
+    let missing = format!("/knowledge/documents/{}", uuid::Uuid::new_v4());
+    let body = expect(app.get(&missing, Some(&token)).await, StatusCode::NOT_FOUND).await;
+    assert_error(&body, "document_not_found", "invalid_request");
+    assert_eq!(body["detail"], "Document not found");
+    let body = expect(app.get("/admin/users", Some(&token)).await, StatusCode::FORBIDDEN).await;
+    assert_error(&body, "admin_required", "auth");
+    let body = expect(
+        app.post_json(
+            "/auth/register",
+            &json!({"email": "coded@example.com", "password": "password-1234"}),
+            None,
+        )
+        .await,
+        StatusCode::CONFLICT,
+    )
+    .await;
+    assert_error(&body, "email_taken", "invalid_request");
+
+    // The free plan's ten messages, then the quota refusal with its object detail.
+    for _ in 0..10 {
+        expect(
+            app.post_json("/billing/probe/chat", &json!({}), Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+    }
+    let resp = app.post_json("/billing/probe/chat", &json!({}), Some(&token)).await;
+    assert!(resp.headers().contains_key("retry-after"));
+    let body = expect(resp, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_error(&body, "quota_exceeded", "quota");
+    assert_eq!(body["detail"]["resource"], "messages");
+}
+
+#[actix_web::test]
+async fn a_rate_limit_refusal_is_rate_limited_and_keeps_its_headers() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin("coded-admin@example.com").await;
+    let (id, token) = app.user("coded-chatty@example.com").await;
+    expect(
+        app.patch_json(
+            &format!("/admin/users/{id}"),
+            &json!({"subscription_plan": "pro"}),
+            &admin,
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let mut refused = None;
+    for _ in 0..40 {
+        let resp = app.post_json("/billing/probe/chat", &json!({}), Some(&token)).await;
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            refused = Some(resp);
+            break;
+        }
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let resp = refused.expect("the chat rate limit refuses within 40 calls");
+    assert!(resp.headers().contains_key("retry-after"));
+    assert_eq!(resp.headers()["ratelimit-remaining"], "0");
+    let body = expect(resp, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_error(&body, "rate_limited", "rate_limit");
+    assert!(body["detail"]
+        .as_str()
+        .is_some_and(|d| d.starts_with("Rate limit exceeded")));
+}
 
 #[actix_web::test]
 async fn malformed_json_is_400_and_wrong_shapes_are_422_with_a_readable_detail() {
@@ -21,6 +239,7 @@ async fn malformed_json_is_400_and_wrong_shapes_are_422_with_a_readable_detail()
         body["detail"].as_str().is_some_and(|d| d.starts_with("Malformed JSON")),
         "{body}"
     );
+    assert_error(&body, "malformed_json", "invalid_request");
 
     let body = expect(
         app.post_json("/auth/login", &json!({"email": 42}), None).await,
@@ -54,13 +273,18 @@ async fn oversized_bodies_are_413() {
         .await;
     let body = expect(resp, StatusCode::PAYLOAD_TOO_LARGE).await;
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("too large")));
+    assert_error(&body, "payload_too_large", "invalid_request");
 }
 
 #[actix_web::test]
 async fn unknown_routes_are_404_in_the_same_shape() {
     let app = TestApp::spawn().await;
     let body = expect(app.get("/no/such/route", None).await, StatusCode::NOT_FOUND).await;
-    assert_eq!(body, json!({"detail": "Not Found"}));
+    assert_eq!(
+        body,
+        json!({"detail": "Not Found", "code": "not_found", "type": "invalid_request",
+               "link": "docs/errors.md#not_found"})
+    );
 }
 
 #[actix_web::test]

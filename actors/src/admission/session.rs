@@ -374,7 +374,7 @@ impl UserSession {
             user_id: self.user_id,
             resource: msg.resource,
             cost: msg.cost,
-            period: period.clone(),
+            period: *period,
             plan,
             used,
             limit,

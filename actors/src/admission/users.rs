@@ -18,9 +18,12 @@ use crate::ports::{AccountStore, StoreResult};
 
 const SHARDS: usize = 16;
 
+/// Rows of one shard and when each was read.
+type Shard = HashMap<Uuid, (Arc<User>, Instant)>;
+
 pub struct UserCache {
     ttl: Duration,
-    shards: Vec<Mutex<HashMap<Uuid, (Arc<User>, Instant)>>>,
+    shards: Vec<Mutex<Shard>>,
 }
 
 impl UserCache {
@@ -32,7 +35,7 @@ impl UserCache {
         }
     }
 
-    fn shard(&self, id: &Uuid) -> MutexGuard<'_, HashMap<Uuid, (Arc<User>, Instant)>> {
+    fn shard(&self, id: &Uuid) -> MutexGuard<'_, Shard> {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         id.hash(&mut h);
         let m = &self.shards[(h.finish() as usize) % SHARDS];

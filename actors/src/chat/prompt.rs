@@ -50,7 +50,7 @@ pub fn build_prompt(
     let q = ("user".to_string(), question.to_string());
     let bare = count(&[("system".into(), system_with(0)), q.clone()])?;
     if bare > budget {
-        return Err(ModelError::Invalid(format!(
+        return Err(ModelError::TooLong(format!(
             "the message is too long: the prompt needs {bare} tokens and the model has room for {budget}"
         )));
     }
@@ -99,7 +99,7 @@ pub fn build_prompt(
             });
         }
         if start >= history.len() {
-            return Err(ModelError::Invalid(
+            return Err(ModelError::TooLong(
                 "the conversation does not fit the model's context".into(),
             ));
         }
@@ -194,6 +194,6 @@ mod tests {
     #[test]
     fn a_question_longer_than_the_budget_is_refused() {
         let r = build_prompt(&Words, "sys", &[], &[], &words(100, "w"), 50);
-        assert!(matches!(r, Err(ModelError::Invalid(_))));
+        assert!(matches!(r, Err(ModelError::TooLong(_))));
     }
 }

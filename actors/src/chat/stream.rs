@@ -61,8 +61,7 @@ impl Generation {
                     completion_tokens,
                     first_token_ms,
                 }),
-                Some(GenEvent::Error(m, true)) => Step::Failed(ModelError::Invalid(m)),
-                Some(GenEvent::Error(m, false)) => Step::Failed(ModelError::Unavailable(m)),
+                Some(GenEvent::Error(e)) => Step::Failed(e),
                 None => Step::Failed(ModelError::Unavailable("generation ended without an answer".into())),
             };
         }
@@ -81,10 +80,10 @@ mod tests {
         let mut g = Generation::new(rx);
         let _ = tx.send(GenEvent::Token { text: String::new() });
         let _ = tx.send(GenEvent::Token { text: "hi".into() });
-        let _ = tx.send(GenEvent::Error("too long".into(), true));
+        let _ = tx.send(GenEvent::Error(ModelError::TooLong("too long".into())));
         drop(tx);
         assert!(matches!(g.next().await, Step::Text(t) if t == "hi"));
-        assert!(matches!(g.next().await, Step::Failed(ModelError::Invalid(_))));
+        assert!(matches!(g.next().await, Step::Failed(ModelError::TooLong(_))));
         assert!(matches!(g.next().await, Step::Failed(ModelError::Unavailable(_))));
     }
 }

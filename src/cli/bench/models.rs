@@ -218,7 +218,7 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
                         n = completion_tokens;
                         break;
                     }
-                    GenEvent::Error(e, _) => anyhow::bail!(e),
+                    GenEvent::Error(e) => anyhow::bail!(e),
                 }
             }
             Ok::<_, anyhow::Error>((first.unwrap_or_default(), n))
