@@ -130,6 +130,26 @@ impl Condition {
 
 pub type Filters = HashMap<String, Condition>;
 
+/// `n` (or `default` when not given) when it is 1 to `max`; else what is wrong.
+pub fn top_k_within(n: Option<usize>, default: usize, max: usize) -> Result<usize, String> {
+    let n = n.unwrap_or(default);
+    if (1..=max).contains(&n) {
+        Ok(n)
+    } else {
+        Err(format!("top_k must be 1 to {max}"))
+    }
+}
+
+/// The text, trimmed, when it is 1 to `max` characters; else what is wrong.
+pub fn text_within(text: &str, what: &str, max: usize) -> Result<String, String> {
+    let t = text.trim();
+    if t.is_empty() || t.chars().count() > max {
+        Err(format!("{what} must be 1 to {max} characters"))
+    } else {
+        Ok(t.to_string())
+    }
+}
+
 /// The first filter that cannot match anything sensible, as a message.
 pub fn invalid_filter(filters: &Filters) -> Option<String> {
     filters

@@ -6,12 +6,12 @@
 //! `ChatService`; this module parses, calls it and writes its events. The
 //! conversations of the caller: list, page, delete.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpResponse, HttpResponseBuilder};
 use chrono::Utc;
 use futures_util::stream;
 use ragchat_actors::chat::records::{Cursor, Role};
 use ragchat_actors::chat::stream::Event;
-use ragchat_actors::chat::turn::{ChatEvent, ChatRequest, ChatResponse};
+use ragchat_actors::chat::turn::{ChatEvent, ChatRequest, ChatResponse, Turn};
 use ragchat_actors::domain::Page;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -41,14 +41,21 @@ pub async fn message(
     state: web::Data<AppState>,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let (mut resp, turn) = start(admitted, &state, body.into_inner()).await?;
+    Ok(resp.json(turn.answer().await?))
+}
+
+/// Starts the admitted turn; the response's head carries the RateLimit headers.
+async fn start(
+    admitted: Admitted<ChatMessage>,
+    state: &AppState,
+    req: ChatRequest,
+) -> Result<(HttpResponseBuilder, Turn), ApiError> {
     let mut resp = HttpResponse::Ok();
     admitted.rate_headers(&mut resp);
     let reader = admitted.user.reader();
-    let turn = state
-        .chat
-        .start(admitted.into_ticket(), reader, body.into_inner())
-        .await?;
-    Ok(resp.json(turn.answer().await?))
+    let turn = state.chat.start(admitted.into_ticket(), reader, req).await?;
+    Ok((resp, turn))
 }
 
 /// A chat event as a server-sent event; true for the last one.
@@ -73,13 +80,7 @@ pub async fn stream_message(
     state: web::Data<AppState>,
     body: web::Json<ChatRequest>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut resp = HttpResponse::Ok();
-    admitted.rate_headers(&mut resp);
-    let reader = admitted.user.reader();
-    let turn = state
-        .chat
-        .start(admitted.into_ticket(), reader, body.into_inner())
-        .await?;
+    let (resp, turn) = start(admitted, &state, body.into_inner()).await?;
     // The turn travels with the body: a client that leaves drops it (the
     // answer is cancelled, stored and counted once).
     let frames = stream::unfold(Some(turn), |turn| async move {

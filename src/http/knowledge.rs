@@ -5,7 +5,9 @@ use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use ragchat_actors::domain::Page;
 use ragchat_actors::knowledge::{Document, Owner};
-use ragchat_actors::retrieval::{invalid_filter, Filters, Hit, Query, RemoveDocument, RetrievalError, Route};
+use ragchat_actors::retrieval::{
+    invalid_filter, text_within, top_k_within, Filters, Hit, Query, RemoveDocument, RetrievalError, Route,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use utoipa::ToSchema;
@@ -505,21 +507,10 @@ pub async fn search(
     body: web::Json<SearchRequest>,
 ) -> Result<web::Json<SearchResponse>, ApiError> {
     let body = body.into_inner();
-    let query = body.query.trim().to_string();
     let k = &state.settings.knowledge;
-    if query.is_empty() || query.chars().count() > k.max_query_chars {
-        return Err(ApiError::Unprocessable(format!(
-            "query must be 1 to {} characters",
-            k.max_query_chars
-        )));
-    }
-    let top_k = body.top_k.unwrap_or(k.search_default_top_k);
-    if !(1..=k.search_max_top_k).contains(&top_k) {
-        return Err(ApiError::Unprocessable(format!(
-            "top_k must be 1 to {}",
-            k.search_max_top_k
-        )));
-    }
+    let query = text_within(&body.query, "query", k.max_query_chars).map_err(ApiError::Unprocessable)?;
+    let top_k =
+        top_k_within(body.top_k, k.search_default_top_k, k.search_max_top_k).map_err(ApiError::Unprocessable)?;
     if let Some(m) = invalid_filter(&body.filters) {
         return Err(ApiError::Unprocessable(m));
     }

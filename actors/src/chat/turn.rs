@@ -35,7 +35,7 @@ use crate::generate_worker::{GenerateRequest, GenerateWorker};
 use crate::inference::{ModelError, SamplingParams};
 use crate::knowledge::Reader;
 use crate::ports::{ConversationStore, StoreError};
-use crate::retrieval::{invalid_filter, Filters, Query, Retriever, Route};
+use crate::retrieval::{invalid_filter, text_within, top_k_within, Filters, Query, Retriever, Route};
 
 fn yes() -> bool {
     true
@@ -182,17 +182,8 @@ struct Checked {
 
 impl ChatLimits {
     fn check(&self, req: &ChatRequest) -> Result<Checked, ChatError> {
-        let question = req.message.trim().to_string();
-        if question.is_empty() || question.chars().count() > self.max_message_chars {
-            return Err(ChatError::Invalid(format!(
-                "message must be 1 to {} characters",
-                self.max_message_chars
-            )));
-        }
-        let top_k = req.top_k.unwrap_or(self.default_top_k);
-        if !(1..=self.max_top_k).contains(&top_k) {
-            return Err(ChatError::Invalid(format!("top_k must be 1 to {}", self.max_top_k)));
-        }
+        let question = text_within(&req.message, "message", self.max_message_chars).map_err(ChatError::Invalid)?;
+        let top_k = top_k_within(req.top_k, self.default_top_k, self.max_top_k).map_err(ChatError::Invalid)?;
         if let Some(m) = invalid_filter(&req.filters) {
             return Err(ChatError::Invalid(m));
         }
