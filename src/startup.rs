@@ -264,11 +264,15 @@ impl Application {
     }
 
     /// Runs until stopped (SIGTERM/SIGINT when signals are handled): in-flight
-    /// requests get `server.shutdown_timeout_secs` to finish, then the ledger
-    /// writes (or spools) every usage record still in memory.
+    /// requests get `server.shutdown_timeout_secs` to finish, then the sessions
+    /// hand their unused quota leases back and the ledger writes (or spools)
+    /// every usage record still in memory.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let ledger = self.state.ledger.clone();
+        let registry = self.state.registry.clone();
         let result = self.server.await;
+        // Quota units reserved and not used go back before the process ends.
+        registry.return_all_leases().await;
         if let Some((_, metrics)) = &self.metrics {
             metrics.stop(true).await;
         }

@@ -99,6 +99,16 @@ async fn send(session: &mut Session, text: String, limit: Duration) -> bool {
     matches!(tokio::time::timeout(limit, session.text(text)).await, Ok(Ok(())))
 }
 
+/// A chat event as a frame carrying the message's id.
+fn event_frame(id: &Value, ev: ChatEvent) -> String {
+    match ev {
+        Event::Sources(head) => frame("sources", id, head),
+        Event::Token(text) => frame("token", id, json!({ "text": text })),
+        Event::Done(r) => frame("done", id, json!({ "response": r })),
+        Event::Error(e) => error_frame(id, &ApiError::from(e)),
+    }
+}
+
 fn error_frame(id: &Value, e: &ApiError) -> String {
     let mut body = e.body();
     body["status"] = json!(e.status());
@@ -151,10 +161,10 @@ async fn run(
             ev = next_event(&mut current) => {
                 let Some(c) = current.as_mut() else { continue };
                 let (out, last) = match ev {
-                    Some(Event::Sources(head)) => (frame("sources", &c.id, head), false),
-                    Some(Event::Token(text)) => (frame("token", &c.id, json!({ "text": text })), false),
-                    Some(Event::Done(r)) => (frame("done", &c.id, json!({ "response": r })), true),
-                    Some(Event::Error(e)) => (error_frame(&c.id, &ApiError::from(e)), true),
+                    Some(ev) => {
+                        let last = matches!(ev, Event::Done(_) | Event::Error(_));
+                        (event_frame(&c.id, ev), last)
+                    }
                     None => (String::new(), true),
                 };
                 if last {
@@ -243,10 +253,11 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
         Some("cancel") => match current.take() {
             // The events are dropped first (the model stops), then the partial
             // answer is stored and counted before the next frame is read.
-            Some(Current { id, turn }) => {
-                turn.cancel().await;
-                Some(frame("cancelled", &id, json!({})))
-            }
+            Some(Current { id, turn }) => match turn.cancel().await {
+                None => Some(frame("cancelled", &id, json!({}))),
+                // It had completed meanwhile: its answer, not a cancellation.
+                Some(ev) => Some(event_frame(&id, ev)),
+            },
             None => Some(error_frame(&id, &ApiError::Conflict("no answer is in progress".into()))),
         },
         Some("message") => {

@@ -28,10 +28,14 @@ fn no<T>() -> StoreResult<T> {
     Err(StoreError::Internal("not in the fake".into()))
 }
 
+/// Runs while a user row is being read (to race a change against the read).
+type ReadHook = Box<dyn Fn() + Send + Sync>;
+
 #[derive(Default)]
 pub struct Accounts {
     pub users: Mutex<HashMap<Uuid, User>>,
     pub reads: AtomicU64,
+    pub during_read: Mutex<Option<ReadHook>>,
 }
 
 impl Accounts {
@@ -86,7 +90,11 @@ impl AccountStore for Accounts {
     }
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
         self.reads.fetch_add(1, Ordering::Relaxed);
-        Ok(self.users.lock().ok().and_then(|u| u.get(&id).cloned()))
+        let row = self.users.lock().ok().and_then(|u| u.get(&id).cloned());
+        if let Some(hook) = self.during_read.lock().ok().as_ref().and_then(|h| h.as_ref()) {
+            hook();
+        }
+        Ok(row)
     }
     async fn user_by_email(&self, _: &str) -> StoreResult<Option<User>> {
         no()

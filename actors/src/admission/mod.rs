@@ -10,7 +10,7 @@
 //! - `users`: user rows cached for a second (shared with authentication).
 
 #[cfg(test)]
-mod fakes;
+pub(crate) mod fakes;
 pub mod quota;
 pub mod ratelimit;
 pub mod registry;

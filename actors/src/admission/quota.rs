@@ -57,10 +57,11 @@ impl Lease {
         self.counter.saturating_sub(self.held)
     }
 
-    /// Admits `cost` units from the lease when it holds them, else says how many
-    /// units to reserve in the store.
+    /// Admits `cost` units from the lease when it holds them and the limit
+    /// (which may have been lowered since the lease was taken) allows them; else
+    /// says how many units to reserve in the store.
     pub fn step(&mut self, cost: u64, limit: u64, max_lease: u64) -> QuotaStep {
-        if self.held >= cost {
+        if self.held >= cost && self.used() + cost <= limit {
             self.held -= cost;
             return QuotaStep::Admit { used: self.used() };
         }
@@ -197,6 +198,17 @@ mod tests {
         let unused = lease.take_unused();
         store.used -= unused;
         assert_eq!((unused, store.used, lease.used()), (32, 0, 0));
+    }
+
+    #[test]
+    fn a_lease_taken_under_a_higher_limit_admits_no_more_than_the_new_one() {
+        let mut store = Counter { used: 0, limit: 10_000 };
+        let mut lease = Lease::empty(month());
+        assert!(admit(&mut lease, &mut store, 32));
+        assert_eq!((lease.used(), lease.held), (1, 31));
+        // The plan was lowered to 1 unit elsewhere: the held units do not count.
+        assert!(matches!(lease.step(1, 1, 32), QuotaStep::Reserve { .. }));
+        assert_eq!(lease.held, 31, "nothing taken from the lease");
     }
 
     #[test]

@@ -201,6 +201,22 @@ impl SessionRegistry {
         }
     }
 
+    /// Hands back the leases of every session (at shutdown, before the ledger's
+    /// last flush), each waited for at most the send timeout.
+    pub async fn return_all_leases(&self) {
+        let sessions: Vec<Addr<UserSession>> = self
+            .shards
+            .iter()
+            .flat_map(|shard| match shard.lock() {
+                Ok(g) => g.values().cloned().collect::<Vec<_>>(),
+                Err(p) => p.into_inner().values().cloned().collect(),
+            })
+            .collect();
+        for addr in sessions {
+            let _ = tokio::time::timeout(self.send_timeout, addr.send_tracked(ReturnLeases)).await;
+        }
+    }
+
     /// Forgets cached plan and limits of a user (plan changed).
     pub fn invalidate(&self, user_id: Uuid) {
         self.deps.users.forget(user_id);

@@ -210,9 +210,13 @@ pub struct UserSession {
     /// when Redis is not configured.
     local_tat: HashMap<Bucket, f64>,
     /// Quotas known to be spent in a period (cleared on Reload).
-    exhausted: HashMap<(Resource, DateTime<Utc>), u64>,
+    /// Quotas the store refused, with when: refused again without asking the
+    /// store for `lease_idle` (units may come back from other sessions' leases).
+    exhausted: HashMap<(Resource, DateTime<Utc>), (u64, Instant)>,
     /// Units admitted on the local allowance, to add to the counters later.
     unreconciled: Vec<(Resource, DateTime<Utc>, u64)>,
+    /// Lease units whose hand-back failed (store down): tried again with the next.
+    unreturned: Vec<(Resource, DateTime<Utc>, u64)>,
     offline_used: HashMap<Resource, u64>,
     in_flight: usize,
     /// Quota units reserved in the store and not admitted yet, per resource.
@@ -234,6 +238,7 @@ impl UserSession {
             local_tat: HashMap::new(),
             exhausted: HashMap::new(),
             unreconciled: Vec::new(),
+            unreturned: Vec::new(),
             offline_used: HashMap::new(),
             in_flight: 0,
             leases: HashMap::new(),
@@ -292,7 +297,9 @@ impl Actor for UserSession {
             let returns = self.take_leases();
             let usage = self.deps.usage.clone();
             let user_id = self.user_id;
-            actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+            actix::spawn(async move {
+                hand_back(usage.as_ref(), user_id, returns).await;
+            });
         }
         Running::Stop
     }
@@ -304,15 +311,30 @@ impl Actor for UserSession {
 }
 
 impl UserSession {
-    /// Empties every lease: (resource, month, units) to hand back to the store.
+    /// Empties every lease: (resource, month, units) to hand back to the store,
+    /// with the units an earlier hand-back could not return.
     fn take_leases(&mut self) -> Vec<(Resource, DateTime<Utc>, u64)> {
-        self.leases
-            .iter_mut()
-            .filter_map(|(r, l)| {
-                let n = l.take_unused();
-                (n > 0).then_some((*r, l.period_start, n))
-            })
-            .collect()
+        let mut returns = std::mem::take(&mut self.unreturned);
+        returns.extend(self.leases.iter_mut().filter_map(|(r, l)| {
+            let n = l.take_unused();
+            (n > 0).then_some((*r, l.period_start, n))
+        }));
+        returns
+    }
+
+    /// Hands units back to the store before the next message is handled (so an
+    /// admission right after sees them); what fails is kept and tried again.
+    fn hand_back_now(&mut self, ctx: &mut Context<Self>, returns: Vec<(Resource, DateTime<Utc>, u64)>) {
+        if returns.is_empty() {
+            return;
+        }
+        let usage = self.deps.usage.clone();
+        let user_id = self.user_id;
+        ctx.wait(
+            async move { hand_back(usage.as_ref(), user_id, returns).await }
+                .into_actor(self)
+                .map(|failed, act, _| act.unreturned.extend(failed)),
+        );
     }
 
     /// Checks for idle leases after `lease_idle` (once scheduled, until none holds units).
@@ -326,9 +348,7 @@ impl UserSession {
             act.lease_check = false;
             if act.last_active.elapsed() >= idle {
                 let returns = act.take_leases();
-                let usage = act.deps.usage.clone();
-                let user_id = act.user_id;
-                actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+                act.hand_back_now(ctx, returns);
             } else {
                 act.schedule_lease_check(ctx);
             }
@@ -402,13 +422,20 @@ fn rate_info(quota: Quota, d: &ratelimit::Decision) -> RateInfo {
     }
 }
 
-/// Hands unused lease units back to the store.
-async fn hand_back(usage: &dyn UsageStore, user_id: Uuid, returns: Vec<(Resource, DateTime<Utc>, u64)>) {
+/// Hands unused lease units back to the store; returns those it could not.
+async fn hand_back(
+    usage: &dyn UsageStore,
+    user_id: Uuid,
+    returns: Vec<(Resource, DateTime<Utc>, u64)>,
+) -> Vec<(Resource, DateTime<Utc>, u64)> {
+    let mut failed = Vec::new();
     for (resource, start, n) in returns {
         if let Err(e) = usage.release(user_id, resource, start, n).await {
             tracing::warn!(user = %user_id, error = %e, units = n, "could not hand back leased quota units");
+            failed.push((resource, start, n));
         }
     }
+    failed
 }
 
 struct AdmitOutcome {
@@ -418,12 +445,14 @@ struct AdmitOutcome {
     lease: Lease,
     /// Offline units that could not be reconciled yet; put back into the actor.
     requeue: Vec<(Resource, DateTime<Utc>, u64)>,
+    /// Lease units whose hand-back failed.
+    unreturned: Vec<(Resource, DateTime<Utc>, u64)>,
 }
 
 impl Handler<Admit> for UserSession {
     type Result = AtomicResponse<Self, Result<Permit, Rejection>>;
 
-    fn handle(&mut self, msg: Admit, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Admit, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
         let now = Utc::now();
         let period = month_of(now);
@@ -432,15 +461,20 @@ impl Handler<Admit> for UserSession {
         }
         let deps = self.deps.clone();
         let user_id = self.user_id;
-        let exhausted = self.exhausted.get(&(msg.resource, period.start)).copied();
+        let lease_idle = self.deps.config.lease_idle;
+        let exhausted = self
+            .exhausted
+            .get(&(msg.resource, period.start))
+            .filter(|(_, at)| at.elapsed() < lease_idle)
+            .map(|(used, _)| *used);
         // A lease of last month: its units go back to last month's counter.
         let lease = match self.leases.remove(&msg.resource) {
             Some(l) if l.period_start == period.start => l,
             Some(mut old) => {
                 let n = old.take_unused();
-                let returns = vec![(msg.resource, old.period_start, n)];
-                let usage = deps.usage.clone();
-                actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+                if n > 0 {
+                    self.hand_back_now(ctx, vec![(msg.resource, old.period_start, n)]);
+                }
                 Lease::empty(period.start)
             }
             None => Lease::empty(period.start),
@@ -455,13 +489,16 @@ impl Handler<Admit> for UserSession {
         };
         let offline_used = self.offline_used.get(&msg.resource).copied().unwrap_or(0);
         let unreconciled = std::mem::take(&mut self.unreconciled);
+        let period_start = period.start;
 
         let fut = async move {
+            // Offline units not yet added stay queued whatever the outcome.
             let mut out = AdmitOutcome {
                 rate: None,
                 result: Err(Rejection::UnknownUser),
                 lease,
-                requeue: Vec::new(),
+                requeue: unreconciled,
+                unreturned: Vec::new(),
             };
             // 1. The plan, from the user's row (cached for a second).
             let (plan, limits) = match plan_of(&deps, user_id).await {
@@ -519,14 +556,18 @@ impl Handler<Admit> for UserSession {
                 return out;
             }
             // Units admitted offline are added to the counters first, once the store answers.
-            let mut pending = unreconciled.into_iter();
-            while let Some((r, start, n)) = pending.next() {
+            while let Some(&(r, start, n)) = out.requeue.first() {
                 if deps.usage.force_add(user_id, r, start, n).await.is_err() {
-                    out.requeue.push((r, start, n));
-                    out.requeue.extend(pending);
                     out.result = store_down(deps.config.store_down, permit, offline_used, "quota store unreachable");
                     return out;
                 }
+                out.requeue.remove(0);
+            }
+            // A lease taken under a higher limit (the plan changed elsewhere): its
+            // units go back before the store is asked under the current limit.
+            if out.lease.held > 0 && out.lease.used() + msg.cost > limit {
+                let n = out.lease.take_unused();
+                out.unreturned = hand_back(deps.usage.as_ref(), user_id, vec![(msg.resource, period.start, n)]).await;
             }
             // At most twice: a refused lease is asked again at the size the fresh
             // counter allows (down to the request's own cost).
@@ -573,6 +614,7 @@ impl Handler<Admit> for UserSession {
 
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(move |mut out, act, ctx| {
             act.unreconciled.append(&mut out.requeue);
+            act.unreturned.append(&mut out.unreturned);
             let mut result = out.result;
             let mut lease = out.lease;
             if let Some((bucket, quota, decision)) = out.rate {
@@ -608,7 +650,7 @@ impl Handler<Admit> for UserSession {
                     }
                 }
                 Err(Rejection::QuotaExceeded { resource, used, .. }) => {
-                    act.exhausted.insert((*resource, month_of(Utc::now()).start), *used);
+                    act.exhausted.insert((*resource, period_start), (*used, Instant::now()));
                 }
                 Err(_) => {}
             }
@@ -672,11 +714,7 @@ impl Handler<Release> for UserSession {
                 l.give_back(p.cost);
                 self.schedule_lease_check(ctx);
             }
-            _ => {
-                let usage = self.deps.usage.clone();
-                let returns = vec![(p.resource, p.period.start, p.cost)];
-                actix::spawn(async move { hand_back(usage.as_ref(), p.user_id, returns).await });
-            }
+            _ => self.hand_back_now(ctx, vec![(p.resource, p.period.start, p.cost)]),
         }
     }
 }
@@ -744,7 +782,9 @@ impl Handler<ReturnLeases> for UserSession {
         let usage = self.deps.usage.clone();
         let user_id = self.user_id;
         AtomicResponse::new(Box::pin(
-            async move { hand_back(usage.as_ref(), user_id, returns).await }.into_actor(self),
+            async move { hand_back(usage.as_ref(), user_id, returns).await }
+                .into_actor(self)
+                .map(|failed, act, _| act.unreturned.extend(failed)),
         ))
     }
 }
@@ -752,15 +792,14 @@ impl Handler<ReturnLeases> for UserSession {
 impl Handler<Reload> for UserSession {
     type Result = ();
 
-    fn handle(&mut self, _: Reload, _ctx: &mut Self::Context) {
+    fn handle(&mut self, _: Reload, ctx: &mut Self::Context) {
         // The plan or its limits changed: spent quotas may not be spent any more,
-        // and the leases were sized for the old limits.
+        // and the leases were sized for the old limits (handed back before the
+        // next admission is decided).
         self.deps.users.forget(self.user_id);
         self.exhausted.clear();
         let returns = self.take_leases();
-        let usage = self.deps.usage.clone();
-        let user_id = self.user_id;
-        actix::spawn(async move { hand_back(usage.as_ref(), user_id, returns).await });
+        self.hand_back_now(ctx, returns);
     }
 }
 

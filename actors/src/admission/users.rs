@@ -18,8 +18,14 @@ use crate::ports::{AccountStore, StoreResult};
 
 const SHARDS: usize = 16;
 
-/// Rows of one shard and when each was read.
-type Shard = HashMap<Uuid, (Arc<User>, Instant)>;
+/// Rows of one shard and when each was read, and how many times the shard was
+/// told to forget: a read that started before a `forget` must not put back the
+/// row it read.
+#[derive(Default)]
+struct Shard {
+    rows: HashMap<Uuid, (Arc<User>, Instant)>,
+    forgets: u64,
+}
 
 pub struct UserCache {
     ttl: Duration,
@@ -31,7 +37,7 @@ impl UserCache {
     pub fn new(ttl: Duration) -> Self {
         UserCache {
             ttl,
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
     }
 
@@ -50,6 +56,7 @@ impl UserCache {
         let now = Instant::now();
         let shard = self.shard(&id);
         shard
+            .rows
             .get(&id)
             .filter(|(_, at)| now.duration_since(*at) < self.ttl)
             .map(|(u, _)| u.clone())
@@ -61,6 +68,7 @@ impl UserCache {
             return Ok(Some(u));
         }
         let read_at = Instant::now();
+        let forgets = self.shard(&id).forgets;
         let Some(user) = accounts.user_by_id(id).await? else {
             self.forget(id);
             return Ok(None);
@@ -68,27 +76,34 @@ impl UserCache {
         let user = Arc::new(user);
         if !self.ttl.is_zero() {
             let mut shard = self.shard(&id);
-            if shard.len() > 100_000 {
-                // Bounded: drop what expired (a burst of one-off users).
-                shard.retain(|_, (_, at)| read_at.duration_since(*at) < self.ttl);
+            if shard.forgets == forgets {
+                if shard.rows.len() > 100_000 {
+                    // Bounded: drop what expired (a burst of one-off users).
+                    let ttl = self.ttl;
+                    shard.rows.retain(|_, (_, at)| read_at.duration_since(*at) < ttl);
+                }
+                shard.rows.insert(id, (user.clone(), read_at));
             }
-            shard.insert(id, (user.clone(), read_at));
         }
         Ok(Some(user))
     }
 
     /// Forgets a user's row (it changed on this node).
     pub fn forget(&self, id: Uuid) {
-        self.shard(&id).remove(&id);
+        let mut shard = self.shard(&id);
+        shard.rows.remove(&id);
+        shard.forgets += 1;
     }
 
     /// Forgets every row (plans or settings changed for everyone).
     pub fn clear(&self) {
         for s in &self.shards {
-            match s.lock() {
-                Ok(mut g) => g.clear(),
-                Err(p) => p.into_inner().clear(),
-            }
+            let mut g = match s.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            g.rows.clear();
+            g.forgets += 1;
         }
     }
 }
@@ -119,16 +134,36 @@ mod tests {
     fn rows_expire_and_can_be_forgotten() {
         let id = Uuid::new_v4();
         let cache = UserCache::new(Duration::from_millis(50));
-        cache.shard(&id).insert(id, (Arc::new(user(id)), Instant::now()));
+        cache.shard(&id).rows.insert(id, (Arc::new(user(id)), Instant::now()));
         assert!(cache.cached(id).is_some());
         cache.forget(id);
         assert!(cache.cached(id).is_none());
         cache
             .shard(&id)
+            .rows
             .insert(id, (Arc::new(user(id)), Instant::now() - Duration::from_millis(60)));
         assert!(cache.cached(id).is_none(), "expired after the ttl");
         let none = UserCache::new(Duration::ZERO);
-        none.shard(&id).insert(id, (Arc::new(user(id)), Instant::now()));
+        none.shard(&id).rows.insert(id, (Arc::new(user(id)), Instant::now()));
         assert!(none.cached(id).is_none(), "a zero ttl caches nothing");
+    }
+
+    #[tokio::test]
+    async fn a_row_read_before_a_forget_is_not_kept() {
+        let accounts = Arc::new(crate::admission::fakes::Accounts::default());
+        let id = accounts.add(crate::plans::Plan::Free);
+        let cache = Arc::new(UserCache::new(Duration::from_secs(60)));
+        // The row is changed (and forgotten) while it is being read.
+        let during = cache.clone();
+        if let Ok(mut hook) = accounts.during_read.lock() {
+            *hook = Some(Box::new(move || during.forget(id)));
+        }
+        assert!(cache.get(accounts.as_ref(), id).await.ok().flatten().is_some());
+        assert!(cache.cached(id).is_none(), "the stale row was not cached");
+        if let Ok(mut hook) = accounts.during_read.lock() {
+            *hook = None;
+        }
+        assert!(cache.get(accounts.as_ref(), id).await.ok().flatten().is_some());
+        assert!(cache.cached(id).is_some());
     }
 }

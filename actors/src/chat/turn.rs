@@ -367,6 +367,7 @@ impl ChatService {
             ticket: Some(ticket),
             meta: Some(meta),
             generation: Some(Generation::new(events)),
+            finishing: None,
             head_sent: false,
             text: String::new(),
         })
@@ -381,14 +382,13 @@ async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static
 }
 
 /// Runs `work` as a task of its own (so a caller that goes away cannot cut it
-/// in half) and waits for its result.
-async fn detached<T: 'static>(work: impl std::future::Future<Output = T> + 'static) -> Result<T, ChatError> {
+/// in half); its result comes on the receiver.
+fn detached<T: 'static>(work: impl std::future::Future<Output = T> + 'static) -> tokio::sync::oneshot::Receiver<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     actix::spawn(async move {
         let _ = tx.send(work.await);
     });
-    rx.await
-        .map_err(|_| ChatError::Internal("the chat turn's task stopped".into()))
+    rx
 }
 
 /// A message on its way: retrieved, prompted and queued on the model.
@@ -450,30 +450,47 @@ pub struct Turn {
     ticket: Option<Ticket>,
     meta: Option<Meta>,
     generation: Option<Generation>,
+    /// The answer being saved and counted (after the model's `Done`).
+    finishing: Option<tokio::sync::oneshot::Receiver<ChatResponse>>,
     head_sent: bool,
     text: String,
 }
 
 impl Turn {
     /// The next event: the head first, then tokens, then the response or the
-    /// error; None after that.
+    /// error; None after that. Cancel-safe: a caller may drop the future (a
+    /// `select!` on other input) and call again; nothing is lost.
     pub async fn next(&mut self) -> Option<ChatEvent> {
         if !self.head_sent {
             self.head_sent = true;
             return self.meta.as_ref().map(|m| Event::Sources(m.head()));
         }
+        if let Some(rx) = self.finishing.as_mut() {
+            let done = rx.await;
+            self.finishing = None;
+            return Some(match done {
+                Ok(r) => Event::Done(Box::new(r)),
+                Err(_) => Event::Error(ChatError::Internal("the chat turn's task stopped".into())),
+            });
+        }
         let step = self.generation.as_mut()?.next().await;
-        Some(match step {
+        match step {
             Step::Text(t) => {
                 self.text.push_str(&t);
-                Event::Token(t)
+                Some(Event::Token(t))
             }
             Step::Done(done) => {
+                // The answer is complete: it is stored, then counted, in a task of
+                // its own (a client leaving meanwhile cannot cut that in half).
+                // If the store fails the answer is still given and counted, with a
+                // warning that it was not saved.
                 self.generation = None;
-                match self.finish(done).await {
-                    Ok(r) => Event::Done(Box::new(r)),
-                    Err(e) => Event::Error(e),
-                }
+                let (Some(meta), Some(ticket)) = (self.meta.take(), self.ticket.take()) else {
+                    return Some(Event::Error(ChatError::Internal("chat turn finished twice".into())));
+                };
+                let text = std::mem::take(&mut self.text);
+                self.finishing = Some(detached(complete(self.conversations.clone(), meta, ticket, text, done)));
+                Box::pin(self.next()).await
             }
             Step::Failed(e) => {
                 // The server failed the answer: nothing stored, the unit given back.
@@ -482,9 +499,9 @@ impl Turn {
                 if let Some(t) = self.ticket.take() {
                     t.release();
                 }
-                Event::Error(ChatError::Model(e))
+                Some(Event::Error(ChatError::Model(e)))
             }
-        })
+        }
     }
 
     /// Reads the turn to its end: the response, or the error.
@@ -499,27 +516,19 @@ impl Turn {
         }
     }
 
-    /// The answer is complete: store it, then count it. If the store fails the
-    /// answer is still given (and counted), with a warning that it was not
-    /// saved. The work runs in a task of its own, so a client leaving meanwhile
-    /// cannot cut it in half.
-    async fn finish(&mut self, done: Finish) -> Result<ChatResponse, ChatError> {
-        let (Some(meta), Some(ticket)) = (self.meta.take(), self.ticket.take()) else {
-            return Err(ChatError::Internal("chat turn finished twice".into()));
-        };
-        let conversations = self.conversations.clone();
-        let text = std::mem::take(&mut self.text);
-        detached(complete(conversations, meta, ticket, text, done)).await
-    }
-
     /// The client stopped the answer: the generation ends, the question and
     /// the partial answer are stored, then the unit counted. Returns once that
-    /// is done, so a next message sees the conversation whole.
-    pub async fn cancel(mut self) {
+    /// is done, so a next message sees the conversation whole: None, or the
+    /// answer's last event when it had already completed (it is not cancelled).
+    pub async fn cancel(mut self) -> Option<ChatEvent> {
         self.generation = None;
+        if self.finishing.is_some() {
+            return self.next().await;
+        }
         if let Some(task) = self.cancel_task() {
             let _ = task.await;
         }
+        None
     }
 
     /// Starts recording a cancelled answer (once); None if already finished.
@@ -681,6 +690,130 @@ mod tests {
         assert!(matches!(l.check(&r), Err(ChatError::Invalid(m)) if m == "max_tokens must be 1 to 2048"));
         r.max_tokens = Some(0);
         assert!(l.check(&r).is_err());
+    }
+
+    /// Conversations that take a while to save.
+    struct SlowConversations;
+
+    #[async_trait::async_trait]
+    impl ConversationStore for SlowConversations {
+        fn backend(&self) -> &'static str {
+            "slow"
+        }
+        async fn ping(&self) -> crate::ports::StoreResult<()> {
+            Ok(())
+        }
+        async fn create_session(&self, _: &ChatSession) -> crate::ports::StoreResult<()> {
+            Ok(())
+        }
+        async fn session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<Option<ChatSession>> {
+            Ok(None)
+        }
+        async fn sessions(
+            &self,
+            _: Uuid,
+            _: crate::domain::Page,
+        ) -> crate::ports::StoreResult<(Vec<ChatSession>, u64)> {
+            Ok((Vec::new(), 0))
+        }
+        async fn append(&self, _: Uuid, _: Uuid, _: &[ChatRecord]) -> crate::ports::StoreResult<()> {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            Ok(())
+        }
+        async fn messages(
+            &self,
+            _: Uuid,
+            _: Uuid,
+            _: Option<super::super::records::Cursor>,
+            _: u32,
+        ) -> crate::ports::StoreResult<Vec<ChatRecord>> {
+            Ok(Vec::new())
+        }
+        async fn delete_session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<bool> {
+            Ok(false)
+        }
+    }
+
+    #[actix::test]
+    async fn a_caller_that_stops_waiting_while_the_answer_is_saved_still_gets_it_counted_once() {
+        use crate::admission::session::Admit;
+        use crate::generate_worker::{FinishReason, GenEvent};
+        use crate::plans::{Plan, Resource};
+
+        let w = crate::admission::fakes::world(1, std::time::Duration::from_secs(60), Default::default());
+        let user = w.accounts.add(Plan::Free);
+        let admit = Admit {
+            bucket: None,
+            resource: Resource::Messages,
+            cost: 1,
+        };
+        let ticket = Ticket::admit(w.registry.clone(), user, admit).await.expect("admitted");
+        let now = to_millis(Utc::now());
+        let session = ChatSession {
+            id: Uuid::new_v4(),
+            user_id: user,
+            title: "t".into(),
+            created_at: now,
+            updated_at: now,
+            message_count: 0,
+        };
+        let meta = Meta {
+            question: ChatRecord {
+                id: Uuid::new_v4(),
+                session_id: session.id,
+                role: Role::User,
+                content: "q".into(),
+                created_at: now,
+                metadata: json!({}),
+            },
+            session,
+            is_new: true,
+            answer_id: Uuid::new_v4(),
+            sources: Vec::new(),
+            route: None,
+            started: Instant::now(),
+            debug: None,
+            warnings: Vec::new(),
+        };
+        let (tx, rx) = unbounded_channel();
+        let mut turn = Turn {
+            conversations: Arc::new(SlowConversations),
+            ticket: Some(ticket),
+            meta: Some(meta),
+            generation: Some(Generation::new(rx)),
+            finishing: None,
+            head_sent: false,
+            text: String::new(),
+        };
+        let _ = tx.send(GenEvent::Token {
+            text: "an answer".into(),
+        });
+        let _ = tx.send(GenEvent::Done {
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            first_token_ms: 1.0,
+        });
+        assert!(matches!(turn.next().await, Some(Event::Sources(_))));
+        assert!(matches!(turn.next().await, Some(Event::Token(t)) if t == "an answer"));
+        // A WebSocket's select! drops the future while the answer is being saved…
+        let dropped = tokio::time::timeout(std::time::Duration::from_millis(20), turn.next()).await;
+        assert!(dropped.is_err(), "still saving");
+        // … and asks again: the answer comes, not a silent end.
+        match turn.next().await {
+            Some(Event::Done(r)) => assert_eq!((r.answer.as_str(), r.tokens_used), ("an answer", 5)),
+            other => panic!("expected the answer, got {other:?}"),
+        }
+        assert!(turn.next().await.is_none());
+        drop(turn);
+        for _ in 0..100 {
+            if w.usage.recorded(user) > 0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert_eq!(w.usage.recorded(user), 1, "counted once");
     }
 
     #[test]
