@@ -296,6 +296,9 @@ pub struct ModelSettings {
     /// Folder with model.safetensors, config.json, tokenizer.json.
     pub embedding_dir: String,
     pub embedding_max_tokens: usize,
+    /// POST /v1/embeddings: the most texts in one request, the longest text.
+    pub max_embed_inputs: usize,
+    pub max_embed_input_chars: usize,
     pub embed_max_batch: usize,
     pub embed_max_wait_ms: u64,
     pub embed_queue: usize,

@@ -29,9 +29,6 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/chat/completions").route(web::post().to(chat_completions)));
 }
 
-pub const MAX_EMBED_INPUTS: usize = 256;
-pub const MAX_INPUT_CHARS: usize = 32_768;
-
 /// A request may name the model; it must be the one this server runs.
 fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
     match requested {
@@ -107,17 +104,20 @@ pub async fn embeddings(
         EmbeddingInput::One(s) => vec![s],
         EmbeddingInput::Many(v) => v,
     };
-    if texts.is_empty() || texts.len() > MAX_EMBED_INPUTS {
+    let m = &state.settings.models;
+    if texts.is_empty() || texts.len() > m.max_embed_inputs {
         return Err(ApiError::Unprocessable(format!(
-            "input must hold 1 to {MAX_EMBED_INPUTS} texts"
+            "input must hold 1 to {} texts",
+            m.max_embed_inputs
         )));
     }
     if texts
         .iter()
-        .any(|t| t.is_empty() || t.chars().count() > MAX_INPUT_CHARS)
+        .any(|t| t.is_empty() || t.chars().count() > m.max_embed_input_chars)
     {
         return Err(ApiError::Unprocessable(format!(
-            "each input must be 1 to {MAX_INPUT_CHARS} characters"
+            "each input must be 1 to {} characters",
+            m.max_embed_input_chars
         )));
     }
     let out = worker.embed(texts).await?;
@@ -228,8 +228,9 @@ fn start_generation(
         .max_completion_tokens
         .or(req.max_tokens)
         .unwrap_or(state.settings.models.default_max_tokens);
-    if max_tokens == 0 {
-        return Err(ApiError::Unprocessable("max_tokens must be positive".into()));
+    let cap = state.settings.chat.max_answer_tokens;
+    if !(1..=cap).contains(&max_tokens) {
+        return Err(ApiError::Unprocessable(format!("max_tokens must be 1 to {cap}")));
     }
     let (tx, rx) = unbounded_channel();
     worker.submit(GenerateRequest {

@@ -191,6 +191,7 @@ async fn bad_completion_requests_are_clear_4xx() {
         json!({"messages": [{"role": "wizard", "content": "hi"}]}),
         json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}),
         json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2049}),
     ] {
         expect(
             app.post_json("/v1/chat/completions", &bad, Some(&token)).await,
