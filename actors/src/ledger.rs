@@ -200,7 +200,8 @@ impl BillingLedger {
 
     fn stats_now(&self) -> LedgerStats {
         LedgerStats {
-            buffered: self.buffer.len(),
+            // A batch being written is still held here: a shutdown waits for it.
+            buffered: self.buffer.len() + self.inflight.len(),
             ..self.stats
         }
     }
