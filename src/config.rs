@@ -285,6 +285,9 @@ pub struct RedisSettings {
 pub struct BillingSettings {
     /// Plans file, relative to the config directory.
     pub plans_file: String,
+    /// Serve /billing/probe/* (no-op routes that consume a unit, for the
+    /// admission benchmark and client tests; `open` needs no credentials).
+    pub probes: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -371,6 +374,45 @@ impl Settings {
         self.environment.unwrap_or(Environment::Development)
     }
 
+    /// Why serving on the configured addresses would be unsafe: outside
+    /// production, a published development secret or demo users may only be
+    /// reached from this machine. None when it is safe.
+    pub fn unsafe_bind(&self) -> Option<String> {
+        if self.environment() == Environment::Production {
+            return None;
+        }
+        let secret = self.auth.jwt_secret.expose();
+        let published = secret.starts_with("dev-only") || secret.starts_with("test-only");
+        let why = match (published, self.seed.demo_users) {
+            (true, true) => "a published development JWT secret and demo users",
+            (true, false) => "a published development JWT secret",
+            (false, true) => "demo users",
+            (false, false) => return None,
+        };
+        let loopback = |host: &str| {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        };
+        // server.host is a host; metrics.bind is host:port.
+        let bind = self.metrics.bind.trim();
+        let bind_host = match bind.parse::<std::net::SocketAddr>() {
+            Ok(a) => a.ip().to_string(),
+            Err(_) => bind.rsplit_once(':').map_or(bind, |(h, _)| h).to_string(),
+        };
+        let mut checks = vec![(self.server.host.clone(), self.server.host.clone())];
+        if !bind.is_empty() {
+            checks.push((bind.to_string(), bind_host));
+        }
+        checks.into_iter().find(|(_, host)| !loopback(host)).map(|(a, _)| {
+            format!(
+                "refusing to serve on {a}: the {} settings use {why}, which only bind to loopback \
+                 (127.0.0.1 or ::1). Set RAGCHAT_ENV=production with RAGCHAT__AUTH__JWT_SECRET, \
+                 or bind to 127.0.0.1.",
+                self.environment().as_str()
+            )
+        })
+    }
+
     /// Refuses settings the server must not run with.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let metrics_token = self.metrics.token.expose();
@@ -419,5 +461,30 @@ impl Settings {
             return Err(ConfigError::Invalid("auth token lifetimes must be positive".into()));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn development_settings_only_serve_on_loopback() {
+        let mut dev = Settings::load_for(Environment::Development).expect("development settings");
+        assert_eq!(dev.unsafe_bind(), None, "127.0.0.1 by default");
+        for host in ["0.0.0.0", "10.1.2.3", "example.com"] {
+            dev.server.host = host.into();
+            let why = dev.unsafe_bind().expect("refused");
+            assert!(why.contains(host) && why.contains("RAGCHAT_ENV=production"), "{why}");
+        }
+        for host in ["localhost", "::1", "[::1]", "127.0.0.2"] {
+            dev.server.host = host.into();
+            assert_eq!(dev.unsafe_bind(), None, "{host}");
+        }
+        dev.server.host = "127.0.0.1".into();
+        dev.metrics.bind = "0.0.0.0:9100".into();
+        assert!(dev.unsafe_bind().is_some_and(|w| w.contains("0.0.0.0:9100")));
+        dev.metrics.bind = "127.0.0.1:9100".into();
+        assert_eq!(dev.unsafe_bind(), None);
     }
 }

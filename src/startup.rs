@@ -53,6 +53,9 @@ impl Application {
     /// environment allows it, and binds the listener. `handle_signals` installs
     /// SIGTERM/SIGINT handlers for graceful shutdown (the binary; not tests).
     pub async fn build(settings: Settings, handle_signals: bool) -> Result<Self, StartupError> {
+        if let Some(why) = settings.unsafe_bind() {
+            return Err(StartupError::Other(why));
+        }
         let settings = Arc::new(settings);
         let sql = stores::connect(&settings.database).await?;
         let accounts = sql.accounts.clone();

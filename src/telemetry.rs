@@ -61,7 +61,23 @@ pub fn handle() -> Option<&'static PrometheusHandle> {
 }
 
 /// Records one HTTP request (called by the request middleware).
+/// The method as a label: the standard ones, else `other` (a client chooses the
+/// method string, and each label value is a new series kept for good).
+pub fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
 pub fn record_request(method: &str, route: &str, status: u16, seconds: f64) {
+    let method = method_label(method);
     let labels = [
         ("method", method.to_string()),
         ("route", route.to_string()),

@@ -18,7 +18,20 @@ use super::extractors::CurrentUser;
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The billing routes; the probes only when `billing.probes` is on.
+pub fn routes(probes: bool) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        configure(cfg);
+        if probes {
+            cfg.service(web::resource("/billing/probe/chat").route(web::post().to(probe_chat)))
+                .service(web::resource("/billing/probe/search").route(web::post().to(probe_search)))
+                .service(web::resource("/billing/probe/api").route(web::post().to(probe_api)))
+                .service(web::resource("/billing/probe/open").route(web::post().to(probe_open)));
+        }
+    }
+}
+
+fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/billing/plans").route(web::get().to(plans)))
         .service(
             web::resource("/billing/subscription")
@@ -27,11 +40,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .service(web::resource("/billing/subscription/cancel").route(web::post().to(cancel_subscription)))
         .service(web::resource("/billing/usage").route(web::get().to(usage)))
-        .service(web::resource("/billing/invoices").route(web::get().to(invoices)))
-        .service(web::resource("/billing/probe/chat").route(web::post().to(probe_chat)))
-        .service(web::resource("/billing/probe/search").route(web::post().to(probe_search)))
-        .service(web::resource("/billing/probe/api").route(web::post().to(probe_api)))
-        .service(web::resource("/billing/probe/open").route(web::post().to(probe_open)));
+        .service(web::resource("/billing/invoices").route(web::get().to(invoices)));
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

@@ -125,6 +125,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg: &mut web::ServiceConfig| {
         let json_limit = state.settings.server.json_limit_bytes;
         let max_document = state.settings.knowledge.max_document_bytes;
+        let probes = state.settings.billing.probes;
         cfg.app_data(web::Data::new(state))
             .app_data(web::JsonConfig::default().limit(json_limit).error_handler(json_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))
@@ -132,7 +133,7 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
             .configure(ops::routes)
             .configure(metrics::routes)
             .configure(auth::routes)
-            .configure(billing::routes)
+            .configure(billing::routes(probes))
             .configure(openai::routes)
             .configure(chat::routes)
             .configure(ws::routes)

@@ -681,3 +681,32 @@ async fn rate_limits_fall_back_when_redis_stops_and_return_to_it_when_it_is_back
     let _ = services("stop");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[actix_web::test]
+async fn the_probe_routes_exist_only_when_configured() {
+    let mut settings = test_settings(&temp_sqlite_url());
+    settings.billing.probes = false;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("no-probes@example.com").await;
+    for route in ["open", "api", "chat", "search"] {
+        let resp = app
+            .client
+            .post(app.url(&format!("/billing/probe/{route}")))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND, "/billing/probe/{route}");
+    }
+    // The test profile turns them on (the admission tests and the benchmark use them).
+    let on = TestApp::spawn().await;
+    let resp = on
+        .client
+        .post(on.url("/billing/probe/open"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), StatusCode::OK);
+}

@@ -55,6 +55,25 @@ fn production_refuses_to_start_without_its_own_jwt_secret() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+#[test]
+fn without_an_environment_the_server_serves_on_loopback_only() {
+    // RAGCHAT_ENV unset is the development profile: its JWT secret is published.
+    let out = ragchat("development", &temp_db())
+        .env_remove("RAGCHAT_ENV")
+        .env("RAGCHAT__SERVER__HOST", "0.0.0.0")
+        .env("RAGCHAT__SERVER__PORT", "0")
+        .env("RAGCHAT__MODELS__ENABLED", "false")
+        .arg("serve")
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("refusing to serve on 0.0.0.0") && stderr.contains("RAGCHAT_ENV=production"),
+        "{stderr}"
+    );
+}
+
 #[actix_web::test]
 async fn create_user_command_makes_a_user_who_can_log_in() {
     let db = temp_db();

@@ -67,9 +67,23 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
         assert_eq!(resp.status(), want);
     }
 
+    // The method label is a closed set: a client's own method strings are "other".
+    for method in ["FOOBAR", "ZZQ-1", "BREW"] {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let resp = app.client.request(m, app.url("/health")).send().await.expect("sent");
+        assert!(resp.status().is_client_error(), "{}", resp.status());
+    }
+
     for token in [admin.as_str(), SCRAPE_TOKEN] {
         let (status, text) = scrape(&app, Some(token)).await;
         assert_eq!(status, StatusCode::OK, "{text}");
+        for method in ["FOOBAR", "ZZQ-1", "BREW"] {
+            assert!(!text.contains(method), "{method} became a label");
+        }
+        assert!(
+            sample(&text, "http_requests_total", &["method=\"other\""]).is_some(),
+            "{text}"
+        );
         let health = sample(&text, "http_requests_total", &["route=\"/health\"", "status=\"200\""]);
         assert!(health.is_some_and(|n| n >= 1.0), "{text}");
         // Route patterns, never raw paths: ids do not make new series.
