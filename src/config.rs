@@ -176,6 +176,10 @@ pub struct ServerSettings {
     pub json_limit_bytes: usize,
     /// Seconds given to in-flight requests on SIGTERM/SIGINT.
     pub shutdown_timeout_secs: u64,
+    /// Behind a load balancer: the header it sets with the client's address (for
+    /// example `X-Forwarded-For`; its last entry is taken). Empty: the peer address.
+    #[serde(default)]
+    pub client_ip_header: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,6 +202,11 @@ pub struct AuthSettings {
     pub access_token_ttl_secs: u64,
     pub refresh_token_ttl_secs: u64,
     pub argon2: Argon2Settings,
+    /// Sign-in attempts (right or wrong) per account and per client address, and
+    /// registrations per client address (GCRA, as `rate_limits`).
+    pub login_per_account: RateLimit,
+    pub login_per_address: RateLimit,
+    pub register_per_address: RateLimit,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

@@ -14,6 +14,7 @@ use actix_web::{App, HttpServer};
 use ragchat_actors::admission::ratelimit::Quota;
 use ragchat_actors::admission::registry::SessionRegistry;
 use ragchat_actors::admission::session::{Bucket, SessionConfig, SessionDeps, StoreDownPolicy};
+use ragchat_actors::admission::throttle::Throttle;
 use ragchat_actors::admission::users::UserCache;
 use ragchat_actors::billing::Billing;
 use ragchat_actors::chat::turn::{ChatLimits, ChatService};
@@ -118,15 +119,17 @@ impl Application {
             max_lease: settings.quota.max_lease.max(1),
             lease_idle: Duration::from_millis(settings.quota.lease_idle_ms),
         };
+        let limiter = redis_limits.clone().map(|r| {
+            Arc::new(crate::stores::instrumented::RateLimits {
+                inner: r,
+                backend: "redis",
+            }) as Arc<dyn RateLimitStore>
+        });
+        let throttle = Arc::new(Throttle::new(limiter.clone()));
         let deps = SessionDeps {
             accounts: accounts.clone(),
             usage: sql.usage.clone(),
-            limiter: redis_limits.clone().map(|r| {
-                Arc::new(crate::stores::instrumented::RateLimits {
-                    inner: r,
-                    backend: "redis",
-                }) as Arc<dyn RateLimitStore>
-            }),
+            limiter,
             ledger: ledger.clone(),
             plans: plans.clone(),
             users: Arc::new(UserCache::new(Duration::from_millis(settings.sessions.user_cache_ms))),
@@ -214,6 +217,7 @@ impl Application {
             usage: sql.usage,
             plans,
             registry,
+            throttle,
             ledger,
             redis_limits,
         };

@@ -92,6 +92,18 @@ pub fn record_request(method: &str, route: &str, status: u16, seconds: f64) {
     .record(seconds);
 }
 
+/// Records a throttled sign-in or registration, by what it throttles (the part
+/// of the key before the account or address: never the account itself).
+pub fn record_throttled(key: &str) {
+    let kind = match key.split(':').take(2).collect::<Vec<_>>().as_slice() {
+        ["login", "ip"] => "login_per_address",
+        ["login", "acct"] => "login_per_account",
+        ["register", "ip"] => "register_per_address",
+        _ => "other",
+    };
+    counter!("auth_throttled_total", "kind" => kind).increment(1);
+}
+
 /// Records a refused admission: the reason and the resource or bucket.
 pub fn record_rejection(r: &ragchat_actors::admission::session::Rejection, resource: &str) {
     use ragchat_actors::admission::session::Rejection as R;

@@ -1,18 +1,21 @@
 //! /auth: registration, login, token refresh and logout, the current user, API keys.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Duration, Utc};
+use ragchat_actors::admission::ratelimit::Quota;
 use ragchat_actors::domain::{ApiKey, Email, NewUser, RefreshOutcome, RefreshToken};
 use ragchat_actors::plans::Plan;
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::extractors::CurrentUser;
+use super::extractors::{client_address, CurrentUser};
 use super::views::UserView;
 use super::AppState;
 use crate::auth::passwords::{MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 use crate::auth::{new_api_key, new_refresh_token, token_digest};
+use crate::config::RateLimit;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
@@ -116,8 +119,22 @@ fn check_password(password: &str) -> Result<(), ApiError> {
 #[utoipa::path(post, path = "/auth/register", tag = "auth", request_body = RegisterRequest,
     responses((status = 201, body = UserView),
         (status = 409, body = ErrorBody, description = "Email already registered"),
-              (status = 422, body = ErrorBody, description = "Invalid e-mail or password")))]
-pub async fn register(state: web::Data<AppState>, body: web::Json<RegisterRequest>) -> Result<HttpResponse, ApiError> {
+              (status = 422, body = ErrorBody, description = "Invalid e-mail or password"),
+              (status = 429, body = ErrorBody, description = "Too many registrations from this address")))]
+pub async fn register(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    body: web::Json<RegisterRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let address = client_address(&req, &state.settings.server.client_ip_header);
+    let limit = state.settings.auth.register_per_address;
+    throttle(
+        &state,
+        format!("register:ip:{address}"),
+        limit,
+        "registrations from this address",
+    )
+    .await?;
     let body = body.into_inner();
     let email = Email::parse(&body.email).map_err(|e| ApiError::Unprocessable(e.to_string()))?;
     check_password(&body.password)?;
@@ -188,12 +205,33 @@ async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Resul
 #[utoipa::path(post, path = "/auth/login", tag = "auth", request_body = LoginRequest,
     responses((status = 200, body = TokenResponse),
         (status = 401, body = ErrorBody, description = "Incorrect email or password"),
-              (status = 403, body = ErrorBody, description = "User account is deactivated")))]
+              (status = 403, body = ErrorBody, description = "User account is deactivated"),
+              (status = 429, body = ErrorBody, description = "Too many sign-in attempts (account or address)")))]
 pub async fn login(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<LoginRequest>,
 ) -> Result<web::Json<TokenResponse>, ApiError> {
     let LoginRequest { email, password } = body.into_inner();
+    // Attempts are counted before any password is checked: a throttled account is
+    // refused even with the right one, and costs no hashing.
+    let a = &state.settings.auth;
+    let address = client_address(&req, &state.settings.server.client_ip_header);
+    throttle(
+        &state,
+        format!("login:ip:{address}"),
+        a.login_per_address,
+        "sign-in attempts from this address",
+    )
+    .await?;
+    let account: String = email.trim().to_lowercase().chars().take(254).collect();
+    throttle(
+        &state,
+        format!("login:acct:{account}"),
+        a.login_per_account,
+        "sign-in attempts for this account",
+    )
+    .await?;
     let user = if email.len() <= 254 {
         state.accounts.user_by_email(&email).await?
     } else {
@@ -222,6 +260,24 @@ pub async fn login(
         return Err(ApiError::Forbidden("User account is deactivated".into()).with_code(ErrorCode::AccountDeactivated));
     }
     Ok(web::Json(issue_tokens(&state, user.id, Uuid::new_v4()).await?))
+}
+
+/// One attempt under a throttle key; 429 with Retry-After when there were too many.
+async fn throttle(state: &AppState, key: String, limit: RateLimit, what: &str) -> Result<(), ApiError> {
+    let quota = Quota {
+        limit: limit.limit,
+        period_ms: limit.period_secs.saturating_mul(1000),
+    };
+    let d = state.throttle.check(&key, quota).await;
+    if d.allowed {
+        return Ok(());
+    }
+    crate::telemetry::record_throttled(&key);
+    let retry = d.retry_after_ms.div_ceil(1000).max(1);
+    Err(ApiError::TooManyRequests {
+        detail: json!(format!("Too many {what}: retry in {retry} seconds")),
+        headers: vec![("Retry-After", retry.to_string())],
+    })
 }
 
 fn invalid_refresh(detail: &str) -> ApiError {

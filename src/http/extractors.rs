@@ -48,6 +48,21 @@ impl CurrentUser {
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub CurrentUser);
 
+/// The client's address: the last entry of the configured proxy header
+/// (`server.client_ip_header`, set by a trusted load balancer), else the peer.
+pub fn client_address(req: &HttpRequest, header: &str) -> String {
+    let from_header = (!header.is_empty())
+        .then(|| req.headers().get(header))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty() && v.len() <= 64);
+    from_header
+        .or_else(|| req.peer_addr().map(|a| a.ip().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 pub fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
     let value = req
         .headers()

@@ -46,6 +46,8 @@ pub struct AppState {
     pub plans: Arc<PlanBook>,
     pub billing: Arc<Billing>,
     pub registry: Arc<SessionRegistry>,
+    /// Sign-in and registration throttles (Redis when configured).
+    pub throttle: Arc<ragchat_actors::admission::throttle::Throttle>,
     pub ledger: Ledger,
     /// The Redis rate limiter, when configured (its breaker state is reported).
     pub redis_limits: Option<Arc<crate::stores::redis_limits::RedisRateLimits>>,

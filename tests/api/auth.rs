@@ -438,3 +438,107 @@ async fn the_auth_flow_works_on_postgres_too() {
     let page = expect(app.get("/admin/users?plan=free", Some(&admin)).await, StatusCode::OK).await;
     assert_eq!(page["total"], 1);
 }
+
+fn throttled_settings(account: u32, address: u32, register: u32) -> ragchat::config::Settings {
+    let mut settings = test_settings(&crate::helpers::temp_sqlite_url());
+    let per = |limit| ragchat::config::RateLimit {
+        limit,
+        period_secs: 300,
+    };
+    settings.auth.login_per_account = per(account);
+    settings.auth.login_per_address = per(address);
+    settings.auth.register_per_address = per(register);
+    settings
+}
+
+async fn login_status(app: &TestApp, email: &str, password: &str, forwarded: Option<&str>) -> reqwest::Response {
+    let mut req = app
+        .client
+        .post(app.url("/auth/login"))
+        .json(&json!({"email": email, "password": password}));
+    if let Some(f) = forwarded {
+        req = req.header("X-Forwarded-For", f);
+    }
+    req.send().await.expect("login")
+}
+
+#[actix_web::test]
+async fn sign_in_is_throttled_per_account_and_the_right_password_is_refused_meanwhile() {
+    let app = TestApp::spawn_with(throttled_settings(3, 1000, 1000)).await;
+    app.register("victim@example.com", "correct-horse-battery").await;
+    for _ in 0..3 {
+        let resp = login_status(&app, "victim@example.com", "guess-123456", None).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    // The fourth attempt within the window is refused before the password is checked.
+    let resp = login_status(&app, "Victim@Example.com", "correct-horse-battery", None).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = resp.headers()["retry-after"]
+        .to_str()
+        .expect("ascii")
+        .parse()
+        .expect("secs");
+    assert!((1..=100).contains(&retry), "one attempt back every 100 s: {retry}");
+    let body: Value = resp.json().await.expect("json");
+    assert_eq!(body["code"], "rate_limited");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("this account")),
+        "{body}"
+    );
+    // Another account from the same address is not affected.
+    app.register("bystander@example.com", "correct-horse-battery").await;
+    let resp = login_status(&app, "bystander@example.com", "correct-horse-battery", None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+#[actix_web::test]
+async fn sign_in_and_registration_are_throttled_per_client_address() {
+    let app = TestApp::spawn_with(throttled_settings(1000, 4, 2)).await;
+    for i in 0..4 {
+        let resp = login_status(&app, &format!("nobody{i}@example.com"), "guess-123456", None).await;
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    }
+    let resp = login_status(&app, "nobody9@example.com", "guess-123456", None).await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = resp.json().await.expect("json");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("this address")),
+        "{body}"
+    );
+
+    let creds = |i: u32| json!({"email": format!("new{i}@example.com"), "password": "correct-horse-battery"});
+    for i in 0..2 {
+        expect(
+            app.post_json("/auth/register", &creds(i), None).await,
+            StatusCode::CREATED,
+        )
+        .await;
+    }
+    let body = expect(
+        app.post_json("/auth/register", &creds(2), None).await,
+        StatusCode::TOO_MANY_REQUESTS,
+    )
+    .await;
+    assert_eq!(body["code"], "rate_limited");
+}
+
+#[actix_web::test]
+async fn behind_a_load_balancer_the_configured_header_names_the_client() {
+    let mut settings = throttled_settings(1000, 1, 1000);
+    settings.server.client_ip_header = "X-Forwarded-For".into();
+    let app = TestApp::spawn_with(settings).await;
+    let first = login_status(&app, "a@example.com", "guess-123456", Some("10.9.9.9, 203.0.113.5")).await;
+    assert_eq!(first.status(), StatusCode::UNAUTHORIZED);
+    let again = login_status(&app, "b@example.com", "guess-123456", Some("203.0.113.5")).await;
+    assert_eq!(
+        again.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the last entry is the client"
+    );
+    let other = login_status(&app, "c@example.com", "guess-123456", Some("10.9.9.9, 203.0.113.6")).await;
+    assert_eq!(
+        other.status(),
+        StatusCode::UNAUTHORIZED,
+        "another client is not affected"
+    );
+}

@@ -8,6 +8,7 @@
 //! - `quota`: monthly quotas reserved in leases from the store (pure).
 //! - `storage`: reservations of document storage (pure).
 //! - `users`: user rows cached for a second (shared with authentication).
+//! - `throttle`: limits before authentication (sign-in, registration).
 
 #[cfg(test)]
 pub(crate) mod fakes;
@@ -16,4 +17,5 @@ pub mod ratelimit;
 pub mod registry;
 pub mod session;
 pub mod storage;
+pub mod throttle;
 pub mod users;
