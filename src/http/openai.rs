@@ -2,8 +2,9 @@
 //! JSON or SSE `data:` chunks ending with `[DONE]`). Authenticated like every route
 //! (JWT or API key) and admitted by the user's session: completions count as
 //! `messages`, embeddings as `api_calls`; usage is recorded with token counts.
-//! A completion whose client disconnects leaves the batch at the next step and its
-//! unit is given back (a cancelled answer is not counted).
+//! A streamed completion whose client disconnects leaves the batch at the next
+//! step; it counts once a token was sent, and is given back if none was (the
+//! same rule as the chat routes).
 
 use actix_web::web::Bytes;
 use actix_web::{web, HttpResponse};
@@ -243,6 +244,38 @@ fn start_generation(
     Ok(Generation::new(rx))
 }
 
+/// The admitted unit of a streamed completion: completed on `Done`; ended
+/// early (dropped), it counts once a token was sent and goes back otherwise:
+/// the usage rule of every transport.
+struct Streamed {
+    admitted: Option<Admitted<ChatMessage>>,
+    sent: bool,
+}
+
+impl Streamed {
+    fn new(admitted: Admitted<ChatMessage>) -> Self {
+        Streamed {
+            admitted: Some(admitted),
+            sent: false,
+        }
+    }
+
+    fn complete(&mut self, metadata: Value) {
+        if let Some(a) = self.admitted.take() {
+            a.complete(metadata);
+        }
+    }
+}
+
+impl Drop for Streamed {
+    fn drop(&mut self) {
+        if self.sent {
+            self.complete(json!({"endpoint": "/v1/chat/completions", "stream": true, "ended_early": true}));
+        }
+        // Otherwise the admitted unit is dropped unused: given back.
+    }
+}
+
 /// Chat completion with the configured model (ChatML), plain or streamed (SSE).
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])), request_body = ChatCompletionRequest,
     responses((status = 200), (status = 400, body = ErrorBody, description = "Prompt longer than the context"),
@@ -285,25 +318,26 @@ pub async fn chat_completions(
         }
     }
 
-    // Streaming: the permit travels with the stream; it is completed on `Done` and
-    // given back if the client goes away first (the stream is dropped).
+    // Streaming: the permit travels with the stream (`Streamed`): completed on
+    // `Done`; if the stream ends early (the client went away, or the model
+    // failed), counted once a token was sent and given back otherwise.
     let chunk = move |delta: Value, finish: Option<&str>| {
         let c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": name,
                        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
         sse::frame(None, &c)
     };
     let first = chunk(json!({"role": "assistant", "content": ""}), None);
-    let st = Some((generation, admitted, chunk));
+    let st = Some((generation, Streamed::new(admitted), chunk));
     let rest = stream::unfold(st, |st| async move {
-        let (mut generation, admitted, chunk) = st?;
+        let (mut generation, mut permit, chunk) = st?;
         Some(match generation.next().await {
-            Step::Text(text) => (
-                chunk(json!({"content": text}), None),
-                Some((generation, admitted, chunk)),
-            ),
+            Step::Text(text) => {
+                permit.sent = true;
+                (chunk(json!({"content": text}), None), Some((generation, permit, chunk)))
+            }
             Step::Done(done) => {
-                admitted.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
-                                         "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}));
+                permit.complete(json!({"endpoint": "/v1/chat/completions", "stream": true,
+                                       "prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens}));
                 let mut out = chunk(json!({}), Some(done.reason.as_str())).to_vec();
                 let usage = json!({"object": "chat.completion.chunk", "choices": [],
                                    "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,

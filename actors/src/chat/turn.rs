@@ -6,14 +6,18 @@
 //! event (`sources`, `token`…, then `done` with the whole response or `error`)
 //! by every transport.
 //!
-//! Usage is recorded exactly once per admitted message:
+//! Usage is recorded exactly once per admitted message, by one rule for every
+//! transport: **once a token has been sent the unit counts; work that produced
+//! nothing is given back**.
 //! - an answer that completes counts once;
-//! - an answer whose client leaves mid-stream (the `Turn` is dropped) or
-//!   cancels also counts once: the question and the partial answer (marked
-//!   `cancelled`) are kept in the conversation, and the generation stops at the
-//!   next step, freeing its slot;
-//! - a request refused before generation (bad input, unknown session, prompt
-//!   too long, model overloaded) or failed by the model gives its unit back.
+//! - an answer whose client leaves (the `Turn` is dropped) or cancels, or that
+//!   the model fails, after its first token counts once: the question and the
+//!   partial answer (marked `cancelled` or `failed`) are kept in the
+//!   conversation (a store that cannot keep them does not change the count),
+//!   and the generation stops at the next step, freeing its slot;
+//! - the same before the first token, and a request refused before generation
+//!   (bad input, unknown session, prompt too long, model overloaded), gives its
+//!   unit back and keeps nothing.
 //!
 //! Stores that fail degrade the answer instead of refusing it: no history, no
 //! sources or not saved, each said in `warnings`.
@@ -368,6 +372,7 @@ impl ChatService {
             meta: Some(meta),
             generation: Some(Generation::new(events)),
             finishing: None,
+            tokens_sent: false,
             head_sent: false,
             text: String::new(),
         })
@@ -389,6 +394,22 @@ fn detached<T: 'static>(work: impl std::future::Future<Output = T> + 'static) ->
         let _ = tx.send(work.await);
     });
     rx
+}
+
+/// How an answer ended before the model's `Done`.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    Cancelled,
+    Failed,
+}
+
+impl Ending {
+    fn as_str(self) -> &'static str {
+        match self {
+            Ending::Cancelled => "cancelled",
+            Ending::Failed => "failed",
+        }
+    }
 }
 
 /// A message on its way: retrieved, prompted and queued on the model.
@@ -452,6 +473,8 @@ pub struct Turn {
     generation: Option<Generation>,
     /// The answer being saved and counted (after the model's `Done`).
     finishing: Option<tokio::sync::oneshot::Receiver<ChatResponse>>,
+    /// A token was handed to the transport: from then on the unit counts.
+    tokens_sent: bool,
     head_sent: bool,
     text: String,
 }
@@ -477,6 +500,7 @@ impl Turn {
         match step {
             Step::Text(t) => {
                 self.text.push_str(&t);
+                self.tokens_sent = true;
                 Some(Event::Token(t))
             }
             Step::Done(done) => {
@@ -493,11 +517,10 @@ impl Turn {
                 Box::pin(self.next()).await
             }
             Step::Failed(e) => {
-                // The server failed the answer: nothing stored, the unit given back.
-                self.generation = None;
-                self.meta = None;
-                if let Some(t) = self.ticket.take() {
-                    t.release();
+                // The model failed the answer: given back if nothing was sent,
+                // else counted and kept as far as it went (see `end_early`).
+                if let Some(done) = self.end_early(Ending::Failed) {
+                    let _ = done.await;
                 }
                 Some(Event::Error(ChatError::Model(e)))
             }
@@ -533,30 +556,45 @@ impl Turn {
 
     /// Starts recording a cancelled answer (once); None if already finished.
     fn cancel_task(&mut self) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        self.end_early(Ending::Cancelled)
+    }
+
+    /// Ends an answer before the model's `Done` (the client left or cancelled,
+    /// or the model failed), once. The usage rule of every transport: an answer
+    /// of which nothing was sent gives its unit back and is not kept; once a
+    /// token was sent the unit counts, and the question and the partial answer
+    /// are kept in the conversation, marked (`cancelled` or `failed`). A store
+    /// that cannot keep them does not change what counts. Returns a receiver
+    /// that answers once that is done; None if the turn had already ended.
+    fn end_early(&mut self, how: Ending) -> Option<tokio::sync::oneshot::Receiver<()>> {
         let (meta, ticket) = (self.meta.take()?, self.ticket.take()?);
+        self.generation = None;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if !self.tokens_sent {
+            ticket.release();
+            metrics::counter!("chat_answers_total", "response_type" => "none", "outcome" => how.as_str()).increment(1);
+            let _ = tx.send(());
+            return Some(rx);
+        }
         let conversations = self.conversations.clone();
         let text = std::mem::take(&mut self.text);
-        let (tx, rx) = tokio::sync::oneshot::channel();
         actix::spawn(async move {
             let answer = meta.answer_record(
                 &text,
-                json!({"sources": meta.sources, "retrieval_route": meta.route, "cancelled": true}),
+                json!({"sources": meta.sources, "retrieval_route": meta.route, how.as_str(): true}),
             );
             if let Err(e) = meta.save(conversations.as_ref(), answer).await {
-                // Nothing kept, nothing counted (as any failed save).
-                tracing::warn!(error = %e, session = %meta.session.id, "a cancelled answer could not be saved");
-                ticket.release();
-            } else {
-                metrics::counter!("chat_answers_total", "response_type" => "cancelled", "outcome" => "cancelled")
-                    .increment(1);
-                ticket.complete(json!({
-                    "endpoint": "/chat",
-                    "session_id": meta.session.id,
-                    "message_id": meta.answer_id,
-                    "cancelled": true,
-                    "answer_chars": text.len(),
-                }));
+                tracing::warn!(error = %e, session = %meta.session.id, "an answer ended early could not be saved");
             }
+            metrics::counter!("chat_answers_total", "response_type" => "partial", "outcome" => how.as_str())
+                .increment(1);
+            ticket.complete(json!({
+                "endpoint": "/chat",
+                "session_id": meta.session.id,
+                "message_id": meta.answer_id,
+                how.as_str(): true,
+                "answer_chars": text.len(),
+            }));
             let _ = tx.send(());
         });
         Some(rx)
@@ -734,13 +772,58 @@ mod tests {
         }
     }
 
-    #[actix::test]
-    async fn a_caller_that_stops_waiting_while_the_answer_is_saved_still_gets_it_counted_once() {
-        use crate::admission::session::Admit;
-        use crate::generate_worker::{FinishReason, GenEvent};
-        use crate::plans::{Plan, Resource};
+    /// Conversations that cannot save anything.
+    struct BrokenConversations;
 
-        let w = crate::admission::fakes::world(1, std::time::Duration::from_secs(60), Default::default());
+    #[async_trait::async_trait]
+    impl ConversationStore for BrokenConversations {
+        fn backend(&self) -> &'static str {
+            "broken"
+        }
+        async fn ping(&self) -> crate::ports::StoreResult<()> {
+            Ok(())
+        }
+        async fn create_session(&self, _: &ChatSession) -> crate::ports::StoreResult<()> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<Option<ChatSession>> {
+            Ok(None)
+        }
+        async fn sessions(
+            &self,
+            _: Uuid,
+            _: crate::domain::Page,
+        ) -> crate::ports::StoreResult<(Vec<ChatSession>, u64)> {
+            Ok((Vec::new(), 0))
+        }
+        async fn append(&self, _: Uuid, _: Uuid, _: &[ChatRecord]) -> crate::ports::StoreResult<()> {
+            Err(StoreError::Unavailable("down".into()))
+        }
+        async fn messages(
+            &self,
+            _: Uuid,
+            _: Uuid,
+            _: Option<super::super::records::Cursor>,
+            _: u32,
+        ) -> crate::ports::StoreResult<Vec<ChatRecord>> {
+            Ok(Vec::new())
+        }
+        async fn delete_session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<bool> {
+            Ok(false)
+        }
+    }
+
+    /// An admitted turn over `conversations`, its model events sent by hand.
+    async fn turn_over(
+        w: &crate::admission::fakes::World,
+        conversations: Arc<dyn ConversationStore>,
+    ) -> (
+        Turn,
+        tokio::sync::mpsc::UnboundedSender<crate::generate_worker::GenEvent>,
+        Uuid,
+    ) {
+        use crate::admission::session::Admit;
+        use crate::plans::{Plan, Resource};
         let user = w.accounts.add(Plan::Free);
         let admit = Admit {
             bucket: None,
@@ -776,24 +859,56 @@ mod tests {
             warnings: Vec::new(),
         };
         let (tx, rx) = unbounded_channel();
-        let mut turn = Turn {
-            conversations: Arc::new(SlowConversations),
+        let turn = Turn {
+            conversations,
             ticket: Some(ticket),
             meta: Some(meta),
             generation: Some(Generation::new(rx)),
             finishing: None,
+            tokens_sent: false,
             head_sent: false,
             text: String::new(),
         };
-        let _ = tx.send(GenEvent::Token {
-            text: "an answer".into(),
-        });
-        let _ = tx.send(GenEvent::Done {
-            finish_reason: FinishReason::Stop,
+        (turn, tx, user)
+    }
+
+    fn world() -> crate::admission::fakes::World {
+        // Leases of one unit: the store's counter is exact at every moment.
+        crate::admission::fakes::world(1, std::time::Duration::from_secs(60), Default::default())
+    }
+
+    /// The user's messages this month (the store's counter, the ledger's records),
+    /// once the ledger had time.
+    async fn counted(w: &crate::admission::fakes::World, user: Uuid) -> (u64, u64) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // A unit given back sits in the session's lease until handed back.
+        w.registry.return_leases(user).await;
+        let month = crate::plans::month_of(Utc::now()).start;
+        (
+            w.usage.counter(user, crate::plans::Resource::Messages, month),
+            w.usage.recorded(user),
+        )
+    }
+
+    fn done() -> crate::generate_worker::GenEvent {
+        crate::generate_worker::GenEvent::Done {
+            finish_reason: crate::generate_worker::FinishReason::Stop,
             prompt_tokens: 3,
             completion_tokens: 2,
             first_token_ms: 1.0,
-        });
+        }
+    }
+
+    fn token(t: &str) -> crate::generate_worker::GenEvent {
+        crate::generate_worker::GenEvent::Token { text: t.into() }
+    }
+
+    #[actix::test]
+    async fn a_caller_that_stops_waiting_while_the_answer_is_saved_still_gets_it_counted_once() {
+        let w = world();
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let _ = tx.send(token("an answer"));
+        let _ = tx.send(done());
         assert!(matches!(turn.next().await, Some(Event::Sources(_))));
         assert!(matches!(turn.next().await, Some(Event::Token(t)) if t == "an answer"));
         // A WebSocket's select! drops the future while the answer is being saved…
@@ -806,14 +921,53 @@ mod tests {
         }
         assert!(turn.next().await.is_none());
         drop(turn);
-        for _ in 0..100 {
-            if w.usage.recorded(user) > 0 {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        assert_eq!(w.usage.recorded(user), 1, "counted once");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        assert_eq!(counted(&w, user).await, (1, 1), "counted once");
+    }
+
+    #[actix::test]
+    async fn an_answer_left_before_its_first_token_is_given_back() {
+        let w = world();
+        let (mut turn, _tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        assert!(matches!(turn.next().await, Some(Event::Sources(_))));
+        drop(turn); // the client left while the prompt was prefilled
+        assert_eq!(counted(&w, user).await, (0, 0));
+        // Cancelled the same way: given back, and said so (None: not an answer).
+        let (mut turn, _tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        assert!(matches!(turn.next().await, Some(Event::Sources(_))));
+        assert!(turn.cancel().await.is_none());
+        assert_eq!(counted(&w, user).await, (0, 0));
+    }
+
+    #[actix::test]
+    async fn once_a_token_was_sent_the_unit_counts_even_when_nothing_can_be_saved() {
+        let w = world();
+        // The client leaves after a token; the conversation store is down (or the
+        // session was deleted meanwhile): still counted once.
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(BrokenConversations)).await;
+        let _ = tx.send(token("partial"));
+        assert!(matches!(turn.next().await, Some(Event::Sources(_))));
+        assert!(matches!(turn.next().await, Some(Event::Token(_))));
+        assert!(turn.cancel().await.is_none());
+        assert_eq!(counted(&w, user).await, (1, 1));
+        // The model fails after a token: the error is told, the unit counts.
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let _ = tx.send(token("partial"));
+        let _ = tx.send(crate::generate_worker::GenEvent::Error(ModelError::Unavailable(
+            "crashed".into(),
+        )));
+        assert!(matches!(turn.next().await, Some(Event::Sources(_))));
+        assert!(matches!(turn.next().await, Some(Event::Token(_))));
+        assert!(matches!(turn.next().await, Some(Event::Error(ChatError::Model(_)))));
+        assert_eq!(counted(&w, user).await, (1, 1));
+        // The model fails before any token: given back.
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let _ = tx.send(crate::generate_worker::GenEvent::Error(ModelError::Unavailable(
+            "crashed".into(),
+        )));
+        assert!(matches!(turn.next().await, Some(Event::Sources(_))));
+        assert!(matches!(turn.next().await, Some(Event::Error(_))));
+        assert_eq!(counted(&w, user).await, (0, 0));
     }
 
     #[test]
