@@ -102,6 +102,9 @@ pub struct KnowledgeSettings {
     pub chunk_overlap: usize,
     /// Largest document accepted, in bytes of text.
     pub max_document_bytes: usize,
+    /// Largest `metadata` of a document, in bytes of JSON (it is kept with every
+    /// chunk in the index and every search hit).
+    pub max_metadata_bytes: usize,
     /// Where the search index keeps its snapshot (empty: memory only, rebuilt
     /// from the store at every start).
     #[serde(default)]

@@ -346,6 +346,7 @@ pub async fn seed_enhanced(
     state: web::Data<AppState>,
     body: web::Json<SeedRequest>,
 ) -> Result<actix_web::HttpResponse, ApiError> {
+    use crate::knowledge::ingest::DocLimits;
     use crate::knowledge::seed::{self, SeedError, SeedOptions};
     let body = body.into_inner();
     let k = &state.settings.knowledge;
@@ -363,7 +364,7 @@ pub async fn seed_enhanced(
             .with_code(ErrorCode::SeedInProgress),
         other => ApiError::Unprocessable(other.to_string()),
     })?;
-    let (status, max) = (state.seed.clone(), k.max_document_bytes);
+    let (status, max) = (state.seed.clone(), DocLimits::of(k));
     let job = async move { seed::run(&ingestor, &path, opts, max, status, &|_| {}).await };
     // Always its own task: a waiting client that leaves does not stop the seed
     // halfway (nor leave its state "running" for ever).

@@ -18,7 +18,7 @@ use super::extractors::CurrentUser;
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::knowledge::formats::{self, Format};
-use crate::knowledge::ingest::{validate, IngestError, Ingestor, NewDoc, Outcome};
+use crate::knowledge::ingest::{validate, DocLimits, IngestError, Ingestor, NewDoc, Outcome};
 
 /// The routes; `max_document_bytes` sets the body limit of the ingestion route
 /// (twice the text, for JSON escapes, plus room for the other fields).
@@ -216,7 +216,7 @@ pub async fn create_document(
         source: body.source.unwrap_or_default(),
         metadata: body.metadata.unwrap_or_default(),
     };
-    validate(&mut doc, state.settings.knowledge.max_document_bytes)?;
+    validate(&mut doc, DocLimits::of(&state.settings.knowledge))?;
     let size = doc.content.len();
     let outcome = ingest(&state, &user, vec![doc])
         .await?
@@ -356,7 +356,7 @@ pub async fn upload_document(
             source: source.clone().unwrap_or(e.source),
             metadata: meta,
         };
-        validate(&mut d, k.max_document_bytes).map_err(|err| match err {
+        validate(&mut d, DocLimits::of(k)).map_err(|err| match err {
             IngestError::Invalid(m) | IngestError::TooLarge(m) if !single => {
                 ApiError::Unprocessable(format!("'{}': {m}", d.source))
             }

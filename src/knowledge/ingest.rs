@@ -60,7 +60,24 @@ impl Outcome {
 }
 
 /// Trims the title and checks the sizes.
-pub fn validate(doc: &mut NewDoc, max_bytes: usize) -> Result<(), IngestError> {
+/// How large a document may be: its text, and its metadata as JSON.
+#[derive(Debug, Clone, Copy)]
+pub struct DocLimits {
+    pub max_bytes: usize,
+    pub max_metadata_bytes: usize,
+}
+
+impl DocLimits {
+    pub fn of(k: &crate::config::KnowledgeSettings) -> Self {
+        DocLimits {
+            max_bytes: k.max_document_bytes,
+            max_metadata_bytes: k.max_metadata_bytes,
+        }
+    }
+}
+
+pub fn validate(doc: &mut NewDoc, limits: DocLimits) -> Result<(), IngestError> {
+    let max_bytes = limits.max_bytes;
     doc.title = doc.title.trim().to_string();
     if doc.title.is_empty() || doc.title.chars().count() > 500 {
         return Err(IngestError::Invalid("title must be 1 to 500 characters".into()));
@@ -72,6 +89,14 @@ pub fn validate(doc: &mut NewDoc, max_bytes: usize) -> Result<(), IngestError> {
         return Err(IngestError::TooLarge(format!(
             "Document of {} bytes exceeds the limit of {max_bytes} bytes",
             doc.content.len()
+        )));
+    }
+    // Metadata goes with every chunk into the index and every search hit: bounded.
+    let metadata_bytes = serde_json::to_string(&doc.metadata).map_or(usize::MAX, |m| m.len());
+    if metadata_bytes > limits.max_metadata_bytes {
+        return Err(IngestError::TooLarge(format!(
+            "metadata of {metadata_bytes} bytes (as JSON) exceeds the limit of {} bytes",
+            limits.max_metadata_bytes
         )));
     }
     Ok(())

@@ -14,7 +14,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::formats::{self, Extracted, Format};
-use super::ingest::{validate, IngestError, Ingestor, NewDoc, Outcome};
+use super::ingest::{validate, DocLimits, IngestError, Ingestor, NewDoc, Outcome};
 use ragchat_actors::retrieval::RemoveDocument;
 
 /// Documents per ingestion batch (one embedding pass, one index commit).
@@ -189,12 +189,12 @@ pub async fn run(
     ingestor: &Ingestor,
     source: &Path,
     opts: SeedOptions,
-    max_document_bytes: usize,
+    limits: DocLimits,
     status: Arc<Mutex<SeedStatus>>,
     progress: &(dyn Fn(&SeedStatus) + Sync),
 ) {
     let started = Instant::now();
-    let outcome = seed(ingestor, source, opts, max_document_bytes, &status, progress, started).await;
+    let outcome = seed(ingestor, source, opts, limits, &status, progress, started).await;
     let mut s = lock(&status);
     s.elapsed_s = started.elapsed().as_secs_f64();
     s.finished_at = Some(Utc::now());
@@ -212,13 +212,13 @@ async fn seed(
     ingestor: &Ingestor,
     source: &Path,
     opts: SeedOptions,
-    max_document_bytes: usize,
+    limits: DocLimits,
     status: &Arc<Mutex<SeedStatus>>,
     progress: &(dyn Fn(&SeedStatus) + Sync),
     started: Instant,
 ) -> Result<(), SeedError> {
     let path = source.to_path_buf();
-    let max_file = max_document_bytes.saturating_mul(4);
+    let max_file = limits.max_bytes.saturating_mul(4);
     // Reading (PDFs above all) is CPU work: keep it off the async workers.
     let reading = status.clone();
     let docs = tokio::task::spawn_blocking(move || read_corpus(&path, max_file, &reading))
@@ -253,7 +253,7 @@ async fn seed(
                 source: e.source.clone(),
                 metadata: e.metadata.clone(),
             };
-            match validate(&mut d, max_document_bytes) {
+            match validate(&mut d, limits) {
                 Ok(()) => valid.push(d),
                 Err(err) => {
                     let mut s = lock(status);
@@ -398,7 +398,7 @@ pub async fn cli(settings: &crate::config::Settings, path: &Path, opts: SeedOpti
             s.documents_created, s.documents_duplicate, s.documents_failed
         ));
     };
-    run(&ingestor, path, opts, k.max_document_bytes, status.clone(), &progress).await;
+    run(&ingestor, path, opts, DocLimits::of(k), status.clone(), &progress).await;
     bar.finish();
     let s = lock(&status).clone();
     println!(

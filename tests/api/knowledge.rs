@@ -341,3 +341,26 @@ async fn a_crashed_retrieval_actor_is_restarted_and_catches_up_with_the_store() 
         "{node}"
     );
 }
+
+#[actix_web::test]
+async fn oversized_metadata_is_refused_before_any_work() {
+    let app = TestApp::spawn().await;
+    let (_, token) = app.user("metadata@example.com").await;
+    let big = json!({"title": "x", "content": "text", "metadata": {"blob": "a".repeat(17 * 1024)}});
+    let body = expect(
+        app.post_json("/knowledge/documents", &big, Some(&token)).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )
+    .await;
+    assert_eq!(body["code"], "payload_too_large");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("metadata") && d.contains("16384")),
+        "{body}"
+    );
+    // Within the limit it passes validation (and goes on to the rest of ingestion).
+    let fits = json!({"title": "x", "content": "text", "metadata": {"blob": "a".repeat(15 * 1024)}});
+    let resp = app.post_json("/knowledge/documents", &fits, Some(&token)).await;
+    assert_ne!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+}

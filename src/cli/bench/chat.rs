@@ -214,7 +214,7 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
         &ingestor,
         &subset_path,
         Default::default(),
-        settings.knowledge.max_document_bytes,
+        ragchat::knowledge::ingest::DocLimits::of(&settings.knowledge),
         status.clone(),
         &|_| {},
     )
