@@ -730,19 +730,22 @@ mod tests {
         assert!(l.check(&r).is_err());
     }
 
-    /// Conversations that take a while to save.
-    struct SlowConversations;
+    /// Conversations that take a while to save (`Slow`) or cannot save (`Broken`).
+    enum Conversations {
+        Slow,
+        Broken,
+    }
 
     #[async_trait::async_trait]
-    impl ConversationStore for SlowConversations {
+    impl ConversationStore for Conversations {
         fn backend(&self) -> &'static str {
-            "slow"
+            "fake"
         }
         async fn ping(&self) -> crate::ports::StoreResult<()> {
             Ok(())
         }
         async fn create_session(&self, _: &ChatSession) -> crate::ports::StoreResult<()> {
-            Ok(())
+            self.save().await
         }
         async fn session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<Option<ChatSession>> {
             Ok(None)
@@ -755,8 +758,7 @@ mod tests {
             Ok((Vec::new(), 0))
         }
         async fn append(&self, _: Uuid, _: Uuid, _: &[ChatRecord]) -> crate::ports::StoreResult<()> {
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-            Ok(())
+            self.save().await
         }
         async fn messages(
             &self,
@@ -772,44 +774,15 @@ mod tests {
         }
     }
 
-    /// Conversations that cannot save anything.
-    struct BrokenConversations;
-
-    #[async_trait::async_trait]
-    impl ConversationStore for BrokenConversations {
-        fn backend(&self) -> &'static str {
-            "broken"
-        }
-        async fn ping(&self) -> crate::ports::StoreResult<()> {
-            Ok(())
-        }
-        async fn create_session(&self, _: &ChatSession) -> crate::ports::StoreResult<()> {
-            Err(StoreError::Unavailable("down".into()))
-        }
-        async fn session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<Option<ChatSession>> {
-            Ok(None)
-        }
-        async fn sessions(
-            &self,
-            _: Uuid,
-            _: crate::domain::Page,
-        ) -> crate::ports::StoreResult<(Vec<ChatSession>, u64)> {
-            Ok((Vec::new(), 0))
-        }
-        async fn append(&self, _: Uuid, _: Uuid, _: &[ChatRecord]) -> crate::ports::StoreResult<()> {
-            Err(StoreError::Unavailable("down".into()))
-        }
-        async fn messages(
-            &self,
-            _: Uuid,
-            _: Uuid,
-            _: Option<super::super::records::Cursor>,
-            _: u32,
-        ) -> crate::ports::StoreResult<Vec<ChatRecord>> {
-            Ok(Vec::new())
-        }
-        async fn delete_session(&self, _: Uuid, _: Uuid) -> crate::ports::StoreResult<bool> {
-            Ok(false)
+    impl Conversations {
+        async fn save(&self) -> crate::ports::StoreResult<()> {
+            match self {
+                Conversations::Slow => {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    Ok(())
+                }
+                Conversations::Broken => Err(StoreError::Unavailable("down".into())),
+            }
         }
     }
 
@@ -906,7 +879,7 @@ mod tests {
     #[actix::test]
     async fn a_caller_that_stops_waiting_while_the_answer_is_saved_still_gets_it_counted_once() {
         let w = world();
-        let (mut turn, tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(Conversations::Slow)).await;
         let _ = tx.send(token("an answer"));
         let _ = tx.send(done());
         assert!(matches!(turn.next().await, Some(Event::Sources(_))));
@@ -928,12 +901,12 @@ mod tests {
     #[actix::test]
     async fn an_answer_left_before_its_first_token_is_given_back() {
         let w = world();
-        let (mut turn, _tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let (mut turn, _tx, user) = turn_over(&w, Arc::new(Conversations::Slow)).await;
         assert!(matches!(turn.next().await, Some(Event::Sources(_))));
         drop(turn); // the client left while the prompt was prefilled
         assert_eq!(counted(&w, user).await, (0, 0));
         // Cancelled the same way: given back, and said so (None: not an answer).
-        let (mut turn, _tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let (mut turn, _tx, user) = turn_over(&w, Arc::new(Conversations::Slow)).await;
         assert!(matches!(turn.next().await, Some(Event::Sources(_))));
         assert!(turn.cancel().await.is_none());
         assert_eq!(counted(&w, user).await, (0, 0));
@@ -944,14 +917,14 @@ mod tests {
         let w = world();
         // The client leaves after a token; the conversation store is down (or the
         // session was deleted meanwhile): still counted once.
-        let (mut turn, tx, user) = turn_over(&w, Arc::new(BrokenConversations)).await;
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(Conversations::Broken)).await;
         let _ = tx.send(token("partial"));
         assert!(matches!(turn.next().await, Some(Event::Sources(_))));
         assert!(matches!(turn.next().await, Some(Event::Token(_))));
         assert!(turn.cancel().await.is_none());
         assert_eq!(counted(&w, user).await, (1, 1));
         // The model fails after a token: the error is told, the unit counts.
-        let (mut turn, tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(Conversations::Slow)).await;
         let _ = tx.send(token("partial"));
         let _ = tx.send(crate::generate_worker::GenEvent::Error(ModelError::Unavailable(
             "crashed".into(),
@@ -961,7 +934,7 @@ mod tests {
         assert!(matches!(turn.next().await, Some(Event::Error(ChatError::Model(_)))));
         assert_eq!(counted(&w, user).await, (1, 1));
         // The model fails before any token: given back.
-        let (mut turn, tx, user) = turn_over(&w, Arc::new(SlowConversations)).await;
+        let (mut turn, tx, user) = turn_over(&w, Arc::new(Conversations::Slow)).await;
         let _ = tx.send(crate::generate_worker::GenEvent::Error(ModelError::Unavailable(
             "crashed".into(),
         )));
