@@ -11,8 +11,8 @@ use ragchat_actors::retrieval::{Filters, Hit, IndexError, Route};
 use serde::Deserialize;
 use serde_json::Value;
 use tantivy::collector::TopDocs;
-use tantivy::query::QueryParser;
-use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED};
+use tantivy::query::{BooleanQuery, Occur, QueryParser, TermSetQuery};
+use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
 use tantivy::{doc, Index, IndexReader, IndexWriter, Term};
 use uuid::Uuid;
 
@@ -103,6 +103,9 @@ pub struct HybridIndex {
     key: tantivy::schema::Field,
     title: tantivy::schema::Field,
     content: tantivy::schema::Field,
+    /// The chunk's owner key (`user:…`, `org:…`, `global`): the text route asks
+    /// only for what the reader may see, before ranking is cut.
+    owner: tantivy::schema::Field,
     parser: QueryParser,
     dirty: bool,
 }
@@ -122,6 +125,7 @@ impl HybridIndex {
         );
         let title = sb.add_text_field("title", text.clone());
         let content = sb.add_text_field("content", text);
+        let owner = sb.add_text_field("owner", STRING);
         let index = Index::create_in_ram(sb.build());
         let writer = index.writer_with_num_threads(1, 32 << 20).map_err(index_error)?;
         let reader = index.reader().map_err(index_error)?;
@@ -141,6 +145,7 @@ impl HybridIndex {
             key,
             title,
             content,
+            owner,
             parser,
             dirty: false,
         })
@@ -157,12 +162,14 @@ impl HybridIndex {
     /// Adds a document's chunks (replacing any it had). Call `commit` after a batch.
     pub fn add(&mut self, doc: &Document, chunks: &[Chunk]) -> Result<(), IndexError> {
         self.remove(doc.id);
-        let (title, content) = (self.title, self.content);
+        let (title, content, owner) = (self.title, self.content, self.owner);
+        let owner_key = doc.owner.to_string();
         let mut slots = Vec::with_capacity(chunks.len());
         for c in chunks {
             let slot = self.slots.len();
             self.writer
-                .add_document(doc!(self.key => slot as u64, title => doc.title.as_str(), content => c.content.as_str()))
+                .add_document(doc!(self.key => slot as u64, title => doc.title.as_str(),
+                                   content => c.content.as_str(), owner => owner_key.as_str()))
                 .map_err(index_error)?;
             self.slots.push(Some(Entry {
                 chunk_id: c.id,
@@ -388,7 +395,8 @@ impl HybridIndex {
             index
                 .writer
                 .add_document(
-                    doc!(index.key => slot as u64, index.title => e.t.as_str(), index.content => e.x.as_str()),
+                    doc!(index.key => slot as u64, index.title => e.t.as_str(), index.content => e.x.as_str(),
+                         index.owner => e.o.as_str()),
                 )
                 .map_err(index_error)?;
             if e.n != NO_NODE {
@@ -505,8 +513,17 @@ impl HybridIndex {
     /// Slots by BM25, best first.
     fn text(&self, query: &str, reader: &Reader, filters: &Filters, n: usize) -> Result<Vec<(usize, f32)>, IndexError> {
         let (q, _) = self.parser.parse_query_lenient(query);
+        // Only what the reader may see is ranked: another tenant's documents
+        // cannot crowd the reader's out of the candidates.
+        let visible = TermSetQuery::new(
+            reader
+                .owners()
+                .iter()
+                .map(|o| Term::from_field_text(self.owner, &o.to_string())),
+        );
+        let q = BooleanQuery::new(vec![(Occur::Must, q), (Occur::Must, Box::new(visible))]);
         let searcher = self.reader.searcher();
-        // Fetch more than asked: hits the reader may not see are dropped after.
+        // Fetch more than asked: hits the metadata filters reject are dropped after.
         let want = (n * 4).max(100);
         let found = searcher
             .search(&q, &TopDocs::with_limit(want).order_by_score())
@@ -711,6 +728,61 @@ pub(crate) mod tests {
             .expect("text")
             .is_empty());
         assert_eq!(ix.len(), 2);
+    }
+
+    #[test]
+    fn another_tenants_documents_cannot_crowd_a_readers_out_of_the_text_route() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let reader = |id| Reader {
+            user_id: id,
+            organization_id: None,
+        };
+        let mut ix = HybridIndex::new().expect("index");
+        // Tenant A: 1,000 short chunks that BM25 ranks first for "protein".
+        for i in 0..1000 {
+            let (d, c) = doc_with(
+                Owner::User(a),
+                &format!("A{i}"),
+                &[("protein protein", vec![1.0, 0.0])],
+                json!({}),
+            );
+            ix.add(&d, &c).expect("add");
+        }
+        // Tenant B: three long chunks that mention it once.
+        let mut mine = Vec::new();
+        for i in 0..3 {
+            let text = format!("a long note {i} about many other things, among them one protein and more words");
+            let (d, c) = doc_with(
+                Owner::User(b),
+                &format!("B{i}"),
+                &[(text.as_str(), vec![0.0, 1.0])],
+                json!({}),
+            );
+            ix.add(&d, &c).expect("add");
+            mine.push(d.id);
+        }
+        ix.commit().expect("commit");
+        let hits = ix
+            .search("protein", None, Route::Text, &reader(b), &Filters::new(), 3)
+            .expect("search");
+        let mut found: Vec<Uuid> = hits.iter().map(|h| h.document_id).collect();
+        found.sort();
+        mine.sort();
+        assert_eq!(found, mine, "B sees its three documents");
+        // A still sees only its own.
+        let hits = ix
+            .search("protein", None, Route::Text, &reader(a), &Filters::new(), 5)
+            .expect("search");
+        assert!(hits.iter().all(|h| h.title.starts_with('A')) && hits.len() == 5);
+        // After a save and load, the owner field is rebuilt from the snapshot.
+        let dir = std::env::temp_dir().join(format!("ragchat-index-{}", Uuid::new_v4()));
+        ix.save(&dir).expect("save");
+        let back = HybridIndex::load(&dir).expect("load").expect("snapshot");
+        let hits = back
+            .search("protein", None, Route::Text, &reader(b), &Filters::new(), 3)
+            .expect("search");
+        assert_eq!(hits.len(), 3);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
