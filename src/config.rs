@@ -164,6 +164,11 @@ pub struct ChatSettings {
     /// WebSocket: largest accepted frame in bytes, longest frame `id` in characters.
     pub ws_max_frame_bytes: usize,
     pub ws_max_id_chars: usize,
+    /// WebSocket: the connection's credentials are checked again this often
+    /// (expired token, revoked key, deactivated account close it).
+    pub ws_auth_check_secs: u64,
+    /// WebSocket: open connections per user.
+    pub ws_max_per_user: usize,
     /// WebSocket: a ping this often; a connection silent for `ws_timeout_secs` is closed.
     pub ws_ping_secs: u64,
     pub ws_timeout_secs: u64,

@@ -202,6 +202,7 @@ impl Application {
         };
         let state = AppState {
             chat,
+            sockets: Default::default(),
             conversations,
             documents,
             ingestor,

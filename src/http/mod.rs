@@ -65,6 +65,8 @@ pub struct AppState {
     pub conversations: Arc<dyn ragchat_actors::ports::ConversationStore>,
     /// The chat turn (conversations, retrieval and the model behind it).
     pub chat: ragchat_actors::chat::turn::ChatService,
+    /// Open WebSockets per user (for `chat.ws_max_per_user`).
+    pub sockets: Arc<ws::Sockets>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

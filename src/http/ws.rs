@@ -2,13 +2,19 @@
 //!
 //! Authentication at connect: `Authorization: Bearer <JWT or API key>`, or
 //! `?token=` for clients that cannot set headers (browsers). A refused
-//! handshake answers 401/403 like any route. The account is checked again for
-//! every message (a deactivated user gets an error frame, 403).
+//! handshake answers 401/403 like any route, and 429 past `chat.ws_max_per_user`
+//! open connections of the user. The account is checked again for every message
+//! (a deactivated user gets an error frame, 403), and the credentials every
+//! `chat.ws_auth_check_secs`: an expired token or a revoked key closes the
+//! connection with code 4401, a deactivated account with 4403, each after an
+//! `error` frame. A client keeps a connection beyond its token's life by sending
+//! `{"type": "auth", "token": "<fresh JWT>"}` (answered `authenticated`).
 //!
 //! Frames are JSON text both ways. From the client:
 //! - `{"type": "message", "id"?: any, ...the body of POST /chat/message}`
 //! - `{"type": "cancel"}`: stops the answer in progress (it counts as a cancelled answer)
 //! - `{"type": "ping"}` (answered `{"type": "pong"}`); WebSocket pings are answered too
+//! - `{"type": "auth", "token": "…"}`: a fresh token of the same user
 //!
 //! From the server, each carrying the `id` of the message it answers:
 //! `sources` (session_id, message_id, sources, retrieval_route), `token`
@@ -41,6 +47,55 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/ws/chat").route(web::get().to(ws_chat)));
 }
 
+/// Open WebSockets per user.
+#[derive(Default)]
+pub struct Sockets(std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>);
+
+/// One open WebSocket of a user; dropped when the connection ends.
+struct SocketSlot {
+    sockets: std::sync::Arc<Sockets>,
+    user_id: uuid::Uuid,
+}
+
+impl Sockets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<uuid::Uuid, usize>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// A slot for one more socket of the user, unless `max` are open.
+    fn open(sockets: &std::sync::Arc<Sockets>, user_id: uuid::Uuid, max: usize) -> Option<SocketSlot> {
+        let mut open = sockets.lock();
+        let n = open.entry(user_id).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SocketSlot {
+            sockets: sockets.clone(),
+            user_id,
+        })
+    }
+}
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        let mut open = self.sockets.lock();
+        if let Some(n) = open.get_mut(&self.user_id) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.user_id);
+            }
+        }
+    }
+}
+
+/// Close codes of a connection whose credentials no longer hold.
+const CLOSE_UNAUTHORIZED: u16 = 4401;
+const CLOSE_FORBIDDEN: u16 = 4403;
+
 #[derive(serde::Deserialize)]
 struct TokenQuery {
     token: Option<String>,
@@ -50,7 +105,8 @@ struct TokenQuery {
 #[utoipa::path(get, path = "/ws/chat", tag = "chat", security(("bearer" = [])),
     params(("token" = Option<String>, Query, description = "JWT or API key, when no Authorization header can be sent")),
     responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 400, body = ErrorBody),
-               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+               (status = 429, body = ErrorBody, description = "Too many open WebSockets for this user")))]
 pub async fn ws_chat(
     req: HttpRequest,
     body: web::Payload,
@@ -64,13 +120,19 @@ pub async fn ws_chat(
             .filter(|t| !t.trim().is_empty())
             .ok_or(header_error)?,
     };
-    let user = user_for_token(&state, token.trim()).await?;
+    let token = token.trim().to_string();
+    let user = user_for_token(&state, &token).await?;
+    let max = state.settings.chat.ws_max_per_user;
+    let slot = Sockets::open(&state.sockets, user.user.id, max).ok_or_else(|| ApiError::TooManyRequests {
+        detail: json!(format!("Too many open WebSockets for this user (at most {max})")),
+        headers: Vec::new(),
+    })?;
     let (response, session, messages) =
         actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("WebSocket handshake: {e}")))?;
     let messages = messages
         .max_frame_size(state.settings.chat.ws_max_frame_bytes)
         .aggregate_continuations();
-    actix_web::rt::spawn(run(state.get_ref().clone(), user, session, messages));
+    actix_web::rt::spawn(run(state.get_ref().clone(), user, token, slot, session, messages));
     Ok(response)
 }
 
@@ -118,6 +180,8 @@ fn error_frame(id: &Value, e: &ApiError) -> String {
 async fn run(
     state: AppState,
     user: CurrentUser,
+    mut token: String,
+    _slot: SocketSlot,
     mut session: Session,
     mut messages: actix_ws::AggregatedMessageStream,
 ) {
@@ -128,6 +192,9 @@ async fn run(
     let timeout = Duration::from_secs(cfg.ws_timeout_secs.max(cfg.ws_ping_secs + 1));
     let mut heard = Instant::now();
     let mut current: Option<Current> = None;
+    let every = Duration::from_secs(cfg.ws_auth_check_secs.max(1));
+    let mut recheck = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let close = loop {
         tokio::select! {
             msg = messages.next() => {
@@ -147,7 +214,7 @@ async fn run(
                         &ApiError::Unprocessable("send JSON text frames".into()),
                     )),
                     Some(Ok(AggregatedMessage::Text(text))) => {
-                        let reply = on_frame(&state, &user, &text, &mut current).await;
+                        let reply = on_frame(&state, &user, &mut token, &text, &mut current).await;
                         heard = Instant::now(); // the client was not the slow one
                         reply
                     }
@@ -179,6 +246,22 @@ async fn run(
                 // the pace of the client, up to the timeout.
                 if !send(&mut session, out, timeout).await {
                     break None;
+                }
+            }
+            _ = recheck.tick() => {
+                // The credentials must still hold: an expired token, a revoked
+                // key or a deactivated account closes the connection (with an
+                // error frame first). A store that cannot answer closes nothing.
+                let refused = match user_for_token(&state, &token).await {
+                    Ok(u) if u.user.id == user.user.id => None,
+                    Ok(_) => Some(ApiError::Forbidden("the token belongs to another user".into())),
+                    Err(e) if matches!(e.status(), 401 | 403) => Some(e),
+                    Err(_) => None,
+                };
+                if let Some(e) = refused {
+                    let code = if e.status() == 401 { CLOSE_UNAUTHORIZED } else { CLOSE_FORBIDDEN };
+                    let _ = send(&mut session, error_frame(&Value::Null, &e), timeout).await;
+                    break Some(CloseCode::Other(code));
                 }
             }
             _ = ping.tick() => {
@@ -220,7 +303,13 @@ async fn fresh(state: &AppState, user: &CurrentUser) -> Result<CurrentUser, ApiE
 }
 
 /// Handles one client frame; returns the frame to send back, if any.
-async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mut Option<Current>) -> Option<String> {
+async fn on_frame(
+    state: &AppState,
+    user: &CurrentUser,
+    token: &mut String,
+    text: &str,
+    current: &mut Option<Current>,
+) -> Option<String> {
     let mut value: Value = match serde_json::from_str(text) {
         Ok(v @ Value::Object(_)) => v,
         _ => {
@@ -250,6 +339,26 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
     let kind = obj.remove("type").and_then(|t| t.as_str().map(str::to_string));
     match kind.as_deref() {
         Some("ping") => Some(frame("pong", &id, json!({}))),
+        // A fresh token (before the current one expires) keeps the connection open.
+        Some("auth") => {
+            let fresh = obj
+                .get("token")
+                .and_then(Value::as_str)
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_string();
+            match user_for_token(state, &fresh).await {
+                Ok(u) if u.user.id == user.user.id => {
+                    *token = fresh;
+                    Some(frame("authenticated", &id, json!({})))
+                }
+                Ok(_) => Some(error_frame(
+                    &id,
+                    &ApiError::Forbidden("a connection keeps the user it was opened for".into()),
+                )),
+                Err(e) => Some(error_frame(&id, &e)),
+            }
+        }
         Some("cancel") => match current.take() {
             // The events are dropped first (the model stops), then the partial
             // answer is stored and counted before the next frame is read.
@@ -297,7 +406,7 @@ async fn on_frame(state: &AppState, user: &CurrentUser, text: &str, current: &mu
         }
         _ => Some(error_frame(
             &id,
-            &ApiError::Unprocessable("type must be message, cancel or ping".into()),
+            &ApiError::Unprocessable("type must be message, cancel, auth or ping".into()),
         )),
     }
 }

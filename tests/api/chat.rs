@@ -788,3 +788,111 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     // Every answer was counted once, whether it was saved or not.
     assert_eq!(usage_records(&app, &user_id, answered).await, answered);
 }
+
+/// The JSON frames received and the close code, until the server closes the
+/// connection or `secs` pass (then the code is None).
+async fn until_closed(ws: &mut Ws, secs: u64) -> (Vec<Value>, Option<u16>) {
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) | Ok(None) | Ok(Some(Err(_))) => return (frames, None),
+            Ok(Some(Ok(Message::Text(t)))) => frames.push(serde_json::from_str(t.as_str()).expect("JSON frame")),
+            Ok(Some(Ok(Message::Close(c)))) => return (frames, c.map(|c| u16::from(c.code))),
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_websocket_closes_when_its_token_expires_unless_a_fresh_one_is_sent() {
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    settings.auth.access_token_ttl_secs = 1; // valid for 1 s, plus the 5 s leeway
+    settings.chat.ws_auth_check_secs = 1;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("ws-expiry@example.com").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&token)))
+        .await
+        .expect("connect");
+    let started = std::time::Instant::now();
+    let (frames, code) = until_closed(&mut ws, 20).await;
+    assert_eq!(code, Some(4401), "closed as unauthorized: {frames:?}");
+    let last = frames.last().expect("an error frame first");
+    assert_eq!(
+        (last["type"].as_str(), last["status"].as_u64()),
+        (Some("error"), Some(401))
+    );
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+
+    // A fresh token sent in time keeps the connection past the first one's life.
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&token_of(&app).await)))
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fresh = token_of(&app).await;
+    ws.send(Message::text(
+        json!({"type": "auth", "id": 1, "token": fresh}).to_string(),
+    ))
+    .await
+    .expect("send");
+    assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+    tokio::time::sleep(Duration::from_secs(5)).await; // past the first token's 6 s
+    ws.send(Message::text(json!({"type": "ping", "id": 2}).to_string()))
+        .await
+        .expect("send");
+    assert_eq!(
+        next_json(&mut ws).await["type"],
+        "pong",
+        "still open on the fresh token"
+    );
+    let (_, code) = until_closed(&mut ws, 15).await;
+    assert_eq!(code, Some(4401), "closed once the fresh token expired too");
+}
+
+async fn token_of(app: &TestApp) -> String {
+    app.login("ws-expiry@example.com", "password-1234").await["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string()
+}
+
+#[actix_web::test]
+async fn websockets_are_capped_per_user_and_closed_when_the_account_is_deactivated() {
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    settings.chat.ws_auth_check_secs = 1;
+    settings.chat.ws_max_per_user = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let admin = app.admin("ws-admin@example.com").await;
+    let (id, token) = app.user("ws-cap@example.com").await;
+    let connect = || tokio_tungstenite::connect_async(ws_url(&app, Some(&token)));
+    let (first, _) = connect().await.expect("first");
+    let (mut second, _) = connect().await.expect("second");
+    match connect().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+        other => panic!("a third socket must be refused: {:?}", other.map(|_| ())),
+    }
+    // A closed socket frees its place.
+    drop(first);
+    let mut third = None;
+    for _ in 0..50 {
+        if let Ok((ws, _)) = connect().await {
+            third = Some(ws);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut third = third.expect("a place freed by the closed socket");
+
+    // Deactivated: every socket of the user gets an error frame and is closed.
+    expect(
+        app.patch_json(&format!("/admin/users/{id}"), &json!({"is_active": false}), &admin)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    for ws in [&mut second, &mut third] {
+        let (frames, code) = until_closed(ws, 10).await;
+        assert_eq!(code, Some(4403), "{frames:?}");
+        assert_eq!(frames.last().map(|f| f["status"].clone()), Some(json!(403)));
+    }
+}
