@@ -218,8 +218,13 @@ fn append_spool(path: &PathBuf, records: &[UsageRecord]) -> std::io::Result<()> 
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut f = OpenOptions::new().create(true).append(true).open(path)?;
+    let mut f = OpenOptions::new().create(true).append(true).read(true).open(path)?;
     let mut buf = Vec::new();
+    // A crash mid-append leaves a torn last line: end it, so that it is skipped
+    // alone instead of swallowing the first record written after it.
+    if ends_torn(&mut f)? {
+        buf.push(b'\n');
+    }
     for r in records {
         serde_json::to_writer(&mut buf, r).map_err(std::io::Error::other)?;
         buf.push(b'\n');
@@ -228,7 +233,19 @@ fn append_spool(path: &PathBuf, records: &[UsageRecord]) -> std::io::Result<()> 
     f.sync_data()
 }
 
-/// Reads the spool; a torn last line (crash mid-append) is skipped.
+/// Whether the file's last byte is not a newline (a torn, unfinished line).
+fn ends_torn(f: &mut File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if f.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    f.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    f.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
+}
+
+/// Reads the spool; a torn line (crash mid-append) is skipped, alone.
 fn read_spool(path: &PathBuf) -> std::io::Result<Vec<UsageRecord>> {
     let f = match File::open(path) {
         Ok(f) => f,
@@ -434,4 +451,37 @@ fn deliver_parked(addr: &Addr<BillingLedger>, parked: &Parked) -> usize {
         addr.do_send_tracked(Record::new(r, parked));
     }
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: u64) -> UsageRecord {
+        let now = chrono::Utc::now();
+        UsageRecord {
+            id: uuid::Uuid::new_v4(),
+            user_id: uuid::Uuid::new_v4(),
+            resource: crate::plans::Resource::Messages,
+            quantity: n,
+            period: crate::plans::month_of(now),
+            metadata: serde_json::json!({}),
+            created_at: now,
+        }
+    }
+
+    #[test]
+    fn a_torn_line_is_skipped_without_losing_the_records_after_it() {
+        let path = std::env::temp_dir().join(format!("ragchat-spool-{}.jsonl", uuid::Uuid::new_v4().simple()));
+        append_spool(&path, &[record(1)]).expect("append");
+        // A crash in the middle of the next append: half a record, no newline.
+        let whole = serde_json::to_string(&record(2)).expect("json");
+        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
+        f.write_all(&whole.as_bytes()[..whole.len() / 2]).expect("torn write");
+        drop(f);
+        append_spool(&path, &[record(3), record(4)]).expect("append after the crash");
+        let back: Vec<u64> = read_spool(&path).expect("read").iter().map(|r| r.quantity).collect();
+        assert_eq!(back, [1, 3, 4]);
+        let _ = std::fs::remove_file(&path);
+    }
 }
