@@ -316,6 +316,10 @@ pub struct ModelSettings {
     /// Folder with model.safetensors, config.json, tokenizer.json.
     pub embedding_dir: String,
     pub embedding_max_tokens: usize,
+    /// POST /v1/chat/completions: the most messages in one request, and the most
+    /// characters they hold together.
+    pub max_completion_messages: usize,
+    pub max_completion_chars: usize,
     /// POST /v1/embeddings: the most texts in one request, the longest text.
     pub max_embed_inputs: usize,
     pub max_embed_input_chars: usize,

@@ -199,13 +199,24 @@ fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
 }
 
 /// Validates the request and queues it on the generation worker.
-fn start_generation(
+async fn start_generation(
     state: &AppState,
     worker: &GenerateWorker,
     req: &ChatCompletionRequest,
 ) -> Result<Generation, ApiError> {
-    if req.messages.is_empty() {
-        return Err(ApiError::Unprocessable("messages must not be empty".into()));
+    let m = &state.settings.models;
+    if req.messages.is_empty() || req.messages.len() > m.max_completion_messages {
+        return Err(ApiError::Unprocessable(format!(
+            "messages must hold 1 to {} messages",
+            m.max_completion_messages
+        )));
+    }
+    let chars: usize = req.messages.iter().map(|x| x.content.chars().count()).sum();
+    if chars > m.max_completion_chars {
+        return Err(ApiError::Unprocessable(format!(
+            "the messages hold {chars} characters: at most {}",
+            m.max_completion_chars
+        )));
     }
     let mut turns = Vec::with_capacity(req.messages.len());
     for m in &req.messages {
@@ -217,8 +228,6 @@ fn start_generation(
         }
         turns.push((m.role.clone(), m.content.clone()));
     }
-    let prompt = worker.tokenizer().chat_prompt(&turns);
-    let prompt_tokens = worker.tokenizer().encode(&prompt)?;
     let stop = match &req.stop {
         None => Vec::new(),
         Some(StopIn::One(s)) => vec![s.clone()],
@@ -233,10 +242,16 @@ fn start_generation(
     if !(1..=cap).contains(&max_tokens) {
         return Err(ApiError::Unprocessable(format!("max_tokens must be 1 to {cap}")));
     }
+    let params = sampling(req)?;
+    // Tokenizing is CPU work: on the blocking pool, not the HTTP worker's thread.
+    let tok = worker.tokenizer().clone();
+    let prompt_tokens = web::block(move || tok.encode(&tok.chat_prompt(&turns)))
+        .await
+        .map_err(ApiError::internal)??;
     let (tx, rx) = unbounded_channel();
     worker.submit(GenerateRequest {
         prompt_tokens,
-        params: sampling(req)?,
+        params,
         max_tokens,
         stop,
         events: tx,
@@ -290,7 +305,7 @@ pub async fn chat_completions(
     let name = state.settings.models.generator_name.clone();
     let req = body.into_inner();
     check_model(req.model.as_deref(), &name)?;
-    let mut generation = start_generation(&state, &worker, &req)?;
+    let mut generation = start_generation(&state, &worker, &req).await?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
     let created = Utc::now().timestamp();
     if !req.stream {

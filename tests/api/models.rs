@@ -192,6 +192,8 @@ async fn bad_completion_requests_are_clear_4xx() {
         json!({"messages": [{"role": "user", "content": "hi"}], "temperature": 5}),
         json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}),
         json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2049}),
+        json!({"messages": [{"role": "user", "content": "x".repeat(65_537)}]}),
+        json!({"messages": vec![json!({"role": "user", "content": "hi"}); 257]}),
     ] {
         expect(
             app.post_json("/v1/chat/completions", &bad, Some(&token)).await,
