@@ -148,6 +148,18 @@ pub struct Usage {
     pub records: Mutex<Vec<UsageRecord>>,
     /// Conditional increments asked for.
     pub reserves: AtomicU64,
+    /// The store is unreachable: counter calls fail.
+    pub down: std::sync::atomic::AtomicBool,
+}
+
+impl Usage {
+    fn reachable(&self) -> StoreResult<()> {
+        if self.down.load(Ordering::Relaxed) {
+            Err(StoreError::Unavailable("the usage store is down".into()))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl Usage {
@@ -178,6 +190,7 @@ impl UsageStore for Usage {
         limit: u64,
     ) -> StoreResult<Reservation> {
         self.reserves.fetch_add(1, Ordering::Relaxed);
+        self.reachable()?;
         let mut c = self
             .counters
             .lock()
@@ -191,6 +204,7 @@ impl UsageStore for Usage {
         }
     }
     async fn release(&self, u: Uuid, r: Resource, s: DateTime<Utc>, cost: u64) -> StoreResult<()> {
+        self.reachable()?;
         let mut c = self
             .counters
             .lock()
@@ -200,6 +214,7 @@ impl UsageStore for Usage {
         Ok(())
     }
     async fn force_add(&self, u: Uuid, r: Resource, s: DateTime<Utc>, cost: u64) -> StoreResult<()> {
+        self.reachable()?;
         let mut c = self
             .counters
             .lock()
@@ -277,6 +292,16 @@ pub struct World {
 }
 
 pub fn world(max_lease: u64, lease_idle: Duration, rate_limits: BTreeMap<Bucket, Quota>) -> World {
+    world_with(max_lease, lease_idle, rate_limits, |_| {})
+}
+
+/// `world`, with the session settings changed by `tweak`.
+pub fn world_with(
+    max_lease: u64,
+    lease_idle: Duration,
+    rate_limits: BTreeMap<Bucket, Quota>,
+    tweak: impl FnOnce(&mut SessionConfig),
+) -> World {
     let accounts = Arc::new(Accounts::default());
     let usage = Arc::new(Usage::default());
     let spool = std::env::temp_dir().join(format!("ragchat-fake-spool-{}.jsonl", Uuid::new_v4().simple()));
@@ -296,6 +321,14 @@ pub fn world(max_lease: u64, lease_idle: Duration, rate_limits: BTreeMap<Bucket,
         enterprise: limits(1_000_000, 1_000_000),
     };
     let users = Arc::new(UserCache::new(Duration::from_secs(60)));
+    let mut config = SessionConfig {
+        rate_limits,
+        idle_timeout: Duration::from_secs(600),
+        store_down: StoreDownPolicy::FailClosed,
+        max_lease,
+        lease_idle,
+    };
+    tweak(&mut config);
     let deps = SessionDeps {
         accounts: accounts.clone(),
         usage: usage.clone(),
@@ -303,13 +336,7 @@ pub fn world(max_lease: u64, lease_idle: Duration, rate_limits: BTreeMap<Bucket,
         ledger,
         plans: Arc::new(PlanBook::new(catalog)),
         users: users.clone(),
-        config: Arc::new(SessionConfig {
-            rate_limits,
-            idle_timeout: Duration::from_secs(600),
-            store_down: StoreDownPolicy::FailClosed,
-            max_lease,
-            lease_idle,
-        }),
+        config: Arc::new(config),
     };
     let registry = SessionRegistry::new(deps, 1, Duration::from_secs(5));
     World {

@@ -466,6 +466,41 @@ mod tests {
     }
 
     #[actix::test]
+    async fn units_admitted_while_the_store_was_down_are_counted_before_the_session_goes() {
+        use crate::admission::session::StoreDownPolicy;
+        let w = crate::admission::fakes::world_with(32, Duration::from_secs(60), BTreeMap::new(), |c| {
+            c.store_down = StoreDownPolicy::FailOpen { allowance: 5 };
+            c.idle_timeout = Duration::from_millis(100);
+        });
+        let user = w.accounts.add(Plan::Pro);
+        w.usage.down.store(true, Ordering::Relaxed);
+        for _ in 0..2 {
+            let t = ticket(&w.registry, user)
+                .await
+                .expect("admitted on the offline allowance");
+            assert!(t.permit().is_some_and(|p| p.offline));
+            t.complete(serde_json::json!({}));
+        }
+        // Idle, but holding units the counters lack: the session stays.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(w.registry.stats().active, 1, "the session waits for the store");
+        w.usage.down.store(false, Ordering::Relaxed);
+        let month = month_of(chrono::Utc::now()).start;
+        for _ in 0..100 {
+            if w.registry.stats().active == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            w.usage.counter(user, Resource::ApiCalls, month),
+            2,
+            "both units counted"
+        );
+        assert_eq!(w.registry.stats().active, 0, "then it went");
+    }
+
+    #[actix::test]
     async fn a_deactivated_user_is_refused_once_this_node_forgets_the_row() {
         let w = world(32, Duration::from_secs(60), BTreeMap::new());
         let user = w.accounts.add(Plan::Pro);

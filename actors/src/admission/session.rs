@@ -285,7 +285,20 @@ impl Actor for UserSession {
             act.storage.expire(Instant::now());
             if act.in_flight == 0 && act.storage.is_empty() && act.last_active.elapsed() >= act.deps.config.idle_timeout
             {
-                ctx.stop();
+                // Units admitted while the store was down are added to the
+                // counters before the session may go: it stays until they are.
+                if act.unreconciled.is_empty() {
+                    ctx.stop();
+                } else {
+                    let pending = std::mem::take(&mut act.unreconciled);
+                    let usage = act.deps.usage.clone();
+                    let user_id = act.user_id;
+                    ctx.wait(
+                        async move { reconcile(usage.as_ref(), user_id, pending).await }
+                            .into_actor(act)
+                            .map(|left, act, _| act.unreconciled.extend(left)),
+                    );
+                }
             }
         });
     }
@@ -420,6 +433,22 @@ fn rate_info(quota: Quota, d: &ratelimit::Decision) -> RateInfo {
         remaining: d.remaining,
         reset_secs: d.reset_ms.div_ceil(1000),
     }
+}
+
+/// Adds units admitted while the store was down to its counters; returns
+/// those it could not add yet.
+async fn reconcile(
+    usage: &dyn UsageStore,
+    user_id: Uuid,
+    pending: Vec<(Resource, DateTime<Utc>, u64)>,
+) -> Vec<(Resource, DateTime<Utc>, u64)> {
+    let mut left = Vec::new();
+    for (r, start, n) in pending {
+        if !left.is_empty() || usage.force_add(user_id, r, start, n).await.is_err() {
+            left.push((r, start, n));
+        }
+    }
+    left
 }
 
 /// Hands unused lease units back to the store; returns those it could not.
