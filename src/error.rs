@@ -133,6 +133,7 @@ error_codes! {
     AccountDeactivated = "account_deactivated", Auth;
     /// The route needs a superuser (403).
     AdminRequired = "admin_required", Auth;
+    PasswordSessionRequired = "password_session_required", Auth;
     /// The caller may not do this (403).
     Forbidden = "forbidden", Auth;
     /// A monthly quota of the plan is used up (429).

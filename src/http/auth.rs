@@ -10,7 +10,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::extractors::{client_address, CurrentUser};
+use super::extractors::{client_address, CurrentUser, PasswordSession};
 use super::views::UserView;
 use super::AppState;
 use crate::auth::passwords::{MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
@@ -343,9 +343,9 @@ pub async fn me(current: CurrentUser) -> web::Json<UserView> {
 /// Creates an API key. The key is in this response only; store it now.
 #[utoipa::path(post, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])), request_body = CreateApiKeyRequest,
     responses((status = 201, body = CreatedApiKey), (status = 401, body = ErrorBody),
-        (status = 422, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Called with an API key"), (status = 422, body = ErrorBody)))]
 pub async fn create_api_key(
-    current: CurrentUser,
+    PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
     body: web::Json<CreateApiKeyRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -376,9 +376,10 @@ pub async fn create_api_key(
 
 /// The caller's live API keys (without the keys themselves).
 #[utoipa::path(get, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = Vec<ApiKeyView>), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = Vec<ApiKeyView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Called with an API key")))]
 pub async fn list_api_keys(
-    current: CurrentUser,
+    PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
 ) -> Result<web::Json<Vec<ApiKeyView>>, ApiError> {
     let keys = state.accounts.list_api_keys(current.user.id).await?;
@@ -389,9 +390,10 @@ pub async fn list_api_keys(
 #[utoipa::path(delete, path = "/auth/api-keys/{key_id}", tag = "auth", security(("bearer" = [])),
     params(("key_id" = Uuid, Path, description = "API key id")),
     responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Called with an API key"),
         (status = 404, body = ErrorBody, description = "No such key")))]
 pub async fn delete_api_key(
-    current: CurrentUser,
+    PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
     key_id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {

@@ -14,7 +14,7 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use super::admission::{Admitted, ApiCall, ChatMessage, Consumes, SearchCall};
-use super::extractors::CurrentUser;
+use super::extractors::{CurrentUser, PasswordSession};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
@@ -200,10 +200,11 @@ pub async fn subscription(
 /// downgrades apply at the end of the period.
 #[utoipa::path(post, path = "/billing/subscription", tag = "billing", security(("bearer" = [])), request_body = ChangePlanRequest,
     responses((status = 200, body = ChangePlanResponse), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Called with an API key"),
         (status = 409, body = ErrorBody, description = "Already on that plan"),
               (status = 422, body = ErrorBody)))]
 pub async fn change_subscription(
-    current: CurrentUser,
+    PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
     body: web::Json<ChangePlanRequest>,
 ) -> Result<web::Json<ChangePlanResponse>, ApiError> {
@@ -237,9 +238,10 @@ pub async fn change_subscription(
 
 /// Cancels: the plan runs until the period end, then the account is on free.
 #[utoipa::path(post, path = "/billing/subscription/cancel", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Called with an API key")))]
 pub async fn cancel_subscription(
-    current: CurrentUser,
+    PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
 ) -> Result<web::Json<SubscriptionView>, ApiError> {
     let sub = state.billing.cancel(&current.user, Utc::now()).await?;

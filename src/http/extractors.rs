@@ -44,6 +44,30 @@ impl CurrentUser {
     }
 }
 
+/// A user signed in with their password (a JWT), not an API key: for managing
+/// API keys and the subscription.
+#[derive(Debug, Clone)]
+pub struct PasswordSession(pub CurrentUser);
+
+impl FromRequest for PasswordSession {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let current = authenticate(req).await?;
+            match current.method {
+                AuthMethod::Jwt => Ok(PasswordSession(current)),
+                AuthMethod::ApiKey => Err(ApiError::Forbidden(
+                    "This needs a signed-in user (an access token from /auth/login), not an API key".into(),
+                )
+                .with_code(ErrorCode::PasswordSessionRequired)),
+            }
+        })
+    }
+}
+
 /// An authenticated superuser.
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub CurrentUser);

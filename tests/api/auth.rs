@@ -387,8 +387,23 @@ async fn api_keys_are_shown_once_authenticate_and_can_be_revoked() {
 
     let me = expect(app.get("/auth/me", Some(&key)).await, StatusCode::OK).await;
     assert_eq!(me["email"], "dev@example.com");
-    let listed = expect(app.get("/auth/api-keys", Some(&key)).await, StatusCode::OK).await;
+    let listed = expect(app.get("/auth/api-keys", Some(&token)).await, StatusCode::OK).await;
     assert!(listed[0]["last_used_at"].is_string());
+    // A key cannot manage keys or the subscription: that needs a password session.
+    for resp in [
+        app.get("/auth/api-keys", Some(&key)).await,
+        app.post_json("/auth/api-keys", &json!({"name": "more"}), Some(&key))
+            .await,
+        app.post_json("/billing/subscription", &json!({"plan": "enterprise"}), Some(&key))
+            .await,
+        app.post_json("/billing/subscription/cancel", &json!({}), Some(&key))
+            .await,
+    ] {
+        let body = expect(resp, StatusCode::FORBIDDEN).await;
+        assert_eq!(body["code"], "password_session_required", "{body}");
+    }
+    let keys = expect(app.get("/auth/api-keys", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(keys.as_array().map(Vec::len), Some(1), "no key was made with a key");
 
     let path = format!("/auth/api-keys/{}", created["id"].as_str().expect("id"));
     expect(app.delete(&path, &other_token).await, StatusCode::NOT_FOUND).await;
