@@ -111,6 +111,8 @@ pub struct KnowledgeSettings {
     pub index_dir: String,
     /// Largest uploaded file (multipart), in bytes.
     pub max_upload_bytes: usize,
+    /// The most documents one uploaded file (JSON Lines) may hold.
+    pub max_upload_documents: usize,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,

@@ -339,6 +339,13 @@ pub async fn upload_document(
     let extracted = web::block(move || formats::extract(&name, format, &file.bytes))
         .await
         .map_err(ApiError::internal)??;
+    if extracted.len() > k.max_upload_documents {
+        return Err(ApiError::Unprocessable(format!(
+            "the file holds {} documents: at most {} per upload",
+            extracted.len(),
+            k.max_upload_documents
+        )));
+    }
     let single = extracted.len() == 1;
     let mut docs = Vec::with_capacity(extracted.len());
     for e in extracted {

@@ -487,3 +487,25 @@ async fn admins_seed_a_corpus_in_the_background_and_the_cli_seeds_the_store() {
     assert_eq!(top_title(&app, &user, "how does magma erupt").await, "Volcanoes");
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[actix_web::test]
+async fn a_jsonl_upload_holds_at_most_the_configured_number_of_documents() {
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    settings.knowledge.max_upload_documents = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("many-docs@example.com").await;
+    let line = |i: u32| format!("{{\"_id\": \"d{i}\", \"title\": \"T{i}\", \"text\": \"text {i}\"}}\n");
+    let three: String = (0..3).map(line).collect();
+    let resp = upload(&app, &token, "three.jsonl", three.into_bytes(), &[]).await;
+    let body = expect(resp, StatusCode::UNPROCESSABLE_ENTITY).await;
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("3 documents") && d.contains("at most 2")),
+        "{body}"
+    );
+    // Two pass this check (and go on to ingestion).
+    let two: String = (0..2).map(line).collect();
+    let resp = upload(&app, &token, "two.jsonl", two.into_bytes(), &[]).await;
+    assert_ne!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+}
