@@ -217,6 +217,9 @@ pub struct AuthSettings {
     pub login_per_account: RateLimit,
     pub login_per_address: RateLimit,
     pub register_per_address: RateLimit,
+    /// Password hashes computed at once, and how many may wait (beyond: 503).
+    pub hash_concurrency: usize,
+    pub hash_queue: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

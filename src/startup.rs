@@ -215,6 +215,10 @@ impl Application {
             billing: Arc::new(Billing::new(accounts.clone(), sql.usage.clone(), plans.clone())),
             accounts,
             passwords,
+            hash_pool: Arc::new(crate::auth::passwords::HashPool::new(
+                settings.auth.hash_concurrency,
+                settings.auth.hash_queue,
+            )),
             usage: sql.usage,
             plans,
             registry,

@@ -62,6 +62,44 @@ impl PasswordHasher {
     }
 }
 
+/// Password hashing off the async workers, at most `concurrency` at a time and
+/// `max_waiting` queued: a flood of sign-ins cannot take every blocking thread
+/// (nor all the memory argon2 takes per hash); past the queue, `Busy` at once.
+pub struct HashPool {
+    permits: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+    max_waiting: usize,
+}
+
+/// The hashing queue is full.
+#[derive(Debug, thiserror::Error)]
+#[error("password hashing is busy")]
+pub struct Busy;
+
+impl HashPool {
+    pub fn new(concurrency: usize, max_waiting: usize) -> Self {
+        HashPool {
+            permits: tokio::sync::Semaphore::new(concurrency.max(1)),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+            max_waiting,
+        }
+    }
+
+    /// Runs `work` (a hash or a verification) on the blocking pool when a slot
+    /// is free; `Busy` when `max_waiting` calls already wait.
+    pub async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Result<T, Busy> {
+        use std::sync::atomic::Ordering;
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.max_waiting {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(Busy);
+        }
+        let permit = self.permits.acquire().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        let _permit = permit.map_err(|_| Busy)?;
+        tokio::task::spawn_blocking(work).await.map_err(|_| Busy)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +129,22 @@ mod tests {
         let h = hasher();
         assert!(!h.verify("dummy password used to equalize login timing", None));
         assert!(!h.verify("anything", Some("not a phc string")));
+    }
+
+    #[tokio::test]
+    async fn the_hash_pool_runs_a_bounded_number_and_refuses_past_its_queue() {
+        let pool = std::sync::Arc::new(HashPool::new(1, 1));
+        let slow = || std::thread::sleep(std::time::Duration::from_millis(300));
+        let (a, b) = (pool.clone(), pool.clone());
+        let first = tokio::spawn(async move { a.run(slow).await.is_ok() });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let second = tokio::spawn(async move { b.run(slow).await.is_ok() });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            pool.run(|| ()).await.is_err(),
+            "one running, one waiting: the third is refused"
+        );
+        assert!(first.await.unwrap_or(false) && second.await.unwrap_or(false));
+        assert!(pool.run(|| ()).await.is_ok(), "free again");
     }
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::extractors::{client_address, CurrentUser, PasswordSession};
 use super::views::UserView;
 use super::AppState;
-use crate::auth::passwords::{MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
+use crate::auth::passwords::{Busy, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
 use crate::auth::{new_api_key, new_refresh_token, token_digest};
 use crate::config::RateLimit;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
@@ -120,7 +120,8 @@ fn check_password(password: &str) -> Result<(), ApiError> {
     responses((status = 201, body = UserView),
         (status = 409, body = ErrorBody, description = "Email already registered"),
               (status = 422, body = ErrorBody, description = "Invalid e-mail or password"),
-              (status = 429, body = ErrorBody, description = "Too many registrations from this address")))]
+              (status = 429, body = ErrorBody, description = "Too many registrations from this address"),
+              (status = 503, body = ErrorBody, description = "Password hashing is busy")))]
 pub async fn register(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -169,10 +170,17 @@ pub async fn register(
 /// Hashes off the async executor: argon2 takes tens of milliseconds of CPU.
 pub async fn hash_password(state: &AppState, password: String) -> Result<String, ApiError> {
     let hasher = state.passwords.clone();
-    web::block(move || hasher.hash(&password))
+    state
+        .hash_pool
+        .run(move || hasher.hash(&password))
         .await
-        .map_err(ApiError::internal)?
+        .map_err(hashing_busy)?
         .map_err(ApiError::internal)
+}
+
+/// The hashing queue is full: try again in a moment.
+fn hashing_busy(_: Busy) -> ApiError {
+    ApiError::Unavailable("Too many sign-ins at once: retry in a moment".into())
 }
 
 async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Result<TokenResponse, ApiError> {
@@ -206,7 +214,8 @@ async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Resul
     responses((status = 200, body = TokenResponse),
         (status = 401, body = ErrorBody, description = "Incorrect email or password"),
               (status = 403, body = ErrorBody, description = "User account is deactivated"),
-              (status = 429, body = ErrorBody, description = "Too many sign-in attempts (account or address)")))]
+              (status = 429, body = ErrorBody, description = "Too many sign-in attempts (account or address)"),
+              (status = 503, body = ErrorBody, description = "Password hashing is busy")))]
 pub async fn login(
     req: HttpRequest,
     state: web::Data<AppState>,
@@ -245,9 +254,11 @@ pub async fn login(
     } else {
         password
     };
-    let ok = web::block(move || hasher.verify(&password, stored.as_deref()))
+    let ok = state
+        .hash_pool
+        .run(move || hasher.verify(&password, stored.as_deref()))
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(hashing_busy)?;
     let user = match user {
         Some(u) if ok => u,
         _ => {

@@ -41,6 +41,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub accounts: Arc<dyn AccountStore>,
     pub passwords: Arc<PasswordHasher>,
+    /// Where hashes and verifications run, bounded (`auth.hash_concurrency`, `auth.hash_queue`).
+    pub hash_pool: Arc<crate::auth::passwords::HashPool>,
     pub tokens: Arc<TokenService>,
     pub usage: Arc<dyn UsageStore>,
     pub plans: Arc<PlanBook>,
