@@ -101,7 +101,15 @@ pub struct BillingLedger {
     flushing: bool,
     stats: LedgerStats,
     child: Option<Arc<Child>>,
+    /// While the store is down: the next attempt is not before this, and the
+    /// wait doubles (from the flush interval to `RETRY_MAX`) with each failure;
+    /// batches meanwhile go straight to the spool, which is not read again.
+    retry_at: Option<std::time::Instant>,
+    backoff: Duration,
 }
+
+/// The longest wait between two attempts at a store that is down.
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl BillingLedger {
     pub fn new(store: Arc<dyn UsageStore>, config: LedgerConfig) -> Self {
@@ -117,6 +125,8 @@ impl BillingLedger {
                 ..Default::default()
             },
             child: None,
+            retry_at: None,
+            backoff: Duration::ZERO,
         }
     }
 
@@ -134,6 +144,24 @@ impl BillingLedger {
         self.flushing = true;
         let batch: Vec<UsageRecord> = std::mem::take(&mut self.buffer);
         self.inflight = batch.clone();
+        let waiting = self.stats.store_down && self.retry_at.is_some_and(|t| std::time::Instant::now() < t);
+        if waiting {
+            // The store was down a moment ago: the batch joins the spool, and
+            // neither the store nor the spool file is touched otherwise.
+            let path = self.config.spool_path.clone();
+            let spooled = self.stats.spooled + batch.len();
+            let work = async move {
+                if !batch.is_empty() {
+                    spool_or_log(&path, &batch);
+                }
+            };
+            return Box::pin(work.into_actor(self).map(move |(), act, _| {
+                act.flushing = false;
+                act.inflight.clear();
+                act.stats.spooled = spooled;
+                act.stats_now()
+            }));
+        }
         let store = self.store.clone();
         let path = self.config.spool_path.clone();
         let max_batch = self.config.max_batch.max(1);
@@ -193,6 +221,16 @@ impl BillingLedger {
             act.stats.store_down = failed;
             if failed {
                 act.stats.failed_flushes += 1;
+                let first = act.config.flush_interval.max(Duration::from_millis(10));
+                act.backoff = if act.backoff.is_zero() {
+                    first
+                } else {
+                    (act.backoff * 2).min(RETRY_MAX)
+                };
+                act.retry_at = Some(std::time::Instant::now() + act.backoff);
+            } else {
+                act.backoff = Duration::ZERO;
+                act.retry_at = None;
             }
             act.stats_now()
         }))
@@ -468,6 +506,39 @@ mod tests {
             metadata: serde_json::json!({}),
             created_at: now,
         }
+    }
+
+    #[actix::test]
+    async fn while_the_store_is_down_it_is_retried_with_backoff_and_nothing_is_lost() {
+        use std::sync::atomic::Ordering;
+        let usage = Arc::new(crate::admission::fakes::Usage::default());
+        usage.down.store(true, Ordering::Relaxed);
+        let spool = std::env::temp_dir().join(format!("ragchat-spool-{}.jsonl", uuid::Uuid::new_v4().simple()));
+        let config = LedgerConfig {
+            flush_interval: Duration::from_millis(10),
+            max_batch: 100,
+            spool_path: spool.clone(),
+        };
+        let ledger = Ledger::start(usage.clone(), config, RestartPolicy::default()).expect("ledger");
+        let user = uuid::Uuid::new_v4();
+        // One second of traffic while the store is down: 50 records, a flush due every 10 ms.
+        for _ in 0..50 {
+            let mut r = record(1);
+            r.user_id = user;
+            ledger.record(r);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let attempts = usage.inserts.load(Ordering::Relaxed);
+        assert!(attempts <= 12, "{attempts} attempts in a second: it should back off");
+        usage.down.store(false, Ordering::Relaxed);
+        for _ in 0..100 {
+            if usage.recorded(user) == 50 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(usage.recorded(user), 50, "every record reached the store once");
+        let _ = std::fs::remove_file(&spool);
     }
 
     #[test]

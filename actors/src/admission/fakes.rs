@@ -148,6 +148,8 @@ pub struct Usage {
     pub records: Mutex<Vec<UsageRecord>>,
     /// Conditional increments asked for.
     pub reserves: AtomicU64,
+    /// Writes of usage records asked for.
+    pub inserts: AtomicU64,
     /// The store is unreachable: counter calls fail.
     pub down: std::sync::atomic::AtomicBool,
 }
@@ -233,6 +235,8 @@ impl UsageStore for Usage {
             .collect())
     }
     async fn insert_usage(&self, records: &[UsageRecord]) -> StoreResult<u64> {
+        self.inserts.fetch_add(1, Ordering::Relaxed);
+        self.reachable()?;
         let mut all = self
             .records
             .lock()
