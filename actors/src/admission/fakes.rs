@@ -155,6 +155,14 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The counters, when the store is reachable.
+    fn reachable_counters(&self) -> StoreResult<std::sync::MutexGuard<'_, HashMap<Key, u64>>> {
+        self.reachable()?;
+        self.counters
+            .lock()
+            .map_err(|_| StoreError::Internal("poisoned".into()))
+    }
+
     fn reachable(&self) -> StoreResult<()> {
         if self.down.load(Ordering::Relaxed) {
             Err(StoreError::Unavailable("the usage store is down".into()))
@@ -192,11 +200,7 @@ impl UsageStore for Usage {
         limit: u64,
     ) -> StoreResult<Reservation> {
         self.reserves.fetch_add(1, Ordering::Relaxed);
-        self.reachable()?;
-        let mut c = self
-            .counters
-            .lock()
-            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let mut c = self.reachable_counters()?;
         let used = c.entry((u, r, s)).or_insert(0);
         if *used + cost <= limit {
             *used += cost;
@@ -206,29 +210,18 @@ impl UsageStore for Usage {
         }
     }
     async fn release(&self, u: Uuid, r: Resource, s: DateTime<Utc>, cost: u64) -> StoreResult<()> {
-        self.reachable()?;
-        let mut c = self
-            .counters
-            .lock()
-            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let mut c = self.reachable_counters()?;
         let used = c.entry((u, r, s)).or_insert(0);
         *used = used.saturating_sub(cost);
         Ok(())
     }
     async fn force_add(&self, u: Uuid, r: Resource, s: DateTime<Utc>, cost: u64) -> StoreResult<()> {
-        self.reachable()?;
-        let mut c = self
-            .counters
-            .lock()
-            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let mut c = self.reachable_counters()?;
         *c.entry((u, r, s)).or_insert(0) += cost;
         Ok(())
     }
     async fn counters(&self, u: Uuid, s: DateTime<Utc>) -> StoreResult<BTreeMap<Resource, u64>> {
-        let c = self
-            .counters
-            .lock()
-            .map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let c = self.reachable_counters()?;
         Ok(c.iter()
             .filter(|((uu, _, ss), _)| *uu == u && *ss == s)
             .map(|((_, r, _), n)| (*r, *n))
