@@ -113,6 +113,18 @@ pub struct KnowledgeSettings {
     pub max_upload_bytes: usize,
     /// The most documents one uploaded file (JSON Lines) may hold.
     pub max_upload_documents: usize,
+    /// Largest HTML file, in bytes (its parse tree is several times its size).
+    pub max_html_bytes: usize,
+    /// PDFs are read by a child process (this binary's hidden `__extract-pdf`
+    /// subcommand) under these limits, killed past them. `pdf_extractor`: the
+    /// program to run (empty: this executable).
+    #[serde(default)]
+    pub pdf_extractor: String,
+    pub pdf_max_memory_mb: u64,
+    pub pdf_max_cpu_secs: u64,
+    pub pdf_timeout_secs: u64,
+    /// PDF readers running at once in this process (others wait up to the timeout).
+    pub pdf_max_concurrent: usize,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,

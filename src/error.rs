@@ -341,6 +341,8 @@ impl From<crate::knowledge::formats::FormatError> for ApiError {
         match e {
             E::Unsupported(m) => ApiError::UnsupportedMediaType(m),
             E::Invalid(m) => ApiError::Unprocessable(m),
+            E::TooLarge(m) => ApiError::PayloadTooLarge(m),
+            E::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

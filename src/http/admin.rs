@@ -364,7 +364,8 @@ pub async fn seed_enhanced(
             .with_code(ErrorCode::SeedInProgress),
         other => ApiError::Unprocessable(other.to_string()),
     })?;
-    let (status, max) = (state.seed.clone(), DocLimits::of(k));
+    let max = (DocLimits::of(k), crate::knowledge::formats::FormatLimits::of(k));
+    let status = state.seed.clone();
     let job = async move { seed::run(&ingestor, &path, opts, max, status, &|_| {}).await };
     // Always its own task: a waiting client that leaves does not stop the seed
     // halfway (nor leave its state "running" for ever).

@@ -17,7 +17,7 @@ use super::admission::{rejection_error, Admitted, ApiCall, SearchCall};
 use super::extractors::CurrentUser;
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
-use crate::knowledge::formats::{self, Format};
+use crate::knowledge::formats::{self, Format, FormatLimits};
 use crate::knowledge::ingest::{validate, DocLimits, IngestError, Ingestor, NewDoc, Outcome};
 
 /// The routes; `max_document_bytes` sets the body limit of the ingestion route
@@ -336,16 +336,10 @@ pub async fn upload_document(
     let owner = owner_for(&user, visibility)?;
     let format = Format::detect(&file.filename, file.content_type.as_deref())?;
     let name = file.filename.clone();
-    let extracted = web::block(move || formats::extract(&name, format, &file.bytes))
+    let limits = FormatLimits::of(k);
+    let extracted = web::block(move || formats::extract(&name, format, &file.bytes, &limits))
         .await
         .map_err(ApiError::internal)??;
-    if extracted.len() > k.max_upload_documents {
-        return Err(ApiError::Unprocessable(format!(
-            "the file holds {} documents: at most {} per upload",
-            extracted.len(),
-            k.max_upload_documents
-        )));
-    }
     let single = extracted.len() == 1;
     let mut docs = Vec::with_capacity(extracted.len());
     for e in extracted {

@@ -8,6 +8,8 @@ use std::path::Path;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
+use super::pdf::{self, PdfLimits};
+
 /// One document taken out of a file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Extracted {
@@ -26,6 +28,43 @@ pub enum FormatError {
     /// The file is of a known type but cannot be read (422).
     #[error("{0}")]
     Invalid(String),
+    /// The file, or the text in it, is over a size limit (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// The server cannot read it now (PDF readers all busy, or none installed: 503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// How much a file may hold (from `knowledge.*` in the configuration).
+#[derive(Debug, Clone)]
+pub struct FormatLimits {
+    /// Text of one document: a text file, the text of an HTML page or a PDF.
+    pub max_text_bytes: usize,
+    /// An HTML file (parsing builds a tree several times its size).
+    pub max_html_bytes: usize,
+    /// Documents in one JSON Lines file.
+    pub max_documents: usize,
+    pub pdf: PdfLimits,
+}
+
+impl FormatLimits {
+    /// Uploads: a JSON Lines file holds at most `max_upload_documents`.
+    pub fn of(k: &crate::config::KnowledgeSettings) -> Self {
+        FormatLimits {
+            max_text_bytes: k.max_document_bytes,
+            max_html_bytes: k.max_html_bytes,
+            max_documents: k.max_upload_documents,
+            pdf: PdfLimits {
+                program: (!k.pdf_extractor.is_empty()).then(|| k.pdf_extractor.clone().into()),
+                max_memory_bytes: k.pdf_max_memory_mb.saturating_mul(1 << 20),
+                max_cpu_secs: k.pdf_max_cpu_secs,
+                timeout: std::time::Duration::from_secs(k.pdf_timeout_secs),
+                max_text_bytes: k.max_document_bytes,
+                slots: pdf::Slots::process_wide(k.pdf_max_concurrent),
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,19 +171,10 @@ fn html_title(html: &str) -> Option<String> {
     (!raw.is_empty()).then_some(raw)
 }
 
-fn pdf_text(filename: &str, bytes: &[u8]) -> Result<String, FormatError> {
-    if !bytes.starts_with(b"%PDF-") {
-        return Err(FormatError::Invalid(format!("'{filename}' is not a PDF file")));
-    }
-    // The PDF parser may panic on hostile input: a bad file is the client's error.
-    let out = std::panic::catch_unwind(|| pdf_extract::extract_text_from_mem(bytes));
-    match out {
-        Ok(Ok(text)) => Ok(text),
-        Ok(Err(e)) => Err(FormatError::Invalid(format!("'{filename}' is not a readable PDF: {e}"))),
-        Err(_) => Err(FormatError::Invalid(format!(
-            "'{filename}' is not a readable PDF (corrupt or unsupported)"
-        ))),
-    }
+fn too_large(filename: &str, what: &str, len: usize, max: usize) -> FormatError {
+    FormatError::TooLarge(format!(
+        "'{filename}' is {len} bytes: {what} may be at most {max} bytes"
+    ))
 }
 
 #[derive(Deserialize)]
@@ -166,11 +196,17 @@ struct Line {
 
 /// JSON Lines: every non-blank line `{"title", "text" or "content", "source"?,
 /// "metadata"?, "_id"?}`. One bad line fails the whole file.
-fn json_lines(filename: &str, text: &str) -> Result<Vec<Extracted>, FormatError> {
+/// More than `max_documents` lines fails at the first one too many.
+fn json_lines(filename: &str, text: &str, max_documents: usize) -> Result<Vec<Extracted>, FormatError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
+        }
+        if out.len() == max_documents {
+            return Err(FormatError::Invalid(format!(
+                "'{filename}' holds more than {max_documents} documents: at most {max_documents} per upload"
+            )));
         }
         let bad = |why: String| FormatError::Invalid(format!("'{filename}' line {}: {why}", i + 1));
         let l: Line = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
@@ -203,11 +239,20 @@ fn json_lines(filename: &str, text: &str) -> Result<Vec<Extracted>, FormatError>
 }
 
 /// Reads a file into one or more documents (several only for JSON Lines).
-/// CPU-bound for PDFs: call it off the async workers.
-pub fn extract(filename: &str, format: Format, bytes: &[u8]) -> Result<Vec<Extracted>, FormatError> {
+/// Blocking (PDFs run in a child process): call it off the async workers.
+pub fn extract(
+    filename: &str,
+    format: Format,
+    bytes: &[u8],
+    limits: &FormatLimits,
+) -> Result<Vec<Extracted>, FormatError> {
     if bytes.is_empty() {
         return Err(FormatError::Invalid(format!("'{filename}' is empty")));
     }
+    let text_limit = |what: &str| match bytes.len() > limits.max_text_bytes {
+        true => Err(too_large(filename, what, bytes.len(), limits.max_text_bytes)),
+        false => Ok(()),
+    };
     let single = |title: Option<String>, content: String| {
         Ok(vec![Extracted {
             title: clip(title.unwrap_or_else(|| stem(filename))),
@@ -217,12 +262,19 @@ pub fn extract(filename: &str, format: Format, bytes: &[u8]) -> Result<Vec<Extra
         }])
     };
     match format {
-        Format::Text => single(None, utf8(filename, bytes)?.to_string()),
+        Format::Text => {
+            text_limit("a text file")?;
+            single(None, utf8(filename, bytes)?.to_string())
+        }
         Format::Markdown => {
+            text_limit("a Markdown file")?;
             let text = utf8(filename, bytes)?;
             single(markdown_title(text), text.to_string())
         }
         Format::Html => {
+            if bytes.len() > limits.max_html_bytes {
+                return Err(too_large(filename, "an HTML file", bytes.len(), limits.max_html_bytes));
+            }
             let html = utf8(filename, bytes)?;
             let text = html2text::config::plain_no_decorate()
                 .raw_mode(true)
@@ -232,7 +284,10 @@ pub fn extract(filename: &str, format: Format, bytes: &[u8]) -> Result<Vec<Extra
             single(html_title(html), text)
         }
         Format::Pdf => {
-            let text = pdf_text(filename, bytes)?;
+            if !bytes.starts_with(b"%PDF-") {
+                return Err(FormatError::Invalid(format!("'{filename}' is not a PDF file")));
+            }
+            let text = pdf::extract_text(filename, bytes, &limits.pdf)?;
             if text.trim().is_empty() {
                 return Err(FormatError::Invalid(format!(
                     "'{filename}' has no text layer (a scanned PDF?)"
@@ -240,7 +295,7 @@ pub fn extract(filename: &str, format: Format, bytes: &[u8]) -> Result<Vec<Extra
             }
             single(None, text)
         }
-        Format::JsonLines => json_lines(filename, utf8(filename, bytes)?),
+        Format::JsonLines => json_lines(filename, utf8(filename, bytes)?, limits.max_documents),
     }
 }
 
@@ -248,9 +303,27 @@ pub fn extract(filename: &str, format: Format, bytes: &[u8]) -> Result<Vec<Extra
 mod tests {
     use super::*;
 
+    fn limits() -> FormatLimits {
+        FormatLimits {
+            max_text_bytes: 100,
+            max_html_bytes: 400,
+            max_documents: 2,
+            pdf: PdfLimits {
+                // Unit tests have no ragchat binary: a PDF that gets as far as the
+                // child finds none (tests/api/uploads.rs runs the real one).
+                program: Some("/nonexistent/ragchat".into()),
+                max_memory_bytes: 1 << 28,
+                max_cpu_secs: 1,
+                timeout: std::time::Duration::from_secs(1),
+                max_text_bytes: 100,
+                slots: pdf::Slots::new(1),
+            },
+        }
+    }
+
     fn one(name: &str, bytes: &[u8]) -> Result<Extracted, FormatError> {
         let f = Format::detect(name, None)?;
-        Ok(extract(name, f, bytes)?.remove(0))
+        Ok(extract(name, f, bytes, &limits())?.remove(0))
     }
 
     #[test]
@@ -287,7 +360,6 @@ mod tests {
             ("blank.md", b"  \n\t "),
             ("latin1.txt", b"caf\xe9"),
             ("x.pdf", b"not a pdf at all"),
-            ("y.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage"),
             ("z.jsonl", b"{\"title\": \"t\", \"text\": \"ok\"}\n{broken"),
             ("w.jsonl", b"{\"title\": \"t\"}"),
         ] {
@@ -301,6 +373,7 @@ mod tests {
             "corpus.jsonl",
             Format::JsonLines,
             b"{\"_id\": \"4983\", \"title\": \"Microstructural development\", \"text\": \"Alterations of the brain.\", \"metadata\": {}}\n\n{\"_id\": 7, \"text\": \"No title here.\", \"metadata\": {\"year\": 2001}}\n",
+            &limits(),
         )
         .expect("jsonl");
         assert_eq!(docs.len(), 2);
@@ -308,5 +381,31 @@ mod tests {
         assert_eq!(docs[0].title, "Microstructural development");
         assert_eq!(docs[1].title, "7");
         assert_eq!(docs[1].metadata.get("year"), Some(&serde_json::json!(2001)));
+    }
+
+    #[test]
+    fn sizes_are_bounded_before_parsing() {
+        let long = "x".repeat(101);
+        assert!(matches!(one("a.txt", long.as_bytes()), Err(FormatError::TooLarge(_))));
+        assert!(matches!(one("a.md", long.as_bytes()), Err(FormatError::TooLarge(_))));
+        assert!(one("a.txt", &long.as_bytes()[..100]).is_ok());
+        let page = format!("<html><body><p>{}</p></body></html>", "y".repeat(400));
+        let e = one("p.html", page.as_bytes()).expect_err("html over 400 bytes");
+        assert!(
+            matches!(&e, FormatError::TooLarge(m) if m.contains("at most 400 bytes")),
+            "{e:?}"
+        );
+        // The third document is refused before it is parsed.
+        let lines = "{\"text\": \"a\"}\n{\"text\": \"b\"}\n{\"text\": \"c\"}\n";
+        let e = extract("c.jsonl", Format::JsonLines, lines.as_bytes(), &limits()).expect_err("3 > 2");
+        assert!(
+            matches!(&e, FormatError::Invalid(m) if m.contains("more than 2 documents")),
+            "{e:?}"
+        );
+        // A PDF is never parsed in this process: without the extractor it is a 503.
+        assert!(matches!(
+            one("y.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >> garbage"),
+            Err(FormatError::Unavailable(_))
+        ));
     }
 }

@@ -6,5 +6,6 @@ pub mod formats;
 pub mod hnsw;
 pub mod index;
 pub mod ingest;
+pub mod pdf;
 pub mod retrieval;
 pub mod seed;

@@ -13,7 +13,7 @@ use ragchat_actors::knowledge::Owner;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::formats::{self, Extracted, Format};
+use super::formats::{self, Extracted, Format, FormatLimits};
 use super::ingest::{validate, DocLimits, IngestError, Ingestor, NewDoc, Outcome};
 use ragchat_actors::retrieval::RemoveDocument;
 
@@ -120,6 +120,7 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>, SeedError> {
 pub fn read_corpus(
     path: &Path,
     max_file_bytes: usize,
+    limits: &FormatLimits,
     status: &Mutex<SeedStatus>,
 ) -> Result<Vec<Extracted>, SeedError> {
     let files = corpus_files(path)?;
@@ -144,7 +145,7 @@ pub fn read_corpus(
                     std::fs::read(&f).map_err(|e| format!("{name}: {e}"))
                 }
             })
-            .and_then(|bytes| formats::extract(&name, format, &bytes).map_err(|e| e.to_string()));
+            .and_then(|bytes| formats::extract(&name, format, &bytes, limits).map_err(|e| e.to_string()));
         let mut s = lock(status);
         s.files += 1;
         match read {
@@ -189,7 +190,7 @@ pub async fn run(
     ingestor: &Ingestor,
     source: &Path,
     opts: SeedOptions,
-    limits: DocLimits,
+    limits: (DocLimits, FormatLimits),
     status: Arc<Mutex<SeedStatus>>,
     progress: &(dyn Fn(&SeedStatus) + Sync),
 ) {
@@ -212,16 +213,18 @@ async fn seed(
     ingestor: &Ingestor,
     source: &Path,
     opts: SeedOptions,
-    limits: DocLimits,
+    (limits, mut formats): (DocLimits, FormatLimits),
     status: &Arc<Mutex<SeedStatus>>,
     progress: &(dyn Fn(&SeedStatus) + Sync),
     started: Instant,
 ) -> Result<(), SeedError> {
     let path = source.to_path_buf();
     let max_file = limits.max_bytes.saturating_mul(4);
-    // Reading (PDFs above all) is CPU work: keep it off the async workers.
+    // A corpus is one file of many documents, read by an administrator.
+    formats.max_documents = usize::MAX;
+    // Reading (PDFs above all) is blocking work: keep it off the async workers.
     let reading = status.clone();
-    let docs = tokio::task::spawn_blocking(move || read_corpus(&path, max_file, &reading))
+    let docs = tokio::task::spawn_blocking(move || read_corpus(&path, max_file, &formats, &reading))
         .await
         .map_err(|e| SeedError::Source(format!("reading stopped: {e}")))??;
     progress(&lock(status));
@@ -398,7 +401,8 @@ pub async fn cli(settings: &crate::config::Settings, path: &Path, opts: SeedOpti
             s.documents_created, s.documents_duplicate, s.documents_failed
         ));
     };
-    run(&ingestor, path, opts, DocLimits::of(k), status.clone(), &progress).await;
+    let limits = (DocLimits::of(k), FormatLimits::of(k));
+    run(&ingestor, path, opts, limits, status.clone(), &progress).await;
     bar.finish();
     let s = lock(&status).clone();
     println!(

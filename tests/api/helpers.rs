@@ -52,6 +52,8 @@ pub fn test_settings(database_url: &str) -> Settings {
     );
     s.chat.sqlite_url = format!("sqlite:{}", dir.join(format!("chat-{}.db", Uuid::new_v4())).display());
     s.knowledge.index_dir = dir.join(format!("index-{}", Uuid::new_v4())).display().to_string();
+    // PDFs are read by the ragchat binary's child process (not this test binary).
+    s.knowledge.pdf_extractor = env!("CARGO_BIN_EXE_ragchat").to_string();
     // Models cost ~200 MB per server: only the model tests turn them on.
     s.models.enabled = false;
     s

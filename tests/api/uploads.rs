@@ -27,20 +27,35 @@ async fn upload(app: &TestApp, token: &str, name: &str, bytes: Vec<u8>, fields: 
 
 /// A one-page PDF with `text` in Helvetica (offsets computed, so it is valid).
 fn pdf(text: &str) -> Vec<u8> {
-    let content = format!("BT /F1 12 Tf 72 720 Td ({text}) Tj ET");
+    pdf_with_contents("", format!("BT /F1 12 Tf 72 720 Td ({text}) Tj ET").as_bytes())
+}
+
+/// A one-page PDF whose content stream is `content`, its dictionary extended by `filter`.
+fn pdf_with_contents(filter: &str, content: &[u8]) -> Vec<u8> {
+    let stream = |content: &[u8]| {
+        let mut s = format!("<< /Length {}{filter} >>\nstream\n", content.len()).into_bytes();
+        s.extend_from_slice(content);
+        s.extend_from_slice(b"\nendstream");
+        s
+    };
     let objects = [
         "<< /Type /Catalog /Pages 2 0 R >>".to_string(),
         "<< /Type /Pages /Kids [3 0 R] /Count 1 >>".to_string(),
         "<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R /Resources << /Font << /F1 5 0 R >> >> >>"
             .to_string(),
-        format!("<< /Length {} >>\nstream\n{content}\nendstream", content.len()),
+        String::new(),
         "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>".to_string(),
     ];
     let mut out = b"%PDF-1.4\n".to_vec();
     let mut offsets = Vec::new();
     for (i, o) in objects.iter().enumerate() {
         offsets.push(out.len());
-        out.extend_from_slice(format!("{} 0 obj\n{o}\nendobj\n", i + 1).as_bytes());
+        out.extend_from_slice(format!("{} 0 obj\n", i + 1).as_bytes());
+        match i {
+            3 => out.extend_from_slice(&stream(content)),
+            _ => out.extend_from_slice(o.as_bytes()),
+        }
+        out.extend_from_slice(b"\nendobj\n");
     }
     let xref = out.len();
     out.extend_from_slice(format!("xref\n0 {}\n0000000000 65535 f \n", objects.len() + 1).as_bytes());
@@ -55,6 +70,109 @@ fn pdf(text: &str) -> Vec<u8> {
         .as_bytes(),
     );
     out
+}
+
+/// A zlib stream that inflates to `1 + 258 * matches` zero bytes: one literal, then
+/// back-references of the longest length (fixed Huffman codes, 13 bits per 258 bytes).
+fn zlib_zeros(matches: usize) -> Vec<u8> {
+    struct Bits {
+        out: Vec<u8>,
+        acc: u32,
+        n: u32,
+    }
+    impl Bits {
+        /// `n` bits of `v`, least significant first (header fields).
+        fn put(&mut self, v: u32, n: u32) {
+            for i in 0..n {
+                self.acc |= ((v >> i) & 1) << self.n;
+                self.n += 1;
+                if self.n == 8 {
+                    self.out.push(self.acc as u8);
+                    (self.acc, self.n) = (0, 0);
+                }
+            }
+        }
+        /// A Huffman code of `n` bits, most significant first.
+        fn code(&mut self, v: u32, n: u32) {
+            for i in (0..n).rev() {
+                self.put((v >> i) & 1, 1);
+            }
+        }
+    }
+    let mut b = Bits {
+        out: vec![0x78, 0x01],
+        acc: 0,
+        n: 0,
+    };
+    b.put(1, 1); // the final block
+    b.put(1, 2); // fixed Huffman codes
+    b.code(0b0011_0000, 8); // literal 0
+    for _ in 0..matches {
+        b.code(0b1100_0101, 8); // length 258 (code 285)
+        b.code(0, 5); // distance 1
+    }
+    b.code(0, 7); // end of block
+    if b.n > 0 {
+        b.out.push(b.acc as u8);
+    }
+    // Adler-32 of n zero bytes: a = 1, b = n (mod 65521).
+    let n = (1 + 258 * matches as u64) % 65521;
+    b.out.extend_from_slice(&((n << 16 | 1) as u32).to_be_bytes());
+    b.out
+}
+
+#[actix_web::test]
+async fn a_pdf_bomb_is_stopped_by_the_readers_limits_and_the_server_reads_on() {
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    settings.knowledge.pdf_max_memory_mb = 256;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("bomb@example.com").await;
+    // 5 MB that inflate to 1 GB in the reader.
+    let bomb = pdf_with_contents(" /Filter /FlateDecode", &zlib_zeros(4_000_000));
+    assert!(bomb.len() < 8 << 20, "{}", bomb.len());
+    let t = Instant::now();
+    let v = expect(
+        upload(&app, &token, "bomb.pdf", bomb, &[]).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("within the limits for a PDF")),
+        "{v}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    assert_eq!(total(&app, &token).await, 0);
+    // A good PDF is read right after, by a fresh reader: this server runs without
+    // models, so reading succeeds and storing then answers `model_not_loaded`.
+    let v = expect(
+        upload(&app, &token, "ok.pdf", pdf("Glaciers carve valleys."), &[]).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    assert_eq!(v["code"], "model_not_loaded", "{v}");
+}
+
+#[actix_web::test]
+async fn a_pdf_reader_that_runs_too_long_is_killed() {
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    // No time at all: the reader is killed at once, the upload refused.
+    settings.knowledge.pdf_timeout_secs = 0;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("slow-pdf@example.com").await;
+    let v = expect(
+        upload(&app, &token, "slow.pdf", pdf("Rivers meander."), &[]).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(
+        v["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("within the limits for a PDF")),
+        "{v}"
+    );
+    assert_eq!(total(&app, &token).await, 0);
 }
 
 async fn total(app: &TestApp, token: &str) -> u64 {
@@ -501,7 +619,7 @@ async fn a_jsonl_upload_holds_at_most_the_configured_number_of_documents() {
     assert!(
         body["detail"]
             .as_str()
-            .is_some_and(|d| d.contains("3 documents") && d.contains("at most 2")),
+            .is_some_and(|d| d.contains("more than 2 documents") && d.contains("at most 2")),
         "{body}"
     );
     // Two pass this check (and go on to ingestion).

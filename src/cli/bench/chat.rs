@@ -214,7 +214,10 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
         &ingestor,
         &subset_path,
         Default::default(),
-        ragchat::knowledge::ingest::DocLimits::of(&settings.knowledge),
+        (
+            ragchat::knowledge::ingest::DocLimits::of(&settings.knowledge),
+            ragchat::knowledge::formats::FormatLimits::of(&settings.knowledge),
+        ),
         status.clone(),
         &|_| {},
     )
