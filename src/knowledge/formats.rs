@@ -36,6 +36,16 @@ pub enum FormatError {
     Unavailable(String),
 }
 
+impl From<pdf::PdfError> for FormatError {
+    fn from(e: pdf::PdfError) -> Self {
+        match e {
+            pdf::PdfError::Invalid(m) => FormatError::Invalid(m),
+            pdf::PdfError::TooLarge(m) => FormatError::TooLarge(m),
+            pdf::PdfError::Unavailable(m) => FormatError::Unavailable(m),
+        }
+    }
+}
+
 /// How much a file may hold (from `knowledge.*` in the configuration).
 #[derive(Debug, Clone)]
 pub struct FormatLimits {

@@ -4,7 +4,7 @@
 //! subcommand [`SUBCOMMAND`], which limits its own address space, CPU time and
 //! file writes (`setrlimit`) before it reads the PDF from stdin and writes the text
 //! to stdout. The parent feeds it, reads at most the allowed text, kills it past a
-//! wall-clock deadline, and turns every way it can end into a `FormatError`.
+//! wall-clock deadline, and turns every way it can end into a `PdfError`.
 //! At most `max_concurrent` children run at once.
 
 use std::io::{Read, Write};
@@ -13,7 +13,19 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::formats::FormatError;
+/// How reading a PDF failed; `formats` turns it into its `FormatError`.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PdfError {
+    /// A bad file, or one that hit the reader's limits (422).
+    #[error("{0}")]
+    Invalid(String),
+    /// More text than one document may hold (413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// No reader free, or none installed (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 /// The hidden subcommand: `ragchat __extract-pdf <max memory bytes> <max cpu secs> <max text bytes>`.
 pub const SUBCOMMAND: &str = "__extract-pdf";
@@ -86,15 +98,16 @@ impl Drop for Slot {
 
 /// Extracts the text layer of `bytes` in a limited child process. Blocking: call
 /// it off the async workers.
-pub fn extract_text(filename: &str, bytes: &[u8], limits: &PdfLimits) -> Result<String, FormatError> {
+pub fn extract_text(filename: &str, bytes: &[u8], limits: &PdfLimits) -> Result<String, PdfError> {
     let _slot = limits
         .slots
         .take(limits.timeout)
-        .ok_or_else(|| FormatError::Unavailable("Too many PDFs are being read right now: try again shortly".into()))?;
+        .ok_or_else(|| PdfError::Unavailable("Too many PDFs are being read right now: try again shortly".into()))?;
     let program = match &limits.program {
         Some(p) => p.clone(),
-        None => std::env::current_exe()
-            .map_err(|e| FormatError::Unavailable(format!("PDF extraction is unavailable: {e}")))?,
+        None => {
+            std::env::current_exe().map_err(|e| PdfError::Unavailable(format!("PDF extraction is unavailable: {e}")))?
+        }
     };
     let mut child = Command::new(&program)
         .arg(SUBCOMMAND)
@@ -109,7 +122,7 @@ pub fn extract_text(filename: &str, bytes: &[u8], limits: &PdfLimits) -> Result<
         .spawn()
         .map_err(|e| {
             tracing::error!(program = %program.display(), error = %e, "cannot start the PDF extractor");
-            FormatError::Unavailable("PDF extraction is unavailable on this server".into())
+            PdfError::Unavailable("PDF extraction is unavailable on this server".into())
         })?;
     let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
     let deadline = Instant::now() + limits.timeout;
@@ -165,30 +178,30 @@ pub fn extract_text(filename: &str, bytes: &[u8], limits: &PdfLimits) -> Result<
         return Err(too_much_text(filename, max_text));
     }
     let Some(status) = ended else {
-        return Err(FormatError::Invalid(limits_hint()));
+        return Err(PdfError::Invalid(limits_hint()));
     };
     match status.code() {
         Some(0) => String::from_utf8(text)
-            .map_err(|_| FormatError::Invalid(format!("'{filename}' yielded text that is not UTF-8"))),
+            .map_err(|_| PdfError::Invalid(format!("'{filename}' yielded text that is not UTF-8"))),
         Some(EXIT_TOO_MUCH_TEXT) => Err(too_much_text(filename, max_text)),
-        Some(EXIT_UNREADABLE) => Err(FormatError::Invalid(format!(
+        Some(EXIT_UNREADABLE) => Err(PdfError::Invalid(format!(
             "'{filename}' is not a readable PDF: {}",
             message.unwrap_or_else(|| "corrupt or unsupported".into())
         ))),
         Some(EXIT_USAGE) => {
             tracing::error!(program = %program.display(), "the PDF extractor did not understand its arguments");
-            Err(FormatError::Unavailable(
+            Err(PdfError::Unavailable(
                 "PDF extraction is unavailable on this server".into(),
             ))
         }
         // Killed by a signal (CPU limit, an allocation refused under the memory
         // limit) or any other end.
-        _ => Err(FormatError::Invalid(limits_hint())),
+        _ => Err(PdfError::Invalid(limits_hint())),
     }
 }
 
-fn too_much_text(filename: &str, max: usize) -> FormatError {
-    FormatError::TooLarge(format!(
+fn too_much_text(filename: &str, max: usize) -> PdfError {
+    PdfError::TooLarge(format!(
         "'{filename}' holds more than {max} bytes of text, the limit for one document"
     ))
 }
@@ -314,7 +327,7 @@ mod tests {
         let e = extract_text("slow.pdf", b"%PDF-1.4", &l).expect_err("killed");
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
         assert!(
-            matches!(&e, FormatError::Invalid(m) if m.contains("within the limits")),
+            matches!(&e, PdfError::Invalid(m) if m.contains("within the limits")),
             "{e:?}"
         );
     }
@@ -324,14 +337,11 @@ mod tests {
         // Writes far more than allowed: the parent stops reading at the limit.
         let (_d, l) = script("cat >/dev/null; yes 0123456789 | head -c 10000000");
         let e = extract_text("big.pdf", b"%PDF-1.4", &l).expect_err("too large");
-        assert!(
-            matches!(&e, FormatError::TooLarge(m) if m.contains("1000 bytes")),
-            "{e:?}"
-        );
+        assert!(matches!(&e, PdfError::TooLarge(m) if m.contains("1000 bytes")), "{e:?}");
         let (_d, l) = script(&format!("cat >/dev/null; exit {EXIT_TOO_MUCH_TEXT}"));
         assert!(matches!(
             extract_text("big.pdf", b"%PDF", &l),
-            Err(FormatError::TooLarge(_))
+            Err(PdfError::TooLarge(_))
         ));
     }
 
@@ -343,7 +353,7 @@ mod tests {
         let e = extract_text("x.pdf", b"%PDF-1.4", &l).expect_err("unreadable");
         assert_eq!(
             e,
-            FormatError::Invalid("'x.pdf' is not a readable PDF: bad xref table".into())
+            PdfError::Invalid("'x.pdf' is not a readable PDF: bad xref table".into())
         );
     }
 
@@ -351,7 +361,7 @@ mod tests {
     fn a_child_killed_by_a_signal_hit_a_limit() {
         let (_d, l) = script("cat >/dev/null; kill -9 $$");
         let e = extract_text("bomb.pdf", b"%PDF-1.4", &l).expect_err("killed");
-        assert!(matches!(&e, FormatError::Invalid(m) if m.contains("64 MiB")), "{e:?}");
+        assert!(matches!(&e, PdfError::Invalid(m) if m.contains("64 MiB")), "{e:?}");
     }
 
     #[test]
@@ -360,7 +370,7 @@ mod tests {
         l.program = Some("/nonexistent/ragchat".into());
         assert!(matches!(
             extract_text("a.pdf", b"%PDF", &l),
-            Err(FormatError::Unavailable(_))
+            Err(PdfError::Unavailable(_))
         ));
     }
 
