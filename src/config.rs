@@ -125,6 +125,19 @@ pub struct KnowledgeSettings {
     pub pdf_timeout_secs: u64,
     /// PDF readers running at once in this process (others wait up to the timeout).
     pub pdf_max_concurrent: usize,
+    /// Uploads that run as background jobs (202, `GET /knowledge/jobs/{id}`): files
+    /// over `jobs_min_upload_bytes`, files of at least `jobs_min_documents`
+    /// documents, or any upload with the form field `background=true`.
+    pub jobs_min_upload_bytes: usize,
+    pub jobs_min_documents: usize,
+    /// Documents a job stores per batch (cancelling takes effect between batches).
+    pub jobs_batch_documents: usize,
+    /// Jobs not yet finished in this process, and per user; jobs storing at once.
+    pub jobs_max_pending: usize,
+    pub jobs_max_pending_per_user: usize,
+    pub jobs_max_running: usize,
+    /// How long a finished job can still be read.
+    pub jobs_retention_secs: u64,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,

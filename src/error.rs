@@ -105,6 +105,8 @@ error_codes! {
     NotFound = "not_found", InvalidRequest;
     /// No such document, or not one the caller may see (404).
     DocumentNotFound = "document_not_found", InvalidRequest;
+    /// No such background job of the caller (404).
+    JobNotFound = "job_not_found", InvalidRequest;
     /// No such user (404).
     UserNotFound = "user_not_found", InvalidRequest;
     /// No such chat session of the caller (404).
@@ -142,6 +144,8 @@ error_codes! {
     StorageQuotaExceeded = "storage_quota_exceeded", Quota;
     /// Too many calls in the rate-limit window (429).
     RateLimited = "rate_limited", RateLimit;
+    /// The caller's background jobs that have not finished are at their limit (429).
+    TooManyJobs = "too_many_jobs", RateLimit;
     /// The model worker's queue is full (503).
     ModelOverloaded = "model_overloaded", Unavailable;
     /// The model is not loaded on this server (503).

@@ -208,6 +208,7 @@ impl Application {
             ingestor,
             retrieval,
             seed: Default::default(),
+            jobs: crate::knowledge::jobs::JobBoard::new(crate::knowledge::jobs::JobLimits::of(&settings.knowledge)),
             embedder,
             generator,
             tokens: Arc::new(TokenService::new(&settings.auth)),

@@ -13,12 +13,15 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::admission::{rejection_error, Admitted, ApiCall, SearchCall};
+use ragchat_actors::admission::registry::Ticket;
+
+use super::admission::{rejection_error, Admitted, ApiCall, BackgroundTask, SearchCall};
 use super::extractors::CurrentUser;
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::knowledge::formats::{self, Format, FormatLimits};
 use crate::knowledge::ingest::{validate, DocLimits, IngestError, Ingestor, NewDoc, Outcome};
+use crate::knowledge::jobs::{Batch, Job, JobView, Refusal};
 
 /// The routes; `max_document_bytes` sets the body limit of the ingestion route
 /// (twice the text, for JSON escapes, plus room for the other fields).
@@ -47,7 +50,10 @@ fn configure(cfg: &mut web::ServiceConfig, limit: usize) {
             .route(web::get().to(get_document))
             .route(web::delete().to(delete_document)),
     )
-    .service(web::resource("/knowledge/search").route(web::post().to(search)));
+    .service(web::resource("/knowledge/search").route(web::post().to(search)))
+    .service(web::resource("/knowledge/jobs").route(web::get().to(list_jobs)))
+    .service(web::resource("/knowledge/jobs/{id}").route(web::get().to(get_job)))
+    .service(web::resource("/knowledge/jobs/{id}/cancel").route(web::post().to(cancel_job)));
 }
 
 fn is_multipart(ctx: &actix_web::guard::GuardContext) -> bool {
@@ -144,10 +150,15 @@ fn owner_for(user: &ragchat_actors::domain::User, visibility: Visibility) -> Res
 /// Stores checked documents of one owner: duplicates come back as such; new
 /// private text is held against the uploader's storage quota by their session
 /// actor (so concurrent uploads cannot both pass the limit) while it is stored.
+/// `ticket`, the request's admitted unit, is completed with `usage` (plus the
+/// count of new documents) as soon as anything was stored, inside the storing
+/// task: a client that leaves once its documents are stored still pays for them.
 async fn ingest(
     state: &AppState,
     user: &ragchat_actors::domain::User,
     docs: Vec<NewDoc>,
+    ticket: Option<Ticket>,
+    usage: Value,
 ) -> Result<Vec<Outcome>, ApiError> {
     let ingestor = ingestor(state)?.clone();
     let triage = ingestor.triage(docs).await?;
@@ -171,9 +182,25 @@ async fn ingest(
     let task = actix_web::rt::spawn(async move {
         let stored = ingestor.store(triage).await;
         drop(held);
+        let created = stored.as_ref().map(|o| created(o)).unwrap_or(0);
+        match ticket {
+            Some(t) if created > 0 => {
+                let mut usage = usage;
+                if let Some(m) = usage.as_object_mut() {
+                    m.insert("documents".into(), json!(created));
+                }
+                t.complete(usage);
+            }
+            // Nothing stored: the unit goes back when the ticket drops.
+            _ => {}
+        }
         stored
     });
     Ok(task.await.map_err(ApiError::internal)??)
+}
+
+fn created(outcomes: &[Outcome]) -> usize {
+    outcomes.iter().filter(|o| matches!(o, Outcome::Created(_))).count()
 }
 
 /// A storage grant, handed back to the session when dropped.
@@ -198,6 +225,7 @@ impl Drop for HeldStorage {
         (UploadForm = "multipart/form-data"),
     )),
     responses((status = 201, body = DocumentView, description = "Stored: a DocumentView for a JSON body, an UploadResult for an upload"),
+        (status = 202, body = JobView, description = "An upload over `knowledge.jobs_min_upload_bytes` or of at least `knowledge.jobs_min_documents` documents (or with `background=true`) became a background job: follow `Location`"),
         (status = 200, body = DocumentView, description = "Already stored"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
@@ -217,16 +245,13 @@ pub async fn create_document(
         metadata: body.metadata.unwrap_or_default(),
     };
     validate(&mut doc, DocLimits::of(&state.settings.knowledge))?;
-    let size = doc.content.len();
-    let outcome = ingest(&state, &user, vec![doc])
+    let usage = json!({"endpoint": "/knowledge/documents", "bytes": doc.content.len()});
+    let outcome = ingest(&state, &user, vec![doc], Some(admitted.into_ticket()), usage)
         .await?
         .pop()
         .ok_or_else(|| ApiError::Internal("ingestion returned nothing".into()))?;
     match outcome {
-        Outcome::Created(d) => {
-            admitted.complete(json!({"endpoint": "/knowledge/documents", "document_id": d.id, "bytes": size}));
-            Ok(HttpResponse::Created().json(view(d, false)))
-        }
+        Outcome::Created(d) => Ok(HttpResponse::Created().json(view(d, false))),
         Outcome::Duplicate(d) => Ok(HttpResponse::Ok().json(view(d, true))),
     }
 }
@@ -246,6 +271,8 @@ pub struct UploadForm {
     source: Option<String>,
     /// A JSON object, merged into each document's metadata.
     metadata: Option<String>,
+    /// `true`: store it as a background job (202) whatever its size.
+    background: Option<bool>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -288,6 +315,7 @@ pub async fn upload_document(
     let k = &state.settings.knowledge;
     let mut file: Option<Upload> = None;
     let (mut visibility, mut title, mut source, mut metadata) = (Visibility::Private, None, None, None);
+    let mut background = false;
     while let Some(field) = form.next().await {
         let mut field = field.map_err(|e| ApiError::BadRequest(format!("Malformed multipart body: {e}")))?;
         let name = field.name().unwrap_or_default().to_string();
@@ -309,7 +337,7 @@ pub async fn upload_document(
                     bytes,
                 });
             }
-            "visibility" | "title" | "source" | "metadata" => {
+            "visibility" | "title" | "source" | "metadata" | "background" => {
                 let raw = read_field(&mut field, 64 << 10, &format!("Field '{name}'")).await?;
                 let text = String::from_utf8(raw)
                     .map_err(|_| ApiError::Unprocessable(format!("Field '{name}' is not UTF-8 text")))?;
@@ -321,6 +349,13 @@ pub async fn upload_document(
                     }
                     "title" => title = Some(text),
                     "source" => source = Some(text),
+                    "background" => {
+                        background = match text.trim() {
+                            "true" | "1" => true,
+                            "false" | "0" => false,
+                            _ => return Err(ApiError::Unprocessable("background must be true or false".into())),
+                        }
+                    }
                     _ => {
                         let m: serde_json::Map<String, Value> = serde_json::from_str(&text)
                             .map_err(|e| ApiError::Unprocessable(format!("metadata must be a JSON object: {e}")))?;
@@ -336,6 +371,8 @@ pub async fn upload_document(
     let owner = owner_for(&user, visibility)?;
     let format = Format::detect(&file.filename, file.content_type.as_deref())?;
     let name = file.filename.clone();
+    let name_for_job = file.filename.clone();
+    let upload_bytes = file.bytes.len();
     let limits = FormatLimits::of(k);
     let extracted = web::block(move || formats::extract(&name, format, &file.bytes, &limits))
         .await
@@ -366,8 +403,12 @@ pub async fn upload_document(
         docs.push(d);
     }
     let bytes: usize = docs.iter().map(|d| d.content.len()).sum();
-    let outcomes = ingest(&state, &user, docs).await?;
-    let created = outcomes.iter().filter(|o| matches!(o, Outcome::Created(_))).count();
+    let usage = json!({"endpoint": "/knowledge/documents", "upload": file.filename, "bytes": bytes});
+    if background || upload_bytes > k.jobs_min_upload_bytes || docs.len() >= k.jobs_min_documents.max(2) {
+        return start_job(&state, admitted, docs, name_for_job, usage).await;
+    }
+    let outcomes = ingest(&state, &user, docs, Some(admitted.into_ticket()), usage).await?;
+    let created = created(&outcomes);
     let result = UploadResult {
         duplicates: outcomes.len() - created,
         created,
@@ -380,12 +421,166 @@ pub async fn upload_document(
             .collect(),
     };
     if created > 0 {
-        admitted.complete(
-            json!({"endpoint": "/knowledge/documents", "upload": file.filename, "documents": created, "bytes": bytes}),
-        );
         Ok(HttpResponse::Created().json(result))
     } else {
         Ok(HttpResponse::Ok().json(result))
+    }
+}
+
+/// Turns an upload into a background job: one `background_tasks` unit instead of
+/// the request's `api_calls` unit, 202 with the job, stored batch by batch by a
+/// task of its own.
+async fn start_job(
+    state: &web::Data<AppState>,
+    admitted: Admitted<ApiCall>,
+    docs: Vec<NewDoc>,
+    filename: String,
+    usage: Value,
+) -> Result<HttpResponse, ApiError> {
+    ingestor(state)?;
+    let user = admitted.user.clone();
+    let task = Admitted::<BackgroundTask>::admit(state, user.clone()).await?;
+    let job = state
+        .jobs
+        .create(user.user.id, &filename, docs.len())
+        .map_err(|r| match r {
+            Refusal::UserBusy(n) => ApiError::TooManyRequests {
+                detail: json!(format!(
+                    "You have {n} upload jobs that have not finished: wait for one (GET /knowledge/jobs) or cancel it"
+                )),
+                headers: vec![("Retry-After", "5".into())],
+            }
+            .with_code(ErrorCode::TooManyJobs),
+            Refusal::Full => ApiError::Unavailable("The server is busy with other uploads: try again shortly".into()),
+        })?;
+    // The request itself is not counted: the job is.
+    admitted.release();
+    let view = job.view();
+    let batch = state.settings.knowledge.jobs_batch_documents.max(1);
+    actix_web::rt::spawn(run_job(
+        state.clone(),
+        user.user,
+        docs,
+        job,
+        task.into_ticket(),
+        usage,
+        batch,
+    ));
+    Ok(HttpResponse::Accepted()
+        .insert_header(("Location", format!("/knowledge/jobs/{}", view.id)))
+        .json(view))
+}
+
+/// Stores a job's documents `batch` at a time, until done or cancelled. Its unit
+/// counts from the first batch that stores something; a job that stored nothing
+/// gives it back.
+async fn run_job(
+    state: web::Data<AppState>,
+    user: ragchat_actors::domain::User,
+    mut docs: Vec<NewDoc>,
+    job: Job,
+    ticket: Ticket,
+    usage: Value,
+    batch: usize,
+) {
+    let Some(_runner) = job.start().await else {
+        job.finish(None);
+        return;
+    };
+    let mut ticket = Some(ticket);
+    let (mut done, mut fatal) = (0usize, None);
+    while !docs.is_empty() && !job.cancelled() {
+        let rest = docs.split_off(batch.min(docs.len()));
+        let chunk = std::mem::replace(&mut docs, rest);
+        let n = chunk.len();
+        match ingest(&state, &user, chunk, None, Value::Null).await {
+            Ok(outcomes) => {
+                let created = created(&outcomes);
+                job.record(Batch::Stored {
+                    created,
+                    duplicate: outcomes.len() - created,
+                });
+                if created > 0 {
+                    if let Some(t) = ticket.take() {
+                        let mut usage = usage.clone();
+                        if let Some(o) = usage.as_object_mut() {
+                            o.insert("job_id".into(), json!(job.id()));
+                        }
+                        t.complete(usage);
+                    }
+                }
+            }
+            Err(e) => {
+                let stop = matches!(e.code(), ErrorCode::StorageQuotaExceeded | ErrorCode::ModelNotLoaded);
+                job.record(Batch::Failed {
+                    documents: n,
+                    error: format!("documents {}-{}: {e}", done + 1, done + n),
+                });
+                if stop {
+                    fatal = Some("stopped: the documents after these would fail the same way".into());
+                    break;
+                }
+            }
+        }
+        done += n;
+    }
+    // A job that stored nothing gives its unit back (the ticket drops here).
+    drop(ticket);
+    let view = job.finish(fatal);
+    tracing::info!(job = %view.id, state = ?view.state, created = view.documents_created, failed = view.documents_failed, "upload job ended");
+}
+
+/// The caller's background jobs (uploads), newest first.
+#[utoipa::path(get, path = "/knowledge/jobs", tag = "knowledge", security(("bearer" = [])),
+    responses((status = 200, body = [JobView]), (status = 401, body = ErrorBody)))]
+pub async fn list_jobs(current: CurrentUser, state: web::Data<AppState>) -> web::Json<Vec<JobView>> {
+    web::Json(state.jobs.list(current.user.id))
+}
+
+fn job_not_found(id: Uuid) -> ApiError {
+    ApiError::NotFound(format!("Job {id} not found")).with_code(ErrorCode::JobNotFound)
+}
+
+/// One background job of the caller: its state and progress.
+#[utoipa::path(get, path = "/knowledge/jobs/{job_id}", tag = "knowledge", security(("bearer" = [])),
+    params(("job_id" = Uuid, Path, description = "The job's id")),
+    responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+pub async fn get_job(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<web::Json<JobView>, ApiError> {
+    let id = id.into_inner();
+    state
+        .jobs
+        .get(current.user.id, id)
+        .map(web::Json)
+        .ok_or_else(|| job_not_found(id))
+}
+
+/// Cancels a background job after the batch it is storing (what was stored
+/// stays, and counts). 202 with the job; 409 when it has already finished.
+#[utoipa::path(post, path = "/knowledge/jobs/{job_id}/cancel", tag = "knowledge", security(("bearer" = [])),
+    params(("job_id" = Uuid, Path, description = "The job's id")),
+    responses((status = 202, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
+pub async fn cancel_job(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+    id: web::Path<Uuid>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    match state.jobs.cancel(current.user.id, id) {
+        Ok(view) => Ok(HttpResponse::Accepted().json(view)),
+        Err(Some(ended)) => Err(ApiError::Conflict(format!(
+            "Job {id} has already ended ({})",
+            serde_json::to_value(ended)
+                .unwrap_or_default()
+                .as_str()
+                .unwrap_or("finished")
+        ))),
+        Err(None) => Err(job_not_found(id)),
     }
 }
 

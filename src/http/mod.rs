@@ -63,6 +63,8 @@ pub struct AppState {
     pub ingestor: Option<crate::knowledge::ingest::Ingestor>,
     pub retrieval: ragchat_actors::retrieval::Retriever,
     pub seed: Arc<std::sync::Mutex<crate::knowledge::seed::SeedStatus>>,
+    /// Background upload jobs of this process.
+    pub jobs: Arc<crate::knowledge::jobs::JobBoard>,
     /// Chat sessions and their messages.
     pub conversations: Arc<dyn ragchat_actors::ports::ConversationStore>,
     /// The chat turn (conversations, retrieval and the model behind it).

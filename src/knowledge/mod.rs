@@ -6,6 +6,7 @@ pub mod formats;
 pub mod hnsw;
 pub mod index;
 pub mod ingest;
+pub mod jobs;
 pub mod pdf;
 pub mod retrieval;
 pub mod seed;

@@ -627,3 +627,194 @@ async fn a_jsonl_upload_holds_at_most_the_configured_number_of_documents() {
     let resp = upload(&app, &token, "two.jsonl", two.into_bytes(), &[]).await;
     assert_ne!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+fn jsonl(prefix: &str, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            format!(
+                "{{\"_id\": \"{prefix}{i}\", \"title\": \"{prefix} {i}\", \"text\": \"Document {i} of {prefix}: tides follow the moon, rivers carve canyons, item {i}.\"}}\n"
+            )
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+async fn remaining(app: &TestApp, token: &str) -> (u64, u64) {
+    let u = expect(app.get("/billing/usage", Some(token)).await, StatusCode::OK).await;
+    let left = |r: &str| u["quota_remaining"][r].as_u64().unwrap_or(u64::MAX);
+    (left("background_tasks"), left("api_calls"))
+}
+
+async fn wait_for_job(app: &TestApp, token: &str, id: &str) -> Value {
+    for _ in 0..600 {
+        let v = expect(
+            app.get(&format!("/knowledge/jobs/{id}"), Some(token)).await,
+            StatusCode::OK,
+        )
+        .await;
+        if !matches!(v["state"].as_str(), Some("queued" | "running")) {
+            return v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("job {id} did not finish");
+}
+
+#[actix_web::test]
+async fn many_document_uploads_run_as_background_jobs_that_count_one_background_task() {
+    let Some(dir) = models_dir() else { return };
+    let mut settings = model_settings(&dir);
+    settings.knowledge.jobs_min_documents = 4;
+    settings.knowledge.jobs_batch_documents = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("jobs@example.com").await;
+    let (_, other) = app.user("jobs-other@example.com").await;
+    let before = remaining(&app, &token).await;
+
+    // Three documents: stored at once, as before (one api call).
+    let v = expect(
+        upload(&app, &token, "small.jsonl", jsonl("small", 3), &[]).await,
+        StatusCode::CREATED,
+    )
+    .await;
+    assert_eq!(v["created"], 3, "{v}");
+
+    // Five: a job. 202, Location, then progress to the end.
+    let resp = upload(&app, &token, "five.jsonl", jsonl("five", 5), &[]).await;
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|l| l.to_str().ok())
+        .map(str::to_string)
+        .expect("Location");
+    let job: Value = resp.json().await.expect("job");
+    let id = job["id"].as_str().expect("id").to_string();
+    assert_eq!(location, format!("/knowledge/jobs/{id}"));
+    assert_eq!(
+        (job["kind"].as_str(), job["documents_total"].as_u64()),
+        (Some("upload"), Some(5))
+    );
+    let done = wait_for_job(&app, &token, &id).await;
+    assert_eq!(done["state"], "completed", "{done}");
+    assert_eq!(
+        (done["documents_created"].as_u64(), done["documents_failed"].as_u64()),
+        (Some(5), Some(0))
+    );
+    assert_eq!(total(&app, &token).await, 8);
+    let listed = expect(app.get("/knowledge/jobs", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    // Any upload can ask for the background; the same file again stores nothing
+    // new: its unit is given back.
+    let v = expect(
+        upload(&app, &token, "again.jsonl", jsonl("five", 5), &[("background", "true")]).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let again = wait_for_job(&app, &token, v["id"].as_str().expect("id")).await;
+    assert_eq!(
+        (again["state"].as_str(), again["documents_duplicate"].as_u64()),
+        (Some("completed"), Some(5))
+    );
+
+    // Counted: one background task for the job that stored, one api call for the small upload.
+    let after = remaining(&app, &token).await;
+    assert_eq!(
+        after,
+        (before.0 - 1, before.1 - 1),
+        "before {before:?}, after {after:?}"
+    );
+
+    // Another user cannot see or cancel it; a finished job cannot be cancelled.
+    let v = expect(
+        app.get(&format!("/knowledge/jobs/{id}"), Some(&other)).await,
+        StatusCode::NOT_FOUND,
+    )
+    .await;
+    assert_eq!(v["code"], "job_not_found");
+    let cancel = |t: &str, id: &str| {
+        let (client, url, t) = (
+            app.client.clone(),
+            app.url(&format!("/knowledge/jobs/{id}/cancel")),
+            t.to_string(),
+        );
+        async move { client.post(url).bearer_auth(t).send().await.expect("cancel") }
+    };
+    assert_eq!(cancel(&other, &id).await.status(), StatusCode::NOT_FOUND);
+    expect(cancel(&token, &id).await, StatusCode::CONFLICT).await;
+    assert_eq!(
+        cancel(&token, &Uuid::new_v4().to_string()).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        app.get("/knowledge/jobs/not-a-uuid", Some(&token)).await.status(),
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        app.get("/knowledge/jobs", None).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+    let v = expect(
+        upload(&app, &token, "x.jsonl", jsonl("x", 1), &[("background", "maybe")]).await,
+        StatusCode::UNPROCESSABLE_ENTITY,
+    )
+    .await;
+    assert!(v["detail"].as_str().is_some_and(|d| d.contains("background")), "{v}");
+}
+
+#[actix_web::test]
+async fn a_queued_job_cancelled_gives_its_unit_back_and_unfinished_jobs_are_bounded() {
+    let Some(dir) = models_dir() else { return };
+    let mut settings = model_settings(&dir);
+    settings.knowledge.jobs_min_documents = 2;
+    settings.knowledge.jobs_batch_documents = 1;
+    settings.knowledge.jobs_max_running = 1;
+    settings.knowledge.jobs_max_pending_per_user = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("queue@example.com").await;
+    let before = remaining(&app, &token).await;
+    // The first job holds the only runner for a while (60 batches).
+    let first = expect(
+        upload(&app, &token, "long.jsonl", jsonl("long", 60), &[]).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    let second = expect(
+        upload(&app, &token, "wait.jsonl", jsonl("wait", 2), &[]).await,
+        StatusCode::ACCEPTED,
+    )
+    .await;
+    // A third unfinished job is one too many.
+    let v = expect(
+        upload(&app, &token, "third.jsonl", jsonl("third", 2), &[]).await,
+        StatusCode::TOO_MANY_REQUESTS,
+    )
+    .await;
+    assert_eq!(v["code"], "too_many_jobs", "{v}");
+    // Cancel both: the queued one never runs, the running one stops between batches.
+    for job in [&second, &first] {
+        let id = job["id"].as_str().expect("id");
+        let url = app.url(&format!("/knowledge/jobs/{id}/cancel"));
+        let v = expect(
+            app.client.post(url).bearer_auth(&token).send().await.expect("cancel"),
+            StatusCode::ACCEPTED,
+        )
+        .await;
+        assert_eq!(v["cancel_requested"], true);
+    }
+    let second = wait_for_job(&app, &token, second["id"].as_str().expect("id")).await;
+    assert_eq!(
+        (second["state"].as_str(), second["documents_created"].as_u64()),
+        (Some("cancelled"), Some(0))
+    );
+    let first = wait_for_job(&app, &token, first["id"].as_str().expect("id")).await;
+    assert_eq!(first["state"], "cancelled", "{first}");
+    let stored = first["documents_created"].as_u64().expect("created");
+    assert!(stored < 60, "{first}");
+    assert_eq!(total(&app, &token).await, stored);
+    // What the cancelled job stored counts (one unit); the job that stored nothing gave its unit back.
+    let after = remaining(&app, &token).await;
+    let used = if stored > 0 { 1 } else { 0 };
+    assert_eq!(after, (before.0 - used, before.1), "before {before:?}, after {after:?}");
+}
