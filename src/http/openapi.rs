@@ -26,7 +26,7 @@ use super::{admin, auth, billing, chat, knowledge, metrics, openai, ops, ws};
         ws::ws_chat,
     ),
     components(schemas(knowledge::UploadResult, crate::knowledge::jobs::JobView, crate::error::ErrorBody, crate::error::ErrorCode, crate::error::ErrorType)),
-    modifiers(&BearerAuth),
+    modifiers(&BearerAuth, &CommonErrors),
     tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "chat"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]
 pub struct ApiDoc;
@@ -45,6 +45,64 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// The answers every route gives the same way, listed on each route they apply
+/// to so that the document matches the server (schemathesis checks it):
+/// a JSON body that is not JSON is a 400 (a valid JSON value of the wrong shape is
+/// a 422), a path or query parameter that does not parse is a 422, and a body over
+/// its size limit is a 413.
+struct CommonErrors;
+
+impl Modify for CommonErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::path::ParameterIn;
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = |why: &str| {
+            ResponseBuilder::new()
+                .description(why)
+                .content(
+                    "application/json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("ErrorBody")))
+                        .build(),
+                )
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [
+                &mut item.get,
+                &mut item.post,
+                &mut item.put,
+                &mut item.patch,
+                &mut item.delete,
+            ];
+            for op in ops.into_iter().flatten() {
+                let json_body = op
+                    .request_body
+                    .as_ref()
+                    .is_some_and(|b| b.content.contains_key("application/json"));
+                let parsed_params = op.parameters.as_ref().is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| matches!(p.parameter_in, ParameterIn::Path | ParameterIn::Query))
+                });
+                let responses = &mut op.responses.responses;
+                if json_body {
+                    responses
+                        .entry("400".into())
+                        .or_insert_with(|| error("The body is not valid JSON").into());
+                    responses
+                        .entry("413".into())
+                        .or_insert_with(|| error("The body is over its size limit").into());
+                }
+                if json_body || parsed_params {
+                    responses
+                        .entry("422".into())
+                        .or_insert_with(|| error("A field or parameter is not valid").into());
+                }
+            }
+        }
     }
 }
 

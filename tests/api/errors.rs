@@ -109,6 +109,18 @@ fn every_route_documents_its_errors_with_the_error_body() {
             if secured && !responses.contains_key("401") {
                 problems.push("needs a token but does not list 401".to_string());
             }
+            // What actix answers before the handler runs (schemathesis checks these).
+            if op["requestBody"]["content"].get("application/json").is_some() {
+                for status in ["400", "413", "422"] {
+                    if !responses.contains_key(status) {
+                        problems.push(format!("takes JSON but does not list {status}"));
+                    }
+                }
+            }
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            if params.iter().any(|p| p["in"] == "path" || p["in"] == "query") && !responses.contains_key("422") {
+                problems.push("has parameters but does not list 422".to_string());
+            }
             for (status, resp) in responses {
                 let is_error = status.parse::<u16>().is_ok_and(|s| s >= 400);
                 if !is_error || NOT_ERROR_BODIES.contains(&format!("{route} {status}").as_str()) {
