@@ -14,6 +14,7 @@ mod fault_proxy;
 mod helpers;
 mod knowledge;
 mod ledger;
+mod memory;
 mod metrics;
 mod models;
 mod uploads;

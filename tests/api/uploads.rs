@@ -31,7 +31,7 @@ fn pdf(text: &str) -> Vec<u8> {
 }
 
 /// A one-page PDF whose content stream is `content`, its dictionary extended by `filter`.
-fn pdf_with_contents(filter: &str, content: &[u8]) -> Vec<u8> {
+pub fn pdf_with_contents(filter: &str, content: &[u8]) -> Vec<u8> {
     let stream = |content: &[u8]| {
         let mut s = format!("<< /Length {}{filter} >>\nstream\n", content.len()).into_bytes();
         s.extend_from_slice(content);

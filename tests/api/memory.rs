@@ -1,0 +1,305 @@
+//! Memory stays proportional to what was admitted: a `ragchat serve` process gets
+//! the largest request of each kind its limits accept (a JSON document with full
+//! metadata, each upload format, a search, a chat message) and its resident memory
+//! may grow by at most `MULTIPLE` times the request (plus a fixed allowance for the
+//! allocator). What deleting gives back is printed (not yet asserted: see the end).
+
+use std::time::Duration;
+
+use reqwest::multipart::{Form, Part};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::models_dir;
+
+/// The most a request may cost in resident memory, as a multiple of its size.
+const MULTIPLE: u64 = 20;
+/// Allocator slack that does not scale with the request.
+const FIXED: u64 = 8 << 20;
+const DOC: usize = 32 << 10;
+const UPLOAD: usize = 64 << 10;
+
+struct Server {
+    child: std::process::Child,
+    base: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Server {
+    fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb << 10)
+            .unwrap_or(0)
+    }
+}
+
+fn spawn(models: &std::path::Path) -> Server {
+    let dir = std::env::temp_dir().join(format!("ragchat-memory-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let sqlite = |name: &str| format!("sqlite:{}?mode=rwc", dir.join(name).display());
+    let bin = env!("CARGO_BIN_EXE_ragchat");
+    let child = std::process::Command::new(bin)
+        .arg("serve")
+        .env("RAGCHAT_ENV", "test")
+        .env("RAGCHAT__SERVER__PORT", port.to_string())
+        .env("RAGCHAT__SERVER__WORKERS", "2")
+        .env("RAGCHAT__DATABASE__URL", sqlite("accounts.db"))
+        .env("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db"))
+        .env("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db"))
+        .env("RAGCHAT__KNOWLEDGE__INDEX_DIR", dir.join("index"))
+        .env("RAGCHAT__LEDGER__SPOOL_PATH", dir.join("spool.jsonl"))
+        .env("RAGCHAT__KNOWLEDGE__PDF_EXTRACTOR", bin)
+        .env("RAGCHAT__MODELS__EMBEDDING_DIR", models.join("all-minilm-l6-v2"))
+        .env(
+            "RAGCHAT__MODELS__GENERATOR_PATH",
+            models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
+        )
+        .env("RAGCHAT__KNOWLEDGE__MAX_DOCUMENT_BYTES", DOC.to_string())
+        .env("RAGCHAT__KNOWLEDGE__MAX_UPLOAD_BYTES", UPLOAD.to_string())
+        .env("RAGCHAT__KNOWLEDGE__MAX_HTML_BYTES", UPLOAD.to_string())
+        .env("RAGCHAT__KNOWLEDGE__MAX_UPLOAD_DOCUMENTS", "40")
+        // Synchronous uploads: the memory is measured when the request has ended.
+        .env("RAGCHAT__KNOWLEDGE__JOBS_MIN_UPLOAD_BYTES", (UPLOAD * 2).to_string())
+        .env("RAGCHAT__KNOWLEDGE__JOBS_MIN_DOCUMENTS", "1000")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn ragchat serve");
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+        dir,
+    }
+}
+
+/// Unique prose of `bytes` bytes (unique so that nothing is a duplicate).
+fn prose(tag: &str, bytes: usize) -> String {
+    let mut s = String::with_capacity(bytes + 64);
+    let mut i = 0u64;
+    while s.len() < bytes - 40 {
+        s.push_str(&format!("{tag} sentence {i} about tides and glaciers. "));
+        i += 1;
+    }
+    s.truncate(bytes - 40);
+    s
+}
+
+fn metadata(bytes: usize) -> Value {
+    json!({"notes": "m".repeat(bytes.saturating_sub(16))})
+}
+
+enum Req {
+    Json(Value, &'static str),
+    Upload(&'static str, Vec<u8>, Option<String>),
+}
+
+impl Req {
+    fn size(&self) -> u64 {
+        match self {
+            Req::Json(v, _) => v.to_string().len() as u64,
+            Req::Upload(_, b, m) => (b.len() + m.as_ref().map_or(0, String::len)) as u64,
+        }
+    }
+}
+
+async fn send(client: &reqwest::Client, s: &Server, token: &str, req: &Req) -> Value {
+    let resp = match req {
+        Req::Json(body, path) => client.post(format!("{}{path}", s.base)).bearer_auth(token).json(body),
+        Req::Upload(name, bytes, meta) => {
+            let mut form = Form::new().part("file", Part::bytes(bytes.clone()).file_name(name.to_string()));
+            if let Some(m) = meta {
+                form = form.text("metadata", m.clone());
+            }
+            client
+                .post(format!("{}/knowledge/documents", s.base))
+                .bearer_auth(token)
+                .multipart(form)
+        }
+    }
+    .send()
+    .await
+    .expect("request");
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or(Value::Null);
+    assert!(status.is_success(), "{status}: {body}");
+    body
+}
+
+fn requests(tag: &str) -> Vec<(String, Req)> {
+    let (doc, upload, meta) = (DOC, UPLOAD, 16 << 10);
+    let html_text = prose(&format!("{tag}h"), doc / 2);
+    let html = format!("<html><head><title>{tag}</title></head><body><p>{html_text}</p></body></html>");
+    let lines: String = (0..40)
+        .map(|i| {
+            json!({"_id": format!("{tag}-{i}"), "title": format!("{tag} {i}"),
+                   "text": prose(&format!("{tag}j{i}"), (upload / 40).saturating_sub(500).max(100)), "metadata": {"i": i}})
+            .to_string()
+                + "\n"
+        })
+        .collect();
+    let pdf_text = prose(&format!("{tag}p"), DOC / 2);
+    let pdf = crate::uploads::pdf_with_contents(
+        "",
+        pdf_text
+            .as_bytes()
+            .chunks(80)
+            .map(|l| format!("BT /F1 10 Tf 40 700 Td ({}) Tj ET\n", String::from_utf8_lossy(l)))
+            .collect::<String>()
+            .as_bytes(),
+    );
+    vec![
+        (
+            "JSON document".into(),
+            Req::Json(
+                json!({"title": format!("{tag} json"), "content": prose(&format!("{tag}d"), doc - 2),
+                       "metadata": metadata(meta)}),
+                "/knowledge/documents",
+            ),
+        ),
+        (
+            "upload .txt".into(),
+            Req::Upload("a.txt", prose(&format!("{tag}t"), doc).into_bytes(), None),
+        ),
+        (
+            "upload .md".into(),
+            Req::Upload("a.md", prose(&format!("{tag}m"), doc).into_bytes(), None),
+        ),
+        ("upload .html".into(), Req::Upload("a.html", html.into_bytes(), None)),
+        ("upload .pdf".into(), Req::Upload("a.pdf", pdf, None)),
+        (
+            "upload .jsonl (form metadata on every line)".into(),
+            // The lines' own metadata ({"i": n}) is merged in: leave it room.
+            Req::Upload("a.jsonl", lines.into_bytes(), Some(metadata(meta - 64).to_string())),
+        ),
+        (
+            "search".into(),
+            Req::Json(
+                json!({"query": prose(&format!("{tag}q"), 1990), "top_k": 100, "route": "hybrid"}),
+                "/knowledge/search",
+            ),
+        ),
+        (
+            "chat".into(),
+            Req::Json(
+                json!({"message": prose(&format!("{tag}c"), 3000), "max_tokens": 4, "top_k": 5}),
+                "/chat/message",
+            ),
+        ),
+    ]
+}
+
+#[actix_web::test]
+async fn memory_grows_in_proportion_to_the_largest_requests_and_returns_after_delete() {
+    let Some(models) = models_dir() else { return };
+    let server = spawn(&models);
+    let client = reqwest::Client::new();
+    let creds = json!({"email": "memory@example.com", "password": "password-1234"});
+    let r = client
+        .post(format!("{}/auth/register", server.base))
+        .json(&creds)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let login: Value = client
+        .post(format!("{}/auth/login", server.base))
+        .json(&creds)
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    let token = login["access_token"].as_str().expect("token").to_string();
+    // Warm-up: a round of the same sizes, so that what a server allocates once
+    // (full-size embedding batches, a long prompt's buffers, the index writer, pools)
+    // is in the baseline.
+    for (_, req) in requests("warm") {
+        send(&client, &server, &token, &req).await;
+    }
+    let settle = || tokio::time::sleep(Duration::from_millis(300));
+    settle().await;
+    let baseline = server.rss();
+    let mut report = Vec::new();
+    let mut failures = Vec::new();
+    for (kind, req) in requests("big") {
+        let before = server.rss();
+        send(&client, &server, &token, &req).await;
+        settle().await;
+        let grew = server.rss().saturating_sub(before);
+        let size = req.size();
+        let line = format!(
+            "{kind}: request {} KiB, RSS +{} KiB ({:.1}x)",
+            size >> 10,
+            grew >> 10,
+            grew as f64 / size as f64
+        );
+        if grew > MULTIPLE * size + FIXED {
+            failures.push(line.clone());
+        }
+        report.push(line);
+    }
+    let full = server.rss();
+    // Delete everything this user stored: the memory comes back.
+    let list: Value = client
+        .get(format!("{}/knowledge/documents?limit=100", server.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    for d in list["items"].as_array().expect("items") {
+        let id = d["id"].as_str().expect("id");
+        let r = client
+            .delete(format!("{}/knowledge/documents/{id}", server.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("delete");
+        assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    }
+    settle().await;
+    let after = server.rss();
+    report.push(format!(
+        "baseline {} MiB, after all requests {} MiB, after deleting {} MiB",
+        baseline >> 20,
+        full >> 20,
+        after >> 20
+    ));
+    println!("{}", report.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "grew more than {MULTIPLE}x + {} MiB: {failures:#?}\n{report:#?}",
+        FIXED >> 20
+    );
+    // Deleting does not give the memory back today (the text index keeps deleted
+    // documents as tombstones until a merge, the vector index keeps their nodes
+    // until a rebuild, and the allocator keeps freed pages): reported, not asserted.
+    let _ = after;
+}
