@@ -387,6 +387,19 @@ impl ScyllaConversationStore {
         })
     }
 
+    /// Removes a session's messages and its message count (not its row).
+    async fn remove_contents(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<()> {
+        self.session
+            .execute_unpaged(&self.delete_messages, (user_id, session_id))
+            .await
+            .map_err(cql_error)?;
+        self.session
+            .execute_unpaged(&self.delete_count, (user_id, session_id))
+            .await
+            .map_err(cql_error)?;
+        Ok(())
+    }
+
     async fn count_of(&self, user_id: Uuid, session_id: Uuid) -> StoreResult<i64> {
         let rows = self
             .session
@@ -548,6 +561,18 @@ impl ConversationStore for ScyllaConversationStore {
             )
             .await
             .map_err(cql_error)?;
+        // A delete may have run between the check above and these writes: then
+        // what was just written belongs to no session. Look again and remove it
+        // (together with `delete_session`'s second pass this leaves no orphans
+        // whatever the interleaving).
+        if self.session(user_id, session_id).await?.is_none() {
+            self.remove_contents(user_id, session_id).await?;
+            self.session
+                .execute_unpaged(&self.delete_session, (user_id, session_id))
+                .await
+                .map_err(cql_error)?;
+            return Err(StoreError::NotFound);
+        }
         Ok(())
     }
 
@@ -599,18 +624,15 @@ impl ConversationStore for ScyllaConversationStore {
         }
         // Messages first: a failure part-way leaves the session listed, so the
         // delete can be retried; never messages without their session.
-        self.session
-            .execute_unpaged(&self.delete_messages, (user_id, session_id))
-            .await
-            .map_err(cql_error)?;
-        self.session
-            .execute_unpaged(&self.delete_count, (user_id, session_id))
-            .await
-            .map_err(cql_error)?;
+        self.remove_contents(user_id, session_id).await?;
         self.session
             .execute_unpaged(&self.delete_session, (user_id, session_id))
             .await
             .map_err(cql_error)?;
+        // An append that read the session before it was deleted may have written
+        // after the first pass: a second pass removes that; an append writing
+        // later finds the session gone and removes its own writes.
+        self.remove_contents(user_id, session_id).await?;
         Ok(true)
     }
 }

@@ -52,6 +52,7 @@ contract!(
     sessions_list_most_recent_first_and_only_their_owners,
     another_user_cannot_read_append_or_delete,
     deleting_a_session_removes_its_messages,
+    a_delete_racing_appends_leaves_no_orphaned_messages,
 );
 
 fn new_session(user: Uuid, title: &str, age_s: i64) -> ChatSession {
@@ -201,4 +202,36 @@ async fn deleting_a_session_removes_its_messages(store: Arc<dyn ConversationStor
     let (list, total) = store.sessions(user, Page { offset: 0, limit: 10 }).await.expect("list");
     assert_eq!((total, list[0].id), (1, b.id));
     assert_eq!(store.messages(user, b.id, None, 10).await.expect("read").len(), 2);
+}
+
+/// Appends and a delete of the same session, at once, many times: afterwards the
+/// session is gone and so is every message (none written after the delete's
+/// check survives it).
+async fn a_delete_racing_appends_leaves_no_orphaned_messages(store: Arc<dyn ConversationStore>) {
+    let user = Uuid::new_v4();
+    for round in 0..40 {
+        let s = new_session(user, "racing", 30);
+        store.create_session(&s).await.expect("create");
+        let appends = (0..3).map(|n| {
+            let (store, records) = (store.clone(), turn(s.id, round * 10 + n, 10 - n as i64));
+            async move { store.append(user, s.id, &records).await }
+        });
+        let delete = async {
+            // Let the appends read the session first, now and then.
+            if round % 2 == 1 {
+                tokio::task::yield_now().await;
+            }
+            store.delete_session(user, s.id).await.expect("delete")
+        };
+        let (results, deleted) = futures_util::join!(futures_util::future::join_all(appends), delete);
+        assert!(deleted, "round {round}");
+        for r in results {
+            assert!(matches!(r, Ok(()) | Err(StoreError::NotFound)), "round {round}: {r:?}");
+        }
+        assert_eq!(store.session(user, s.id).await.expect("read"), None, "round {round}");
+        let left = store.messages(user, s.id, None, 100).await.expect("read");
+        assert!(left.is_empty(), "round {round}: {} orphaned messages", left.len());
+    }
+    let (_, total) = store.sessions(user, Page { offset: 0, limit: 10 }).await.expect("list");
+    assert_eq!(total, 0);
 }
