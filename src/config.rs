@@ -316,6 +316,9 @@ pub struct LedgerSettings {
     pub max_batch: usize,
     /// Append-only file holding usage records while the store is unreachable.
     pub spool_path: String,
+    /// The spool's bound: past it, records wait in memory and admission
+    /// refuses new work (503 `usage_store_unavailable`) until the store is back.
+    pub max_spool_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -152,6 +152,9 @@ error_codes! {
     ModelNotLoaded = "model_not_loaded", Unavailable;
     /// A store, the index or a model is temporarily unavailable (503).
     ServiceUnavailable = "service_unavailable", Unavailable;
+    /// Usage cannot be recorded: the usage store is down and the server's
+    /// spool is full, so no new metered work is admitted (503).
+    UsageStoreUnavailable = "usage_store_unavailable", Unavailable;
     /// An unexpected server error (500).
     Internal = "internal", Internal;
 }

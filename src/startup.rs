@@ -82,6 +82,7 @@ impl Application {
             flush_interval: Duration::from_millis(settings.ledger.flush_interval_ms.max(10)),
             max_batch: settings.ledger.max_batch.max(1),
             spool_path: PathBuf::from(&settings.ledger.spool_path),
+            max_spool_bytes: settings.ledger.max_spool_bytes,
         };
         let usage = sql.usage.clone();
         let ledger = Ledger::start(usage, ledger_config, RestartPolicy::default()).map_err(StartupError::Other)?;

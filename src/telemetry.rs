@@ -113,6 +113,7 @@ pub fn record_rejection(r: &ragchat_actors::admission::session::Rejection, resou
         R::StorageExceeded { .. } => ("storage_exceeded", "storage_mb".to_string()),
         R::UnknownUser => ("unknown_user", resource.to_string()),
         R::Unavailable(_) => ("unavailable", resource.to_string()),
+        R::UsageUnrecordable => ("usage_unrecordable", resource.to_string()),
     };
     counter!("admission_rejections_total", "reason" => reason, "resource" => what).increment(1);
 }

@@ -4,22 +4,36 @@
 //! every `flush_interval` or when `max_batch` are waiting.
 //!
 //! Durability: while the store is unreachable, batches go to a local append-only
-//! spool file (JSON lines, fsynced) instead; every flush first replays the spool,
-//! and the spool is truncated only after the store has accepted its records. Each
-//! record carries its permit id as idempotency key, so a replay after a partial
-//! failure never counts twice. `Flush` (sent on graceful shutdown) writes or spools
-//! everything still in memory.
+//! spool file instead (`spool`: each record framed with its length and a crc32,
+//! fsynced; a torn or damaged record is skipped alone). While the store stays
+//! down it is tried again with backoff (the flush interval doubling to 5 s), and
+//! each try reads one record of the spool, not the spool: once the store takes
+//! it, the rest is replayed in batches, from where the last replay stopped, and
+//! the file is emptied only after the store has accepted all of it. Each record
+//! carries its permit id as idempotency key, so a replay after a partial failure
+//! or a crash before the file was emptied never counts twice. `Flush` (sent on
+//! graceful shutdown) writes or spools everything still in memory.
+//!
+//! Bound: the spool holds at most `max_spool_bytes`. Records that do not fit are
+//! held in memory (never dropped) and, while any are held, [`Ledger::refusing`]
+//! is true: admission refuses new work until the store is back and has taken
+//! them. Only `Flush` and a dying instance write past the bound (losing records
+//! at exit would be worse than a larger file).
 //!
 //! Supervision: the ledger runs under a [`Supervised`] handle ([`Ledger`]). If it
-//! dies, what it held in memory (the buffer and a batch being written) goes to
-//! the spool as it stops, records sent while it is down wait in the handle, and
-//! the new instance replays the spool and receives them: nothing is lost.
+//! dies, what it held in memory (the buffer, records held past the bound and a
+//! batch being written) goes to the spool as it stops, records sent while it is
+//! down wait in the handle, and the new instance replays the spool and receives
+//! them: nothing is lost.
 
-use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+mod spool;
+
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
@@ -35,6 +49,8 @@ pub struct LedgerConfig {
     pub flush_interval: Duration,
     pub max_batch: usize,
     pub spool_path: PathBuf,
+    /// The most bytes the spool file may hold (see the module's "Bound").
+    pub max_spool_bytes: u64,
 }
 
 type Parked = Arc<Mutex<Vec<UsageRecord>>>;
@@ -66,7 +82,8 @@ impl Drop for Record {
     }
 }
 
-/// Write (or spool) everything now; answers when done.
+/// Write (or spool) everything now, past the spool's bound if it must; answers
+/// when done.
 #[derive(Message, Debug)]
 #[rtype(result = "LedgerStats")]
 pub struct Flush;
@@ -82,29 +99,271 @@ pub struct Crash;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, MessageResponse)]
 pub struct LedgerStats {
-    /// Records in memory, not yet written.
+    /// Records in memory, not yet written (held past the spool's bound included).
     pub buffered: usize,
     /// Records waiting in the spool file.
     pub spooled: usize,
+    /// The spool file's size.
+    pub spool_bytes: u64,
+    /// Records in memory that the spool had no room for (admission refuses
+    /// while there are any).
+    pub held: usize,
     /// Records the store accepted (new ones) since start.
     pub written: u64,
     pub failed_flushes: u64,
     pub store_down: bool,
 }
 
+/// The spool as the rest of the server sees it, without a message to the
+/// ledger (read at every admission and scrape).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpoolStats {
+    /// The spool file's size.
+    pub bytes: u64,
+    /// Records in it not yet replayed to the store.
+    pub records: u64,
+    /// The bound, `max_spool_bytes`.
+    pub max_bytes: u64,
+    /// Records in memory that did not fit (or could not be written).
+    pub held: u64,
+    /// Records read back from the spool since start (replays and retries).
+    pub records_read: u64,
+}
+
+impl SpoolStats {
+    /// Records are waiting that the spool cannot take: new work is refused.
+    pub fn full(&self) -> bool {
+        self.held > 0
+    }
+}
+
+/// Shared by the handle and every instance of the ledger.
+#[derive(Debug, Default)]
+struct SpoolGauges {
+    bytes: AtomicU64,
+    records: AtomicU64,
+    held: AtomicU64,
+    records_read: AtomicU64,
+    /// Where the next replay starts: records before it are in the store already.
+    replayed_to: AtomicU64,
+}
+
+/// The ledger's use of the spool file: the bound, the counts, the replay.
+#[derive(Clone)]
+struct Spool {
+    path: PathBuf,
+    max_bytes: u64,
+    gauges: Arc<SpoolGauges>,
+}
+
+impl Spool {
+    fn stats(&self) -> SpoolStats {
+        let g = &self.gauges;
+        SpoolStats {
+            bytes: g.bytes.load(Ordering::Relaxed),
+            records: g.records.load(Ordering::Relaxed),
+            max_bytes: self.max_bytes,
+            held: g.held.load(Ordering::Relaxed),
+            records_read: g.records_read.load(Ordering::Relaxed),
+        }
+    }
+
+    /// As an instance starts: a spool of the old format (JSON lines) is
+    /// rewritten framed, then the file is counted; replays start from its
+    /// beginning (what is there already in the store is not counted twice).
+    fn open(&self) {
+        match spool::migrate_legacy::<UsageRecord>(&self.path) {
+            Ok(Some(n)) => tracing::warn!(records = n, "ledger: the old JSON-lines spool was rewritten framed"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(
+                error = %e,
+                "ledger: cannot rewrite the old JSON-lines spool; it is replayed as it is, and nothing is added to it"
+            ),
+        }
+        let mut records = 0u64;
+        match spool::Reader::<UsageRecord>::open(&self.path, 0) {
+            Ok(Some(mut reader)) => loop {
+                match reader.next() {
+                    Ok(Some(_)) => records += 1,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::error!(error = %e, "ledger: cannot read the spool");
+                        break;
+                    }
+                }
+            },
+            Ok(None) => {}
+            Err(e) => tracing::error!(error = %e, "ledger: cannot open the spool"),
+        }
+        let g = &self.gauges;
+        g.records.store(records, Ordering::Relaxed);
+        g.bytes.store(spool::len(&self.path).unwrap_or(0), Ordering::Relaxed);
+        g.replayed_to.store(0, Ordering::Relaxed);
+        if records > 0 {
+            tracing::info!(records, path = %self.path.display(), "ledger: records waiting in the spool");
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.gauges.bytes.load(Ordering::Relaxed) == 0
+    }
+
+    /// Appends, in one fsynced write, the records that fit under the bound (all
+    /// of them with `past_bound`); returns those that did not go in.
+    fn append(&self, mut records: Vec<UsageRecord>, past_bound: bool) -> Vec<UsageRecord> {
+        if records.is_empty() {
+            return records;
+        }
+        let size = match spool::format_of(&self.path) {
+            Ok(spool::Format::Legacy) => match spool::migrate_legacy::<UsageRecord>(&self.path) {
+                Ok(_) => {
+                    self.gauges.replayed_to.store(0, Ordering::Relaxed);
+                    spool::len(&self.path)
+                }
+                Err(e) => Err(e),
+            },
+            Ok(_) => spool::len(&self.path),
+            Err(e) => Err(e),
+        };
+        let size = match size {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, records = records.len(), "ledger: CANNOT SPOOL usage records; they stay in memory");
+                return records;
+            }
+        };
+        let room = if past_bound {
+            u64::MAX
+        } else {
+            self.max_bytes.saturating_sub(size)
+        };
+        let mut frames = Vec::new();
+        let mut fit = 0;
+        for r in &records {
+            let before = frames.len();
+            if let Err(e) = spool::encode(r, &mut frames) {
+                tracing::error!(error = %e, "ledger: a usage record cannot be framed; it stays in memory");
+                frames.truncate(before);
+                break;
+            }
+            if frames.len() as u64 > room {
+                frames.truncate(before);
+                break;
+            }
+            fit += 1;
+        }
+        if fit == 0 {
+            return records;
+        }
+        match spool::append(&self.path, &frames) {
+            Ok(len) => {
+                self.gauges.bytes.store(len, Ordering::Relaxed);
+                self.gauges.records.fetch_add(fit as u64, Ordering::Relaxed);
+                if len > self.max_bytes {
+                    tracing::warn!(
+                        bytes = len,
+                        max_spool_bytes = self.max_bytes,
+                        "ledger: spooled past the bound (flush or stop)"
+                    );
+                }
+                records.split_off(fit)
+            }
+            Err(e) => {
+                // Part of it may be on disk: replaying it too is harmless (ids).
+                tracing::error!(error = %e, records = records.len(), "ledger: CANNOT SPOOL usage records; they stay in memory");
+                if let Ok(len) = spool::len(&self.path) {
+                    self.gauges.bytes.store(len, Ordering::Relaxed);
+                }
+                records
+            }
+        }
+    }
+
+    /// Replays the spool to the store from where the last replay stopped: the
+    /// first `first` records (one, to try a store that was down), then batches
+    /// of `max_batch`. Once the store has all of it, the file is emptied.
+    /// Err(written so far, why): the store (or the file) failed.
+    async fn replay(&self, store: &dyn UsageStore, first: usize, max_batch: usize) -> Result<u64, (u64, String)> {
+        let g = &self.gauges;
+        let from = g.replayed_to.load(Ordering::Relaxed);
+        let mut reader = match spool::Reader::<UsageRecord>::open(&self.path, from) {
+            Ok(Some(r)) => r,
+            Ok(None) => {
+                self.emptied();
+                return Ok(0);
+            }
+            Err(e) => return Err((0, format!("spool unreadable: {e}"))),
+        };
+        let mut written = 0;
+        let mut n = first.max(1);
+        loop {
+            let chunk = reader
+                .next_batch(n)
+                .map_err(|e| (written, format!("spool unreadable: {e}")))?;
+            g.records_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            if chunk.is_empty() {
+                break;
+            }
+            match store.insert_usage(&chunk).await {
+                Ok(k) => {
+                    written += k;
+                    g.replayed_to.store(reader.offset(), Ordering::Relaxed);
+                    let done = chunk.len() as u64;
+                    let _ = g
+                        .records
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(x.saturating_sub(done)));
+                }
+                Err(e) => return Err((written, e.to_string())),
+            }
+            n = max_batch.max(1);
+        }
+        let end = reader.offset();
+        drop(reader);
+        // Empty the file, unless records were added behind the replay (then the
+        // next replay starts at `end`).
+        match spool::len(&self.path) {
+            Ok(len) if len == end => match spool::truncate(&self.path) {
+                Ok(()) => self.emptied(),
+                Err(e) => {
+                    tracing::error!(error = %e, "ledger: cannot empty the replayed spool (a later replay is idempotent)")
+                }
+            },
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "ledger: cannot stat the spool"),
+        }
+        Ok(written)
+    }
+
+    fn emptied(&self) {
+        let g = &self.gauges;
+        g.bytes.store(0, Ordering::Relaxed);
+        g.records.store(0, Ordering::Relaxed);
+        g.replayed_to.store(0, Ordering::Relaxed);
+    }
+}
+
+/// What one flush cycle did: records the store took, whether the store
+/// failed, records the spool had no room for.
+type Outcome = (u64, bool, Vec<UsageRecord>);
+
 pub struct BillingLedger {
     store: Arc<dyn UsageStore>,
     config: LedgerConfig,
     buffer: Vec<UsageRecord>,
+    /// Records the spool had no room for: written before the buffer.
+    held: Vec<UsageRecord>,
     /// A copy of the batch being written, until the write (or spool) is done.
     inflight: Vec<UsageRecord>,
     flushing: bool,
     stats: LedgerStats,
+    spool: Spool,
+    /// Where the records go that even a dying instance cannot spool.
+    parked: Parked,
     child: Option<Arc<Child>>,
     /// While the store is down: the next attempt is not before this, and the
     /// wait doubles (from the flush interval to `RETRY_MAX`) with each failure;
-    /// batches meanwhile go straight to the spool, which is not read again.
-    retry_at: Option<std::time::Instant>,
+    /// batches meanwhile go straight to the spool, which is not read.
+    retry_at: Option<Instant>,
     backoff: Duration,
 }
 
@@ -112,18 +371,18 @@ pub struct BillingLedger {
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
 impl BillingLedger {
-    pub fn new(store: Arc<dyn UsageStore>, config: LedgerConfig) -> Self {
-        let spooled = read_spool(&config.spool_path).map(|v| v.len()).unwrap_or(0);
+    /// `spool` has been opened (`Spool::open`) for this instance.
+    fn new(store: Arc<dyn UsageStore>, config: LedgerConfig, spool: Spool, parked: Parked) -> Self {
         BillingLedger {
             store,
             config,
             buffer: Vec::new(),
+            held: Vec::new(),
             inflight: Vec::new(),
             flushing: false,
-            stats: LedgerStats {
-                spooled,
-                ..Default::default()
-            },
+            stats: LedgerStats::default(),
+            spool,
+            parked,
             child: None,
             retry_at: None,
             backoff: Duration::ZERO,
@@ -136,177 +395,128 @@ impl BillingLedger {
         self
     }
 
-    /// One flush cycle: replay the spool, then write the buffer (or spool it).
-    fn flush_cycle(&mut self) -> ResponseActFuture<Self, LedgerStats> {
+    /// One flush cycle: replay the spool, then write what is in memory (or
+    /// spool it). `past_bound`: spool everything, however large the file gets.
+    fn flush_cycle(&mut self, past_bound: bool) -> ResponseActFuture<Self, LedgerStats> {
         if self.flushing {
             return Box::pin(fut::ready(self.stats_now()));
         }
         self.flushing = true;
-        let batch: Vec<UsageRecord> = std::mem::take(&mut self.buffer);
-        self.inflight = batch.clone();
-        let waiting = self.stats.store_down && self.retry_at.is_some_and(|t| std::time::Instant::now() < t);
-        if waiting {
-            // The store was down a moment ago: the batch joins the spool, and
-            // neither the store nor the spool file is touched otherwise.
-            let path = self.config.spool_path.clone();
-            let spooled = self.stats.spooled + batch.len();
-            let work = async move {
-                if !batch.is_empty() {
-                    spool_or_log(&path, &batch);
-                }
-            };
-            return Box::pin(work.into_actor(self).map(move |(), act, _| {
-                act.flushing = false;
-                act.inflight.clear();
-                act.stats.spooled = spooled;
-                act.stats_now()
-            }));
-        }
-        let store = self.store.clone();
-        let path = self.config.spool_path.clone();
-        let max_batch = self.config.max_batch.max(1);
-        let work = async move {
-            let mut written = 0u64;
-            let mut failed = false;
-            // 1. The spool first, so records reach the store in arrival order.
-            let spooled = read_spool(&path).unwrap_or_default();
-            if !spooled.is_empty() {
-                let mut ok = true;
-                for chunk in spooled.chunks(max_batch) {
-                    match store.insert_usage(chunk).await {
-                        Ok(n) => written += n,
-                        Err(e) => {
-                            tracing::warn!(error = %e, records = spooled.len(), "ledger: spool replay failed");
-                            ok = false;
-                            break;
+        let mut pending = std::mem::take(&mut self.held);
+        pending.append(&mut self.buffer);
+        self.inflight = pending.clone();
+        let spool = self.spool.clone();
+        let waiting = self.stats.store_down && self.retry_at.is_some_and(|t| Instant::now() < t);
+        let work: Pin<Box<dyn Future<Output = Outcome>>> = if waiting {
+            // The store was down a moment ago: what is in memory joins the
+            // spool, and neither the store nor the spool's records are read.
+            Box::pin(async move { (0, true, spool.append(pending, past_bound)) })
+        } else {
+            let store = self.store.clone();
+            let max_batch = self.config.max_batch.max(1);
+            // Trying a store that was down costs one record of the spool.
+            let first = if self.stats.store_down { 1 } else { max_batch };
+            Box::pin(async move {
+                let mut written = 0u64;
+                let mut failed = false;
+                // 1. The spool first, so records reach the store in arrival order.
+                if !spool.is_empty() {
+                    match spool.replay(store.as_ref(), first, max_batch).await {
+                        Ok(n) => {
+                            written += n;
+                            tracing::info!(written = n, "ledger: spool replayed");
+                        }
+                        Err((n, e)) => {
+                            written += n;
+                            tracing::warn!(error = %e, "ledger: spool replay failed");
+                            failed = true;
                         }
                     }
                 }
-                if ok {
-                    if let Err(e) = truncate_spool(&path) {
-                        tracing::error!(error = %e, "ledger: cannot truncate the spool (replay is idempotent)");
-                    } else {
-                        tracing::info!(records = spooled.len(), "ledger: spool replayed");
-                    }
-                } else {
-                    failed = true;
-                }
-            }
-            // 2. The buffer: to the store, or behind the spool while the store is down.
-            if !batch.is_empty() {
+                // 2. Memory: to the store, or behind the spool while the store is down.
+                let mut rest = Vec::new();
                 if failed {
-                    spool_or_log(&path, &batch);
+                    rest = spool.append(pending, past_bound);
                 } else {
-                    for (i, chunk) in batch.chunks(max_batch).enumerate() {
-                        match store.insert_usage(chunk).await {
-                            Ok(n) => written += n,
+                    let mut at = 0;
+                    while at < pending.len() {
+                        let end = (at + max_batch).min(pending.len());
+                        match store.insert_usage(&pending[at..end]).await {
+                            Ok(n) => {
+                                written += n;
+                                at = end;
+                            }
                             Err(e) => {
                                 tracing::warn!(error = %e, "ledger: store unreachable, spooling");
                                 failed = true;
-                                spool_or_log(&path, &batch[i * max_batch..]);
+                                rest = spool.append(pending.split_off(at), past_bound);
                                 break;
                             }
                         }
                     }
                 }
-            }
-            let spooled_now = read_spool(&path).map(|v| v.len()).unwrap_or(0);
-            (written, failed, spooled_now)
+                (written, failed, rest)
+            })
         };
-        Box::pin(work.into_actor(self).map(|(written, failed, spooled), act, _| {
+        Box::pin(work.into_actor(self).map(move |(written, failed, rest), act, _| {
             act.flushing = false;
             act.inflight.clear();
             act.stats.written += written;
-            act.stats.spooled = spooled;
-            act.stats.store_down = failed;
-            if failed {
-                act.stats.failed_flushes += 1;
-                let first = act.config.flush_interval.max(Duration::from_millis(10));
-                act.backoff = if act.backoff.is_zero() {
-                    first
-                } else {
-                    (act.backoff * 2).min(RETRY_MAX)
-                };
-                act.retry_at = Some(std::time::Instant::now() + act.backoff);
-            } else {
-                act.backoff = Duration::ZERO;
-                act.retry_at = None;
+            act.hold(rest);
+            if !waiting {
+                act.attempted(failed);
             }
             act.stats_now()
         }))
     }
 
+    /// Keeps the records the spool had no room for; says so loudly when that
+    /// starts and ends (admission refuses meanwhile).
+    fn hold(&mut self, rest: Vec<UsageRecord>) {
+        let before = self.spool.gauges.held.swap(rest.len() as u64, Ordering::Relaxed);
+        if before == 0 && !rest.is_empty() {
+            tracing::error!(
+                held = rest.len(),
+                spool_bytes = self.spool.gauges.bytes.load(Ordering::Relaxed),
+                max_spool_bytes = self.config.max_spool_bytes,
+                "ledger: the usage store is down and the spool is full: records are held in memory \
+                 and new work is refused (503 usage_store_unavailable) until the store takes them"
+            );
+        } else if before > 0 && rest.is_empty() {
+            tracing::warn!("ledger: the records held in memory are written; admission resumes");
+        }
+        self.held = rest;
+    }
+
+    /// After a try at the store: back off while it fails.
+    fn attempted(&mut self, failed: bool) {
+        self.stats.store_down = failed;
+        if failed {
+            self.stats.failed_flushes += 1;
+            let first = self.config.flush_interval.max(Duration::from_millis(10));
+            self.backoff = if self.backoff.is_zero() {
+                first
+            } else {
+                (self.backoff * 2).min(RETRY_MAX)
+            };
+            self.retry_at = Some(Instant::now() + self.backoff);
+        } else {
+            self.backoff = Duration::ZERO;
+            self.retry_at = None;
+        }
+    }
+
     fn stats_now(&self) -> LedgerStats {
+        let spool = self.spool.stats();
         LedgerStats {
             // A batch being written is still held here: a shutdown waits for it.
-            buffered: self.buffer.len() + self.inflight.len(),
+            buffered: self.buffer.len() + self.inflight.len() + self.held.len(),
+            spooled: spool.records as usize,
+            spool_bytes: spool.bytes,
+            held: spool.held as usize,
             ..self.stats
         }
     }
-}
-
-fn spool_or_log(path: &PathBuf, records: &[UsageRecord]) {
-    if let Err(e) = append_spool(path, records) {
-        // Nothing else can be done durably; make it loud.
-        tracing::error!(error = %e, records = records.len(), "ledger: CANNOT SPOOL usage records");
-    }
-}
-
-fn append_spool(path: &PathBuf, records: &[UsageRecord]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let mut f = OpenOptions::new().create(true).append(true).read(true).open(path)?;
-    let mut buf = Vec::new();
-    // A crash mid-append leaves a torn last line: end it, so that it is skipped
-    // alone instead of swallowing the first record written after it.
-    if ends_torn(&mut f)? {
-        buf.push(b'\n');
-    }
-    for r in records {
-        serde_json::to_writer(&mut buf, r).map_err(std::io::Error::other)?;
-        buf.push(b'\n');
-    }
-    f.write_all(&buf)?;
-    f.sync_data()
-}
-
-/// Whether the file's last byte is not a newline (a torn, unfinished line).
-fn ends_torn(f: &mut File) -> std::io::Result<bool> {
-    use std::io::{Read, Seek, SeekFrom};
-    if f.metadata()?.len() == 0 {
-        return Ok(false);
-    }
-    f.seek(SeekFrom::End(-1))?;
-    let mut last = [0u8; 1];
-    f.read_exact(&mut last)?;
-    Ok(last[0] != b'\n')
-}
-
-/// Reads the spool; a torn line (crash mid-append) is skipped, alone.
-fn read_spool(path: &PathBuf) -> std::io::Result<Vec<UsageRecord>> {
-    let f = match File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut out = Vec::new();
-    for line in BufReader::new(f).lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<UsageRecord>(&line) {
-            Ok(r) => out.push(r),
-            Err(e) => tracing::warn!(error = %e, "ledger: skipping an unreadable spool line"),
-        }
-    }
-    Ok(out)
-}
-
-fn truncate_spool(path: &PathBuf) -> std::io::Result<()> {
-    let f = OpenOptions::new().write(true).truncate(true).open(path)?;
-    f.sync_all()
 }
 
 impl Actor for BillingLedger {
@@ -314,22 +524,33 @@ impl Actor for BillingLedger {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.config.flush_interval, |act, ctx| {
-            if !act.buffer.is_empty() || act.stats.spooled > 0 {
-                let f = act.flush_cycle();
+            if !act.buffer.is_empty() || !act.held.is_empty() || !act.spool.is_empty() {
+                let f = act.flush_cycle(false);
                 ctx.spawn(f.map(|_, _, _| ()));
             }
         });
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        // Whatever is still in memory goes to the spool (a batch being written
-        // may be partly stored already: replays are idempotent).
+        // Whatever is still in memory goes to the spool, past its bound if it
+        // must (a batch being written may be partly stored already: replays are
+        // idempotent). What cannot be written waits in the handle for the next
+        // instance.
         let mut left = std::mem::take(&mut self.inflight);
+        left.append(&mut self.held);
         left.append(&mut self.buffer);
         if !left.is_empty() {
             tracing::warn!(records = left.len(), "ledger stopping: spooling what it held");
-            spool_or_log(&self.config.spool_path, &left);
+            let rest = self.spool.append(left, true);
+            if !rest.is_empty() {
+                tracing::error!(
+                    records = rest.len(),
+                    "ledger stopping: cannot spool; parked for the next instance"
+                );
+                lock(&self.parked).extend(rest);
+            }
         }
+        self.spool.gauges.held.store(0, Ordering::Relaxed);
         if let Some(child) = &self.child {
             child.exited();
         }
@@ -344,7 +565,7 @@ impl Handler<Record> for BillingLedger {
             self.buffer.push(r);
         }
         if self.buffer.len() >= self.config.max_batch && !self.flushing {
-            let f = self.flush_cycle();
+            let f = self.flush_cycle(false);
             ctx.spawn(f.map(|_, _, _| ()));
         }
     }
@@ -361,12 +582,12 @@ impl Handler<Flush> for BillingLedger {
                     if act.flushing {
                         Box::pin(fut::ready(act.stats_now()))
                     } else {
-                        act.flush_cycle()
+                        act.flush_cycle(true)
                     }
                 },
             ));
         }
-        self.flush_cycle()
+        self.flush_cycle(true)
     }
 }
 
@@ -391,13 +612,14 @@ impl Handler<Crash> for BillingLedger {
 }
 
 /// The ledger as the rest of the server holds it: the current instance of the
-/// supervised actor, and records parked while it is being restarted (sent while
-/// it was down, or left in the mailbox of an instance that died).
+/// supervised actor, records parked while it is being restarted (sent while
+/// it was down, or left in the mailbox of an instance that died), and the
+/// spool's figures.
 #[derive(Clone)]
 pub struct Ledger {
     sup: Arc<Supervised<BillingLedger>>,
     parked: Parked,
-    spool_path: PathBuf,
+    spool: Spool,
 }
 
 fn lock(m: &Mutex<Vec<UsageRecord>>) -> std::sync::MutexGuard<'_, Vec<UsageRecord>> {
@@ -414,29 +636,39 @@ impl Ledger {
         let arbiter = Arbiter::new().handle();
         let parked: Parked = Arc::default();
         let waiting = parked.clone();
-        let spool_path = config.spool_path.clone();
+        let spool = Spool {
+            path: config.spool_path.clone(),
+            max_bytes: config.max_spool_bytes,
+            gauges: Arc::default(),
+        };
         let on_restart = Box::new(move |addr: &Addr<BillingLedger>| {
             let n = deliver_parked(addr, &waiting);
             if n > 0 {
                 tracing::info!(records = n, "ledger back: sending the records parked meanwhile");
             }
         });
+        // Counted before the first instance, so the figures are right from the
+        // start; again before each restart (a dying instance spooled more).
+        spool.open();
+        let restart = std::sync::atomic::AtomicBool::new(false);
+        let (instance_spool, instance_parked) = (spool.clone(), parked.clone());
         let sup = Supervised::start(
             "billing-ledger",
             policy,
             move |child| {
                 let (store, config) = (store.clone(), config.clone());
+                let (spool, parked) = (instance_spool.clone(), instance_parked.clone());
+                let reopen = restart.swap(true, Ordering::Relaxed);
                 Ok(BillingLedger::start_in_arbiter(&arbiter, move |_| {
-                    BillingLedger::new(store, config).supervised_by(child)
+                    if reopen {
+                        spool.open();
+                    }
+                    BillingLedger::new(store, config, spool, parked).supervised_by(child)
                 }))
             },
             Some(on_restart),
         )?;
-        Ok(Ledger {
-            sup,
-            parked,
-            spool_path,
-        })
+        Ok(Ledger { sup, parked, spool })
     }
 
     /// Hands a record to the ledger (never dropped: parked while it restarts).
@@ -452,6 +684,18 @@ impl Ledger {
     /// Records waiting for a restarted ledger.
     pub fn parked(&self) -> usize {
         lock(&self.parked).len()
+    }
+
+    /// The spool's size, records and bound, without asking the actor.
+    pub fn spool(&self) -> SpoolStats {
+        self.spool.stats()
+    }
+
+    /// True while usage records wait in memory because the store is down and
+    /// the spool is full (or cannot be written): new work must be refused,
+    /// since it could not be accounted for durably.
+    pub fn refusing(&self) -> bool {
+        self.spool.stats().full()
     }
 
     pub fn supervisor(&self) -> &Supervised<BillingLedger> {
@@ -473,7 +717,8 @@ impl Ledger {
             let records = std::mem::take(&mut *lock(&self.parked));
             if !records.is_empty() {
                 tracing::warn!(records = records.len(), "ledger down: spooling the parked records");
-                spool_or_log(&self.spool_path, &records);
+                let rest = self.spool.append(records, true);
+                lock(&self.parked).extend(rest);
             }
         }
         self.sup.send(Flush).await
@@ -493,7 +738,10 @@ fn deliver_parked(addr: &Addr<BillingLedger>, parked: &Parked) -> usize {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
+    use crate::admission::fakes::Usage;
 
     fn record(n: u64) -> UsageRecord {
         let now = chrono::Utc::now();
@@ -508,18 +756,48 @@ mod tests {
         }
     }
 
-    #[actix::test]
-    async fn while_the_store_is_down_it_is_retried_with_backoff_and_nothing_is_lost() {
-        use std::sync::atomic::Ordering;
-        let usage = Arc::new(crate::admission::fakes::Usage::default());
-        usage.down.store(true, Ordering::Relaxed);
-        let spool = std::env::temp_dir().join(format!("ragchat-spool-{}.jsonl", uuid::Uuid::new_v4().simple()));
-        let config = LedgerConfig {
+    fn temp_spool() -> PathBuf {
+        std::env::temp_dir().join(format!("ragchat-spool-{}.jsonl", uuid::Uuid::new_v4().simple()))
+    }
+
+    fn config(spool_path: &std::path::Path, max_spool_bytes: u64) -> LedgerConfig {
+        LedgerConfig {
             flush_interval: Duration::from_millis(10),
             max_batch: 100,
-            spool_path: spool.clone(),
-        };
-        let ledger = Ledger::start(usage.clone(), config, RestartPolicy::default()).expect("ledger");
+            spool_path: spool_path.to_path_buf(),
+            max_spool_bytes,
+        }
+    }
+
+    fn frame_len(r: &UsageRecord) -> u64 {
+        let mut buf = Vec::new();
+        spool::encode(r, &mut buf).expect("frame");
+        buf.len() as u64
+    }
+
+    fn stored_ids(usage: &Usage) -> Vec<uuid::Uuid> {
+        usage
+            .records
+            .lock()
+            .map(|r| r.iter().map(|x| x.id).collect())
+            .unwrap_or_default()
+    }
+
+    async fn until(mut done: impl FnMut() -> bool) {
+        for _ in 0..300 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[actix::test]
+    async fn while_the_store_is_down_it_is_retried_with_backoff_and_the_spool_is_read_once() {
+        let usage = Arc::new(Usage::default());
+        usage.down.store(true, Ordering::Relaxed);
+        let spool = temp_spool();
+        let ledger = Ledger::start(usage.clone(), config(&spool, 1 << 20), RestartPolicy::default()).expect("ledger");
         let user = uuid::Uuid::new_v4();
         // One second of traffic while the store is down: 50 records, a flush due every 10 ms.
         for _ in 0..50 {
@@ -528,31 +806,166 @@ mod tests {
             ledger.record(r);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        // Read first: a try counts its read just before its write.
+        let read_while_down = ledger.spool().records_read;
         let attempts = usage.inserts.load(Ordering::Relaxed);
         assert!(attempts <= 12, "{attempts} attempts in a second: it should back off");
+        // Each try at the store read one record of the spool, not the spool
+        // (one more: a try may be between its read and its write).
+        assert!(
+            read_while_down <= attempts + 1,
+            "{read_while_down} records read back in {attempts} tries"
+        );
         usage.down.store(false, Ordering::Relaxed);
-        for _ in 0..100 {
-            if usage.recorded(user) == 50 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        until(|| usage.recorded(user) == 50 && ledger.spool().bytes == 0).await;
         assert_eq!(usage.recorded(user), 50, "every record reached the store once");
+        let spool_stats = ledger.spool();
+        assert_eq!((spool_stats.bytes, spool_stats.records), (0, 0), "emptied");
+        // On recovery the spool was read once: at most its 50 records more.
+        assert!(
+            spool_stats.records_read <= read_while_down + 50,
+            "{} records read back in all",
+            spool_stats.records_read
+        );
+        assert_eq!(std::fs::metadata(&spool).map(|m| m.len()).unwrap_or(0), 0);
         let _ = std::fs::remove_file(&spool);
     }
 
-    #[test]
-    fn a_torn_line_is_skipped_without_losing_the_records_after_it() {
-        let path = std::env::temp_dir().join(format!("ragchat-spool-{}.jsonl", uuid::Uuid::new_v4().simple()));
-        append_spool(&path, &[record(1)]).expect("append");
-        // A crash in the middle of the next append: half a record, no newline.
-        let whole = serde_json::to_string(&record(2)).expect("json");
-        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-        f.write_all(&whole.as_bytes()[..whole.len() / 2]).expect("torn write");
-        drop(f);
-        append_spool(&path, &[record(3), record(4)]).expect("append after the crash");
-        let back: Vec<u64> = read_spool(&path).expect("read").iter().map(|r| r.quantity).collect();
-        assert_eq!(back, [1, 3, 4]);
+    #[actix::test]
+    async fn a_replay_after_a_crash_before_the_spool_was_emptied_counts_each_record_once() {
+        let usage = Arc::new(Usage::default());
+        let path = temp_spool();
+        let records: Vec<UsageRecord> = (1..=5).map(record).collect();
+        // The store took the first three, then the process died before the
+        // spool was emptied: all five are still in the file.
+        let spool = Spool {
+            path: path.clone(),
+            max_bytes: 1 << 20,
+            gauges: Arc::default(),
+        };
+        assert!(spool.append(records.clone(), false).is_empty());
+        usage.insert_usage(&records[..3]).await.expect("insert");
+
+        let ledger = Ledger::start(usage.clone(), config(&path, 1 << 20), RestartPolicy::default()).expect("ledger");
+        until(|| ledger.spool().bytes == 0).await;
+        let mut ids = stored_ids(&usage);
+        ids.sort();
+        let mut want: Vec<_> = records.iter().map(|r| r.id).collect();
+        want.sort();
+        assert_eq!(ids, want, "each record once");
+        let stats = ledger.stats().await.expect("stats");
+        assert_eq!((stats.written, stats.spooled), (2, 0), "{stats:?}");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[actix::test]
+    async fn an_old_json_lines_spool_is_rewritten_framed_and_replayed_once() {
+        let usage = Arc::new(Usage::default());
+        usage.down.store(true, Ordering::Relaxed);
+        let path = temp_spool();
+        // What the previous version left: JSON lines, the last one torn.
+        let old: Vec<UsageRecord> = (1..=3).map(record).collect();
+        let mut text = String::new();
+        for r in &old {
+            text.push_str(&serde_json::to_string(r).expect("json"));
+            text.push('\n');
+        }
+        let torn = serde_json::to_string(&record(9)).expect("json");
+        text.push_str(&torn[..torn.len() / 2]);
+        std::fs::write(&path, text).expect("write");
+
+        let ledger = Ledger::start(usage.clone(), config(&path, 1 << 20), RestartPolicy::default()).expect("ledger");
+        let stats = ledger.stats().await.expect("stats");
+        assert_eq!(stats.spooled, 3, "counted at start: {stats:?}");
+        let head = std::fs::read(&path).expect("read");
+        assert_eq!(&head[..2], &[0xFF, 0x5A], "rewritten framed");
+        // New records join it while the store is still down.
+        let new = record(4);
+        ledger.record(new.clone());
+        until(|| ledger.spool().records == 4).await;
+        assert_eq!(ledger.spool().records, 4);
+
+        usage.down.store(false, Ordering::Relaxed);
+        until(|| ledger.spool().bytes == 0).await;
+        let mut ids = stored_ids(&usage);
+        ids.sort();
+        let mut want: Vec<_> = old.iter().chain([&new]).map(|r| r.id).collect();
+        want.sort();
+        assert_eq!(ids, want, "every old record and the new one, once");
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[actix::test]
+    async fn a_full_spool_holds_records_in_memory_and_refuses_until_the_store_takes_them() {
+        let usage = Arc::new(Usage::default());
+        usage.down.store(true, Ordering::Relaxed);
+        let path = temp_spool();
+        let user = uuid::Uuid::new_v4();
+        let records: Vec<UsageRecord> = (0..10)
+            .map(|_| UsageRecord {
+                user_id: user,
+                ..record(1)
+            })
+            .collect();
+        // Room for three records.
+        let bound = 3 * frame_len(&records[0]) + 10;
+        let ledger = Ledger::start(usage.clone(), config(&path, bound), RestartPolicy::default()).expect("ledger");
+        assert!(!ledger.refusing());
+        for r in &records {
+            ledger.record(r.clone());
+        }
+        until(|| ledger.spool().held == 7).await;
+        let spool = ledger.spool();
+        assert_eq!((spool.records, spool.held), (3, 7), "{spool:?}");
+        assert!(spool.bytes <= bound, "{} bytes past the bound {bound}", spool.bytes);
+        assert!(ledger.refusing(), "new work is refused while records are held");
+        let stats = ledger.stats().await.expect("stats");
+        assert_eq!((stats.buffered, stats.held), (7, 7), "{stats:?}");
+
+        // The store is back: the spool, then the held records; admission resumes.
+        usage.down.store(false, Ordering::Relaxed);
+        until(|| usage.recorded(user) == 10 && !ledger.refusing()).await;
+        assert_eq!(usage.recorded(user), 10, "nothing lost, nothing twice");
+        assert!(!ledger.refusing());
+        assert_eq!(ledger.spool().bytes, 0);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[actix::test]
+    async fn a_flush_at_shutdown_spools_held_records_past_the_bound() {
+        let usage = Arc::new(Usage::default());
+        usage.down.store(true, Ordering::Relaxed);
+        let path = temp_spool();
+        let user = uuid::Uuid::new_v4();
+        let first = UsageRecord {
+            user_id: user,
+            ..record(1)
+        };
+        let bound = 2 * frame_len(&first);
+        let ledger = Ledger::start(usage.clone(), config(&path, bound), RestartPolicy::default()).expect("ledger");
+        ledger.record(first);
+        for _ in 0..5 {
+            ledger.record(UsageRecord {
+                user_id: user,
+                ..record(1)
+            });
+        }
+        until(|| ledger.spool().held == 4).await;
+        assert!(ledger.refusing());
+        let mut stats = ledger.flush().await.expect("flush");
+        for _ in 0..50 {
+            if stats.buffered == 0 {
+                break;
+            }
+            stats = ledger.flush().await.expect("flush");
+        }
+        assert_eq!((stats.buffered, stats.spooled), (0, 6), "all on disk: {stats:?}");
+        assert!(stats.spool_bytes > bound);
+        assert!(!ledger.refusing());
+        // Once the store is back, all of them are replayed.
+        usage.down.store(false, Ordering::Relaxed);
+        until(|| usage.recorded(user) == 6 && ledger.spool().bytes == 0).await;
+        assert_eq!(usage.recorded(user), 6);
         let _ = std::fs::remove_file(&path);
     }
 }

@@ -423,11 +423,15 @@ pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<
     node["parked"] = json!(state.ledger.parked());
     match tokio::time::timeout(Duration::from_millis(500), state.ledger.stats()).await {
         Ok(Ok(l)) => {
-            if l.store_down {
+            if l.held > 0 {
+                node["state"] = json!("degraded: store down, spool full, refusing new work");
+            } else if l.store_down {
                 node["state"] = json!("degraded: store down, spooling");
             }
             node["buffered"] = json!(l.buffered);
             node["spooled"] = json!(l.spooled);
+            node["spool_bytes"] = json!(l.spool_bytes);
+            node["held"] = json!(l.held);
             node["written"] = json!(l.written);
             node["failed_flushes"] = json!(l.failed_flushes);
         }

@@ -158,6 +158,11 @@ pub fn rejection_error(r: Rejection) -> ApiError {
             tracing::warn!(reason = %why, "admission unavailable");
             ApiError::Unavailable("Service temporarily unavailable, please retry".into())
         }
+        Rejection::UsageUnrecordable => ApiError::Unavailable(
+            "Usage cannot be recorded right now (the usage store is down and the local spool is full); retry later"
+                .into(),
+        )
+        .with_code(ErrorCode::UsageStoreUnavailable),
     }
 }
 

@@ -5,7 +5,8 @@
 //! latency histograms; admission rejections by reason and resource; retrieval
 //! latency by route; chat answers and time to first token; model worker queue
 //! waits and batch sizes. Read from the components at each scrape: sessions,
-//! model workers, the ledger (backlog, spool, store down, parked records), the
+//! model workers, the ledger (backlog, spool size and records, records held
+//! past the spool's bound, store down, parked records), the
 //! Redis fallback, the search index size, and per actor kind the mailbox depth
 //! and messages handled (`actor_mailbox_depth`, `actor_messages_handled_total`;
 //! waits and handling times are histograms recorded as messages are handled).
@@ -78,9 +79,16 @@ async fn sample(state: &AppState) {
         counter!("embed_texts_total").absolute(st.items.load(Ordering::Relaxed));
         counter!("model_worker_restarts_total", "worker" => "embed").absolute(st.restarts.load(Ordering::Relaxed));
     }
+    // The spool's figures are shared atomics: right even when the ledger is busy.
+    let spool = state.ledger.spool();
+    gauge!("ledger_spooled_records").set(spool.records as f64);
+    gauge!("ledger_spool_bytes").set(spool.bytes as f64);
+    gauge!("ledger_spool_max_bytes").set(spool.max_bytes as f64);
+    gauge!("ledger_held_records").set(spool.held as f64);
+    gauge!("ledger_spool_full").set(if spool.full() { 1.0 } else { 0.0 });
+    counter!("ledger_spool_read_records_total").absolute(spool.records_read);
     if let Ok(Ok(l)) = tokio::time::timeout(Duration::from_millis(500), state.ledger.stats()).await {
         gauge!("ledger_buffered_records").set(l.buffered as f64);
-        gauge!("ledger_spooled_records").set(l.spooled as f64);
         counter!("ledger_written_records_total").absolute(l.written);
         counter!("ledger_failed_flushes_total").absolute(l.failed_flushes);
         gauge!("ledger_store_down").set(if l.store_down { 1.0 } else { 0.0 });

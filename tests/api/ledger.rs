@@ -1,5 +1,6 @@
 //! The ledger loses nothing and counts nothing twice when PostgreSQL stops in the
-//! middle of a run: records spool locally and are replayed when it is back.
+//! middle of a run: records spool locally and are replayed when it is back. The
+//! spool is bounded: when it is full, new work is refused until the store is back.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,7 +10,9 @@ use reqwest::StatusCode;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::helpers::{expect, service_url, temp_sqlite_url, test_settings, TestApp};
+use crate::fault_proxy::FaultProxy;
+use crate::helpers::{expect, fresh_postgres_url, service_url, temp_sqlite_url, test_settings, TestApp};
+use crate::metrics::{sample, scrape, SCRAPE_TOKEN};
 
 /// A PostgreSQL server of this test's own (so stopping it disturbs no other test),
 /// run by scripts/services.sh in a private directory and port.
@@ -215,4 +218,171 @@ async fn a_crashed_ledger_is_restarted_and_loses_no_record() {
         "{node}"
     );
     assert!(node["handled"].as_u64().unwrap_or(0) >= 3, "{node}");
+}
+
+/// Waits until a scrape of /metrics shows every `(gauge, value)`; returns the last
+/// text. (The recorder is shared by every server of this test binary: another
+/// test's scrape can set a gauge between ours's setting and rendering it.)
+async fn metrics_show(app: &TestApp, want: &[(&str, f64)]) -> String {
+    let mut text = String::new();
+    for _ in 0..50 {
+        let (status, body) = scrape(app, Some(SCRAPE_TOKEN)).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        text = body;
+        if want.iter().all(|(g, v)| sample(&text, g, &[]) == Some(*v)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (g, v) in want {
+        assert_eq!(sample(&text, g, &[]), Some(*v), "{g}:\n{text}");
+    }
+    text
+}
+
+/// The usage store (PostgreSQL, behind a proxy that cuts it off) goes away while a
+/// user works from the quota lease of their session: records spool up to
+/// `ledger.max_spool_bytes`, then wait in memory while every metered route answers
+/// 503 `usage_store_unavailable`; /metrics shows the spool's size and records. When
+/// the store is back every record is stored exactly once and work resumes.
+#[actix_web::test]
+async fn a_full_spool_refuses_new_work_until_the_store_is_back_and_loses_nothing() {
+    let Some(url) = fresh_postgres_url().await else {
+        return;
+    };
+    // postgres://user:pass@host:port/db → the same through the proxy.
+    let (credentials, rest) = url.rsplit_once('@').expect("user@host in DATABASE_URL");
+    let (host_port, db) = rest.split_once('/').expect("a database path");
+    let host_port = host_port.replace("localhost", "127.0.0.1");
+    let proxy = FaultProxy::start(&host_port);
+    let mut settings = test_settings(&format!("{credentials}@127.0.0.1:{}/{db}", proxy.port));
+    // Room for a few records (one is about 330 bytes framed).
+    settings.ledger.max_spool_bytes = 1500;
+    settings.metrics.token = ragchat::config::Secret::new(SCRAPE_TOKEN);
+    // While the store is away the user is known from the cache and admitted from
+    // the session's lease: without the bound, work would go on unrecorded.
+    settings.sessions.user_cache_ms = 600_000;
+    settings.quota.lease_idle_ms = 600_000;
+    let app = TestApp::spawn_with(settings).await;
+    let email = format!("spool-full-{}@example.com", Uuid::new_v4().simple());
+    let hasher = ragchat::auth::PasswordHasher::new(test_settings("sqlite::memory:").auth.argon2).expect("hasher");
+    let user = ragchat::accounts::create_user(
+        app.accounts.as_ref(),
+        &hasher,
+        ragchat::accounts::UserSpec {
+            email: &email,
+            password: "password-1234",
+            plan: ragchat_actors::plans::Plan::Pro,
+            superuser: false,
+        },
+    )
+    .await
+    .expect("create user");
+    let token = app.login(&email, "password-1234").await["access_token"]
+        .as_str()
+        .expect("token")
+        .to_string();
+    // The first call reserves a lease of units in the store.
+    expect(
+        app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    metrics_show(&app, &[("ledger_spool_bytes", 0.0), ("ledger_spool_full", 0.0)]).await;
+    for _ in 0..100 {
+        if app.state.usage.usage_record_count(user.id).await.unwrap_or(0) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    proxy.cut();
+    let mut admitted = 1u64;
+    let mut refusal = None;
+    for _ in 0..25 {
+        let resp = app.post_json("/billing/probe/api", &json!({}), Some(&token)).await;
+        match resp.status() {
+            StatusCode::OK => admitted += 1,
+            StatusCode::SERVICE_UNAVAILABLE => {
+                refusal = Some(resp.json::<serde_json::Value>().await.expect("json"));
+                break;
+            }
+            other => panic!("unexpected {other}: {}", resp.text().await.unwrap_or_default()),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refusal = refusal.expect("refused once the spool was full");
+    assert_eq!(refusal["code"], "usage_store_unavailable", "{refusal}");
+    assert_eq!(refusal["type"], "unavailable", "{refusal}");
+    assert!(admitted >= 3, "work went on while the spool had room: {admitted}");
+
+    // Once no write is under way, memory holds only what the spool had no room for.
+    let mut stats = app.state.ledger.stats().await.expect("ledger");
+    for _ in 0..100 {
+        if stats.buffered == stats.held {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        stats = app.state.ledger.stats().await.expect("ledger");
+    }
+    assert!(stats.held >= 1 && stats.spooled >= 1, "{stats:?}");
+    assert!(stats.spool_bytes > 0 && stats.spool_bytes <= 1500, "bounded: {stats:?}");
+    assert_eq!(
+        (stats.spooled + stats.held) as u64,
+        admitted - 1,
+        "every record of the outage spooled or held: {stats:?}"
+    );
+    let on_disk = std::fs::metadata(&app.state.settings.ledger.spool_path).map(|m| m.len());
+    assert_eq!(on_disk.ok(), Some(stats.spool_bytes));
+    metrics_show(
+        &app,
+        &[
+            ("ledger_spool_bytes", stats.spool_bytes as f64),
+            ("ledger_spooled_records", stats.spooled as f64),
+            ("ledger_held_records", stats.held as f64),
+            ("ledger_spool_max_bytes", 1500.0),
+            ("ledger_spool_full", 1.0),
+        ],
+    )
+    .await;
+    // Refused again, at once, without touching the store.
+    let started = std::time::Instant::now();
+    let again = expect(
+        app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+        StatusCode::SERVICE_UNAVAILABLE,
+    )
+    .await;
+    assert_eq!(again["code"], "usage_store_unavailable");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.restore();
+    let mut count = 0;
+    for _ in 0..150 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        count = app.state.usage.usage_record_count(user.id).await.unwrap_or(0);
+        if count == admitted && !app.state.ledger.refusing() {
+            break;
+        }
+    }
+    assert_eq!(count, admitted, "every admitted call recorded exactly once");
+    assert!(!app.state.ledger.refusing());
+    metrics_show(
+        &app,
+        &[
+            ("ledger_spool_bytes", 0.0),
+            ("ledger_spooled_records", 0.0),
+            ("ledger_held_records", 0.0),
+            ("ledger_spool_full", 0.0),
+        ],
+    )
+    .await;
+    expect(
+        app.post_json("/billing/probe/api", &json!({}), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
 }

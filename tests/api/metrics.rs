@@ -7,9 +7,9 @@ use uuid::Uuid;
 
 use crate::helpers::{expect, temp_sqlite_url, test_settings, TestApp};
 
-const SCRAPE_TOKEN: &str = "scrape-token-0123456789abcdef";
+pub const SCRAPE_TOKEN: &str = "scrape-token-0123456789abcdef";
 
-async fn scrape(app: &TestApp, token: Option<&str>) -> (StatusCode, String) {
+pub async fn scrape(app: &TestApp, token: Option<&str>) -> (StatusCode, String) {
     let mut req = app.client.get(app.url("/metrics"));
     if let Some(t) = token {
         req = req.bearer_auth(t);
@@ -20,7 +20,7 @@ async fn scrape(app: &TestApp, token: Option<&str>) -> (StatusCode, String) {
 }
 
 /// The value of the first sample whose line starts with `name{` and holds every label.
-fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+pub fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     text.lines()
         .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
         .find(|l| labels.iter().all(|x| l.contains(x)))
@@ -113,6 +113,10 @@ async fn metrics_answer_admins_and_the_scrape_token_in_prometheus_text() {
         for gauge in [
             "sessions_active",
             "ledger_spooled_records",
+            "ledger_spool_bytes",
+            "ledger_spool_max_bytes",
+            "ledger_held_records",
+            "ledger_spool_full",
             "ledger_store_down",
             "ratelimit_redis_fallback_active",
         ] {

@@ -308,6 +308,7 @@ pub fn world_with(
             flush_interval: Duration::from_millis(10),
             max_batch: 100,
             spool_path: spool,
+            max_spool_bytes: 1 << 20,
         },
         RestartPolicy::default(),
     )

@@ -141,6 +141,10 @@ pub enum Rejection {
     /// The quota store is down and the policy is to fail closed, or the local
     /// allowance is spent.
     Unavailable(String),
+    /// Usage cannot be recorded durably: the usage store is down and the
+    /// ledger's spool is full (records wait in memory). No new work until the
+    /// store has taken them.
+    UsageUnrecordable,
 }
 
 #[derive(Message, Debug, Clone)]
@@ -483,6 +487,9 @@ impl Handler<Admit> for UserSession {
 
     fn handle(&mut self, msg: Admit, ctx: &mut Self::Context) -> Self::Result {
         self.last_active = Instant::now();
+        if self.deps.ledger.refusing() {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(Rejection::UsageUnrecordable))));
+        }
         let now = Utc::now();
         let period = month_of(now);
         if let Some(result) = self.admit_now(&msg, &period) {
