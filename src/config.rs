@@ -338,7 +338,21 @@ pub struct BillingSettings {
     /// Serve /billing/probe/* (no-op routes that consume a unit, for the
     /// admission benchmark and client tests; `open` needs no credentials).
     pub probes: bool,
+    /// How self-service upgrades are paid (src/payments.rs): `none` — not at all:
+    /// an upgrade becomes a request an administrator approves or rejects; `invoice` —
+    /// the prorated charge goes on the account (recorded, collected with the
+    /// invoices) within `invoice_credit_limit_cents`, and the upgrade applies at once.
+    pub payment_provider: String,
+    /// `invoice` provider: the most one account may be charged in a calendar month
+    /// (UTC), in cents; a charge past it is declined (402).
+    pub invoice_credit_limit_cents: u64,
+    /// The longest reason (characters) an administrator may give when rejecting an
+    /// upgrade request.
+    pub max_note_chars: usize,
 }
+
+/// The values `billing.payment_provider` may take.
+pub const PAYMENT_PROVIDERS: [&str; 2] = ["none", "invoice"];
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct ModelSettings {
@@ -511,6 +525,13 @@ impl Settings {
                 )));
             }
         }
+        if !PAYMENT_PROVIDERS.contains(&self.billing.payment_provider.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "billing.payment_provider = '{}': expected {}",
+                self.billing.payment_provider,
+                PAYMENT_PROVIDERS.join(" or ")
+            )));
+        }
         if self.auth.access_token_ttl_secs == 0 || self.auth.refresh_token_ttl_secs == 0 {
             return Err(ConfigError::Invalid("auth token lifetimes must be positive".into()));
         }
@@ -540,5 +561,16 @@ mod tests {
         assert!(dev.unsafe_bind().is_some_and(|w| w.contains("0.0.0.0:9100")));
         dev.metrics.bind = "127.0.0.1:9100".into();
         assert_eq!(dev.unsafe_bind(), None);
+    }
+
+    #[test]
+    fn upgrades_wait_for_approval_unless_a_known_payment_provider_is_configured() {
+        let mut s = Settings::load_for(Environment::Development).expect("development settings");
+        assert_eq!(s.billing.payment_provider, "none", "no provider by default");
+        s.billing.payment_provider = "invoice".into();
+        assert!(s.validate().is_ok());
+        s.billing.payment_provider = "stripe".into();
+        let why = s.validate().expect_err("unknown provider refused").to_string();
+        assert!(why.contains("none or invoice"), "{why}");
     }
 }

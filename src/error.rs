@@ -10,9 +10,10 @@
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
+use ragchat_actors::billing::BillingError;
 use ragchat_actors::chat::turn::ChatError;
 use ragchat_actors::inference::ModelError;
-use ragchat_actors::ports::StoreError;
+use ragchat_actors::ports::{PaymentError, StoreError};
 use ragchat_actors::retrieval::RetrievalError;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -31,6 +32,8 @@ pub enum ErrorType {
     Quota,
     /// Too many requests in a short time: retry after `Retry-After` seconds.
     RateLimit,
+    /// A payment was refused: nothing was charged or changed.
+    Payment,
     /// A dependency (store, model, index) is down or busy: retry later.
     Unavailable,
     /// A bug or an unexpected failure on the server.
@@ -44,6 +47,7 @@ impl ErrorType {
             ErrorType::Auth => "auth",
             ErrorType::Quota => "quota",
             ErrorType::RateLimit => "rate_limit",
+            ErrorType::Payment => "payment",
             ErrorType::Unavailable => "unavailable",
             ErrorType::Internal => "internal",
         }
@@ -123,6 +127,14 @@ error_codes! {
     PlanUnchanged = "plan_unchanged", InvalidRequest;
     /// A seed is already running (409).
     SeedInProgress = "seed_in_progress", InvalidRequest;
+    /// The account already has an upgrade request waiting for approval (409).
+    UpgradeRequestPending = "upgrade_request_pending", InvalidRequest;
+    /// No such upgrade request (404).
+    UpgradeRequestNotFound = "upgrade_request_not_found", InvalidRequest;
+    /// The upgrade request was already approved, rejected, cancelled or found stale (409).
+    UpgradeRequestClosed = "upgrade_request_closed", InvalidRequest;
+    /// The upgrade request is no longer an upgrade of the account's plan (409).
+    UpgradeRequestStale = "upgrade_request_stale", InvalidRequest;
     /// No credentials, or credentials that are not valid (401).
     Unauthenticated = "unauthenticated", Auth;
     /// Wrong e-mail or password (401).
@@ -146,6 +158,8 @@ error_codes! {
     RateLimited = "rate_limited", RateLimit;
     /// The caller's background jobs that have not finished are at their limit (429).
     TooManyJobs = "too_many_jobs", RateLimit;
+    /// The payment provider refused the charge; nothing was applied (402).
+    PaymentDeclined = "payment_declined", Payment;
     /// The model worker's queue is full (503).
     ModelOverloaded = "model_overloaded", Unavailable;
     /// The model is not loaded on this server (503).
@@ -191,6 +205,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("{0}")]
     Unprocessable(String),
+    /// 402: a charge was refused.
+    #[error("{0}")]
+    PaymentRequired(String),
     /// 429 with a string or object detail and the headers that go with it
     /// (Retry-After, RateLimit-*).
     #[error("too many requests")]
@@ -243,6 +260,7 @@ impl ApiError {
             ApiError::PayloadTooLarge(_) => ErrorCode::PayloadTooLarge,
             ApiError::UnsupportedMediaType(_) => ErrorCode::UnsupportedMediaType,
             ApiError::TooManyRequests { .. } => ErrorCode::RateLimited,
+            ApiError::PaymentRequired(_) => ErrorCode::PaymentDeclined,
             ApiError::Unavailable(_) => ErrorCode::ServiceUnavailable,
             ApiError::Internal(_) => ErrorCode::Internal,
             ApiError::Coded { code, .. } => *code,
@@ -314,6 +332,48 @@ impl From<RetrievalError> for ApiError {
     }
 }
 
+/// A payment provider's refusal is a 402 (`payment_declined`); a provider that
+/// cannot be reached a 503.
+impl From<PaymentError> for ApiError {
+    fn from(e: PaymentError) -> Self {
+        match e {
+            PaymentError::Declined(m) => ApiError::PaymentRequired(format!("Payment declined: {m}")),
+            PaymentError::Unavailable(m) => {
+                tracing::warn!(error = %m, "payment provider unavailable");
+                ApiError::Unavailable("The payment provider is temporarily unavailable, please retry".into())
+            }
+            PaymentError::Internal(m) => ApiError::Internal(format!("payment: {m}")),
+        }
+    }
+}
+
+impl From<BillingError> for ApiError {
+    fn from(e: BillingError) -> Self {
+        match e {
+            BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle"))
+                .with_code(ErrorCode::PlanUnchanged),
+            BillingError::RequestPending => ApiError::Conflict(
+                "An upgrade request is already pending: cancel it (DELETE /billing/upgrade-request) or wait for the decision"
+                    .into(),
+            )
+            .with_code(ErrorCode::UpgradeRequestPending),
+            BillingError::RequestNotFound => ApiError::NotFound("Upgrade request not found".into())
+                .with_code(ErrorCode::UpgradeRequestNotFound),
+            BillingError::RequestClosed(status) => {
+                ApiError::Conflict(format!("The upgrade request is already {}", status.as_str()))
+                    .with_code(ErrorCode::UpgradeRequestClosed)
+            }
+            BillingError::RequestStale(why) => ApiError::Conflict(format!(
+                "{why}; the request was closed as stale and nothing was applied"
+            ))
+            .with_code(ErrorCode::UpgradeRequestStale),
+            BillingError::ChangedMeanwhile => ApiError::Conflict(e.to_string()),
+            BillingError::Payment(p) => p.into(),
+            BillingError::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<ChatError> for ApiError {
     fn from(e: ChatError) -> Self {
         match e {
@@ -366,6 +426,7 @@ impl ResponseError for ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::PaymentRequired(_) => StatusCode::PAYMENT_REQUIRED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) | ApiError::Coded { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -411,6 +472,7 @@ impl ApiError {
             | ApiError::PayloadTooLarge(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Unprocessable(m)
+            | ApiError::PaymentRequired(m)
             | ApiError::Unavailable(m) => json!(m),
             // `base` never returns a Coded error.
             ApiError::Coded { error, .. } => error.detail(),

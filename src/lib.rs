@@ -9,6 +9,7 @@ pub mod http;
 pub mod inference;
 pub mod knowledge;
 pub mod models;
+pub mod payments;
 pub mod startup;
 pub mod stores;
 pub mod telemetry;

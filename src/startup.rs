@@ -214,7 +214,10 @@ impl Application {
             generator,
             tokens: Arc::new(TokenService::new(&settings.auth)),
             settings: settings.clone(),
-            billing: Arc::new(Billing::new(accounts.clone(), sql.usage.clone(), plans.clone())),
+            billing: Arc::new(
+                Billing::new(accounts.clone(), sql.usage.clone(), plans.clone())
+                    .with_payments(crate::payments::provider(&settings.billing, sql.usage.clone())),
+            ),
             accounts,
             passwords,
             hash_pool: Arc::new(crate::auth::passwords::HashPool::new(

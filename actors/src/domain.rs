@@ -259,6 +259,107 @@ pub struct Subscription {
     pub pending_plan: Option<Plan>,
     /// Prorated upgrade charges made during the current period.
     pub period_adjustments_cents: u64,
+    /// The price the current period is billed at: the plan's price when the period
+    /// began. Mid-period upgrades leave it alone (they are charged as prorated
+    /// adjustments), so the period's invoice is this plus the adjustments.
+    pub period_base_cents: u64,
+}
+
+/// Where a self-service upgrade request stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpgradeStatus {
+    /// Waiting for an administrator (a user has at most one).
+    Pending,
+    /// Approved: the plan change was applied with its prorated charge.
+    Approved,
+    Rejected,
+    /// Withdrawn by the user (or by cancelling the subscription).
+    Cancelled,
+    /// Found no longer to be an upgrade when an administrator tried to approve it
+    /// (the plan changed meanwhile); nothing was applied.
+    Stale,
+}
+
+impl UpgradeStatus {
+    pub const ALL: [UpgradeStatus; 5] = [
+        UpgradeStatus::Pending,
+        UpgradeStatus::Approved,
+        UpgradeStatus::Rejected,
+        UpgradeStatus::Cancelled,
+        UpgradeStatus::Stale,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpgradeStatus::Pending => "pending",
+            UpgradeStatus::Approved => "approved",
+            UpgradeStatus::Rejected => "rejected",
+            UpgradeStatus::Cancelled => "cancelled",
+            UpgradeStatus::Stale => "stale",
+        }
+    }
+}
+
+impl FromStr for UpgradeStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        UpgradeStatus::ALL.into_iter().find(|u| u.as_str() == s).ok_or_else(|| {
+            format!("unknown upgrade request status '{s}': expected pending, approved, rejected, cancelled or stale")
+        })
+    }
+}
+
+/// A self-service upgrade waiting for approval (no payment provider configured).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpgradeRequest {
+    pub id: Uuid,
+    pub user_id: Uuid,
+    /// What the user asked for.
+    pub plan: Plan,
+    pub billing_cycle: crate::plans::BillingCycle,
+    /// What the user had when asking.
+    pub from_plan: Plan,
+    pub from_cycle: crate::plans::BillingCycle,
+    pub status: UpgradeStatus,
+    /// The prorated charge had the change applied when it was asked for; approval
+    /// charges for the time left then.
+    pub quoted_cents: u64,
+    /// The prorated charge made at approval.
+    pub charged_cents: Option<u64>,
+    pub created_at: DateTime<Utc>,
+    pub decided_at: Option<DateTime<Utc>>,
+    /// The administrator who approved or rejected it.
+    pub decided_by: Option<Uuid>,
+    /// The administrator's reason, or why it went stale.
+    pub note: Option<String>,
+}
+
+/// How a pending upgrade request is closed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpgradeDecision {
+    pub status: UpgradeStatus,
+    pub decided_at: DateTime<Utc>,
+    pub decided_by: Option<Uuid>,
+    pub note: Option<String>,
+    pub charged_cents: Option<u64>,
+}
+
+/// A charge recorded by the `invoice` payment provider: collected with the
+/// account's invoices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Payment {
+    /// The charge's idempotency key.
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub amount_cents: u64,
+    pub currency: String,
+    pub description: String,
+    /// The first instant of the calendar month (UTC) whose credit limit the charge
+    /// counts against.
+    pub month_start: DateTime<Utc>,
+    pub refunded: bool,
+    pub created_at: DateTime<Utc>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

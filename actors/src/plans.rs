@@ -283,6 +283,21 @@ pub fn proration_cents(from_price: u64, to_price: u64, period: &Period, t: DateT
     (diff * period.remaining_fraction(t)).round() as u64
 }
 
+/// What moving from `from_price` over `old` to `to_price` over `new` costs at `t`:
+/// the new price for the time left in the new period minus the old price for the
+/// time left in the old one, rounded to a cent, never negative (unused time is not
+/// refunded). Within one period this is [`proration_cents`]. The period's own price
+/// (the subscription's `period_base_cents`) is charged by its invoice as before: the
+/// two together pay the old plan up to `t` and the new plan after it.
+pub fn upgrade_charge_cents(from_price: u64, old: &Period, to_price: u64, new: &Period, t: DateTime<Utc>) -> u64 {
+    if old == new {
+        return proration_cents(from_price, to_price, old, t);
+    }
+    let cost = to_price as f64 * new.remaining_fraction(t);
+    let credit = from_price as f64 * old.remaining_fraction(t);
+    (cost - credit).max(0.0).round() as u64
+}
+
 /// The current plan catalog: the base from config/plans.toml with the
 /// `subscription_limits` override applied; swapped whole when it changes.
 pub struct PlanBook {
@@ -384,6 +399,25 @@ mod tests {
             0,
             "downgrades are not charged"
         );
+    }
+
+    #[test]
+    fn a_cycle_change_charges_the_new_period_left_minus_the_old_period_left() {
+        let april = month_of(at("2026-04-01T00:00:00Z")); // 30 days
+        let year = billing_period(
+            BillingCycle::Yearly,
+            at("2026-04-16T00:00:00Z"),
+            at("2026-04-16T00:00:00Z"),
+        );
+        assert_eq!((year.start, year.end), (april.start, at("2027-04-01T00:00:00Z")));
+        let t = at("2026-04-16T00:00:00Z");
+        // pro monthly -> pro yearly half-way through April: 29000 x 350/365 - 2900 x 1/2.
+        let expected = (29000.0 * 350.0 / 365.0 - 1450.0_f64).round() as u64;
+        assert_eq!(upgrade_charge_cents(2900, &april, 29000, &year, t), expected);
+        // The same period: the prorated difference.
+        assert_eq!(upgrade_charge_cents(0, &april, 2900, &april, t), 1450);
+        // pro yearly -> pro monthly: the unused year is worth more than the month: nothing, no refund.
+        assert_eq!(upgrade_charge_cents(29000, &year, 2900, &april, t), 0);
     }
 
     fn catalog() -> PlanCatalog {

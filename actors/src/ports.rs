@@ -9,8 +9,8 @@ use uuid::Uuid;
 
 use crate::chat::records::{ChatRecord, ChatSession, Cursor};
 use crate::domain::{
-    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
-    User, UserFilter, UserPatch,
+    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, Payment, RefreshOutcome, RefreshToken, Subscription,
+    UpgradeDecision, UpgradeRequest, UpgradeStatus, UsageRecord, User, UserFilter, UserPatch,
 };
 use crate::knowledge::{Chunk, Document, Owner, Reader};
 use crate::plans::{Period, Resource};
@@ -134,6 +134,101 @@ pub trait UsageStore: Send + Sync + 'static {
     async fn insert_invoice(&self, invoice: &Invoice) -> StoreResult<()>;
     /// A user's invoices, oldest period first.
     async fn invoices(&self, user_id: Uuid) -> StoreResult<Vec<Invoice>>;
+
+    /// Applies a plan change in one transaction: writes `sub` only while the stored
+    /// subscription still has `expected`'s plan, billing cycle and adjustments (a
+    /// change made meanwhile wins: false, nothing written), sets the user's
+    /// `subscription_plan` to `sub.plan`, and, when `request` is given, closes that
+    /// upgrade request with the decision — only while it is pending (false
+    /// otherwise, nothing written).
+    async fn commit_plan_change(
+        &self,
+        expected: &Subscription,
+        sub: &Subscription,
+        request: Option<(Uuid, &UpgradeDecision)>,
+    ) -> StoreResult<bool>;
+    /// Stores a new pending upgrade request; `Conflict` when the user already has
+    /// a pending one.
+    async fn insert_upgrade_request(&self, request: &UpgradeRequest) -> StoreResult<()>;
+    async fn upgrade_request(&self, id: Uuid) -> StoreResult<Option<UpgradeRequest>>;
+    /// The user's newest upgrade request, whatever its status (a pending one is
+    /// always the newest: there is at most one and no other can be made meanwhile).
+    async fn latest_upgrade_request(&self, user_id: Uuid) -> StoreResult<Option<UpgradeRequest>>;
+    /// Upgrade requests with this status (all when None), oldest first, and their total.
+    async fn upgrade_requests(
+        &self,
+        status: Option<UpgradeStatus>,
+        page: Page,
+    ) -> StoreResult<(Vec<UpgradeRequest>, u64)>;
+    /// Closes a pending request with the decision; false when it was not pending.
+    async fn close_upgrade_request(&self, id: Uuid, decision: &UpgradeDecision) -> StoreResult<bool>;
+
+    /// Records a charge of the `invoice` payment provider unless the user's charges
+    /// (not refunded) of `payment.month_start`'s month, with this one, would pass
+    /// `limit_cents`: false then, nothing written. The check is one conditional
+    /// increment (as `try_reserve`), so concurrent charges cannot pass the limit.
+    /// A payment id already recorded is not charged again (true).
+    async fn record_payment(&self, payment: &Payment, limit_cents: u64) -> StoreResult<bool>;
+    /// Marks a recorded charge refunded (and gives its amount back to the month's
+    /// credit); false when there was none to refund.
+    async fn refund_payment(&self, id: Uuid) -> StoreResult<bool>;
+    /// A user's recorded charges, oldest first.
+    async fn payments(&self, user_id: Uuid) -> StoreResult<Vec<Payment>>;
+}
+
+/// A charge to make through a [`PaymentProvider`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChargeRequest {
+    /// The idempotency key: the same key charges once.
+    pub id: Uuid,
+    pub user_id: Uuid,
+    pub amount_cents: u64,
+    pub currency: String,
+    /// What the charge is for, as the customer's statement shows it.
+    pub description: String,
+}
+
+/// The provider's reference of a successful charge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentRef {
+    /// The provider's name (`billing.payment_provider`).
+    pub provider: &'static str,
+    pub reference: String,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PaymentError {
+    /// The provider refused the charge (card declined, credit limit reached):
+    /// nothing was charged.
+    #[error("payment declined: {0}")]
+    Declined(String),
+    /// The provider could not be reached or timed out: worth retrying later.
+    #[error("payment provider unavailable: {0}")]
+    Unavailable(String),
+    #[error("payment error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for PaymentError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(m) => PaymentError::Unavailable(m),
+            other => PaymentError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Takes payments for self-service plan changes. Without one (the default,
+/// `billing.payment_provider = "none"`) an upgrade becomes a request an
+/// administrator approves. Adapters: `src/payments.rs`.
+#[async_trait]
+pub trait PaymentProvider: Send + Sync + 'static {
+    /// The provider's name, as configured.
+    fn name(&self) -> &'static str;
+    /// Charges the amount, once per `charge.id`; `Declined` when refused.
+    async fn charge(&self, charge: &ChargeRequest) -> Result<PaymentRef, PaymentError>;
+    /// Gives a successful charge back whole (the change it paid for could not be applied).
+    async fn refund(&self, payment: &PaymentRef) -> Result<(), PaymentError>;
 }
 
 /// Shared rate-limit state (Redis). Each check is one atomic operation on the

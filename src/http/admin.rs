@@ -1,9 +1,9 @@
-//! /admin: user management, knowledge-base seeding and the supervision tree. The scope is wrapped in `require_admin`; handlers also
+//! /admin: user management, upgrade requests, knowledge-base seeding and the supervision tree. The scope is wrapped in `require_admin`; handlers also
 //! take `AdminUser`, so each one states its guard in its signature.
 
 use actix_web::web;
 use chrono::Utc;
-use ragchat_actors::domain::{AuditEntry, Page, UserFilter, UserPatch};
+use ragchat_actors::domain::{AuditEntry, Page, UpgradeStatus, UserFilter, UserPatch};
 use ragchat_actors::plans::Plan;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -11,7 +11,7 @@ use utoipa::{IntoParams, ToSchema};
 use uuid::Uuid;
 
 use super::extractors::AdminUser;
-use super::views::UserView;
+use super::views::{UpgradeRequestView, UserView};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
@@ -20,6 +20,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/users").route(web::get().to(list_users)))
         .service(web::resource("/users/{user_id}").route(web::patch().to(update_user)))
         .service(web::resource("/users/{user_id}/audit").route(web::get().to(user_audit)))
+        .service(web::resource("/upgrade-requests").route(web::get().to(list_upgrade_requests)))
+        .service(web::resource("/upgrade-requests/{request_id}/approve").route(web::post().to(approve_upgrade_request)))
+        .service(web::resource("/upgrade-requests/{request_id}/reject").route(web::post().to(reject_upgrade_request)))
         .service(web::resource("/seed-enhanced").route(web::post().to(seed_enhanced)))
         .service(web::resource("/seed-status").route(web::get().to(seed_status)))
         .service(web::resource("/actors").route(web::get().to(actors)))
@@ -77,6 +80,29 @@ fn parse_plan(raw: &str) -> Result<Plan, ApiError> {
     raw.parse::<Plan>().map_err(|e| ApiError::Unprocessable(e.to_string()))
 }
 
+/// A 1-based page and its size (1 to MAX_PAGE_SIZE, default 20) as a store page.
+fn page_of(page: Option<u32>, page_size: Option<u32>) -> Result<(u32, u32, Page), ApiError> {
+    let page = page.unwrap_or(1);
+    let page_size = page_size.unwrap_or(20);
+    if page == 0 {
+        return Err(ApiError::Unprocessable("page starts at 1".into()));
+    }
+    if page_size == 0 || page_size > MAX_PAGE_SIZE {
+        return Err(ApiError::Unprocessable(format!(
+            "page_size must be between 1 and {MAX_PAGE_SIZE}"
+        )));
+    }
+    let offset = (page - 1).saturating_mul(page_size);
+    Ok((
+        page,
+        page_size,
+        Page {
+            offset,
+            limit: page_size,
+        },
+    ))
+}
+
 /// Lists users, filtered by e-mail substring and plan, paged.
 #[utoipa::path(get, path = "/admin/users", tag = "admin", security(("bearer" = [])), params(UserQuery),
     responses((status = 200, body = UserPageView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
@@ -86,31 +112,12 @@ pub async fn list_users(
     query: web::Query<UserQuery>,
 ) -> Result<web::Json<UserPageView>, ApiError> {
     let q = query.into_inner();
-    let page = q.page.unwrap_or(1);
-    let page_size = q.page_size.unwrap_or(20);
-    if page == 0 {
-        return Err(ApiError::Unprocessable("page starts at 1".into()));
-    }
-    if page_size == 0 || page_size > MAX_PAGE_SIZE {
-        return Err(ApiError::Unprocessable(format!(
-            "page_size must be between 1 and {MAX_PAGE_SIZE}"
-        )));
-    }
+    let (page, page_size, store_page) = page_of(q.page, q.page_size)?;
     let filter = UserFilter {
         email: q.email.filter(|e| !e.trim().is_empty()).map(|e| e.trim().to_string()),
         plan: q.plan.as_deref().map(parse_plan).transpose()?,
     };
-    let offset = (page - 1).saturating_mul(page_size);
-    let (users, total) = state
-        .accounts
-        .list_users(
-            &filter,
-            Page {
-                offset,
-                limit: page_size,
-            },
-        )
-        .await?;
+    let (users, total) = state.accounts.list_users(&filter, store_page).await?;
     Ok(web::Json(UserPageView {
         items: users.into_iter().map(UserView::from).collect(),
         total,
@@ -219,6 +226,186 @@ pub async fn user_audit(
             })
             .collect(),
     ))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UpgradeRequestQuery {
+    /// pending (default), approved, rejected, cancelled, stale, or all.
+    pub status: Option<String>,
+    /// 1-based page number (default 1).
+    pub page: Option<u32>,
+    /// Items per page, 1 to 100 (default 20).
+    pub page_size: Option<u32>,
+}
+
+/// An upgrade request with the e-mail address of its account.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AdminUpgradeRequestView {
+    #[serde(flatten)]
+    pub request: UpgradeRequestView,
+    /// The account's e-mail address (null if the account is gone).
+    pub email: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct UpgradeRequestPageView {
+    pub items: Vec<AdminUpgradeRequestView>,
+    pub total: u64,
+    pub page: u32,
+    pub page_size: u32,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RejectUpgradeRequest {
+    /// Why, shown to the user (at most `billing.max_note_chars` characters).
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct ApprovedUpgradeView {
+    pub upgrade_request: UpgradeRequestView,
+    /// The account's plan and cycle now.
+    pub plan_type: String,
+    pub billing_cycle: String,
+    /// The prorated charge for the time left in the period, on the period's invoice.
+    pub prorated_charge_cents: u64,
+    pub current_period_start: chrono::DateTime<Utc>,
+    pub current_period_end: chrono::DateTime<Utc>,
+}
+
+/// Upgrade requests (made when no payment provider is configured), oldest first:
+/// by default the pending ones, the queue to decide.
+#[utoipa::path(get, path = "/admin/upgrade-requests", tag = "admin", security(("bearer" = [])), params(UpgradeRequestQuery),
+    responses((status = 200, body = UpgradeRequestPageView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 422, body = ErrorBody)))]
+pub async fn list_upgrade_requests(
+    _admin: AdminUser,
+    state: web::Data<AppState>,
+    query: web::Query<UpgradeRequestQuery>,
+) -> Result<web::Json<UpgradeRequestPageView>, ApiError> {
+    let q = query.into_inner();
+    let (page, page_size, store_page) = page_of(q.page, q.page_size)?;
+    let status = match q.status.as_deref().unwrap_or("pending") {
+        "all" => None,
+        other => Some(
+            other
+                .parse::<UpgradeStatus>()
+                .map_err(|e| ApiError::Unprocessable(format!("{e}, or all")))?,
+        ),
+    };
+    let (requests, total) = state.billing.requests(status, store_page).await?;
+    let mut items = Vec::with_capacity(requests.len());
+    for r in requests {
+        let email = state.accounts.user_by_id(r.user_id).await?.map(|u| u.email);
+        items.push(AdminUpgradeRequestView {
+            request: r.into(),
+            email,
+        });
+    }
+    Ok(web::Json(UpgradeRequestPageView {
+        items,
+        total,
+        page,
+        page_size,
+    }))
+}
+
+/// Approves a pending upgrade request: the plan change applies now, with the
+/// prorated charge for the time left in the period (on the period's invoice).
+/// A request that is no longer an upgrade (the plan changed since) is closed as
+/// stale and nothing is applied (409). Audit-logged.
+#[utoipa::path(post, path = "/admin/upgrade-requests/{request_id}/approve", tag = "admin", security(("bearer" = [])),
+    params(("request_id" = Uuid, Path, description = "Upgrade request id")),
+    responses((status = 200, body = ApprovedUpgradeView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "Already decided or cancelled, stale, or the subscription changed meanwhile")))]
+pub async fn approve_upgrade_request(
+    admin: AdminUser,
+    state: web::Data<AppState>,
+    request_id: web::Path<Uuid>,
+) -> Result<web::Json<ApprovedUpgradeView>, ApiError> {
+    let actor = &admin.0.user;
+    let (request, change) = state
+        .billing
+        .approve_request(actor, request_id.into_inner(), Utc::now())
+        .await?;
+    state.registry.invalidate(request.user_id);
+    state
+        .accounts
+        .record_audit(&AuditEntry {
+            id: Uuid::new_v4(),
+            actor_id: actor.id,
+            action: "upgrade_request.approve".into(),
+            target_id: Some(request.user_id),
+            details: json!({
+                "actor_email": actor.email,
+                "request_id": request.id,
+                "from": {"plan": request.from_plan, "billing_cycle": request.from_cycle},
+                "to": {"plan": request.plan, "billing_cycle": request.billing_cycle},
+                "prorated_charge_cents": change.prorated_charge_cents,
+            }),
+            created_at: Utc::now(),
+        })
+        .await?;
+    tracing::info!(actor = %actor.id, request = %request.id, user = %request.user_id,
+        charge = change.prorated_charge_cents, "upgrade request approved");
+    let sub = change.subscription;
+    Ok(web::Json(ApprovedUpgradeView {
+        upgrade_request: request.into(),
+        plan_type: sub.plan.as_str().into(),
+        billing_cycle: sub.billing_cycle.as_str().into(),
+        prorated_charge_cents: change.prorated_charge_cents,
+        current_period_start: sub.current_period_start,
+        current_period_end: sub.current_period_end,
+    }))
+}
+
+/// Rejects a pending upgrade request, with an optional reason the user sees.
+/// Audit-logged.
+#[utoipa::path(post, path = "/admin/upgrade-requests/{request_id}/reject", tag = "admin", security(("bearer" = [])),
+    params(("request_id" = Uuid, Path, description = "Upgrade request id")), request_body = RejectUpgradeRequest,
+    responses((status = 200, body = UpgradeRequestView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 409, body = ErrorBody, description = "Already decided or cancelled"),
+        (status = 422, body = ErrorBody)))]
+pub async fn reject_upgrade_request(
+    admin: AdminUser,
+    state: web::Data<AppState>,
+    request_id: web::Path<Uuid>,
+    body: web::Json<RejectUpgradeRequest>,
+) -> Result<web::Json<UpgradeRequestView>, ApiError> {
+    let actor = &admin.0.user;
+    let reason = body
+        .into_inner()
+        .reason
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty());
+    let max = state.settings.billing.max_note_chars;
+    if reason.as_ref().is_some_and(|r| r.chars().count() > max) {
+        return Err(ApiError::Unprocessable(format!("reason: at most {max} characters")));
+    }
+    let request = state
+        .billing
+        .reject_request(actor, request_id.into_inner(), reason, Utc::now())
+        .await?;
+    state
+        .accounts
+        .record_audit(&AuditEntry {
+            id: Uuid::new_v4(),
+            actor_id: actor.id,
+            action: "upgrade_request.reject".into(),
+            target_id: Some(request.user_id),
+            details: json!({
+                "actor_email": actor.email,
+                "request_id": request.id,
+                "to": {"plan": request.plan, "billing_cycle": request.billing_cycle},
+                "reason": request.note,
+            }),
+            created_at: Utc::now(),
+        })
+        .await?;
+    Ok(web::Json(request.into()))
 }
 
 /// The `subscription_limits` override currently stored (null when none) and the

@@ -1,12 +1,12 @@
-//! /billing: plans, the caller's subscription, usage and invoices, plan changes;
-//! and /billing/probe/*, protected no-op endpoints that consume one unit of a
+//! /billing: plans, the caller's subscription, usage and invoices, plan changes and
+//! upgrade requests; and /billing/probe/*, protected no-op endpoints that consume one unit of a
 //! resource exactly like the real routes (for client integration tests and the
 //! admission benchmark).
 
 use actix_web::{web, HttpResponse};
 use chrono::{DateTime, Utc};
-use ragchat_actors::billing::{BillingError, Effective};
-use ragchat_actors::domain::{Invoice, Subscription};
+use ragchat_actors::billing::{ChangeOutcome, Effective, UpgradePath};
+use ragchat_actors::domain::{Invoice, Subscription, User};
 use ragchat_actors::plans::Plan;
 use ragchat_actors::plans::{BillingCycle, PlanLimits, Resource};
 use serde::{Deserialize, Serialize};
@@ -15,8 +15,9 @@ use utoipa::ToSchema;
 
 use super::admission::{Admitted, ApiCall, ChatMessage, Consumes, SearchCall};
 use super::extractors::{CurrentUser, PasswordSession};
+use super::views::UpgradeRequestView;
 use super::AppState;
-use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::error::{ApiError, ErrorBody};
 
 /// The billing routes; the probes only when `billing.probes` is on.
 pub fn routes(probes: bool) -> impl FnOnce(&mut web::ServiceConfig) {
@@ -39,6 +40,11 @@ fn configure(cfg: &mut web::ServiceConfig) {
                 .route(web::post().to(change_subscription)),
         )
         .service(web::resource("/billing/subscription/cancel").route(web::post().to(cancel_subscription)))
+        .service(
+            web::resource("/billing/upgrade-request")
+                .route(web::get().to(upgrade_request))
+                .route(web::delete().to(cancel_upgrade_request)),
+        )
         .service(web::resource("/billing/usage").route(web::get().to(usage)))
         .service(web::resource("/billing/invoices").route(web::get().to(invoices)));
 }
@@ -86,6 +92,13 @@ pub struct SubscriptionView {
     /// A downgrade or cancellation taking effect at the period end.
     pub pending_plan: Option<String>,
     pub limits: LimitsView,
+    /// How an upgrade is made: "payment" (charged through `payment_provider`, applied
+    /// at once) or "approval" (a request an administrator approves).
+    #[schema(example = "approval")]
+    pub upgrade_path: String,
+    pub payment_provider: Option<String>,
+    /// The caller's upgrade request waiting for approval, if any.
+    pub upgrade_request: Option<UpgradeRequestView>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -131,10 +144,18 @@ pub struct ChangePlanResponse {
     /// "now" (upgrades) or "period_end" (downgrades).
     pub effective: String,
     pub prorated_charge_cents: u64,
+    /// The payment provider's reference of the charge, when one was taken.
+    pub payment_reference: Option<String>,
 }
 
-fn subscription_view(state: &AppState, s: &Subscription) -> SubscriptionView {
-    SubscriptionView {
+/// The subscription as shown, with the upgrade path and the pending request.
+async fn subscription_view(state: &AppState, user: &User, s: &Subscription) -> Result<SubscriptionView, ApiError> {
+    let pending = state.billing.pending_request(user).await?;
+    let (upgrade_path, payment_provider) = match state.billing.upgrade_path() {
+        UpgradePath::Payment(name) => ("payment", Some(name.to_string())),
+        UpgradePath::Approval => ("approval", None),
+    };
+    Ok(SubscriptionView {
         plan_type: s.plan.as_str().into(),
         status: s.status.as_str().into(),
         billing_cycle: s.billing_cycle.as_str().into(),
@@ -146,7 +167,10 @@ fn subscription_view(state: &AppState, s: &Subscription) -> SubscriptionView {
         auto_renew: s.auto_renew,
         pending_plan: s.pending_plan.map(|p| p.as_str().to_string()),
         limits: (&state.billing.limits(s.plan)).into(),
-    }
+        upgrade_path: upgrade_path.into(),
+        payment_provider,
+        upgrade_request: pending.map(UpgradeRequestView::from),
+    })
 }
 
 fn invoice_view(i: Invoice) -> InvoiceView {
@@ -185,7 +209,8 @@ pub async fn plans(state: web::Data<AppState>) -> web::Json<Vec<PlanView>> {
     )
 }
 
-/// The caller's subscription (made from the account's plan if it has none yet).
+/// The caller's subscription (made from the account's plan if it has none yet),
+/// how upgrades are made and the pending upgrade request.
 #[utoipa::path(get, path = "/billing/subscription", tag = "billing", security(("bearer" = [])),
     responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody)))]
 pub async fn subscription(
@@ -193,21 +218,27 @@ pub async fn subscription(
     state: web::Data<AppState>,
 ) -> Result<web::Json<SubscriptionView>, ApiError> {
     let sub = state.billing.subscription(&current.user, Utc::now()).await?;
-    Ok(web::Json(subscription_view(&state, &sub)))
+    Ok(web::Json(subscription_view(&state, &current.user, &sub).await?))
 }
 
-/// Changes plan or billing cycle. Upgrades apply now with a prorated charge;
-/// downgrades apply at the end of the period.
+/// Changes plan or billing cycle. Downgrades apply at the end of the period;
+/// changes that cost nothing apply now. An upgrade (a higher plan, or a cycle change
+/// that costs something) is charged its prorated amount through the payment
+/// provider and applied once paid (200); without a provider it is not applied but
+/// becomes an upgrade request for an administrator (202), at most one pending.
 #[utoipa::path(post, path = "/billing/subscription", tag = "billing", security(("bearer" = [])), request_body = ChangePlanRequest,
-    responses((status = 200, body = ChangePlanResponse), (status = 401, body = ErrorBody),
+    responses((status = 200, body = ChangePlanResponse, description = "Applied now, or at the period end"),
+        (status = 202, body = UpgradeRequestView, description = "No payment provider: an upgrade request waiting for approval"),
+        (status = 401, body = ErrorBody),
+        (status = 402, body = ErrorBody, description = "The payment provider declined the charge; nothing applied"),
         (status = 403, body = ErrorBody, description = "Called with an API key"),
-        (status = 409, body = ErrorBody, description = "Already on that plan"),
-              (status = 422, body = ErrorBody)))]
+        (status = 409, body = ErrorBody, description = "Already on that plan, an upgrade request already pending, or the subscription changed meanwhile"),
+        (status = 422, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn change_subscription(
     PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
     body: web::Json<ChangePlanRequest>,
-) -> Result<web::Json<ChangePlanResponse>, ApiError> {
+) -> Result<HttpResponse, ApiError> {
     let plan: Plan = body
         .plan
         .parse()
@@ -216,27 +247,31 @@ pub async fn change_subscription(
         None => BillingCycle::Monthly,
         Some(c) => c.parse().map_err(ApiError::Unprocessable)?,
     };
-    let change = state
+    let change = match state
         .billing
         .change_plan(&current.user, plan, cycle, Utc::now())
-        .await
-        .map_err(|e| match e {
-            BillingError::NoChange(p) => ApiError::Conflict(format!("Already on the {p} plan with this billing cycle"))
-                .with_code(ErrorCode::PlanUnchanged),
-            BillingError::Store(s) => s.into(),
-        })?;
+        .await?
+    {
+        ChangeOutcome::Requested(request) => {
+            tracing::info!(user = %current.user.id, request = %request.id, plan = %plan, "upgrade requested");
+            return Ok(HttpResponse::Accepted().json(UpgradeRequestView::from(request)));
+        }
+        ChangeOutcome::Changed(change) => change,
+    };
     state.registry.invalidate(current.user.id);
-    Ok(web::Json(ChangePlanResponse {
-        subscription: subscription_view(&state, &change.subscription),
+    Ok(HttpResponse::Ok().json(ChangePlanResponse {
+        subscription: subscription_view(&state, &current.user, &change.subscription).await?,
         effective: match change.effective {
             Effective::Now => "now".into(),
             Effective::PeriodEnd => "period_end".into(),
         },
         prorated_charge_cents: change.prorated_charge_cents,
+        payment_reference: change.payment.map(|p| p.reference),
     }))
 }
 
-/// Cancels: the plan runs until the period end, then the account is on free.
+/// Cancels: the plan runs until the period end, then the account is on free. A
+/// pending upgrade request is cancelled with it.
 #[utoipa::path(post, path = "/billing/subscription/cancel", tag = "billing", security(("bearer" = [])),
     responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "Called with an API key")))]
@@ -245,7 +280,38 @@ pub async fn cancel_subscription(
     state: web::Data<AppState>,
 ) -> Result<web::Json<SubscriptionView>, ApiError> {
     let sub = state.billing.cancel(&current.user, Utc::now()).await?;
-    Ok(web::Json(subscription_view(&state, &sub)))
+    Ok(web::Json(subscription_view(&state, &current.user, &sub).await?))
+}
+
+/// The caller's newest upgrade request: pending, or how it was decided (approved
+/// with its charge, rejected with the reason, cancelled, stale).
+#[utoipa::path(get, path = "/billing/upgrade-request", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = UpgradeRequestView), (status = 401, body = ErrorBody),
+        (status = 404, body = ErrorBody, description = "The caller never asked for an upgrade")))]
+pub async fn upgrade_request(
+    current: CurrentUser,
+    state: web::Data<AppState>,
+) -> Result<web::Json<UpgradeRequestView>, ApiError> {
+    let latest = state
+        .billing
+        .latest_request(&current.user)
+        .await?
+        .ok_or(ragchat_actors::billing::BillingError::RequestNotFound)?;
+    Ok(web::Json(latest.into()))
+}
+
+/// Withdraws the caller's pending upgrade request.
+#[utoipa::path(delete, path = "/billing/upgrade-request", tag = "billing", security(("bearer" = [])),
+    responses((status = 200, body = UpgradeRequestView, description = "The request, now cancelled"),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Called with an API key"),
+        (status = 404, body = ErrorBody, description = "No pending upgrade request")))]
+pub async fn cancel_upgrade_request(
+    PasswordSession(current): PasswordSession,
+    state: web::Data<AppState>,
+) -> Result<web::Json<UpgradeRequestView>, ApiError> {
+    let cancelled = state.billing.cancel_request(&current.user, Utc::now()).await?;
+    Ok(web::Json(cancelled.into()))
 }
 
 /// This month's usage against the plan's limits.

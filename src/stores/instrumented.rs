@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use chrono::{DateTime, Utc};
 use ragchat_actors::admission::ratelimit::{Decision, Quota};
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
-    User, UserFilter, UserPatch,
+    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, Payment, RefreshOutcome, RefreshToken, Subscription,
+    UpgradeDecision, UpgradeRequest, UpgradeStatus, UsageRecord, User, UserFilter, UserPatch,
 };
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use ragchat_actors::plans::{Period, Resource};
@@ -152,6 +152,15 @@ timed_store!(Usage, UsageStore, "usage";
     fn put_subscription(&self, sub: &Subscription) -> StoreResult<()>;
     fn insert_invoice(&self, invoice: &Invoice) -> StoreResult<()>;
     fn invoices(&self, user_id: Uuid) -> StoreResult<Vec<Invoice>>;
+    fn commit_plan_change(&self, expected: &Subscription, sub: &Subscription, request: Option<(Uuid, &UpgradeDecision)>) -> StoreResult<bool>;
+    fn insert_upgrade_request(&self, request: &UpgradeRequest) -> StoreResult<()>;
+    fn upgrade_request(&self, id: Uuid) -> StoreResult<Option<UpgradeRequest>>;
+    fn latest_upgrade_request(&self, user_id: Uuid) -> StoreResult<Option<UpgradeRequest>>;
+    fn upgrade_requests(&self, status: Option<UpgradeStatus>, page: Page) -> StoreResult<(Vec<UpgradeRequest>, u64)>;
+    fn close_upgrade_request(&self, id: Uuid, decision: &UpgradeDecision) -> StoreResult<bool>;
+    fn record_payment(&self, payment: &Payment, limit_cents: u64) -> StoreResult<bool>;
+    fn refund_payment(&self, id: Uuid) -> StoreResult<bool>;
+    fn payments(&self, user_id: Uuid) -> StoreResult<Vec<Payment>>;
 );
 
 timed_store!(RateLimits, RateLimitStore, "ratelimit";

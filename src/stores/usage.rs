@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use ragchat_actors::domain::{Invoice, Subscription, UsageRecord};
+use ragchat_actors::domain::{
+    Invoice, Page, Payment, Subscription, UpgradeDecision, UpgradeRequest, UpgradeStatus, UsageRecord,
+};
 use ragchat_actors::plans::Plan;
 use ragchat_actors::plans::{Period, Resource};
 use ragchat_actors::ports::{Reservation, StoreError, StoreResult, UsageStore};
@@ -31,9 +33,12 @@ where
 }
 
 const SUB_COLUMNS: &str = "user_id, plan_type, status, billing_cycle, amount_cents, currency, started_at, \
-     current_period_start, current_period_end, auto_renew, pending_plan, period_adjustments_cents";
+     current_period_start, current_period_end, auto_renew, pending_plan, period_adjustments_cents, period_base_cents";
 const INVOICE_COLUMNS: &str = "id, user_id, period_start, period_end, plan_type, plan_charge_cents, \
      adjustments_cents, usage, total_cents, currency, created_at";
+const REQUEST_COLUMNS: &str = "id, user_id, plan_type, billing_cycle, from_plan, from_cycle, status, quoted_cents, \
+     charged_cents, created_at, decided_at, decided_by, note";
+const PAYMENT_COLUMNS: &str = "id, user_id, amount_cents, currency, description, month_start, refunded, created_at";
 
 macro_rules! sql_usage {
     ($store:ident, $db:ty, $row:ty) => {
@@ -56,6 +61,40 @@ macro_rules! sql_usage {
                     auto_renew: row.try_get("auto_renew").map_err(store_error)?,
                     pending_plan: pending.as_deref().map(parse::<Plan>).transpose()?,
                     period_adjustments_cents: to_u64(row.try_get("period_adjustments_cents").map_err(store_error)?),
+                    period_base_cents: to_u64(row.try_get("period_base_cents").map_err(store_error)?),
+                })
+            }
+
+            fn request_row(row: &$row) -> StoreResult<UpgradeRequest> {
+                let text = |c: &str| -> StoreResult<String> { row.try_get(c).map_err(store_error) };
+                let charged: Option<i64> = row.try_get("charged_cents").map_err(store_error)?;
+                Ok(UpgradeRequest {
+                    id: row.try_get("id").map_err(store_error)?,
+                    user_id: row.try_get("user_id").map_err(store_error)?,
+                    plan: parse(&text("plan_type")?)?,
+                    billing_cycle: parse(&text("billing_cycle")?)?,
+                    from_plan: parse(&text("from_plan")?)?,
+                    from_cycle: parse(&text("from_cycle")?)?,
+                    status: parse(&text("status")?)?,
+                    quoted_cents: to_u64(row.try_get("quoted_cents").map_err(store_error)?),
+                    charged_cents: charged.map(to_u64),
+                    created_at: row.try_get("created_at").map_err(store_error)?,
+                    decided_at: row.try_get("decided_at").map_err(store_error)?,
+                    decided_by: row.try_get("decided_by").map_err(store_error)?,
+                    note: row.try_get("note").map_err(store_error)?,
+                })
+            }
+
+            fn payment_row(row: &$row) -> StoreResult<Payment> {
+                Ok(Payment {
+                    id: row.try_get("id").map_err(store_error)?,
+                    user_id: row.try_get("user_id").map_err(store_error)?,
+                    amount_cents: to_u64(row.try_get("amount_cents").map_err(store_error)?),
+                    currency: row.try_get("currency").map_err(store_error)?,
+                    description: row.try_get("description").map_err(store_error)?,
+                    month_start: row.try_get("month_start").map_err(store_error)?,
+                    refunded: row.try_get("refunded").map_err(store_error)?,
+                    created_at: row.try_get("created_at").map_err(store_error)?,
                 })
             }
 
@@ -237,13 +276,14 @@ macro_rules! sql_usage {
 
             async fn put_subscription(&self, s: &Subscription) -> StoreResult<()> {
                 let sql = format!(
-                    "INSERT INTO subscriptions ({SUB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+                    "INSERT INTO subscriptions ({SUB_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
                      ON CONFLICT (user_id) DO UPDATE SET plan_type = excluded.plan_type, status = excluded.status, \
                      billing_cycle = excluded.billing_cycle, amount_cents = excluded.amount_cents, \
                      currency = excluded.currency, started_at = excluded.started_at, \
                      current_period_start = excluded.current_period_start, \
                      current_period_end = excluded.current_period_end, auto_renew = excluded.auto_renew, \
-                     pending_plan = excluded.pending_plan, period_adjustments_cents = excluded.period_adjustments_cents"
+                     pending_plan = excluded.pending_plan, period_adjustments_cents = excluded.period_adjustments_cents, \
+                     period_base_cents = excluded.period_base_cents"
                 );
                 sqlx::query(&sql)
                     .bind(s.user_id)
@@ -258,6 +298,7 @@ macro_rules! sql_usage {
                     .bind(s.auto_renew)
                     .bind(s.pending_plan.map(|p| p.as_str()))
                     .bind(to_i64(s.period_adjustments_cents))
+                    .bind(to_i64(s.period_base_cents))
                     .execute(&self.pool)
                     .await
                     .map_err(store_error)?;
@@ -291,6 +332,234 @@ macro_rules! sql_usage {
                 let sql = format!("SELECT {INVOICE_COLUMNS} FROM invoices WHERE user_id = $1 ORDER BY period_start");
                 let rows = sqlx::query(&sql).bind(user_id).fetch_all(&self.pool).await.map_err(store_error)?;
                 rows.iter().map(Self::invoice_row).collect()
+            }
+
+            async fn commit_plan_change(
+                &self,
+                expected: &Subscription,
+                s: &Subscription,
+                request: Option<(Uuid, &UpgradeDecision)>,
+            ) -> StoreResult<bool> {
+                // Every statement writes, the first one included: SQLite takes its write
+                // lock at once, PostgreSQL re-checks each WHERE on the row it waited for.
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                if let Some((id, d)) = request {
+                    let closed = sqlx::query(
+                        "UPDATE upgrade_requests SET status = $2, decided_at = $3, decided_by = $4, note = $5, \
+                         charged_cents = $6 WHERE id = $1 AND status = 'pending'",
+                    )
+                    .bind(id)
+                    .bind(d.status.as_str())
+                    .bind(d.decided_at)
+                    .bind(d.decided_by)
+                    .bind(d.note.as_deref())
+                    .bind(d.charged_cents.map(to_i64))
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                    if closed.rows_affected() == 0 {
+                        return Ok(false);
+                    }
+                }
+                let written = sqlx::query(
+                    "UPDATE subscriptions SET plan_type = $2, status = $3, billing_cycle = $4, amount_cents = $5, \
+                     currency = $6, started_at = $7, current_period_start = $8, current_period_end = $9, \
+                     auto_renew = $10, pending_plan = $11, period_adjustments_cents = $12, period_base_cents = $13 \
+                     WHERE user_id = $1 AND plan_type = $14 AND billing_cycle = $15 AND period_adjustments_cents = $16",
+                )
+                .bind(s.user_id)
+                .bind(s.plan.as_str())
+                .bind(s.status.as_str())
+                .bind(s.billing_cycle.as_str())
+                .bind(to_i64(s.amount_cents))
+                .bind(&s.currency)
+                .bind(s.started_at)
+                .bind(s.current_period_start)
+                .bind(s.current_period_end)
+                .bind(s.auto_renew)
+                .bind(s.pending_plan.map(|p| p.as_str()))
+                .bind(to_i64(s.period_adjustments_cents))
+                .bind(to_i64(s.period_base_cents))
+                .bind(expected.plan.as_str())
+                .bind(expected.billing_cycle.as_str())
+                .bind(to_i64(expected.period_adjustments_cents))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                if written.rows_affected() == 0 {
+                    return Ok(false);
+                }
+                sqlx::query("UPDATE users SET subscription_plan = $2, updated_at = $3 WHERE id = $1")
+                    .bind(s.user_id)
+                    .bind(s.plan.as_str())
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                tx.commit().await.map_err(store_error)?;
+                Ok(true)
+            }
+
+            async fn insert_upgrade_request(&self, r: &UpgradeRequest) -> StoreResult<()> {
+                let sql = format!(
+                    "INSERT INTO upgrade_requests ({REQUEST_COLUMNS}) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                );
+                sqlx::query(&sql)
+                    .bind(r.id)
+                    .bind(r.user_id)
+                    .bind(r.plan.as_str())
+                    .bind(r.billing_cycle.as_str())
+                    .bind(r.from_plan.as_str())
+                    .bind(r.from_cycle.as_str())
+                    .bind(r.status.as_str())
+                    .bind(to_i64(r.quoted_cents))
+                    .bind(r.charged_cents.map(to_i64))
+                    .bind(r.created_at)
+                    .bind(r.decided_at)
+                    .bind(r.decided_by)
+                    .bind(r.note.as_deref())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                Ok(())
+            }
+
+            async fn upgrade_request(&self, id: Uuid) -> StoreResult<Option<UpgradeRequest>> {
+                let sql = format!("SELECT {REQUEST_COLUMNS} FROM upgrade_requests WHERE id = $1");
+                let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await.map_err(store_error)?;
+                row.as_ref().map(Self::request_row).transpose()
+            }
+
+            async fn latest_upgrade_request(&self, user_id: Uuid) -> StoreResult<Option<UpgradeRequest>> {
+                let sql = format!(
+                    "SELECT {REQUEST_COLUMNS} FROM upgrade_requests WHERE user_id = $1 \
+                     ORDER BY CASE WHEN status = 'pending' THEN 0 ELSE 1 END, created_at DESC LIMIT 1"
+                );
+                let row = sqlx::query(&sql).bind(user_id).fetch_optional(&self.pool).await.map_err(store_error)?;
+                row.as_ref().map(Self::request_row).transpose()
+            }
+
+            async fn upgrade_requests(&self, status: Option<UpgradeStatus>, page: Page) -> StoreResult<(Vec<UpgradeRequest>, u64)> {
+                let status = status.map(|s| s.as_str());
+                let total: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM upgrade_requests WHERE ($1 IS NULL OR status = $1)")
+                    .bind(status)
+                    .fetch_one(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                let sql = format!(
+                    "SELECT {REQUEST_COLUMNS} FROM upgrade_requests WHERE ($1 IS NULL OR status = $1) \
+                     ORDER BY created_at, id LIMIT $2 OFFSET $3"
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(status)
+                    .bind(i64::from(page.limit))
+                    .bind(i64::from(page.offset))
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                let items = rows.iter().map(Self::request_row).collect::<StoreResult<Vec<_>>>()?;
+                Ok((items, to_u64(total)))
+            }
+
+            async fn close_upgrade_request(&self, id: Uuid, d: &UpgradeDecision) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE upgrade_requests SET status = $2, decided_at = $3, decided_by = $4, note = $5, \
+                     charged_cents = $6 WHERE id = $1 AND status = 'pending'",
+                )
+                .bind(id)
+                .bind(d.status.as_str())
+                .bind(d.decided_at)
+                .bind(d.decided_by)
+                .bind(d.note.as_deref())
+                .bind(d.charged_cents.map(to_i64))
+                .execute(&self.pool)
+                .await
+                .map_err(store_error)?;
+                Ok(done.rows_affected() == 1)
+            }
+
+            async fn record_payment(&self, p: &Payment, limit_cents: u64) -> StoreResult<bool> {
+                if p.amount_cents > limit_cents {
+                    return Ok(false);
+                }
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                let sql = format!(
+                    "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (id) DO NOTHING"
+                );
+                let inserted = sqlx::query(&sql)
+                    .bind(p.id)
+                    .bind(p.user_id)
+                    .bind(to_i64(p.amount_cents))
+                    .bind(&p.currency)
+                    .bind(&p.description)
+                    .bind(p.month_start)
+                    .bind(p.refunded)
+                    .bind(p.created_at)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                if inserted.rows_affected() == 0 {
+                    // The same charge again: it was taken once.
+                    return Ok(true);
+                }
+                let total: Option<i64> = sqlx::query_scalar(
+                    "INSERT INTO payment_totals (user_id, month_start, charged_cents) VALUES ($1, $2, $3) \
+                     ON CONFLICT (user_id, month_start) \
+                     DO UPDATE SET charged_cents = payment_totals.charged_cents + excluded.charged_cents \
+                     WHERE payment_totals.charged_cents + excluded.charged_cents <= $4 RETURNING charged_cents",
+                )
+                .bind(p.user_id)
+                .bind(p.month_start)
+                .bind(to_i64(p.amount_cents))
+                .bind(to_i64(limit_cents))
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                if total.is_none() {
+                    return Ok(false); // over the limit: the transaction rolls back
+                }
+                tx.commit().await.map_err(store_error)?;
+                Ok(true)
+            }
+
+            async fn refund_payment(&self, id: Uuid) -> StoreResult<bool> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                let row = sqlx::query(
+                    "UPDATE payments SET refunded = $2 WHERE id = $1 AND refunded = $3 \
+                     RETURNING user_id, month_start, amount_cents",
+                )
+                .bind(id)
+                .bind(true)
+                .bind(false)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                let Some(row) = row else {
+                    return Ok(false);
+                };
+                let user_id: Uuid = row.try_get("user_id").map_err(store_error)?;
+                let month_start: DateTime<Utc> = row.try_get("month_start").map_err(store_error)?;
+                let amount: i64 = row.try_get("amount_cents").map_err(store_error)?;
+                sqlx::query(
+                    "UPDATE payment_totals SET charged_cents = CASE WHEN charged_cents >= $3 THEN charged_cents - $3 ELSE 0 END \
+                     WHERE user_id = $1 AND month_start = $2",
+                )
+                .bind(user_id)
+                .bind(month_start)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                tx.commit().await.map_err(store_error)?;
+                Ok(true)
+            }
+
+            async fn payments(&self, user_id: Uuid) -> StoreResult<Vec<Payment>> {
+                let sql = format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE user_id = $1 ORDER BY created_at");
+                let rows = sqlx::query(&sql).bind(user_id).fetch_all(&self.pool).await.map_err(store_error)?;
+                rows.iter().map(Self::payment_row).collect()
             }
         }
     };

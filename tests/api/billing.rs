@@ -248,8 +248,11 @@ async fn a_subscription_is_made_from_the_account_plan_never_a_silent_free() {
 }
 
 #[actix_web::test]
-async fn upgrades_apply_now_with_proration_and_downgrades_at_period_end() {
-    let app = TestApp::spawn().await;
+async fn paid_upgrades_apply_now_with_proration_and_downgrades_at_period_end() {
+    // With a payment provider (without one an upgrade waits for approval: tests/api/upgrades.rs).
+    let mut settings = test_settings(&temp_sqlite_url());
+    settings.billing.payment_provider = "invoice".into();
+    let app = TestApp::spawn_with(settings).await;
     let (_, token) = app.user("upgrader@example.com").await;
     for _ in 0..10 {
         expect(probe(&app, "chat", &token).await, StatusCode::OK).await;
@@ -346,6 +349,7 @@ async fn closed_periods_are_invoiced_once_with_usage_and_pending_downgrades_appl
             auto_renew: true,
             pending_plan: Some(Plan::Free),
             period_adjustments_cents: 150,
+            period_base_cents: 2900,
         })
         .await
         .expect("subscription");

@@ -17,4 +17,5 @@ mod ledger;
 mod memory;
 mod metrics;
 mod models;
+mod upgrades;
 mod uploads;

@@ -1,6 +1,8 @@
-//! In-memory stores for the unit tests of sessions and the registry: the
+//! In-memory stores for the unit tests of sessions, the registry and billing: the
 //! accounts (user rows only) and the usage counters, with the same conditional
-//! increment as the real stores and a count of the calls made to them.
+//! increment as the real stores and a count of the calls made to them;
+//! subscriptions, invoices, upgrade requests and payments with the same
+//! conditional writes as the real stores.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,8 +18,8 @@ use super::session::{Bucket, SessionConfig, SessionDeps, StoreDownPolicy};
 use super::users::UserCache;
 use crate::admission::ratelimit::Quota;
 use crate::domain::{
-    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Subscription, UsageRecord,
-    User, UserFilter, UserPatch,
+    ApiKey, AuditEntry, Invoice, NewUser, Organization, Page, Payment, RefreshOutcome, RefreshToken, Subscription,
+    UpgradeDecision, UpgradeRequest, UpgradeStatus, UsageRecord, User, UserFilter, UserPatch,
 };
 use crate::ledger::{Ledger, LedgerConfig};
 use crate::plans::{Period, Plan, PlanBook, PlanCatalog, PlanLimits, Resource};
@@ -102,8 +104,16 @@ impl AccountStore for Accounts {
     async fn list_users(&self, _: &UserFilter, _: Page) -> StoreResult<(Vec<User>, u64)> {
         no()
     }
-    async fn update_user(&self, _: Uuid, _: &UserPatch) -> StoreResult<User> {
-        no()
+    async fn update_user(&self, id: Uuid, patch: &UserPatch) -> StoreResult<User> {
+        let mut users = self.users.lock().map_err(|_| StoreError::Internal("poisoned".into()))?;
+        let user = users.get_mut(&id).ok_or(StoreError::NotFound)?;
+        if let Some(plan) = patch.subscription_plan {
+            user.subscription_plan = plan;
+        }
+        if let Some(active) = patch.is_active {
+            user.is_active = active;
+        }
+        Ok(user.clone())
     }
     async fn insert_api_key(&self, _: &ApiKey) -> StoreResult<()> {
         no()
@@ -152,6 +162,25 @@ pub struct Usage {
     pub inserts: AtomicU64,
     /// The store is unreachable: counter calls fail.
     pub down: std::sync::atomic::AtomicBool,
+    pub subscriptions: Mutex<HashMap<Uuid, Subscription>>,
+    pub invoices: Mutex<Vec<Invoice>>,
+    pub requests: Mutex<Vec<UpgradeRequest>>,
+    pub payments: Mutex<Vec<Payment>>,
+    /// Plan changes committed here set the user's plan in these accounts (as the
+    /// SQL stores do in one transaction).
+    pub accounts: std::sync::OnceLock<Arc<Accounts>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> StoreResult<std::sync::MutexGuard<'_, T>> {
+    m.lock().map_err(|_| StoreError::Internal("poisoned".into()))
+}
+
+fn close(r: &mut UpgradeRequest, d: &UpgradeDecision) {
+    r.status = d.status;
+    r.decided_at = Some(d.decided_at);
+    r.decided_by = d.decided_by;
+    r.note = d.note.clone();
+    r.charged_cents = d.charged_cents;
 }
 
 impl Usage {
@@ -243,9 +272,6 @@ impl UsageStore for Usage {
         }
         Ok(new)
     }
-    async fn usage_totals(&self, _: Uuid, _: Period) -> StoreResult<BTreeMap<Resource, u64>> {
-        no()
-    }
     async fn usage_record_count(&self, u: Uuid) -> StoreResult<u64> {
         Ok(self
             .records
@@ -253,17 +279,164 @@ impl UsageStore for Usage {
             .map(|r| r.iter().filter(|x| x.user_id == u).count() as u64)
             .unwrap_or(0))
     }
-    async fn subscription(&self, _: Uuid) -> StoreResult<Option<Subscription>> {
-        no()
+    async fn subscription(&self, u: Uuid) -> StoreResult<Option<Subscription>> {
+        self.reachable()?;
+        Ok(locked(&self.subscriptions)?.get(&u).cloned())
     }
-    async fn put_subscription(&self, _: &Subscription) -> StoreResult<()> {
-        no()
+    async fn put_subscription(&self, sub: &Subscription) -> StoreResult<()> {
+        self.reachable()?;
+        locked(&self.subscriptions)?.insert(sub.user_id, sub.clone());
+        Ok(())
     }
-    async fn insert_invoice(&self, _: &Invoice) -> StoreResult<()> {
-        no()
+    async fn insert_invoice(&self, invoice: &Invoice) -> StoreResult<()> {
+        self.reachable()?;
+        let mut all = locked(&self.invoices)?;
+        if !all
+            .iter()
+            .any(|i| i.user_id == invoice.user_id && i.period_start == invoice.period_start)
+        {
+            all.push(invoice.clone());
+        }
+        Ok(())
     }
-    async fn invoices(&self, _: Uuid) -> StoreResult<Vec<Invoice>> {
-        no()
+    async fn invoices(&self, u: Uuid) -> StoreResult<Vec<Invoice>> {
+        let mut list: Vec<Invoice> = locked(&self.invoices)?
+            .iter()
+            .filter(|i| i.user_id == u)
+            .cloned()
+            .collect();
+        list.sort_by_key(|i| i.period_start);
+        Ok(list)
+    }
+    async fn usage_totals(&self, _: Uuid, _: Period) -> StoreResult<BTreeMap<Resource, u64>> {
+        Ok(BTreeMap::new())
+    }
+    async fn commit_plan_change(
+        &self,
+        expected: &Subscription,
+        sub: &Subscription,
+        request: Option<(Uuid, &UpgradeDecision)>,
+    ) -> StoreResult<bool> {
+        self.reachable()?;
+        let mut subs = locked(&self.subscriptions)?;
+        let mut requests = locked(&self.requests)?;
+        let Some(stored) = subs.get(&sub.user_id) else {
+            return Ok(false);
+        };
+        if (stored.plan, stored.billing_cycle, stored.period_adjustments_cents)
+            != (expected.plan, expected.billing_cycle, expected.period_adjustments_cents)
+        {
+            return Ok(false);
+        }
+        if let Some((id, d)) = request {
+            match requests
+                .iter_mut()
+                .find(|r| r.id == id && r.status == UpgradeStatus::Pending)
+            {
+                Some(r) => close(r, d),
+                None => return Ok(false),
+            }
+        }
+        subs.insert(sub.user_id, sub.clone());
+        if let Some(accounts) = self.accounts.get() {
+            if let Some(u) = locked(&accounts.users)?.get_mut(&sub.user_id) {
+                u.subscription_plan = sub.plan;
+            }
+        }
+        Ok(true)
+    }
+    async fn insert_upgrade_request(&self, request: &UpgradeRequest) -> StoreResult<()> {
+        self.reachable()?;
+        let mut all = locked(&self.requests)?;
+        if all
+            .iter()
+            .any(|r| r.user_id == request.user_id && r.status == UpgradeStatus::Pending)
+        {
+            return Err(StoreError::Conflict("one pending request per user".into()));
+        }
+        all.push(request.clone());
+        Ok(())
+    }
+    async fn upgrade_request(&self, id: Uuid) -> StoreResult<Option<UpgradeRequest>> {
+        Ok(locked(&self.requests)?.iter().find(|r| r.id == id).cloned())
+    }
+    async fn latest_upgrade_request(&self, u: Uuid) -> StoreResult<Option<UpgradeRequest>> {
+        let all = locked(&self.requests)?;
+        let mine = all.iter().filter(|r| r.user_id == u);
+        Ok(mine
+            .clone()
+            .find(|r| r.status == UpgradeStatus::Pending)
+            .or_else(|| mine.max_by_key(|r| r.created_at))
+            .cloned())
+    }
+    async fn upgrade_requests(
+        &self,
+        status: Option<UpgradeStatus>,
+        page: Page,
+    ) -> StoreResult<(Vec<UpgradeRequest>, u64)> {
+        let all = locked(&self.requests)?;
+        let matching: Vec<UpgradeRequest> = all
+            .iter()
+            .filter(|r| status.is_none_or(|s| r.status == s))
+            .cloned()
+            .collect();
+        let total = matching.len() as u64;
+        Ok((
+            matching
+                .into_iter()
+                .skip(page.offset as usize)
+                .take(page.limit as usize)
+                .collect(),
+            total,
+        ))
+    }
+    async fn close_upgrade_request(&self, id: Uuid, d: &UpgradeDecision) -> StoreResult<bool> {
+        self.reachable()?;
+        let mut all = locked(&self.requests)?;
+        match all
+            .iter_mut()
+            .find(|r| r.id == id && r.status == UpgradeStatus::Pending)
+        {
+            Some(r) => {
+                close(r, d);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+    async fn record_payment(&self, p: &Payment, limit_cents: u64) -> StoreResult<bool> {
+        self.reachable()?;
+        let mut all = locked(&self.payments)?;
+        if all.iter().any(|x| x.id == p.id) {
+            return Ok(true);
+        }
+        let month: u64 = all
+            .iter()
+            .filter(|x| x.user_id == p.user_id && x.month_start == p.month_start && !x.refunded)
+            .map(|x| x.amount_cents)
+            .sum();
+        if month + p.amount_cents > limit_cents {
+            return Ok(false);
+        }
+        all.push(p.clone());
+        Ok(true)
+    }
+    async fn refund_payment(&self, id: Uuid) -> StoreResult<bool> {
+        let mut all = locked(&self.payments)?;
+        match all.iter_mut().find(|x| x.id == id && !x.refunded) {
+            Some(x) => {
+                x.refunded = true;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+    async fn payments(&self, u: Uuid) -> StoreResult<Vec<Payment>> {
+        Ok(locked(&self.payments)?
+            .iter()
+            .filter(|x| x.user_id == u)
+            .cloned()
+            .collect())
     }
 }
 
