@@ -370,9 +370,22 @@ pub struct ModelSettings {
     /// POST /v1/embeddings: the most texts in one request, the longest text.
     pub max_embed_inputs: usize,
     pub max_embed_input_chars: usize,
+    /// Texts per forward; a bulk job is embedded this many at a time.
     pub embed_max_batch: usize,
     pub embed_max_wait_ms: u64,
+    /// The interactive lane (query vectors, a short single /v1/embeddings
+    /// input): requests waiting beyond this answer 503 overloaded.
     pub embed_queue: usize,
+    /// Interactive work ahead of bulk work; false: one FIFO queue where a job
+    /// runs whole once started (the behaviour before lanes).
+    pub embed_lanes: bool,
+    /// The bulk lane (ingestion, seeding, multi-input /v1/embeddings): jobs
+    /// embedding or waiting.
+    pub embed_bulk_queue: usize,
+    /// A bulk job finding its lane full waits this long for a place, then 503.
+    pub embed_bulk_wait_ms: u64,
+    /// /v1/embeddings: a single input of at most this many characters is interactive.
+    pub embed_interactive_max_chars: usize,
     pub generator_name: String,
     /// A GGUF file (llama family or Qwen3).
     pub generator_path: String,

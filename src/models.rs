@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Starts the embedding worker (None, with a warning, when the model is missing).
 pub fn start_embedder(m: &crate::config::ModelSettings) -> Option<ragchat_actors::embed_worker::EmbedWorker> {
-    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
+    use ragchat_actors::embed_worker::EmbedWorker;
     use ragchat_actors::inference::Embedder;
     let dir = PathBuf::from(&m.embedding_dir);
     let max_tokens = m.embedding_max_tokens;
@@ -15,14 +15,22 @@ pub fn start_embedder(m: &crate::config::ModelSettings) -> Option<ragchat_actors
         Box::new(move || {
             crate::inference::bert::BertEmbedder::load(&dir, max_tokens).map(|e| Box::new(e) as Box<dyn Embedder>)
         }),
-        EmbedConfig {
-            max_batch: m.embed_max_batch.max(1),
-            max_wait: Duration::from_millis(m.embed_max_wait_ms),
-            queue_capacity: m.embed_queue.max(1),
-        },
+        embed_config(m),
     )
     .map_err(|e| tracing::warn!(error = %e, "embedding model not loaded"))
     .ok()
+}
+
+/// The embedding worker's batching and lanes, from `[models]`.
+pub fn embed_config(m: &crate::config::ModelSettings) -> ragchat_actors::embed_worker::EmbedConfig {
+    ragchat_actors::embed_worker::EmbedConfig {
+        max_batch: m.embed_max_batch.max(1),
+        max_wait: Duration::from_millis(m.embed_max_wait_ms),
+        queue_capacity: m.embed_queue.max(1),
+        bulk_capacity: m.embed_bulk_queue.max(1),
+        bulk_wait: Duration::from_millis(m.embed_bulk_wait_ms),
+        lanes: m.embed_lanes,
+    }
 }
 
 /// Starts the model workers. A model whose files are missing (or that fails to

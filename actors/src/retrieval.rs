@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::embed_worker::EmbedWorker;
+use crate::embed_worker::{EmbedWorker, Lane};
 use crate::inference::ModelError;
 use crate::knowledge::{Chunk, Document, Reader};
 use crate::ports::DocumentStore;
@@ -637,7 +637,7 @@ impl Retriever {
         let actor = self.actor.as_ref().ok_or(RetrievalError::NotRunning)?;
         let route = self.route_for(&q)?;
         let embedding = match (&self.embedder, route.needs_vector()) {
-            (Some(e), true) => e.embed(vec![q.text.clone()]).await?.vectors.pop(),
+            (Some(e), true) => e.embed(Lane::Interactive, vec![q.text.clone()]).await?.vectors.pop(),
             _ => None,
         };
         let hits = actor

@@ -667,8 +667,15 @@ pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<
                 "strategy": "a panic fails the batch in flight (503) and reloads the model",
                 "state": if s.stopped.load(Relaxed) { "stopped" } else { "running" },
                 "restarts": s.restarts.load(Relaxed), "last_error": s.last_error.get(),
-                "mailbox": s.queued.load(Relaxed), "batches": s.batches.load(Relaxed),
+                "mailbox": s.queued(), "batches": s.batches.load(Relaxed),
                 "last_batch": s.last_batch_size.load(Relaxed),
+                "lanes": {
+                    "enabled": e.lanes_enabled(),
+                    "interactive": s.queued_interactive.load(Relaxed),
+                    "bulk": s.queued_bulk.load(Relaxed),
+                    "bulk_waiting": s.bulk_waiting.load(Relaxed),
+                    "bulk_pending_texts": s.bulk_pending_texts.load(Relaxed),
+                },
             })
         }
         None => json!({"name": "embed-worker", "state": "not loaded"}),

@@ -73,8 +73,13 @@ async fn sample(state: &AppState) {
     }
     if let Some(e) = &state.embedder {
         let st = &e.stats;
-        gauge!("embed_queued_requests").set(st.queued.load(Ordering::Relaxed) as f64);
-        gauge!("actor_mailbox_depth", "actor" => "embed-worker").set(st.queued.load(Ordering::Relaxed) as f64);
+        gauge!("embed_queued_requests").set(st.queued() as f64);
+        gauge!("embed_lane_queued_requests", "lane" => "interactive")
+            .set(st.queued_interactive.load(Ordering::Relaxed) as f64);
+        gauge!("embed_lane_queued_requests", "lane" => "bulk").set(st.queued_bulk.load(Ordering::Relaxed) as f64);
+        gauge!("embed_bulk_waiting_requests").set(st.bulk_waiting.load(Ordering::Relaxed) as f64);
+        gauge!("embed_bulk_pending_texts").set(st.bulk_pending_texts.load(Ordering::Relaxed) as f64);
+        gauge!("actor_mailbox_depth", "actor" => "embed-worker").set(st.queued() as f64);
         counter!("embed_batches_total").absolute(st.batches.load(Ordering::Relaxed));
         counter!("embed_texts_total").absolute(st.items.load(Ordering::Relaxed));
         counter!("model_worker_restarts_total", "worker" => "embed").absolute(st.restarts.load(Ordering::Relaxed));

@@ -11,6 +11,7 @@ use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use futures_util::{stream, StreamExt};
 use ragchat_actors::chat::stream::{Generation, Step};
+use ragchat_actors::embed_worker::Lane;
 use ragchat_actors::generate_worker::{GenerateRequest, GenerateWorker};
 use ragchat_actors::inference::SamplingParams;
 use serde::Deserialize;
@@ -121,7 +122,9 @@ pub async fn embeddings(
             m.max_embed_input_chars
         )));
     }
-    let out = worker.embed(texts).await?;
+    // One short input is interactive; a batch of them waits behind search and chat.
+    let lane = Lane::for_inputs(&texts, m.embed_interactive_max_chars);
+    let out = worker.embed(lane, texts).await?;
     let data: Vec<Value> = out
         .vectors
         .into_iter()

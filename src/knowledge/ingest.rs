@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use chrono::Utc;
-use ragchat_actors::embed_worker::EmbedWorker;
+use ragchat_actors::embed_worker::{EmbedWorker, Lane};
 use ragchat_actors::inference::ModelError;
 use ragchat_actors::knowledge::{Chunk, Document, Owner};
 use ragchat_actors::ports::{DocumentStore, StoreError};
@@ -218,7 +218,7 @@ impl Ingestor {
             .collect();
         let mut vectors = self
             .embedder
-            .embed(inputs)
+            .embed(Lane::Bulk, inputs)
             .await
             .map_err(IngestError::Model)?
             .vectors

@@ -818,3 +818,147 @@ async fn a_queued_job_cancelled_gives_its_unit_back_and_unfinished_jobs_are_boun
     let used = if stored > 0 { 1 } else { 0 };
     assert_eq!(after, (before.0 - used, before.1), "before {before:?}, after {after:?}");
 }
+
+/// A JSON Lines corpus of `n` documents of about 120 words each (about 160
+/// tokens: one chunk per document).
+fn corpus_of(n: usize) -> Vec<u8> {
+    const WORDS: &[&str] = &[
+        "river", "harbour", "glacier", "orchard", "granite", "lantern", "meadow", "copper", "falcon", "quarry",
+        "thistle", "canyon", "beacon", "willow", "ember", "summit", "marsh", "pebble", "saffron", "tundra",
+    ];
+    (0..n)
+        .map(|d| {
+            let text: Vec<&str> = (0..120).map(|w| WORDS[(d * 7 + w * 3 + w / 5) % WORDS.len()]).collect();
+            format!(
+                "{{\"_id\": \"doc{d}\", \"title\": \"Document {d}\", \"text\": \"{} {d}.\"}}\n",
+                text.join(" ")
+            )
+        })
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// The embed worker's lanes, as /admin/actors shows them.
+async fn lanes(app: &TestApp, admin: &str) -> Value {
+    let tree = expect(app.get("/admin/actors", Some(admin)).await, StatusCode::OK).await;
+    tree["supervisors"]
+        .as_array()
+        .and_then(|s| s.iter().find(|n| n["name"] == "embed-worker"))
+        .map(|n| n["lanes"].clone())
+        .expect("embed-worker node")
+}
+
+/// Issue 16: one large upload used to hold the only embedding thread, so search
+/// waited for the whole upload (or answered 503). Now the upload is embedded
+/// `models.embed_max_batch` texts per forward and a search's query vector goes
+/// first: it waits for the one forward in flight. A second upload finding the
+/// bulk lane full (`models.embed_bulk_queue`) waits `models.embed_bulk_wait_ms`
+/// for a place, then answers 503 `model_overloaded`; the first one completes.
+#[actix_web::test]
+async fn a_search_during_a_large_upload_waits_for_one_bulk_forward_not_the_upload() {
+    let Some(dir) = models_dir() else {
+        return;
+    };
+    let mut settings = model_settings(&dir);
+    settings.models.embed_max_batch = 4;
+    settings.models.embed_bulk_queue = 1;
+    settings.models.embed_bulk_wait_ms = 300;
+    // Synchronous uploads: this measures the embedding lanes, not background jobs.
+    settings.knowledge.jobs_min_documents = 10_000;
+    settings.knowledge.jobs_min_upload_bytes = 64 << 20;
+    let app = TestApp::spawn_with(settings).await;
+    let admin = app.admin("lanes-admin@example.com").await;
+    let (_, user) = app.user("lanes-user@example.com").await;
+    let embedder = app.state.embedder.clone().expect("embedder");
+    let forwards = || embedder.stats.batches.load(std::sync::atomic::Ordering::SeqCst);
+
+    // 120 documents: 30 forwards of 4.
+    let large = {
+        let (client, url, admin) = (app.client.clone(), app.url("/knowledge/documents"), admin.clone());
+        actix_web::rt::spawn(async move {
+            let form = Form::new().part("file", Part::bytes(corpus_of(120)).file_name("large.jsonl"));
+            let resp = client.post(url).bearer_auth(admin).multipart(form).send().await;
+            resp.expect("upload")
+        })
+    };
+    let started = Instant::now();
+    loop {
+        let l = lanes(&app, &admin).await;
+        if l["bulk"] == 1 && forwards() >= 1 {
+            assert_eq!(l["enabled"], true, "{l}");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the upload never started embedding: {l}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // The bulk lane is full: another upload waits 300 ms for a place, then 503.
+    let refused = upload(
+        &app,
+        &user,
+        "small.txt",
+        b"A small note about lighthouses.".to_vec(),
+        &[],
+    )
+    .await;
+    let body = expect(refused, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(body["code"], "model_overloaded", "{body}");
+    assert!(
+        body["detail"].as_str().is_some_and(|d| d.contains("bulk lane is full")),
+        "{body}"
+    );
+
+    // A search (its query embedded) runs after at most the bulk forward in flight.
+    let before = forwards();
+    let found = expect(
+        app.post_json(
+            "/knowledge/search",
+            &json!({"query": "granite quarry near the harbour", "route": "hybrid"}),
+            Some(&user),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let during = forwards() - before;
+    assert!(found["results"].is_array(), "{found}");
+    assert!(
+        during <= 3,
+        "{during} forwards ran while the search waited (the one in flight, the query's, at most one more)"
+    );
+    let l = lanes(&app, &admin).await;
+    assert_eq!(l["bulk"], 1, "the upload is still embedding: {l}");
+    assert!(l["bulk_pending_texts"].as_u64().is_some_and(|n| n > 0), "{l}");
+
+    let done = expect(large.await.expect("join"), StatusCode::CREATED).await;
+    assert_eq!(done["created"], 120, "the whole upload is stored");
+    assert!(forwards() - before >= 25, "the upload's forwards ran after the search");
+    let l = lanes(&app, &admin).await;
+    assert_eq!(
+        (l["interactive"].as_u64(), l["bulk"].as_u64()),
+        (Some(0), Some(0)),
+        "{l}"
+    );
+
+    // The lanes are in the metrics too.
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for series in [
+        "embed_lane_queued_requests{lane=\"interactive\"}",
+        "embed_lane_queued_requests{lane=\"bulk\"}",
+        "embed_bulk_waiting_requests",
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
+}

@@ -4,6 +4,7 @@
 mod auth;
 mod chat;
 mod common;
+mod lanes;
 mod models;
 mod search;
 mod sessions;
@@ -41,6 +42,9 @@ pub enum BenchTarget {
     /// Chat over SciFact: requests/s and time to first token at several
     /// concurrencies (RAG and model-only baseline), memory per idle WebSocket.
     Chat(chat::ChatBench),
+    /// Search latency alone and during a large upload, with the embedding
+    /// worker's lanes off (the baseline) and on.
+    Lanes(lanes::LanesBench),
     /// Memory per idle session actor.
     Sessions {
         #[arg(long, default_value_t = 100_000)]
@@ -75,6 +79,9 @@ pub async fn run(what: BenchTarget, settings: Settings) -> anyhow::Result<()> {
         }
         BenchTarget::Chat(opts) => {
             chat::run(settings, opts).await?;
+        }
+        BenchTarget::Lanes(opts) => {
+            lanes::run(settings, opts).await?;
         }
         BenchTarget::Sessions { count } => {
             print!("{}", sessions::run(settings, count).await?);

@@ -31,7 +31,7 @@ fn sentences(n: usize) -> Vec<String> {
 /// beside the reference figures of llama.cpp and sentence-transformers measured on
 /// the development machine (their tools are not installed here).
 pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
-    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker};
+    use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker, Lane};
     use ragchat_actors::generate_worker::{GenEvent, GenerateConfig, GenerateRequest, GenerateWorker};
     use ragchat_actors::inference::{Embedder, SamplingParams};
 
@@ -77,13 +77,15 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
             })
         },
         EmbedConfig {
-            max_batch: m.embed_max_batch,
-            max_wait: Duration::from_millis(m.embed_max_wait_ms),
             queue_capacity: 1024,
+            ..ragchat::models::embed_config(m)
         },
     )?;
     let started = Instant::now();
-    let calls = texts.iter().take(128).map(|t| worker.embed(vec![t.clone()]));
+    let calls = texts
+        .iter()
+        .take(128)
+        .map(|t| worker.embed(Lane::Interactive, vec![t.clone()]));
     futures_util::future::join_all(calls).await;
     let rate = 128.0 / started.elapsed().as_secs_f64();
     let batches = worker.stats.batches.load(std::sync::atomic::Ordering::Relaxed);
