@@ -134,6 +134,8 @@ error_codes! {
     /// The route needs a superuser (403).
     AdminRequired = "admin_required", Auth;
     PasswordSessionRequired = "password_session_required", Auth;
+    /// The API key lacks the scope the route needs (403).
+    InsufficientScope = "insufficient_scope", Auth;
     /// The caller may not do this (403).
     Forbidden = "forbidden", Auth;
     /// A monthly quota of the plan is used up (429).

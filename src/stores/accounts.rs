@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, NewUser, Organization, Page, RefreshOutcome, RefreshToken, User, UserFilter, UserPatch,
+    ApiKey, AuditEntry, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Scopes, User, UserFilter, UserPatch,
 };
 use ragchat_actors::plans::Plan;
 use ragchat_actors::ports::{AccountStore, StoreError, StoreResult};
@@ -15,7 +15,7 @@ use super::store_error;
 
 const USER_COLUMNS: &str = "id, email, hashed_password, full_name, is_active, is_verified, is_superuser, \
      subscription_plan, organization_id, preferences, created_at, updated_at";
-const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, created_at, last_used_at, revoked_at";
+const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, scopes, created_at, last_used_at, revoked_at";
 
 /// Escapes LIKE wildcards so a filter matches literally (used with ESCAPE '\').
 fn like_pattern(s: &str) -> String {
@@ -73,6 +73,7 @@ macro_rules! sql_accounts {
                     name: row.try_get("name").map_err(store_error)?,
                     prefix: row.try_get("prefix").map_err(store_error)?,
                     key_hash: row.try_get("key_hash").map_err(store_error)?,
+                    scopes: Scopes::from_stored(&row.try_get::<String, _>("scopes").map_err(store_error)?),
                     created_at: row.try_get("created_at").map_err(store_error)?,
                     last_used_at: row.try_get("last_used_at").map_err(store_error)?,
                     revoked_at: row.try_get("revoked_at").map_err(store_error)?,
@@ -222,14 +223,15 @@ macro_rules! sql_accounts {
 
             async fn insert_api_key(&self, key: &ApiKey) -> StoreResult<()> {
                 sqlx::query(
-                    "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, scopes, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(key.id)
                 .bind(key.user_id)
                 .bind(&key.name)
                 .bind(&key.prefix)
                 .bind(&key.key_hash)
+                .bind(key.scopes.to_stored())
                 .bind(key.created_at)
                 .execute(&self.pool)
                 .await

@@ -16,4 +16,5 @@ mod knowledge;
 mod ledger;
 mod metrics;
 mod models;
+mod scopes;
 mod uploads;
