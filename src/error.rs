@@ -127,6 +127,8 @@ error_codes! {
     InvalidCredentials = "invalid_credentials", Auth;
     /// The access token has expired: refresh it (401).
     TokenExpired = "token_expired", Auth;
+    /// The access token's login has ended (logout, or a reused refresh token): sign in again (401).
+    TokenRevoked = "token_revoked", Auth;
     /// The refresh token is unknown, expired or already used (401).
     InvalidRefreshToken = "invalid_refresh_token", Auth;
     /// The account is deactivated (403).

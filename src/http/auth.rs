@@ -193,8 +193,10 @@ fn hashing_busy(_: Busy) -> ApiError {
     ApiError::Unavailable("Too many sign-ins at once: retry in a moment".into())
 }
 
+/// A new pair for the login `family_id`: the access token carries it (`sid`), so
+/// it stops working when that login ends.
 async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Result<TokenResponse, ApiError> {
-    let access_token = state.tokens.issue(user_id).map_err(ApiError::internal)?;
+    let access_token = state.tokens.issue(user_id, family_id).map_err(ApiError::internal)?;
     let refresh_token = new_refresh_token();
     let now = Utc::now();
     let ttl = i64::try_from(state.tokens.refresh_ttl_secs).unwrap_or(i64::MAX / 4);
@@ -323,6 +325,7 @@ pub async fn refresh(
         RefreshOutcome::Rotated { user_id, family_id } => (user_id, family_id),
         RefreshOutcome::Reused { family_id } => {
             tracing::warn!(%family_id, "refresh token reuse: family revoked");
+            state.logins.end(family_id);
             return Err(ApiError::Unauthorized(
                 "Refresh token already used: all sessions of this login were revoked, please log in again".into(),
             )
@@ -342,15 +345,20 @@ pub async fn refresh(
     Ok(web::Json(issue_tokens(&state, user.id, family_id).await?))
 }
 
-/// Revokes the refresh token and every token rotated from the same login.
-/// Always 204, so it cannot be used to probe tokens.
+/// Ends the login: revokes the refresh token and every token rotated from it,
+/// and the login's access tokens stop working (at once on this server, within
+/// `auth.login_cache_ms` on others; its WebSockets close within
+/// `chat.ws_auth_check_secs`). Always 204, so it cannot be used to probe tokens.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshRequest,
     responses((status = 204, description = "Logged out")))]
 pub async fn logout(state: web::Data<AppState>, body: web::Json<RefreshRequest>) -> Result<HttpResponse, ApiError> {
-    state
+    if let Some(family_id) = state
         .accounts
         .revoke_refresh_family_of(&token_digest(&body.refresh_token))
-        .await?;
+        .await?
+    {
+        state.logins.end(family_id);
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 

@@ -274,6 +274,16 @@ async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser, Ap
             }
             _ => ApiError::Unauthorized("Could not validate credentials".into()),
         })?;
+        // A token of a login that has ended (logout) stops with it: at once on
+        // this node, within `auth.login_cache_ms` on another.
+        if let Some(sid) = claims.sid {
+            if state.logins.has_ended(state.accounts.as_ref(), sid).await? {
+                return Err(
+                    ApiError::Unauthorized("This login has ended (logged out): sign in again".into())
+                        .with_code(ErrorCode::TokenRevoked),
+                );
+            }
+        }
         (claims.sub, AuthMethod::Jwt, Scopes::ALL)
     };
     // The row is cached for `sessions.user_cache_ms` (changes on this node forget it at once).

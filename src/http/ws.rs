@@ -5,10 +5,12 @@
 //! handshake answers 401/403 like any route, and 429 past `chat.ws_max_per_user`
 //! open connections of the user. The account is checked again for every message
 //! (a deactivated user gets an error frame, 403), and the credentials every
-//! `chat.ws_auth_check_secs`: an expired token or a revoked key closes the
-//! connection with code 4401, a deactivated account with 4403, each after an
-//! `error` frame. An API key needs the `chat` scope (403 at the handshake). A client keeps a connection beyond its token's life by sending
-//! `{"type": "auth", "token": "<fresh JWT>"}` (answered `authenticated`).
+//! `chat.ws_auth_check_secs`: an expired token, a token whose login ended
+//! (logout) or a revoked key closes the connection with code 4401, a
+//! deactivated account with 4403, each after an `error` frame. An API key
+//! needs the `chat` scope (403 at the handshake). A client keeps a connection
+//! beyond its token's life by sending `{"type": "auth", "token": "<fresh JWT>"}`
+//! (answered `authenticated`).
 //!
 //! Frames are JSON text both ways. From the client:
 //! - `{"type": "message", "id"?: any, ...the body of POST /chat/message}`
@@ -250,9 +252,10 @@ async fn run(
                 }
             }
             _ = recheck.tick() => {
-                // The credentials must still hold: an expired token, a revoked
-                // key or a deactivated account closes the connection (with an
-                // error frame first). A store that cannot answer closes nothing.
+                // The credentials must still hold: an expired token, an ended
+                // login (logout), a revoked key or a deactivated account closes
+                // the connection (with an error frame first). A store that
+                // cannot answer closes nothing.
                 let refused = match authorize::<access::Chat>(&state, &token).await {
                     Ok(u) if u.user.id == user.user.id => None,
                     Ok(_) => Some(ApiError::Forbidden("the token belongs to another user".into())),

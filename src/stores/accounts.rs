@@ -336,17 +336,34 @@ macro_rules! sql_accounts {
                 Ok(RefreshOutcome::Reused { family_id })
             }
 
-            async fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<bool> {
-                let done = sqlx::query(
-                    "UPDATE refresh_tokens SET revoked_at = $2 WHERE revoked_at IS NULL AND family_id = \
-                     (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
+            async fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<Option<Uuid>> {
+                let family: Option<Uuid> =
+                    sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
+                        .bind(token_hash)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(store_error)?;
+                let Some(family_id) = family else { return Ok(None) };
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = $2 WHERE family_id = $1 AND revoked_at IS NULL")
+                    .bind(family_id)
+                    .bind(Utc::now())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                Ok(Some(family_id))
+            }
+
+            async fn refresh_family_revoked(&self, family_id: Uuid) -> StoreResult<bool> {
+                // Logout and reuse revoke every token of the family at once, so one
+                // revoked row is enough (refresh_tokens_family_idx serves it).
+                let revoked: Option<i32> = sqlx::query_scalar(
+                    "SELECT 1 FROM refresh_tokens WHERE family_id = $1 AND revoked_at IS NOT NULL LIMIT 1",
                 )
-                .bind(token_hash)
-                .bind(Utc::now())
-                .execute(&self.pool)
+                .bind(family_id)
+                .fetch_optional(&self.pool)
                 .await
                 .map_err(store_error)?;
-                Ok(done.rows_affected() > 0)
+                Ok(revoked.is_some())
             }
 
             async fn get_setting(&self, key: &str) -> StoreResult<Option<serde_json::Value>> {

@@ -304,6 +304,10 @@ async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn 
         RefreshOutcome::Reused { family_id: family },
         "reuse revokes the whole family"
     );
+    assert!(
+        store.refresh_family_revoked(family).await.expect("read"),
+        "the login ended"
+    );
     assert_eq!(
         store.consume_refresh_token("nope", Utc::now()).await.expect("consume"),
         RefreshOutcome::Unknown
@@ -323,7 +327,21 @@ async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn 
         .insert_refresh_token(&refresh(user.id, other_family, "t3", 3600))
         .await
         .expect("insert");
-    assert!(store.revoke_refresh_family_of("t3").await.expect("logout"));
+    store
+        .insert_refresh_token(&refresh(user.id, other_family, "t4", 3600))
+        .await
+        .expect("insert");
+    assert!(
+        !store.refresh_family_revoked(other_family).await.expect("read"),
+        "a login going on"
+    );
+    assert_eq!(
+        store.revoke_refresh_family_of("t3").await.expect("logout"),
+        Some(other_family)
+    );
+    assert!(store.refresh_family_revoked(other_family).await.expect("read"));
+    assert_eq!(store.revoke_refresh_family_of("nope").await.expect("logout"), None);
+    assert!(!store.refresh_family_revoked(Uuid::new_v4()).await.expect("read"));
     assert!(matches!(
         store.consume_refresh_token("t3", Utc::now()).await.expect("consume"),
         RefreshOutcome::Reused { .. }
