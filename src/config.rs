@@ -192,7 +192,7 @@ pub struct ChatSettings {
     pub ws_max_frame_bytes: usize,
     pub ws_max_id_chars: usize,
     /// WebSocket: the connection's credentials are checked again this often
-    /// (expired token, revoked key, deactivated account close it).
+    /// (expired token, ended login, revoked key, deactivated account close it).
     pub ws_auth_check_secs: u64,
     /// WebSocket: open connections per user.
     pub ws_max_per_user: usize,
@@ -245,6 +245,10 @@ pub struct AuthSettings {
     /// Password hashes computed at once, and how many may wait (beyond: 503).
     pub hash_concurrency: usize,
     pub hash_queue: usize,
+    /// Whether an access token's login has ended (logout) is read from the store
+    /// at most this often per login: a logout on another node is seen within it
+    /// (on this node at once). 0: read on every request.
+    pub login_cache_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]

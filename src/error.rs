@@ -141,6 +141,8 @@ error_codes! {
     InvalidCredentials = "invalid_credentials", Auth;
     /// The access token has expired: refresh it (401).
     TokenExpired = "token_expired", Auth;
+    /// The access token's login has ended (logout, or a reused refresh token): sign in again (401).
+    TokenRevoked = "token_revoked", Auth;
     /// The refresh token is unknown, expired or already used (401).
     InvalidRefreshToken = "invalid_refresh_token", Auth;
     /// The account is deactivated (403).
@@ -148,6 +150,8 @@ error_codes! {
     /// The route needs a superuser (403).
     AdminRequired = "admin_required", Auth;
     PasswordSessionRequired = "password_session_required", Auth;
+    /// The API key lacks the scope the route needs (403).
+    InsufficientScope = "insufficient_scope", Auth;
     /// The caller may not do this (403).
     Forbidden = "forbidden", Auth;
     /// A monthly quota of the plan is used up (429).

@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use actix_web::dev::Server;
 use actix_web::middleware::from_fn;
 use actix_web::{App, HttpServer};
+use ragchat_actors::admission::logins::Logins;
 use ragchat_actors::admission::ratelimit::Quota;
 use ragchat_actors::admission::registry::SessionRegistry;
 use ragchat_actors::admission::session::{Bucket, SessionConfig, SessionDeps, StoreDownPolicy};
@@ -213,6 +214,12 @@ impl Application {
             embedder,
             generator,
             tokens: Arc::new(TokenService::new(&settings.auth)),
+            logins: Arc::new(Logins::new(
+                Duration::from_millis(settings.auth.login_cache_ms),
+                // An ended login is remembered while any of its access tokens
+                // could still pass (their life plus the verifier's leeway).
+                Duration::from_secs(settings.auth.access_token_ttl_secs.saturating_add(60)),
+            )),
             settings: settings.clone(),
             billing: Arc::new(
                 Billing::new(accounts.clone(), sql.usage.clone(), plans.clone())

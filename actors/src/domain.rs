@@ -118,6 +118,128 @@ pub struct Page {
     pub limit: u32,
 }
 
+/// What an API key may do. A password session (a JWT) is not limited by scopes:
+/// it may do whatever its user may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Chat: `/chat/*`, `/ws/chat`, `/v1/chat/completions`.
+    Chat,
+    /// Reading the knowledge base: `/knowledge/search`, `/v1/embeddings`, listing documents.
+    Search,
+    /// Writing the knowledge base: adding, uploading and deleting documents.
+    Ingest,
+    /// `/admin/*` and `/metrics`; only keys of superusers may have it.
+    Admin,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 4] = [Scope::Chat, Scope::Search, Scope::Ingest, Scope::Admin];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Chat => "chat",
+            Scope::Search => "search",
+            Scope::Ingest => "ingest",
+            Scope::Admin => "admin",
+        }
+    }
+
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scope")]
+pub struct UnknownScope;
+
+impl FromStr for Scope {
+    type Err = UnknownScope;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Scope::ALL.into_iter().find(|x| x.as_str() == s).ok_or(UnknownScope)
+    }
+}
+
+/// A set of scopes.
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Scopes(u8);
+
+impl Scopes {
+    pub const NONE: Scopes = Scopes(0);
+    /// Everything: what a password session may do (admin still needs a superuser).
+    pub const ALL: Scopes = Scopes::of(&Scope::ALL);
+    /// A new key when its creator names no scopes.
+    pub const NEW_KEY_DEFAULT: Scopes = Scopes::of(&[Scope::Chat, Scope::Search]);
+    /// Keys made before keys had scopes (the migration's column default): what
+    /// they could do then, less the admin routes.
+    pub const LEGACY_KEY: Scopes = Scopes::of(&[Scope::Chat, Scope::Search, Scope::Ingest]);
+
+    pub const fn of(scopes: &[Scope]) -> Scopes {
+        let mut bits = 0;
+        let mut i = 0;
+        while i < scopes.len() {
+            bits |= scopes[i].bit();
+            i += 1;
+        }
+        Scopes(bits)
+    }
+
+    pub const fn contains(self, scope: Scope) -> bool {
+        self.0 & scope.bit() != 0
+    }
+
+    /// True when the two sets share a scope.
+    pub const fn intersects(self, other: Scopes) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn with(self, scope: Scope) -> Scopes {
+        Scopes(self.0 | scope.bit())
+    }
+
+    /// The scopes in the set, in `Scope::ALL` order.
+    pub fn iter(self) -> impl Iterator<Item = Scope> {
+        Scope::ALL.into_iter().filter(move |s| self.contains(*s))
+    }
+
+    /// As stored (`"chat search"`): names separated by spaces, like OAuth scopes.
+    pub fn to_stored(self) -> String {
+        self.iter().map(Scope::as_str).collect::<Vec<_>>().join(" ")
+    }
+
+    /// From the stored form. A name this version does not know grants nothing
+    /// (a key written by a newer version keeps only the scopes known here).
+    pub fn from_stored(s: &str) -> Scopes {
+        s.split_whitespace()
+            .filter_map(|n| n.parse::<Scope>().ok())
+            .fold(Scopes::NONE, Scopes::with)
+    }
+}
+
+impl fmt::Debug for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+impl fmt::Display for Scopes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.iter().map(Scope::as_str).collect::<Vec<_>>().join(", "))
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiKey {
     pub id: Uuid,
@@ -126,6 +248,8 @@ pub struct ApiKey {
     /// The first characters of the key, shown so users can tell keys apart.
     pub prefix: String,
     pub key_hash: String,
+    /// What the key may do (never more than its user may).
+    pub scopes: Scopes,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
@@ -199,6 +323,27 @@ mod tests {
         for p in Plan::ALL {
             assert_eq!(p.as_str().parse::<Plan>(), Ok(p));
         }
+    }
+
+    #[test]
+    fn scopes_round_trip_through_their_stored_form_and_unknown_names_grant_nothing() {
+        for s in Scope::ALL {
+            assert_eq!(s.as_str().parse::<Scope>(), Ok(s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(serde_json::json!(s.as_str())));
+        }
+        assert!("Chat".parse::<Scope>().is_err() && "".parse::<Scope>().is_err());
+        assert_eq!(Scopes::NEW_KEY_DEFAULT.to_stored(), "chat search");
+        assert_eq!(Scopes::LEGACY_KEY.to_stored(), "chat search ingest");
+        assert_eq!(Scopes::from_stored(&Scopes::ALL.to_stored()), Scopes::ALL);
+        assert_eq!(
+            Scopes::from_stored("  ingest  billing chat "),
+            Scopes::of(&[Scope::Chat, Scope::Ingest])
+        );
+        assert!(Scopes::from_stored("").is_empty());
+        let chat = Scopes::of(&[Scope::Chat]);
+        assert!(chat.contains(Scope::Chat) && !chat.contains(Scope::Admin));
+        assert!(chat.intersects(Scopes::NEW_KEY_DEFAULT));
+        assert!(!chat.intersects(Scopes::of(&[Scope::Search, Scope::Ingest])));
     }
 }
 

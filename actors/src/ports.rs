@@ -66,8 +66,13 @@ pub trait AccountStore: Send + Sync + 'static {
     /// Atomically marks a live token used. A token presented twice (or after its
     /// family was revoked) revokes every token of its family.
     async fn consume_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshOutcome>;
-    /// Revokes every live token of the family of this token (logout). False if unknown.
-    async fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<bool>;
+    /// Revokes every live token of the family of this token (logout): the family's
+    /// id, None when the token is unknown.
+    async fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<Option<Uuid>>;
+    /// True when the family (one login and its rotations) was revoked: by logout,
+    /// or because one of its refresh tokens was presented twice. Access tokens of
+    /// that login stop working with it.
+    async fn refresh_family_revoked(&self, family_id: Uuid) -> StoreResult<bool>;
 
     async fn get_setting(&self, key: &str) -> StoreResult<Option<serde_json::Value>>;
     async fn put_setting(&self, key: &str, value: &serde_json::Value) -> StoreResult<()>;

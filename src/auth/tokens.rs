@@ -18,6 +18,11 @@ pub struct AccessClaims {
     pub iss: String,
     pub aud: String,
     pub jti: Uuid,
+    /// The login this token belongs to (its refresh-token family): when that login
+    /// ends (logout, or a refresh token presented twice) the token stops working
+    /// too. Tokens issued before this claim existed have none and run to `exp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<Uuid>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,7 +68,8 @@ impl TokenService {
         }
     }
 
-    pub fn issue(&self, user_id: Uuid) -> Result<String, TokenError> {
+    /// An access token of `user_id` for the login `sid` (its refresh-token family).
+    pub fn issue(&self, user_id: Uuid, sid: Uuid) -> Result<String, TokenError> {
         let now = Utc::now().timestamp();
         let claims = AccessClaims {
             sub: user_id,
@@ -73,6 +79,7 @@ impl TokenService {
             iss: self.issuer.clone(),
             aud: self.audience.clone(),
             jti: Uuid::new_v4(),
+            sid: Some(sid),
         };
         encode(&Header::new(Algorithm::HS256), &claims, &self.encoding).map_err(|e| TokenError::Signing(e.to_string()))
     }

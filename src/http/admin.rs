@@ -105,7 +105,8 @@ fn page_of(page: Option<u32>, page_size: Option<u32>) -> Result<(u32, u32, Page)
 
 /// Lists users, filtered by e-mail substring and plan, paged.
 #[utoipa::path(get, path = "/admin/users", tag = "admin", security(("bearer" = [])), params(UserQuery),
-    responses((status = 200, body = UserPageView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200, body = UserPageView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope")))]
 pub async fn list_users(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -132,7 +133,9 @@ pub async fn list_users(
     params(("user_id" = Uuid, Path, description = "User id")), request_body = UpdateUserRequest,
     responses((status = 200, body = UserView),
         (status = 400, body = ErrorBody, description = "Admins cannot demote or deactivate themselves"),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope"),
+        (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn update_user(
     admin: AdminUser,
@@ -206,7 +209,7 @@ pub async fn update_user(
 #[utoipa::path(get, path = "/admin/users/{user_id}/audit", tag = "admin", security(("bearer" = [])),
     params(("user_id" = Uuid, Path, description = "User id")),
     responses((status = 200, body = Vec<AuditView>), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope")))]
 pub async fn user_audit(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -412,7 +415,7 @@ pub async fn reject_upgrade_request(
 /// effective catalog.
 #[utoipa::path(get, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
     responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope")))]
 pub async fn get_subscription_limits(
     _admin: AdminUser,
     state: web::Data<AppState>,
@@ -431,7 +434,8 @@ pub async fn get_subscription_limits(
 #[utoipa::path(put, path = "/admin/settings/subscription_limits", tag = "admin", security(("bearer" = [])),
     request_body(content = Object, description = "Overrides keyed by plan"),
     responses((status = 200, description = "{override, effective}"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 422, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope"),
+        (status = 422, body = ErrorBody)))]
 pub async fn put_subscription_limits(
     admin: AdminUser,
     state: web::Data<AppState>,
@@ -525,7 +529,9 @@ fn seed_path(root: &str, requested: Option<&str>) -> Result<std::path::PathBuf, 
     request_body = SeedRequest,
     responses((status = 202, body = SeedStatusView, description = "Started in the background"),
         (status = 200, body = SeedStatusView, description = "Finished (background: false)"),
-        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope"),
+        (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody, description = "A seed is running"), (status = 422, body = ErrorBody),
         (status = 503, body = ErrorBody)))]
 pub async fn seed_enhanced(
@@ -568,7 +574,7 @@ pub async fn seed_enhanced(
 /// Progress of the running seed, or the result of the last one.
 #[utoipa::path(get, path = "/admin/seed-status", tag = "admin", security(("bearer" = [])),
     responses((status = 200, body = SeedStatusView), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope")))]
 pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<SeedStatusView> {
     web::Json(seed_view(&state).await)
 }
@@ -576,7 +582,8 @@ pub async fn seed_status(_admin: AdminUser, state: web::Data<AppState>) -> web::
 /// The supervision tree as operators see it: each supervisor, what it
 /// supervises, its state, restarts and last error, and its queue.
 #[utoipa::path(get, path = "/admin/actors", tag = "admin", security(("bearer" = [])),
-    responses((status = 200), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+    responses((status = 200), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope")))]
 pub async fn actors(_admin: AdminUser, state: web::Data<AppState>) -> web::Json<serde_json::Value> {
     use ragchat_actors::supervision::Child;
     use std::sync::atomic::Ordering::Relaxed;

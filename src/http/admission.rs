@@ -1,6 +1,7 @@
 //! Admission as an extractor: a route that consumes a resource takes
-//! `Admitted<R>`, which authenticates the caller and asks the user's session to
-//! admit one unit (rate limit, then quota). The handler calls `complete` when the
+//! `Admitted<R>`, which authenticates the caller, refuses an API key without the
+//! scope `R` needs, and asks the user's session to admit one unit (rate limit,
+//! then quota). The handler calls `complete` when the
 //! work is done (usage recorded once); if it returns early or fails, dropping the
 //! permit gives the quota back.
 
@@ -12,45 +13,71 @@ use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest, HttpResponseBuilder};
 use ragchat_actors::admission::registry::Ticket;
 use ragchat_actors::admission::session::{Admit, Bucket, Permit, RateInfo, Rejection};
+use ragchat_actors::domain::{Scope, Scopes};
 use ragchat_actors::plans::{PlanCatalog, Resource};
 use serde_json::json;
 
-use super::extractors::CurrentUser;
+use super::extractors::{authenticate, Access, CurrentUser};
 use super::AppState;
 use crate::error::ApiError;
 
-/// What a route consumes: its rate-limit bucket and its quota resource.
-pub trait Consumes: 'static {
+/// What a route consumes: its rate-limit bucket and its quota resource; and,
+/// as `Access`, the scopes an API key needs for it.
+pub trait Consumes: Access {
     const BUCKET: Option<Bucket>;
     const RESOURCE: Resource;
 }
 
-/// A chat message: the chat rate limit and the `messages` quota.
+/// A chat message: the chat rate limit and the `messages` quota; the `chat` scope.
 pub struct ChatMessage;
 impl Consumes for ChatMessage {
     const BUCKET: Option<Bucket> = Some(Bucket::Chat);
     const RESOURCE: Resource = Resource::Messages;
 }
+impl Access for ChatMessage {
+    const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Chat]));
+}
 
-/// A search: the search rate limit and the `api_calls` quota.
+/// A search: the search rate limit and the `api_calls` quota; the `search` scope.
 pub struct SearchCall;
 impl Consumes for SearchCall {
     const BUCKET: Option<Bucket> = Some(Bucket::Search);
     const RESOURCE: Resource = Resource::ApiCalls;
 }
+impl Access for SearchCall {
+    const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Search]));
+}
 
-/// Any other API call that counts: the api rate limit and the `api_calls` quota.
-pub struct ApiCall;
-impl Consumes for ApiCall {
+/// Embeddings (`/v1/embeddings`): the api rate limit and the `api_calls` quota;
+/// the `search` scope (vectors to search with).
+pub struct EmbedCall;
+impl Consumes for EmbedCall {
     const BUCKET: Option<Bucket> = Some(Bucket::Api);
     const RESOURCE: Resource = Resource::ApiCalls;
 }
+impl Access for EmbedCall {
+    const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Search]));
+}
 
-/// A background task (seeding, ingestion jobs): the `background_tasks` quota.
+/// Adding documents: the api rate limit and the `api_calls` quota; the `ingest` scope.
+pub struct IngestCall;
+impl Consumes for IngestCall {
+    const BUCKET: Option<Bucket> = Some(Bucket::Api);
+    const RESOURCE: Resource = Resource::ApiCalls;
+}
+impl Access for IngestCall {
+    const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Ingest]));
+}
+
+/// A background task (seeding, ingestion jobs): the `background_tasks` quota;
+/// the `ingest` scope.
 pub struct BackgroundTask;
 impl Consumes for BackgroundTask {
     const BUCKET: Option<Bucket> = Some(Bucket::Api);
     const RESOURCE: Resource = Resource::BackgroundTasks;
+}
+impl Access for BackgroundTask {
+    const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Ingest]));
 }
 
 pub struct Admitted<R: Consumes> {
@@ -168,8 +195,10 @@ pub fn rejection_error(r: Rejection) -> ApiError {
 
 impl<R: Consumes> Admitted<R> {
     /// Asks the user's session to admit one unit (for callers that are not an
-    /// HTTP request of their own, such as a WebSocket message).
+    /// HTTP request of their own, such as a WebSocket message), once the
+    /// credential is found to allow it (`R`'s scopes).
     pub async fn admit(state: &AppState, user: CurrentUser) -> Result<Self, ApiError> {
+        user.require::<R>()?;
         let ticket = Ticket::admit(
             state.registry.clone(),
             user.user.id,
@@ -196,8 +225,8 @@ impl<R: Consumes> FromRequest for Admitted<R> {
     type Error = ApiError;
     type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
 
-    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let user = CurrentUser::from_request(req, payload);
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let user = authenticate(req.clone());
         let state = req.app_data::<web::Data<AppState>>().cloned();
         Box::pin(async move {
             let user = user.await?;

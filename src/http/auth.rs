@@ -3,14 +3,14 @@
 use actix_web::{web, HttpRequest, HttpResponse};
 use chrono::{DateTime, Duration, Utc};
 use ragchat_actors::admission::ratelimit::Quota;
-use ragchat_actors::domain::{ApiKey, Email, NewUser, RefreshOutcome, RefreshToken};
+use ragchat_actors::domain::{ApiKey, Email, NewUser, RefreshOutcome, RefreshToken, Scope, Scopes};
 use ragchat_actors::plans::Plan;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::extractors::{client_address, CurrentUser, PasswordSession};
+use super::extractors::{access, client_address, CurrentUser, PasswordSession, Scoped};
 use super::views::UserView;
 use super::AppState;
 use crate::auth::passwords::{Busy, MAX_PASSWORD_LEN, MIN_PASSWORD_LEN};
@@ -66,6 +66,12 @@ pub struct RefreshRequest {
 pub struct CreateApiKeyRequest {
     #[schema(example = "CI pipeline")]
     pub name: String,
+    /// What the key may do: `chat` (/chat/*, /ws/chat, /v1/chat/completions),
+    /// `search` (/knowledge/search, /v1/embeddings, reading documents), `ingest`
+    /// (adding and deleting documents), `admin` (/admin/*, /metrics; superusers
+    /// only). Default: `["chat", "search"]`.
+    #[schema(example = json!(["chat", "search"]))]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// An API key as listed: never the key itself.
@@ -74,6 +80,8 @@ pub struct ApiKeyView {
     pub id: Uuid,
     pub name: String,
     pub prefix: String,
+    /// What the key may do.
+    pub scopes: Vec<Scope>,
     pub created_at: DateTime<Utc>,
     pub last_used_at: Option<DateTime<Utc>>,
 }
@@ -85,6 +93,7 @@ pub struct CreatedApiKey {
     pub name: String,
     pub prefix: String,
     pub key: String,
+    pub scopes: Vec<Scope>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -94,6 +103,7 @@ impl From<ApiKey> for ApiKeyView {
             id: k.id,
             name: k.name,
             prefix: k.prefix,
+            scopes: k.scopes.iter().collect(),
             created_at: k.created_at,
             last_used_at: k.last_used_at,
         }
@@ -183,8 +193,10 @@ fn hashing_busy(_: Busy) -> ApiError {
     ApiError::Unavailable("Too many sign-ins at once: retry in a moment".into())
 }
 
+/// A new pair for the login `family_id`: the access token carries it (`sid`), so
+/// it stops working when that login ends.
 async fn issue_tokens(state: &AppState, user_id: Uuid, family_id: Uuid) -> Result<TokenResponse, ApiError> {
-    let access_token = state.tokens.issue(user_id).map_err(ApiError::internal)?;
+    let access_token = state.tokens.issue(user_id, family_id).map_err(ApiError::internal)?;
     let refresh_token = new_refresh_token();
     let now = Utc::now();
     let ttl = i64::try_from(state.tokens.refresh_ttl_secs).unwrap_or(i64::MAX / 4);
@@ -313,6 +325,7 @@ pub async fn refresh(
         RefreshOutcome::Rotated { user_id, family_id } => (user_id, family_id),
         RefreshOutcome::Reused { family_id } => {
             tracing::warn!(%family_id, "refresh token reuse: family revoked");
+            state.logins.end(family_id);
             return Err(ApiError::Unauthorized(
                 "Refresh token already used: all sessions of this login were revoked, please log in again".into(),
             )
@@ -332,38 +345,48 @@ pub async fn refresh(
     Ok(web::Json(issue_tokens(&state, user.id, family_id).await?))
 }
 
-/// Revokes the refresh token and every token rotated from the same login.
-/// Always 204, so it cannot be used to probe tokens.
+/// Ends the login: revokes the refresh token and every token rotated from it,
+/// and the login's access tokens stop working (at once on this server, within
+/// `auth.login_cache_ms` on others; its WebSockets close within
+/// `chat.ws_auth_check_secs`). Always 204, so it cannot be used to probe tokens.
 #[utoipa::path(post, path = "/auth/logout", tag = "auth", request_body = RefreshRequest,
     responses((status = 204, description = "Logged out")))]
 pub async fn logout(state: web::Data<AppState>, body: web::Json<RefreshRequest>) -> Result<HttpResponse, ApiError> {
-    state
+    if let Some(family_id) = state
         .accounts
         .revoke_refresh_family_of(&token_digest(&body.refresh_token))
-        .await?;
+        .await?
+    {
+        state.logins.end(family_id);
+    }
     Ok(HttpResponse::NoContent().finish())
 }
 
 /// The authenticated user.
 #[utoipa::path(get, path = "/auth/me", tag = "auth", security(("bearer" = [])),
-    responses((status = 200, body = UserView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
-pub async fn me(current: CurrentUser) -> web::Json<UserView> {
-    web::Json(current.user.into())
+    responses((status = 200, body = UserView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "A deactivated account")))]
+pub async fn me(current: Scoped<access::Account>) -> web::Json<UserView> {
+    web::Json(current.into_inner().user.into())
 }
 
-/// Creates an API key. The key is in this response only; store it now.
+/// Creates an API key with the scopes asked for (default `chat` and `search`).
+/// The key is in this response only; store it now.
 #[utoipa::path(post, path = "/auth/api-keys", tag = "auth", security(("bearer" = [])), request_body = CreateApiKeyRequest,
     responses((status = 201, body = CreatedApiKey), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody, description = "Called with an API key"), (status = 422, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Called with an API key, or the `admin` scope asked for by a non-superuser"),
+        (status = 422, body = ErrorBody, description = "Bad name, or an unknown or empty list of scopes")))]
 pub async fn create_api_key(
     PasswordSession(current): PasswordSession,
     state: web::Data<AppState>,
     body: web::Json<CreateApiKeyRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
     let name = body.name.trim().to_string();
     if name.is_empty() || name.chars().count() > 100 {
         return Err(ApiError::Unprocessable("name must be 1 to 100 characters".into()));
     }
+    let scopes = requested_scopes(&current, body.scopes)?;
     let key = new_api_key();
     let record = ApiKey {
         id: Uuid::new_v4(),
@@ -371,6 +394,7 @@ pub async fn create_api_key(
         name,
         prefix: key.chars().take(12).collect(),
         key_hash: token_digest(&key),
+        scopes,
         created_at: Utc::now(),
         last_used_at: None,
         revoked_at: None,
@@ -381,8 +405,39 @@ pub async fn create_api_key(
         name: record.name,
         prefix: record.prefix,
         key,
+        scopes: record.scopes.iter().collect(),
         created_at: record.created_at,
     }))
+}
+
+/// The scopes a new key asks for: known names, at least one, and `admin` only
+/// for a superuser.
+fn requested_scopes(current: &CurrentUser, asked: Option<Vec<String>>) -> Result<Scopes, ApiError> {
+    let Some(names) = asked else {
+        return Ok(Scopes::NEW_KEY_DEFAULT);
+    };
+    let known = || Scope::ALL.map(Scope::as_str).join(", ");
+    let mut scopes = Scopes::NONE;
+    for name in &names {
+        let scope = name.parse::<Scope>().map_err(|_| {
+            let shown: String = name.chars().take(40).collect();
+            ApiError::Unprocessable(format!("Unknown scope '{shown}': scopes are {}", known()))
+        })?;
+        scopes = scopes.with(scope);
+    }
+    if scopes.is_empty() {
+        return Err(ApiError::Unprocessable(format!(
+            "scopes must name at least one of {} (or leave it out for chat and search)",
+            known()
+        )));
+    }
+    if scopes.contains(Scope::Admin) && !current.user.is_superuser {
+        return Err(
+            ApiError::Forbidden("Only superusers can create keys with the 'admin' scope".into())
+                .with_code(ErrorCode::AdminRequired),
+        );
+    }
+    Ok(scopes)
 }
 
 /// The caller's live API keys (without the keys themselves).

@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::ToSchema;
 
-use super::admission::{Admitted, ApiCall, ChatMessage, Consumes, SearchCall};
-use super::extractors::{CurrentUser, PasswordSession};
+use super::admission::{Admitted, ChatMessage, Consumes, IngestCall, SearchCall};
+use super::extractors::{access, PasswordSession, Scoped};
 use super::views::UpgradeRequestView;
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
@@ -212,9 +212,10 @@ pub async fn plans(state: web::Data<AppState>) -> web::Json<Vec<PlanView>> {
 /// The caller's subscription (made from the account's plan if it has none yet),
 /// how upgrades are made and the pending upgrade request.
 #[utoipa::path(get, path = "/billing/subscription", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = SubscriptionView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "A deactivated account")))]
 pub async fn subscription(
-    current: CurrentUser,
+    current: Scoped<access::Account>,
     state: web::Data<AppState>,
 ) -> Result<web::Json<SubscriptionView>, ApiError> {
     let sub = state.billing.subscription(&current.user, Utc::now()).await?;
@@ -289,7 +290,7 @@ pub async fn cancel_subscription(
     responses((status = 200, body = UpgradeRequestView), (status = 401, body = ErrorBody),
         (status = 404, body = ErrorBody, description = "The caller never asked for an upgrade")))]
 pub async fn upgrade_request(
-    current: CurrentUser,
+    current: Scoped<access::Account>,
     state: web::Data<AppState>,
 ) -> Result<web::Json<UpgradeRequestView>, ApiError> {
     let latest = state
@@ -316,8 +317,12 @@ pub async fn cancel_upgrade_request(
 
 /// This month's usage against the plan's limits.
 #[utoipa::path(get, path = "/billing/usage", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = UsageView), (status = 401, body = ErrorBody)))]
-pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<web::Json<UsageView>, ApiError> {
+    responses((status = 200, body = UsageView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "A deactivated account")))]
+pub async fn usage(
+    current: Scoped<access::Account>,
+    state: web::Data<AppState>,
+) -> Result<web::Json<UsageView>, ApiError> {
     // Units this node holds in leases go back first: the counters then read what was admitted.
     state.registry.return_leases(current.user.id).await;
     let s = state.billing.usage_summary(&current.user, Utc::now()).await?;
@@ -341,9 +346,10 @@ pub async fn usage(current: CurrentUser, state: web::Data<AppState>) -> Result<w
 
 /// Invoices of closed periods, oldest first.
 #[utoipa::path(get, path = "/billing/invoices", tag = "billing", security(("bearer" = [])),
-    responses((status = 200, body = Vec<InvoiceView>), (status = 401, body = ErrorBody)))]
+    responses((status = 200, body = Vec<InvoiceView>), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "A deactivated account")))]
 pub async fn invoices(
-    current: CurrentUser,
+    current: Scoped<access::Account>,
     state: web::Data<AppState>,
 ) -> Result<web::Json<Vec<InvoiceView>>, ApiError> {
     let list = state.billing.invoices(&current.user, Utc::now()).await?;
@@ -363,6 +369,7 @@ async fn probe<R: Consumes>(admitted: Admitted<R>) -> HttpResponse {
 /// Consumes one chat message (chat rate limit, `messages` quota) and does nothing else.
 #[utoipa::path(post, path = "/billing/probe/chat", tag = "billing", security(("bearer" = [])),
     responses((status = 200, description = "Admitted and recorded"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
               (status = 429, body = ErrorBody, description = "Rate limit or quota exceeded")))]
 pub async fn probe_chat(admitted: Admitted<ChatMessage>) -> HttpResponse {
     probe(admitted).await
@@ -371,16 +378,18 @@ pub async fn probe_chat(admitted: Admitted<ChatMessage>) -> HttpResponse {
 /// Consumes one search (search rate limit, `api_calls` quota) and does nothing else.
 #[utoipa::path(post, path = "/billing/probe/search", tag = "billing", security(("bearer" = [])),
     responses((status = 200, description = "Admitted and recorded"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `search` scope (insufficient_scope), or a deactivated account"),
               (status = 429, body = ErrorBody, description = "Rate limit or quota exceeded")))]
 pub async fn probe_search(admitted: Admitted<SearchCall>) -> HttpResponse {
     probe(admitted).await
 }
 
-/// Consumes one API call (api rate limit, `api_calls` quota) and does nothing else.
+/// Consumes one API call (api rate limit, `api_calls` quota; with a key, the `ingest` scope) and does nothing else.
 #[utoipa::path(post, path = "/billing/probe/api", tag = "billing", security(("bearer" = [])),
     responses((status = 200, description = "Admitted and recorded"), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `ingest` scope (insufficient_scope), or a deactivated account"),
               (status = 429, body = ErrorBody, description = "Rate limit or quota exceeded")))]
-pub async fn probe_api(admitted: Admitted<ApiCall>) -> HttpResponse {
+pub async fn probe_api(admitted: Admitted<IngestCall>) -> HttpResponse {
     probe(admitted).await
 }
 

@@ -19,7 +19,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::admission::{Admitted, ChatMessage};
-use super::extractors::CurrentUser;
+use super::extractors::{access, Scoped};
 use super::{sse, AppState};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
@@ -34,7 +34,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// Answers a message with sources, in one JSON body.
 #[utoipa::path(post, path = "/chat/message", tag = "chat", security(("bearer" = [])), request_body = ChatRequest,
     responses((status = 200, body = ChatResponse), (status = 400, body = ErrorBody, description = "Prompt too long"),
-              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "Unknown session"),
+              (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
+        (status = 404, body = ErrorBody, description = "Unknown session"),
               (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn message(
     admitted: Admitted<ChatMessage>,
@@ -73,7 +75,9 @@ fn sse_frame(ev: ChatEvent) -> (actix_web::web::Bytes, bool) {
 /// Refusals before the stream starts are plain JSON errors with their status.
 #[utoipa::path(post, path = "/chat/stream", tag = "chat", security(("bearer" = [])), request_body = ChatRequest,
     responses((status = 200, description = "text/event-stream"), (status = 400, body = ErrorBody),
-              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
+              (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
+        (status = 404, body = ErrorBody), (status = 422, body = ErrorBody),
               (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn stream_message(
     admitted: Admitted<ChatMessage>,
@@ -124,9 +128,11 @@ pub struct SessionList {
 /// Your conversations, most recently active first.
 #[utoipa::path(get, path = "/chat/sessions", tag = "chat", security(("bearer" = [])),
     params(("offset" = Option<u32>, Query), ("limit" = Option<u32>, Query, description = "1 to 100, default 20")),
-    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = SessionList), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
+        (status = 422, body = ErrorBody)))]
 pub async fn list_sessions(
-    current: CurrentUser,
+    current: Scoped<access::Chat>,
     state: web::Data<AppState>,
     query: web::Query<SessionsQuery>,
 ) -> Result<web::Json<SessionList>, ApiError> {
@@ -197,10 +203,12 @@ pub struct MessagePage {
 /// A page of a conversation: the newest messages, or those before a cursor.
 #[utoipa::path(get, path = "/chat/sessions/{id}/messages", tag = "chat", security(("bearer" = [])),
     params(("before" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 200, default 50")),
-    responses((status = 200, body = MessagePage), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
+    responses((status = 200, body = MessagePage), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
+        (status = 404, body = ErrorBody),
               (status = 422, body = ErrorBody)))]
 pub async fn session_messages(
-    current: CurrentUser,
+    current: Scoped<access::Chat>,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
     query: web::Query<MessagesQuery>,
@@ -243,9 +251,11 @@ pub async fn session_messages(
 
 /// Deletes a conversation and its messages.
 #[utoipa::path(delete, path = "/chat/sessions/{id}", tag = "chat", security(("bearer" = [])),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
+        (status = 404, body = ErrorBody)))]
 pub async fn delete_session(
-    current: CurrentUser,
+    current: Scoped<access::Chat>,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {

@@ -1,11 +1,23 @@
-//! Authentication as extractors, so a route cannot forget it.
+//! Authentication and authorization as extractors, so a route cannot forget them.
 //!
-//! `CurrentUser` accepts `Authorization: Bearer <JWT>` or `Authorization: Bearer
-//! rck_…` (an API key). `AdminUser` additionally requires `is_superuser`; the
-//! /admin scope also runs `require_admin` as middleware, so every admin route is
-//! guarded before its body is read.
+//! Credentials: `Authorization: Bearer <JWT>` (a password session) or
+//! `Authorization: Bearer rck_…` (an API key). A route states what it lets an
+//! API key do by the extractor it takes; there is no extractor that admits a key
+//! without saying which scopes it needs:
+//! - `Admitted<R>` (`admission.rs`): the scopes of the resource consumed (`R: Access`);
+//! - `Scoped<A>`: routes that consume nothing, with a marker of `access`
+//!   (`Scoped<access::Chat>`, `Scoped<access::Documents>`, `Scoped<access::Account>`, …);
+//! - `AdminUser`: a superuser, and with a key, the `admin` scope; the /admin
+//!   scope also runs `require_admin` as middleware, so every admin route is
+//!   guarded before its body is read;
+//! - `PasswordSession`: a JWT only (managing keys and the subscription).
+//!
+//! Password sessions are not limited by scopes. A key without the scope a route
+//! needs gets 403 `insufficient_scope`.
 
 use std::future::Future;
+use std::marker::PhantomData;
+use std::ops::Deref;
 use std::pin::Pin;
 
 use actix_web::body::{EitherBody, MessageBody};
@@ -13,7 +25,7 @@ use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::Next;
 use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
-use ragchat_actors::domain::User;
+use ragchat_actors::domain::{Scope, Scopes, User};
 use ragchat_actors::knowledge::Reader;
 
 use super::AppState;
@@ -27,11 +39,15 @@ pub enum AuthMethod {
     ApiKey,
 }
 
-/// The authenticated, active user making the request.
+/// The authenticated, active user making the request, and what the credential
+/// allows. Handlers receive it through `Scoped<A>`, `Admitted<R>`, `AdminUser`
+/// or `PasswordSession`, each of which has checked the scopes.
 #[derive(Debug, Clone)]
 pub struct CurrentUser {
     pub user: User,
     pub method: AuthMethod,
+    /// A key's scopes; every scope for a password session.
+    pub scopes: Scopes,
 }
 
 impl CurrentUser {
@@ -41,6 +57,113 @@ impl CurrentUser {
             user_id: self.user.id,
             organization_id: self.user.organization_id,
         }
+    }
+
+    /// A superuser acting with admin powers: a password session, or a key with
+    /// the `admin` scope (global documents, admin routes).
+    pub fn is_admin(&self) -> bool {
+        self.user.is_superuser && self.scopes.contains(Scope::Admin)
+    }
+
+    /// Refuses a key that has none of the scopes `A` needs.
+    pub fn require<A: Access>(&self) -> Result<(), ApiError> {
+        match A::ANY_OF {
+            Some(needed) if !self.scopes.intersects(needed) => Err(insufficient_scope(needed)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn insufficient_scope(needed: Scopes) -> ApiError {
+    let names: Vec<String> = needed.iter().map(|s| format!("'{s}'")).collect();
+    let what = match names.as_slice() {
+        [one] => format!("the {one} scope"),
+        many => format!("one of the scopes {}", many.join(", ")),
+    };
+    ApiError::Forbidden(format!(
+        "This API key lacks {what}: create a key with it (POST /auth/api-keys) or sign in"
+    ))
+    .with_code(ErrorCode::InsufficientScope)
+}
+
+/// What a route lets an API key do: it needs one of `ANY_OF`; None: any valid
+/// key (the caller's own account). Password sessions pass every check.
+pub trait Access: 'static {
+    const ANY_OF: Option<Scopes>;
+}
+
+/// The markers of `Scoped<A>`, one per kind of route.
+pub mod access {
+    use ragchat_actors::domain::{Scope, Scopes};
+
+    use super::Access;
+
+    /// Conversations: `/chat/*`, `/ws/chat`.
+    pub struct Chat;
+    impl Access for Chat {
+        const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Chat]));
+    }
+
+    /// Reading documents: a key that searches them or one that adds them.
+    pub struct Documents;
+    impl Access for Documents {
+        const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Search, Scope::Ingest]));
+    }
+
+    /// Changing the knowledge base: adding and deleting documents.
+    pub struct Ingest;
+    impl Access for Ingest {
+        const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Ingest]));
+    }
+
+    /// The admin routes (with a superuser: `AdminUser` checks both).
+    pub struct Admin;
+    impl Access for Admin {
+        const ANY_OF: Option<Scopes> = Some(Scopes::of(&[Scope::Admin]));
+    }
+
+    /// The caller's own account, read only (`/auth/me`, usage, the plan, the
+    /// models served): any key.
+    pub struct Account;
+    impl Access for Account {
+        const ANY_OF: Option<Scopes> = None;
+    }
+}
+
+/// An authenticated user whose credential allows what `A` names.
+pub struct Scoped<A: Access> {
+    pub current: CurrentUser,
+    _access: PhantomData<A>,
+}
+
+impl<A: Access> Scoped<A> {
+    pub fn into_inner(self) -> CurrentUser {
+        self.current
+    }
+}
+
+impl<A: Access> Deref for Scoped<A> {
+    type Target = CurrentUser;
+
+    fn deref(&self) -> &CurrentUser {
+        &self.current
+    }
+}
+
+impl<A: Access> FromRequest for Scoped<A> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        Box::pin(async move {
+            let current = authenticate(req).await?;
+            current.require::<A>()?;
+            Ok(Scoped {
+                current,
+                _access: PhantomData,
+            })
+        })
     }
 }
 
@@ -68,7 +191,8 @@ impl FromRequest for PasswordSession {
     }
 }
 
-/// An authenticated superuser.
+/// An authenticated superuser acting with admin powers (a password session, or
+/// a key with the `admin` scope).
 #[derive(Debug, Clone)]
 pub struct AdminUser(pub CurrentUser);
 
@@ -105,7 +229,9 @@ pub fn bearer(req: &HttpRequest) -> Result<String, ApiError> {
     }
 }
 
-async fn authenticate(req: HttpRequest) -> Result<CurrentUser, ApiError> {
+/// The caller, authenticated once per request (kept in the request's extensions).
+/// Private: routes get it through an extractor that checks the scopes.
+pub(super) async fn authenticate(req: HttpRequest) -> Result<CurrentUser, ApiError> {
     if let Some(cached) = req.extensions().get::<CurrentUser>() {
         return Ok(cached.clone());
     }
@@ -119,15 +245,28 @@ async fn authenticate(req: HttpRequest) -> Result<CurrentUser, ApiError> {
     Ok(current)
 }
 
+/// The active user a bearer token belongs to, if the token allows what `A` names
+/// (for callers that are not an extractor: the WebSocket).
+pub async fn authorize<A: Access>(state: &AppState, token: &str) -> Result<CurrentUser, ApiError> {
+    let current = user_for_token(state, token).await?;
+    current.require::<A>()?;
+    Ok(current)
+}
+
+/// A superuser with admin powers the token belongs to (for `/metrics`).
+pub async fn authorize_admin(state: &AppState, token: &str) -> Result<AdminUser, ApiError> {
+    require_superuser(user_for_token(state, token).await?)
+}
+
 /// The active user a bearer token (JWT or API key) belongs to.
-pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser, ApiError> {
-    let (user_id, method) = if token.starts_with(API_KEY_PREFIX) {
+async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser, ApiError> {
+    let (user_id, method, scopes) = if token.starts_with(API_KEY_PREFIX) {
         let key = state
             .accounts
             .use_api_key(&token_digest(token))
             .await?
             .ok_or_else(|| ApiError::Unauthorized("Invalid API key".into()))?;
-        (key.user_id, AuthMethod::ApiKey)
+        (key.user_id, AuthMethod::ApiKey, key.scopes)
     } else {
         let claims = state.tokens.verify(token).map_err(|e| match e {
             TokenError::Expired => {
@@ -135,7 +274,17 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
             }
             _ => ApiError::Unauthorized("Could not validate credentials".into()),
         })?;
-        (claims.sub, AuthMethod::Jwt)
+        // A token of a login that has ended (logout) stops with it: at once on
+        // this node, within `auth.login_cache_ms` on another.
+        if let Some(sid) = claims.sid {
+            if state.logins.has_ended(state.accounts.as_ref(), sid).await? {
+                return Err(
+                    ApiError::Unauthorized("This login has ended (logged out): sign in again".into())
+                        .with_code(ErrorCode::TokenRevoked),
+                );
+            }
+        }
+        (claims.sub, AuthMethod::Jwt, Scopes::ALL)
     };
     // The row is cached for `sessions.user_cache_ms` (changes on this node forget it at once).
     let user = state
@@ -151,24 +300,17 @@ pub async fn user_for_token(state: &AppState, token: &str) -> Result<CurrentUser
     Ok(CurrentUser {
         user: user.as_ref().clone(),
         method,
+        scopes,
     })
 }
 
+/// A superuser; with a key, one that has the `admin` scope.
 fn require_superuser(current: CurrentUser) -> Result<AdminUser, ApiError> {
-    if current.user.is_superuser {
-        Ok(AdminUser(current))
-    } else {
-        Err(ApiError::Forbidden("Admin privileges required".into()).with_code(ErrorCode::AdminRequired))
+    if !current.user.is_superuser {
+        return Err(ApiError::Forbidden("Admin privileges required".into()).with_code(ErrorCode::AdminRequired));
     }
-}
-
-impl FromRequest for CurrentUser {
-    type Error = ApiError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self, Self::Error>>>>;
-
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        Box::pin(authenticate(req.clone()))
-    }
+    current.require::<access::Admin>()?;
+    Ok(AdminUser(current))
 }
 
 impl FromRequest for AdminUser {

@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use ragchat_actors::admission::registry::Ticket;
 
-use super::admission::{rejection_error, Admitted, ApiCall, BackgroundTask, SearchCall};
-use super::extractors::CurrentUser;
+use super::admission::{rejection_error, Admitted, BackgroundTask, IngestCall, SearchCall};
+use super::extractors::{access, CurrentUser, Scoped};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::knowledge::formats::{self, Format, FormatLimits};
@@ -132,7 +132,8 @@ fn ingestor(state: &AppState) -> Result<&Ingestor, ApiError> {
     })
 }
 
-fn owner_for(user: &ragchat_actors::domain::User, visibility: Visibility) -> Result<Owner, ApiError> {
+fn owner_for(current: &CurrentUser, visibility: Visibility) -> Result<Owner, ApiError> {
+    let user = &current.user;
     match visibility {
         Visibility::Private => Ok(Owner::User(user.id)),
         Visibility::Organization => {
@@ -140,7 +141,8 @@ fn owner_for(user: &ragchat_actors::domain::User, visibility: Visibility) -> Res
                 ApiError::BadRequest("You do not belong to an organization".into())
             })?))
         }
-        Visibility::Global if user.is_superuser => Ok(Owner::Global),
+        // A superuser's key needs the admin scope for this too.
+        Visibility::Global if current.is_admin() => Ok(Owner::Global),
         Visibility::Global => {
             Err(ApiError::Forbidden("Only admins can add global documents".into()).with_code(ErrorCode::AdminRequired))
         }
@@ -227,18 +229,19 @@ impl Drop for HeldStorage {
     responses((status = 201, body = DocumentView, description = "Stored: a DocumentView for a JSON body, an UploadResult for an upload"),
         (status = 202, body = JobView, description = "An upload over `knowledge.jobs_min_upload_bytes` or of at least `knowledge.jobs_min_documents` documents (or with `background=true`) became a background job: follow `Location`"),
         (status = 200, body = DocumentView, description = "Already stored"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `ingest` scope (insufficient_scope), global visibility and no admin powers, or a deactivated account"),
         (status = 413, body = ErrorBody), (status = 415, body = ErrorBody), (status = 422, body = ErrorBody),
         (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn create_document(
-    admitted: Admitted<ApiCall>,
+    admitted: Admitted<IngestCall>,
     state: web::Data<AppState>,
     body: web::Json<NewDocument>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.into_inner();
     let user = admitted.user.user.clone();
     let mut doc = NewDoc {
-        owner: owner_for(&user, body.visibility)?,
+        owner: owner_for(&admitted.user, body.visibility)?,
         title: body.title,
         content: body.content,
         source: body.source.unwrap_or_default(),
@@ -307,7 +310,7 @@ async fn read_field(field: &mut actix_multipart::Field, limit: usize, what: &str
 /// `visibility`, `title`, `source`, `metadata`). A .jsonl file holds several
 /// documents: all of them are stored, or (on any bad line) none.
 pub async fn upload_document(
-    admitted: Admitted<ApiCall>,
+    admitted: Admitted<IngestCall>,
     state: web::Data<AppState>,
     mut form: actix_multipart::Multipart,
 ) -> Result<HttpResponse, ApiError> {
@@ -368,7 +371,7 @@ pub async fn upload_document(
     }
     let file = file.ok_or_else(|| ApiError::Unprocessable("The form needs a 'file' field".into()))?;
     let user = admitted.user.user.clone();
-    let owner = owner_for(&user, visibility)?;
+    let owner = owner_for(&admitted.user, visibility)?;
     let format = Format::detect(&file.filename, file.content_type.as_deref())?;
     let name = file.filename.clone();
     let name_for_job = file.filename.clone();
@@ -432,7 +435,7 @@ pub async fn upload_document(
 /// task of its own.
 async fn start_job(
     state: &web::Data<AppState>,
-    admitted: Admitted<ApiCall>,
+    admitted: Admitted<IngestCall>,
     docs: Vec<NewDoc>,
     filename: String,
     usage: Value,
@@ -533,7 +536,7 @@ async fn run_job(
 /// The caller's background jobs (uploads), newest first.
 #[utoipa::path(get, path = "/knowledge/jobs", tag = "knowledge", security(("bearer" = [])),
     responses((status = 200, body = [JobView]), (status = 401, body = ErrorBody)))]
-pub async fn list_jobs(current: CurrentUser, state: web::Data<AppState>) -> web::Json<Vec<JobView>> {
+pub async fn list_jobs(current: Scoped<access::Documents>, state: web::Data<AppState>) -> web::Json<Vec<JobView>> {
     web::Json(state.jobs.list(current.user.id))
 }
 
@@ -547,7 +550,7 @@ fn job_not_found(id: Uuid) -> ApiError {
     responses((status = 200, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 422, body = ErrorBody)))]
 pub async fn get_job(
-    current: CurrentUser,
+    current: Scoped<access::Documents>,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<web::Json<JobView>, ApiError> {
@@ -566,7 +569,7 @@ pub async fn get_job(
     responses((status = 202, body = JobView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody),
         (status = 409, body = ErrorBody), (status = 422, body = ErrorBody)))]
 pub async fn cancel_job(
-    current: CurrentUser,
+    current: Scoped<access::Ingest>,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
@@ -601,9 +604,11 @@ pub struct DocumentList {
 
 /// Documents the caller may see (their own, their organization's, global), newest first.
 #[utoipa::path(get, path = "/knowledge/documents", tag = "knowledge", security(("bearer" = [])), params(ListQuery),
-    responses((status = 200, body = DocumentList), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = DocumentList), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `search` or `ingest` scope (insufficient_scope), or a deactivated account"),
+        (status = 422, body = ErrorBody)))]
 pub async fn list_documents(
-    current: CurrentUser,
+    current: Scoped<access::Documents>,
     state: web::Data<AppState>,
     query: web::Query<ListQuery>,
 ) -> Result<web::Json<DocumentList>, ApiError> {
@@ -633,9 +638,11 @@ async fn visible(state: &AppState, current: &CurrentUser, id: Uuid) -> Result<Do
 
 /// One document the caller may see.
 #[utoipa::path(get, path = "/knowledge/documents/{id}", tag = "knowledge", security(("bearer" = [])),
-    responses((status = 200, body = DocumentView), (status = 401, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = DocumentView), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `search` or `ingest` scope (insufficient_scope), or a deactivated account"),
+        (status = 404, body = ErrorBody)))]
 pub async fn get_document(
-    current: CurrentUser,
+    current: Scoped<access::Documents>,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<web::Json<DocumentView>, ApiError> {
@@ -645,15 +652,16 @@ pub async fn get_document(
 /// Deletes a document and its chunks: private ones by their owner, organization
 /// ones by its members, global ones by admins.
 #[utoipa::path(delete, path = "/knowledge/documents/{id}", tag = "knowledge", security(("bearer" = [])),
-    responses((status = 204), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+    responses((status = 204), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `ingest` scope (insufficient_scope), a global document and no admin powers, or a deactivated account"),
         (status = 404, body = ErrorBody)))]
 pub async fn delete_document(
-    current: CurrentUser,
+    current: Scoped<access::Ingest>,
     state: web::Data<AppState>,
     id: web::Path<Uuid>,
 ) -> Result<HttpResponse, ApiError> {
     let doc = visible(&state, &current, *id).await?;
-    if doc.owner == Owner::Global && !current.user.is_superuser {
+    if doc.owner == Owner::Global && !current.is_admin() {
         return Err(
             ApiError::Forbidden("Only admins can delete global documents".into()).with_code(ErrorCode::AdminRequired)
         );
@@ -695,7 +703,9 @@ pub struct SearchResponse {
 /// Searches the chunks the caller may see.
 #[utoipa::path(post, path = "/knowledge/search", tag = "knowledge", security(("bearer" = [])),
     request_body = SearchRequest,
-    responses((status = 200, body = SearchResponse), (status = 401, body = ErrorBody), (status = 422, body = ErrorBody),
+    responses((status = 200, body = SearchResponse), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `search` scope (insufficient_scope), or a deactivated account"),
+        (status = 422, body = ErrorBody),
         (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn search(
     admitted: Admitted<SearchCall>,

@@ -13,7 +13,7 @@
 //! Restarts of every supervised child: `supervisor_restarts_total{child}`.
 //!
 //! Access: `Authorization: Bearer <metrics.token>` when `metrics.token` is set
-//! (for a Prometheus scraper), or a superuser's JWT / API key. Or, with
+//! (for a Prometheus scraper), or a superuser's JWT / API key (with the `admin` scope). Or, with
 //! `metrics.bind` set, without credentials on that separate address (serving
 //! /metrics only), which the network must keep private.
 
@@ -24,7 +24,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use metrics::{counter, gauge};
 use sha2::{Digest, Sha256};
 
-use super::extractors::{bearer, user_for_token};
+use super::extractors::{authorize_admin, bearer};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
@@ -43,14 +43,13 @@ async fn allowed(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     if !configured.is_empty() && same(&token, configured) {
         return Ok(());
     }
-    let user = user_for_token(state, &token).await?;
-    if user.user.is_superuser {
-        Ok(())
-    } else {
-        Err(
-            ApiError::Forbidden("Admin privileges or the metrics token required".into())
-                .with_code(ErrorCode::AdminRequired),
+    match authorize_admin(state, &token).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == ErrorCode::AdminRequired => Err(ApiError::Forbidden(
+            "Admin privileges or the metrics token required".into(),
         )
+        .with_code(ErrorCode::AdminRequired)),
+        Err(e) => Err(e),
     }
 }
 
@@ -124,7 +123,8 @@ async fn sample(state: &AppState) {
 /// Prometheus text format.
 #[utoipa::path(get, path = "/metrics", tag = "ops", security(("bearer" = [])),
     responses((status = 200, description = "Prometheus text format"), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody), (status = 503, body = ErrorBody)))]
+        (status = 403, body = ErrorBody, description = "Not a superuser, or an API key without the `admin` scope"),
+        (status = 503, body = ErrorBody)))]
 pub async fn metrics(req: HttpRequest, state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     allowed(&req, &state).await?;
     render(&state).await

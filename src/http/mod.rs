@@ -44,6 +44,8 @@ pub struct AppState {
     /// Where hashes and verifications run, bounded (`auth.hash_concurrency`, `auth.hash_queue`).
     pub hash_pool: Arc<crate::auth::passwords::HashPool>,
     pub tokens: Arc<TokenService>,
+    /// Logins that ended (logout), so their access tokens stop working too.
+    pub logins: Arc<ragchat_actors::admission::logins::Logins>,
     pub usage: Arc<dyn UsageStore>,
     pub plans: Arc<PlanBook>,
     pub billing: Arc<Billing>,

@@ -20,8 +20,8 @@ use tokio::sync::mpsc::unbounded_channel;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::admission::{Admitted, ApiCall, ChatMessage};
-use super::extractors::CurrentUser;
+use super::admission::{Admitted, ChatMessage, EmbedCall};
+use super::extractors::{access, Scoped};
 use super::{sse, AppState};
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 
@@ -51,8 +51,9 @@ fn not_loaded(what: &str) -> ApiError {
 
 /// The models this server runs.
 #[utoipa::path(get, path = "/v1/models", tag = "openai", security(("bearer" = [])),
-    responses((status = 200), (status = 401, body = ErrorBody)))]
-pub async fn models(_user: CurrentUser, state: web::Data<AppState>) -> web::Json<Value> {
+    responses((status = 200), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "A deactivated account")))]
+pub async fn models(_user: Scoped<access::Account>, state: web::Data<AppState>) -> web::Json<Value> {
     let m = &state.settings.models;
     let mut data = Vec::new();
     if state.generator.is_some() {
@@ -82,10 +83,11 @@ pub struct EmbeddingRequest {
 /// Embeds one text or a list (all-MiniLM-L6-v2: 384 dimensions, unit length).
 #[utoipa::path(post, path = "/v1/embeddings", tag = "openai", security(("bearer" = [])), request_body = EmbeddingRequest,
     responses((status = 200), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `search` scope (insufficient_scope), or a deactivated account"),
               (status = 404, body = ErrorBody, description = "Unknown model"), (status = 422, body = ErrorBody),
               (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn embeddings(
-    admitted: Admitted<ApiCall>,
+    admitted: Admitted<EmbedCall>,
     state: web::Data<AppState>,
     body: web::Json<EmbeddingRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -297,7 +299,9 @@ impl Drop for Streamed {
 /// Chat completion with the configured model (ChatML), plain or streamed (SSE).
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", security(("bearer" = [])), request_body = ChatCompletionRequest,
     responses((status = 200), (status = 400, body = ErrorBody, description = "Prompt longer than the context"),
-              (status = 401, body = ErrorBody), (status = 404, body = ErrorBody, description = "Unknown model"),
+              (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
+        (status = 404, body = ErrorBody, description = "Unknown model"),
               (status = 422, body = ErrorBody), (status = 429, body = ErrorBody), (status = 503, body = ErrorBody)))]
 pub async fn chat_completions(
     admitted: Admitted<ChatMessage>,

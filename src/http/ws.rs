@@ -5,10 +5,12 @@
 //! handshake answers 401/403 like any route, and 429 past `chat.ws_max_per_user`
 //! open connections of the user. The account is checked again for every message
 //! (a deactivated user gets an error frame, 403), and the credentials every
-//! `chat.ws_auth_check_secs`: an expired token or a revoked key closes the
-//! connection with code 4401, a deactivated account with 4403, each after an
-//! `error` frame. A client keeps a connection beyond its token's life by sending
-//! `{"type": "auth", "token": "<fresh JWT>"}` (answered `authenticated`).
+//! `chat.ws_auth_check_secs`: an expired token, a token whose login ended
+//! (logout) or a revoked key closes the connection with code 4401, a
+//! deactivated account with 4403, each after an `error` frame. An API key
+//! needs the `chat` scope (403 at the handshake). A client keeps a connection
+//! beyond its token's life by sending `{"type": "auth", "token": "<fresh JWT>"}`
+//! (answered `authenticated`).
 //!
 //! Frames are JSON text both ways. From the client:
 //! - `{"type": "message", "id"?: any, ...the body of POST /chat/message}`
@@ -39,7 +41,7 @@ use ragchat_actors::chat::turn::{ChatEvent, ChatRequest, Turn};
 use serde_json::{json, Value};
 
 use super::admission::{Admitted, ChatMessage};
-use super::extractors::{bearer, user_for_token, CurrentUser};
+use super::extractors::{access, authorize, bearer, CurrentUser};
 use super::AppState;
 use crate::error::{ApiError, ErrorBody};
 
@@ -105,7 +107,8 @@ struct TokenQuery {
 #[utoipa::path(get, path = "/ws/chat", tag = "chat", security(("bearer" = [])),
     params(("token" = Option<String>, Query, description = "JWT or API key, when no Authorization header can be sent")),
     responses((status = 101, description = "Switching to the WebSocket protocol"), (status = 400, body = ErrorBody),
-               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody),
+               (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `chat` scope (insufficient_scope), or a deactivated account"),
                (status = 429, body = ErrorBody, description = "Too many open WebSockets for this user")))]
 pub async fn ws_chat(
     req: HttpRequest,
@@ -121,7 +124,7 @@ pub async fn ws_chat(
             .ok_or(header_error)?,
     };
     let token = token.trim().to_string();
-    let user = user_for_token(&state, &token).await?;
+    let user = authorize::<access::Chat>(&state, &token).await?;
     let max = state.settings.chat.ws_max_per_user;
     let slot = Sockets::open(&state.sockets, user.user.id, max).ok_or_else(|| ApiError::TooManyRequests {
         detail: json!(format!("Too many open WebSockets for this user (at most {max})")),
@@ -249,10 +252,11 @@ async fn run(
                 }
             }
             _ = recheck.tick() => {
-                // The credentials must still hold: an expired token, a revoked
-                // key or a deactivated account closes the connection (with an
-                // error frame first). A store that cannot answer closes nothing.
-                let refused = match user_for_token(&state, &token).await {
+                // The credentials must still hold: an expired token, an ended
+                // login (logout), a revoked key or a deactivated account closes
+                // the connection (with an error frame first). A store that
+                // cannot answer closes nothing.
+                let refused = match authorize::<access::Chat>(&state, &token).await {
                     Ok(u) if u.user.id == user.user.id => None,
                     Ok(_) => Some(ApiError::Forbidden("the token belongs to another user".into())),
                     Err(e) if matches!(e.status(), 401 | 403) => Some(e),
@@ -299,6 +303,7 @@ async fn fresh(state: &AppState, user: &CurrentUser) -> Result<CurrentUser, ApiE
     Ok(CurrentUser {
         user: now,
         method: user.method,
+        scopes: user.scopes,
     })
 }
 
@@ -347,7 +352,7 @@ async fn on_frame(
                 .map(str::trim)
                 .unwrap_or_default()
                 .to_string();
-            match user_for_token(state, &fresh).await {
+            match authorize::<access::Chat>(state, &fresh).await {
                 Ok(u) if u.user.id == user.user.id => {
                     *token = fresh;
                     Some(frame("authenticated", &id, json!({})))

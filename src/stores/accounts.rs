@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, NewUser, Organization, Page, RefreshOutcome, RefreshToken, User, UserFilter, UserPatch,
+    ApiKey, AuditEntry, NewUser, Organization, Page, RefreshOutcome, RefreshToken, Scopes, User, UserFilter, UserPatch,
 };
 use ragchat_actors::plans::Plan;
 use ragchat_actors::ports::{AccountStore, StoreError, StoreResult};
@@ -15,7 +15,7 @@ use super::store_error;
 
 const USER_COLUMNS: &str = "id, email, hashed_password, full_name, is_active, is_verified, is_superuser, \
      subscription_plan, organization_id, preferences, created_at, updated_at";
-const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, created_at, last_used_at, revoked_at";
+const KEY_COLUMNS: &str = "id, user_id, name, prefix, key_hash, scopes, created_at, last_used_at, revoked_at";
 
 /// Escapes LIKE wildcards so a filter matches literally (used with ESCAPE '\').
 fn like_pattern(s: &str) -> String {
@@ -73,6 +73,7 @@ macro_rules! sql_accounts {
                     name: row.try_get("name").map_err(store_error)?,
                     prefix: row.try_get("prefix").map_err(store_error)?,
                     key_hash: row.try_get("key_hash").map_err(store_error)?,
+                    scopes: Scopes::from_stored(&row.try_get::<String, _>("scopes").map_err(store_error)?),
                     created_at: row.try_get("created_at").map_err(store_error)?,
                     last_used_at: row.try_get("last_used_at").map_err(store_error)?,
                     revoked_at: row.try_get("revoked_at").map_err(store_error)?,
@@ -222,14 +223,15 @@ macro_rules! sql_accounts {
 
             async fn insert_api_key(&self, key: &ApiKey) -> StoreResult<()> {
                 sqlx::query(
-                    "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, scopes, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
                 )
                 .bind(key.id)
                 .bind(key.user_id)
                 .bind(&key.name)
                 .bind(&key.prefix)
                 .bind(&key.key_hash)
+                .bind(key.scopes.to_stored())
                 .bind(key.created_at)
                 .execute(&self.pool)
                 .await
@@ -334,17 +336,34 @@ macro_rules! sql_accounts {
                 Ok(RefreshOutcome::Reused { family_id })
             }
 
-            async fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<bool> {
-                let done = sqlx::query(
-                    "UPDATE refresh_tokens SET revoked_at = $2 WHERE revoked_at IS NULL AND family_id = \
-                     (SELECT family_id FROM refresh_tokens WHERE token_hash = $1)",
+            async fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<Option<Uuid>> {
+                let family: Option<Uuid> =
+                    sqlx::query_scalar("SELECT family_id FROM refresh_tokens WHERE token_hash = $1")
+                        .bind(token_hash)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(store_error)?;
+                let Some(family_id) = family else { return Ok(None) };
+                sqlx::query("UPDATE refresh_tokens SET revoked_at = $2 WHERE family_id = $1 AND revoked_at IS NULL")
+                    .bind(family_id)
+                    .bind(Utc::now())
+                    .execute(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                Ok(Some(family_id))
+            }
+
+            async fn refresh_family_revoked(&self, family_id: Uuid) -> StoreResult<bool> {
+                // Logout and reuse revoke every token of the family at once, so one
+                // revoked row is enough (refresh_tokens_family_idx serves it).
+                let revoked: Option<i32> = sqlx::query_scalar(
+                    "SELECT 1 FROM refresh_tokens WHERE family_id = $1 AND revoked_at IS NOT NULL LIMIT 1",
                 )
-                .bind(token_hash)
-                .bind(Utc::now())
-                .execute(&self.pool)
+                .bind(family_id)
+                .fetch_optional(&self.pool)
                 .await
                 .map_err(store_error)?;
-                Ok(done.rows_affected() > 0)
+                Ok(revoked.is_some())
             }
 
             async fn get_setting(&self, key: &str) -> StoreResult<Option<serde_json::Value>> {

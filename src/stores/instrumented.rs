@@ -199,7 +199,8 @@ timed_accounts!(
     fn use_api_key(&self, key_hash: &str) -> StoreResult<Option<ApiKey>>;
     fn insert_refresh_token(&self, token: &RefreshToken) -> StoreResult<()>;
     fn consume_refresh_token(&self, token_hash: &str, now: DateTime<Utc>) -> StoreResult<RefreshOutcome>;
-    fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<bool>;
+    fn revoke_refresh_family_of(&self, token_hash: &str) -> StoreResult<Option<Uuid>>;
+    fn refresh_family_revoked(&self, family_id: Uuid) -> StoreResult<bool>;
     fn get_setting(&self, key: &str) -> StoreResult<Option<serde_json::Value>>;
     fn put_setting(&self, key: &str, value: &serde_json::Value) -> StoreResult<()>;
     fn record_audit(&self, entry: &AuditEntry) -> StoreResult<()>;

@@ -7,7 +7,7 @@ use chrono::{Duration, Utc};
 use ragchat::config::DatabaseSettings;
 use ragchat::stores::connect_accounts;
 use ragchat_actors::domain::{
-    ApiKey, AuditEntry, Email, NewUser, Page, RefreshOutcome, RefreshToken, UserFilter, UserPatch,
+    ApiKey, AuditEntry, Email, NewUser, Page, RefreshOutcome, RefreshToken, Scope, Scopes, UserFilter, UserPatch,
 };
 use ragchat_actors::plans::Plan;
 use ragchat_actors::ports::{AccountStore, StoreError};
@@ -211,6 +211,7 @@ fn api_key(user_id: Uuid, hash: &str) -> ApiKey {
         name: "ci".into(),
         prefix: "rck_0123".into(),
         key_hash: hash.into(),
+        scopes: Scopes::NEW_KEY_DEFAULT,
         created_at: Utc::now(),
         last_used_at: None,
         revoked_at: None,
@@ -220,7 +221,10 @@ fn api_key(user_id: Uuid, hash: &str) -> ApiKey {
 async fn api_keys_are_listed_used_and_revoked(store: Arc<dyn AccountStore>) {
     let owner = store.create_user(new_user("keys@example.com")).await.expect("create");
     let other = store.create_user(new_user("other@example.com")).await.expect("create");
-    let key = api_key(owner.id, "hash-1");
+    let key = ApiKey {
+        scopes: Scopes::of(&[Scope::Ingest, Scope::Admin]),
+        ..api_key(owner.id, "hash-1")
+    };
     store.insert_api_key(&key).await.expect("insert");
     store
         .insert_api_key(&api_key(owner.id, "hash-2"))
@@ -231,6 +235,16 @@ async fn api_keys_are_listed_used_and_revoked(store: Arc<dyn AccountStore>) {
 
     let used = store.use_api_key("hash-1").await.expect("use").expect("live key");
     assert_eq!(used.user_id, owner.id);
+    assert_eq!(used.scopes, key.scopes, "the scopes are kept");
+    let mut listed: Vec<Scopes> = store
+        .list_api_keys(owner.id)
+        .await
+        .expect("list")
+        .iter()
+        .map(|k| k.scopes)
+        .collect();
+    listed.sort_by_key(|s| s.to_stored());
+    assert_eq!(listed, vec![Scopes::NEW_KEY_DEFAULT, key.scopes]);
     assert!(used.last_used_at.is_some());
     assert!(store.use_api_key("no-such-hash").await.expect("use").is_none());
 
@@ -290,6 +304,10 @@ async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn 
         RefreshOutcome::Reused { family_id: family },
         "reuse revokes the whole family"
     );
+    assert!(
+        store.refresh_family_revoked(family).await.expect("read"),
+        "the login ended"
+    );
     assert_eq!(
         store.consume_refresh_token("nope", Utc::now()).await.expect("consume"),
         RefreshOutcome::Unknown
@@ -309,7 +327,21 @@ async fn refresh_tokens_rotate_once_and_reuse_revokes_the_family(store: Arc<dyn 
         .insert_refresh_token(&refresh(user.id, other_family, "t3", 3600))
         .await
         .expect("insert");
-    assert!(store.revoke_refresh_family_of("t3").await.expect("logout"));
+    store
+        .insert_refresh_token(&refresh(user.id, other_family, "t4", 3600))
+        .await
+        .expect("insert");
+    assert!(
+        !store.refresh_family_revoked(other_family).await.expect("read"),
+        "a login going on"
+    );
+    assert_eq!(
+        store.revoke_refresh_family_of("t3").await.expect("logout"),
+        Some(other_family)
+    );
+    assert!(store.refresh_family_revoked(other_family).await.expect("read"));
+    assert_eq!(store.revoke_refresh_family_of("nope").await.expect("logout"), None);
+    assert!(!store.refresh_family_revoked(Uuid::new_v4()).await.expect("read"));
     assert!(matches!(
         store.consume_refresh_token("t3", Utc::now()).await.expect("consume"),
         RefreshOutcome::Reused { .. }
@@ -381,4 +413,97 @@ async fn organizations_round_trip(store: Arc<dyn AccountStore>) {
     u.organization_id = Some(org.id);
     let member = store.create_user(u).await.expect("create");
     assert_eq!(member.organization_id, Some(org.id));
+}
+
+/// A database whose API keys were made before keys had scopes: after the
+/// migration they may do what they could before, less the admin routes.
+async fn keys_made_before_scopes_keep_chat_search_and_ingest(url: String, backend: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(backend);
+    let mut before = sqlx::migrate::Migrator::new(dir).await.expect("migrations");
+    let all = before.migrations.len();
+    before.migrations = before
+        .migrations
+        .iter()
+        .filter(|m| !m.description.contains("api key scopes"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .into();
+    assert_eq!(before.migrations.len(), all - 1, "the scopes migration is one file");
+    let (user_id, key_id) = (Uuid::new_v4(), Uuid::new_v4());
+    let now = Utc::now();
+    // The rows as the previous version wrote them.
+    let user_sql = "INSERT INTO users (id, email, hashed_password, subscription_plan, created_at, updated_at) \
+                    VALUES ($1, 'old@example.com', 'x', 'pro', $2, $2)";
+    let key_sql = "INSERT INTO api_keys (id, user_id, name, prefix, key_hash, created_at) \
+                   VALUES ($1, $2, 'old', 'rck_0ld', 'old-hash', $3)";
+    if backend == "postgres" {
+        let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+        before.run(&pool).await.expect("old migrations");
+        sqlx::query(user_sql)
+            .bind(user_id)
+            .bind(now)
+            .execute(&pool)
+            .await
+            .expect("user");
+        sqlx::query(key_sql)
+            .bind(key_id)
+            .bind(user_id)
+            .bind(now)
+            .execute(&pool)
+            .await
+            .expect("key");
+        pool.close().await;
+    } else {
+        let options = url
+            .parse::<sqlx::sqlite::SqliteConnectOptions>()
+            .expect("url")
+            .create_if_missing(true);
+        let pool = sqlx::SqlitePool::connect_with(options).await.expect("connect");
+        before.run(&pool).await.expect("old migrations");
+        sqlx::query(user_sql)
+            .bind(user_id)
+            .bind(now)
+            .execute(&pool)
+            .await
+            .expect("user");
+        sqlx::query(key_sql)
+            .bind(key_id)
+            .bind(user_id)
+            .bind(now)
+            .execute(&pool)
+            .await
+            .expect("key");
+        pool.close().await;
+    }
+    // Starting the new version migrates the database.
+    let store = connect(&url).await;
+    let key = store
+        .use_api_key("old-hash")
+        .await
+        .expect("use")
+        .expect("the key still works");
+    assert_eq!(key.id, key_id);
+    assert_eq!(key.scopes, Scopes::LEGACY_KEY);
+    assert!(!key.scopes.contains(Scope::Admin));
+    assert_eq!(
+        store.list_api_keys(user_id).await.expect("list")[0].scopes,
+        Scopes::LEGACY_KEY
+    );
+}
+
+#[actix_web::test]
+async fn keys_made_before_scopes_keep_chat_search_and_ingest_on_sqlite() {
+    let dir = std::env::temp_dir().join("ragchat-tests");
+    let _ = std::fs::create_dir_all(&dir);
+    let url = format!("sqlite:{}", dir.join(format!("{}.db", Uuid::new_v4())).display());
+    keys_made_before_scopes_keep_chat_search_and_ingest(url, "sqlite").await;
+}
+
+#[actix_web::test]
+async fn keys_made_before_scopes_keep_chat_search_and_ingest_on_postgres() {
+    if let Some(url) = fresh_postgres_url().await {
+        keys_made_before_scopes_keep_chat_search_and_ingest(url, "postgres").await;
+    }
 }

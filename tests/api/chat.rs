@@ -896,3 +896,138 @@ async fn websockets_are_capped_per_user_and_closed_when_the_account_is_deactivat
         assert_eq!(frames.last().map(|f| f["status"].clone()), Some(json!(403)));
     }
 }
+
+/// The socket is closed with `code` after an error frame with `status` and
+/// `error_code`, within `secs`.
+async fn closed_within(ws: &mut Ws, secs: u64, code: u16, status: u16, error_code: &str) {
+    let started = std::time::Instant::now();
+    let (frames, got) = until_closed(ws, secs + 1).await;
+    assert_eq!(got, Some(code), "{frames:?} after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(secs),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    let last = frames.last().expect("an error frame first");
+    assert_eq!(
+        (last["type"].as_str(), last["status"].as_u64(), last["code"].as_str()),
+        (Some("error"), Some(u64::from(status)), Some(error_code)),
+        "{frames:?}"
+    );
+}
+
+/// Still open: a ping is answered.
+async fn still_open(ws: &mut Ws) {
+    ws.send(Message::text(json!({"type": "ping", "id": "alive"}).to_string()))
+        .await
+        .expect("send");
+    assert_eq!(next_json(ws).await["type"], "pong");
+}
+
+#[actix_web::test]
+async fn logout_closes_the_websockets_of_that_login_within_five_seconds() {
+    // chat.ws_auth_check_secs is 1 in config/test.toml.
+    let app = TestApp::spawn().await;
+    app.register("ws-logout@example.com", "password-1234").await;
+    let first = app.login("ws-logout@example.com", "password-1234").await;
+    let second = app.login("ws-logout@example.com", "password-1234").await;
+    let access = |t: &Value| t["access_token"].as_str().expect("token").to_string();
+    let (mut ended, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&access(&first))))
+        .await
+        .expect("connect");
+    let (mut other, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&access(&second))))
+        .await
+        .expect("connect");
+    still_open(&mut ended).await;
+
+    expect(
+        app.post_json("/auth/logout", &json!({"refresh_token": first["refresh_token"]}), None)
+            .await,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    closed_within(&mut ended, 5, 4401, 401, "token_revoked").await;
+    // The login's access token stops on HTTP too; a refreshed one cannot be had.
+    let body = expect(
+        app.get("/auth/me", Some(&access(&first))).await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    assert_eq!(body["code"], "token_revoked", "{body}");
+    expect(
+        app.post_json("/auth/refresh", &json!({"refresh_token": first["refresh_token"]}), None)
+            .await,
+        StatusCode::UNAUTHORIZED,
+    )
+    .await;
+    // Another login of the same user goes on.
+    still_open(&mut other).await;
+    expect(app.get("/auth/me", Some(&access(&second))).await, StatusCode::OK).await;
+}
+
+#[actix_web::test]
+async fn a_logout_on_another_server_closes_the_socket_within_five_seconds() {
+    // Two servers on one account database: the socket on one, the logout on the other.
+    let url = crate::helpers::temp_sqlite_url();
+    let one = TestApp::spawn_with(crate::helpers::test_settings(&url)).await;
+    let two = TestApp::spawn_with(crate::helpers::test_settings(&url)).await;
+    one.register("ws-nodes@example.com", "password-1234").await;
+    let tokens = one.login("ws-nodes@example.com", "password-1234").await;
+    let access = tokens["access_token"].as_str().expect("token");
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&two, Some(access)))
+        .await
+        .expect("connect");
+    still_open(&mut ws).await;
+    expect(two.get("/auth/me", Some(access)).await, StatusCode::OK).await;
+    expect(
+        one.post_json("/auth/logout", &json!({"refresh_token": tokens["refresh_token"]}), None)
+            .await,
+        StatusCode::NO_CONTENT,
+    )
+    .await;
+    // Server two sees it within auth.login_cache_ms plus a recheck.
+    closed_within(&mut ws, 5, 4401, 401, "token_revoked").await;
+    expect(two.get("/auth/me", Some(access)).await, StatusCode::UNAUTHORIZED).await;
+}
+
+#[actix_web::test]
+async fn websockets_opened_with_a_key_close_when_it_is_revoked_or_the_account_deactivated() {
+    let app = TestApp::spawn().await;
+    let admin = app.admin("ws-key-admin@example.com").await;
+    let (id, token) = app.user("ws-key@example.com").await;
+    let make_key = || async {
+        expect(
+            app.post_json(
+                "/auth/api-keys",
+                &json!({"name": "ws", "scopes": ["chat"]}),
+                Some(&token),
+            )
+            .await,
+            StatusCode::CREATED,
+        )
+        .await
+    };
+    let revoked = make_key().await;
+    let kept = make_key().await;
+    let key_of = |k: &Value| k["key"].as_str().expect("key").to_string();
+    let (mut on_revoked, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&key_of(&revoked))))
+        .await
+        .expect("connect");
+    let (mut on_kept, _) = tokio_tungstenite::connect_async(ws_url(&app, Some(&key_of(&kept))))
+        .await
+        .expect("connect");
+    still_open(&mut on_revoked).await;
+
+    let path = format!("/auth/api-keys/{}", revoked["id"].as_str().expect("id"));
+    expect(app.delete(&path, &token).await, StatusCode::NO_CONTENT).await;
+    closed_within(&mut on_revoked, 5, 4401, 401, "unauthenticated").await;
+    still_open(&mut on_kept).await;
+
+    expect(
+        app.patch_json(&format!("/admin/users/{id}"), &json!({"is_active": false}), &admin)
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    closed_within(&mut on_kept, 5, 4403, 403, "account_deactivated").await;
+}

@@ -17,5 +17,6 @@ mod ledger;
 mod memory;
 mod metrics;
 mod models;
+mod scopes;
 mod upgrades;
 mod uploads;

@@ -38,6 +38,9 @@ pub struct Accounts {
     pub users: Mutex<HashMap<Uuid, User>>,
     pub reads: AtomicU64,
     pub during_read: Mutex<Option<ReadHook>>,
+    /// Refresh-token families revoked (logins ended), and reads of them.
+    pub revoked_families: Mutex<std::collections::HashSet<Uuid>>,
+    pub family_lookups: AtomicU64,
 }
 
 impl Accounts {
@@ -62,6 +65,23 @@ impl Accounts {
             u.insert(id, user);
         }
         id
+    }
+
+    /// Ends a login as another node would (in the store only).
+    pub fn revoke_family(&self, family_id: Uuid) {
+        if let Ok(mut f) = self.revoked_families.lock() {
+            f.insert(family_id);
+        }
+    }
+
+    pub fn family_reads(&self) -> u64 {
+        self.family_lookups.load(Ordering::Relaxed)
+    }
+
+    fn run_read_hook(&self) {
+        if let Some(hook) = self.during_read.lock().ok().as_ref().and_then(|h| h.as_ref()) {
+            hook();
+        }
     }
 
     pub fn deactivate(&self, id: Uuid) {
@@ -93,9 +113,7 @@ impl AccountStore for Accounts {
     async fn user_by_id(&self, id: Uuid) -> StoreResult<Option<User>> {
         self.reads.fetch_add(1, Ordering::Relaxed);
         let row = self.users.lock().ok().and_then(|u| u.get(&id).cloned());
-        if let Some(hook) = self.during_read.lock().ok().as_ref().and_then(|h| h.as_ref()) {
-            hook();
-        }
+        self.run_read_hook();
         Ok(row)
     }
     async fn user_by_email(&self, _: &str) -> StoreResult<Option<User>> {
@@ -133,8 +151,16 @@ impl AccountStore for Accounts {
     async fn consume_refresh_token(&self, _: &str, _: DateTime<Utc>) -> StoreResult<RefreshOutcome> {
         no()
     }
-    async fn revoke_refresh_family_of(&self, _: &str) -> StoreResult<bool> {
+    async fn revoke_refresh_family_of(&self, _: &str) -> StoreResult<Option<Uuid>> {
         no()
+    }
+    async fn refresh_family_revoked(&self, family_id: Uuid) -> StoreResult<bool> {
+        self.family_lookups.fetch_add(1, Ordering::Relaxed);
+        // A real read waits for the database: let other requests run meanwhile.
+        tokio::task::yield_now().await;
+        let revoked = self.revoked_families.lock().is_ok_and(|f| f.contains(&family_id));
+        self.run_read_hook();
+        Ok(revoked)
     }
     async fn get_setting(&self, _: &str) -> StoreResult<Option<serde_json::Value>> {
         Ok(None)

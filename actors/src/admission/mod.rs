@@ -8,10 +8,12 @@
 //! - `quota`: monthly quotas reserved in leases from the store (pure).
 //! - `storage`: reservations of document storage (pure).
 //! - `users`: user rows cached for a second (shared with authentication).
+//! - `logins`: which logins have ended (logout), for the access tokens of each.
 //! - `throttle`: limits before authentication (sign-in, registration).
 
 #[cfg(test)]
 pub(crate) mod fakes;
+pub mod logins;
 pub mod quota;
 pub mod ratelimit;
 pub mod registry;

@@ -155,7 +155,8 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
         },
     )
     .await?;
-    let ws_token = state.tokens.issue(ws_user.id)?;
+    // A login of its own with no refresh token: nothing can end it.
+    let ws_token = state.tokens.issue(ws_user.id, uuid::Uuid::new_v4())?;
     // Idle WebSockets first, while the heap holds little freed memory that new
     // connections could reuse unseen: the whole process's resident set (server
     // and client sides) before and after.
@@ -253,7 +254,7 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
             },
         )
         .await?;
-        tokens.push(state.tokens.issue(user.id)?);
+        tokens.push(state.tokens.issue(user.id, uuid::Uuid::new_v4())?);
     }
 
     // Warm up (first forward passes allocate).

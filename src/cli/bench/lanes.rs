@@ -259,7 +259,7 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
             },
         )
         .await?;
-        let token = state.tokens.issue(user.id)?;
+        let token = state.tokens.issue(user.id, uuid::Uuid::new_v4())?;
 
         let alone = searches(port, &token, &queries, interval, |sent| sent >= opts.alone).await;
         line(mode, "alone", &alone);
