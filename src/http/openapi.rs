@@ -53,8 +53,9 @@ impl Modify for BearerAuth {
 /// The answers every route gives the same way, listed on each route they apply
 /// to so that the document matches the server (schemathesis checks it):
 /// a JSON body that is not JSON is a 400 (a valid JSON value of the wrong shape is
-/// a 422), a path or query parameter that does not parse is a 422, and a body over
-/// its size limit is a 413.
+/// a 422), a path or query parameter that does not parse is a 422, a body over
+/// its size limit is a 413, and any authenticated route answers 403 to a
+/// deactivated account (or a key without its scope).
 struct CommonErrors;
 
 impl Modify for CommonErrors {
@@ -89,7 +90,13 @@ impl Modify for CommonErrors {
                     ps.iter()
                         .any(|p| matches!(p.parameter_in, ParameterIn::Path | ParameterIn::Query))
                 });
+                let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
                 let responses = &mut op.responses.responses;
+                if secured {
+                    responses.entry("403".into()).or_insert_with(|| {
+                        error("A deactivated account, or an API key without the scope this route needs").into()
+                    });
+                }
                 if json_body {
                     responses
                         .entry("400".into())
