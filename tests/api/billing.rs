@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{expect, fresh_postgres_url, service_url, temp_sqlite_url, test_settings, TestApp};
+use crate::helpers::{expect, fresh_postgres_url, service_url, temp_sqlite_url, test_settings, ServerProcess, TestApp};
 
 async fn probe(app: &TestApp, kind: &str, token: &str) -> reqwest::Response {
     app.post_json(&format!("/billing/probe/{kind}"), &json!({}), Some(token))
@@ -485,52 +485,6 @@ async fn idle_sessions_are_stopped_and_come_back_on_demand() {
     assert_eq!(body["used"], 2);
 }
 
-/// A `ragchat serve` child process; killed on drop.
-struct ServerProcess {
-    child: std::process::Child,
-    base: String,
-}
-
-impl ServerProcess {
-    fn spawn(db: &str, redis: &str) -> ServerProcess {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let spool = std::env::temp_dir()
-            .join("ragchat-tests")
-            .join(format!("spool-{}.jsonl", Uuid::new_v4()));
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
-            .arg("serve")
-            .env("RAGCHAT_ENV", "test")
-            .env("RUST_LOG", "warn")
-            .env("RAGCHAT__DATABASE__URL", db)
-            .env("RAGCHAT__REDIS__URL", redis)
-            .env("RAGCHAT__REDIS__TIMEOUT_MS", "1000")
-            .env("RAGCHAT__SERVER__PORT", port.to_string())
-            .env("RAGCHAT__LEDGER__SPOOL_PATH", spool)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("spawn ragchat serve");
-        let base = format!("http://127.0.0.1:{port}");
-        for _ in 0..300 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        ServerProcess { child, base }
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[actix_web::test]
 async fn two_server_processes_sharing_postgres_admit_exactly_the_quota() {
     let Some(db) = fresh_postgres_url().await else {
@@ -539,8 +493,13 @@ async fn two_server_processes_sharing_postgres_admit_exactly_the_quota() {
     let Some(redis) = service_url("REDIS_URL") else {
         return;
     };
-    let a = ServerProcess::spawn(&db, &redis);
-    let b = ServerProcess::spawn(&db, &redis);
+    let env = [
+        ("RAGCHAT__DATABASE__URL", db.clone()),
+        ("RAGCHAT__REDIS__URL", redis.clone()),
+        ("RAGCHAT__REDIS__TIMEOUT_MS", "1000".to_string()),
+    ];
+    let a = ServerProcess::spawn(&env);
+    let b = ServerProcess::spawn(&env);
     let client = reqwest::Client::new();
     let creds = json!({"email": "two-procs@example.com", "password": "password-1234"});
     let resp = client

@@ -246,3 +246,63 @@ pub async fn expect(resp: Response, status: StatusCode) -> Value {
         serde_json::from_str(&text).unwrap_or(Value::String(text))
     }
 }
+
+/// A `ragchat serve` child process: the test profile on a free port with a spool
+/// of its own, `env` on top. Killed on drop.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub base: String,
+}
+
+impl ServerProcess {
+    pub fn spawn(env: &[(&str, String)]) -> ServerProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let spool = std::env::temp_dir()
+            .join("ragchat-tests")
+            .join(format!("spool-{}.jsonl", Uuid::new_v4()));
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"));
+        cmd.arg("serve")
+            .env("RAGCHAT_ENV", "test")
+            .env("RUST_LOG", "warn")
+            .env("RAGCHAT__SERVER__PORT", port.to_string())
+            .env("RAGCHAT__LEDGER__SPOOL_PATH", spool)
+            .stdout(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn ragchat serve");
+        for _ in 0..600 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        ServerProcess {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    /// Its resident memory in bytes (0 when it cannot be read).
+    pub fn rss(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb << 10)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::models_dir;
+use crate::helpers::{models_dir, ServerProcess};
 
 /// The most a request may cost in resident memory, as a multiple of its size.
 const MULTIPLE: u64 = 20;
@@ -20,80 +20,56 @@ const FIXED: u64 = 8 << 20;
 const DOC: usize = 32 << 10;
 const UPLOAD: usize = 64 << 10;
 
+/// The server process and the folder of its stores (removed on drop).
 struct Server {
-    child: std::process::Child,
-    base: String,
+    process: ServerProcess,
     dir: std::path::PathBuf,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
-impl Server {
-    fn rss(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:"))
-                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            })
-            .map(|kb| kb << 10)
-            .unwrap_or(0)
+impl std::ops::Deref for Server {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.process
     }
 }
 
 fn spawn(models: &std::path::Path) -> Server {
     let dir = std::env::temp_dir().join(format!("ragchat-memory-{}", Uuid::new_v4()));
     std::fs::create_dir_all(&dir).expect("dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
     let sqlite = |name: &str| format!("sqlite:{}?mode=rwc", dir.join(name).display());
-    let bin = env!("CARGO_BIN_EXE_ragchat");
-    let child = std::process::Command::new(bin)
-        .arg("serve")
-        .env("RAGCHAT_ENV", "test")
-        .env("RAGCHAT__SERVER__PORT", port.to_string())
-        .env("RAGCHAT__SERVER__WORKERS", "2")
-        .env("RAGCHAT__DATABASE__URL", sqlite("accounts.db"))
-        .env("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db"))
-        .env("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db"))
-        .env("RAGCHAT__KNOWLEDGE__INDEX_DIR", dir.join("index"))
-        .env("RAGCHAT__LEDGER__SPOOL_PATH", dir.join("spool.jsonl"))
-        .env("RAGCHAT__KNOWLEDGE__PDF_EXTRACTOR", bin)
-        .env("RAGCHAT__MODELS__EMBEDDING_DIR", models.join("all-minilm-l6-v2"))
-        .env(
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let process = ServerProcess::spawn(&[
+        ("RAGCHAT__SERVER__WORKERS", "2".into()),
+        ("RAGCHAT__DATABASE__URL", sqlite("accounts.db")),
+        ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
+        ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
+        ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join("index"))),
+        (
+            "RAGCHAT__KNOWLEDGE__PDF_EXTRACTOR",
+            env!("CARGO_BIN_EXE_ragchat").into(),
+        ),
+        ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
+        (
             "RAGCHAT__MODELS__GENERATOR_PATH",
-            models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"),
-        )
-        .env("RAGCHAT__KNOWLEDGE__MAX_DOCUMENT_BYTES", DOC.to_string())
-        .env("RAGCHAT__KNOWLEDGE__MAX_UPLOAD_BYTES", UPLOAD.to_string())
-        .env("RAGCHAT__KNOWLEDGE__MAX_HTML_BYTES", UPLOAD.to_string())
-        .env("RAGCHAT__KNOWLEDGE__MAX_UPLOAD_DOCUMENTS", "40")
+            path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        ),
+        ("RAGCHAT__KNOWLEDGE__MAX_DOCUMENT_BYTES", DOC.to_string()),
+        ("RAGCHAT__KNOWLEDGE__MAX_UPLOAD_BYTES", UPLOAD.to_string()),
+        ("RAGCHAT__KNOWLEDGE__MAX_HTML_BYTES", UPLOAD.to_string()),
+        ("RAGCHAT__KNOWLEDGE__MAX_UPLOAD_DOCUMENTS", "40".into()),
         // Synchronous uploads: the memory is measured when the request has ended.
-        .env("RAGCHAT__KNOWLEDGE__JOBS_MIN_UPLOAD_BYTES", (UPLOAD * 2).to_string())
-        .env("RAGCHAT__KNOWLEDGE__JOBS_MIN_DOCUMENTS", "1000")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn ragchat serve");
-    for _ in 0..600 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server {
-        child,
-        base: format!("http://127.0.0.1:{port}"),
-        dir,
-    }
+        ("RAGCHAT__KNOWLEDGE__JOBS_MIN_UPLOAD_BYTES", (UPLOAD * 2).to_string()),
+        ("RAGCHAT__KNOWLEDGE__JOBS_MIN_DOCUMENTS", "1000".into()),
+    ]);
+    Server { process, dir }
 }
 
 /// Unique prose of `bytes` bytes (unique so that nothing is a duplicate).
