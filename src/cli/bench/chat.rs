@@ -9,7 +9,7 @@ use ragchat::startup::Application;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{ms, rss_bytes, scratch_dir, stats, timed};
+use super::common::{bench_user, ms, rss_bytes, scratch_dir, stats, timed};
 
 /// One streamed chat request on a fresh connection, as a client sees it.
 struct ChatSample {
@@ -144,19 +144,13 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     anyhow::ensure!(state.generator.is_some(), "the generation model is not loaded");
 
     let hasher = PasswordHasher::new(settings.auth.argon2)?;
-    let ws_user = ragchat::accounts::create_user(
-        state.accounts.as_ref(),
+    let ws_token = bench_user(
+        &state,
         &hasher,
-        ragchat::accounts::UserSpec {
-            email: "bench-ws@example.com",
-            password: "benchmark-password-123",
-            plan: ragchat_actors::plans::Plan::Free,
-            superuser: false,
-        },
+        "bench-ws@example.com",
+        ragchat_actors::plans::Plan::Free,
     )
     .await?;
-    // A login of its own with no refresh token: nothing can end it.
-    let ws_token = state.tokens.issue(ws_user.id, uuid::Uuid::new_v4())?;
     // Idle WebSockets first, while the heap holds little freed memory that new
     // connections could reuse unseen: the whole process's resident set (server
     // and client sides) before and after.
@@ -243,18 +237,8 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     // One enterprise user per client (no quota in the way).
     let mut tokens = Vec::new();
     for i in 0..max_clients.max(1) {
-        let user = ragchat::accounts::create_user(
-            state.accounts.as_ref(),
-            &hasher,
-            ragchat::accounts::UserSpec {
-                email: &format!("bench-chat-{i}@example.com"),
-                password: "benchmark-password-123",
-                plan: ragchat_actors::plans::Plan::Enterprise,
-                superuser: false,
-            },
-        )
-        .await?;
-        tokens.push(state.tokens.issue(user.id, uuid::Uuid::new_v4())?);
+        let email = format!("bench-chat-{i}@example.com");
+        tokens.push(bench_user(&state, &hasher, &email, ragchat_actors::plans::Plan::Enterprise).await?);
     }
 
     // Warm up (first forward passes allocate).

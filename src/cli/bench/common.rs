@@ -1,5 +1,5 @@
 //! What the benchmarks share: latency statistics, plain HTTP/1.1 requests on fresh
-//! connections, the process's resident set and a scratch folder.
+//! connections, the process's resident set, a scratch folder and benchmark users.
 
 use std::time::{Duration, Instant};
 
@@ -80,4 +80,26 @@ pub fn scratch_dir() -> std::io::Result<std::path::PathBuf> {
     let dir = std::env::temp_dir().join(format!("ragchat-bench-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// A benchmark user created in the server's store, with an access token of a login
+/// of its own that has no refresh token (nothing can end it).
+pub async fn bench_user(
+    state: &ragchat::http::AppState,
+    hasher: &ragchat::auth::PasswordHasher,
+    email: &str,
+    plan: ragchat_actors::plans::Plan,
+) -> anyhow::Result<String> {
+    let user = ragchat::accounts::create_user(
+        state.accounts.as_ref(),
+        hasher,
+        ragchat::accounts::UserSpec {
+            email,
+            password: "benchmark-password-123",
+            plan,
+            superuser: false,
+        },
+    )
+    .await?;
+    Ok(state.tokens.issue(user.id, uuid::Uuid::new_v4())?)
 }

@@ -15,7 +15,7 @@ use ragchat_actors::embed_worker::Lane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{ms, scratch_dir, stats};
+use super::common::{bench_user, ms, scratch_dir, stats};
 
 #[derive(Debug, clap::Args)]
 pub struct LanesBench {
@@ -248,18 +248,13 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
         .await;
 
         let hasher = PasswordHasher::new(s.auth.argon2)?;
-        let user = ragchat::accounts::create_user(
-            state.accounts.as_ref(),
+        let token = bench_user(
+            &state,
             &hasher,
-            ragchat::accounts::UserSpec {
-                email: "bench-lanes@example.com",
-                password: "benchmark-password-123",
-                plan: ragchat_actors::plans::Plan::Enterprise,
-                superuser: false,
-            },
+            "bench-lanes@example.com",
+            ragchat_actors::plans::Plan::Enterprise,
         )
         .await?;
-        let token = state.tokens.issue(user.id, uuid::Uuid::new_v4())?;
 
         let alone = searches(port, &token, &queries, interval, |sent| sent >= opts.alone).await;
         line(mode, "alone", &alone);
