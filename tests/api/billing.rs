@@ -12,7 +12,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{expect, fresh_postgres_url, service_url, temp_sqlite_url, test_settings, ServerProcess, TestApp};
+use crate::helpers::{
+    expect, fresh_postgres_url, service_url, sign_up, temp_sqlite_url, test_settings, ServerProcess, TestApp,
+};
 
 async fn probe(app: &TestApp, kind: &str, token: &str) -> reqwest::Response {
     app.post_json(&format!("/billing/probe/{kind}"), &json!({}), Some(token))
@@ -501,24 +503,7 @@ async fn two_server_processes_sharing_postgres_admit_exactly_the_quota() {
     let a = ServerProcess::spawn(&env);
     let b = ServerProcess::spawn(&env);
     let client = reqwest::Client::new();
-    let creds = json!({"email": "two-procs@example.com", "password": "password-1234"});
-    let resp = client
-        .post(format!("{}/auth/register", a.base))
-        .json(&creds)
-        .send()
-        .await
-        .expect("register");
-    assert_eq!(resp.status(), StatusCode::CREATED);
-    let tokens: Value = client
-        .post(format!("{}/auth/login", b.base))
-        .json(&creds)
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = tokens["access_token"].as_str().expect("token").to_string();
+    let token = sign_up(&client, &a.base, &b.base, "two-procs@example.com").await;
     // A free user has 20 api_calls a month; 60 concurrent calls, half to each process.
     let calls = (0..60).map(|i| {
         let url = format!("{}/billing/probe/api", if i % 2 == 0 { &a.base } else { &b.base });

@@ -306,3 +306,26 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+
+/// Registers `email` on the server at `register_at` and signs in on `login_at` (the
+/// same server or another sharing its database): the access token.
+pub async fn sign_up(client: &Client, register_at: &str, login_at: &str, email: &str) -> String {
+    let creds = json!({"email": email, "password": "password-1234"});
+    let resp = client
+        .post(format!("{register_at}/auth/register"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("register");
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let tokens: Value = client
+        .post(format!("{login_at}/auth/login"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("login")
+        .json()
+        .await
+        .expect("json");
+    tokens["access_token"].as_str().expect("token").to_string()
+}

@@ -11,7 +11,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{models_dir, ServerProcess};
+use crate::helpers::{models_dir, sign_up, ServerProcess};
 
 /// The most a request may cost in resident memory, as a multiple of its size.
 const MULTIPLE: u64 = 20;
@@ -198,24 +198,7 @@ async fn memory_grows_in_proportion_to_the_largest_requests_and_returns_after_de
     let Some(models) = models_dir() else { return };
     let server = spawn(&models);
     let client = reqwest::Client::new();
-    let creds = json!({"email": "memory@example.com", "password": "password-1234"});
-    let r = client
-        .post(format!("{}/auth/register", server.base))
-        .json(&creds)
-        .send()
-        .await
-        .expect("register");
-    assert_eq!(r.status(), StatusCode::CREATED);
-    let login: Value = client
-        .post(format!("{}/auth/login", server.base))
-        .json(&creds)
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    let token = login["access_token"].as_str().expect("token").to_string();
+    let token = sign_up(&client, &server.base, &server.base, "memory@example.com").await;
     // Warm-up: a round of the same sizes, so that what a server allocates once
     // (full-size embedding batches, a long prompt's buffers, the index writer, pools)
     // is in the baseline.

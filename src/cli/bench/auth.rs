@@ -5,9 +5,8 @@ use std::time::Instant;
 
 use ragchat::auth::PasswordHasher;
 use ragchat::config::Settings;
-use ragchat::startup::Application;
 
-use super::common::{ms, request, scratch_dir, stats, timed, Stats};
+use super::common::{ms, request, scratch_dir, serve, stats, timed, Served, Stats};
 
 fn row(name: &str, s: &Stats) -> String {
     format!(
@@ -34,11 +33,7 @@ pub async fn run(mut settings: Settings, iterations: usize) -> anyhow::Result<St
     settings.database.url = format!("sqlite:{}", dir.join("bench.db").display());
     settings.server.port = 0;
     settings.seed.demo_users = false;
-    let app = Application::build(settings, false).await?;
-    let port = app.port();
-    let server = app.into_server();
-    let handle = server.handle();
-    actix_web::rt::spawn(server);
+    let Served { port, handle, .. } = serve(settings).await?;
 
     let creds = r#"{"email":"bench@example.com","password":"benchmark-password-123"}"#;
     anyhow::ensure!(

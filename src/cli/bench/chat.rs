@@ -5,11 +5,10 @@ use std::time::{Duration, Instant};
 
 use ragchat::auth::PasswordHasher;
 use ragchat::config::Settings;
-use ragchat::startup::Application;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{bench_user, ms, rss_bytes, scratch_dir, stats, timed};
+use super::common::{bench_user, ms, rss_bytes, scratch_dir, serve, stats, timed, Served};
 
 /// One streamed chat request on a fresh connection, as a client sees it.
 struct ChatSample {
@@ -131,12 +130,7 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     settings.chat.ws_timeout_secs = 1200;
     let max_clients = opts.clients.iter().copied().max().unwrap_or(1);
     settings.models.generate_queue = settings.models.generate_queue.max(max_clients * 2);
-    let app = Application::build(settings.clone(), false).await?;
-    let state = app.state().clone();
-    let port = app.port();
-    let server = app.into_server();
-    let handle = server.handle();
-    actix_web::rt::spawn(server);
+    let Served { state, port, handle } = serve(settings.clone()).await?;
     let ingestor = state
         .ingestor
         .clone()

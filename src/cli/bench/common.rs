@@ -103,3 +103,20 @@ pub async fn bench_user(
     .await?;
     Ok(state.tokens.issue(user.id, uuid::Uuid::new_v4())?)
 }
+
+/// A server started in this process for a benchmark: its state, its port and the
+/// handle that stops it.
+pub struct Served {
+    pub state: ragchat::http::AppState,
+    pub port: u16,
+    pub handle: actix_web::dev::ServerHandle,
+}
+
+pub async fn serve(settings: ragchat::config::Settings) -> anyhow::Result<Served> {
+    let app = ragchat::startup::Application::build(settings, false).await?;
+    let (state, port) = (app.state().clone(), app.port());
+    let server = app.into_server();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    Ok(Served { state, port, handle })
+}

@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use ragchat::auth::PasswordHasher;
 use ragchat::config::Settings;
-use ragchat::startup::Application;
 use ragchat_actors::embed_worker::Lane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{bench_user, ms, scratch_dir, stats};
+use super::common::{bench_user, ms, scratch_dir, serve, stats, Served};
 
 #[derive(Debug, clap::Args)]
 pub struct LanesBench {
@@ -214,12 +213,7 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
         s.models.embed_lanes = lanes;
         // The generation model is not needed here (and would take memory).
         s.models.generator_path = file("no-generator.gguf");
-        let app = Application::build(s.clone(), false).await?;
-        let state = app.state().clone();
-        let port = app.port();
-        let server = app.into_server();
-        let handle = server.handle();
-        actix_web::rt::spawn(server);
+        let Served { state, port, handle } = serve(s.clone()).await?;
         let ingestor = state
             .ingestor
             .clone()
