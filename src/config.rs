@@ -215,6 +215,10 @@ pub struct ServerSettings {
     /// example `X-Forwarded-For`; its last entry is taken). Empty: the peer address.
     #[serde(default)]
     pub client_ip_header: String,
+    /// Serve the web app at `/` (assets embedded in the binary). Off: the server is
+    /// only the API, and `/` answers 404.
+    #[serde(default = "default_true")]
+    pub web_app: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -590,4 +594,8 @@ mod tests {
         let why = s.validate().expect_err("unknown provider refused").to_string();
         assert!(why.contains("none or invoice"), "{why}");
     }
+}
+
+fn default_true() -> bool {
+    true
 }

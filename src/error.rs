@@ -454,6 +454,18 @@ impl ResponseError for ApiError {
 }
 
 impl ApiError {
+    /// Seconds to wait before trying again, when the refusal says so (`Retry-After`;
+    /// also `retry_after` in WebSocket error frames, which have no headers).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self.base() {
+            ApiError::TooManyRequests { headers, .. } => headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case("retry-after"))
+                .and_then(|(_, v)| v.parse().ok()),
+            _ => None,
+        }
+    }
+
     /// The HTTP status as a number (also in WebSocket error frames).
     pub fn status(&self) -> u16 {
         self.status_code().as_u16()

@@ -13,6 +13,7 @@ pub mod openapi;
 pub mod ops;
 pub mod sse;
 pub mod views;
+pub mod webapp;
 pub mod ws;
 
 use std::sync::Arc;
@@ -136,6 +137,9 @@ pub fn configure(state: AppState) -> impl FnOnce(&mut web::ServiceConfig) {
         let json_limit = state.settings.server.json_limit_bytes;
         let max_document = state.settings.knowledge.max_document_bytes;
         let probes = state.settings.billing.probes;
+        if state.settings.server.web_app {
+            cfg.configure(webapp::routes);
+        }
         cfg.app_data(web::Data::new(state))
             .app_data(web::JsonConfig::default().limit(json_limit).error_handler(json_error))
             .app_data(web::QueryConfig::default().error_handler(query_error))

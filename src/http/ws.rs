@@ -20,7 +20,7 @@
 //!
 //! From the server, each carrying the `id` of the message it answers:
 //! `sources` (session_id, message_id, sources, retrieval_route), `token`
-//! ({"text"}), `done` ({"response": the ChatResponse}), `error` ({"status", "detail"}).
+//! ({"text"}), `done` ({"response": the ChatResponse}), `error` ({"status", "detail", "code", …; "retry_after" in seconds on a 429 that has one}).
 //!
 //! One answer at a time per connection: a message while one streams gets an
 //! error frame (409) and the stream goes on. Sending waits while the client's
@@ -177,6 +177,9 @@ fn event_frame(id: &Value, ev: ChatEvent) -> String {
 fn error_frame(id: &Value, e: &ApiError) -> String {
     let mut body = e.body();
     body["status"] = json!(e.status());
+    if let Some(secs) = e.retry_after() {
+        body["retry_after"] = json!(secs);
+    }
     frame("error", id, body)
 }
 
