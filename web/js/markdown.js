@@ -31,10 +31,11 @@ function safeUrl(url) {
 export function inline(text, opts = {}) {
   const out = [];
   let last = 0;
-  INLINE.lastIndex = 0;
-  for (let m; (m = INLINE.exec(text));) {
+  // A scanner of its own: the calls for bold and italic text recurse.
+  const scan = new RegExp(INLINE.source, 'g');
+  for (let m; (m = scan.exec(text));) {
     if (m.index > last) out.push(text.slice(last, m.index));
-    last = INLINE.lastIndex;
+    last = scan.lastIndex;
     if (m[2] !== undefined) out.push(h('code', {}, m[2]));
     else if (m[3] !== undefined || m[4] !== undefined) out.push(h('strong', {}, inline(m[3] ?? m[4], opts)));
     else if (m[5] !== undefined || m[6] !== undefined) out.push(h('em', {}, inline(m[5] ?? m[6], opts)));

@@ -37,12 +37,14 @@ export async function render(main, ctx) {
   const route = h('select', { id: 'opt-route' },
     ['auto', 'hybrid', 'vector', 'text'].map((r) => h('option', { value: r }, r)));
   const topK = h('input', { type: 'number', id: 'opt-topk', min: 1, max: 20, value: 3 });
+  const maxTokens = h('input', { type: 'number', id: 'opt-max-tokens', min: 1, max: 2048, placeholder: 'default' });
   const advanced = h('details.advanced', {},
     h('summary', {}, 'Options'),
     h('div.row', {},
       h('label.inline', { for: 'opt-rag' }, rag, ' Use the knowledge base'),
       h('label.inline', { for: 'opt-route' }, 'Search ', route),
-      h('label.inline', { for: 'opt-topk' }, 'Sources ', topK)));
+      h('label.inline', { for: 'opt-topk' }, 'Sources ', topK),
+      h('label.inline', { for: 'opt-max-tokens' }, 'Longest answer (tokens) ', maxTokens)));
   const form = h('form.composer', { 'aria-label': 'Send a message' },
     h('label.visually-hidden', { for: 'message' }, 'Message'),
     input, h('div.actions', {}, send, stop), advanced, status);
@@ -92,7 +94,7 @@ export async function render(main, ctx) {
         h('button.icon', {
           type: 'button', 'aria-label': `Delete conversation ${s.title || ''}`.trim(), title: 'Delete',
           onclick: () => remove(s),
-        }, '🗑')));
+        }, '×')));
     }
   }
 
@@ -155,7 +157,7 @@ export async function render(main, ctx) {
   function answerBubble(text, meta) {
     const body = h('div.body.md');
     const note = h('p.note.muted');
-    const copy = h('button.icon', { type: 'button', title: 'Copy the answer', 'aria-label': 'Copy the answer' }, '⧉');
+    const copy = h('button.link.small', { type: 'button', title: 'Copy the answer', 'aria-label': 'Copy the answer' }, 'Copy');
     const sourcesButton = h('button.link.small', { type: 'button', hidden: true }, 'Sources');
     const el = h('article.msg.assistant', { 'aria-label': 'Answer' }, body, h('div.meta', {}, sourcesButton, copy), note);
     const answer = { el, text: text || '', sources: meta.sources || [], body, note };
@@ -180,8 +182,8 @@ export async function render(main, ctx) {
     copy.addEventListener('click', async () => {
       try {
         await navigator.clipboard.writeText(answer.text);
-        copy.textContent = '✓';
-        setTimeout(() => { copy.textContent = '⧉'; }, 1500);
+        copy.textContent = 'Copied';
+        setTimeout(() => { copy.textContent = 'Copy'; }, 1500);
       } catch {
         ctx.notify('Copying needs a secure (https) page; select the text instead.', 'error');
       }
@@ -201,7 +203,7 @@ export async function render(main, ctx) {
       h('p.source-title', {}, s.title || 'Untitled'),
       h('p.excerpt', {}, s.excerpt || ''),
       h('p.muted.small', {},
-        `Relevance ${Math.round((s.relevance_score || 0) * 100)}%`,
+        `Relevance ${(s.relevance_score || 0).toFixed(2)}`,
         s.source_type ? ` · ${s.source_type}` : ''))));
     if (n) {
       const item = document.getElementById(`source-${n}`);
@@ -230,6 +232,7 @@ export async function render(main, ctx) {
     if (!text || state.streaming || state.countdown) return;
     status.textContent = '';
     const body = { message: text, enable_rag: rag.checked, route: route.value, top_k: Number(topK.value) || 3 };
+    if (Number(maxTokens.value) > 0) body.max_tokens = Number(maxTokens.value);
     if (state.sessionId) body.session_id = state.sessionId;
     if (!state.sessionId) replace(log);
     log.append(userBubble(text));
@@ -250,6 +253,7 @@ export async function render(main, ctx) {
     };
     state.streaming = api.chat(body, {
       onSources(head) {
+        log.dataset.transport = api.transport();
         answer.sources = head.sources || [];
         if (head.session_id && head.session_id !== state.sessionId) {
           state.sessionId = head.session_id;
