@@ -221,6 +221,10 @@ pub struct ServerSettings {
     pub web_app: bool,
 }
 
+fn default_true() -> bool {
+    true
+}
+
 #[derive(Debug, Clone, Deserialize)]
 pub struct DatabaseSettings {
     /// `sqlite:data/ragchat.db` (embedded default) or `postgres://…`.
@@ -594,8 +598,4 @@ mod tests {
         let why = s.validate().expect_err("unknown provider refused").to_string();
         assert!(why.contains("none or invoice"), "{why}");
     }
-}
-
-fn default_true() -> bool {
-    true
 }

@@ -95,6 +95,17 @@ def test_upload_a_fact_then_the_answer_streams_and_cites_it(app, server, tmp_pat
     refused = page.locator('li.upload[data-file="picture.exe"]')
     expect(refused.locator(".error")).to_contain_text(re.compile("unsupported|type", re.I), timeout=TIMEOUT)
     expect(page.locator("#documents")).to_contain_text(f"The {word} crystal")
+    # Dropped files upload too; a JSONL file of many documents becomes a background
+    # job whose progress shows beside it.
+    lines = "".join(f'{{"title": "Note {i} {word}", "text": "Note number {i} about {word} dunes."}}\n' for i in range(20))
+    dropped = page.evaluate_handle("""(lines) => {
+        const dt = new DataTransfer();
+        dt.items.add(new File([lines], 'dropped.jsonl', {type: 'application/jsonl'}));
+        return dt;
+    }""", lines)
+    page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
+    job = page.locator('li.upload[data-file="dropped.jsonl"] .state')
+    expect(job).to_contain_text("completed: 20 of 20 stored", timeout=TIMEOUT)
     app.shot("knowledge")
     app.axe("knowledge")
 
