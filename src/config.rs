@@ -196,6 +196,13 @@ pub struct ChatSettings {
     pub ws_auth_check_secs: u64,
     /// WebSocket: open connections per user.
     pub ws_max_per_user: usize,
+    /// Without credentials at the handshake, the first frame must authenticate
+    /// within this many seconds; at most `ws_max_unauthenticated` such connections
+    /// wait at once (beyond: 503 at the handshake).
+    #[serde(default = "default_ws_auth_timeout_secs")]
+    pub ws_auth_timeout_secs: u64,
+    #[serde(default = "default_ws_max_unauthenticated")]
+    pub ws_max_unauthenticated: usize,
     /// WebSocket: a ping this often; a connection silent for `ws_timeout_secs` is closed.
     pub ws_ping_secs: u64,
     pub ws_timeout_secs: u64,
@@ -223,6 +230,14 @@ pub struct ServerSettings {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_ws_auth_timeout_secs() -> u64 {
+    5
+}
+
+fn default_ws_max_unauthenticated() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]

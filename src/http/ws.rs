@@ -1,7 +1,13 @@
 //! `/ws/chat`: the chat over a WebSocket, several questions per connection.
 //!
-//! Authentication at connect: `Authorization: Bearer <JWT or API key>`, or
-//! `?token=` for clients that cannot set headers (browsers). A refused
+//! Authentication at connect: `Authorization: Bearer <JWT or API key>`; or, for
+//! clients that cannot set headers (browsers), by the first frame,
+//! `{"type": "auth", "token": "…"}`, sent within `chat.ws_auth_timeout_secs`
+//! (answered `authenticated`; refused with an `error` frame and close code 4401
+//! for missing or bad credentials, 4403 for a key without the `chat` scope or a
+//! deactivated account, 4429 past the user's socket cap), which keeps tokens out
+//! of URLs; or `?token=`. At most `chat.ws_max_unauthenticated` connections may
+//! wait for their first frame at once (beyond: 503 at the handshake). A refused
 //! handshake answers 401/403 like any route, and 429 past `chat.ws_max_per_user`
 //! open connections of the user. The account is checked again for every message
 //! (a deactivated user gets an error frame, 403), and the credentials every
@@ -49,9 +55,38 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(web::resource("/ws/chat").route(web::get().to(ws_chat)));
 }
 
-/// Open WebSockets per user.
+/// Open WebSockets per user, and connections waiting for their first frame.
 #[derive(Default)]
-pub struct Sockets(std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>);
+pub struct Sockets(
+    std::sync::Mutex<std::collections::HashMap<uuid::Uuid, usize>>,
+    std::sync::atomic::AtomicUsize,
+);
+
+/// A connection waiting for its `auth` frame; dropped when it has one (or ends).
+struct Unauthenticated(std::sync::Arc<Sockets>);
+
+impl Unauthenticated {
+    fn wait(sockets: &std::sync::Arc<Sockets>, max: usize) -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let waiting = &sockets.1;
+        let mut n = waiting.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match waiting.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(Unauthenticated(sockets.clone())),
+                Err(now) => n = now,
+            }
+        }
+    }
+}
+
+impl Drop for Unauthenticated {
+    fn drop(&mut self) {
+        self.0 .1.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 /// One open WebSocket of a user; dropped when the connection ends.
 struct SocketSlot {
@@ -97,6 +132,8 @@ impl Drop for SocketSlot {
 /// Close codes of a connection whose credentials no longer hold.
 const CLOSE_UNAUTHORIZED: u16 = 4401;
 const CLOSE_FORBIDDEN: u16 = 4403;
+/// The user has `chat.ws_max_per_user` sockets open (first-frame authentication).
+const CLOSE_TOO_MANY: u16 = 4429;
 
 #[derive(serde::Deserialize)]
 struct TokenQuery {
@@ -116,14 +153,24 @@ pub async fn ws_chat(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let token = match bearer(&req) {
-        Ok(t) => t,
-        Err(header_error) => web::Query::<TokenQuery>::from_query(req.query_string())
+        Ok(t) => Some(t),
+        Err(_) => web::Query::<TokenQuery>::from_query(req.query_string())
             .ok()
             .and_then(|q| q.into_inner().token)
-            .filter(|t| !t.trim().is_empty())
-            .ok_or(header_error)?,
+            .filter(|t| !t.trim().is_empty()),
     };
-    let token = token.trim().to_string();
+    let Some(token) = token.map(|t| t.trim().to_string()) else {
+        // No credentials yet: they come in the first frame.
+        let waiting = Unauthenticated::wait(&state.sockets, state.settings.chat.ws_max_unauthenticated)
+            .ok_or_else(|| ApiError::Unavailable("Too many connections are authenticating; retry shortly".into()))?;
+        let (response, session, messages) =
+            actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest(format!("WebSocket handshake: {e}")))?;
+        let messages = messages
+            .max_frame_size(state.settings.chat.ws_max_frame_bytes)
+            .aggregate_continuations();
+        actix_web::rt::spawn(first_frame(state.get_ref().clone(), waiting, session, messages));
+        return Ok(response);
+    };
     let user = authorize::<access::Chat>(&state, &token).await?;
     let max = state.settings.chat.ws_max_per_user;
     let slot = Sockets::open(&state.sockets, user.user.id, max).ok_or_else(|| ApiError::TooManyRequests {
@@ -137,6 +184,88 @@ pub async fn ws_chat(
         .aggregate_continuations();
     actix_web::rt::spawn(run(state.get_ref().clone(), user, token, slot, session, messages));
     Ok(response)
+}
+
+/// Authenticates a connection by its first frame, then runs it.
+async fn first_frame(
+    state: AppState,
+    waiting: Unauthenticated,
+    mut session: Session,
+    mut messages: actix_ws::AggregatedMessageStream,
+) {
+    let limit = Duration::from_secs(state.settings.chat.ws_auth_timeout_secs.max(1));
+    let first = tokio::time::timeout(limit, async {
+        loop {
+            match messages.next().await {
+                Some(Ok(AggregatedMessage::Ping(b))) => {
+                    let _ = session.pong(&b).await;
+                }
+                Some(Ok(AggregatedMessage::Pong(_))) => {}
+                Some(Ok(AggregatedMessage::Text(text))) => return Some(text),
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    let Ok(Some(text)) = first else {
+        // Silent past the limit (or gone, or not text).
+        let e = ApiError::Unauthorized(format!(
+            "Send {{\"type\": \"auth\", \"token\": …}} first, within {} s",
+            limit.as_secs()
+        ));
+        return refuse(session, &Value::Null, &e, CLOSE_UNAUTHORIZED).await;
+    };
+    let frame_value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let id = match frame_value.get("id") {
+        Some(v @ (Value::Number(_) | Value::String(_)))
+            if v.to_string().len() <= state.settings.chat.ws_max_id_chars =>
+        {
+            v.clone()
+        }
+        _ => Value::Null,
+    };
+    let token = match (frame_value["type"].as_str(), frame_value["token"].as_str()) {
+        (Some("auth"), Some(t)) if !t.trim().is_empty() => t.trim().to_string(),
+        _ => {
+            let e = ApiError::Unauthorized("The first frame must be {\"type\": \"auth\", \"token\": …}".into());
+            return refuse(session, &id, &e, CLOSE_UNAUTHORIZED).await;
+        }
+    };
+    let user = match authorize::<access::Chat>(&state, &token).await {
+        Ok(u) => u,
+        Err(e) => {
+            let code = if e.status() == 403 {
+                CLOSE_FORBIDDEN
+            } else {
+                CLOSE_UNAUTHORIZED
+            };
+            return refuse(session, &id, &e, code).await;
+        }
+    };
+    let max = state.settings.chat.ws_max_per_user;
+    let Some(slot) = Sockets::open(&state.sockets, user.user.id, max) else {
+        let e = ApiError::TooManyRequests {
+            detail: json!(format!("Too many open WebSockets for this user (at most {max})")),
+            headers: Vec::new(),
+        };
+        return refuse(session, &id, &e, CLOSE_TOO_MANY).await;
+    };
+    drop(waiting);
+    let ok = frame("authenticated", &id, json!({}));
+    if !send(&mut session, ok, limit).await {
+        return;
+    }
+    run(state, user, token, slot, session, messages).await;
+}
+
+/// An error frame, then the close code.
+async fn refuse(mut session: Session, id: &Value, e: &ApiError, code: u16) {
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.text(error_frame(id, e))).await;
+    let reason = CloseReason {
+        code: CloseCode::Other(code),
+        description: None,
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), session.close(Some(reason))).await;
 }
 
 /// The answer in progress on a connection.

@@ -473,12 +473,7 @@ async fn the_websocket_answers_several_questions_on_one_connection() {
     let Some((app, _admin, user_id, token)) = chat_app().await else {
         return;
     };
-    // Authentication at connect: a header or ?token=.
-    let refused = tokio_tungstenite::connect_async(ws_url(&app, None)).await;
-    assert!(
-        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401),
-        "{refused:?}"
-    );
+    // Authentication at connect: a header, ?token=, or the first frame (below).
     let refused = tokio_tungstenite::connect_async(ws_url(&app, Some("not-a-token"))).await;
     assert!(matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 401));
     let mut req = ws_url(&app, None).into_client_request().expect("request");
@@ -847,6 +842,75 @@ async fn a_websocket_closes_when_its_token_expires_unless_a_fresh_one_is_sent() 
     );
     let (_, code) = until_closed(&mut ws, 15).await;
     assert_eq!(code, Some(4401), "closed once the fresh token expired too");
+}
+
+#[actix_web::test]
+async fn a_websocket_authenticates_by_its_first_frame_or_is_closed() {
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    settings.chat.ws_auth_timeout_secs = 1;
+    settings.chat.ws_max_per_user = 1;
+    settings.chat.ws_max_unauthenticated = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let (_, token) = app.user("ws-first-frame@example.com").await;
+    let connect = || tokio_tungstenite::connect_async(ws_url(&app, None));
+
+    // The token in the first frame, not the URL.
+    let (mut ws, _) = connect().await.expect("connect without credentials");
+    ws.send(Message::text(
+        json!({"type": "auth", "id": "a", "token": token}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let f = next_json(&mut ws).await;
+    assert_eq!(
+        (f["type"].as_str(), f["id"].as_str()),
+        (Some("authenticated"), Some("a"))
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the first-frame limit
+    ws.send(Message::text(json!({"type": "ping", "id": 2}).to_string()))
+        .await
+        .expect("send");
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+
+    // The user's socket cap holds for first-frame sockets too (4429).
+    let (mut over, _) = connect().await.expect("connect");
+    over.send(Message::text(json!({"type": "auth", "token": token}).to_string()))
+        .await
+        .expect("send");
+    let (frames, code) = until_closed(&mut over, 5).await;
+    assert_eq!(code, Some(4429), "{frames:?}");
+    assert_eq!(frames.last().expect("error frame")["status"], 429);
+    drop(ws);
+
+    // Anything else first, a bad token, or silence: an error frame and 4401.
+    let (mut ws, _) = connect().await.expect("connect");
+    ws.send(Message::text(json!({"type": "ping"}).to_string()))
+        .await
+        .expect("send");
+    let (frames, code) = until_closed(&mut ws, 5).await;
+    assert_eq!(code, Some(4401), "{frames:?}");
+    assert_eq!(frames.last().expect("error frame")["code"], "unauthenticated");
+    let (mut ws, _) = connect().await.expect("connect");
+    ws.send(Message::text(
+        json!({"type": "auth", "token": "not-a-token"}).to_string(),
+    ))
+    .await
+    .expect("send");
+    let (_, code) = until_closed(&mut ws, 5).await;
+    assert_eq!(code, Some(4401));
+    let started = std::time::Instant::now();
+    let (mut silent, _) = connect().await.expect("connect");
+    let (frames, code) = until_closed(&mut silent, 10).await;
+    assert_eq!(code, Some(4401), "{frames:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+
+    // At most ws_max_unauthenticated connections wait for their first frame.
+    let (_a, _) = connect().await.expect("first waiting");
+    let (_b, _) = connect().await.expect("second waiting");
+    match connect().await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("a third waiting connection must be refused: {other:?}"),
+    }
 }
 
 async fn token_of(app: &TestApp) -> String {

@@ -65,6 +65,25 @@ async fn handshake(app: &TestApp, token: &str) -> u16 {
     }
 }
 
+/// The close code of a WebSocket authenticated by its first frame with `token`.
+async fn first_frame_close(app: &TestApp, token: &str) -> Option<u16> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!("{}/ws/chat", app.address.replacen("http://", "ws://", 1));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("connect");
+    ws.send(Message::text(json!({"type": "auth", "token": token}).to_string()))
+        .await
+        .expect("send");
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), ws.next()).await {
+            Ok(Some(Ok(Message::Close(c)))) => return c.map(|c| u16::from(c.code)),
+            Ok(Some(Ok(Message::Text(t)))) if t.as_str().contains("\"authenticated\"") => return None,
+            Ok(Some(Ok(_))) => {}
+            _ => return None,
+        }
+    }
+}
+
 #[actix_web::test]
 async fn a_chat_only_key_chats_and_is_refused_search_ingest_and_admin() {
     let app = TestApp::spawn().await;
@@ -144,6 +163,11 @@ async fn search_and_ingest_keys_reach_their_routes_only() {
     .await;
     refused(app.get("/chat/sessions", Some(&search)).await, "chat").await;
     assert_eq!(handshake(&app, &search).await, 403, "no chat scope, no WebSocket");
+    assert_eq!(
+        first_frame_close(&app, &search).await,
+        Some(4403),
+        "nor by the first frame"
+    );
     refused(app.delete(&nowhere, &search).await, "ingest").await;
 
     // Ingest: adding (the api_calls unit) and deleting documents, and listing them.

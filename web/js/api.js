@@ -340,15 +340,11 @@ async function openSocket() {
   const token = await bearer();
   const url = new URL('/ws/chat', location.href);
   url.protocol = location.protocol === 'https:' ? 'wss:' : 'ws:';
-  url.searchParams.set('token', token || '');
+  // The token goes in the first frame, not the URL (which proxies may log).
   socketReady = new Promise((resolve, reject) => {
-    let opened = false;
+    let authenticated = false;
     const ws = new WebSocket(url);
-    ws.onopen = () => {
-      opened = true;
-      socket = ws;
-      resolve(ws);
-    };
+    ws.onopen = () => ws.send(JSON.stringify({ type: 'auth', id: 'auth', token: token || '' }));
     ws.onmessage = (e) => {
       let frame;
       try {
@@ -356,7 +352,17 @@ async function openSocket() {
       } catch {
         return;
       }
-      if (frame.type === 'pong') return;
+      if (!authenticated) {
+        if (frame.type === 'authenticated') {
+          authenticated = true;
+          socket = ws;
+          resolve(ws);
+        } else if (frame.type === 'error') {
+          reject(new ApiError(frame.status || 401, frame, frame.retry_after));
+        }
+        return;
+      }
+      if (frame.type === 'pong' || frame.type === 'authenticated') return;
       const handlers = inflight.get(frame.id);
       if (!handlers) return;
       dispatch(handlers, frame.type, frame, () => inflight.delete(frame.id));
@@ -364,7 +370,7 @@ async function openSocket() {
     ws.onclose = (e) => {
       if (socket === ws) socket = null;
       socketReady = null;
-      if (!opened) {
+      if (!authenticated) {
         reject(new Error('websocket refused'));
         return;
       }
@@ -378,6 +384,9 @@ async function openSocket() {
       }
       if (e.code === 4403) signedOut(err);
     };
+  });
+  socketReady.catch(() => {
+    socketReady = null;
   });
   return socketReady;
 }
@@ -432,7 +441,10 @@ export function chat(body, handlers) {
       let ws = null;
       try {
         ws = await openSocket();
-      } catch {
+      } catch (err) {
+        // Refused by the server (429 too many sockets, 403): say so. Anything
+        // else means WebSockets do not get through: use SSE from now on.
+        if (err instanceof ApiError) throw err;
         socketBroken = true;
       }
       if (ws) {
