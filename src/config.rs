@@ -138,6 +138,9 @@ pub struct KnowledgeSettings {
     pub jobs_max_running: usize,
     /// How long a finished job can still be read.
     pub jobs_retention_secs: u64,
+    /// POST /knowledge/reindex: the most `document_ids` one request may name
+    /// (without them, all of the caller's documents are re-indexed).
+    pub reindex_max_documents: usize,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,
