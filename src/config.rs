@@ -84,8 +84,22 @@ pub struct Settings {
     pub chat: ChatSettings,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    pub memory: MemorySettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
+}
+
+/// The allocator (glibc malloc on Linux; elsewhere ignored): set at start so that
+/// memory follows what is stored (`src/memory.rs`). 0 leaves glibc's default.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemorySettings {
+    /// Malloc arenas (glibc's default: 8 per core, each keeping what it freed).
+    pub malloc_arena_max: usize,
+    /// Blocks at least this large are mapped on their own and unmapped when freed
+    /// (a fixed value: glibc otherwise raises it up to 32 MiB).
+    pub malloc_mmap_threshold: usize,
+    /// Free memory at the top of a heap beyond this is returned at once.
+    pub malloc_trim_threshold: usize,
 }
 
 /// The knowledge base: where documents live and how they are cut.
