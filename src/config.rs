@@ -84,8 +84,22 @@ pub struct Settings {
     pub chat: ChatSettings,
     #[serde(default)]
     pub metrics: MetricsSettings,
+    pub memory: MemorySettings,
     #[serde(skip)]
     pub environment: Option<Environment>,
+}
+
+/// The allocator (glibc malloc on Linux; elsewhere ignored): set at start so that
+/// memory follows what is stored (`src/memory.rs`). 0 leaves glibc's default.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MemorySettings {
+    /// Malloc arenas (glibc's default: 8 per core, each keeping what it freed).
+    pub malloc_arena_max: usize,
+    /// Blocks at least this large are mapped on their own and unmapped when freed
+    /// (a fixed value: glibc otherwise raises it up to 32 MiB).
+    pub malloc_mmap_threshold: usize,
+    /// Free memory at the top of a heap beyond this is returned at once.
+    pub malloc_trim_threshold: usize,
 }
 
 /// The knowledge base: where documents live and how they are cut.
@@ -138,6 +152,9 @@ pub struct KnowledgeSettings {
     pub jobs_max_running: usize,
     /// How long a finished job can still be read.
     pub jobs_retention_secs: u64,
+    /// POST /knowledge/reindex: the most `document_ids` one request may name
+    /// (without them, all of the caller's documents are re-indexed).
+    pub reindex_max_documents: usize,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,

@@ -8,6 +8,7 @@ pub mod error;
 pub mod http;
 pub mod inference;
 pub mod knowledge;
+pub mod memory;
 pub mod models;
 pub mod payments;
 pub mod startup;

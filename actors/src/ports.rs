@@ -268,6 +268,10 @@ pub trait DocumentStore: Send + Sync + 'static {
     /// Every document id, or those of one owner, oldest first (to rebuild the
     /// search indexes at start; to clear seeded documents).
     async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>>;
+    /// Replaces a document's chunks (and its `chunk_count`) with these: a reader
+    /// of `chunks` sees the old set or the new one, never a mix or none. False
+    /// when there is no such document (nothing is written).
+    async fn replace_chunks(&self, document_id: Uuid, chunks: &[Chunk]) -> StoreResult<bool>;
     /// Deletes a document and its chunks; false when there was none.
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
     /// Bytes of text an owner has stored.

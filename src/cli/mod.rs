@@ -61,6 +61,7 @@ pub async fn main() -> ExitCode {
         }
     };
     telemetry::init(&settings.logging);
+    ragchat::memory::configure(&settings.memory);
     match run(cli.command, settings).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

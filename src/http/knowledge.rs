@@ -4,6 +4,7 @@
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use ragchat_actors::domain::Page;
+use ragchat_actors::inference::ModelError;
 use ragchat_actors::knowledge::{Document, Owner};
 use ragchat_actors::retrieval::{
     invalid_filter, text_within, top_k_within, Filters, Hit, Query, RemoveDocument, RetrievalError, Route,
@@ -21,7 +22,7 @@ use super::AppState;
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::knowledge::formats::{self, Format, FormatLimits};
 use crate::knowledge::ingest::{validate, DocLimits, IngestError, Ingestor, NewDoc, Outcome};
-use crate::knowledge::jobs::{Batch, Job, JobView, Refusal};
+use crate::knowledge::jobs::{Batch, Job, JobKind, JobView, Refusal};
 
 /// The routes; `max_document_bytes` sets the body limit of the ingestion route
 /// (twice the text, for JSON escapes, plus room for the other fields).
@@ -51,6 +52,7 @@ fn configure(cfg: &mut web::ServiceConfig, limit: usize) {
             .route(web::delete().to(delete_document)),
     )
     .service(web::resource("/knowledge/search").route(web::post().to(search)))
+    .service(web::resource("/knowledge/reindex").route(web::post().to(reindex)))
     .service(web::resource("/knowledge/jobs").route(web::get().to(list_jobs)))
     .service(web::resource("/knowledge/jobs/{id}").route(web::get().to(get_job)))
     .service(web::resource("/knowledge/jobs/{id}/cancel").route(web::post().to(cancel_job)));
@@ -445,17 +447,8 @@ async fn start_job(
     let task = Admitted::<BackgroundTask>::admit(state, user.clone()).await?;
     let job = state
         .jobs
-        .create(user.user.id, &filename, docs.len())
-        .map_err(|r| match r {
-            Refusal::UserBusy(n) => ApiError::TooManyRequests {
-                detail: json!(format!(
-                    "You have {n} upload jobs that have not finished: wait for one (GET /knowledge/jobs) or cancel it"
-                )),
-                headers: vec![("Retry-After", "5".into())],
-            }
-            .with_code(ErrorCode::TooManyJobs),
-            Refusal::Full => ApiError::Unavailable("The server is busy with other uploads: try again shortly".into()),
-        })?;
+        .create(user.user.id, JobKind::Upload, Some(&filename), docs.len())
+        .map_err(refused)?;
     // The request itself is not counted: the job is.
     admitted.release();
     let view = job.view();
@@ -472,6 +465,21 @@ async fn start_job(
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/knowledge/jobs/{}", view.id)))
         .json(view))
+}
+
+fn refused(r: Refusal) -> ApiError {
+    match r {
+        Refusal::UserBusy(n) => ApiError::TooManyRequests {
+            detail: json!(format!(
+                "You have {n} background jobs that have not finished: wait for one (GET /knowledge/jobs) or cancel it"
+            )),
+            headers: vec![("Retry-After", "5".into())],
+        }
+        .with_code(ErrorCode::TooManyJobs),
+        Refusal::Full => {
+            ApiError::Unavailable("The server is busy with other background jobs: try again shortly".into())
+        }
+    }
 }
 
 /// Stores a job's documents `batch` at a time, until done or cancelled. Its unit
@@ -533,7 +541,172 @@ async fn run_job(
     tracing::info!(job = %view.id, state = ?view.state, created = view.documents_created, failed = view.documents_failed, "upload job ended");
 }
 
-/// The caller's background jobs (uploads), newest first.
+/// What to re-index.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReindexRequest {
+    /// Your own (private) documents to re-index, at most
+    /// `knowledge.reindex_max_documents`; absent: all of your documents. Ids
+    /// that are not your documents are reported as failed and left alone.
+    pub document_ids: Option<Vec<Uuid>>,
+}
+
+/// Reads a small optional JSON body: empty means the default.
+async fn optional_json<T: serde::de::DeserializeOwned + Default>(
+    mut payload: web::Payload,
+    limit: usize,
+) -> Result<T, ApiError> {
+    use futures_util::StreamExt;
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("Cannot read the request body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "Request body too large: the limit is {limit} bytes"
+            )));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body).map_err(|e| {
+        if e.is_data() {
+            ApiError::Unprocessable(format!("Invalid request body: {e}"))
+        } else {
+            ApiError::BadRequest(format!("Malformed JSON: {e}")).with_code(ErrorCode::MalformedJson)
+        }
+    })
+}
+
+/// Re-indexes your documents as a background job: each document's stored text is
+/// chunked again with the current chunking settings and embedded with the current
+/// model, and its chunks are replaced (a search sees the old chunks or the new
+/// ones, never neither nor both). One `background_tasks` unit, counted once a
+/// document is re-indexed (a job that re-indexes nothing gives it back); it counts
+/// against the limit of unfinished jobs per user and can be cancelled (what was
+/// re-indexed stays, the rest is left as it was). Without a body, all of your
+/// private documents.
+#[utoipa::path(post, path = "/knowledge/reindex", tag = "knowledge", security(("bearer" = [])),
+    request_body(content = Option<ReindexRequest>, content_type = "application/json"),
+    responses((status = 202, body = JobView, description = "The job: follow `Location`"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "An API key without the `ingest` scope (insufficient_scope), or a deactivated account"),
+        (status = 413, body = ErrorBody),
+        (status = 422, body = ErrorBody, description = "An empty or too long `document_ids`, or no documents to re-index"),
+        (status = 429, body = ErrorBody, description = "Rate limit, the `background_tasks` quota, or too many unfinished jobs (too_many_jobs)"),
+        (status = 503, body = ErrorBody)))]
+pub async fn reindex(
+    admitted: Admitted<BackgroundTask>,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let max = state.settings.knowledge.reindex_max_documents;
+    // Room for `max` ids as JSON strings, and some whitespace.
+    let body: ReindexRequest = optional_json(payload, max.saturating_mul(48).saturating_add(4096)).await?;
+    ingestor(&state)?;
+    let user = admitted.user.user.clone();
+    let ids: Vec<Uuid> = match body.document_ids {
+        Some(ids) => {
+            let mut seen = std::collections::HashSet::new();
+            let ids: Vec<Uuid> = ids.into_iter().filter(|id| seen.insert(*id)).collect();
+            if ids.is_empty() {
+                return Err(ApiError::Unprocessable(
+                    "document_ids must name at least one document".into(),
+                ));
+            }
+            if ids.len() > max {
+                return Err(ApiError::Unprocessable(format!(
+                    "document_ids names {} documents: at most {max} per request (or none, for all of yours)",
+                    ids.len()
+                )));
+            }
+            ids
+        }
+        None => state.documents.document_ids(Some(&Owner::User(user.id))).await?,
+    };
+    if ids.is_empty() {
+        return Err(ApiError::Unprocessable("You have no documents to re-index".into()));
+    }
+    let job = state
+        .jobs
+        .create(user.id, JobKind::Reindex, None, ids.len())
+        .map_err(refused)?;
+    let view = job.view();
+    let ticket = admitted.into_ticket();
+    actix_web::rt::spawn(run_reindex(state.clone(), user.id, ids, job, ticket));
+    Ok(HttpResponse::Accepted()
+        .insert_header(("Location", format!("/knowledge/jobs/{}", view.id)))
+        .json(view))
+}
+
+/// Tries of one document while the embedding worker's bulk lane is full.
+const REINDEX_RETRIES: usize = 20;
+
+/// Re-indexes a job's documents one at a time until done or cancelled; only the
+/// user's own private documents are touched. Its unit counts from the first
+/// document re-indexed.
+async fn run_reindex(state: web::Data<AppState>, user_id: Uuid, ids: Vec<Uuid>, job: Job, ticket: Ticket) {
+    let Some(_runner) = job.start().await else {
+        job.finish(None);
+        return;
+    };
+    let Ok(ingestor) = ingestor(&state).cloned() else {
+        job.finish(Some("The embedding model is not loaded".into()));
+        return;
+    };
+    let mut ticket = Some(ticket);
+    let mut fatal = None;
+    for id in ids {
+        if job.cancelled() {
+            break;
+        }
+        let failed = |error: String| Batch::Failed { documents: 1, error };
+        let doc = match state.documents.document(id).await {
+            Ok(Some(d)) if d.owner == Owner::User(user_id) => d,
+            // Someone else's reads as missing.
+            Ok(_) => {
+                job.record(failed(format!("{id}: not found")));
+                continue;
+            }
+            Err(e) => {
+                job.record(failed(format!("{id}: {e}")));
+                continue;
+            }
+        };
+        // A full bulk lane is waited out (a background job is in no hurry).
+        let mut outcome = ingestor.reindex(&doc).await;
+        for _ in 0..REINDEX_RETRIES {
+            if !matches!(outcome, Err(IngestError::Model(ModelError::Overloaded(_)))) || job.cancelled() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            outcome = ingestor.reindex(&doc).await;
+        }
+        match outcome {
+            Ok(Some(_)) => {
+                job.record(Batch::Reindexed(1));
+                if let Some(t) = ticket.take() {
+                    t.complete(json!({"endpoint": "/knowledge/reindex", "job_id": job.id()}));
+                }
+            }
+            Ok(None) => job.record(failed(format!("{id}: not found (deleted meanwhile)"))),
+            Err(e) => {
+                let stop = matches!(e, IngestError::Model(ModelError::Unavailable(_)));
+                job.record(failed(format!("{id}: {e}")));
+                if stop {
+                    fatal = Some("stopped: the embedding model is not running".into());
+                    break;
+                }
+            }
+        }
+    }
+    drop(ticket);
+    let view = job.finish(fatal);
+    tracing::info!(job = %view.id, state = ?view.state, done = view.documents_done, failed = view.documents_failed, "reindex job ended");
+}
+
+/// The caller's background jobs (uploads and re-indexing), newest first.
 #[utoipa::path(get, path = "/knowledge/jobs", tag = "knowledge", security(("bearer" = [])),
     responses((status = 200, body = [JobView]), (status = 401, body = ErrorBody)))]
 pub async fn list_jobs(current: Scoped<access::Documents>, state: web::Data<AppState>) -> web::Json<Vec<JobView>> {

@@ -23,11 +23,11 @@ use super::{admin, auth, billing, chat, knowledge, metrics, openai, ops, ws};
         billing::usage, billing::invoices, billing::probe_chat, billing::probe_search, billing::probe_api, billing::probe_open,
         openai::models, openai::embeddings, openai::chat_completions,
         knowledge::create_document, knowledge::list_documents, knowledge::get_document, knowledge::delete_document,
-        knowledge::search, knowledge::list_jobs, knowledge::get_job, knowledge::cancel_job,
+        knowledge::search, knowledge::reindex, knowledge::list_jobs, knowledge::get_job, knowledge::cancel_job,
         chat::message, chat::stream_message, chat::list_sessions, chat::session_messages, chat::delete_session,
         ws::ws_chat,
     ),
-    components(schemas(knowledge::UploadResult, crate::knowledge::jobs::JobView, crate::error::ErrorBody, crate::error::ErrorCode, crate::error::ErrorType)),
+    components(schemas(knowledge::UploadResult, crate::knowledge::jobs::JobView, crate::knowledge::jobs::JobKind, knowledge::ReindexRequest, crate::error::ErrorBody, crate::error::ErrorCode, crate::error::ErrorType)),
     modifiers(&BearerAuth, &CommonErrors),
     tags((name = "auth"), (name = "billing"), (name = "openai", description = "OpenAI-compatible"), (name = "knowledge"), (name = "chat"), (name = "admin", description = "Superusers only"), (name = "ops"))
 )]

@@ -5,6 +5,7 @@
 //! every route before ranking is cut to top_k.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use ragchat_actors::retrieval::{Filters, Hit, IndexError, Route};
@@ -27,6 +28,10 @@ pub const TITLE_BOOST: f32 = 0.5;
 pub const EXACT_MAX: usize = 20_000;
 /// Rebuild the graph when deleted nodes outnumber live ones (and are many).
 const REBUILD_DELETED: usize = 10_000;
+/// Rebuild the whole index (slots, text index, graph) from its live chunks when
+/// removed ones outnumber them and are at least this many: a removed chunk
+/// otherwise keeps its slot, its text in tantivy's segments and its graph node.
+const COMPACT_REMOVED: usize = 256;
 const NO_NODE: u32 = u32::MAX;
 /// Version of the snapshot `save` writes.
 const SNAPSHOT_FORMAT: u32 = 1;
@@ -75,14 +80,19 @@ impl Fusion {
     }
 }
 
-struct Entry {
-    chunk_id: Uuid,
-    document_id: Uuid,
+/// What the chunks of one document share, held once per document.
+struct DocInfo {
+    id: Uuid,
     owner: Owner,
     title: String,
     source: String,
-    content: String,
     metadata: serde_json::Map<String, Value>,
+}
+
+struct Entry {
+    chunk_id: Uuid,
+    doc: Arc<DocInfo>,
+    content: String,
     /// Its vector in the graph (NO_NODE until committed or without a vector).
     node: u32,
 }
@@ -107,7 +117,10 @@ pub struct HybridIndex {
     /// only for what the reader may see, before ranking is cut.
     owner: tantivy::schema::Field,
     parser: QueryParser,
+    title_boost: f32,
     dirty: bool,
+    /// Slots emptied by `remove` since the last compaction.
+    removed: usize,
 }
 
 fn index_error(e: impl std::fmt::Display) -> IndexError {
@@ -147,7 +160,9 @@ impl HybridIndex {
             content,
             owner,
             parser,
+            title_boost: TITLE_BOOST,
             dirty: false,
+            removed: 0,
         })
     }
 
@@ -164,6 +179,13 @@ impl HybridIndex {
         self.remove(doc.id);
         let (title, content, owner) = (self.title, self.content, self.owner);
         let owner_key = doc.owner.to_string();
+        let info = Arc::new(DocInfo {
+            id: doc.id,
+            owner: doc.owner,
+            title: doc.title.clone(),
+            source: doc.source.clone(),
+            metadata: doc.metadata.clone(),
+        });
         let mut slots = Vec::with_capacity(chunks.len());
         for c in chunks {
             let slot = self.slots.len();
@@ -173,12 +195,8 @@ impl HybridIndex {
                 .map_err(index_error)?;
             self.slots.push(Some(Entry {
                 chunk_id: c.id,
-                document_id: doc.id,
-                owner: doc.owner,
-                title: doc.title.clone(),
-                source: doc.source.clone(),
+                doc: info.clone(),
                 content: c.content.clone(),
-                metadata: doc.metadata.clone(),
                 node: NO_NODE,
             }));
             if !c.embedding.is_empty() {
@@ -193,6 +211,7 @@ impl HybridIndex {
 
     pub fn remove(&mut self, document_id: Uuid) {
         if let Some(slots) = self.by_document.remove(&document_id) {
+            self.removed += slots.len();
             for s in slots {
                 self.writer.delete_term(Term::from_field_u64(self.key, s as u64));
                 if let Some(e) = self.slots[s].take() {
@@ -216,6 +235,7 @@ impl HybridIndex {
 
     /// The weight of title matches in BM25 (content weighs 1).
     pub fn set_title_boost(&mut self, boost: f32) {
+        self.title_boost = boost;
         self.parser.set_field_boost(self.title, boost);
     }
 
@@ -297,8 +317,8 @@ impl HybridIndex {
         let mut count = 0usize;
         for e in self.slots.iter().flatten() {
             let line = serde_json::json!({
-                "c": e.chunk_id, "d": e.document_id, "o": e.owner.to_string(), "t": e.title,
-                "s": e.source, "x": e.content, "m": e.metadata, "n": e.node,
+                "c": e.chunk_id, "d": e.doc.id, "o": e.doc.owner.to_string(), "t": e.doc.title,
+                "s": e.doc.source, "x": e.content, "m": e.doc.metadata, "n": e.node,
             });
             serde_json::to_writer(&mut entries, &line).map_err(index_error)?;
             entries.write_all(b"\n").map_err(index_error)?;
@@ -384,6 +404,7 @@ impl HybridIndex {
             n: u32,
         }
         let nodes = index.slot_of_node.len();
+        let mut infos: HashMap<Uuid, Arc<DocInfo>> = HashMap::new();
         for line in text.lines() {
             let Ok(e) = serde_json::from_str::<Saved>(line) else {
                 return Ok(None);
@@ -403,14 +424,23 @@ impl HybridIndex {
                 index.slot_of_node[e.n as usize] = slot as u32;
             }
             index.by_document.entry(e.d).or_default().push(slot);
+            // The document's fields are on each of its lines: kept once.
+            let doc = infos
+                .entry(e.d)
+                .or_insert_with(|| {
+                    Arc::new(DocInfo {
+                        id: e.d,
+                        owner,
+                        title: e.t,
+                        source: e.s,
+                        metadata: e.m,
+                    })
+                })
+                .clone();
             index.slots.push(Some(Entry {
                 chunk_id: e.c,
-                document_id: e.d,
-                owner,
-                title: e.t,
-                source: e.s,
+                doc,
                 content: e.x,
-                metadata: e.m,
                 node: e.n,
             }));
         }
@@ -424,6 +454,9 @@ impl HybridIndex {
 
     pub fn commit(&mut self) -> Result<(), IndexError> {
         self.insert_pending();
+        if self.removed >= COMPACT_REMOVED && self.removed > self.slots.len() - self.removed {
+            return self.compact();
+        }
         if self.dirty {
             self.writer.commit().map_err(index_error)?;
             self.reader.reload().map_err(index_error)?;
@@ -432,9 +465,44 @@ impl HybridIndex {
         Ok(())
     }
 
+    /// Rebuilds the index from its live chunks: slots numbered afresh, a new text
+    /// index (tantivy keeps deleted documents in its segments until a merge) and
+    /// a new graph (removed nodes stay in one). Memory then follows what is live.
+    fn compact(&mut self) -> Result<(), IndexError> {
+        let mut fresh = HybridIndex::new()?;
+        fresh.hnsw = self.hnsw;
+        fresh.exact_max = self.exact_max;
+        fresh.fusion = self.fusion;
+        fresh.set_title_boost(self.title_boost);
+        // Copies: should anything fail, this index stays as it was.
+        for e in self.slots.iter().flatten() {
+            let slot = fresh.slots.len();
+            let owner_key = e.doc.owner.to_string();
+            fresh
+                .writer
+                .add_document(doc!(fresh.key => slot as u64, fresh.title => e.doc.title.as_str(),
+                                   fresh.content => e.content.as_str(), fresh.owner => owner_key.as_str()))
+                .map_err(index_error)?;
+            if let (Some(g), true) = (self.graph.as_ref(), e.node != NO_NODE) {
+                fresh.pending.push((slot, g.vector(e.node).to_vec()));
+            }
+            fresh.by_document.entry(e.doc.id).or_default().push(slot);
+            fresh.slots.push(Some(Entry {
+                chunk_id: e.chunk_id,
+                doc: e.doc.clone(),
+                content: e.content.clone(),
+                node: NO_NODE,
+            }));
+        }
+        fresh.dirty = true;
+        fresh.commit()?;
+        *self = fresh;
+        Ok(())
+    }
+
     fn allowed(&self, slot: usize, reader: &Reader, filters: &Filters) -> Option<&Entry> {
         let e = self.slots.get(slot)?.as_ref()?;
-        (reader.may_see(&e.owner) && filters.iter().all(|(k, c)| c.matches(e.metadata.get(k)))).then_some(e)
+        (reader.may_see(&e.doc.owner) && filters.iter().all(|(k, c)| c.matches(e.doc.metadata.get(k)))).then_some(e)
     }
 
     /// Slots by cosine similarity (embeddings are unit length), best first:
@@ -584,13 +652,13 @@ impl HybridIndex {
             .filter_map(|(slot, score)| {
                 let e = self.slots.get(slot)?.as_ref()?;
                 Some(Hit {
-                    document_id: e.document_id,
+                    document_id: e.doc.id,
                     chunk_id: e.chunk_id,
-                    title: e.title.clone(),
+                    title: e.doc.title.clone(),
                     content: e.content.clone(),
                     score,
-                    source: e.source.clone(),
-                    metadata: e.metadata.clone(),
+                    source: e.doc.source.clone(),
+                    metadata: e.doc.metadata.clone(),
                 })
             })
             .collect())
@@ -783,6 +851,78 @@ pub(crate) mod tests {
             .expect("search");
         assert_eq!(hits.len(), 3);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn removed_chunks_are_compacted_away_once_they_outnumber_live_ones() {
+        let me = Reader {
+            user_id: Uuid::new_v4(),
+            organization_id: None,
+        };
+        // The graph from the first vector, so that removal leaves nodes behind.
+        let mut ix = HybridIndex::new()
+            .expect("index")
+            .with_vector_search(0, HnswConfig::default());
+        let meta = json!({"notes": "m".repeat(4096)});
+        let mut docs = Vec::new();
+        for i in 0..60 {
+            let texts: Vec<(String, Vec<f32>)> = (0..8)
+                .map(|j| {
+                    let a = (i * 8 + j) as f32 / 50.0;
+                    (format!("glacier report {i} part {j}"), vec![a.cos(), a.sin(), 0.1])
+                })
+                .collect();
+            let texts: Vec<(&str, Vec<f32>)> = texts.iter().map(|(t, v)| (t.as_str(), v.clone())).collect();
+            let (d, c) = doc_with(Owner::User(me.user_id), &format!("Doc {i}"), &texts, meta.clone());
+            ix.add(&d, &c).expect("add");
+            docs.push((d, c));
+        }
+        ix.commit().expect("commit");
+        assert_eq!((ix.slots.len(), ix.len()), (480, 480));
+        // One copy of a document's metadata for its 8 chunks.
+        assert_eq!(Arc::strong_count(&ix.slots[0].as_ref().expect("entry").doc), 8);
+        // 31 of 60 removed (248 chunks): below the threshold, slots stay.
+        for (d, _) in &docs[..31] {
+            ix.remove(d.id);
+        }
+        ix.commit().expect("commit");
+        assert_eq!((ix.slots.len(), ix.len()), (480, 232));
+        // Two more: 264 removed, more than the 216 live: compacted.
+        for (d, _) in &docs[31..33] {
+            ix.remove(d.id);
+        }
+        ix.commit().expect("commit");
+        assert_eq!((ix.slots.len(), ix.len(), ix.removed), (216, 216, 0));
+        let graph = ix.graph.as_ref().expect("graph");
+        assert_eq!((graph.len(), graph.live()), (216, 216));
+        // Every route still finds the live chunks, and only those.
+        let (kept, chunks) = &docs[40];
+        let q = chunks[3].embedding.clone();
+        for route in [Route::Text, Route::Vector, Route::Hybrid] {
+            let hits = ix
+                .search("glacier report 40 part 3", Some(&q), route, &me, &Filters::default(), 5)
+                .expect("search");
+            assert_eq!(hits[0].chunk_id, chunks[3].id, "{route:?}");
+            assert_eq!(hits[0].document_id, kept.id);
+            assert!(hits
+                .iter()
+                .all(|h| docs[..33].iter().all(|(d, _)| d.id != h.document_id)));
+        }
+        // Removing and adding keep working on the compacted index.
+        ix.remove(kept.id);
+        let (d, c) = doc_with(
+            Owner::User(me.user_id),
+            "New",
+            &[("fresh text", vec![0.0, 0.0, 1.0])],
+            json!({}),
+        );
+        ix.add(&d, &c).expect("add");
+        ix.commit().expect("commit");
+        let hits = ix
+            .search("fresh", None, Route::Text, &me, &Filters::default(), 5)
+            .expect("search");
+        assert_eq!(hits.first().map(|h| h.document_id), Some(d.id));
+        assert_eq!(ix.len(), 209);
     }
 
     #[test]

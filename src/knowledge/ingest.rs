@@ -124,6 +124,43 @@ pub fn embedding_text(title: &str, chunk: &str) -> String {
 /// At most this much of a title goes in front of each chunk (~40 tokens).
 const TITLE_CHARS: usize = 200;
 
+/// A document's text rebuilt from its chunks (the store keeps no other copy):
+/// where a chunk begins with the end of the one before (the chunker's overlap),
+/// the overlap is kept once; elsewhere the chunks are joined by one space (the
+/// chunker trimmed the whitespace between them).
+pub fn text_of(chunks: &[Chunk]) -> String {
+    let mut text = String::with_capacity(chunks.iter().map(|c| c.content.len() + 1).sum());
+    let mut before = "";
+    for c in chunks {
+        let piece = c.content.as_str();
+        let skip = overlap(before, piece);
+        if skip == 0 && !text.is_empty() {
+            text.push(' ');
+        }
+        text.push_str(&piece[skip..]);
+        before = piece;
+    }
+    text
+}
+
+/// Bytes at the start of `next` that repeat the end of `before`: the longest
+/// such prefix that begins a word in `before` (an overlap starts where the
+/// chunker may cut) and ends a word in `next`; 0 when none.
+fn overlap(before: &str, next: &str) -> usize {
+    let longest = before.len().min(next.len());
+    (1..=longest)
+        .rev()
+        .find(|&k| {
+            let start = before.len() - k;
+            next.is_char_boundary(k)
+                && before.is_char_boundary(start)
+                && (start == 0 || before[..start].ends_with(char::is_whitespace))
+                && next[k..].chars().next().is_none_or(|c| !c.is_alphanumeric())
+                && before[start..] == next[..k]
+        })
+        .unwrap_or(0)
+}
+
 /// What one document of a batch turned out to be.
 enum Place {
     /// New: its index in `Triage::new`.
@@ -300,6 +337,65 @@ impl Ingestor {
             .collect())
     }
 
+    /// Re-chunks a stored document's text with the current chunker and re-embeds
+    /// it (bulk lane), then replaces its chunks: in the store in one step
+    /// (`replace_chunks`), then in the index in one message (the retrieval actor
+    /// answers searches between messages, so a search sees the old chunks or the
+    /// new ones). The text is rebuilt from the stored chunks (`text_of`). `None`
+    /// when the document was deleted meanwhile (nothing written).
+    pub async fn reindex(&self, doc: &Document) -> Result<Option<Document>, IngestError> {
+        let old = self.documents.chunks(doc.id).await?;
+        let chunker = self.chunker.clone();
+        let pieces = tokio::task::spawn_blocking(move || chunker.split(&text_of(&old)))
+            .await
+            .map_err(|e| IngestError::Index(format!("chunking stopped: {e}")))?;
+        if pieces.is_empty() {
+            return Err(IngestError::Invalid(format!(
+                "'{}' has no stored text to index",
+                doc.title
+            )));
+        }
+        let inputs: Vec<String> = pieces.iter().map(|p| embedding_text(&doc.title, p)).collect();
+        let vectors = self
+            .embedder
+            .embed(Lane::Bulk, inputs)
+            .await
+            .map_err(IngestError::Model)?
+            .vectors;
+        if vectors.len() != pieces.len() {
+            return Err(IngestError::Model(ModelError::Internal(
+                "fewer vectors than chunks".into(),
+            )));
+        }
+        let chunks: Vec<Chunk> = pieces
+            .into_iter()
+            .zip(vectors)
+            .enumerate()
+            .map(|(i, (content, embedding))| Chunk {
+                id: Uuid::new_v4(),
+                document_id: doc.id,
+                ordinal: i as u32,
+                content,
+                embedding,
+            })
+            .collect();
+        if !self.documents.replace_chunks(doc.id, &chunks).await? {
+            return Ok(None);
+        }
+        let mut doc = doc.clone();
+        doc.chunk_count = chunks.len() as u32;
+        if let Some(retrieval) = &self.retrieval {
+            // A failure here takes the document out of the index (the store has the
+            // new chunks: the next start's catch-up indexes them again).
+            match retrieval.send(IndexDocuments(vec![(doc.clone(), chunks)])).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(IngestError::Index(e.to_string())),
+                Err(e) => return Err(IngestError::Index(e.to_string())),
+            }
+        }
+        Ok(Some(doc))
+    }
+
     /// Deletes what a failed batch stored, from the index too (best effort:
     /// logged when it fails).
     async fn undo(&self, created: &[(Document, Vec<Chunk>)]) {
@@ -311,5 +407,58 @@ impl Ingestor {
                 let _ = r.send(ragchat_actors::retrieval::RemoveDocument(d.id)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&str]) -> Vec<Chunk> {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Chunk {
+                id: Uuid::new_v4(),
+                document_id: Uuid::nil(),
+                ordinal: i as u32,
+                content: p.to_string(),
+                embedding: Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn text_is_rebuilt_from_overlapping_chunks() {
+        assert_eq!(
+            text_of(&chunks(&[
+                "The tide rises. The moon",
+                "The moon pulls the sea.",
+                "Rivers carve."
+            ])),
+            "The tide rises. The moon pulls the sea. Rivers carve."
+        );
+        // A chunk that merely starts with the previous one's last letters mid-word
+        // is not an overlap.
+        assert_eq!(text_of(&chunks(&["a cat", "at home"])), "a cat at home");
+        assert_eq!(text_of(&[]), "");
+    }
+
+    #[test]
+    fn the_chunkers_pieces_give_back_its_text() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2/tokenizer.json");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
+            return;
+        }
+        let chunker = Chunker::load(&path, 48, 12).expect("chunker");
+        let text = (0..80)
+            .map(|i| format!("Sentence {i} says that tides follow the moon, item {}.", i * 7))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let pieces = chunker.split(&text);
+        assert!(pieces.len() > 5, "{}", pieces.len());
+        let parts: Vec<&str> = pieces.iter().map(String::as_str).collect();
+        assert_eq!(text_of(&chunks(&parts)), text);
     }
 }

@@ -1,5 +1,6 @@
-//! Background jobs: large uploads (and many-document files) are stored by a task
-//! of their own while the client polls `GET /knowledge/jobs/{id}`. The board keeps
+//! Background jobs: large uploads (and many-document files) are stored, and
+//! re-indexing (`POST /knowledge/reindex`) runs, in a task of its own while the
+//! client polls `GET /knowledge/jobs/{id}`. The board keeps
 //! each job's progress, bounds how many exist (in all, and running per user), lets
 //! the owner cancel between batches, and forgets finished jobs after a while.
 //!
@@ -41,16 +42,29 @@ impl JobState {
     }
 }
 
+/// What a job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    /// Stores the documents of an uploaded file.
+    Upload,
+    /// Re-chunks and re-embeds stored documents (`POST /knowledge/reindex`).
+    Reindex,
+}
+
 /// A job as its owner sees it.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct JobView {
     pub id: Uuid,
-    /// `upload`.
-    pub kind: String,
+    pub kind: JobKind,
     pub state: JobState,
-    /// The uploaded file's name.
-    pub filename: String,
+    /// The uploaded file's name (upload jobs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filename: Option<String>,
     pub documents_total: usize,
+    /// Documents finished without an error: stored or found already stored
+    /// (uploads), re-indexed (re-indexing).
+    pub documents_done: usize,
     /// Documents stored so far (new ones).
     pub documents_created: usize,
     /// Documents that were already stored (same text, same owner).
@@ -130,7 +144,13 @@ impl JobBoard {
 
     /// Registers a queued job, or refuses when the user or the server has too
     /// many unfinished ones. Finished jobs past their retention are dropped here.
-    pub fn create(self: &Arc<Self>, user_id: Uuid, filename: &str, documents_total: usize) -> Result<Job, Refusal> {
+    pub fn create(
+        self: &Arc<Self>,
+        user_id: Uuid,
+        kind: JobKind,
+        filename: Option<&str>,
+        documents_total: usize,
+    ) -> Result<Job, Refusal> {
         let now = Utc::now();
         let mut jobs = lock(&self.jobs);
         let retention = chrono::Duration::from_std(self.limits.retention).unwrap_or(chrono::Duration::hours(1));
@@ -148,10 +168,11 @@ impl JobBoard {
             user_id,
             view: Mutex::new(JobView {
                 id,
-                kind: "upload".into(),
+                kind,
                 state: JobState::Queued,
-                filename: filename.chars().take(255).collect(),
+                filename: filename.map(|f| f.chars().take(255).collect()),
                 documents_total,
+                documents_done: 0,
                 documents_created: 0,
                 documents_duplicate: 0,
                 documents_failed: 0,
@@ -211,6 +232,8 @@ pub enum Batch {
         created: usize,
         duplicate: usize,
     },
+    /// Documents re-indexed.
+    Reindexed(usize),
     /// The batch stored nothing; the job goes on with the next one.
     Failed {
         documents: usize,
@@ -248,7 +271,9 @@ impl Job {
             Batch::Stored { created, duplicate } => {
                 v.documents_created += created;
                 v.documents_duplicate += duplicate;
+                v.documents_done += created + duplicate;
             }
+            Batch::Reindexed(n) => v.documents_done += n,
             Batch::Failed { documents, error } => {
                 v.documents_failed += documents;
                 if v.errors.len() < MAX_ERRORS {
@@ -262,9 +287,7 @@ impl Job {
     /// counted as failed), otherwise completed.
     pub fn finish(&self, fatal: Option<String>) -> JobView {
         let mut v = lock(&self.entry.view);
-        let left = v
-            .documents_total
-            .saturating_sub(v.documents_created + v.documents_duplicate + v.documents_failed);
+        let left = v.documents_total.saturating_sub(v.documents_done + v.documents_failed);
         v.state = if let Some(error) = fatal {
             v.documents_failed += left;
             if v.errors.len() < MAX_ERRORS {
@@ -298,21 +321,29 @@ mod tests {
     fn unfinished_jobs_are_bounded_per_user_and_in_all() {
         let b = board(2, 3);
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let a1 = b.create(alice, "a.jsonl", 10).expect("first");
-        b.create(alice, "b.jsonl", 10).expect("second");
-        assert_eq!(b.create(alice, "c.jsonl", 10).err(), Some(Refusal::UserBusy(2)));
-        b.create(bob, "d.jsonl", 10).expect("bob's first");
-        assert_eq!(b.create(bob, "e.jsonl", 10).err(), Some(Refusal::Full));
+        let a1 = b.create(alice, JobKind::Upload, Some("a.jsonl"), 10).expect("first");
+        b.create(alice, JobKind::Upload, Some("b.jsonl"), 10).expect("second");
+        assert_eq!(
+            b.create(alice, JobKind::Upload, Some("c.jsonl"), 10).err(),
+            Some(Refusal::UserBusy(2))
+        );
+        b.create(bob, JobKind::Upload, Some("d.jsonl"), 10)
+            .expect("bob's first");
+        assert_eq!(
+            b.create(bob, JobKind::Upload, Some("e.jsonl"), 10).err(),
+            Some(Refusal::Full)
+        );
         // A finished job frees its place.
         a1.finish(None);
-        b.create(alice, "c.jsonl", 10).expect("after one finished");
+        b.create(alice, JobKind::Upload, Some("c.jsonl"), 10)
+            .expect("after one finished");
     }
 
     #[test]
     fn jobs_are_seen_and_cancelled_by_their_owner_only() {
         let b = board(2, 10);
         let (alice, bob) = (Uuid::new_v4(), Uuid::new_v4());
-        let job = b.create(alice, "a.jsonl", 4).expect("job");
+        let job = b.create(alice, JobKind::Upload, Some("a.jsonl"), 4).expect("job");
         let id = job.id();
         assert!(b.get(bob, id).is_none());
         assert!(matches!(b.cancel(bob, id), Err(None)));
@@ -333,7 +364,7 @@ mod tests {
     fn progress_and_endings_add_up() {
         let b = board(5, 10);
         let u = Uuid::new_v4();
-        let job = b.create(u, "x.jsonl", 10).expect("job");
+        let job = b.create(u, JobKind::Upload, Some("x.jsonl"), 10).expect("job");
         job.record(Batch::Stored {
             created: 3,
             duplicate: 1,
@@ -350,7 +381,7 @@ mod tests {
         );
         assert_eq!(v.errors.len(), 2);
         // A job cancelled after its last batch simply completed.
-        let job = b.create(u, "y.jsonl", 2).expect("job");
+        let job = b.create(u, JobKind::Upload, Some("y.jsonl"), 2).expect("job");
         job.record(Batch::Stored {
             created: 2,
             duplicate: 0,
@@ -368,9 +399,9 @@ mod tests {
             retention: Duration::ZERO,
         });
         let u = Uuid::new_v4();
-        let job = b.create(u, "a.jsonl", 1).expect("job");
+        let job = b.create(u, JobKind::Upload, Some("a.jsonl"), 1).expect("job");
         job.finish(None);
-        b.create(u, "b.jsonl", 1).expect("second");
+        b.create(u, JobKind::Upload, Some("b.jsonl"), 1).expect("second");
         assert_eq!(b.list(u).len(), 1);
     }
 }

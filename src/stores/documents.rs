@@ -197,6 +197,41 @@ impl DocumentStore for SqliteDocumentStore {
         rows.iter().map(|r| r.try_get("id").map_err(store_error)).collect()
     }
 
+    async fn replace_chunks(&self, document_id: Uuid, chunks: &[Chunk]) -> StoreResult<bool> {
+        // One transaction: other connections see the old chunks until it commits.
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
+        let count = u32::try_from(chunks.len()).map_err(|_| StoreError::Internal("too many chunks".into()))?;
+        let found = sqlx::query("UPDATE documents SET chunk_count = $1 WHERE id = $2")
+            .bind(i64::from(count))
+            .bind(document_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        if found.rows_affected() == 0 {
+            return Ok(false);
+        }
+        sqlx::query("DELETE FROM chunks WHERE document_id = $1")
+            .bind(document_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        for c in chunks {
+            sqlx::query(
+                "INSERT INTO chunks (id, document_id, ordinal, content, embedding) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(c.id)
+            .bind(document_id)
+            .bind(i64::from(c.ordinal))
+            .bind(&c.content)
+            .bind(embedding_to_bytes(&c.embedding))
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        }
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
+    }
+
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool> {
         // Chunks go with it (ON DELETE CASCADE; foreign keys are on for every connection).
         let done = sqlx::query("DELETE FROM documents WHERE id = $1")
@@ -221,6 +256,13 @@ impl DocumentStore for SqliteDocumentStore {
 
 /// MongoDB: `documents`, `chunks` (text) and `embeddings` (one vector per chunk,
 /// `_id` the chunk's id) collections; ids are UUID strings.
+///
+/// A document's chunks carry its id in `document_id` until they are replaced
+/// (re-indexing): the new ones are written under a fresh chunk-set id (and the
+/// document's id in `doc`), then the document's `chunk_set` is switched to it in
+/// one write, then the old set is deleted. Without multi-document transactions
+/// this keeps `chunks` on one whole set; a set left behind by a crash before the
+/// switch is referenced by nothing and goes when the document is deleted.
 pub struct MongoDocumentStore {
     db: mongodb::Database,
     documents: Collection<BsonDoc>,
@@ -247,12 +289,114 @@ fn mongo_error(e: mongodb::error::Error) -> StoreError {
 }
 
 impl MongoDocumentStore {
-    /// Removes the chunks and vectors of a document that could not be stored
-    /// whole (best effort: nothing points at them without the document).
-    async fn remove_parts(&self, id: Uuid) {
+    /// Removes the chunks and vectors of a chunk set that could not be stored
+    /// whole (best effort: nothing points at them).
+    async fn remove_parts(&self, set: Uuid) {
         for parts in [&self.chunks, &self.embeddings] {
-            let _ = parts.delete_many(doc! {"document_id": id.to_string()}).await;
+            let _ = parts.delete_many(doc! {"document_id": set.to_string()}).await;
         }
+    }
+
+    /// Writes chunks and their vectors as chunk set `set` of document `document`.
+    async fn write_parts(&self, set: Uuid, document: Uuid, chunks: &[Chunk]) -> mongodb::error::Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let (set, document) = (set.to_string(), document.to_string());
+        let texts: Vec<BsonDoc> = chunks
+            .iter()
+            .map(|c| {
+                doc! {
+                    "_id": c.id.to_string(),
+                    "document_id": &set,
+                    "doc": &document,
+                    "ordinal": i64::from(c.ordinal),
+                    "content": &c.content,
+                }
+            })
+            .collect();
+        let vectors: Vec<BsonDoc> = chunks
+            .iter()
+            .map(|c| {
+                doc! {
+                    "_id": c.id.to_string(),
+                    "document_id": &set,
+                    "doc": &document,
+                    "vector": Binary { subtype: BinarySubtype::Generic, bytes: embedding_to_bytes(&c.embedding) },
+                }
+            })
+            .collect();
+        self.chunks.insert_many(texts).await?;
+        self.embeddings.insert_many(vectors).await?;
+        Ok(())
+    }
+
+    /// The chunk set a document's chunks are stored under (its own id until
+    /// re-indexed) and how many there are.
+    async fn chunk_set(&self, id: Uuid) -> StoreResult<Option<(Uuid, usize)>> {
+        let found = self
+            .documents
+            .find_one(doc! {"_id": id.to_string()})
+            .projection(doc! {"chunk_set": 1, "chunk_count": 1})
+            .await
+            .map_err(mongo_error)?;
+        Ok(found.map(|d| {
+            let set = match d.get_str("chunk_set").ok().map(Uuid::parse_str) {
+                Some(Ok(set)) => set,
+                _ => id,
+            };
+            let count = d.get_i64("chunk_count").ok().and_then(|n| usize::try_from(n).ok());
+            (set, count.unwrap_or(0))
+        }))
+    }
+
+    /// The chunks of one chunk set, in order.
+    async fn chunks_of_set(&self, document_id: Uuid, set: Uuid) -> StoreResult<Vec<Chunk>> {
+        use futures_util::TryStreamExt;
+        let found: Vec<BsonDoc> = self
+            .chunks
+            .find(doc! {"document_id": set.to_string()})
+            .sort(doc! {"ordinal": 1})
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let vectors: Vec<BsonDoc> = self
+            .embeddings
+            .find(doc! {"document_id": set.to_string()})
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let mut by_chunk: std::collections::HashMap<String, Vec<f32>> = std::collections::HashMap::new();
+        for v in &vectors {
+            let (Ok(id), Some(Bson::Binary(bin))) = (v.get_str("_id"), v.get("vector")) else {
+                return Err(bad_row("embedding"));
+            };
+            by_chunk.insert(
+                id.to_string(),
+                embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
+            );
+        }
+        found
+            .iter()
+            .map(|b| {
+                let emb = b.get_str("_id").ok().and_then(|id| by_chunk.remove(id));
+                Ok(Chunk {
+                    id: uuid_field(b, "_id")?,
+                    document_id,
+                    ordinal: b
+                        .get_i64("ordinal")
+                        .ok()
+                        .and_then(|o| u32::try_from(o).ok())
+                        .ok_or_else(|| bad_row("ordinal"))?,
+                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
+                    embedding: emb.ok_or_else(|| bad_row("embedding"))?,
+                })
+            })
+            .collect()
     }
 
     /// Connects and creates the indexes (idempotent).
@@ -289,6 +433,12 @@ impl MongoDocumentStore {
             .create_index(unique(doc! {"document_id": 1, "ordinal": 1}))
             .await
             .map_err(mongo_error)?;
+        for parts in [&store.chunks, &store.embeddings] {
+            parts
+                .create_index(IndexModel::builder().keys(doc! {"doc": 1}).build())
+                .await
+                .map_err(mongo_error)?;
+        }
         store
             .embeddings
             .create_index(IndexModel::builder().keys(doc! {"document_id": 1}).build())
@@ -374,36 +524,9 @@ impl DocumentStore for MongoDocumentStore {
     /// chunks are removed again.
     async fn insert_document(&self, d: &Document, chunks: &[Chunk]) -> StoreResult<()> {
         let record = to_bson_doc(d)?;
-        if !chunks.is_empty() {
-            let texts: Vec<BsonDoc> = chunks
-                .iter()
-                .map(|c| {
-                    doc! {
-                        "_id": c.id.to_string(),
-                        "document_id": c.document_id.to_string(),
-                        "ordinal": i64::from(c.ordinal),
-                        "content": &c.content,
-                    }
-                })
-                .collect();
-            let vectors: Vec<BsonDoc> = chunks
-                .iter()
-                .map(|c| {
-                    doc! {
-                        "_id": c.id.to_string(),
-                        "document_id": c.document_id.to_string(),
-                        "vector": Binary { subtype: BinarySubtype::Generic, bytes: embedding_to_bytes(&c.embedding) },
-                    }
-                })
-                .collect();
-            let written = match self.chunks.insert_many(texts).await {
-                Ok(_) => self.embeddings.insert_many(vectors).await.map(|_| ()),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = written {
-                self.remove_parts(d.id).await;
-                return Err(mongo_error(e));
-            }
+        if let Err(e) = self.write_parts(d.id, d.id, chunks).await {
+            self.remove_parts(d.id).await;
+            return Err(mongo_error(e));
         }
         if let Err(e) = self.documents.insert_one(record).await {
             self.remove_parts(d.id).await;
@@ -446,51 +569,19 @@ impl DocumentStore for MongoDocumentStore {
     }
 
     async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>> {
-        use futures_util::TryStreamExt;
-        let found: Vec<BsonDoc> = self
-            .chunks
-            .find(doc! {"document_id": document_id.to_string()})
-            .sort(doc! {"ordinal": 1})
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let vectors: Vec<BsonDoc> = self
-            .embeddings
-            .find(doc! {"document_id": document_id.to_string()})
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let mut by_chunk: std::collections::HashMap<String, Vec<f32>> = std::collections::HashMap::new();
-        for v in &vectors {
-            let (Ok(id), Some(Bson::Binary(bin))) = (v.get_str("_id"), v.get("vector")) else {
-                return Err(bad_row("embedding"));
+        // A set read just as a re-index deleted it comes back short: read the
+        // document's current set again (a few times at most).
+        let mut chunks = Vec::new();
+        for _ in 0..3 {
+            let Some((set, count)) = self.chunk_set(document_id).await? else {
+                return Ok(Vec::new());
             };
-            by_chunk.insert(
-                id.to_string(),
-                embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
-            );
+            chunks = self.chunks_of_set(document_id, set).await?;
+            if chunks.len() == count {
+                break;
+            }
         }
-        found
-            .iter()
-            .map(|b| {
-                let emb = b.get_str("_id").ok().and_then(|id| by_chunk.remove(id));
-                Ok(Chunk {
-                    id: uuid_field(b, "_id")?,
-                    document_id: uuid_field(b, "document_id")?,
-                    ordinal: b
-                        .get_i64("ordinal")
-                        .ok()
-                        .and_then(|o| u32::try_from(o).ok())
-                        .ok_or_else(|| bad_row("ordinal"))?,
-                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
-                    embedding: emb.ok_or_else(|| bad_row("embedding"))?,
-                })
-            })
-            .collect()
+        Ok(chunks)
     }
 
     async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>> {
@@ -512,17 +603,55 @@ impl DocumentStore for MongoDocumentStore {
         found.iter().map(|b| uuid_field(b, "_id")).collect()
     }
 
+    async fn replace_chunks(&self, document_id: Uuid, chunks: &[Chunk]) -> StoreResult<bool> {
+        let Some((old, _)) = self.chunk_set(document_id).await? else {
+            return Ok(false);
+        };
+        let set = Uuid::new_v4();
+        if let Err(e) = self.write_parts(set, document_id, chunks).await {
+            self.remove_parts(set).await;
+            return Err(mongo_error(e));
+        }
+        let count = i64::try_from(chunks.len()).map_err(|_| StoreError::Internal("too many chunks".into()))?;
+        let switched = self
+            .documents
+            .update_one(
+                doc! {"_id": document_id.to_string()},
+                doc! {"$set": {"chunk_set": set.to_string(), "chunk_count": count}},
+            )
+            .await;
+        match switched {
+            Ok(r) if r.matched_count > 0 => {}
+            Ok(_) => {
+                // Deleted meanwhile.
+                self.remove_parts(set).await;
+                return Ok(false);
+            }
+            Err(e) => {
+                self.remove_parts(set).await;
+                return Err(mongo_error(e));
+            }
+        }
+        for parts in [&self.chunks, &self.embeddings] {
+            parts
+                .delete_many(doc! {"document_id": old.to_string()})
+                .await
+                .map_err(mongo_error)?;
+        }
+        Ok(true)
+    }
+
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool> {
         let gone = self
             .documents
             .delete_one(doc! {"_id": id.to_string()})
             .await
             .map_err(mongo_error)?;
+        // Every chunk set of the document: the first (under its id) and any later one.
         for parts in [&self.chunks, &self.embeddings] {
-            parts
-                .delete_many(doc! {"document_id": id.to_string()})
-                .await
-                .map_err(mongo_error)?;
+            for filter in [doc! {"document_id": id.to_string()}, doc! {"doc": id.to_string()}] {
+                parts.delete_many(filter).await.map_err(mongo_error)?;
+            }
         }
         Ok(gone.deleted_count > 0)
     }

@@ -51,6 +51,7 @@ contract!(
     the_same_text_is_stored_once_per_owner_and_a_rejected_insert_leaves_nothing,
     listings_show_only_what_the_reader_may_see_newest_first,
     deleting_a_document_removes_its_chunks,
+    replacing_chunks_swaps_the_whole_set_and_readers_never_see_a_mix,
 );
 
 fn document(owner: Owner, text: &str, age_s: i64) -> (Document, Vec<Chunk>) {
@@ -195,4 +196,61 @@ async fn deleting_a_document_removes_its_chunks(store: Arc<dyn DocumentStore>) {
     assert_eq!(store.document_ids(None).await.expect("ids"), vec![keep.id]);
     assert_eq!(store.document_ids(Some(&owner)).await.expect("ids"), vec![keep.id]);
     assert!(store.document_ids(Some(&Owner::Global)).await.expect("ids").is_empty());
+}
+
+/// Chunks `n` of document `id`, tagged `tag` (to tell one set from another).
+fn chunk_set(id: Uuid, tag: &str, n: usize) -> Vec<Chunk> {
+    (0..n)
+        .map(|i| Chunk {
+            id: Uuid::new_v4(),
+            document_id: id,
+            ordinal: i as u32,
+            content: format!("{tag} part {i}"),
+            embedding: vec![i as f32; 8],
+        })
+        .collect()
+}
+
+async fn replacing_chunks_swaps_the_whole_set_and_readers_never_see_a_mix(store: Arc<dyn DocumentStore>) {
+    let owner = Owner::User(Uuid::new_v4());
+    let (doc, chunks) = document(owner, "Old one. Old two. Old three", 0);
+    store.insert_document(&doc, &chunks).await.expect("insert");
+    // Sets of different sizes, each replacing the last, while a reader reads.
+    let sizes = [2usize, 5, 1, 4, 3, 6, 2, 5];
+    let reader = {
+        let store = store.clone();
+        actix_web::rt::spawn(async move {
+            let mut reads = 0;
+            for _ in 0..200 {
+                let got = store.chunks(doc.id).await.expect("chunks");
+                let tags: std::collections::BTreeSet<&str> =
+                    got.iter().map(|c| c.content.split(' ').next().unwrap_or("")).collect();
+                assert_eq!(tags.len(), 1, "a mix of sets or none: {got:?}");
+                let ordinals: Vec<u32> = got.iter().map(|c| c.ordinal).collect();
+                assert_eq!(ordinals, (0..got.len() as u32).collect::<Vec<_>>(), "{got:?}");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    let mut last = chunks;
+    for (round, n) in sizes.iter().enumerate() {
+        let next = chunk_set(doc.id, &format!("set{round}"), *n);
+        assert!(store.replace_chunks(doc.id, &next).await.expect("replace"));
+        last = next;
+    }
+    assert_eq!(reader.await.expect("reader"), 200);
+    assert_eq!(store.chunks(doc.id).await.expect("chunks"), last);
+    let stored = store.document(doc.id).await.expect("get").expect("doc");
+    assert_eq!(stored.chunk_count as usize, last.len());
+    assert_eq!(stored.size_bytes, doc.size_bytes);
+    // Deleting removes the current set; a missing document is not written.
+    assert!(store.delete_document(doc.id).await.expect("delete"));
+    assert!(store.chunks(doc.id).await.expect("chunks").is_empty());
+    assert!(!store
+        .replace_chunks(doc.id, &chunk_set(doc.id, "late", 2))
+        .await
+        .expect("replace"));
+    assert!(store.chunks(doc.id).await.expect("chunks").is_empty());
+    assert_eq!(store.document(doc.id).await.expect("get"), None);
 }

@@ -11,7 +11,13 @@ use uuid::Uuid;
 
 use crate::helpers::{expect, model_settings, models_dir, TestApp};
 
-async fn upload(app: &TestApp, token: &str, name: &str, bytes: Vec<u8>, fields: &[(&str, &str)]) -> reqwest::Response {
+pub async fn upload(
+    app: &TestApp,
+    token: &str,
+    name: &str,
+    bytes: Vec<u8>,
+    fields: &[(&str, &str)],
+) -> reqwest::Response {
     let mut form = Form::new().part("file", Part::bytes(bytes).file_name(name.to_string()));
     for (k, v) in fields {
         form = form.text(k.to_string(), v.to_string());
@@ -628,7 +634,7 @@ async fn a_jsonl_upload_holds_at_most_the_configured_number_of_documents() {
     assert_ne!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
-fn jsonl(prefix: &str, n: usize) -> Vec<u8> {
+pub fn jsonl(prefix: &str, n: usize) -> Vec<u8> {
     (0..n)
         .map(|i| {
             format!(
@@ -639,13 +645,13 @@ fn jsonl(prefix: &str, n: usize) -> Vec<u8> {
         .into_bytes()
 }
 
-async fn remaining(app: &TestApp, token: &str) -> (u64, u64) {
+pub async fn remaining(app: &TestApp, token: &str) -> (u64, u64) {
     let u = expect(app.get("/billing/usage", Some(token)).await, StatusCode::OK).await;
     let left = |r: &str| u["quota_remaining"][r].as_u64().unwrap_or(u64::MAX);
     (left("background_tasks"), left("api_calls"))
 }
 
-async fn wait_for_job(app: &TestApp, token: &str, id: &str) -> Value {
+pub async fn wait_for_job(app: &TestApp, token: &str, id: &str) -> Value {
     for _ in 0..600 {
         let v = expect(
             app.get(&format!("/knowledge/jobs/{id}"), Some(token)).await,
