@@ -106,6 +106,9 @@ def test_upload_a_fact_then_the_answer_streams_and_cites_it(app, server, tmp_pat
     page.dispatch_event("#dropzone", "drop", {"dataTransfer": dropped})
     job = page.locator('li.upload[data-file="dropped.jsonl"] .state')
     expect(job).to_contain_text("completed: 20 of 20 stored", timeout=TIMEOUT)
+    # Re-indexing runs as a job too, and the fact is still found after it.
+    page.get_by_role("button", name="Re-index my documents").click()
+    expect(page.locator("#reindex-state")).to_contain_text("completed: 21 of 21 re-indexed", timeout=TIMEOUT)
     app.shot("knowledge")
     app.axe("knowledge")
 

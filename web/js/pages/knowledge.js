@@ -26,6 +26,8 @@ export async function render(main, ctx) {
   const searchForm = h('form.row', { role: 'search' }, field('Search', query), h('button', { type: 'submit' }, 'Search'));
   const results = h('ol.results', { id: 'search-results' });
   const list = h('ul.documents', { id: 'documents' });
+  const reindexState = h('span.state', { id: 'reindex-state', 'aria-live': 'polite' });
+  const reindex = h('button', { type: 'button', id: 'reindex', onclick: () => startReindex() }, 'Re-index my documents');
   const pager = h('div.pager');
 
   main.append(h('section.page', { 'aria-labelledby': 'kb-title' },
@@ -37,7 +39,10 @@ export async function render(main, ctx) {
     h('section.card', { 'aria-labelledby': 'search-title' },
       h('h2#search-title', {}, 'Search'), searchForm, results),
     h('section.card', { 'aria-labelledby': 'docs-title' },
-      h('h2#docs-title', {}, 'Documents'), list, pager)));
+      h('h2#docs-title', {}, 'Documents'), list, pager,
+      h('p.row', {}, reindex, reindexState),
+      h('p.muted.small', {}, 'Re-indexing cuts and embeds your private documents again with the server\'s current settings, '
+        + 'in the background (one background task of your plan); search keeps working meanwhile.'))));
 
   // ---- uploads ----
   for (const ev of ['dragenter', 'dragover']) {
@@ -91,10 +96,10 @@ export async function render(main, ctx) {
     }
   }
 
-  function followJob(job, state) {
+  function followJob(job, state, field = 'documents_created', verb = 'stored') {
     return new Promise((resolve) => {
       const show = (j) => {
-        state.textContent = `${j.state}: ${j.documents_created} of ${j.documents_total} stored`
+        state.textContent = `${j.state}: ${j[field] ?? 0} of ${j.documents_total} ${verb}`
           + (j.documents_failed ? `, ${j.documents_failed} failed` : '');
       };
       show(job);
@@ -117,6 +122,17 @@ export async function render(main, ctx) {
       }, 1000);
       timers.add(timer);
     });
+  }
+
+  async function startReindex() {
+    reindex.disabled = true;
+    try {
+      const job = await api.post('/knowledge/reindex', {});
+      await followJob(job, reindexState, 'documents_done', 're-indexed');
+    } catch (err) {
+      replace(reindexState, h('span.error', { role: 'alert' }, api.describe(err)));
+    }
+    reindex.disabled = false;
   }
 
   // ---- search ----
