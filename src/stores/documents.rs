@@ -71,7 +71,28 @@ fn placeholders(start: usize, n: usize) -> String {
         .join(", ")
 }
 
+/// Writes a document's chunks inside the caller's transaction.
+async fn insert_chunks(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    document_id: Uuid,
+    chunks: &[Chunk],
+) -> StoreResult<()> {
+    for c in chunks {
+        sqlx::query("INSERT INTO chunks (id, document_id, ordinal, content, embedding) VALUES ($1, $2, $3, $4, $5)")
+            .bind(c.id)
+            .bind(document_id)
+            .bind(i64::from(c.ordinal))
+            .bind(&c.content)
+            .bind(embedding_to_bytes(&c.embedding))
+            .execute(&mut **tx)
+            .await
+            .map_err(store_error)?;
+    }
+    Ok(())
+}
+
 #[async_trait]
+
 impl DocumentStore for SqliteDocumentStore {
     fn backend(&self) -> &'static str {
         "sqlite"
@@ -99,19 +120,7 @@ impl DocumentStore for SqliteDocumentStore {
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
-        for c in chunks {
-            sqlx::query(
-                "INSERT INTO chunks (id, document_id, ordinal, content, embedding) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(c.id)
-            .bind(c.document_id)
-            .bind(i64::from(c.ordinal))
-            .bind(&c.content)
-            .bind(embedding_to_bytes(&c.embedding))
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        }
+        insert_chunks(&mut tx, d.id, chunks).await?;
         tx.commit().await.map_err(store_error)
     }
 
@@ -215,19 +224,7 @@ impl DocumentStore for SqliteDocumentStore {
             .execute(&mut *tx)
             .await
             .map_err(store_error)?;
-        for c in chunks {
-            sqlx::query(
-                "INSERT INTO chunks (id, document_id, ordinal, content, embedding) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(c.id)
-            .bind(document_id)
-            .bind(i64::from(c.ordinal))
-            .bind(&c.content)
-            .bind(embedding_to_bytes(&c.embedding))
-            .execute(&mut *tx)
-            .await
-            .map_err(store_error)?;
-        }
+        insert_chunks(&mut tx, document_id, chunks).await?;
         tx.commit().await.map_err(store_error)?;
         Ok(true)
     }

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{expect, model_settings, models_dir, TestApp};
-use crate::uploads::{jsonl, remaining, upload, wait_for_job};
+use crate::uploads::{accepted_job, jsonl, remaining, upload, wait_for_job};
 
 /// About `sentences` × 12 tokens of prose about `topic`, every sentence distinct.
 fn prose(topic: &str, sentences: usize) -> String {
@@ -119,16 +119,7 @@ async fn reindexing_uses_the_current_chunk_size_and_searches_meanwhile_see_old_o
         .to_string();
     let before = remaining(&app, &token).await;
     let resp = reindex(&app, &token, None).await;
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let location = resp
-        .headers()
-        .get("location")
-        .and_then(|l| l.to_str().ok())
-        .map(str::to_string)
-        .expect("Location");
-    let job: Value = resp.json().await.expect("job");
-    let id = job["id"].as_str().expect("id").to_string();
-    assert_eq!(location, format!("/knowledge/jobs/{id}"));
+    let (job, id) = accepted_job(resp).await;
     assert_eq!(
         (job["kind"].as_str(), job["documents_total"].as_u64()),
         (Some("reindex"), Some(6)),
@@ -154,7 +145,7 @@ async fn reindexing_uses_the_current_chunk_size_and_searches_meanwhile_see_old_o
                 chunks.len() - from_old
             );
         }
-        let v = expect(app.get(&location, Some(&token)).await, StatusCode::OK).await;
+        let v = expect(app.get(&format!("/knowledge/jobs/{id}"), Some(&token)).await, StatusCode::OK).await;
         if !matches!(v["state"].as_str(), Some("queued" | "running")) {
             break v;
         }

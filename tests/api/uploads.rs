@@ -651,6 +651,21 @@ pub async fn remaining(app: &TestApp, token: &str) -> (u64, u64) {
     (left("background_tasks"), left("api_calls"))
 }
 
+/// A 202 with a job: its body and id (the `Location` names the job).
+pub async fn accepted_job(resp: reqwest::Response) -> (Value, String) {
+    assert_eq!(resp.status(), StatusCode::ACCEPTED);
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|l| l.to_str().ok())
+        .map(str::to_string)
+        .expect("Location");
+    let job: Value = resp.json().await.expect("job");
+    let id = job["id"].as_str().expect("id").to_string();
+    assert_eq!(location, format!("/knowledge/jobs/{id}"));
+    (job, id)
+}
+
 pub async fn wait_for_job(app: &TestApp, token: &str, id: &str) -> Value {
     for _ in 0..600 {
         let v = expect(
@@ -687,16 +702,7 @@ async fn many_document_uploads_run_as_background_jobs_that_count_one_background_
 
     // Five: a job. 202, Location, then progress to the end.
     let resp = upload(&app, &token, "five.jsonl", jsonl("five", 5), &[]).await;
-    assert_eq!(resp.status(), StatusCode::ACCEPTED);
-    let location = resp
-        .headers()
-        .get("location")
-        .and_then(|l| l.to_str().ok())
-        .map(str::to_string)
-        .expect("Location");
-    let job: Value = resp.json().await.expect("job");
-    let id = job["id"].as_str().expect("id").to_string();
-    assert_eq!(location, format!("/knowledge/jobs/{id}"));
+    let (job, id) = accepted_job(resp).await;
     assert_eq!(
         (job["kind"].as_str(), job["documents_total"].as_u64()),
         (Some("upload"), Some(5))
