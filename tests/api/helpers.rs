@@ -318,9 +318,14 @@ pub async fn sign_up(client: &Client, register_at: &str, login_at: &str, email: 
         .await
         .expect("register");
     assert_eq!(resp.status(), StatusCode::CREATED);
+    log_in(client, login_at, email).await
+}
+
+/// Signs `email` (password `password-1234`) in on the server at `base`: the access token.
+pub async fn log_in(client: &Client, base: &str, email: &str) -> String {
     let tokens: Value = client
-        .post(format!("{login_at}/auth/login"))
-        .json(&creds)
+        .post(format!("{base}/auth/login"))
+        .json(&json!({"email": email, "password": "password-1234"}))
         .send()
         .await
         .expect("login")

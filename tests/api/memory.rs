@@ -12,7 +12,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{models_dir, ServerProcess};
+use crate::helpers::{log_in, models_dir, ServerProcess};
 
 /// The most a request may cost in resident memory, as a multiple of its size.
 const MULTIPLE: u64 = 20;
@@ -28,19 +28,6 @@ struct Server {
     process: ServerProcess,
     dir: std::path::PathBuf,
     accounts_url: String,
-}
-
-async fn login(client: &reqwest::Client, base: &str, email: &str) -> String {
-    let v: Value = client
-        .post(format!("{base}/auth/login"))
-        .json(&json!({"email": email, "password": "password-1234"}))
-        .send()
-        .await
-        .expect("login")
-        .json()
-        .await
-        .expect("json");
-    v["access_token"].as_str().expect("token").to_string()
 }
 
 impl Drop for Server {
@@ -232,7 +219,7 @@ async fn memory_grows_in_proportion_to_the_largest_requests_and_returns_after_de
         .status()
         .expect("create-user");
     assert!(made.success());
-    let token = login(&client, &server.base, "memory@example.com").await;
+    let token = log_in(&client, &server.base, "memory@example.com").await;
     // Warm-up: a round of the same sizes, so that what a server allocates once
     // (full-size embedding batches, a long prompt's buffers, the index writer, pools)
     // is in the baseline.

@@ -145,7 +145,11 @@ async fn reindexing_uses_the_current_chunk_size_and_searches_meanwhile_see_old_o
                 chunks.len() - from_old
             );
         }
-        let v = expect(app.get(&format!("/knowledge/jobs/{id}"), Some(&token)).await, StatusCode::OK).await;
+        let v = expect(
+            app.get(&format!("/knowledge/jobs/{id}"), Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
         if !matches!(v["state"].as_str(), Some("queued" | "running")) {
             break v;
         }
