@@ -123,6 +123,11 @@ pub struct KnowledgeSettings {
     /// from the store at every start).
     #[serde(default)]
     pub index_dir: String,
+    /// Every this many seconds the index is reconciled with the document store, so
+    /// that documents other nodes added or deleted are found (or dropped) here within
+    /// it. 0: only at start.
+    #[serde(default = "default_index_reconcile_secs")]
+    pub index_reconcile_secs: u64,
     /// Largest uploaded file (multipart), in bytes.
     pub max_upload_bytes: usize,
     /// The most documents one uploaded file (JSON Lines) may hold.
@@ -247,6 +252,10 @@ pub struct ServerSettings {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_index_reconcile_secs() -> u64 {
+    30
 }
 
 fn default_ws_auth_timeout_secs() -> u64 {

@@ -180,6 +180,13 @@ impl Application {
                 catch_up_in_background(documents.clone(), retrieval.addr());
             }
         }
+        if k.index_reconcile_secs > 0 {
+            ragchat_actors::retrieval::reconcile_every(
+                documents.clone(),
+                retrieval.clone(),
+                std::time::Duration::from_secs(k.index_reconcile_secs),
+            );
+        }
         let ingestor = embedder.clone().and_then(|embedder| {
             let path = std::path::Path::new(&settings.models.embedding_dir).join("tokenizer.json");
             match crate::knowledge::chunking::Chunker::load(&path, k.chunk_tokens, k.chunk_overlap) {

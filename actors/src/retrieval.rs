@@ -556,12 +556,44 @@ pub async fn sync(store: &dyn DocumentStore, retrieval: &Addr<Retrieval>) -> Res
         .map_err(|x| e(&x))?
         .map_err(|x| e(&x))?;
     out.kept = stored.len() - out.added;
-    retrieval
-        .send_tracked(SaveIndex)
-        .await
-        .map_err(|x| e(&x))?
-        .map_err(|x| e(&x))?;
+    if out.added + out.removed > 0 {
+        retrieval
+            .send_tracked(SaveIndex)
+            .await
+            .map_err(|x| e(&x))?
+            .map_err(|x| e(&x))?;
+    }
     Ok(out)
+}
+
+/// Reconciles the index with the store every `every`, so that documents other
+/// nodes sharing the store added or deleted are found (or no longer cited) here
+/// within that time; a reconciliation that fails (the store is down) is tried at
+/// the next tick. Each tick lists the store's document ids (one query) and reads
+/// only the documents this index lacks. Not seen: chunks replaced in place
+/// (re-indexing on another node) and visibility changes of a kept document.
+pub fn reconcile_every(documents: Arc<dyn DocumentStore>, retrieval: Arc<Supervised<Retrieval>>, every: Duration) {
+    actix::spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match sync(documents.as_ref(), &retrieval.addr()).await {
+                Ok(s) if s.added + s.removed > 0 => {
+                    metrics::counter!("search_index_reconciled_total", "change" => "added").increment(s.added as u64);
+                    metrics::counter!("search_index_reconciled_total", "change" => "removed")
+                        .increment(s.removed as u64);
+                    tracing::info!(
+                        added = s.added,
+                        removed = s.removed,
+                        "search index reconciled with the store"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "search index reconciliation failed; trying again later"),
+            }
+        }
+    });
 }
 
 /// A search request, as chat and /knowledge/search make it.

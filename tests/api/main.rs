@@ -17,6 +17,7 @@ mod ledger;
 mod memory;
 mod metrics;
 mod models;
+mod nodes;
 mod reindex;
 mod scopes;
 mod upgrades;
