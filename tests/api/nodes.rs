@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
-use serde_json::json;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::helpers::{expect, model_settings, models_dir, service_url, TestApp};
@@ -83,4 +83,70 @@ async fn documents_stored_or_deleted_through_one_node_reach_the_others_index() {
     }
     println!("reconciled within {seen:?} (period 1 s)");
     assert!(seen.iter().all(|d| *d < Duration::from_secs(5)), "{seen:?}");
+}
+
+/// Conversations live in the shared conversation store (ScyllaDB), not in a node:
+/// one started through one node continues through another with its history, and
+/// a delete through either ends it everywhere.
+#[actix_web::test]
+async fn a_conversation_started_on_one_node_continues_on_another_and_ends_on_all() {
+    let (Some(mongo), Some(cql)) = (service_url("MONGODB_URL"), service_url("SCYLLA_URL")) else {
+        return;
+    };
+    let Some(dir) = models_dir() else { return };
+    let tag = Uuid::new_v4().simple().to_string();
+    let mut settings = model_settings(&dir);
+    settings.knowledge.mongodb_url = mongo;
+    settings.knowledge.mongodb_database = format!("nodes_{tag}");
+    settings.chat.scylla_nodes = cql.trim().to_string();
+    settings.chat.scylla_keyspace = format!("nodes_{tag}");
+    let a = TestApp::spawn_with(settings.clone()).await;
+    settings.knowledge.index_dir = format!("{}-b", settings.knowledge.index_dir);
+    let b = TestApp::spawn_with(settings).await;
+    let token = a.admin(&format!("conversations-{tag}@example.com")).await;
+
+    let ask = |message: &str, session: Option<&Value>| {
+        let mut body = json!({"message": message, "enable_rag": false, "max_tokens": 4});
+        if let Some(s) = session {
+            body["session_id"] = s.clone();
+        }
+        body
+    };
+    let first = expect(
+        a.post_json("/chat/message", &ask("My name is Orlaith.", None), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    let session = first["session_id"].clone();
+    // Continued through the other node: the same conversation, its history there.
+    let second = expect(
+        b.post_json("/chat/message", &ask("What is my name?", Some(&session)), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(second["session_id"], session);
+    let history = format!("/chat/sessions/{}/messages", session.as_str().expect("id"));
+    let v = expect(a.get(&history, Some(&token)).await, StatusCode::OK).await;
+    let contents: Vec<&str> = v["messages"]
+        .as_array()
+        .expect("messages")
+        .iter()
+        .filter_map(|m| m["content"].as_str())
+        .collect();
+    assert_eq!(contents.len(), 4, "{v}");
+    assert_eq!((contents[0], contents[2]), ("My name is Orlaith.", "What is my name?"));
+    let listed = expect(a.get("/chat/sessions", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(listed["sessions"][0]["message_count"], 4, "{listed}");
+
+    // Deleted through the second node: gone on both.
+    let path = format!("/chat/sessions/{}", session.as_str().expect("id"));
+    assert_eq!(b.delete(&path, &token).await.status(), StatusCode::NO_CONTENT);
+    assert_eq!(a.get(&history, Some(&token)).await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(b.get(&history, Some(&token)).await.status(), StatusCode::NOT_FOUND);
+    let refused = a
+        .post_json("/chat/message", &ask("Still there?", Some(&session)), Some(&token))
+        .await;
+    assert_eq!(refused.status(), StatusCode::NOT_FOUND);
 }
