@@ -4,6 +4,7 @@
 mod account_store;
 mod admin;
 mod auth;
+mod balancer;
 mod billing;
 mod chat;
 mod cli;
