@@ -43,6 +43,26 @@ const PAYMENT_COLUMNS: &str = "id, user_id, amount_cents, currency, description,
 macro_rules! sql_usage {
     ($store:ident, $db:ty, $row:ty) => {
         impl $store {
+            /// Binds a subscription's columns as $1…$13, in `SUB_COLUMNS` order.
+            fn bind_subscription<'q>(
+                q: sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>>,
+                s: &'q Subscription,
+            ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+                q.bind(s.user_id)
+                    .bind(s.plan.as_str())
+                    .bind(s.status.as_str())
+                    .bind(s.billing_cycle.as_str())
+                    .bind(to_i64(s.amount_cents))
+                    .bind(&s.currency)
+                    .bind(s.started_at)
+                    .bind(s.current_period_start)
+                    .bind(s.current_period_end)
+                    .bind(s.auto_renew)
+                    .bind(s.pending_plan.map(|p| p.as_str()))
+                    .bind(to_i64(s.period_adjustments_cents))
+                    .bind(to_i64(s.period_base_cents))
+            }
+
             fn subscription_row(row: &$row) -> StoreResult<Subscription> {
                 let plan: String = row.try_get("plan_type").map_err(store_error)?;
                 let status: String = row.try_get("status").map_err(store_error)?;
@@ -285,20 +305,7 @@ macro_rules! sql_usage {
                      pending_plan = excluded.pending_plan, period_adjustments_cents = excluded.period_adjustments_cents, \
                      period_base_cents = excluded.period_base_cents"
                 );
-                sqlx::query(&sql)
-                    .bind(s.user_id)
-                    .bind(s.plan.as_str())
-                    .bind(s.status.as_str())
-                    .bind(s.billing_cycle.as_str())
-                    .bind(to_i64(s.amount_cents))
-                    .bind(&s.currency)
-                    .bind(s.started_at)
-                    .bind(s.current_period_start)
-                    .bind(s.current_period_end)
-                    .bind(s.auto_renew)
-                    .bind(s.pending_plan.map(|p| p.as_str()))
-                    .bind(to_i64(s.period_adjustments_cents))
-                    .bind(to_i64(s.period_base_cents))
+                Self::bind_subscription(sqlx::query(&sql), s)
                     .execute(&self.pool)
                     .await
                     .map_err(store_error)?;
@@ -361,25 +368,15 @@ macro_rules! sql_usage {
                         return Ok(false);
                     }
                 }
-                let written = sqlx::query(
-                    "UPDATE subscriptions SET plan_type = $2, status = $3, billing_cycle = $4, amount_cents = $5, \
-                     currency = $6, started_at = $7, current_period_start = $8, current_period_end = $9, \
-                     auto_renew = $10, pending_plan = $11, period_adjustments_cents = $12, period_base_cents = $13 \
-                     WHERE user_id = $1 AND plan_type = $14 AND billing_cycle = $15 AND period_adjustments_cents = $16",
+                let written = Self::bind_subscription(
+                    sqlx::query(
+                        "UPDATE subscriptions SET plan_type = $2, status = $3, billing_cycle = $4, amount_cents = $5, \
+                         currency = $6, started_at = $7, current_period_start = $8, current_period_end = $9, \
+                         auto_renew = $10, pending_plan = $11, period_adjustments_cents = $12, period_base_cents = $13 \
+                         WHERE user_id = $1 AND plan_type = $14 AND billing_cycle = $15 AND period_adjustments_cents = $16",
+                    ),
+                    s,
                 )
-                .bind(s.user_id)
-                .bind(s.plan.as_str())
-                .bind(s.status.as_str())
-                .bind(s.billing_cycle.as_str())
-                .bind(to_i64(s.amount_cents))
-                .bind(&s.currency)
-                .bind(s.started_at)
-                .bind(s.current_period_start)
-                .bind(s.current_period_end)
-                .bind(s.auto_renew)
-                .bind(s.pending_plan.map(|p| p.as_str()))
-                .bind(to_i64(s.period_adjustments_cents))
-                .bind(to_i64(s.period_base_cents))
                 .bind(expected.plan.as_str())
                 .bind(expected.billing_cycle.as_str())
                 .bind(to_i64(expected.period_adjustments_cents))
