@@ -240,6 +240,11 @@ pub struct ServerSettings {
     pub json_limit_bytes: usize,
     /// Seconds given to in-flight requests on SIGTERM/SIGINT.
     pub shutdown_timeout_secs: u64,
+    /// On SIGTERM/SIGINT, `/health` and `/ready` answer 503 this many seconds
+    /// before the server stops taking requests (a load balancer's health check
+    /// takes the node out of rotation meanwhile).
+    #[serde(default)]
+    pub drain_secs: u64,
     /// Behind a load balancer: the header it sets with the client's address (for
     /// example `X-Forwarded-For`; its last entry is taken). Empty: the peer address.
     #[serde(default)]

@@ -212,6 +212,7 @@ impl Application {
         let state = AppState {
             chat,
             sockets: Default::default(),
+            draining: Default::default(),
             conversations,
             documents,
             ingestor,
@@ -260,13 +261,19 @@ impl Application {
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }
-        if !handle_signals {
-            server = server.disable_signals();
-        }
+        // Signals are ours: SIGTERM drains first (see `drain_on_signals`).
+        server = server.disable_signals();
         let server = server
             .listen(listener)
             .map_err(|e| StartupError::Other(e.to_string()))?
             .run();
+        if handle_signals {
+            drain_on_signals(
+                server.handle(),
+                state.draining.clone(),
+                Duration::from_secs(settings.server.drain_secs),
+            );
+        }
         let metrics = metrics_server(&settings, &state)?;
         Ok(Application {
             port,
@@ -316,6 +323,41 @@ impl Application {
         );
         result
     }
+}
+
+/// On SIGTERM or SIGINT: `/health` and `/ready` answer 503 for `drain`, so that a
+/// load balancer takes the node out of rotation while it still answers, then the
+/// server stops gracefully (in-flight requests and streams get
+/// `server.shutdown_timeout_secs`). A second signal stops it at once.
+fn drain_on_signals(
+    handle: actix_web::dev::ServerHandle,
+    draining: Arc<std::sync::atomic::AtomicBool>,
+    drain: Duration,
+) {
+    actix_web::rt::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            tracing::error!("cannot listen for SIGTERM");
+            return;
+        };
+        let signal = async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        };
+        let which = signal.await;
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        tracing::info!(
+            signal = which,
+            drain_secs = drain.as_secs(),
+            "draining: health answers 503, then stopping"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(drain) => handle.stop(true).await,
+            _ = term.recv() => handle.stop(false).await,
+            _ = tokio::signal::ctrl_c() => handle.stop(false).await,
+        }
+    });
 }
 
 /// Starts the `metrics.bind` server (one worker, `GET /metrics` only, no

@@ -74,6 +74,9 @@ pub struct AppState {
     pub chat: ragchat_actors::chat::turn::ChatService,
     /// Open WebSockets per user (for `chat.ws_max_per_user`).
     pub sockets: Arc<ws::Sockets>,
+    /// Set on SIGTERM: `/health` and `/ready` answer 503 for `server.drain_secs` so
+    /// that load balancers stop sending requests, then the server stops.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

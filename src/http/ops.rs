@@ -21,12 +21,19 @@ pub struct Health {
 }
 
 /// Liveness: the process answers HTTP. Touches no store.
-#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, body = Health)))]
-pub async fn health() -> web::Json<Health> {
-    web::Json(Health {
-        status: "healthy".into(),
+#[utoipa::path(get, path = "/health", tag = "ops",
+    responses((status = 200, body = Health), (status = 503, body = Health, description = "Draining after SIGTERM")))]
+pub async fn health(state: web::Data<AppState>) -> HttpResponse {
+    let draining = state.draining.load(std::sync::atomic::Ordering::Relaxed);
+    let body = Health {
+        status: if draining { "draining" } else { "healthy" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
-    })
+    };
+    if draining {
+        HttpResponse::ServiceUnavailable().json(body)
+    } else {
+        HttpResponse::Ok().json(body)
+    }
 }
 
 /// How long /ready waits for each store before calling it down.
@@ -36,6 +43,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(2);
 #[utoipa::path(get, path = "/ready", tag = "ops",
     responses((status = 200, description = "All stores answer"), (status = 503, description = "A store is down")))]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
+    if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return HttpResponse::ServiceUnavailable().json(json!({"status": "draining"}));
+    }
     let status =
         |r: Result<Result<(), ragchat_actors::ports::StoreError>, tokio::time::error::Elapsed>, what: &str| match r {
             Ok(Ok(())) => "ok".to_string(),

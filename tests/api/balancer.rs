@@ -319,3 +319,90 @@ async fn wait_ready(client: &reqwest::Client, base: &str) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// SIGTERM drains a node: `/health` and `/ready` answer 503 at once (a balancer
+/// takes the node out of rotation), a stream in flight finishes, and the process
+/// stops after `server.drain_secs`.
+#[actix_web::test]
+async fn sigterm_drains_a_node_health_first_and_in_flight_streams_finish() {
+    let Some(models) = models_dir() else { return };
+    let dir = std::env::temp_dir().join(format!("ragchat-drain-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sqlite = |name: &str| format!("sqlite:{}?mode=rwc", dir.join(name).display());
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let mut server = ServerProcess::spawn(&[
+        ("RAGCHAT__SERVER__DRAIN_SECS", "3".into()),
+        ("RAGCHAT__DATABASE__URL", sqlite("accounts.db")),
+        ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
+        ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
+        ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join("index"))),
+        ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
+        (
+            "RAGCHAT__MODELS__GENERATOR_PATH",
+            path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
+        ),
+    ]);
+    let client = reqwest::Client::new();
+    wait_ready(&client, &server.base).await;
+    let token = crate::helpers::sign_up(&client, &server.base, &server.base, "drain@example.com").await;
+    let resp = client
+        .post(format!("{}/chat/stream", server.base))
+        .bearer_auth(&token)
+        .json(&json!({"message": "Tell a long story about a lighthouse.", "enable_rag": false, "max_tokens": 160}))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut body = resp.bytes_stream();
+    let first = body.next().await.expect("a first event").expect("bytes");
+    assert!(!first.is_empty());
+
+    let signalled = Instant::now();
+    let killed = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(server.child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = client
+        .get(format!("{}/health", server.base))
+        .send()
+        .await
+        .expect("health while draining");
+    assert_eq!(health.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = health.json().await.expect("json");
+    assert_eq!(v["status"], "draining");
+    let ready = client
+        .get(format!("{}/ready", server.base))
+        .send()
+        .await
+        .expect("ready while draining");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    // The answer in flight comes to its end.
+    let mut text = String::from_utf8_lossy(&first).to_string();
+    while let Some(chunk) = body.next().await {
+        text.push_str(&String::from_utf8_lossy(&chunk.expect("chunk")));
+    }
+    assert!(text.contains("event: done"), "the stream was cut: {text}");
+
+    // Then the process stops by itself, after the drain.
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = server.child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "still running after the drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(
+        signalled.elapsed() >= Duration::from_secs(3),
+        "stopped before the drain ended"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
