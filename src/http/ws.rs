@@ -216,14 +216,11 @@ async fn first_frame(
         return refuse(session, &Value::Null, &e, CLOSE_UNAUTHORIZED).await;
     };
     let frame_value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-    let id = match frame_value.get("id") {
-        Some(v @ (Value::Number(_) | Value::String(_)))
-            if v.to_string().len() <= state.settings.chat.ws_max_id_chars =>
-        {
-            v.clone()
-        }
-        _ => Value::Null,
-    };
+    let id = frame_value
+        .get("id")
+        .cloned()
+        .filter(|id| id_ok(id, state.settings.chat.ws_max_id_chars))
+        .unwrap_or(Value::Null);
     let token = match (frame_value["type"].as_str(), frame_value["token"].as_str()) {
         (Some("auth"), Some(t)) if !t.trim().is_empty() => t.trim().to_string(),
         _ => {
@@ -439,6 +436,15 @@ async fn fresh(state: &AppState, user: &CurrentUser) -> Result<CurrentUser, ApiE
     })
 }
 
+/// A frame id echoed back: null, a number or a string of at most `max` characters.
+fn id_ok(id: &Value, max: usize) -> bool {
+    match id {
+        Value::Null | Value::Number(_) => true,
+        Value::String(s) => s.len() <= max,
+        _ => false,
+    }
+}
+
 /// Handles one client frame; returns the frame to send back, if any.
 async fn on_frame(
     state: &AppState,
@@ -459,12 +465,7 @@ async fn on_frame(
     let obj = value.as_object_mut()?;
     let id = obj.remove("id").unwrap_or(Value::Null);
     // The id is echoed in every frame of the answer: keep it small.
-    let id_ok = match &id {
-        Value::Null | Value::Number(_) => true,
-        Value::String(s) => s.len() <= state.settings.chat.ws_max_id_chars,
-        _ => false,
-    };
-    if !id_ok {
+    if !id_ok(&id, state.settings.chat.ws_max_id_chars) {
         return Some(error_frame(
             &Value::Null,
             &ApiError::Unprocessable(format!(

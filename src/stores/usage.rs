@@ -63,6 +63,23 @@ macro_rules! sql_usage {
                     .bind(to_i64(s.period_base_cents))
             }
 
+            /// Closes a pending upgrade request with its decision (no row: it was not pending).
+            fn close_request<'q>(
+                id: Uuid,
+                d: &'q UpgradeDecision,
+            ) -> sqlx::query::Query<'q, $db, <$db as sqlx::Database>::Arguments<'q>> {
+                sqlx::query(
+                    "UPDATE upgrade_requests SET status = $2, decided_at = $3, decided_by = $4, note = $5, \
+                     charged_cents = $6 WHERE id = $1 AND status = 'pending'",
+                )
+                .bind(id)
+                .bind(d.status.as_str())
+                .bind(d.decided_at)
+                .bind(d.decided_by)
+                .bind(d.note.as_deref())
+                .bind(d.charged_cents.map(to_i64))
+            }
+
             fn subscription_row(row: &$row) -> StoreResult<Subscription> {
                 let plan: String = row.try_get("plan_type").map_err(store_error)?;
                 let status: String = row.try_get("status").map_err(store_error)?;
@@ -351,16 +368,7 @@ macro_rules! sql_usage {
                 // lock at once, PostgreSQL re-checks each WHERE on the row it waited for.
                 let mut tx = self.pool.begin().await.map_err(store_error)?;
                 if let Some((id, d)) = request {
-                    let closed = sqlx::query(
-                        "UPDATE upgrade_requests SET status = $2, decided_at = $3, decided_by = $4, note = $5, \
-                         charged_cents = $6 WHERE id = $1 AND status = 'pending'",
-                    )
-                    .bind(id)
-                    .bind(d.status.as_str())
-                    .bind(d.decided_at)
-                    .bind(d.decided_by)
-                    .bind(d.note.as_deref())
-                    .bind(d.charged_cents.map(to_i64))
+                    let closed = Self::close_request(id, d)
                     .execute(&mut *tx)
                     .await
                     .map_err(store_error)?;
@@ -460,16 +468,7 @@ macro_rules! sql_usage {
             }
 
             async fn close_upgrade_request(&self, id: Uuid, d: &UpgradeDecision) -> StoreResult<bool> {
-                let done = sqlx::query(
-                    "UPDATE upgrade_requests SET status = $2, decided_at = $3, decided_by = $4, note = $5, \
-                     charged_cents = $6 WHERE id = $1 AND status = 'pending'",
-                )
-                .bind(id)
-                .bind(d.status.as_str())
-                .bind(d.decided_at)
-                .bind(d.decided_by)
-                .bind(d.note.as_deref())
-                .bind(d.charged_cents.map(to_i64))
+                let done = Self::close_request(id, d)
                 .execute(&self.pool)
                 .await
                 .map_err(store_error)?;
