@@ -16,6 +16,9 @@ use uuid::Uuid;
 
 use super::store_error;
 
+/// How often a chunk read follows a re-index's switch before giving up.
+const CHUNK_READ_TRIES: usize = 8;
+
 fn bad_row(what: &str) -> StoreError {
     StoreError::Internal(format!("stored {what} is malformed"))
 }
@@ -347,8 +350,9 @@ impl MongoDocumentStore {
         }))
     }
 
-    /// The chunks of one chunk set, in order.
-    async fn chunks_of_set(&self, document_id: Uuid, set: Uuid) -> StoreResult<Vec<Chunk>> {
+    /// The chunks of one chunk set, in order; `None` when the set was being
+    /// deleted while it was read (a chunk came back without its embedding).
+    async fn chunks_of_set(&self, document_id: Uuid, set: Uuid) -> StoreResult<Option<Vec<Chunk>>> {
         use futures_util::TryStreamExt;
         let found: Vec<BsonDoc> = self
             .chunks
@@ -377,23 +381,26 @@ impl MongoDocumentStore {
                 embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
             );
         }
-        found
-            .iter()
-            .map(|b| {
-                let emb = b.get_str("_id").ok().and_then(|id| by_chunk.remove(id));
-                Ok(Chunk {
-                    id: uuid_field(b, "_id")?,
-                    document_id,
-                    ordinal: b
-                        .get_i64("ordinal")
-                        .ok()
-                        .and_then(|o| u32::try_from(o).ok())
-                        .ok_or_else(|| bad_row("ordinal"))?,
-                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
-                    embedding: emb.ok_or_else(|| bad_row("embedding"))?,
-                })
-            })
-            .collect()
+        let mut chunks = Vec::with_capacity(found.len());
+        for b in &found {
+            // Chunks and embeddings are two reads: a re-index that deleted the
+            // set in between leaves chunks without embeddings.
+            let Some(embedding) = b.get_str("_id").ok().and_then(|id| by_chunk.remove(id)) else {
+                return Ok(None);
+            };
+            chunks.push(Chunk {
+                id: uuid_field(b, "_id")?,
+                document_id,
+                ordinal: b
+                    .get_i64("ordinal")
+                    .ok()
+                    .and_then(|o| u32::try_from(o).ok())
+                    .ok_or_else(|| bad_row("ordinal"))?,
+                content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
+                embedding,
+            });
+        }
+        Ok(Some(chunks))
     }
 
     /// Connects and creates the indexes (idempotent).
@@ -566,19 +573,21 @@ impl DocumentStore for MongoDocumentStore {
     }
 
     async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>> {
-        // A set read just as a re-index deleted it comes back short: read the
-        // document's current set again (a few times at most).
-        let mut chunks = Vec::new();
-        for _ in 0..3 {
+        // A set read just as a re-index deleted it comes back short or without
+        // embeddings: read the document's current set again. Each retry follows
+        // a newer switch, so this ends unless re-indexes never stop.
+        for _ in 0..CHUNK_READ_TRIES {
             let Some((set, count)) = self.chunk_set(document_id).await? else {
                 return Ok(Vec::new());
             };
-            chunks = self.chunks_of_set(document_id, set).await?;
-            if chunks.len() == count {
-                break;
+            match self.chunks_of_set(document_id, set).await? {
+                Some(chunks) if chunks.len() == count => return Ok(chunks),
+                _ => {}
             }
         }
-        Ok(chunks)
+        Err(StoreError::Unavailable(
+            "the document's chunks kept changing while they were read".into(),
+        ))
     }
 
     async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>> {
