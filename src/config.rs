@@ -339,6 +339,8 @@ pub struct RateLimitSettings {
     pub chat: RateLimit,
     pub search: RateLimit,
     pub api: RateLimit,
+    /// Chat answers one user may have in progress at once on a node (0: no cap).
+    pub concurrent_chats: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -162,6 +162,8 @@ error_codes! {
     RateLimited = "rate_limited", RateLimit;
     /// The caller's background jobs that have not finished are at their limit (429).
     TooManyJobs = "too_many_jobs", RateLimit;
+    /// The caller already has as many chat answers in progress as allowed (429).
+    TooManyChats = "too_many_chats", RateLimit;
     /// The payment provider refused the charge; nothing was applied (402).
     PaymentDeclined = "payment_declined", Payment;
     /// The model worker's queue is full (503).

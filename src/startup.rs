@@ -120,6 +120,7 @@ impl Application {
             },
             max_lease: settings.quota.max_lease.max(1),
             lease_idle: Duration::from_millis(settings.quota.lease_idle_ms),
+            max_concurrent_chats: rl.concurrent_chats,
         };
         let limiter = redis_limits.clone().map(|r| {
             Arc::new(crate::stores::instrumented::RateLimits {

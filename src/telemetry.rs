@@ -111,6 +111,7 @@ pub fn record_rejection(r: &ragchat_actors::admission::session::Rejection, resou
         R::RateLimited { bucket, .. } => ("rate_limited", bucket.as_str().to_string()),
         R::QuotaExceeded { resource, .. } => ("quota_exceeded", resource.as_str().to_string()),
         R::StorageExceeded { .. } => ("storage_exceeded", "storage_mb".to_string()),
+        R::Busy { bucket, .. } => ("busy", bucket.as_str().to_string()),
         R::UnknownUser => ("unknown_user", resource.to_string()),
         R::Unavailable(_) => ("unavailable", resource.to_string()),
         R::UsageUnrecordable => ("usage_unrecordable", resource.to_string()),

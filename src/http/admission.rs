@@ -180,6 +180,13 @@ pub fn rejection_error(r: Rejection) -> ApiError {
             ))
             .with_code(ErrorCode::StorageQuotaExceeded)
         }
+        Rejection::Busy { limit, .. } => ApiError::TooManyRequests {
+            detail: json!(format!(
+                "You already have {limit} chat answer(s) in progress: wait for one to finish (or stop it)"
+            )),
+            headers: vec![("Retry-After", "1".into())],
+        }
+        .with_code(ErrorCode::TooManyChats),
         Rejection::UnknownUser => ApiError::Unauthorized("Could not validate credentials".into()),
         Rejection::Unavailable(why) => {
             tracing::warn!(reason = %why, "admission unavailable");

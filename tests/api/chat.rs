@@ -430,6 +430,66 @@ async fn a_client_that_leaves_mid_answer_frees_the_slot_and_is_counted_once() {
     assert_eq!(cancelled, [&Value::Null, &json!(true), &Value::Null, &Value::Null]);
 }
 
+#[actix_web::test]
+async fn one_user_has_at_most_two_answers_in_progress_and_the_third_is_refused_free() {
+    let Some((app, _admin, user_id, token)) = chat_app().await else {
+        return;
+    };
+    let long = json!({"message": "Write a very long story about a dragon who learns to bake bread.",
+                      "max_tokens": 400, "enable_rag": false});
+    // Two streams admitted and generating (their bodies held, not read to the end).
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let resp = app.post_json("/chat/stream", &long, Some(&token)).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        open.push(resp.bytes_stream());
+    }
+    for body in &mut open {
+        let mut seen = String::new();
+        while !seen.contains("event: token") {
+            let chunk = body.next().await.expect("an event").expect("chunk");
+            seen.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+    // The third, on any transport, is refused at once with the reason.
+    let resp = app.post_json("/chat/message", &ask("And a third?"), Some(&token)).await;
+    assert_eq!(
+        resp.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("1")
+    );
+    let body = expect(resp, StatusCode::TOO_MANY_REQUESTS).await;
+    assert_eq!(body["code"], "too_many_chats", "{body}");
+    let resp = app
+        .post_json(
+            "/v1/chat/completions",
+            &json!({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+            Some(&token),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    // Another user is not held up by it.
+    let (_, other) = app
+        .user(&format!("chat-other-{}@example.com", Uuid::new_v4().simple()))
+        .await;
+    expect(
+        app.post_json("/chat/message", &ask("Hello?"), Some(&other)).await,
+        StatusCode::OK,
+    )
+    .await;
+    // Once the streams are gone, the user chats again.
+    drop(open);
+    assert!(slot_freed(&app, 2).await, "both sequences left the batch");
+    expect(
+        app.post_json("/chat/message", &ask("Now?"), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    // The refusals cost nothing: two streams (counted: tokens were sent) and one answer.
+    assert_eq!(usage_records(&app, &user_id, 3).await, 3);
+    let usage = expect(app.get("/billing/usage", Some(&token)).await, StatusCode::OK).await;
+    assert_eq!(usage["messages_this_month"], 3, "{usage}");
+}
+
 fn ws_url(app: &TestApp, token: Option<&str>) -> String {
     let base = app.address.replacen("http://", "ws://", 1);
     match token {

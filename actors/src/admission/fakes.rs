@@ -524,6 +524,7 @@ pub fn world_with(
         store_down: StoreDownPolicy::FailClosed,
         max_lease,
         lease_idle,
+        max_concurrent_chats: 0,
     };
     tweak(&mut config);
     let deps = SessionDeps {

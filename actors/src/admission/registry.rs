@@ -503,6 +503,63 @@ mod tests {
     }
 
     #[actix::test]
+    async fn a_user_has_at_most_the_configured_chats_in_progress_and_others_are_not_held_up() {
+        let w = crate::admission::fakes::world_with(32, Duration::from_secs(60), BTreeMap::new(), |c| {
+            c.max_concurrent_chats = 2;
+        });
+        let chat = || Admit {
+            bucket: Some(Bucket::Chat),
+            resource: Resource::Messages,
+            cost: 1,
+        };
+        let (user, other) = (w.accounts.add(Plan::Pro), w.accounts.add(Plan::Pro));
+        // Many at once: exactly two admitted, whatever the order in the mailbox.
+        let results = join_all((0..10).map(|_| Ticket::admit(w.registry.clone(), user, chat()))).await;
+        let (ok, refused): (Vec<_>, Vec<_>) = results.into_iter().partition(|r| r.is_ok());
+        assert_eq!((ok.len(), refused.len()), (2, 8));
+        assert!(refused.iter().all(|r| matches!(
+            r,
+            Err(Rejection::Busy {
+                bucket: Bucket::Chat,
+                limit: 2
+            })
+        )));
+        // Other buckets and other users are not capped by it.
+        ticket(&w.registry, user)
+            .await
+            .expect("an API call meanwhile")
+            .complete(serde_json::json!({}));
+        let theirs = Ticket::admit(w.registry.clone(), other, chat())
+            .await
+            .expect("another user");
+        // A finished (completed) or abandoned (released, or dropped) turn frees its place.
+        let mut ok = ok.into_iter().flatten();
+        ok.next().expect("first").complete(serde_json::json!({}));
+        let third = Ticket::admit(w.registry.clone(), user, chat())
+            .await
+            .expect("after one completed");
+        assert!(matches!(
+            Ticket::admit(w.registry.clone(), user, chat()).await,
+            Err(Rejection::Busy { .. })
+        ));
+        drop(ok.next());
+        drop(third);
+        let again = join_all((0..3).map(|_| Ticket::admit(w.registry.clone(), user, chat()))).await;
+        assert_eq!(again.iter().filter(|r| r.is_ok()).count(), 2, "both places free again");
+        theirs.release();
+        // Refusals cost nothing: one message recorded (the completed turn), and the
+        // counter holds exactly the units admitted and not given back.
+        drop(again);
+        for _ in 0..200 {
+            if w.usage.recorded(user) >= 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(w.usage.recorded(user), 2, "one chat and one API call");
+    }
+
+    #[actix::test]
     async fn a_deactivated_user_is_refused_once_this_node_forgets_the_row() {
         let w = world(32, Duration::from_secs(60), BTreeMap::new());
         let user = w.accounts.add(Plan::Pro);

@@ -15,7 +15,7 @@
 //! the user's row is cached (`users`), Redis is not involved and the quota lease
 //! holds units, `Admit` is decided without any await: no store round trip.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,6 +74,10 @@ pub struct SessionConfig {
     pub max_lease: u64,
     /// Units of a lease unused this long go back to the store.
     pub lease_idle: Duration,
+    /// The most chat turns one user may have admitted and unfinished at once
+    /// in this process (0: no cap), so that one user cannot fill the shared
+    /// generation queue; beyond it `Busy`.
+    pub max_concurrent_chats: usize,
 }
 
 /// Everything a session needs; shared by all sessions.
@@ -136,6 +140,8 @@ pub enum Rejection {
         requested_bytes: u64,
         limit_bytes: u64,
     },
+    /// The user already has `limit` unfinished requests of this bucket.
+    Busy { bucket: Bucket, limit: usize },
     /// The user no longer exists or is deactivated.
     UnknownUser,
     /// The quota store is down and the policy is to fail closed, or the local
@@ -223,6 +229,8 @@ pub struct UserSession {
     unreturned: Vec<(Resource, DateTime<Utc>, u64)>,
     offline_used: HashMap<Resource, u64>,
     in_flight: usize,
+    /// Chat permits admitted and not yet completed or released.
+    chats: HashSet<Uuid>,
     /// Quota units reserved in the store and not admitted yet, per resource.
     leases: HashMap<Resource, Lease>,
     /// A check of idle leases is scheduled.
@@ -245,6 +253,7 @@ impl UserSession {
             unreturned: Vec::new(),
             offline_used: HashMap::new(),
             in_flight: 0,
+            chats: HashSet::new(),
             leases: HashMap::new(),
             lease_check: false,
             storage: Holds::default(),
@@ -406,8 +415,12 @@ impl UserSession {
             QuotaStep::Reserve { .. } => return None,
         };
         self.in_flight += 1;
+        let id = Uuid::new_v4();
+        if msg.bucket == Some(Bucket::Chat) {
+            self.chats.insert(id);
+        }
         Some(Ok(Permit {
-            id: Uuid::new_v4(),
+            id,
             user_id: self.user_id,
             resource: msg.resource,
             cost: msg.cost,
@@ -489,6 +502,13 @@ impl Handler<Admit> for UserSession {
         self.last_active = Instant::now();
         if self.deps.ledger.refusing() {
             return AtomicResponse::new(Box::pin(fut::ready(Err(Rejection::UsageUnrecordable))));
+        }
+        let cap = self.deps.config.max_concurrent_chats;
+        if msg.bucket == Some(Bucket::Chat) && cap > 0 && self.chats.len() >= cap {
+            return AtomicResponse::new(Box::pin(fut::ready(Err(Rejection::Busy {
+                bucket: Bucket::Chat,
+                limit: cap,
+            }))));
         }
         let now = Utc::now();
         let period = month_of(now);
@@ -681,6 +701,9 @@ impl Handler<Admit> for UserSession {
             match &result {
                 Ok(p) => {
                     act.in_flight += 1;
+                    if msg.bucket == Some(Bucket::Chat) {
+                        act.chats.insert(p.id);
+                    }
                     if p.offline {
                         *act.offline_used.entry(p.resource).or_insert(0) += p.cost;
                     }
@@ -713,6 +736,7 @@ impl Handler<Complete> for UserSession {
 
     fn handle(&mut self, msg: Complete, _ctx: &mut Self::Context) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.chats.remove(&msg.permit.id);
         self.last_active = Instant::now();
         let p = msg.permit;
         if p.offline {
@@ -735,6 +759,7 @@ impl Handler<Release> for UserSession {
 
     fn handle(&mut self, msg: Release, ctx: &mut Self::Context) {
         self.in_flight = self.in_flight.saturating_sub(1);
+        self.chats.remove(&msg.permit.id);
         let p = msg.permit;
         self.exhausted.remove(&(p.resource, p.period.start));
         if p.offline {
