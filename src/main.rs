@@ -3,6 +3,22 @@
 
 mod cli;
 
+/// jemalloc as the binary's allocator (feature `jemalloc`, on by default): its
+/// size classes keep a long-running server's heap from fragmenting the way glibc's
+/// arenas do, and pages freed for `dirty_decay_ms` go back to the system (a
+/// background thread purges them), so memory follows what the server holds.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its start (`_RJEM_MALLOC_CONF` in the environment
+/// overrides them): purge unused dirty pages after a second by a background thread;
+/// no "muzzy" stage (pages are returned, not kept lazily).
+#[cfg(feature = "jemalloc")]
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> std::process::ExitCode {
     // The PDF reader's child process (see `knowledge::pdf`): before any runtime or
     // thread, so its resource limits cover all it does.

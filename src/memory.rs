@@ -1,17 +1,17 @@
 //! The allocator's part in keeping memory proportional to what is stored.
 //!
-//! glibc's malloc keeps what a process frees: each thread arena (up to 8 per
-//! core) holds its free pages, and after the first large block is freed it raises
-//! its mmap threshold (up to 32 MiB), so the large temporary buffers of an
-//! embedding batch or a parsed upload then come from the arenas and stay there.
-//! At start `configure` bounds the arenas and fixes the thresholds (`[memory]`
-//! in the configuration). Elsewhere it does nothing.
+//! The binary allocates with jemalloc (feature `jemalloc`, on by default; options
+//! in `main.rs`): size-class slabs, and dirty pages purged after a second by a
+//! background thread, so what a request or a deleted document freed goes back to
+//! the system. glibc malloc still serves the C libraries (SQLite, the PDF child's
+//! parser), and the whole process in a build without the feature.
 //!
-//! Not done: `malloc_trim` after documents were stored or deleted. Tried (on a
-//! thread of its own, at most once a second), the debug server of
-//! tests/api/memory.rs exited without a message during a batch of uploads once
-//! in two runs; without it the run passed. `trim` is kept for a caller that
-//! measures it (the figures are in BENCHMARKS.md).
+//! For glibc, `configure` bounds the arenas and fixes the thresholds at start
+//! (`[memory]` in the configuration): each thread arena (up to 8 per core) keeps
+//! its free pages, and after the first large block is freed glibc raises its mmap
+//! threshold (up to 32 MiB), so large temporary buffers then come from the arenas
+//! and stay there. Even so, glibc's heap grows by MiBs per request kind and gives
+//! little back after deletes (BENCHMARKS.md, "Memory per request").
 
 use crate::config::MemorySettings;
 
@@ -24,13 +24,6 @@ mod glibc {
         };
         // SAFETY: mallopt only changes allocator parameters; any value is checked by glibc.
         unsafe { libc::mallopt(param, value) == 1 }
-    }
-
-    pub fn trim() {
-        // SAFETY: malloc_trim walks the allocator's own free lists; no pointers of ours.
-        unsafe {
-            libc::malloc_trim(0);
-        }
     }
 
     pub use libc::{M_ARENA_MAX, M_MMAP_THRESHOLD, M_TRIM_THRESHOLD};
@@ -58,10 +51,4 @@ pub fn configure(m: &MemorySettings) {
             }
         }
     }
-}
-
-/// Hands free pages of every arena back to the system now.
-pub fn trim() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    glibc::trim();
 }
