@@ -20,12 +20,18 @@
 //! them. Only `Flush` and a dying instance write past the bound (losing records
 //! at exit would be worse than a larger file).
 //!
+//! Killed processes: every record is also written to a journal as it arrives
+//! (`journal`: a file beside the spool, not synced, so it survives the process
+//! though not the machine). Files a flush cycle has stored or spooled are
+//! deleted; at start, what the journal still holds goes to the spool first.
+//!
 //! Supervision: the ledger runs under a [`Supervised`] handle ([`Ledger`]). If it
 //! dies, what it held in memory (the buffer, records held past the bound and a
 //! batch being written) goes to the spool as it stops, records sent while it is
 //! down wait in the handle, and the new instance replays the spool and receives
 //! them: nothing is lost.
 
+mod journal;
 mod spool;
 
 use std::future::Future;
@@ -172,6 +178,7 @@ impl Spool {
     /// rewritten framed, then the file is counted; replays start from its
     /// beginning (what is there already in the store is not counted twice).
     fn open(&self) {
+        self.recover_journal();
         match spool::migrate_legacy::<UsageRecord>(&self.path) {
             Ok(Some(n)) => tracing::warn!(records = n, "ledger: the old JSON-lines spool was rewritten framed"),
             Ok(None) => {}
@@ -206,6 +213,21 @@ impl Spool {
 
     fn is_empty(&self) -> bool {
         self.gauges.bytes.load(Ordering::Relaxed) == 0
+    }
+
+    /// Moves what an earlier process (or instance) left in the journal into the
+    /// spool, then deletes the journal files; they stay when the spool cannot
+    /// take it.
+    fn recover_journal(&self) {
+        let (records, last) = journal::recover(&self.path);
+        let Some(last) = last else { return };
+        let n = records.len();
+        if self.append(records, true).is_empty() {
+            journal::Journal::new(&self.path).settle(last);
+            if n > 0 {
+                tracing::warn!(records = n, "ledger: usage records left in the journal (a process stopped before its flush) were spooled");
+            }
+        }
     }
 
     /// Appends, in one fsynced write, the records that fit under the bound (all
@@ -365,6 +387,8 @@ pub struct BillingLedger {
     /// batches meanwhile go straight to the spool, which is not read.
     retry_at: Option<Instant>,
     backoff: Duration,
+    /// Every record as it arrives, until a flush cycle has stored or spooled it.
+    journal: journal::Journal,
 }
 
 /// The longest wait between two attempts at a store that is down.
@@ -373,6 +397,7 @@ const RETRY_MAX: Duration = Duration::from_secs(5);
 impl BillingLedger {
     /// `spool` has been opened (`Spool::open`) for this instance.
     fn new(store: Arc<dyn UsageStore>, config: LedgerConfig, spool: Spool, parked: Parked) -> Self {
+        let spool_path = config.spool_path.clone();
         BillingLedger {
             store,
             config,
@@ -386,6 +411,7 @@ impl BillingLedger {
             child: None,
             retry_at: None,
             backoff: Duration::ZERO,
+            journal: journal::Journal::new(&spool_path),
         }
     }
 
@@ -402,6 +428,8 @@ impl BillingLedger {
             return Box::pin(fut::ready(self.stats_now()));
         }
         self.flushing = true;
+        // Every record journaled so far is in `pending` (or stored, or spooled).
+        let sealed = self.journal.rotate();
         let mut pending = std::mem::take(&mut self.held);
         pending.append(&mut self.buffer);
         self.inflight = pending.clone();
@@ -462,6 +490,9 @@ impl BillingLedger {
             act.flushing = false;
             act.inflight.clear();
             act.stats.written += written;
+            if rest.is_empty() && act.held.is_empty() {
+                act.journal.settle(sealed);
+            }
             act.hold(rest);
             if !waiting {
                 act.attempted(failed);
@@ -542,6 +573,10 @@ impl Actor for BillingLedger {
         if !left.is_empty() {
             tracing::warn!(records = left.len(), "ledger stopping: spooling what it held");
             let rest = self.spool.append(left, true);
+            if rest.is_empty() {
+                let upto = self.journal.rotate();
+                self.journal.settle(upto);
+            }
             if !rest.is_empty() {
                 tracing::error!(
                     records = rest.len(),
@@ -562,6 +597,7 @@ impl Handler<Record> for BillingLedger {
 
     fn handle(&mut self, mut msg: Record, ctx: &mut Self::Context) {
         if let Some(r) = msg.record.take() {
+            self.journal.write(&r);
             self.buffer.push(r);
         }
         if self.buffer.len() >= self.config.max_batch && !self.flushing {

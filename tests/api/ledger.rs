@@ -11,7 +11,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::fault_proxy::FaultProxy;
-use crate::helpers::{expect, fresh_postgres_url, service_url, temp_sqlite_url, test_settings, TestApp};
+use crate::helpers::{
+    expect, fresh_postgres_url, service_url, sign_up, temp_sqlite_url, test_settings, ServerProcess, TestApp,
+};
 use crate::metrics::{sample, scrape, SCRAPE_TOKEN};
 
 /// A PostgreSQL server of this test's own (so stopping it disturbs no other test),
@@ -263,6 +265,9 @@ async fn a_full_spool_refuses_new_work_until_the_store_is_back_and_loses_nothing
     // the session's lease: without the bound, work would go on unrecorded.
     settings.sessions.user_cache_ms = 600_000;
     settings.quota.lease_idle_ms = 600_000;
+    // Nor is the token's login read again (on a loaded machine the spool can take
+    // longer than the default second to fill: that read would answer 503 first).
+    settings.auth.login_cache_ms = 600_000;
     let app = TestApp::spawn_with(settings).await;
     let email = format!("spool-full-{}@example.com", Uuid::new_v4().simple());
     let hasher = ragchat::auth::PasswordHasher::new(test_settings("sqlite::memory:").auth.argon2).expect("hasher");
@@ -385,4 +390,67 @@ async fn a_full_spool_refuses_new_work_until_the_store_is_back_and_loses_nothing
         StatusCode::OK,
     )
     .await;
+}
+
+/// Usage records in a SQLite accounts database.
+async fn records_in(db: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(db).await.expect("sqlite");
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    pool.close().await;
+    n
+}
+
+/// A server killed (SIGKILL) between two flushes loses no usage: the records the
+/// ledger held in memory are in its journal, and the next start writes them.
+#[actix_web::test]
+async fn usage_admitted_before_a_sigkill_is_recorded_once_after_the_restart() {
+    let dir = std::env::temp_dir().join(format!("ragchat-killed-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sqlite = |name: &str| format!("sqlite:{}?mode=rwc", dir.join(name).display());
+    let env = |flush_ms: &str| {
+        vec![
+            ("RAGCHAT__DATABASE__URL", sqlite("accounts.db")),
+            ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
+            ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
+            ("RAGCHAT__KNOWLEDGE__INDEX_DIR", dir.join("index").display().to_string()),
+            ("RAGCHAT__LEDGER__SPOOL_PATH", dir.join("spool.bin").display().to_string()),
+            ("RAGCHAT__LEDGER__FLUSH_INTERVAL_MS", flush_ms.to_string()),
+            ("RAGCHAT__MODELS__ENABLED", "false".to_string()),
+        ]
+    };
+    // Records stay in the ledger's memory: no flush for ten minutes.
+    let mut first = ServerProcess::spawn(&env("600000"));
+    let client = reqwest::Client::new();
+    let token = sign_up(&client, &first.base, &first.base, "killed@example.com").await;
+    for _ in 0..5 {
+        let r = client
+            .post(format!("{}/billing/probe/api", first.base))
+            .bearer_auth(&token)
+            .json(&json!({}))
+            .send()
+            .await
+            .expect("probe");
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    let db = sqlite("accounts.db");
+    assert_eq!(records_in(&db).await, 0, "nothing was flushed before the kill");
+
+    let _second = ServerProcess::spawn(&env("200"));
+    let mut n = 0;
+    for _ in 0..100 {
+        n = records_in(&db).await;
+        if n >= 5 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!((n, records_in(&db).await), (5, 5), "each admitted unit recorded once");
+    let _ = std::fs::remove_dir_all(&dir);
 }
