@@ -13,11 +13,16 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// jemalloc's options, read at its start (`_RJEM_MALLOC_CONF` in the environment
 /// overrides them): purge unused dirty pages after a second by a background thread;
-/// no "muzzy" stage (pages are returned, not kept lazily).
+/// no "muzzy" stage (pages are returned, not kept lazily); no separate arena for
+/// blocks over 8 MiB (it purges them at once, so a forward's large activations
+/// would fault their pages in again on every prompt). Model speed against glibc:
+/// `scripts/bench-allocator` (BENCHMARKS.md); thread caches for blocks up to 4 MiB
+/// (`tcache_max:4194304`) win back most of the prefill but hold ~13 MiB more after
+/// an upload, past the memory bound of tests/api/memory.rs.
 #[cfg(feature = "jemalloc")]
 #[allow(non_upper_case_globals)]
 #[export_name = "_rjem_malloc_conf"]
-pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+pub static malloc_conf: &[u8] = b"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,oversize_threshold:0\0";
 
 fn main() -> std::process::ExitCode {
     // The PDF reader's child process (see `knowledge::pdf`): before any runtime or

@@ -225,7 +225,10 @@ impl Spool {
         if self.append(records, true).is_empty() {
             journal::Journal::new(&self.path).settle(last);
             if n > 0 {
-                tracing::warn!(records = n, "ledger: usage records left in the journal (a process stopped before its flush) were spooled");
+                tracing::warn!(
+                    records = n,
+                    "ledger: usage records left in the journal (a process stopped before its flush) were spooled"
+                );
             }
         }
     }

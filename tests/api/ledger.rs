@@ -416,7 +416,10 @@ async fn usage_admitted_before_a_sigkill_is_recorded_once_after_the_restart() {
             ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
             ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
             ("RAGCHAT__KNOWLEDGE__INDEX_DIR", dir.join("index").display().to_string()),
-            ("RAGCHAT__LEDGER__SPOOL_PATH", dir.join("spool.bin").display().to_string()),
+            (
+                "RAGCHAT__LEDGER__SPOOL_PATH",
+                dir.join("spool.bin").display().to_string(),
+            ),
             ("RAGCHAT__LEDGER__FLUSH_INTERVAL_MS", flush_ms.to_string()),
             ("RAGCHAT__MODELS__ENABLED", "false".to_string()),
         ]

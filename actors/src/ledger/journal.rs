@@ -91,6 +91,7 @@ impl Journal {
     }
 
     /// The number of the file new records go to.
+    #[cfg(test)]
     pub fn current(&self) -> u64 {
         self.current
     }
