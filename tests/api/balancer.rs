@@ -46,6 +46,74 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// An nginx site of deploy/ with its upstream servers replaced by `servers` and
+/// its `listen 8080` by `listen 127.0.0.1:<port>`.
+fn site_with(conf: &str, servers: &str, port: u16) -> String {
+    let mut site = String::new();
+    let mut in_upstream = false;
+    for line in conf.lines() {
+        let t = line.trim();
+        if t.starts_with("upstream ragchat") {
+            in_upstream = true;
+            site.push_str(line);
+            site.push('\n');
+            site.push_str(servers);
+            continue;
+        }
+        if in_upstream && t.starts_with("server ") {
+            continue;
+        }
+        if t == "}" {
+            in_upstream = false;
+        }
+        if t == "listen 8080;" {
+            site.push_str(&format!("    listen 127.0.0.1:{port};\n"));
+            continue;
+        }
+        site.push_str(line);
+        site.push('\n');
+    }
+    site
+}
+
+/// docker-compose's balancer is the site tested here with the compose replicas as
+/// its upstream: the two files must not drift apart, and the compose file must
+/// run two replicas behind it.
+#[test]
+fn the_compose_balancer_is_the_tested_site_in_front_of_two_replicas() {
+    let read = |f: &str| std::fs::read_to_string(format!("{}/{f}", env!("CARGO_MANIFEST_DIR"))).expect(f);
+    let without_comments = |s: String| -> Vec<String> {
+        s.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    let (tested, compose) = (read("deploy/nginx.conf"), read("deploy/nginx-compose.conf"));
+    let servers = "    server node:1;\n";
+    assert_eq!(
+        without_comments(site_with(&compose, servers, 1)),
+        without_comments(site_with(&tested, servers, 1)),
+        "deploy/nginx-compose.conf differs from deploy/nginx.conf beyond its upstream"
+    );
+    for replica in ["app1", "app2"] {
+        assert!(
+            compose.contains(&format!("server {replica}:8000 ")),
+            "no upstream line for {replica}"
+        );
+    }
+    let yml = read("docker-compose.yml");
+    for needle in [
+        "\n  app1: &app\n",
+        "\n  app2:\n    <<: *app\n",
+        "./deploy/nginx-compose.conf:/etc/nginx/conf.d/default.conf:ro",
+        "\"127.0.0.1:8000:8080\"",
+        "RAGCHAT__SERVER__CLIENT_IP_HEADER: X-Forwarded-For",
+    ] {
+        assert!(yml.contains(needle), "docker-compose.yml lacks {needle:?}");
+    }
+}
+
 impl Nginx {
     fn start(binary: &std::path::Path, nodes: &[&ServerProcess]) -> Nginx {
         let conf = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nginx.conf"))
@@ -61,30 +129,7 @@ impl Nginx {
             })
             .collect();
         // The documented file, with this test's nodes and port.
-        let mut site = String::new();
-        let mut in_upstream = false;
-        for line in conf.lines() {
-            let t = line.trim();
-            if t.starts_with("upstream ragchat") {
-                in_upstream = true;
-                site.push_str(line);
-                site.push('\n');
-                site.push_str(&servers);
-                continue;
-            }
-            if in_upstream && t.starts_with("server ") {
-                continue;
-            }
-            if t == "}" {
-                in_upstream = false;
-            }
-            if t == "listen 8080;" {
-                site.push_str(&format!("    listen 127.0.0.1:{port};\n"));
-                continue;
-            }
-            site.push_str(line);
-            site.push('\n');
-        }
+        let site = site_with(&conf, &servers, port);
         assert!(
             site.contains(&format!("listen 127.0.0.1:{port}")),
             "deploy/nginx.conf lost its listen line"
