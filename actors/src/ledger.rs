@@ -223,7 +223,7 @@ impl Spool {
         let Some(last) = last else { return };
         let n = records.len();
         if self.append(records, true).is_empty() {
-            journal::Journal::new(&self.path).settle(last);
+            journal::Journal::remove_left(&self.path, last);
             if n > 0 {
                 tracing::warn!(
                     records = n,

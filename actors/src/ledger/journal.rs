@@ -22,6 +22,9 @@ pub struct Journal {
     base: PathBuf,
     /// The file new records go to.
     current: u64,
+    /// The oldest file of this journal not yet deleted (files before it were
+    /// left by an earlier process: `recover` reads them).
+    oldest: u64,
     file: Option<File>,
     /// A write failed: said once, tried again with the next file.
     failed: bool,
@@ -35,6 +38,7 @@ impl Journal {
         Journal {
             base,
             current,
+            oldest: current,
             file: None,
             failed: false,
         }
@@ -78,14 +82,30 @@ impl Journal {
         sealed
     }
 
-    /// Deletes the files up to `upto`: what they hold is stored or spooled.
-    pub fn settle(&self, upto: u64) {
-        for (n, path) in files(&self.base) {
-            if n > upto || (n == self.current && self.file.is_some()) {
+    /// Deletes this journal's files up to `upto` (never the one in use): what
+    /// they hold is stored or spooled.
+    pub fn settle(&mut self, upto: u64) {
+        while self.oldest <= upto && self.oldest < self.current {
+            let path = file_path(&self.base, self.oldest);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, path = %path.display(), "ledger: cannot delete a settled journal file (its records would be replayed again, harmlessly)")
+                }
+            }
+            self.oldest += 1;
+        }
+    }
+
+    /// Deletes files an earlier process left, up to `upto` (once spooled).
+    pub fn remove_left(spool_path: &Path, upto: u64) {
+        for (n, path) in files(&journal_base(spool_path)) {
+            if n > upto {
                 break;
             }
             if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(error = %e, path = %path.display(), "ledger: cannot delete a settled journal file (its records would be replayed again, harmlessly)");
+                tracing::warn!(error = %e, path = %path.display(), "ledger: cannot delete a recovered journal file (its records would be spooled again, harmlessly)");
             }
         }
     }
