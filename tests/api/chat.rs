@@ -432,9 +432,13 @@ async fn a_client_that_leaves_mid_answer_frees_the_slot_and_is_counted_once() {
 
 #[actix_web::test]
 async fn one_user_has_at_most_two_answers_in_progress_and_the_third_is_refused_free() {
-    let Some((app, _admin, user_id, token)) = chat_app().await else {
+    let Some(dir) = models_dir() else {
         return;
     };
+    let mut settings = model_settings(&dir);
+    settings.rate_limits.concurrent_chats = 2;
+    let app = TestApp::spawn_with(settings).await;
+    let (user_id, token) = app.user(&format!("busy-{}@example.com", Uuid::new_v4().simple())).await;
     let long = json!({"message": "Write a very long story about a dragon who learns to bake bread.",
                       "max_tokens": 400, "enable_rag": false});
     // Two streams admitted and generating (their bodies held, not read to the end).
@@ -479,6 +483,8 @@ async fn one_user_has_at_most_two_answers_in_progress_and_the_third_is_refused_f
     // Once the streams are gone, the user chats again.
     drop(open);
     assert!(slot_freed(&app, 2).await, "both sequences left the batch");
+    // A turn holds its place until its usage is recorded (after the save).
+    assert_eq!(usage_records(&app, &user_id, 2).await, 2);
     expect(
         app.post_json("/chat/message", &ask("Now?"), Some(&token)).await,
         StatusCode::OK,
