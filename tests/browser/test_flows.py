@@ -73,7 +73,7 @@ def test_a_deactivated_account_sees_why(app, server):
     page.get_by_label("E-mail").fill(email)
     page.get_by_label("Password").fill(PASSWORD)
     page.get_by_role("button", name="Sign in").click()
-    expect(page.locator("#login-error")).to_contain_text("deactivated")
+    expect(page.locator("#login-error")).to_contain_text("deactivated", timeout=TIMEOUT)
 
 
 def test_upload_a_fact_then_the_answer_streams_and_cites_it(app, server, tmp_path):
