@@ -128,6 +128,18 @@ pub struct KnowledgeSettings {
     /// it. 0: only at start.
     #[serde(default = "default_index_reconcile_secs")]
     pub index_reconcile_secs: u64,
+    /// The document change feed is read this often (milliseconds): documents
+    /// stored, re-chunked or deleted through other nodes reach this node's index
+    /// within about this. 0: off (the reconciliation alone).
+    #[serde(default = "default_change_feed_poll_ms")]
+    pub change_feed_poll_ms: u64,
+    /// A feed number missing this long is given up on (its writer died between
+    /// its write and the entry); the reconciliation repairs what it leaves.
+    #[serde(default = "default_change_feed_gap_secs")]
+    pub change_feed_gap_secs: u64,
+    /// Feed entries older than this are pruned.
+    #[serde(default = "default_change_feed_retention_secs")]
+    pub change_feed_retention_secs: u64,
     /// Largest uploaded file (multipart), in bytes.
     pub max_upload_bytes: usize,
     /// The most documents one uploaded file (JSON Lines) may hold.
@@ -260,7 +272,19 @@ fn default_true() -> bool {
 }
 
 fn default_index_reconcile_secs() -> u64 {
-    30
+    300
+}
+
+fn default_change_feed_poll_ms() -> u64 {
+    250
+}
+
+fn default_change_feed_gap_secs() -> u64 {
+    5
+}
+
+fn default_change_feed_retention_secs() -> u64 {
+    86_400
 }
 
 fn default_ws_auth_timeout_secs() -> u64 {

@@ -166,7 +166,13 @@ impl Application {
         let source = Arc::new(crate::knowledge::retrieval::IndexFolder { dir: index_dir });
         let retrieval = Retrieval::supervised(source, documents.clone()).map_err(StartupError::Other)?;
         // The index comes from its snapshot, then catches up with the store; a
-        // store unreachable now is caught up with once it answers.
+        // store unreachable now is caught up with once it answers. The change
+        // feed is followed from its number before the catch-up, so a change made
+        // meanwhile is applied (again: applying is idempotent).
+        let feed_start = match k.change_feed_poll_ms {
+            0 => None,
+            _ => documents.last_change().await.ok(),
+        };
         match ragchat_actors::retrieval::sync(documents.as_ref(), &retrieval.addr()).await {
             Ok(synced) => tracing::info!(
                 kept = synced.kept,
@@ -180,6 +186,18 @@ impl Application {
                 tracing::error!(error = %e, "search index not caught up with the document store: retrying in the background");
                 catch_up_in_background(documents.clone(), retrieval.addr());
             }
+        }
+        if k.change_feed_poll_ms > 0 {
+            ragchat_actors::index_feed::follow(
+                documents.clone(),
+                retrieval.clone(),
+                feed_start,
+                ragchat_actors::index_feed::FollowConfig {
+                    poll: std::time::Duration::from_millis(k.change_feed_poll_ms),
+                    gap_wait: std::time::Duration::from_secs(k.change_feed_gap_secs),
+                    retention: std::time::Duration::from_secs(k.change_feed_retention_secs),
+                },
+            );
         }
         if k.index_reconcile_secs > 0 {
             ragchat_actors::retrieval::reconcile_every(

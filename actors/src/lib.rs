@@ -8,6 +8,7 @@ pub mod chat;
 pub mod domain;
 pub mod embed_worker;
 pub mod generate_worker;
+pub mod index_feed;
 pub mod inference;
 pub mod knowledge;
 pub mod ledger;

@@ -276,6 +276,50 @@ pub trait DocumentStore: Send + Sync + 'static {
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
     /// Bytes of text an owner has stored.
     async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64>;
+
+    /// Up to `limit` entries of the change feed after sequence number `after`, in
+    /// sequence order. Every write above (insert, re-chunking, delete) adds one
+    /// entry; numbers grow but a number may show up after a higher one (writers
+    /// on other nodes) or never (a writer that died between its write and its
+    /// entry): followers wait a while for gaps, and reconcile periodically.
+    async fn changes_after(&self, after: u64, limit: u32) -> StoreResult<Vec<DocumentChange>>;
+    /// The highest sequence number in the feed (0 when it is empty).
+    async fn last_change(&self) -> StoreResult<u64>;
+    /// Deletes feed entries written before `before`; how many.
+    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64>;
+}
+
+/// What happened to a document, as the change feed tells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Stored,
+    /// Its chunks were replaced (re-indexing).
+    Rechunked,
+    Deleted,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Stored => "stored",
+            ChangeKind::Rechunked => "rechunked",
+            ChangeKind::Deleted => "deleted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [ChangeKind::Stored, ChangeKind::Rechunked, ChangeKind::Deleted]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+}
+
+/// One entry of the document change feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DocumentChange {
+    pub seq: u64,
+    pub document_id: Uuid,
+    pub kind: ChangeKind,
 }
 
 /// Conversations: sessions by user, messages by (user, session) in time order.

@@ -198,6 +198,9 @@ pub trait SearchIndex: Send + 'static {
         top_k: usize,
     ) -> Result<Vec<Hit>, IndexError>;
     fn document_ids(&self) -> Vec<Uuid>;
+    fn has_document(&self, id: Uuid) -> bool {
+        self.document_ids().contains(&id)
+    }
     /// Chunks indexed.
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
@@ -229,7 +232,7 @@ pub struct Retrieval {
 
 pub static RETRIEVAL_MAILBOX: Mailbox = Mailbox::new("retrieval");
 crate::tracked_mailbox!(Retrieval, RETRIEVAL_MAILBOX;
-    SaveIndex, IndexedDocuments, IndexDocuments, RemoveDocument, Search, IndexedChunks, Crash);
+    SaveIndex, IndexedDocuments, HasDocuments, IndexDocuments, RemoveDocument, Search, IndexedChunks, Crash);
 
 impl Actor for Retrieval {
     type Context = Context<Self>;
@@ -385,6 +388,18 @@ impl Handler<IndexedDocuments> for Retrieval {
     type Result = Vec<Uuid>;
     fn handle(&mut self, _: IndexedDocuments, _: &mut Self::Context) -> Vec<Uuid> {
         self.index.document_ids()
+    }
+}
+
+/// Which of these documents the index has.
+#[derive(Message)]
+#[rtype(result = "Vec<Uuid>")]
+pub struct HasDocuments(pub Vec<Uuid>);
+
+impl Handler<HasDocuments> for Retrieval {
+    type Result = Vec<Uuid>;
+    fn handle(&mut self, msg: HasDocuments, _: &mut Self::Context) -> Vec<Uuid> {
+        msg.0.into_iter().filter(|id| self.index.has_document(*id)).collect()
     }
 }
 

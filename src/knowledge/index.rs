@@ -302,6 +302,10 @@ impl HybridIndex {
         self.by_document.keys().copied().collect()
     }
 
+    pub fn has_document(&self, id: Uuid) -> bool {
+        self.by_document.contains_key(&id)
+    }
+
     /// Writes the index to `dir`: a new snapshot folder with the entries, the
     /// graph and a manifest, then the `current` file is switched to it by a
     /// rename (a crash leaves the previous snapshot in use), then older

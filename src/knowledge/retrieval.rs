@@ -45,6 +45,10 @@ impl SearchIndex for SnapshotIndex {
         self.index.document_ids()
     }
 
+    fn has_document(&self, id: Uuid) -> bool {
+        self.index.has_document(id)
+    }
+
     fn len(&self) -> usize {
         self.index.len()
     }

@@ -9,7 +9,7 @@ use mongodb::options::IndexOptions;
 use mongodb::{Collection, IndexModel};
 use ragchat_actors::domain::Page;
 use ragchat_actors::knowledge::{embedding_from_bytes, embedding_to_bytes, Chunk, Document, Owner, Reader};
-use ragchat_actors::ports::{DocumentStore, StoreError, StoreResult};
+use ragchat_actors::ports::{ChangeKind, DocumentChange, DocumentStore, StoreError, StoreResult};
 use sqlx::types::Json;
 use sqlx::{Row, SqlitePool};
 use uuid::Uuid;
@@ -94,8 +94,23 @@ async fn insert_chunks(
     Ok(())
 }
 
-#[async_trait]
+/// Adds a change-feed entry inside the caller's transaction.
+async fn record_change(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    document_id: Uuid,
+    kind: ChangeKind,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO document_changes (document_id, kind, at) VALUES ($1, $2, $3)")
+        .bind(document_id)
+        .bind(kind.as_str())
+        .bind(Utc::now())
+        .execute(&mut **tx)
+        .await
+        .map_err(store_error)?;
+    Ok(())
+}
 
+#[async_trait]
 impl DocumentStore for SqliteDocumentStore {
     fn backend(&self) -> &'static str {
         "sqlite"
@@ -124,6 +139,7 @@ impl DocumentStore for SqliteDocumentStore {
         .await
         .map_err(store_error)?;
         insert_chunks(&mut tx, d.id, chunks).await?;
+        record_change(&mut tx, d.id, ChangeKind::Stored).await?;
         tx.commit().await.map_err(store_error)
     }
 
@@ -228,18 +244,67 @@ impl DocumentStore for SqliteDocumentStore {
             .await
             .map_err(store_error)?;
         insert_chunks(&mut tx, document_id, chunks).await?;
+        record_change(&mut tx, document_id, ChangeKind::Rechunked).await?;
         tx.commit().await.map_err(store_error)?;
         Ok(true)
     }
 
     async fn delete_document(&self, id: Uuid) -> StoreResult<bool> {
         // Chunks go with it (ON DELETE CASCADE; foreign keys are on for every connection).
+        let mut tx = self.pool.begin().await.map_err(store_error)?;
         let done = sqlx::query("DELETE FROM documents WHERE id = $1")
             .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(store_error)?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        record_change(&mut tx, id, ChangeKind::Deleted).await?;
+        tx.commit().await.map_err(store_error)?;
+        Ok(true)
+    }
+
+    async fn changes_after(&self, after: u64, limit: u32) -> StoreResult<Vec<DocumentChange>> {
+        let rows =
+            sqlx::query("SELECT seq, document_id, kind FROM document_changes WHERE seq > $1 ORDER BY seq LIMIT $2")
+                .bind(i64::try_from(after).unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(store_error)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq").map_err(store_error)?;
+                let kind: String = row.try_get("kind").map_err(store_error)?;
+                Ok(DocumentChange {
+                    seq: u64::try_from(seq).map_err(|_| bad_row("change number"))?,
+                    document_id: row.try_get("document_id").map_err(store_error)?,
+                    kind: ChangeKind::parse(&kind).ok_or_else(|| bad_row("change kind"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change(&self) -> StoreResult<u64> {
+        // The last number handed out (AUTOINCREMENT keeps it after a prune).
+        let n: i64 =
+            sqlx::query("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'document_changes'), 0) AS n")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(store_error)?
+                .try_get("n")
+                .map_err(store_error)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM document_changes WHERE at < $1")
+            .bind(before)
             .execute(&self.pool)
             .await
             .map_err(store_error)?;
-        Ok(done.rows_affected() > 0)
+        Ok(done.rows_affected())
     }
 
     async fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64> {
@@ -268,6 +333,9 @@ pub struct MongoDocumentStore {
     documents: Collection<BsonDoc>,
     chunks: Collection<BsonDoc>,
     embeddings: Collection<BsonDoc>,
+    /// The change feed: `_id` its sequence number, from `counters`.
+    changes: Collection<BsonDoc>,
+    counters: Collection<BsonDoc>,
 }
 
 fn mongo_error(e: mongodb::error::Error) -> StoreError {
@@ -289,6 +357,38 @@ fn mongo_error(e: mongodb::error::Error) -> StoreError {
 }
 
 impl MongoDocumentStore {
+    /// Adds a change-feed entry after a write: a number from the counter, then
+    /// the entry. Without transactions the write is not undone when this fails
+    /// (the write happened); the entry is lost and the followers' periodic
+    /// reconciliation finds the change instead.
+    async fn record_change(&self, document_id: Uuid, kind: ChangeKind) {
+        let written = async {
+            let counter = self
+                .counters
+                .find_one_and_update(doc! {"_id": "document_changes"}, doc! {"$inc": {"seq": 1_i64}})
+                .upsert(true)
+                .return_document(mongodb::options::ReturnDocument::After)
+                .await?;
+            let seq = counter
+                .and_then(|c| c.get_i64("seq").ok())
+                .ok_or_else(|| mongodb::error::Error::custom("the change counter answered no number".to_string()))?;
+            self.changes
+                .insert_one(doc! {
+                    "_id": seq,
+                    "document_id": document_id.to_string(),
+                    "kind": kind.as_str(),
+                    "at": mongodb::bson::DateTime::now(),
+                })
+                .await
+                .map(|_| ())
+        }
+        .await;
+        if let Err(e) = written {
+            metrics::counter!("document_changes_lost_total").increment(1);
+            tracing::warn!(error = %e, document = %document_id, kind = kind.as_str(), "change feed entry not written; other nodes see the change at their next reconciliation");
+        }
+    }
+
     /// Removes the chunks and vectors of a chunk set that could not be stored
     /// whole (best effort: nothing points at them).
     async fn remove_parts(&self, set: Uuid) {
@@ -414,6 +514,8 @@ impl MongoDocumentStore {
             documents: db.collection("documents"),
             chunks: db.collection("chunks"),
             embeddings: db.collection("embeddings"),
+            changes: db.collection("document_changes"),
+            counters: db.collection("counters"),
             db,
         };
         let unique = |keys: BsonDoc| {
@@ -446,6 +548,11 @@ impl MongoDocumentStore {
         store
             .embeddings
             .create_index(IndexModel::builder().keys(doc! {"document_id": 1}).build())
+            .await
+            .map_err(mongo_error)?;
+        store
+            .changes
+            .create_index(IndexModel::builder().keys(doc! {"at": 1}).build())
             .await
             .map_err(mongo_error)?;
         Ok(store)
@@ -536,6 +643,7 @@ impl DocumentStore for MongoDocumentStore {
             self.remove_parts(d.id).await;
             return Err(mongo_error(e));
         }
+        self.record_change(d.id, ChangeKind::Stored).await;
         Ok(())
     }
 
@@ -638,6 +746,7 @@ impl DocumentStore for MongoDocumentStore {
                 return Err(mongo_error(e));
             }
         }
+        self.record_change(document_id, ChangeKind::Rechunked).await;
         for parts in [&self.chunks, &self.embeddings] {
             parts
                 .delete_many(doc! {"document_id": old.to_string()})
@@ -653,6 +762,9 @@ impl DocumentStore for MongoDocumentStore {
             .delete_one(doc! {"_id": id.to_string()})
             .await
             .map_err(mongo_error)?;
+        if gone.deleted_count > 0 {
+            self.record_change(id, ChangeKind::Deleted).await;
+        }
         // Every chunk set of the document: the first (under its id) and any later one.
         for parts in [&self.chunks, &self.embeddings] {
             for filter in [doc! {"document_id": id.to_string()}, doc! {"doc": id.to_string()}] {
@@ -682,5 +794,59 @@ impl DocumentStore for MongoDocumentStore {
             _ => 0,
         };
         Ok(u64::try_from(n).unwrap_or(0))
+    }
+
+    async fn changes_after(&self, after: u64, limit: u32) -> StoreResult<Vec<DocumentChange>> {
+        use futures_util::TryStreamExt;
+        let found: Vec<BsonDoc> = self
+            .changes
+            .find(doc! {"_id": {"$gt": i64::try_from(after).unwrap_or(i64::MAX)}})
+            .sort(doc! {"_id": 1})
+            .limit(i64::from(limit))
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        found
+            .iter()
+            .map(|b| {
+                Ok(DocumentChange {
+                    seq: b
+                        .get_i64("_id")
+                        .ok()
+                        .and_then(|n| u64::try_from(n).ok())
+                        .ok_or_else(|| bad_row("change number"))?,
+                    document_id: uuid_field(b, "document_id")?,
+                    kind: b
+                        .get_str("kind")
+                        .ok()
+                        .and_then(ChangeKind::parse)
+                        .ok_or_else(|| bad_row("change kind"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn last_change(&self) -> StoreResult<u64> {
+        // The last number handed out (entries may be pruned, or still being written).
+        let last = self
+            .counters
+            .find_one(doc! {"_id": "document_changes"})
+            .await
+            .map_err(mongo_error)?;
+        Ok(last
+            .and_then(|b| b.get_i64("seq").ok())
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0))
+    }
+
+    async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let done = self
+            .changes
+            .delete_many(doc! {"at": {"$lt": mongodb::bson::DateTime::from_millis(before.timestamp_millis())}})
+            .await
+            .map_err(mongo_error)?;
+        Ok(done.deleted_count)
     }
 }

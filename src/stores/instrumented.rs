@@ -19,7 +19,8 @@ use ragchat_actors::domain::{
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use ragchat_actors::plans::{Period, Resource};
 use ragchat_actors::ports::{
-    AccountStore, ConversationStore, DocumentStore, RateLimitStore, Reservation, StoreError, StoreResult, UsageStore,
+    AccountStore, ConversationStore, DocumentChange, DocumentStore, RateLimitStore, Reservation, StoreError,
+    StoreResult, UsageStore,
 };
 use uuid::Uuid;
 
@@ -120,6 +121,9 @@ timed_slot_store!(Documents, DocumentStore, "documents";
     fn replace_chunks(&self, document_id: Uuid, chunks: &[Chunk]) -> StoreResult<bool>;
     fn delete_document(&self, id: Uuid) -> StoreResult<bool>;
     fn stored_bytes(&self, owner: &Owner) -> StoreResult<u64>;
+    fn changes_after(&self, after: u64, limit: u32) -> StoreResult<Vec<DocumentChange>>;
+    fn last_change(&self) -> StoreResult<u64>;
+    fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64>;
 );
 
 /// A store of a trait whose methods all answer `StoreResult`, timed method by

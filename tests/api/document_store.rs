@@ -7,7 +7,7 @@ use chrono::{Duration, Utc};
 use ragchat::stores::connect_documents;
 use ragchat_actors::domain::Page;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
-use ragchat_actors::ports::{DocumentStore, StoreError};
+use ragchat_actors::ports::{ChangeKind, DocumentChange, DocumentStore, StoreError};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -52,6 +52,7 @@ contract!(
     listings_show_only_what_the_reader_may_see_newest_first,
     deleting_a_document_removes_its_chunks,
     replacing_chunks_swaps_the_whole_set_and_readers_never_see_a_mix,
+    every_write_adds_one_numbered_entry_to_the_change_feed,
 );
 
 fn document(owner: Owner, text: &str, age_s: i64) -> (Document, Vec<Chunk>) {
@@ -253,4 +254,66 @@ async fn replacing_chunks_swaps_the_whole_set_and_readers_never_see_a_mix(store:
         .expect("replace"));
     assert!(store.chunks(doc.id).await.expect("chunks").is_empty());
     assert_eq!(store.document(doc.id).await.expect("get"), None);
+}
+
+async fn every_write_adds_one_numbered_entry_to_the_change_feed(store: Arc<dyn DocumentStore>) {
+    assert_eq!(store.last_change().await.expect("last"), 0);
+    assert!(store.changes_after(0, 10).await.expect("read").is_empty());
+    let owner = Owner::User(Uuid::new_v4());
+    let (a, a_chunks) = document(owner, "Feed one. Two", 0);
+    let (b, b_chunks) = document(owner, "Feed three. Four", 0);
+    store.insert_document(&a, &a_chunks).await.expect("insert");
+    store.insert_document(&b, &b_chunks).await.expect("insert");
+    // A refused insert, a re-chunking of nothing and a delete of nothing add nothing.
+    let (dup, dup_chunks) = document(owner, "Feed one. Two", 0);
+    assert!(store.insert_document(&dup, &dup_chunks).await.is_err());
+    assert!(!store.replace_chunks(Uuid::new_v4(), &[]).await.expect("replace"));
+    assert!(!store.delete_document(Uuid::new_v4()).await.expect("delete"));
+    assert!(store
+        .replace_chunks(a.id, &chunk_set(a.id, "new", 3))
+        .await
+        .expect("replace"));
+    assert!(store.delete_document(b.id).await.expect("delete"));
+
+    let all = store.changes_after(0, 100).await.expect("read");
+    let kinds: Vec<(Uuid, ChangeKind)> = all.iter().map(|c| (c.document_id, c.kind)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (a.id, ChangeKind::Stored),
+            (b.id, ChangeKind::Stored),
+            (a.id, ChangeKind::Rechunked),
+            (b.id, ChangeKind::Deleted),
+        ]
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
+    let last = store.last_change().await.expect("last");
+    assert_eq!(last, all[3].seq);
+    // Read in pages from any number.
+    let page: Vec<DocumentChange> = store.changes_after(all[0].seq, 2).await.expect("page");
+    assert_eq!(page, all[1..3].to_vec());
+    assert!(store.changes_after(last, 10).await.expect("after the last").is_empty());
+
+    // Pruning drops what was written before the time given, and numbers go on.
+    assert_eq!(
+        store
+            .prune_changes(Utc::now() - Duration::hours(1))
+            .await
+            .expect("prune none"),
+        0
+    );
+    assert_eq!(
+        store
+            .prune_changes(Utc::now() + Duration::seconds(1))
+            .await
+            .expect("prune all"),
+        4
+    );
+    assert!(store.changes_after(0, 10).await.expect("read").is_empty());
+    assert_eq!(store.last_change().await.expect("last"), last);
+    let (c, c_chunks) = document(owner, "Feed five. Six", 0);
+    store.insert_document(&c, &c_chunks).await.expect("insert");
+    let next = store.changes_after(0, 10).await.expect("read");
+    assert_eq!(next.len(), 1);
+    assert!(next[0].seq > last, "{next:?} after {last}");
 }
