@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 use uuid::Uuid;
 
-use crate::helpers::{models_dir, service_url, ServerProcess};
+use crate::helpers::{models_dir, service_url, wait_ready, ServerProcess};
 
 /// nginx with deploy/nginx.conf, its upstream servers and port replaced.
 struct Nginx {
@@ -350,19 +350,6 @@ async fn three_nodes_behind_nginx_serve_http_sse_and_websockets_and_survive_a_ki
     assert_eq!(answer.status(), StatusCode::OK);
     drop(lb);
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-async fn wait_ready(client: &reqwest::Client, base: &str) {
-    let started = Instant::now();
-    loop {
-        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
-            if r.status() == StatusCode::OK {
-                return;
-            }
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "{base} not ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// SIGTERM drains a node: `/health` and `/ready` answer 503 at once (a balancer

@@ -334,3 +334,20 @@ pub async fn log_in(client: &Client, base: &str, email: &str) -> String {
         .expect("json");
     tokens["access_token"].as_str().expect("token").to_string()
 }
+
+/// Waits (up to 60 s) until `base` answers /ready with 200.
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/ready")).send().await {
+            if r.status() == StatusCode::OK {
+                return;
+            }
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "{base} not ready"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
