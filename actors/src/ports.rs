@@ -95,6 +95,28 @@ pub enum Reservation {
 /// account database (SQLite or PostgreSQL).
 #[async_trait]
 pub trait UsageStore: Send + Sync + 'static {
+    /// A user's storage epoch: it grows with every storage hold released. Read it
+    /// before reading the user's stored bytes and pass it to `hold_storage`.
+    async fn storage_epoch(&self, user_id: Uuid) -> StoreResult<u64>;
+    /// Holds `bytes` of storage for upload `id` when `stored` (the user's bytes in
+    /// the document store, read after `epoch`) plus the user's holds plus `bytes`
+    /// stay within `limit`. Holds that count: those not released (made after
+    /// `expire_before`) and those released after `epoch` (their documents may be
+    /// missing from `stored`). Serialized per user across processes.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_storage(
+        &self,
+        user_id: Uuid,
+        id: Uuid,
+        bytes: u64,
+        stored: u64,
+        epoch: u64,
+        limit: u64,
+        expire_before: DateTime<Utc>,
+    ) -> StoreResult<Reservation>;
+    /// Releases a storage hold once its upload's documents are stored (or not):
+    /// moves the user's epoch on and marks the hold released at it.
+    async fn release_storage(&self, user_id: Uuid, id: Uuid) -> StoreResult<()>;
     /// Atomically adds `cost` to the (user, resource, period) counter when the sum
     /// stays within `limit`. This single conditional write is what keeps several
     /// server processes from over-admitting.

@@ -146,6 +146,9 @@ macro_rules! timed_store {
 }
 
 timed_store!(Usage, UsageStore, "usage";
+    fn storage_epoch(&self, user_id: Uuid) -> StoreResult<u64>;
+    fn hold_storage(&self, user_id: Uuid, id: Uuid, bytes: u64, stored: u64, epoch: u64, limit: u64, expire_before: DateTime<Utc>) -> StoreResult<Reservation>;
+    fn release_storage(&self, user_id: Uuid, id: Uuid) -> StoreResult<()>;
     fn try_reserve(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64, limit: u64) -> StoreResult<Reservation>;
     fn release(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;
     fn force_add(&self, user_id: Uuid, resource: Resource, period_start: DateTime<Utc>, cost: u64) -> StoreResult<()>;

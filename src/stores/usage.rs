@@ -180,6 +180,98 @@ macro_rules! sql_usage {
 
         #[async_trait]
         impl UsageStore for $store {
+            async fn storage_epoch(&self, user_id: Uuid) -> StoreResult<u64> {
+                let epoch: Option<i64> = sqlx::query_scalar("SELECT epoch FROM storage_epochs WHERE user_id = $1")
+                    .bind(user_id)
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(store_error)?;
+                Ok(epoch.map(to_u64).unwrap_or(0))
+            }
+
+            async fn hold_storage(
+                &self,
+                user_id: Uuid,
+                id: Uuid,
+                bytes: u64,
+                stored: u64,
+                epoch: u64,
+                limit: u64,
+                expire_before: DateTime<Utc>,
+            ) -> StoreResult<Reservation> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                // The user's epoch row, written first: its lock (PostgreSQL: the row;
+                // SQLite: the database) serializes the user's holds until commit.
+                sqlx::query(
+                    "INSERT INTO storage_epochs (user_id, epoch) VALUES ($1, 0) \
+                     ON CONFLICT (user_id) DO UPDATE SET epoch = storage_epochs.epoch",
+                )
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                // Holds nobody released (their node died) and long-released ones go.
+                sqlx::query(
+                    "DELETE FROM storage_holds WHERE user_id = $1 AND \
+                     ((released_at IS NULL AND created_at < $2) OR released_at < $3)",
+                )
+                .bind(user_id)
+                .bind(expire_before)
+                .bind(Utc::now() - chrono::Duration::hours(1))
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                let held: i64 = sqlx::query_scalar(
+                    "SELECT CAST(COALESCE(SUM(bytes), 0) AS BIGINT) FROM storage_holds \
+                     WHERE user_id = $1 AND (released_epoch IS NULL OR released_epoch > $2)",
+                )
+                .bind(user_id)
+                .bind(to_i64(epoch))
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                let used = stored.saturating_add(to_u64(held));
+                if used.saturating_add(bytes) > limit {
+                    return Ok(Reservation::Denied { used });
+                }
+                sqlx::query("INSERT INTO storage_holds (id, user_id, bytes, created_at) VALUES ($1, $2, $3, $4)")
+                    .bind(id)
+                    .bind(user_id)
+                    .bind(to_i64(bytes))
+                    .bind(Utc::now())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(store_error)?;
+                tx.commit().await.map_err(store_error)?;
+                Ok(Reservation::Granted { used: used.saturating_add(bytes) })
+            }
+
+            async fn release_storage(&self, user_id: Uuid, id: Uuid) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await.map_err(store_error)?;
+                let epoch: Option<i64> = sqlx::query_scalar(
+                    "UPDATE storage_epochs SET epoch = epoch + 1 WHERE user_id = $1 RETURNING epoch",
+                )
+                .bind(user_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                let Some(epoch) = epoch else {
+                    return Ok(());
+                };
+                sqlx::query(
+                    "UPDATE storage_holds SET released_epoch = $3, released_at = $4 \
+                     WHERE id = $1 AND user_id = $2 AND released_epoch IS NULL",
+                )
+                .bind(id)
+                .bind(user_id)
+                .bind(epoch)
+                .bind(Utc::now())
+                .execute(&mut *tx)
+                .await
+                .map_err(store_error)?;
+                tx.commit().await.map_err(store_error)
+            }
+
             async fn try_reserve(
                 &self,
                 user_id: Uuid,

@@ -21,5 +21,6 @@ mod models;
 mod nodes;
 mod reindex;
 mod scopes;
+mod storage_holds;
 mod upgrades;
 mod uploads;

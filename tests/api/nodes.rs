@@ -12,7 +12,9 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{expect, log_in, model_settings, models_dir, service_url, wait_ready, ServerProcess, TestApp};
+use crate::helpers::{
+    expect, fresh_postgres_url, log_in, model_settings, models_dir, service_url, wait_ready, ServerProcess, TestApp,
+};
 
 /// Whether a text search through `app` finds a document titled `title`.
 async fn finds(app: &TestApp, token: &str, query: &str, title: &str) -> bool {
@@ -340,4 +342,66 @@ async fn a_change_reaches_the_other_node_within_2_s_and_a_stopped_node_catches_u
     }
     println!("{checked} documents answered alike on both nodes after the catch-up");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Storage held for uploads in progress lives in the shared SQL store: six
+/// concurrent 300 KiB uploads of one user against a 1 MiB plan, two through
+/// each of three nodes, create exactly three (held per node, each node would
+/// have let two through: six).
+#[actix_web::test]
+async fn six_uploads_through_three_nodes_against_a_1_mib_plan_create_exactly_three() {
+    let (Some(mongo), Some(pg)) = (service_url("MONGODB_URL"), fresh_postgres_url().await) else {
+        return;
+    };
+    let Some(dir) = models_dir() else { return };
+    let mut settings = model_settings(&dir);
+    settings.database.url = pg;
+    settings.knowledge.mongodb_url = mongo;
+    settings.knowledge.mongodb_database = format!("storage_{}", Uuid::new_v4().simple());
+    settings.knowledge.max_document_bytes = 400 << 10;
+    let a = TestApp::spawn_with(settings.clone()).await;
+    let admin = a.admin("storage-admin@example.com").await;
+    expect(
+        a.client
+            .put(a.url("/admin/settings/subscription_limits"))
+            .bearer_auth(&admin)
+            .json(&json!({"free": {"storage_mb": 1, "api_calls": 1000}}))
+            .send()
+            .await
+            .expect("request"),
+        StatusCode::OK,
+    )
+    .await;
+    // The other nodes read the limits at start.
+    let mut nodes = vec![a];
+    for i in 1..3 {
+        let mut s = settings.clone();
+        s.knowledge.index_dir = format!("{}-{i}", settings.knowledge.index_dir);
+        nodes.push(TestApp::spawn_with(s).await);
+    }
+    let (_, bob) = nodes[0].user("storage-bob@example.com").await;
+    // 300 KiB each (mostly blank, so cheap to embed): three fit in 1 MiB, four do not.
+    let doc =
+        |i: usize| json!({"title": format!("Doc {i}"), "content": format!("note {i}{}end", " ".repeat(300 << 10))});
+    let requests = (0..6).map(|i| {
+        let (node, bob, body) = (&nodes[i % 3], &bob, doc(i));
+        async move { node.post_json("/knowledge/documents", &body, Some(bob)).await.status() }
+    });
+    let statuses = futures_util::future::join_all(requests).await;
+    let created = statuses.iter().filter(|s| **s == StatusCode::CREATED).count();
+    let refused = statuses.iter().filter(|s| **s == StatusCode::PAYLOAD_TOO_LARGE).count();
+    assert_eq!((created, refused), (3, 3), "{statuses:?}");
+    let listed = expect(
+        nodes[1].get("/knowledge/documents?limit=100", Some(&bob)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(listed["total"], 3, "{listed}");
+    // The holds were handed back: a small document still fits, through any node.
+    let small = json!({"title": "Small", "content": "a small note"});
+    expect(
+        nodes[2].post_json("/knowledge/documents", &small, Some(&bob)).await,
+        StatusCode::CREATED,
+    )
+    .await;
 }

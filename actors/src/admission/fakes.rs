@@ -195,6 +195,14 @@ pub struct Usage {
     /// Plan changes committed here set the user's plan in these accounts (as the
     /// SQL stores do in one transaction).
     pub accounts: std::sync::OnceLock<Arc<Accounts>>,
+    /// Storage epochs and holds (id → user, bytes, made at, released at epoch).
+    pub storage: Mutex<StorageHolds>,
+}
+
+#[derive(Default)]
+pub struct StorageHolds {
+    pub epochs: HashMap<Uuid, u64>,
+    pub holds: HashMap<Uuid, (Uuid, u64, DateTime<Utc>, Option<u64>)>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> StoreResult<std::sync::MutexGuard<'_, T>> {
@@ -246,6 +254,51 @@ impl Usage {
 
 #[async_trait]
 impl UsageStore for Usage {
+    async fn storage_epoch(&self, u: Uuid) -> StoreResult<u64> {
+        self.reachable()?;
+        Ok(locked(&self.storage)?.epochs.get(&u).copied().unwrap_or(0))
+    }
+    async fn hold_storage(
+        &self,
+        u: Uuid,
+        id: Uuid,
+        bytes: u64,
+        stored: u64,
+        epoch: u64,
+        limit: u64,
+        expire_before: DateTime<Utc>,
+    ) -> StoreResult<Reservation> {
+        self.reachable()?;
+        let mut s = locked(&self.storage)?;
+        s.epochs.entry(u).or_insert(0);
+        s.holds
+            .retain(|_, (user, _, at, released)| *user != u || released.is_some() || *at >= expire_before);
+        let held: u64 = s
+            .holds
+            .values()
+            .filter(|(user, _, _, released)| *user == u && released.is_none_or(|r| r > epoch))
+            .map(|(_, b, _, _)| *b)
+            .sum();
+        let used = stored.saturating_add(held);
+        if used.saturating_add(bytes) > limit {
+            return Ok(Reservation::Denied { used });
+        }
+        s.holds.insert(id, (u, bytes, Utc::now(), None));
+        Ok(Reservation::Granted { used: used + bytes })
+    }
+    async fn release_storage(&self, u: Uuid, id: Uuid) -> StoreResult<()> {
+        self.reachable()?;
+        let mut s = locked(&self.storage)?;
+        let epoch = {
+            let e = s.epochs.entry(u).or_insert(0);
+            *e += 1;
+            *e
+        };
+        if let Some(h) = s.holds.get_mut(&id).filter(|h| h.0 == u && h.3.is_none()) {
+            h.3 = Some(epoch);
+        }
+        Ok(())
+    }
     async fn try_reserve(
         &self,
         u: Uuid,

@@ -799,24 +799,37 @@ impl Handler<ReserveStorage> for UserSession {
         self.last_active = Instant::now();
         let deps = self.deps.clone();
         let user_id = self.user_id;
-        let reserved = self.storage.reserved(Instant::now());
         let fut = async move {
             let (_, limits) = plan_of(&deps, user_id).await?;
             let limit_bytes = limits.limit(Resource::StorageMb).saturating_mul(1 << 20);
+            let usage_down = |e: StoreError| Rejection::Unavailable(format!("usage store: {e}"));
+            // The epoch first, then the stored bytes: a hold released in between
+            // (its documents perhaps not in the read) still counts.
+            let epoch = deps.usage.storage_epoch(user_id).await.map_err(usage_down)?;
             let stored = msg
                 .store
                 .stored_bytes(&Owner::User(user_id))
                 .await
                 .map_err(|e| Rejection::Unavailable(format!("document store: {e}")))?;
-            storage::check(stored, reserved, msg.bytes, limit_bytes).map_err(|e| Rejection::StorageExceeded {
-                used_bytes: e.used_bytes,
-                requested_bytes: e.requested_bytes,
-                limit_bytes: e.limit_bytes,
-            })?;
-            Ok(StorageGrant {
+            let grant = StorageGrant {
                 id: Uuid::new_v4(),
                 bytes: msg.bytes,
-            })
+            };
+            let expire_before =
+                Utc::now() - chrono::Duration::from_std(storage::STORAGE_HOLD).unwrap_or(chrono::Duration::minutes(30));
+            match deps
+                .usage
+                .hold_storage(user_id, grant.id, msg.bytes, stored, epoch, limit_bytes, expire_before)
+                .await
+                .map_err(usage_down)?
+            {
+                Reservation::Granted { .. } => Ok(grant),
+                Reservation::Denied { used } => Err(Rejection::StorageExceeded {
+                    used_bytes: used,
+                    requested_bytes: msg.bytes,
+                    limit_bytes,
+                }),
+            }
         };
         AtomicResponse::new(Box::pin(fut.into_actor(self).map(|out, act, _ctx| {
             let grant = out?;
@@ -832,6 +845,14 @@ impl Handler<ReleaseStorage> for UserSession {
     fn handle(&mut self, msg: ReleaseStorage, _ctx: &mut Self::Context) {
         self.last_active = Instant::now();
         self.storage.release(msg.0.id);
+        // In the shared store; one that fails leaves the hold until it expires
+        // (the user's room is smaller meanwhile, never larger).
+        let (usage, user_id, id) = (self.deps.usage.clone(), self.user_id, msg.0.id);
+        actix::spawn(async move {
+            if let Err(e) = usage.release_storage(user_id, id).await {
+                tracing::warn!(error = %e, user = %user_id, "storage hold not released; it expires by itself");
+            }
+        });
     }
 }
 
