@@ -488,6 +488,61 @@ pub struct ModelSettings {
     /// answers decode a token between pieces.
     #[serde(default)]
     pub prefill_chunk: usize,
+    /// Generation by an OpenAI-compatible server at this base URL instead of in
+    /// process (empty: in process). `generator_path` (or `generator_tokenizer`)
+    /// still names the same model, for its tokenizer.
+    #[serde(default)]
+    pub generator_url: String,
+    #[serde(default)]
+    pub generator_api_key: String,
+    /// The `model` the server is asked for (empty: `generator_name`).
+    #[serde(default)]
+    pub generator_remote_model: String,
+    /// Embeddings by an OpenAI-compatible server at this base URL (empty: in
+    /// process); `embedding_dir`'s tokenizer.json, when there, sizes batches.
+    #[serde(default)]
+    pub embedder_url: String,
+    #[serde(default)]
+    pub embedder_api_key: String,
+    /// The `model` the embedding server is asked for (empty: `embedding_name`).
+    #[serde(default)]
+    pub embedder_remote_model: String,
+    /// Remote calls: to the response head and between stream chunks.
+    #[serde(default = "default_remote_timeout_ms")]
+    pub remote_timeout_ms: u64,
+    /// Retries (with backoff) of a call that got no answer: an embedding, or a
+    /// completion before its first token.
+    #[serde(default = "default_remote_retries")]
+    pub remote_retries: u32,
+    /// Failures in a row that open the circuit breaker, and how long it stays open
+    /// (calls answer 503 at once meanwhile).
+    #[serde(default = "default_remote_breaker_failures")]
+    pub remote_breaker_failures: u32,
+    #[serde(default = "default_remote_breaker_secs")]
+    pub remote_breaker_secs: u64,
+    /// Answers in progress on the generation server at once; more: 503 overloaded.
+    #[serde(default = "default_remote_max_in_flight")]
+    pub remote_max_in_flight: usize,
+}
+
+fn default_remote_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_remote_retries() -> u32 {
+    2
+}
+
+fn default_remote_breaker_failures() -> u32 {
+    5
+}
+
+fn default_remote_breaker_secs() -> u64 {
+    10
+}
+
+fn default_remote_max_in_flight() -> usize {
+    64
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -103,9 +103,27 @@ pub(crate) fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "panic".into())
 }
 
+/// Where a worker's requests go.
+#[derive(Clone)]
+enum Backend {
+    /// The in-process model thread.
+    Local(SyncSender<(GenerateRequest, Instant)>),
+    /// An inference server (an adapter of `RemoteGenerate`).
+    Remote(Arc<dyn RemoteGenerate>),
+}
+
+/// A generation server elsewhere (OpenAI-compatible: llama.cpp's llama-server,
+/// vLLM, TGI), behind the same submit/events contract as the local thread: the
+/// request's events carry its tokens and a `Done` with the server's token counts;
+/// a closed event channel (the client left) aborts the remote request.
+pub trait RemoteGenerate: Send + Sync + 'static {
+    /// Starts a request; `Overloaded`/`Unavailable` when it cannot start now.
+    fn submit(&self, req: GenerateRequest) -> Result<(), ModelError>;
+}
+
 #[derive(Clone)]
 pub struct GenerateWorker {
-    tx: SyncSender<(GenerateRequest, Instant)>,
+    backend: Backend,
     tokenizer: Arc<dyn ChatTokenizer>,
     context_len: usize,
     pub stats: Arc<GenStats>,
@@ -129,12 +147,35 @@ impl GenerateWorker {
             .spawn(move || run(model, factory, t, rx, config, s, c))
             .map_err(|e| ModelError::Internal(format!("cannot start the generation thread: {e}")))?;
         Ok(GenerateWorker {
-            tx,
+            backend: Backend::Local(tx),
             tokenizer,
             context_len,
             stats,
             crash_next,
         })
+    }
+
+    /// A worker whose requests go to an inference server; `context_len` is the
+    /// server model's context, `tokenizer` the same model's (prompts are sent as
+    /// token ids, so both sides count alike); `stats`, those the client keeps.
+    pub fn remote(
+        remote: Arc<dyn RemoteGenerate>,
+        stats: Arc<GenStats>,
+        tokenizer: Arc<dyn ChatTokenizer>,
+        context_len: usize,
+    ) -> Self {
+        GenerateWorker {
+            backend: Backend::Remote(remote),
+            tokenizer,
+            context_len,
+            stats,
+            crash_next: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether requests go to an inference server.
+    pub fn is_remote(&self) -> bool {
+        matches!(self.backend, Backend::Remote(_))
     }
 
     pub fn tokenizer(&self) -> &Arc<dyn ChatTokenizer> {
@@ -159,7 +200,11 @@ impl GenerateWorker {
             )));
         }
         req.max_tokens = req.max_tokens.clamp(1, self.context_len - n);
-        match self.tx.try_send((req, Instant::now())) {
+        let tx = match &self.backend {
+            Backend::Local(tx) => tx,
+            Backend::Remote(remote) => return remote.submit(req),
+        };
+        match tx.try_send((req, Instant::now())) {
             Ok(()) => {
                 self.stats.queued.fetch_add(1, Ordering::Relaxed);
                 Ok(())

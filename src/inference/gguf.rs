@@ -160,23 +160,7 @@ pub fn load(
         .and_then(|v| v.to_u32().ok())
         .map(|v| v as usize)
         .unwrap_or(2048);
-    let tokenizer = match tokenizer_json {
-        Some(p) => Tokenizer::from_file(p).map_err(model_error)?,
-        None => tokenizer_from_gguf(&ct)?,
-    };
-    let mut stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
-        .iter()
-        .filter_map(|t| tokenizer.token_to_id(t))
-        .collect();
-    if let Some(eos) = ct
-        .metadata
-        .get("tokenizer.ggml.eos_token_id")
-        .and_then(|v| v.to_u32().ok())
-    {
-        if !stop.contains(&eos) {
-            stop.push(eos);
-        }
-    }
+    let chat_tokenizer = chat_tokenizer(&ct, tokenizer_json)?;
     let context_len = trained_ctx.min(max_context.max(16));
     let lm: Box<dyn CausalLm> = match arch.as_str() {
         "llama" => {
@@ -197,7 +181,56 @@ pub fn load(
             )))
         }
     };
-    Ok((lm, Arc::new(HfChatTokenizer { inner: tokenizer, stop })))
+    Ok((lm, Arc::new(chat_tokenizer)))
+}
+
+/// The tokenizer (tokenizer.json, else the GGUF metadata) and its stop tokens.
+fn chat_tokenizer(ct: &gguf_file::Content, tokenizer_json: Option<&Path>) -> Result<HfChatTokenizer, ModelError> {
+    let tokenizer = match tokenizer_json {
+        Some(p) => Tokenizer::from_file(p).map_err(model_error)?,
+        None => tokenizer_from_gguf(ct)?,
+    };
+    let mut stop: Vec<u32> = ["<|im_end|>", "<|endoftext|>"]
+        .iter()
+        .filter_map(|t| tokenizer.token_to_id(t))
+        .collect();
+    if let Some(eos) = ct
+        .metadata
+        .get("tokenizer.ggml.eos_token_id")
+        .and_then(|v| v.to_u32().ok())
+    {
+        if !stop.contains(&eos) {
+            stop.push(eos);
+        }
+    }
+    Ok(HfChatTokenizer { inner: tokenizer, stop })
+}
+
+/// Only the tokenizer of a GGUF model (its metadata is read, not its weights),
+/// for a model served elsewhere: the tokenizer and the context, capped at
+/// `max_context`.
+pub fn load_tokenizer(
+    path: &Path,
+    tokenizer_json: Option<&Path>,
+    max_context: usize,
+) -> Result<(Arc<dyn ChatTokenizer>, usize), ModelError> {
+    let mut file = File::open(path)
+        .map_err(|e| ModelError::Unavailable(format!("{}: {e} (the tokenizer of the remote model)", path.display())))?;
+    let ct = gguf_file::Content::read(&mut file).map_err(model_error)?;
+    let arch = meta(&ct, "general.architecture")?
+        .to_string()
+        .map_err(model_error)?
+        .clone();
+    let trained_ctx = ct
+        .metadata
+        .get(&format!("{arch}.context_length"))
+        .and_then(|v| v.to_u32().ok())
+        .map(|v| v as usize)
+        .unwrap_or(2048);
+    Ok((
+        Arc::new(chat_tokenizer(&ct, tokenizer_json)?),
+        trained_ctx.min(max_context.max(16)),
+    ))
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod llama;
 pub mod pool;
 pub mod qmat;
+pub mod remote;
 
 use ragchat_actors::inference::ModelError;
 

@@ -20,6 +20,7 @@ mod metrics;
 mod models;
 mod nodes;
 mod reindex;
+mod remote_inference;
 mod scopes;
 mod storage_holds;
 mod upgrades;
