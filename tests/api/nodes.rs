@@ -405,3 +405,152 @@ async fn six_uploads_through_three_nodes_against_a_1_mib_plan_create_exactly_thr
     )
     .await;
 }
+
+/// An SSE answer whose node dies mid-stream (SIGKILL) is resumed through another
+/// node by sending the same request again (same `request_id`): it is answered
+/// there, the usage ledger records the message once (the dead node never
+/// recorded its unfinished answer), and the same request once more gets the
+/// stored answer back, without a new record and without a second conversation.
+#[actix_web::test]
+async fn a_stream_cut_by_a_killed_node_is_resumed_on_another_and_counted_once() {
+    let (Some(mongo), Some(cql), Some(pg)) = (
+        service_url("MONGODB_URL"),
+        service_url("SCYLLA_URL"),
+        fresh_postgres_url().await,
+    ) else {
+        return;
+    };
+    let Some(models) = models_dir() else { return };
+    let tag = Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("ragchat-resume-{tag}"));
+    let path = |p: std::path::PathBuf| p.display().to_string();
+    let node = |i: usize| {
+        ServerProcess::spawn(&[
+            ("RAGCHAT__DATABASE__URL", pg.clone()),
+            ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
+            ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", format!("resume_{tag}")),
+            ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
+            ("RAGCHAT__CHAT__SCYLLA_NODES", cql.trim().to_string()),
+            ("RAGCHAT__CHAT__SCYLLA_KEYSPACE", format!("resume_{tag}")),
+            ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
+            (
+                "RAGCHAT__MODELS__GENERATOR_PATH",
+                path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
+            ),
+        ])
+    };
+    let client = reqwest::Client::new();
+    let mut a = node(1);
+    wait_ready(&client, &a.base).await;
+    let b = node(2);
+    wait_ready(&client, &b.base).await;
+    let email = format!("resume-{tag}@example.com");
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
+        .args(["create-user", "--email", &email, "--plan", "enterprise"])
+        .env("RAGCHAT_ENV", "test")
+        .env("RAGCHAT__DATABASE__URL", &pg)
+        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
+        .output()
+        .expect("create-user");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let token = log_in(&client, &b.base, &email).await;
+    let me: Value = client
+        .get(format!("{}/auth/me", b.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("me")
+        .json()
+        .await
+        .expect("json");
+    let user_id = Uuid::parse_str(me["id"].as_str().expect("id")).expect("uuid");
+    let usage = ragchat::stores::connect(&ragchat::config::DatabaseSettings {
+        url: pg.clone(),
+        max_connections: 2,
+        acquire_timeout_ms: 5000,
+    })
+    .await
+    .expect("usage store")
+    .usage;
+
+    let request_id = Uuid::new_v4();
+    let body = json!({"message": "Tell me a long story about a lighthouse keeper.", "enable_rag": false,
+                      "max_tokens": 300, "request_id": request_id});
+    // Through node a until its first token; then node a dies.
+    let resp = client
+        .post(format!("{}/chat/stream", a.base))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.bytes_stream();
+    let mut seen = String::new();
+    while !seen.contains("event: token") {
+        let chunk = futures_util::StreamExt::next(&mut stream)
+            .await
+            .expect("a token before the end")
+            .expect("chunk");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    drop(stream);
+
+    // The client reconnects through node b with the same request.
+    let resp = client
+        .post(format!("{}/chat/stream", b.base))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .expect("resume");
+    assert_eq!(resp.status(), StatusCode::OK);
+    let text = resp.text().await.expect("body");
+    let done: Value = text
+        .split("\n\n")
+        .find_map(|e| e.strip_prefix("event: done\ndata: "))
+        .map(|d| serde_json::from_str(d).expect("done json"))
+        .unwrap_or_else(|| panic!("no done event in {text}"));
+    let answer = done["answer"].as_str().expect("answer").to_string();
+    assert!(!answer.is_empty(), "{done}");
+    let session = done["session_id"].as_str().expect("session").to_string();
+    assert_eq!(session, Uuid::new_v5(&user_id, request_id.as_bytes()).to_string());
+
+    // One record for the message: the answer node b made.
+    let started = Instant::now();
+    while usage.usage_record_count(user_id).await.expect("count") == 0 {
+        assert!(started.elapsed() < Duration::from_secs(15), "no usage recorded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(usage.usage_record_count(user_id).await.expect("count"), 1);
+
+    // The same request once more: the stored answer, not a new one.
+    let again: Value = client
+        .post(format!("{}/chat/message", b.base))
+        .bearer_auth(&token)
+        .json(&body)
+        .send()
+        .await
+        .expect("again")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(again["answer"].as_str(), Some(answer.trim()), "{again}");
+    assert_eq!(again["message_id"], done["message_id"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(usage.usage_record_count(user_id).await.expect("count"), 1);
+    let history: Value = client
+        .get(format!("{}/chat/sessions/{session}/messages", b.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("history")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(history["messages"].as_array().map(Vec::len), Some(2), "{history}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -22,6 +22,7 @@
 //! Stores that fail degrade the answer instead of refusing it: no history, no
 //! sources or not saved, each said in `warnings`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -66,9 +67,38 @@ pub struct ChatRequest {
     /// Longest answer in tokens (default `models.default_max_tokens`, at most
     /// `chat.max_answer_tokens`).
     pub max_tokens: Option<usize>,
+    /// The client's id for this message, to resume it: the same request sent
+    /// again with the same id (a reconnect, through any node) gets the answer
+    /// stored for it without counting again, or, when none was stored (the node
+    /// that had it died), is answered then, once. Without a `session_id` the new
+    /// conversation's id is derived from it, so a retry continues the same one.
+    pub request_id: Option<Uuid>,
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+/// The records a resumable request (`request_id`) writes under: the same ids
+/// on every node and every attempt.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resumable {
+    pub question: Uuid,
+    pub answer: Uuid,
+    /// The conversation, when the request names none.
+    pub session: Uuid,
+}
+
+impl Resumable {
+    pub fn of(user_id: Uuid, request_id: Uuid) -> Self {
+        Resumable {
+            question: Uuid::new_v5(&request_id, b"question"),
+            answer: Uuid::new_v5(&request_id, b"answer"),
+            session: Uuid::new_v5(&user_id, request_id.as_bytes()),
+        }
+    }
+}
+
+/// How far back in a conversation a resumed request looks for its answer.
+const RESUME_LOOKBACK: u32 = 200;
+
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct SourceView {
     pub document_id: Uuid,
     pub title: String,
@@ -222,6 +252,19 @@ impl ChatService {
         let user_id = reader.user_id;
         let now = to_millis(Utc::now());
 
+        // A resumed request whose answer is stored gets it again, free.
+        let resumable = req.request_id.map(|id| Resumable::of(user_id, id));
+        if let Some(ids) = &resumable {
+            let session_id = req.session_id.unwrap_or(ids.session);
+            match self.stored_answer(user_id, session_id, ids.answer).await {
+                Ok(Some(record)) => return Ok(Turn::replayed(self.conversations.clone(), ticket, record)),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not look for the stored answer of a resumed request; answering it")
+                }
+            }
+        }
+
         // The conversation: yours, or a new one. A store that fails is not a
         // reason to refuse an answer: it comes without history, and says so.
         let mut warnings = Vec::new();
@@ -264,7 +307,14 @@ impl ChatService {
                     (fresh(id), false, Vec::new())
                 }
             },
-            None => (fresh(Uuid::new_v4()), true, Vec::new()),
+            None => match &resumable {
+                // A retry of a request that started a conversation continues it.
+                Some(ids) => match self.conversations.session(user_id, ids.session).await {
+                    Ok(Some(s)) => (s, false, Vec::new()),
+                    _ => (fresh(ids.session), true, Vec::new()),
+                },
+                None => (fresh(Uuid::new_v4()), true, Vec::new()),
+            },
         };
 
         // Retrieval: without sources (and a warning) when it fails.
@@ -350,7 +400,7 @@ impl ChatService {
         })?;
         let meta = Meta {
             question: ChatRecord {
-                id: Uuid::new_v4(),
+                id: resumable.map_or_else(Uuid::new_v4, |ids| ids.question),
                 session_id: session.id,
                 role: Role::User,
                 content: question,
@@ -359,7 +409,7 @@ impl ChatService {
             },
             session,
             is_new,
-            answer_id: Uuid::new_v4(),
+            answer_id: resumable.map_or_else(Uuid::new_v4, |ids| ids.answer),
             sources,
             route,
             started,
@@ -375,7 +425,28 @@ impl ChatService {
             tokens_sent: false,
             head_sent: false,
             text: String::new(),
+            queued: VecDeque::new(),
         })
+    }
+
+    /// The answer stored under `answer_id` in a conversation of this user, if
+    /// any (among its last `RESUME_LOOKBACK` messages).
+    async fn stored_answer(
+        &self,
+        user_id: Uuid,
+        session_id: Uuid,
+        answer_id: Uuid,
+    ) -> Result<Option<ChatRecord>, StoreError> {
+        if self.conversations.session(user_id, session_id).await?.is_none() {
+            return Ok(None);
+        }
+        let recent = self
+            .conversations
+            .messages(user_id, session_id, None, RESUME_LOOKBACK)
+            .await?;
+        Ok(recent
+            .into_iter()
+            .find(|m| m.id == answer_id && m.role == Role::Assistant))
     }
 }
 
@@ -477,6 +548,8 @@ pub struct Turn {
     tokens_sent: bool,
     head_sent: bool,
     text: String,
+    /// Events made in advance (a replayed answer), given before anything else.
+    queued: VecDeque<ChatEvent>,
 }
 
 impl Turn {
@@ -484,6 +557,9 @@ impl Turn {
     /// error; None after that. Cancel-safe: a caller may drop the future (a
     /// `select!` on other input) and call again; nothing is lost.
     pub async fn next(&mut self) -> Option<ChatEvent> {
+        if let Some(ev) = self.queued.pop_front() {
+            return Some(ev);
+        }
         if !self.head_sent {
             self.head_sent = true;
             return self.meta.as_ref().map(|m| Event::Sources(m.head()));
@@ -524,6 +600,84 @@ impl Turn {
                 }
                 Some(Event::Error(ChatError::Model(e)))
             }
+        }
+    }
+
+    /// A resumed request's stored answer, as events: its head, its text, its
+    /// response. The ticket is released: a replay is not a new answer.
+    fn replayed(conversations: Arc<dyn ConversationStore>, ticket: Ticket, record: ChatRecord) -> Turn {
+        let m = &record.metadata;
+        let sources: Vec<SourceView> = serde_json::from_value(m["sources"].clone()).unwrap_or_default();
+        let route: Option<Route> = serde_json::from_value(m["retrieval_route"].clone()).unwrap_or(None);
+        let context_used = !sources.is_empty();
+        let response_type = m["response_type"]
+            .as_str()
+            .unwrap_or(if context_used {
+                "rag_enhanced"
+            } else {
+                "generation_only"
+            })
+            .to_string();
+        let warnings: Vec<String> = [Ending::Cancelled, Ending::Failed]
+            .into_iter()
+            .filter(|how| m[how.as_str()] == json!(true))
+            .map(|how| {
+                format!(
+                    "This answer was cut short ({}) when it was first made; it is given as it was stored",
+                    how.as_str()
+                )
+            })
+            .collect();
+        let (plan, used, limit) = ticket.permit().map_or((String::new(), 0, 0), |p| {
+            (p.plan.as_str().to_string(), p.used.saturating_sub(1), p.limit)
+        });
+        ticket.release();
+        metrics::counter!("chat_answers_total", "response_type" => "replayed", "outcome" => "replayed").increment(1);
+        let tokens = m["prompt_tokens"].as_u64().unwrap_or(0) + m["completion_tokens"].as_u64().unwrap_or(0);
+        let head = json!({
+            "session_id": record.session_id,
+            "message_id": record.id,
+            "sources": sources,
+            "retrieval_route": route,
+            "context_used": context_used,
+            "warnings": warnings,
+            "replayed": true,
+        });
+        let response = ChatResponse {
+            session_id: record.session_id,
+            message_id: record.id,
+            answer: record.content.trim().to_string(),
+            confidence: m["confidence"].as_f64().unwrap_or(0.0) as f32,
+            response_type,
+            context_used,
+            sources,
+            retrieval_route: route,
+            response_time_ms: 0,
+            tokens_used: tokens,
+            subscription_plan: plan,
+            usage_info: UsageInfo {
+                messages_used: used,
+                messages_limit: limit,
+                messages_remaining: limit.saturating_sub(used),
+            },
+            debug_info: None,
+            warnings,
+        };
+        let mut queued = VecDeque::from([Event::Sources(head)]);
+        if !record.content.is_empty() {
+            queued.push_back(Event::Token(record.content.clone()));
+        }
+        queued.push_back(Event::Done(Box::new(response)));
+        Turn {
+            conversations,
+            ticket: None,
+            meta: None,
+            generation: None,
+            finishing: None,
+            tokens_sent: false,
+            head_sent: true,
+            text: String::new(),
+            queued,
         }
     }
 
@@ -710,6 +864,7 @@ mod tests {
             filters: Filters::new(),
             debug_mode: false,
             max_tokens: None,
+            request_id: None,
         }
     }
 
@@ -841,6 +996,7 @@ mod tests {
             tokens_sent: false,
             head_sent: false,
             text: String::new(),
+            queued: VecDeque::new(),
         };
         (turn, tx, user)
     }
