@@ -457,3 +457,84 @@ async fn usage_admitted_before_a_sigkill_is_recorded_once_after_the_restart() {
     assert_eq!((n, records_in(&db).await), (5, 5), "each admitted unit recorded once");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A node stopped with SIGTERM right after a burst of admitted requests leaves
+/// nothing behind in PostgreSQL's terms: every admitted unit has its usage
+/// record there (none left in the node's spool for a restart that may never
+/// come: a scaled-down pod), and its quota counter holds exactly those units
+/// (no lease units kept). At shutdown the pool's connections of the stopped
+/// server workers fail once each; the hand-back and the last flush try again.
+#[actix_web::test]
+async fn a_node_stopped_with_sigterm_under_load_leaves_every_record_in_the_store() {
+    let Some(pg) = fresh_postgres_url().await else { return };
+    let dir = std::env::temp_dir().join(format!("ragchat-sigterm-{}", Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let env = vec![
+        ("RAGCHAT__DATABASE__URL", pg.clone()),
+        (
+            "RAGCHAT__LEDGER__SPOOL_PATH",
+            dir.join("spool.bin").display().to_string(),
+        ),
+        ("RAGCHAT__RATE_LIMITS__API__LIMIT", "1000000".to_string()),
+        ("RAGCHAT__BILLING__PROBES", "true".to_string()),
+        ("RAGCHAT__MODELS__ENABLED", "false".to_string()),
+        ("RAGCHAT__SERVER__WORKERS", "2".to_string()),
+    ];
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
+        .args(["create-user", "--email", "sigterm@example.com", "--plan", "enterprise"])
+        .env("RAGCHAT_ENV", "test")
+        .env("RAGCHAT__DATABASE__URL", &pg)
+        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
+        .output()
+        .expect("create-user");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut node = ServerProcess::spawn(&env);
+    let client = reqwest::Client::new();
+    crate::helpers::wait_ready(&client, &node.base).await;
+    let token = crate::helpers::log_in(&client, &node.base, "sigterm@example.com").await;
+    // Sixteen clients at once for a second and a half, on both workers.
+    let until = std::time::Instant::now() + Duration::from_millis(1500);
+    let loops = (0..16).map(|_| {
+        let (client, base, token) = (client.clone(), node.base.clone(), token.clone());
+        async move {
+            let mut ok = 0u64;
+            while std::time::Instant::now() < until {
+                let r = client
+                    .post(format!("{base}/billing/probe/api"))
+                    .bearer_auth(&token)
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .expect("probe");
+                assert_eq!(r.status(), StatusCode::OK);
+                ok += 1;
+            }
+            ok
+        }
+    });
+    let admitted: u64 = futures_util::future::join_all(loops).await.into_iter().sum();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &node.child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(term.success());
+    let status = node.child.wait().expect("stopped");
+    assert!(status.success(), "{status:?}");
+
+    let pool = sqlx::PgPool::connect(&pg).await.expect("pg");
+    let records: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM usage_records WHERE resource_type = 'api_calls'")
+        .fetch_one(&pool)
+        .await
+        .expect("records");
+    let counted: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(used), 0)::BIGINT FROM quota_counters WHERE resource_type = 'api_calls'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("counters");
+    pool.close().await;
+    println!("{admitted} admitted; {records} records and {counted} units counted after SIGTERM");
+    assert!(admitted > 50, "{admitted}");
+    assert_eq!((records as u64, counted as u64), (admitted, admitted));
+    let _ = std::fs::remove_dir_all(&dir);
+}

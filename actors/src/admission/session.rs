@@ -476,7 +476,17 @@ async fn hand_back(
 ) -> Vec<(Resource, DateTime<Utc>, u64)> {
     let mut failed = Vec::new();
     for (resource, start, n) in returns {
-        if let Err(e) = usage.release(user_id, resource, start, n).await {
+        // A second try gets a new connection: at shutdown the pool's connections
+        // of the server's stopped workers fail once each ("runtime is being
+        // shutdown") and are dropped by the pool.
+        let mut outcome = usage.release(user_id, resource, start, n).await;
+        for _ in 0..8 {
+            if outcome.is_ok() {
+                break;
+            }
+            outcome = usage.release(user_id, resource, start, n).await;
+        }
+        if let Err(e) = outcome {
             tracing::warn!(user = %user_id, error = %e, units = n, "could not hand back leased quota units");
             failed.push((resource, start, n));
         }
