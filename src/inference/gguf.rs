@@ -150,16 +150,7 @@ pub fn load(
     let mut file = File::open(path)
         .map_err(|e| ModelError::Unavailable(format!("{}: {e} (run scripts/fetch-models)", path.display())))?;
     let ct = gguf_file::Content::read(&mut file).map_err(model_error)?;
-    let arch = meta(&ct, "general.architecture")?
-        .to_string()
-        .map_err(model_error)?
-        .clone();
-    let trained_ctx = ct
-        .metadata
-        .get(&format!("{arch}.context_length"))
-        .and_then(|v| v.to_u32().ok())
-        .map(|v| v as usize)
-        .unwrap_or(2048);
+    let (arch, trained_ctx) = architecture(&ct)?;
     let chat_tokenizer = chat_tokenizer(&ct, tokenizer_json)?;
     let context_len = trained_ctx.min(max_context.max(16));
     let lm: Box<dyn CausalLm> = match arch.as_str() {
@@ -182,6 +173,22 @@ pub fn load(
         }
     };
     Ok((lm, Arc::new(chat_tokenizer)))
+}
+
+/// The model's architecture and the context it was trained for (2048 when the
+/// metadata does not say).
+fn architecture(ct: &gguf_file::Content) -> Result<(String, usize), ModelError> {
+    let arch = meta(ct, "general.architecture")?
+        .to_string()
+        .map_err(model_error)?
+        .clone();
+    let trained_ctx = ct
+        .metadata
+        .get(&format!("{arch}.context_length"))
+        .and_then(|v| v.to_u32().ok())
+        .map(|v| v as usize)
+        .unwrap_or(2048);
+    Ok((arch, trained_ctx))
 }
 
 /// The tokenizer (tokenizer.json, else the GGUF metadata) and its stop tokens.
@@ -217,16 +224,7 @@ pub fn load_tokenizer(
     let mut file = File::open(path)
         .map_err(|e| ModelError::Unavailable(format!("{}: {e} (the tokenizer of the remote model)", path.display())))?;
     let ct = gguf_file::Content::read(&mut file).map_err(model_error)?;
-    let arch = meta(&ct, "general.architecture")?
-        .to_string()
-        .map_err(model_error)?
-        .clone();
-    let trained_ctx = ct
-        .metadata
-        .get(&format!("{arch}.context_length"))
-        .and_then(|v| v.to_u32().ok())
-        .map(|v| v as usize)
-        .unwrap_or(2048);
+    let (_, trained_ctx) = architecture(&ct)?;
     Ok((
         Arc::new(chat_tokenizer(&ct, tokenizer_json)?),
         trained_ctx.min(max_context.max(16)),

@@ -191,23 +191,23 @@ async fn three_nodes_behind_nginx_serve_http_sse_and_websockets_and_survive_a_ki
     let dir = std::env::temp_dir().join(format!("ragchat-balancer-{tag}"));
     let path = |p: std::path::PathBuf| p.display().to_string();
     let node = |i: usize| {
-        ServerProcess::spawn(&[
-            ("RAGCHAT__SERVER__WORKERS", "2".into()),
-            ("RAGCHAT__SERVER__CLIENT_IP_HEADER", "X-Forwarded-For".into()),
-            ("RAGCHAT__DATABASE__URL", pg.clone()),
-            ("RAGCHAT__REDIS__URL", redis.clone()),
-            ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
-            ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", format!("balancer_{tag}")),
-            ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
-            ("RAGCHAT__KNOWLEDGE__INDEX_RECONCILE_SECS", "1".into()),
-            ("RAGCHAT__CHAT__SCYLLA_NODES", cql.trim().to_string()),
-            ("RAGCHAT__CHAT__SCYLLA_KEYSPACE", format!("balancer_{tag}")),
-            ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
-            (
-                "RAGCHAT__MODELS__GENERATOR_PATH",
-                path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
-            ),
-        ])
+        ServerProcess::spawn(
+            &[
+                ("RAGCHAT__SERVER__WORKERS", "2".into()),
+                ("RAGCHAT__SERVER__CLIENT_IP_HEADER", "X-Forwarded-For".into()),
+                ("RAGCHAT__DATABASE__URL", pg.clone()),
+                ("RAGCHAT__REDIS__URL", redis.clone()),
+                ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
+                ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", format!("balancer_{tag}")),
+                ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
+                ("RAGCHAT__KNOWLEDGE__INDEX_RECONCILE_SECS", "1".into()),
+                ("RAGCHAT__CHAT__SCYLLA_NODES", cql.trim().to_string()),
+                ("RAGCHAT__CHAT__SCYLLA_KEYSPACE", format!("balancer_{tag}")),
+            ]
+            .into_iter()
+            .chain(crate::helpers::model_env(&models))
+            .collect::<Vec<_>>(),
+        )
     };
     // One node first (it creates the keyspace and collections), then the others.
     let mut one = node(1);
@@ -222,14 +222,7 @@ async fn three_nodes_behind_nginx_serve_http_sse_and_websockets_and_survive_a_ki
     // Sign-in through the balancer; the token works on every node.
     let email = format!("balancer-{tag}@example.com");
     // An enterprise account (the test searches and chats more than a free plan allows).
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
-        .args(["create-user", "--email", &email, "--plan", "enterprise"])
-        .env("RAGCHAT_ENV", "test")
-        .env("RAGCHAT__DATABASE__URL", &pg)
-        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
-        .output()
-        .expect("create-user");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    crate::helpers::create_enterprise_user(&pg, &email);
     let token = crate::helpers::log_in(&client, &base, &email).await;
     for n in [&one, &two, &three] {
         let me = client
@@ -362,18 +355,18 @@ async fn sigterm_drains_a_node_health_first_and_in_flight_streams_finish() {
     std::fs::create_dir_all(&dir).expect("dir");
     let sqlite = |name: &str| format!("sqlite:{}?mode=rwc", dir.join(name).display());
     let path = |p: std::path::PathBuf| p.display().to_string();
-    let mut server = ServerProcess::spawn(&[
-        ("RAGCHAT__SERVER__DRAIN_SECS", "3".into()),
-        ("RAGCHAT__DATABASE__URL", sqlite("accounts.db")),
-        ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
-        ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
-        ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join("index"))),
-        ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
-        (
-            "RAGCHAT__MODELS__GENERATOR_PATH",
-            path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
-        ),
-    ]);
+    let mut server = ServerProcess::spawn(
+        &[
+            ("RAGCHAT__SERVER__DRAIN_SECS", "3".into()),
+            ("RAGCHAT__DATABASE__URL", sqlite("accounts.db")),
+            ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
+            ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
+            ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join("index"))),
+        ]
+        .into_iter()
+        .chain(crate::helpers::model_env(&models))
+        .collect::<Vec<_>>(),
+    );
     let client = reqwest::Client::new();
     wait_ready(&client, &server.base).await;
     let token = crate::helpers::sign_up(&client, &server.base, &server.base, "drain@example.com").await;

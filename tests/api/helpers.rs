@@ -351,3 +351,34 @@ pub async fn wait_ready(client: &reqwest::Client, base: &str) {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// Creates an enterprise account `email` (password "password-1234") in the SQL
+/// store at `database_url` with the `create-user` command.
+pub fn create_enterprise_user(database_url: &str, email: &str) {
+    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
+        .args(["create-user", "--email", email, "--plan", "enterprise"])
+        .env("RAGCHAT_ENV", "test")
+        .env("RAGCHAT__DATABASE__URL", database_url)
+        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
+        .output()
+        .expect("create-user");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+}
+
+/// The environment naming the models of `models` (scripts/fetch-models) for a
+/// `ragchat serve` child process.
+pub fn model_env(models: &std::path::Path) -> [(&'static str, String); 2] {
+    [
+        (
+            "RAGCHAT__MODELS__EMBEDDING_DIR",
+            models.join("all-minilm-l6-v2").display().to_string(),
+        ),
+        (
+            "RAGCHAT__MODELS__GENERATOR_PATH",
+            models
+                .join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+                .display()
+                .to_string(),
+        ),
+    ]
+}

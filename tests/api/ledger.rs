@@ -480,14 +480,7 @@ async fn a_node_stopped_with_sigterm_under_load_leaves_every_record_in_the_store
         ("RAGCHAT__MODELS__ENABLED", "false".to_string()),
         ("RAGCHAT__SERVER__WORKERS", "2".to_string()),
     ];
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
-        .args(["create-user", "--email", "sigterm@example.com", "--plan", "enterprise"])
-        .env("RAGCHAT_ENV", "test")
-        .env("RAGCHAT__DATABASE__URL", &pg)
-        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
-        .output()
-        .expect("create-user");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    crate::helpers::create_enterprise_user(&pg, "sigterm@example.com");
     let mut node = ServerProcess::spawn(&env);
     let client = reqwest::Client::new();
     crate::helpers::wait_ready(&client, &node.base).await;

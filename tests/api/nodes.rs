@@ -199,19 +199,19 @@ async fn a_change_reaches_the_other_node_within_2_s_and_a_stopped_node_catches_u
     let dir = std::env::temp_dir().join(format!("ragchat-feed-{tag}"));
     let path = |p: std::path::PathBuf| p.display().to_string();
     let node = |i: usize| {
-        ServerProcess::spawn(&[
-            ("RAGCHAT__DATABASE__URL", pg.clone()),
-            ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
-            ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", database.clone()),
-            ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
-            ("RAGCHAT__KNOWLEDGE__INDEX_RECONCILE_SECS", "0".into()),
-            ("RAGCHAT__RATE_LIMITS__SEARCH__LIMIT", "100000".into()),
-            ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
-            (
-                "RAGCHAT__MODELS__GENERATOR_PATH",
-                path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
-            ),
-        ])
+        ServerProcess::spawn(
+            &[
+                ("RAGCHAT__DATABASE__URL", pg.clone()),
+                ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
+                ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", database.clone()),
+                ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
+                ("RAGCHAT__KNOWLEDGE__INDEX_RECONCILE_SECS", "0".into()),
+                ("RAGCHAT__RATE_LIMITS__SEARCH__LIMIT", "100000".into()),
+            ]
+            .into_iter()
+            .chain(crate::helpers::model_env(&models))
+            .collect::<Vec<_>>(),
+        )
     };
     let client = reqwest::Client::new();
     let a = node(1);
@@ -219,14 +219,7 @@ async fn a_change_reaches_the_other_node_within_2_s_and_a_stopped_node_catches_u
     let mut b = node(2);
     wait_ready(&client, &b.base).await;
     let email = format!("feed-{tag}@example.com");
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
-        .args(["create-user", "--email", &email, "--plan", "enterprise"])
-        .env("RAGCHAT_ENV", "test")
-        .env("RAGCHAT__DATABASE__URL", &pg)
-        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
-        .output()
-        .expect("create-user");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    crate::helpers::create_enterprise_user(&pg, &email);
     let token = log_in(&client, &a.base, &email).await;
 
     // Live: stored through one node, found through the other; deleted, gone.
@@ -425,19 +418,19 @@ async fn a_stream_cut_by_a_killed_node_is_resumed_on_another_and_counted_once() 
     let dir = std::env::temp_dir().join(format!("ragchat-resume-{tag}"));
     let path = |p: std::path::PathBuf| p.display().to_string();
     let node = |i: usize| {
-        ServerProcess::spawn(&[
-            ("RAGCHAT__DATABASE__URL", pg.clone()),
-            ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
-            ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", format!("resume_{tag}")),
-            ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
-            ("RAGCHAT__CHAT__SCYLLA_NODES", cql.trim().to_string()),
-            ("RAGCHAT__CHAT__SCYLLA_KEYSPACE", format!("resume_{tag}")),
-            ("RAGCHAT__MODELS__EMBEDDING_DIR", path(models.join("all-minilm-l6-v2"))),
-            (
-                "RAGCHAT__MODELS__GENERATOR_PATH",
-                path(models.join("smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")),
-            ),
-        ])
+        ServerProcess::spawn(
+            &[
+                ("RAGCHAT__DATABASE__URL", pg.clone()),
+                ("RAGCHAT__KNOWLEDGE__MONGODB_URL", mongo.clone()),
+                ("RAGCHAT__KNOWLEDGE__MONGODB_DATABASE", format!("resume_{tag}")),
+                ("RAGCHAT__KNOWLEDGE__INDEX_DIR", path(dir.join(format!("index-{i}")))),
+                ("RAGCHAT__CHAT__SCYLLA_NODES", cql.trim().to_string()),
+                ("RAGCHAT__CHAT__SCYLLA_KEYSPACE", format!("resume_{tag}")),
+            ]
+            .into_iter()
+            .chain(crate::helpers::model_env(&models))
+            .collect::<Vec<_>>(),
+        )
     };
     let client = reqwest::Client::new();
     let mut a = node(1);
@@ -445,14 +438,7 @@ async fn a_stream_cut_by_a_killed_node_is_resumed_on_another_and_counted_once() 
     let b = node(2);
     wait_ready(&client, &b.base).await;
     let email = format!("resume-{tag}@example.com");
-    let made = std::process::Command::new(env!("CARGO_BIN_EXE_ragchat"))
-        .args(["create-user", "--email", &email, "--plan", "enterprise"])
-        .env("RAGCHAT_ENV", "test")
-        .env("RAGCHAT__DATABASE__URL", &pg)
-        .env("RAGCHAT_NEW_USER_PASSWORD", "password-1234")
-        .output()
-        .expect("create-user");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    crate::helpers::create_enterprise_user(&pg, &email);
     let token = log_in(&client, &b.base, &email).await;
     let me: Value = client
         .get(format!("{}/auth/me", b.base))
