@@ -1,8 +1,8 @@
-//! Storage reservations: room for new private documents under the plan's
-//! `storage_mb`, reserved before an upload is stored. A user's reservations
-//! are checked one at a time (in the session's mailbox), and bytes reserved by
-//! uploads still being stored count as used, so two concurrent uploads cannot
-//! both fit into the last megabyte.
+//! Storage grants: room for new private documents under the plan's
+//! `storage_mb`, held before an upload is stored. The hold itself is a row in
+//! the SQL store (`UsageStore::hold_storage`), so uploads through every node
+//! count against each other; the session keeps its own grants only to know it
+//! is not idle while one is out.
 
 use std::time::{Duration, Instant};
 
@@ -19,28 +19,6 @@ pub struct StorageGrant {
     pub bytes: u64,
 }
 
-/// A reservation that does not fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Exceeded {
-    pub used_bytes: u64,
-    pub requested_bytes: u64,
-    pub limit_bytes: u64,
-}
-
-/// Whether `requested` more bytes fit: `stored` bytes in the store plus
-/// `reserved` bytes of uploads in progress, against `limit_bytes`.
-pub fn check(stored: u64, reserved: u64, requested: u64, limit_bytes: u64) -> Result<(), Exceeded> {
-    let used_bytes = stored.saturating_add(reserved);
-    if used_bytes.saturating_add(requested) > limit_bytes {
-        return Err(Exceeded {
-            used_bytes,
-            requested_bytes: requested,
-            limit_bytes,
-        });
-    }
-    Ok(())
-}
-
 /// The grants of one user's uploads still being stored.
 #[derive(Debug, Default)]
 pub struct Holds {
@@ -48,12 +26,6 @@ pub struct Holds {
 }
 
 impl Holds {
-    /// Bytes held by live grants (expired ones are dropped first).
-    pub fn reserved(&mut self, now: Instant) -> u64 {
-        self.expire(now);
-        self.grants.iter().map(|(g, _)| g.bytes).sum()
-    }
-
     pub fn hold(&mut self, grant: StorageGrant, now: Instant) {
         self.grants.push((grant, now));
     }
@@ -77,29 +49,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reserved_bytes_count_as_used_until_released_or_expired() {
-        let mb = 1u64 << 20;
-        assert!(check(0, 0, mb, mb).is_ok(), "exactly the limit fits");
-        assert!(matches!(
-            check(mb / 2, mb / 2, 1, mb),
-            Err(Exceeded { used_bytes, requested_bytes: 1, .. }) if used_bytes == mb
-        ));
+    fn grants_are_held_until_released_or_expired() {
         let now = Instant::now();
         let mut holds = Holds::default();
         let g = StorageGrant {
             id: Uuid::new_v4(),
-            bytes: mb,
+            bytes: 1 << 20,
         };
         holds.hold(g, now);
-        assert_eq!(holds.reserved(now), mb);
-        assert!(
-            check(0, holds.reserved(now), 1, mb).is_err(),
-            "a second upload does not fit meanwhile"
-        );
+        assert!(!holds.is_empty());
         holds.release(g.id);
-        assert_eq!(holds.reserved(now), 0);
-        holds.hold(g, now);
-        assert_eq!(holds.reserved(now + STORAGE_HOLD), 0, "a forgotten grant expires");
         assert!(holds.is_empty());
+        holds.hold(g, now);
+        holds.expire(now + STORAGE_HOLD - std::time::Duration::from_secs(1));
+        assert!(!holds.is_empty());
+        holds.expire(now + STORAGE_HOLD);
+        assert!(holds.is_empty(), "a forgotten grant expires");
     }
 }
