@@ -287,6 +287,19 @@ pub trait DocumentStore: Send + Sync + 'static {
     async fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)>;
     /// The chunks of a document, in order.
     async fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>>;
+    /// The documents of `ids` that exist, each with its chunks in order (any
+    /// order of documents): what the index catch-up reads, many at a time. A
+    /// store with round trips worth saving reads them in a few queries.
+    async fn documents_with_chunks(&self, ids: &[Uuid]) -> StoreResult<Vec<(Document, Vec<Chunk>)>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(doc) = self.document(*id).await? {
+                let chunks = self.chunks(*id).await?;
+                out.push((doc, chunks));
+            }
+        }
+        Ok(out)
+    }
     /// Every document id, or those of one owner, oldest first (to rebuild the
     /// search indexes at start; to clear seeded documents).
     async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>>;

@@ -698,6 +698,99 @@ impl DocumentStore for MongoDocumentStore {
         ))
     }
 
+    /// Three queries for all of `ids` (documents, chunks, embeddings). A
+    /// document whose set was re-indexed between them is read again alone.
+    async fn documents_with_chunks(&self, ids: &[Uuid]) -> StoreResult<Vec<(Document, Vec<Chunk>)>> {
+        use futures_util::TryStreamExt;
+        use std::collections::HashMap;
+        let keys: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let found: Vec<BsonDoc> = self
+            .documents
+            .find(doc! {"_id": {"$in": &keys}})
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let mut docs = Vec::with_capacity(found.len());
+        for b in &found {
+            let d = from_bson_doc(b)?;
+            let set = match b.get_str("chunk_set").ok().map(Uuid::parse_str) {
+                Some(Ok(set)) => set,
+                _ => d.id,
+            };
+            docs.push((d, set.to_string()));
+        }
+        let sets: Vec<&String> = docs.iter().map(|(_, set)| set).collect();
+        let of_sets = doc! {"document_id": {"$in": &sets}};
+        let chunks: Vec<BsonDoc> = self
+            .chunks
+            .find(of_sets.clone())
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let vectors: Vec<BsonDoc> = self
+            .embeddings
+            .find(of_sets)
+            .await
+            .map_err(mongo_error)?
+            .try_collect()
+            .await
+            .map_err(mongo_error)?;
+        let mut embedding_of: HashMap<&str, &mongodb::bson::Binary> = HashMap::new();
+        for v in &vectors {
+            let (Ok(id), Some(Bson::Binary(bin))) = (v.get_str("_id"), v.get("vector")) else {
+                return Err(bad_row("embedding"));
+            };
+            embedding_of.insert(id, bin);
+        }
+        let mut of_set: HashMap<&str, Vec<&BsonDoc>> = HashMap::new();
+        for c in &chunks {
+            of_set
+                .entry(c.get_str("document_id").map_err(|_| bad_row("document_id"))?)
+                .or_default()
+                .push(c);
+        }
+        let mut out = Vec::with_capacity(docs.len());
+        for (d, set) in docs {
+            let parts = of_set.remove(set.as_str()).unwrap_or_default();
+            let mut whole = parts.len() == d.chunk_count as usize;
+            let mut list = Vec::with_capacity(parts.len());
+            for b in parts {
+                let Some(bin) = b.get_str("_id").ok().and_then(|id| embedding_of.get(id)) else {
+                    whole = false;
+                    break;
+                };
+                list.push(Chunk {
+                    id: uuid_field(b, "_id")?,
+                    document_id: d.id,
+                    ordinal: b
+                        .get_i64("ordinal")
+                        .ok()
+                        .and_then(|o| u32::try_from(o).ok())
+                        .ok_or_else(|| bad_row("ordinal"))?,
+                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
+                    embedding: embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
+                });
+            }
+            if whole {
+                list.sort_by_key(|c| c.ordinal);
+            } else {
+                // Re-indexed or deleted between the reads: as `chunks` does.
+                let Some(current) = self.document(d.id).await? else {
+                    continue;
+                };
+                list = self.chunks(d.id).await?;
+                out.push((current, list));
+                continue;
+            }
+            out.push((d, list));
+        }
+        Ok(out)
+    }
+
     async fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>> {
         use futures_util::TryStreamExt;
         let filter = match owner {

@@ -117,6 +117,7 @@ timed_slot_store!(Documents, DocumentStore, "documents";
     fn document_by_hash(&self, owner: &Owner, content_hash: &str) -> StoreResult<Option<Document>>;
     fn list_documents(&self, reader: &Reader, page: Page) -> StoreResult<(Vec<Document>, u64)>;
     fn chunks(&self, document_id: Uuid) -> StoreResult<Vec<Chunk>>;
+    fn documents_with_chunks(&self, ids: &[Uuid]) -> StoreResult<Vec<(Document, Vec<Chunk>)>>;
     fn document_ids(&self, owner: Option<&Owner>) -> StoreResult<Vec<Uuid>>;
     fn replace_chunks(&self, document_id: Uuid, chunks: &[Chunk]) -> StoreResult<bool>;
     fn delete_document(&self, id: Uuid) -> StoreResult<bool>;

@@ -53,6 +53,7 @@ contract!(
     deleting_a_document_removes_its_chunks,
     replacing_chunks_swaps_the_whole_set_and_readers_never_see_a_mix,
     every_write_adds_one_numbered_entry_to_the_change_feed,
+    many_documents_are_read_at_once_with_their_current_chunks,
 );
 
 fn document(owner: Owner, text: &str, age_s: i64) -> (Document, Vec<Chunk>) {
@@ -316,4 +317,42 @@ async fn every_write_adds_one_numbered_entry_to_the_change_feed(store: Arc<dyn D
     let next = store.changes_after(0, 10).await.expect("read");
     assert_eq!(next.len(), 1);
     assert!(next[0].seq > last, "{next:?} after {last}");
+}
+
+async fn many_documents_are_read_at_once_with_their_current_chunks(store: Arc<dyn DocumentStore>) {
+    let owner = Owner::User(Uuid::new_v4());
+    let mut docs = Vec::new();
+    for i in 0..6 {
+        let text = (0..=i)
+            .map(|k| format!("Doc {i} part {k}"))
+            .collect::<Vec<_>>()
+            .join(". ");
+        let (doc, chunks) = document(owner, &text, i64::from(i));
+        store.insert_document(&doc, &chunks).await.expect("insert");
+        docs.push(doc);
+    }
+    // One re-indexed (its chunks live under a new set), one deleted.
+    let (_, fresh) = document(owner, "Replaced first. Replaced second", 0);
+    let fresh: Vec<Chunk> = fresh
+        .into_iter()
+        .map(|c| Chunk {
+            document_id: docs[2].id,
+            ..c
+        })
+        .collect();
+    assert!(store.replace_chunks(docs[2].id, &fresh).await.expect("replace"));
+    assert!(store.delete_document(docs[4].id).await.expect("delete"));
+    let mut ids: Vec<Uuid> = docs.iter().map(|d| d.id).collect();
+    ids.push(Uuid::new_v4());
+    let mut read = store.documents_with_chunks(&ids).await.expect("bulk read");
+    read.sort_by_key(|(d, _)| ids.iter().position(|id| *id == d.id));
+    let expected: Vec<Uuid> = [0, 1, 2, 3, 5].iter().map(|&i| docs[i].id).collect();
+    assert_eq!(read.iter().map(|(d, _)| d.id).collect::<Vec<_>>(), expected);
+    for (doc, chunks) in &read {
+        assert_eq!(Some(doc.clone()), store.document(doc.id).await.expect("get"));
+        assert_eq!(chunks, &store.chunks(doc.id).await.expect("chunks"), "{}", doc.title);
+        assert_eq!(chunks.len(), doc.chunk_count as usize);
+    }
+    assert_eq!(read[2].1, fresh);
+    assert!(store.documents_with_chunks(&[]).await.expect("none").is_empty());
 }

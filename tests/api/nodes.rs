@@ -312,8 +312,13 @@ async fn a_change_reaches_the_other_node_within_2_s_and_a_stopped_node_catches_u
     for (i, id) in ids.iter().enumerate().filter(|(i, _)| deleted(*i)) {
         assert!(store.delete_document(*id).await.expect("delete"), "{i}");
     }
+    let restarted = Instant::now();
     let b = node(2);
     wait_ready(&client, &b.base).await;
+    println!(
+        "node b started and caught up with 700 documents in {} ms",
+        restarted.elapsed().as_millis()
+    );
     // Node a followed the feed; node b caught up at start. Both answer alike, as
     // the store says, for every tenth document and for those on either side.
     let started = Instant::now();
