@@ -444,6 +444,9 @@ pub struct ModelSettings {
     /// the model routes answer 503.
     pub enabled: bool,
     pub embedding_name: String,
+    /// Other names /v1 accepts for the embedding model (the Hugging Face id);
+    /// names are compared in any case.
+    pub embedding_aliases: Vec<String>,
     /// Folder with model.safetensors, config.json, tokenizer.json.
     pub embedding_dir: String,
     pub embedding_max_tokens: usize,
@@ -471,6 +474,8 @@ pub struct ModelSettings {
     /// /v1/embeddings: a single input of at most this many characters is interactive.
     pub embed_interactive_max_chars: usize,
     pub generator_name: String,
+    /// Other names /v1 accepts for the generator (the Hugging Face id).
+    pub generator_aliases: Vec<String>,
     /// A GGUF file (llama family or Qwen3).
     pub generator_path: String,
     /// Optional tokenizer.json; empty = built from the GGUF metadata.

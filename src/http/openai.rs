@@ -31,15 +31,23 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(web::resource("/v1/chat/completions").route(web::post().to(chat_completions)));
 }
 
-/// A request may name the model; it must be the one this server runs.
-fn check_model(requested: Option<&str>, served: &str) -> Result<(), ApiError> {
+/// A request may name the model: the served name or one of its aliases (the
+/// Hugging Face id), in any case.
+fn check_model(requested: Option<&str>, served: &str, aliases: &[String]) -> Result<(), ApiError> {
     match requested {
-        Some(m) if m != served => Err(ApiError::NotFound(format!(
+        Some(m) if !names_model(m, served, aliases) => Err(ApiError::NotFound(format!(
             "Model '{m}' not found: this server runs '{served}'"
         ))
         .with_code(ErrorCode::ModelNotFound)),
         _ => Ok(()),
     }
+}
+
+fn names_model(requested: &str, served: &str, aliases: &[String]) -> bool {
+    let requested = requested.trim();
+    std::iter::once(served)
+        .chain(aliases.iter().map(String::as_str))
+        .any(|name| name.eq_ignore_ascii_case(requested))
 }
 
 fn not_loaded(what: &str) -> ApiError {
@@ -94,7 +102,7 @@ pub async fn embeddings(
     let worker = state.embedder.clone().ok_or_else(|| not_loaded("embedding"))?;
     let name = state.settings.models.embedding_name.clone();
     let body = body.into_inner();
-    check_model(body.model.as_deref(), &name)?;
+    check_model(body.model.as_deref(), &name, &state.settings.models.embedding_aliases)?;
     let base64 = match body.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,
@@ -311,7 +319,7 @@ pub async fn chat_completions(
     let worker = state.generator.clone().ok_or_else(|| not_loaded("generation"))?;
     let name = state.settings.models.generator_name.clone();
     let req = body.into_inner();
-    check_model(req.model.as_deref(), &name)?;
+    check_model(req.model.as_deref(), &name, &state.settings.models.generator_aliases)?;
     let mut generation = start_generation(&state, &worker, &req).await?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
     let created = Utc::now().timestamp();
@@ -380,4 +388,26 @@ pub async fn chat_completions(
         })
     });
     Ok(sse::response(HttpResponse::Ok(), stream::iter([first]).chain(rest)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::names_model;
+
+    #[test]
+    fn a_model_is_named_by_its_name_or_an_alias_in_any_case() {
+        let aliases = vec!["Qwen/Qwen3-1.7B".to_string()];
+        for name in [
+            "qwen3-1.7b",
+            "Qwen3-1.7B",
+            "Qwen/Qwen3-1.7B",
+            "qwen/qwen3-1.7b",
+            " QWEN3-1.7B ",
+        ] {
+            assert!(names_model(name, "qwen3-1.7b", &aliases), "{name}");
+        }
+        for name in ["qwen3", "Qwen/Qwen3-8B", "other/qwen3-1.7b", ""] {
+            assert!(!names_model(name, "qwen3-1.7b", &aliases), "{name}");
+        }
+    }
 }

@@ -217,6 +217,49 @@ async fn bad_completion_requests_are_clear_4xx() {
 }
 
 #[actix_web::test]
+async fn hugging_face_ids_and_names_in_any_case_name_the_served_models() {
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
+    for name in [
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "huggingfacetb/smollm2-135m-instruct",
+        "SmolLM2-135M-Instruct",
+    ] {
+        let mut req = chat(false);
+        req["model"] = json!(name);
+        req["max_tokens"] = json!(2);
+        let body = expect(
+            app.post_json("/v1/chat/completions", &req, Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(body["model"], "smollm2-135m-instruct", "{name}");
+    }
+    for name in ["sentence-transformers/all-MiniLM-L6-v2", "ALL-MINILM-L6-V2"] {
+        let req = json!({"model": name, "input": "hello"});
+        let body = expect(
+            app.post_json("/v1/embeddings", &req, Some(&token)).await,
+            StatusCode::OK,
+        )
+        .await;
+        assert_eq!(body["model"], "all-minilm-l6-v2", "{name}");
+    }
+    // Another model's id, or the served model under another organisation, is not it.
+    for (route, name) in [
+        ("/v1/chat/completions", "Qwen/Qwen3-1.7B"),
+        ("/v1/chat/completions", "someone/SmolLM2-135M-Instruct"),
+        ("/v1/embeddings", "sentence-transformers/all-mpnet-base-v2"),
+    ] {
+        let mut req = chat(false);
+        req["model"] = json!(name);
+        req["input"] = json!("hello");
+        let body = expect(app.post_json(route, &req, Some(&token)).await, StatusCode::NOT_FOUND).await;
+        assert_eq!(body["code"], "model_not_found", "{name}: {body}");
+    }
+}
+
+#[actix_web::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_is_charged_once() {
     let Some((app, token)) = model_app().await else {
         return;
