@@ -493,6 +493,10 @@ pub struct ModelSettings {
     /// answers decode a token between pieces.
     #[serde(default)]
     pub prefill_chunk: usize,
+    /// MiB of KV cache the generation worker keeps from finished answers: a
+    /// prompt that begins with one (the next turn of a conversation) prefills
+    /// only the rest. 0: off.
+    pub prompt_cache_mb: usize,
     /// Generation by an OpenAI-compatible server at this base URL instead of in
     /// process (empty: in process). `generator_path` (or `generator_tokenizer`)
     /// still names the same model, for its tokenizer.

@@ -109,6 +109,7 @@ pub fn start_models(
                     max_active: m.max_active.max(1),
                     queue_capacity: m.generate_queue.max(1),
                     prefill_chunk: m.prefill_chunk,
+                    prompt_cache_bytes: m.prompt_cache_mb << 20,
                 },
             )
         })

@@ -36,6 +36,10 @@ pub struct GenerateConfig {
     /// once). Between pieces the running sequences decode a token, so a long
     /// prompt stalls them for one piece at a time instead of all of it.
     pub prefill_chunk: usize,
+    /// Bytes of KV cache kept from finished sequences, so that a prompt that
+    /// begins with one of them (the next turn of a conversation, the same
+    /// system prompt) prefills only what follows (0: off).
+    pub prompt_cache_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +69,8 @@ pub enum GenEvent {
         prompt_tokens: usize,
         completion_tokens: usize,
         first_token_ms: f64,
+        /// Prompt tokens whose KV came from the prompt cache (not prefilled).
+        cached_tokens: usize,
     },
     /// The request failed: `Invalid`/`TooLong` (the client's), else `Unavailable`.
     Error(ModelError),
@@ -239,6 +245,8 @@ struct Seq {
     first_token_ms: Option<f64>,
     /// The batched forward failed for it (already told).
     failed: bool,
+    /// Prompt tokens taken from the prompt cache.
+    cached: usize,
 }
 
 impl Seq {
@@ -283,6 +291,7 @@ fn run(
     crash_next: Arc<AtomicBool>,
 ) {
     let mut active: Vec<Seq> = Vec::new();
+    let mut cache = PromptCache::new(config.prompt_cache_bytes);
     let max_active = config.max_active.max(1);
     let mut policy = crate::supervision::RestartPolicy::default();
     loop {
@@ -326,11 +335,15 @@ fn run(
                     stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
+                let (model, cached) = match cache.take(&req.prompt_tokens) {
+                    Some((model, len)) => (model, len),
+                    None => (template.fork(), 0),
+                };
                 let mut seq = Seq {
-                    model: template.fork(),
+                    model,
                     sampler: Sampler::new(req.params),
                     prompt_len: req.prompt_tokens.len(),
-                    prefilled: 0,
+                    prefilled: cached,
                     tokens: req.prompt_tokens,
                     logits: None,
                     max_tokens: req.max_tokens,
@@ -340,6 +353,7 @@ fn run(
                     queued_at,
                     first_token_ms: None,
                     failed: false,
+                    cached,
                 };
                 // The first piece now; the rest one piece per step (below). With
                 // nobody decoding there is no one to make way for: all at once.
@@ -415,7 +429,11 @@ fn run(
                             prompt_tokens: s.prompt_len,
                             completion_tokens: s.generated().len(),
                             first_token_ms: s.first_token_ms.unwrap_or(0.0),
+                            cached_tokens: s.cached,
                         });
+                        // Every token but the last sampled one went through the model.
+                        let fed = s.tokens.len() - 1;
+                        cache.keep(s.tokens[..fed].to_vec(), s.model);
                     }
                     Outcome::Gone => {
                         stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -445,6 +463,7 @@ fn run(
             }
             stats.active.store(0, Ordering::Relaxed);
             stats.restarts.fetch_add(1, Ordering::Relaxed);
+            cache = PromptCache::new(config.prompt_cache_bytes);
             // Waits first when crashes come in a row (the queue waits meanwhile).
             policy.restart_blocking("generate-worker");
             match factory() {
@@ -457,6 +476,91 @@ fn run(
                 }
             }
         }
+    }
+}
+
+/// KV caches of finished sequences, kept within a byte budget (least recently
+/// used dropped first). A new prompt starting with one of them (at least
+/// `MIN_REUSE` tokens in common, and not all of it: the last prompt token must
+/// be fed to get logits) starts from a copy of that prefix.
+struct PromptCache {
+    budget: usize,
+    used: usize,
+    clock: u64,
+    entries: Vec<Cached>,
+}
+
+struct Cached {
+    tokens: Vec<u32>,
+    model: Box<dyn CausalLm>,
+    bytes: usize,
+    used_at: u64,
+}
+
+/// Fewer tokens in common than this are prefilled again (not worth a copy).
+const MIN_REUSE: usize = 16;
+
+impl PromptCache {
+    fn new(budget: usize) -> Self {
+        PromptCache {
+            budget,
+            used: 0,
+            clock: 0,
+            entries: Vec::new(),
+        }
+    }
+
+    /// A sequence holding the longest cached prefix of `prompt`, and its length.
+    fn take(&mut self, prompt: &[u32]) -> Option<(Box<dyn CausalLm>, usize)> {
+        let common = |t: &[u32]| t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let (i, len) = self
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (i, common(&e.tokens).min(prompt.len().saturating_sub(1))))
+            .max_by_key(|&(_, len)| len)?;
+        if len < MIN_REUSE {
+            return None;
+        }
+        self.clock += 1;
+        let e = &mut self.entries[i];
+        e.used_at = self.clock;
+        let model = e.model.fork_prefix(len)?;
+        metrics::counter!("generate_prompt_cache_tokens_total").increment(len as u64);
+        Some((model, len))
+    }
+
+    /// Keeps a finished sequence whose KV holds `tokens`; entries it extends
+    /// (the same conversation's earlier turn) go, then the least recently used
+    /// while over the budget.
+    fn keep(&mut self, tokens: Vec<u32>, model: Box<dyn CausalLm>) {
+        let Some(bytes) = model.kv_bytes() else { return };
+        if self.budget == 0 || bytes > self.budget || tokens.len() < MIN_REUSE {
+            return;
+        }
+        self.entries.retain(|e| {
+            let extended = e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens);
+            if extended {
+                self.used -= e.bytes;
+            }
+            !extended
+        });
+        self.clock += 1;
+        self.used += bytes;
+        self.entries.push(Cached {
+            tokens,
+            model,
+            bytes,
+            used_at: self.clock,
+        });
+        while self.used > self.budget {
+            let Some((oldest, _)) = self.entries.iter().enumerate().min_by_key(|(_, e)| e.used_at) else {
+                break;
+            };
+            let e = self.entries.swap_remove(oldest);
+            self.used -= e.bytes;
+        }
+        metrics::gauge!("generate_prompt_cache_bytes").set(self.used as f64);
     }
 }
 
@@ -571,6 +675,134 @@ mod tests {
             self.ctx
         }
     }
+    /// A fake model with a real cache: it keeps every token fed (truncated at
+    /// `pos`, as a KV cache is) and predicts from all of them, so an answer
+    /// depends on the whole prompt; `fed` counts the tokens it was fed.
+    struct Recorder {
+        seen: Vec<u32>,
+        fed: Arc<AtomicU64>,
+    }
+    impl CausalLm for Recorder {
+        fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
+            if self.seen.len() < pos {
+                return Err(ModelError::Internal(format!(
+                    "{} cached, fed at {pos}",
+                    self.seen.len()
+                )));
+            }
+            self.seen.truncate(pos);
+            self.seen.extend_from_slice(tokens);
+            self.fed.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+            let sum: u32 = self.seen.iter().enumerate().map(|(i, &t)| t * (i as u32 % 5 + 1)).sum();
+            let mut l = vec![0.0; 4];
+            l[(sum % 3) as usize] = 10.0;
+            Ok(l)
+        }
+        fn fork(&self) -> Box<dyn CausalLm> {
+            Box::new(Recorder {
+                seen: Vec::new(),
+                fed: self.fed.clone(),
+            })
+        }
+        fn context_len(&self) -> usize {
+            1024
+        }
+        fn kv_bytes(&self) -> Option<usize> {
+            Some(self.seen.len() * 4)
+        }
+        fn fork_prefix(&self, len: usize) -> Option<Box<dyn CausalLm>> {
+            (len <= self.seen.len()).then(|| {
+                Box::new(Recorder {
+                    seen: self.seen[..len].to_vec(),
+                    fed: self.fed.clone(),
+                }) as Box<dyn CausalLm>
+            })
+        }
+    }
+
+    fn recorder(cache_bytes: usize) -> (GenerateWorker, Arc<AtomicU64>) {
+        let fed = Arc::new(AtomicU64::new(0));
+        let f = fed.clone();
+        let w = GenerateWorker::start(
+            Box::new(move || {
+                Ok(Box::new(Recorder {
+                    seen: Vec::new(),
+                    fed: f.clone(),
+                }) as Box<dyn CausalLm>)
+            }),
+            Arc::new(Letters),
+            GenerateConfig {
+                max_active: 4,
+                queue_capacity: 8,
+                prefill_chunk: 0,
+                prompt_cache_bytes: cache_bytes,
+            },
+        )
+        .expect("start");
+        (w, fed)
+    }
+
+    /// Runs a conversation of `turns` turns (each prompt: the last one, its
+    /// answer, 20 new tokens); per turn the answer, cached tokens and tokens fed.
+    async fn conversation(w: &GenerateWorker, fed: &AtomicU64, turns: usize) -> Vec<(String, usize, u64)> {
+        let mut prompt: Vec<u32> = (0..40).map(|i| i % 3).collect();
+        let mut out = Vec::new();
+        for turn in 0..turns {
+            let before = fed.load(Ordering::Relaxed);
+            let (text, done) = collect(submit(w, prompt.clone(), 8, vec![])).await;
+            let Some(GenEvent::Done {
+                cached_tokens,
+                completion_tokens: 8,
+                ..
+            }) = done
+            else {
+                panic!("turn {turn}: {done:?}");
+            };
+            out.push((text.clone(), cached_tokens, fed.load(Ordering::Relaxed) - before));
+            prompt.extend(Letters.encode(&text).expect("encode"));
+            prompt.extend((0..20).map(|i| (i + turn as u32) % 3));
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_next_turn_prefills_only_what_follows_the_cached_prefix_and_answers_the_same() {
+        let (w, fed) = recorder(1 << 20);
+        let cached = conversation(&w, &fed, 5).await;
+        let (w, fed) = recorder(0);
+        let plain = conversation(&w, &fed, 5).await;
+        for (turn, (c, p)) in cached.iter().zip(&plain).enumerate() {
+            assert_eq!(c.0, p.0, "turn {turn}: the same greedy answer");
+            assert_eq!(p.1, 0);
+            if turn == 0 {
+                assert_eq!(c.1, 0);
+                continue;
+            }
+            // The previous prompt and its answer but the last token were cached:
+            // fed are that token, the 20 new ones and the 7 decode steps.
+            let prompt_len = 40 + turn * 28;
+            assert_eq!(c.1, prompt_len - 21, "turn {turn}");
+            assert_eq!(c.2, 21 + 7, "turn {turn}");
+            assert_eq!(p.2 as usize, prompt_len + 7, "turn {turn}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_prompt_cache_keeps_to_its_budget_least_recently_used_first() {
+        // Room for one finished sequence of 48 tokens (4 bytes each), not two.
+        let (w, fed) = recorder(300);
+        let a: Vec<u32> = (0..40).map(|i| i % 3).collect();
+        let b: Vec<u32> = (0..40).map(|i| (i + 1) % 3).collect();
+        for (prompt, want) in [(&a, 0), (&a, 39), (&b, 0), (&a, 0)] {
+            let (_, done) = collect(submit(&w, prompt.clone(), 8, vec![])).await;
+            let Some(GenEvent::Done { cached_tokens, .. }) = done else {
+                panic!("{done:?}")
+            };
+            assert_eq!(cached_tokens, want);
+        }
+        assert!(fed.load(Ordering::Relaxed) > 0);
+    }
+
     struct Letters;
     impl ChatTokenizer for Letters {
         fn encode(&self, text: &str) -> Result<Vec<u32>, ModelError> {
@@ -592,6 +824,7 @@ mod tests {
                 max_active: 4,
                 queue_capacity: 8,
                 prefill_chunk: 2,
+                prompt_cache_bytes: 1 << 20,
             },
         )
         .expect("start")

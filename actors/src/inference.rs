@@ -83,6 +83,19 @@ pub trait CausalLm: Send + 'static {
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
+
+    /// Bytes its KV cache holds. `None`: this model cannot resume a sequence
+    /// from a cached prefix (the prompt cache passes it by).
+    fn kv_bytes(&self) -> Option<usize> {
+        None
+    }
+
+    /// A new sequence holding a copy of this one's first `len` cached
+    /// positions, to be continued with `forward(rest, len)`; `None` when this
+    /// model cannot (see `kv_bytes`) or holds fewer positions.
+    fn fork_prefix(&self, _len: usize) -> Option<Box<dyn CausalLm>> {
+        None
+    }
 }
 
 /// Per-request sampling settings (OpenAI-style).

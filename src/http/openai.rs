@@ -340,7 +340,8 @@ pub async fn chat_completions(
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                                      "finish_reason": done.reason.as_str()}],
                         "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                                  "total_tokens": done.prompt_tokens + done.completion_tokens},
+                                  "total_tokens": done.prompt_tokens + done.completion_tokens,
+                                  "prompt_tokens_details": {"cached_tokens": done.cached_tokens}},
                     })));
                 }
                 Step::Failed(e) => return Err(e.into()),
@@ -371,7 +372,8 @@ pub async fn chat_completions(
                 let mut out = chunk(json!({}), Some(done.reason.as_str())).to_vec();
                 let usage = json!({"object": "chat.completion.chunk", "choices": [],
                                    "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-                                             "total_tokens": done.prompt_tokens + done.completion_tokens}});
+                                             "total_tokens": done.prompt_tokens + done.completion_tokens,
+                                             "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}});
                 out.extend_from_slice(&sse::frame(None, &usage));
                 out.extend_from_slice(&sse::frame(None, &"[DONE]"));
                 (Bytes::from(out), None)

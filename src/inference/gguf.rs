@@ -361,6 +361,7 @@ mod tests {
                 queue_capacity: 4,
                 // Pieces of three tokens: the prompt is prefilled over several steps.
                 prefill_chunk: 3,
+                prompt_cache_bytes: 0,
             },
         )
         .expect("worker");
@@ -395,5 +396,92 @@ mod tests {
         });
         assert!(done.is_some_and(|n| (1..=8).contains(&n)), "{done:?}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// A five-turn conversation on SmolLM2 through the worker: the same greedy
+    /// answers with the prompt cache and without it, and from the second turn
+    /// on only what follows the cached prefix is prefilled.
+    #[test]
+    fn a_conversation_answers_the_same_with_and_without_the_prompt_cache() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
+            return;
+        }
+        let questions = [
+            "What is the capital of France?",
+            "And how many people live there?",
+            "Name one famous museum in that city.",
+            "What is displayed in it?",
+            "Thank you. Summarize our talk in one sentence.",
+        ];
+        let rt = tokio::runtime::Builder::new_current_thread().build().expect("rt");
+        let talk = |cache_bytes: usize| {
+            let (lm, tok) = load(&path, None, 2048, true).expect("load");
+            let worker = GenerateWorker::start(
+                Box::new(move || Ok(lm.fork())),
+                tok.clone(),
+                GenerateConfig {
+                    max_active: 2,
+                    queue_capacity: 4,
+                    prefill_chunk: 0,
+                    prompt_cache_bytes: cache_bytes,
+                },
+            )
+            .expect("worker");
+            let mut messages = vec![("system".to_string(), "You are a helpful assistant.".to_string())];
+            let mut turns = Vec::new();
+            for q in questions {
+                messages.push(("user".into(), q.into()));
+                let prompt = tok.encode(&tok.chat_prompt(&messages)).expect("prompt");
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let params = SamplingParams {
+                    temperature: 0.0,
+                    top_p: 1.0,
+                    top_k: 0,
+                    repetition_penalty: 1.0,
+                    seed: Some(1),
+                };
+                let len = prompt.len();
+                worker
+                    .submit(GenerateRequest {
+                        prompt_tokens: prompt,
+                        params,
+                        max_tokens: 32,
+                        stop: vec![],
+                        events: tx,
+                    })
+                    .expect("submit");
+                let (text, cached) = rt.block_on(async {
+                    let mut text = String::new();
+                    while let Some(ev) = rx.recv().await {
+                        match ev {
+                            GenEvent::Token { text: t } => text.push_str(&t),
+                            GenEvent::Done { cached_tokens, .. } => return (text, cached_tokens),
+                            GenEvent::Error(e) => panic!("generation failed: {e}"),
+                        }
+                    }
+                    panic!("no end");
+                });
+                println!(
+                    "cache {cache_bytes}: prompt {len} tokens, {cached} cached, {} prefilled",
+                    len - cached
+                );
+                messages.push(("assistant".into(), text.clone()));
+                turns.push((text, len, cached));
+            }
+            turns
+        };
+        let cached = talk(64 << 20);
+        let plain = talk(0);
+        for (i, (c, p)) in cached.iter().zip(&plain).enumerate() {
+            assert_eq!(c.0, p.0, "turn {i}: the same greedy answer");
+            assert_eq!(p.2, 0);
+            if i > 0 {
+                // All of the previous turn's prompt at least is reused.
+                assert!(c.2 >= cached[i - 1].1, "turn {i}: {} cached of {}", c.2, c.1);
+            }
+        }
     }
 }

@@ -482,6 +482,29 @@ impl CausalLm for LlamaSeq {
         Some(self)
     }
 
+    fn kv_bytes(&self) -> Option<usize> {
+        let floats: usize = self.cache.iter().map(|b| b.k.capacity() + b.v.capacity()).sum();
+        Some(floats * std::mem::size_of::<f32>())
+    }
+
+    fn fork_prefix(&self, len: usize) -> Option<Box<dyn CausalLm>> {
+        let row = self.w.n_kv_head * self.w.head_dim;
+        let mut cache = Vec::with_capacity(self.cache.len());
+        for b in &self.cache {
+            if b.k.len() < len * row || b.v.len() < len * row {
+                return None;
+            }
+            cache.push(KvBuf {
+                k: b.k[..len * row].to_vec(),
+                v: b.v[..len * row].to_vec(),
+            });
+        }
+        Some(Box::new(LlamaSeq {
+            w: self.w.clone(),
+            cache,
+        }))
+    }
+
     /// All sequences in one pass through the linear layers (one row each: with
     /// enough rows the f32 copy serves them all in one GEMM); attention stays per
     /// sequence (each has its own cache and position).

@@ -339,6 +339,7 @@ async fn generate(client: &Client, stats: &GenStats, req: GenerateRequest) -> Re
         prompt_tokens,
         completion_tokens,
         first_token_ms: first_token_ms.unwrap_or(started.elapsed().as_secs_f64() * 1000.0),
+        cached_tokens: 0,
     });
     Ok(())
 }

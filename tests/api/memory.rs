@@ -72,6 +72,9 @@ fn spawn(models: &std::path::Path) -> Server {
         // Synchronous uploads: the memory is measured when the request has ended.
         ("RAGCHAT__KNOWLEDGE__JOBS_MIN_UPLOAD_BYTES", (UPLOAD * 2).to_string()),
         ("RAGCHAT__KNOWLEDGE__JOBS_MIN_DOCUMENTS", "1000".into()),
+        // The prompt cache keeps finished answers' KV up to its own budget
+        // (`models.prompt_cache_mb`): a fixed cost, not one a request grows.
+        ("RAGCHAT__MODELS__PROMPT_CACHE_MB", "0".into()),
     ]);
     Server {
         process,

@@ -1,5 +1,6 @@
-//! The prompt a RAG answer is generated from: system prompt, numbered sources,
-//! then as many recent turns as the model's context leaves room for.
+//! The prompt a RAG answer is generated from: system prompt, as many recent
+//! turns as the model's context leaves room for, then the numbered sources with
+//! the question.
 
 use crate::chat::records::Role;
 use crate::inference::{ChatTokenizer, ModelError};
@@ -23,10 +24,11 @@ pub struct Prompt {
 }
 
 /// Builds the prompt within `budget` tokens (the context minus the room kept for
-/// the answer): system prompt and sources first (the lowest-ranked sources are
-/// dropped when they alone would not fit), then the question, then past messages
-/// newest first until the budget is spent (oldest dropped first). `history`
-/// is in time order. The question itself must fit, or the request is invalid.
+/// the answer), in the order system prompt, past messages, sources with the
+/// question. Room goes first to the question, then to the sources (the
+/// lowest-ranked are dropped when they would not fit), then to past messages
+/// newest first (oldest dropped first). `history` is in time order. The
+/// question itself must fit, or the request is invalid.
 pub fn build_prompt(
     tok: &dyn ChatTokenizer,
     system: &str,
@@ -37,30 +39,34 @@ pub fn build_prompt(
 ) -> Result<Prompt, ModelError> {
     let count =
         |turns: &[(String, String)]| -> Result<usize, ModelError> { Ok(tok.encode(&tok.chat_prompt(turns))?.len()) };
-    let system_with = |n: usize| {
-        let mut s = system.to_string();
-        if n > 0 {
-            s.push_str("\n\nSources:\n");
-            for (i, p) in passages.iter().take(n).enumerate() {
-                s.push_str(&format!("[{}] {}\n{}\n\n", i + 1, p.title.trim(), p.text.trim()));
-            }
+    // The sources go with the question, after the history: the system prompt
+    // and the conversation so far stay the same from one turn to the next, so
+    // the model's prompt cache prefills only what follows them.
+    let question_with = |n: usize| {
+        if n == 0 {
+            return ("user".to_string(), question.to_string());
         }
-        s.trim_end().to_string()
+        let mut s = String::from("Sources:\n");
+        for (i, p) in passages.iter().take(n).enumerate() {
+            s.push_str(&format!("[{}] {}\n{}\n\n", i + 1, p.title.trim(), p.text.trim()));
+        }
+        s.push_str("Question: ");
+        s.push_str(question);
+        ("user".to_string(), s)
     };
-    let q = ("user".to_string(), question.to_string());
-    let bare = count(&[("system".into(), system_with(0)), q.clone()])?;
+    let head = ("system".to_string(), system.to_string());
+    let bare = count(&[head.clone(), question_with(0)])?;
     if bare > budget {
         return Err(ModelError::TooLong(format!(
             "the message is too long: the prompt needs {bare} tokens and the model has room for {budget}"
         )));
     }
-    // Sources: as many of the best as fit (at most half the room is left for history
-    // only when there are no sources to give).
+    // Sources: as many of the best as fit; history gets what they leave.
     let mut sources_used = passages.len();
-    while sources_used > 0 && count(&[("system".into(), system_with(sources_used)), q.clone()])? > budget {
+    while sources_used > 0 && count(&[head.clone(), question_with(sources_used)])? > budget {
         sources_used -= 1;
     }
-    let head = ("system".to_string(), system_with(sources_used));
+    let q = question_with(sources_used);
     // History: one message at a time from the newest, while the whole still fits.
     let mut kept = 0;
     let mut total = count(&[head.clone(), q.clone()])?;
@@ -189,6 +195,25 @@ mod tests {
         assert_eq!(p.sources_used, 2, "each source costs 22 tokens");
         let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 10).expect("prompt");
         assert_eq!(p.sources_used, 0);
+    }
+
+    #[test]
+    fn the_next_turn_begins_with_this_turns_system_prompt_and_history() {
+        let history = vec![(Role::User, words(5, "q")), (Role::Assistant, words(5, "a"))];
+        let first = build_prompt(&Words, "sys", &passages(), &history, "first", 1000).expect("prompt");
+        let mut next_history = history.clone();
+        next_history.push((Role::User, "first".into()));
+        next_history.push((Role::Assistant, words(4, "answer")));
+        let other: Vec<Passage> = passages().into_iter().rev().collect();
+        let next = build_prompt(&Words, "sys", &other, &next_history, "second", 1000).expect("prompt");
+        let turns: Vec<(String, String)> = std::iter::once(("system".to_string(), "sys".to_string()))
+            .chain(history.iter().map(|(r, t)| (r.as_str().to_string(), t.clone())))
+            .collect();
+        // Everything up to the assistant marker the template ends with.
+        let stable = Words.encode(&Words.chat_prompt(&turns)).expect("encode").len() - 1;
+        assert_eq!(next.tokens[..stable], first.tokens[..stable]);
+        assert_eq!((first.sources_used, next.sources_used), (3, 3));
+        assert!(next.tokens.len() > first.tokens.len());
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub struct Finish {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
     pub first_token_ms: f64,
+    /// Prompt tokens the model's prompt cache held (not prefilled).
+    pub cached_tokens: usize,
 }
 
 /// One step of a generation, as read from the worker.
@@ -55,11 +57,13 @@ impl Generation {
                     prompt_tokens,
                     completion_tokens,
                     first_token_ms,
+                    cached_tokens,
                 }) => Step::Done(Finish {
                     reason: finish_reason,
                     prompt_tokens,
                     completion_tokens,
                     first_token_ms,
+                    cached_tokens,
                 }),
                 Some(GenEvent::Error(e)) => Step::Failed(e),
                 None => Step::Failed(ModelError::Unavailable("generation ended without an answer".into())),

@@ -811,6 +811,7 @@ async fn complete(
         d["completion_tokens"] = json!(done.completion_tokens);
         d["finish_reason"] = json!(done.reason.as_str());
         d["first_token_ms"] = json!(done.first_token_ms);
+        d["cached_prompt_tokens"] = json!(done.cached_tokens);
         d
     });
     ChatResponse {
@@ -1025,6 +1026,7 @@ mod tests {
             prompt_tokens: 3,
             completion_tokens: 2,
             first_token_ms: 1.0,
+            cached_tokens: 0,
         }
     }
 

@@ -188,6 +188,8 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
             queue_capacity: 64,
             // Whole prompts, as the figures in BENCHMARKS.md were measured.
             prefill_chunk: 0,
+            // Every prompt prefilled whole: the figures compare forwards.
+            prompt_cache_bytes: 0,
         },
     )?;
     let greedy = SamplingParams {
