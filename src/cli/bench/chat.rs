@@ -18,6 +18,16 @@ struct ChatSample {
     /// Prompt and answer tokens, from the `done` event.
     tokens_used: usize,
     ok: bool,
+    /// The whole response (head and events).
+    text: String,
+}
+
+/// The number after `"key":` in a response, if any.
+fn number_after(text: &str, key: &str) -> Option<usize> {
+    text.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse().ok())
 }
 
 /// POSTs to /chat/stream and reads the event stream to its end.
@@ -51,18 +61,14 @@ async fn chat_stream(port: u16, token: &str, body: &str) -> std::io::Result<Chat
         }
     }
     let text = String::from_utf8_lossy(&seen);
-    let tokens_used = text
-        .split("\"tokens_used\":")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let tokens_used = number_after(&text, "tokens_used").unwrap_or(0);
     Ok(ChatSample {
         first_token,
         total: t.elapsed(),
         tokens: text.matches("event: token").count(),
         tokens_used,
         ok: text.starts_with("HTTP/1.1 200") && text.contains("event: done"),
+        text: text.into_owned(),
     })
 }
 
@@ -110,6 +116,56 @@ pub struct ChatBench {
     /// Idle WebSocket connections to hold (0: skip).
     #[arg(long, default_value_t = 1000)]
     pub idle_websockets: usize,
+    /// Turns of one RAG conversation, answered with the prompt cache and
+    /// without it (0: skip).
+    #[arg(long, default_value_t = 5)]
+    pub turns: usize,
+}
+
+/// One turn of a conversation as measured.
+struct Turn {
+    prompt: usize,
+    cached: usize,
+    first_token: Duration,
+}
+
+/// One RAG conversation through a fresh server (greedy answers, the prompt
+/// cache at `cache_mb`): per turn the prompt tokens, those the cache held and
+/// the time to first token.
+async fn conversation(
+    settings: &Settings,
+    cache_mb: usize,
+    questions: &[String],
+    max_tokens: usize,
+) -> anyhow::Result<Vec<Turn>> {
+    let mut settings = settings.clone();
+    settings.chat.temperature = 0.0;
+    settings.models.prompt_cache_mb = cache_mb;
+    let Served { state, port, handle } = serve(settings.clone()).await?;
+    let hasher = PasswordHasher::new(settings.auth.argon2)?;
+    let email = format!("bench-conversation-{cache_mb}@example.com");
+    let token = bench_user(&state, &hasher, &email, ragchat_actors::plans::Plan::Enterprise).await?;
+    let mut session: Option<String> = None;
+    let mut turns = Vec::new();
+    for q in questions {
+        let body = serde_json::json!({"message": q, "max_tokens": max_tokens, "enable_rag": true,
+                                      "debug_mode": true, "session_id": session});
+        let sample = chat_stream(port, &token, &body.to_string()).await?;
+        anyhow::ensure!(sample.ok, "a conversation turn failed: {}", &sample.text[..sample.text.len().min(300)]);
+        session = sample
+            .text
+            .split("\"session_id\":\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .map(str::to_string);
+        turns.push(Turn {
+            prompt: number_after(&sample.text, "prompt_tokens").unwrap_or(0),
+            cached: number_after(&sample.text, "cached_prompt_tokens").unwrap_or(0),
+            first_token: sample.first_token.unwrap_or(sample.total),
+        });
+    }
+    handle.stop(true).await;
+    Ok(turns)
 }
 
 /// Chat over SciFact: requests/s and time to first token (SSE, fresh
@@ -303,6 +359,34 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     }
 
     handle.stop(true).await;
+
+    // Prompt reuse: one conversation, answered by a server with the prompt cache
+    // and by one without it (the same knowledge base, greedy answers).
+    if opts.turns > 0 {
+        let questions: Vec<String> = queries.iter().skip(100).take(opts.turns).cloned().collect();
+        let with = conversation(&settings, settings.models.prompt_cache_mb.max(1), &questions, opts.max_tokens).await?;
+        let without = conversation(&settings, 0, &questions, opts.max_tokens).await?;
+        println!(
+            "conversation of {} RAG turns, one client, greedy; prompt cache {} MiB against none:",
+            questions.len(),
+            settings.models.prompt_cache_mb.max(1)
+        );
+        println!(
+            "{:<5} {:>7} {:>7} {:>10} {:>16} {:>16}",
+            "turn", "prompt", "cached", "prefilled", "TTFT with cache", "TTFT without"
+        );
+        for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+            println!(
+                "{:<5} {:>7} {:>7} {:>10} {:>13.0} ms {:>13.0} ms",
+                i + 1,
+                a.prompt,
+                a.cached,
+                a.prompt.saturating_sub(a.cached),
+                ms(a.first_token),
+                ms(b.first_token)
+            );
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
