@@ -82,6 +82,10 @@ pub struct GenerateRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub events: UnboundedSender<GenEvent>,
+    /// Whose prompt cache it may use and add to (the user): a prefix cached
+    /// for one scope is never reused for another, whose time to first token
+    /// would tell that someone else sent that prompt. `None`: no cache.
+    pub cache_scope: Option<uuid::Uuid>,
 }
 
 #[derive(Debug, Default)]
@@ -247,6 +251,7 @@ struct Seq {
     failed: bool,
     /// Prompt tokens taken from the prompt cache.
     cached: usize,
+    cache_scope: Option<uuid::Uuid>,
 }
 
 impl Seq {
@@ -335,7 +340,7 @@ fn run(
                     stats.cancelled.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                let (model, cached) = match cache.take(&req.prompt_tokens) {
+                let (model, cached) = match cache.take(req.cache_scope, &req.prompt_tokens) {
                     Some((model, len)) => (model, len),
                     None => (template.fork(), 0),
                 };
@@ -354,6 +359,7 @@ fn run(
                     first_token_ms: None,
                     failed: false,
                     cached,
+                    cache_scope: req.cache_scope,
                 };
                 // The first piece now; the rest one piece per step (below). With
                 // nobody decoding there is no one to make way for: all at once.
@@ -433,7 +439,9 @@ fn run(
                         });
                         // Every token but the last sampled one went through the model.
                         let fed = s.tokens.len() - 1;
-                        cache.keep(s.tokens[..fed].to_vec(), s.model);
+                        if let Some(scope) = s.cache_scope {
+                            cache.keep(scope, s.tokens[..fed].to_vec(), s.model);
+                        }
                     }
                     Outcome::Gone => {
                         stats.cancelled.fetch_add(1, Ordering::Relaxed);
@@ -491,6 +499,7 @@ struct PromptCache {
 }
 
 struct Cached {
+    scope: uuid::Uuid,
     tokens: Vec<u32>,
     model: Box<dyn CausalLm>,
     bytes: usize,
@@ -510,13 +519,15 @@ impl PromptCache {
         }
     }
 
-    /// A sequence holding the longest cached prefix of `prompt`, and its length.
-    fn take(&mut self, prompt: &[u32]) -> Option<(Box<dyn CausalLm>, usize)> {
+    /// A sequence holding the longest prefix of `prompt` cached in `scope`, and its length.
+    fn take(&mut self, scope: Option<uuid::Uuid>, prompt: &[u32]) -> Option<(Box<dyn CausalLm>, usize)> {
+        let scope = scope?;
         let common = |t: &[u32]| t.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         let (i, len) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.scope == scope)
             .map(|(i, e)| (i, common(&e.tokens).min(prompt.len().saturating_sub(1))))
             .max_by_key(|&(_, len)| len)?;
         if len < MIN_REUSE {
@@ -533,13 +544,13 @@ impl PromptCache {
     /// Keeps a finished sequence whose KV holds `tokens`; entries it extends
     /// (the same conversation's earlier turn) go, then the least recently used
     /// while over the budget.
-    fn keep(&mut self, tokens: Vec<u32>, model: Box<dyn CausalLm>) {
+    fn keep(&mut self, scope: uuid::Uuid, tokens: Vec<u32>, model: Box<dyn CausalLm>) {
         let Some(bytes) = model.kv_bytes() else { return };
         if self.budget == 0 || bytes > self.budget || tokens.len() < MIN_REUSE {
             return;
         }
         self.entries.retain(|e| {
-            let extended = e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens);
+            let extended = e.scope == scope && e.tokens.len() <= tokens.len() && tokens.starts_with(&e.tokens);
             if extended {
                 self.used -= e.bytes;
             }
@@ -548,6 +559,7 @@ impl PromptCache {
         self.clock += 1;
         self.used += bytes;
         self.entries.push(Cached {
+            scope,
             tokens,
             model,
             bytes,
@@ -788,6 +800,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prefix_cached_for_one_user_is_not_reused_for_another() {
+        let (w, _) = recorder(1 << 20);
+        let prompt: Vec<u32> = (0..40).map(|i| i % 3).collect();
+        let (alice, bob) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        for (scope, want) in [
+            (Some(alice), 0),
+            (Some(bob), 0),
+            (Some(alice), 39),
+            (None, 0),
+            (Some(bob), 39),
+        ] {
+            let (tx, rx) = unbounded_channel();
+            w.submit(GenerateRequest {
+                prompt_tokens: prompt.clone(),
+                params: greedy(),
+                max_tokens: 8,
+                stop: vec![],
+                events: tx,
+                cache_scope: scope,
+            })
+            .expect("submit");
+            let (_, done) = collect(rx).await;
+            let Some(GenEvent::Done { cached_tokens, .. }) = done else {
+                panic!("{done:?}")
+            };
+            assert_eq!(cached_tokens, want, "{scope:?}");
+        }
+    }
+
+    #[tokio::test]
     async fn the_prompt_cache_keeps_to_its_budget_least_recently_used_first() {
         // Room for one finished sequence of 48 tokens (4 bytes each), not two.
         let (w, fed) = recorder(300);
@@ -844,6 +886,7 @@ mod tests {
             max_tokens,
             stop,
             events: tx,
+            cache_scope: Some(uuid::Uuid::nil()),
         })
         .expect("submit");
         rx
@@ -922,6 +965,7 @@ mod tests {
             max_tokens: 5,
             stop: vec![],
             events: tx,
+            cache_scope: None,
         });
         assert!(matches!(too_long, Err(ModelError::TooLong(_))));
     }

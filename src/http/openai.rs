@@ -216,6 +216,7 @@ async fn start_generation(
     state: &AppState,
     worker: &GenerateWorker,
     req: &ChatCompletionRequest,
+    user: uuid::Uuid,
 ) -> Result<Generation, ApiError> {
     let m = &state.settings.models;
     if req.messages.is_empty() || req.messages.len() > m.max_completion_messages {
@@ -268,6 +269,7 @@ async fn start_generation(
         max_tokens,
         stop,
         events: tx,
+        cache_scope: Some(user),
     })?;
     Ok(Generation::new(rx))
 }
@@ -320,7 +322,7 @@ pub async fn chat_completions(
     let name = state.settings.models.generator_name.clone();
     let req = body.into_inner();
     check_model(req.model.as_deref(), &name, &state.settings.models.generator_aliases)?;
-    let mut generation = start_generation(&state, &worker, &req).await?;
+    let mut generation = start_generation(&state, &worker, &req, admitted.user.user.id).await?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
     let created = Utc::now().timestamp();
     if !req.stream {

@@ -381,6 +381,7 @@ mod tests {
                 max_tokens: 8,
                 stop: vec![],
                 events: tx,
+                cache_scope: None,
             })
             .expect("submit");
         let done = rt.block_on(async {
@@ -451,6 +452,7 @@ mod tests {
                         max_tokens: 32,
                         stop: vec![],
                         events: tx,
+                        cache_scope: Some(uuid::Uuid::nil()),
                     })
                     .expect("submit");
                 let (text, cached) = rt.block_on(async {

@@ -260,6 +260,55 @@ async fn hugging_face_ids_and_names_in_any_case_name_the_served_models() {
 }
 
 #[actix_web::test]
+async fn a_follow_up_reuses_the_users_cached_prompt_and_no_one_elses() {
+    let Some((app, token)) = model_app().await else {
+        return;
+    };
+    let other = app
+        .admin(&format!("cache-{}@example.com", uuid::Uuid::new_v4().simple()))
+        .await;
+    let first = chat(false);
+    let body = expect(
+        app.post_json("/v1/chat/completions", &first, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(body["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{body}");
+    let answer = body["choices"][0]["message"]["content"]
+        .as_str()
+        .expect("answer")
+        .to_string();
+    let mut next = first.clone();
+    let messages = next["messages"].as_array_mut().expect("messages");
+    messages.push(json!({"role": "assistant", "content": answer}));
+    messages.push(json!({"role": "user", "content": "And of Germany?"}));
+    // Another user sending the same conversation starts from nothing.
+    let theirs = expect(
+        app.post_json("/v1/chat/completions", &next, Some(&other)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(theirs["usage"]["prompt_tokens_details"]["cached_tokens"], 0, "{theirs}");
+    let mine = expect(
+        app.post_json("/v1/chat/completions", &next, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    let cached = mine["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .expect("cached");
+    let prompt = body["usage"]["prompt_tokens"].as_u64().expect("prompt");
+    assert!(
+        cached >= prompt,
+        "the first prompt ({prompt} tokens) was reused: {mine}"
+    );
+    assert_eq!(
+        mine["choices"][0]["message"]["content"], theirs["choices"][0]["message"]["content"],
+        "the same greedy answer from the cache"
+    );
+}
+
+#[actix_web::test]
 async fn a_client_that_disconnects_mid_stream_frees_its_slot_and_is_charged_once() {
     let Some((app, token)) = model_app().await else {
         return;

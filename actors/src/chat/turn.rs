@@ -397,6 +397,7 @@ impl ChatService {
             max_tokens,
             stop: Vec::new(),
             events: tx,
+            cache_scope: Some(user_id),
         })?;
         let meta = Meta {
             question: ChatRecord {

@@ -151,7 +151,11 @@ async fn conversation(
         let body = serde_json::json!({"message": q, "max_tokens": max_tokens, "enable_rag": true,
                                       "debug_mode": true, "session_id": session});
         let sample = chat_stream(port, &token, &body.to_string()).await?;
-        anyhow::ensure!(sample.ok, "a conversation turn failed: {}", &sample.text[..sample.text.len().min(300)]);
+        anyhow::ensure!(
+            sample.ok,
+            "a conversation turn failed: {}",
+            &sample.text[..sample.text.len().min(300)]
+        );
         session = sample
             .text
             .split("\"session_id\":\"")
@@ -364,7 +368,13 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     // and by one without it (the same knowledge base, greedy answers).
     if opts.turns > 0 {
         let questions: Vec<String> = queries.iter().skip(100).take(opts.turns).cloned().collect();
-        let with = conversation(&settings, settings.models.prompt_cache_mb.max(1), &questions, opts.max_tokens).await?;
+        let with = conversation(
+            &settings,
+            settings.models.prompt_cache_mb.max(1),
+            &questions,
+            opts.max_tokens,
+        )
+        .await?;
         let without = conversation(&settings, 0, &questions, opts.max_tokens).await?;
         println!(
             "conversation of {} RAG turns, one client, greedy; prompt cache {} MiB against none:",

@@ -208,6 +208,7 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
             max_tokens,
             stop: vec![],
             events: tx,
+            cache_scope: None,
         });
         async move {
             ok.map_err(|e| anyhow::anyhow!(e.to_string()))?;
