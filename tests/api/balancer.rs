@@ -358,6 +358,9 @@ async fn sigterm_drains_a_node_health_first_and_in_flight_streams_finish() {
     let mut server = ServerProcess::spawn(
         &[
             ("RAGCHAT__SERVER__DRAIN_SECS", "3".into()),
+            // The answer in flight must end within the graceful stop, on a
+            // machine loaded by the other tests too.
+            ("RAGCHAT__SERVER__SHUTDOWN_TIMEOUT_SECS", "120".into()),
             ("RAGCHAT__DATABASE__URL", sqlite("accounts.db")),
             ("RAGCHAT__KNOWLEDGE__SQLITE_URL", sqlite("knowledge.db")),
             ("RAGCHAT__CHAT__SQLITE_URL", sqlite("chat.db")),
