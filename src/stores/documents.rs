@@ -12,6 +12,7 @@ use ragchat_actors::knowledge::{embedding_from_bytes, embedding_to_bytes, Chunk,
 use ragchat_actors::ports::{ChangeKind, DocumentChange, DocumentStore, StoreError, StoreResult};
 use sqlx::types::Json;
 use sqlx::{Row, SqlitePool};
+use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::store_error;
@@ -338,6 +339,18 @@ pub struct MongoDocumentStore {
     counters: Collection<BsonDoc>,
 }
 
+/// Every document of `collection` that `filter` selects.
+async fn find_all(collection: &Collection<BsonDoc>, filter: BsonDoc) -> StoreResult<Vec<BsonDoc>> {
+    use futures_util::TryStreamExt;
+    collection
+        .find(filter)
+        .await
+        .map_err(mongo_error)?
+        .try_collect()
+        .await
+        .map_err(mongo_error)
+}
+
 fn mongo_error(e: mongodb::error::Error) -> StoreError {
     use mongodb::error::{ErrorKind, WriteFailure};
     match *e.kind {
@@ -450,57 +463,55 @@ impl MongoDocumentStore {
         }))
     }
 
-    /// The chunks of one chunk set, in order; `None` when the set was being
-    /// deleted while it was read (a chunk came back without its embedding).
-    async fn chunks_of_set(&self, document_id: Uuid, set: Uuid) -> StoreResult<Option<Vec<Chunk>>> {
-        use futures_util::TryStreamExt;
-        let found: Vec<BsonDoc> = self
-            .chunks
-            .find(doc! {"document_id": set.to_string()})
-            .sort(doc! {"ordinal": 1})
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let vectors: Vec<BsonDoc> = self
-            .embeddings
-            .find(doc! {"document_id": set.to_string()})
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let mut by_chunk: std::collections::HashMap<String, Vec<f32>> = std::collections::HashMap::new();
+    /// The chunks of chunk sets (document id, set id), in order, by document;
+    /// `None` for a set that was being deleted while it was read (a chunk came
+    /// back without its embedding). Two queries for all of them.
+    async fn chunks_of_sets(&self, sets: &[(Uuid, Uuid)]) -> StoreResult<HashMap<Uuid, Option<Vec<Chunk>>>> {
+        let document_of: HashMap<String, Uuid> = sets.iter().map(|(d, set)| (set.to_string(), *d)).collect();
+        let keys: Vec<&String> = document_of.keys().collect();
+        let filter = doc! {"document_id": {"$in": &keys}};
+        let found = find_all(&self.chunks, filter.clone()).await?;
+        let vectors = find_all(&self.embeddings, filter).await?;
+        let mut by_chunk: HashMap<&str, Vec<f32>> = HashMap::new();
         for v in &vectors {
             let (Ok(id), Some(Bson::Binary(bin))) = (v.get_str("_id"), v.get("vector")) else {
                 return Err(bad_row("embedding"));
             };
             by_chunk.insert(
-                id.to_string(),
+                id,
                 embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
             );
         }
-        let mut chunks = Vec::with_capacity(found.len());
+        let mut out: HashMap<Uuid, Option<Vec<Chunk>>> = sets.iter().map(|(d, _)| (*d, Some(Vec::new()))).collect();
         for b in &found {
+            let set = b.get_str("document_id").map_err(|_| bad_row("document_id"))?;
+            let Some(&document_id) = document_of.get(set) else {
+                continue;
+            };
             // Chunks and embeddings are two reads: a re-index that deleted the
             // set in between leaves chunks without embeddings.
             let Some(embedding) = b.get_str("_id").ok().and_then(|id| by_chunk.remove(id)) else {
-                return Ok(None);
+                out.insert(document_id, None);
+                continue;
             };
-            chunks.push(Chunk {
-                id: uuid_field(b, "_id")?,
-                document_id,
-                ordinal: b
-                    .get_i64("ordinal")
-                    .ok()
-                    .and_then(|o| u32::try_from(o).ok())
-                    .ok_or_else(|| bad_row("ordinal"))?,
-                content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
-                embedding,
-            });
+            if let Some(Some(list)) = out.get_mut(&document_id) {
+                list.push(Chunk {
+                    id: uuid_field(b, "_id")?,
+                    document_id,
+                    ordinal: b
+                        .get_i64("ordinal")
+                        .ok()
+                        .and_then(|o| u32::try_from(o).ok())
+                        .ok_or_else(|| bad_row("ordinal"))?,
+                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
+                    embedding,
+                });
+            }
         }
-        Ok(Some(chunks))
+        for list in out.values_mut().flatten() {
+            list.sort_by_key(|c| c.ordinal);
+        }
+        Ok(out)
     }
 
     /// Connects and creates the indexes (idempotent).
@@ -688,8 +699,8 @@ impl DocumentStore for MongoDocumentStore {
             let Some((set, count)) = self.chunk_set(document_id).await? else {
                 return Ok(Vec::new());
             };
-            match self.chunks_of_set(document_id, set).await? {
-                Some(chunks) if chunks.len() == count => return Ok(chunks),
+            match self.chunks_of_sets(&[(document_id, set)]).await?.remove(&document_id) {
+                Some(Some(chunks)) if chunks.len() == count => return Ok(chunks),
                 _ => {}
             }
         }
@@ -701,92 +712,30 @@ impl DocumentStore for MongoDocumentStore {
     /// Three queries for all of `ids` (documents, chunks, embeddings). A
     /// document whose set was re-indexed between them is read again alone.
     async fn documents_with_chunks(&self, ids: &[Uuid]) -> StoreResult<Vec<(Document, Vec<Chunk>)>> {
-        use futures_util::TryStreamExt;
-        use std::collections::HashMap;
         let keys: Vec<String> = ids.iter().map(Uuid::to_string).collect();
-        let found: Vec<BsonDoc> = self
-            .documents
-            .find(doc! {"_id": {"$in": &keys}})
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let mut docs = Vec::with_capacity(found.len());
-        for b in &found {
-            let d = from_bson_doc(b)?;
+        let mut docs = Vec::new();
+        for b in find_all(&self.documents, doc! {"_id": {"$in": &keys}}).await? {
+            let d = from_bson_doc(&b)?;
             let set = match b.get_str("chunk_set").ok().map(Uuid::parse_str) {
                 Some(Ok(set)) => set,
                 _ => d.id,
             };
-            docs.push((d, set.to_string()));
+            docs.push((d, set));
         }
-        let sets: Vec<&String> = docs.iter().map(|(_, set)| set).collect();
-        let of_sets = doc! {"document_id": {"$in": &sets}};
-        let chunks: Vec<BsonDoc> = self
-            .chunks
-            .find(of_sets.clone())
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let vectors: Vec<BsonDoc> = self
-            .embeddings
-            .find(of_sets)
-            .await
-            .map_err(mongo_error)?
-            .try_collect()
-            .await
-            .map_err(mongo_error)?;
-        let mut embedding_of: HashMap<&str, &mongodb::bson::Binary> = HashMap::new();
-        for v in &vectors {
-            let (Ok(id), Some(Bson::Binary(bin))) = (v.get_str("_id"), v.get("vector")) else {
-                return Err(bad_row("embedding"));
-            };
-            embedding_of.insert(id, bin);
-        }
-        let mut of_set: HashMap<&str, Vec<&BsonDoc>> = HashMap::new();
-        for c in &chunks {
-            of_set
-                .entry(c.get_str("document_id").map_err(|_| bad_row("document_id"))?)
-                .or_default()
-                .push(c);
-        }
+        let sets: Vec<(Uuid, Uuid)> = docs.iter().map(|(d, set)| (d.id, *set)).collect();
+        let mut chunks = self.chunks_of_sets(&sets).await?;
         let mut out = Vec::with_capacity(docs.len());
-        for (d, set) in docs {
-            let parts = of_set.remove(set.as_str()).unwrap_or_default();
-            let mut whole = parts.len() == d.chunk_count as usize;
-            let mut list = Vec::with_capacity(parts.len());
-            for b in parts {
-                let Some(bin) = b.get_str("_id").ok().and_then(|id| embedding_of.get(id)) else {
-                    whole = false;
-                    break;
-                };
-                list.push(Chunk {
-                    id: uuid_field(b, "_id")?,
-                    document_id: d.id,
-                    ordinal: b
-                        .get_i64("ordinal")
-                        .ok()
-                        .and_then(|o| u32::try_from(o).ok())
-                        .ok_or_else(|| bad_row("ordinal"))?,
-                    content: b.get_str("content").map_err(|_| bad_row("content"))?.to_string(),
-                    embedding: embedding_from_bytes(&bin.bytes).ok_or_else(|| bad_row("embedding"))?,
-                });
-            }
-            if whole {
-                list.sort_by_key(|c| c.ordinal);
-            } else {
+        for (d, _) in docs {
+            match chunks.remove(&d.id) {
+                Some(Some(list)) if list.len() == d.chunk_count as usize => out.push((d, list)),
                 // Re-indexed or deleted between the reads: as `chunks` does.
-                let Some(current) = self.document(d.id).await? else {
-                    continue;
-                };
-                list = self.chunks(d.id).await?;
-                out.push((current, list));
-                continue;
+                _ => {
+                    if let Some(current) = self.document(d.id).await? {
+                        let list = self.chunks(d.id).await?;
+                        out.push((current, list));
+                    }
+                }
             }
-            out.push((d, list));
         }
         Ok(out)
     }
