@@ -3,8 +3,11 @@
 //! each, our quantized kernels ([`super::qmat`]) and one persistent thread pool
 //! ([`super::pool`]). A step of B rows (one per sequence when decoding, or several
 //! consecutive positions of one sequence) costs four products per layer plus the
-//! output head. Used when every linear layer is Q4_1 or Q8_0 (the development
-//! model); other GGUF types keep the tensor path in [`super::llama`].
+//! output head. Used when every linear layer is Q4_1, Q8_0, Q4_K or Q6_K (the
+//! development model, the official Qwen3 GGUFs, Q4_K_M files); other GGUF types keep the tensor path in
+//! [`super::llama`]. Qwen3's extras: an RMSNorm over each query and key head
+//! before RoPE, heads whose total width differs from the residual width, and the
+//! NEOX rotation (dimension i with i + head_dim/2, not 2i with 2i + 1).
 
 use std::ops::Range;
 
@@ -21,13 +24,65 @@ pub struct KvBuf {
     pub v: Vec<f32>,
 }
 
+/// Projections computed as one product: stacked into one matrix when their
+/// block types agree, else run one after the other into the same output rows
+/// (Q4_K_M files keep attn_v in Q6_K beside Q4_K q and k).
+enum Fused {
+    One(QMat),
+    Parts(Vec<QMat>),
+}
+
+impl Fused {
+    fn new(parts: Vec<QMat>) -> Option<Fused> {
+        let first = parts.first()?;
+        let cols = first.cols();
+        if parts.iter().any(|p| p.cols() != cols) {
+            return None;
+        }
+        if parts.iter().all(|p| p.kind() == first.kind()) {
+            QMat::stack(parts).map(Fused::One)
+        } else {
+            Some(Fused::Parts(parts))
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            Fused::One(m) => m.rows(),
+            Fused::Parts(ps) => ps.iter().map(QMat::rows).sum(),
+        }
+    }
+
+    fn matmul(&self, x: &Q8Acts, out: &mut [f32], pool: &Pool) {
+        match self {
+            Fused::One(m) => m.matmul(x, out, pool),
+            Fused::Parts(ps) => {
+                let total = self.rows();
+                let b = out.len() / total;
+                let mut at = 0;
+                for p in ps {
+                    let n = p.rows();
+                    let mut part = vec![0f32; b * n];
+                    p.matmul(x, &mut part, pool);
+                    for (r, src) in part.chunks_exact(n).enumerate() {
+                        out[r * total + at..r * total + at + n].copy_from_slice(src);
+                    }
+                    at += n;
+                }
+            }
+        }
+    }
+}
+
 pub struct FastLayer {
-    qkv: QMat,
+    qkv: Fused,
     o: QMat,
-    gate_up: QMat,
+    gate_up: Fused,
     down: QMat,
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
 }
 
 pub struct FastWeights {
@@ -36,10 +91,13 @@ pub struct FastWeights {
     output: Option<QMat>,
     layers: Vec<FastLayer>,
     norm: Vec<f32>,
+    /// The residual width.
+    hidden: usize,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
     eps: f32,
+    neox: bool,
     /// RoPE tables, (position, head_dim / 2).
     cos: Vec<f32>,
     sin: Vec<f32>,
@@ -51,6 +109,8 @@ pub fn qmat(t: &QTensor) -> Option<QMat> {
     let kind = match t.dtype() {
         GgmlDType::Q4_1 => Kind::Q41,
         GgmlDType::Q8_0 => Kind::Q80,
+        GgmlDType::Q4K => Kind::Q4K,
+        GgmlDType::Q6K => Kind::Q6K,
         _ => return None,
     };
     match t.shape().dims() {
@@ -77,15 +137,22 @@ pub struct LayerParts {
     pub down: QMat,
     pub attn_norm: Vec<f32>,
     pub ffn_norm: Vec<f32>,
+    /// Qwen3's per-head norms (head_dim weights each).
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
 }
 
 pub struct Shape {
+    /// The residual width (embedding length).
+    pub hidden: usize,
     pub n_head: usize,
     pub n_kv_head: usize,
     pub head_dim: usize,
     pub eps: f32,
     pub context_len: usize,
     pub freq_base: f32,
+    /// Rotate halves (Qwen3) rather than adjacent pairs (llama GGUFs).
+    pub neox: bool,
 }
 
 impl FastWeights {
@@ -99,6 +166,24 @@ impl FastWeights {
     ) -> Option<Self> {
         let hd = shape.head_dim;
         if !hd.is_multiple_of(2) || shape.n_kv_head == 0 || !shape.n_head.is_multiple_of(shape.n_kv_head) {
+            return None;
+        }
+        // Rows of activations are quantized in blocks of 32.
+        if !shape.hidden.is_multiple_of(32) || !(shape.n_head * hd).is_multiple_of(32) {
+            return None;
+        }
+        let norm_ok = |n: &Option<Vec<f32>>| n.as_ref().is_none_or(|v| v.len() == hd);
+        if layers.iter().any(|l| {
+            !norm_ok(&l.q_norm)
+                || !norm_ok(&l.k_norm)
+                || l.q_norm.is_some() != l.k_norm.is_some()
+                || l.q.cols() != shape.hidden
+                || l.q.rows() != shape.n_head * hd
+                || l.k.rows() != shape.n_kv_head * hd
+                || l.v.rows() != shape.n_kv_head * hd
+                || l.o.cols() != shape.n_head * hd
+                || l.o.rows() != shape.hidden
+        }) {
             return None;
         }
         let half = hd / 2;
@@ -116,12 +201,14 @@ impl FastWeights {
             .into_iter()
             .map(|l| {
                 Some(FastLayer {
-                    qkv: QMat::stack(vec![l.q, l.k, l.v])?,
+                    qkv: Fused::new(vec![l.q, l.k, l.v])?,
                     o: l.o,
-                    gate_up: QMat::stack(vec![l.gate, l.up])?,
+                    gate_up: Fused::new(vec![l.gate, l.up])?,
                     down: l.down,
                     attn_norm: l.attn_norm,
                     ffn_norm: l.ffn_norm,
+                    q_norm: l.q_norm,
+                    k_norm: l.k_norm,
                 })
             })
             .collect::<Option<Vec<_>>>()?;
@@ -130,28 +217,27 @@ impl FastWeights {
             output,
             layers,
             norm,
+            hidden: shape.hidden,
             n_head: shape.n_head,
             n_kv_head: shape.n_kv_head,
             head_dim: hd,
             eps: shape.eps,
+            neox: shape.neox,
             cos,
             sin,
             pool: Pool::new(threads),
         })
     }
 
-    fn hidden(&self) -> usize {
+    /// The width of all query heads together (the residual width for llama, not
+    /// always for Qwen3).
+    fn q_width(&self) -> usize {
         self.n_head * self.head_dim
     }
 
     fn rmsnorm(&self, x: &[f32], w: &[f32]) -> Vec<f32> {
-        let h = self.hidden();
-        let mut out = Vec::with_capacity(x.len());
-        for row in x.chunks_exact(h) {
-            let ms = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
-            let inv = 1.0 / (ms + self.eps).sqrt();
-            out.extend(row.iter().zip(w).map(|(v, g)| v * inv * g));
-        }
+        let mut out = x.to_vec();
+        rmsnorm_rows(&mut out, w, self.eps);
         out
     }
 
@@ -162,10 +248,19 @@ impl FastWeights {
             &self.sin[pos * half..(pos + 1) * half],
         );
         for head in x.chunks_exact_mut(self.head_dim) {
-            for i in 0..half {
-                let (a, b) = (head[2 * i], head[2 * i + 1]);
-                head[2 * i] = a * cos[i] - b * sin[i];
-                head[2 * i + 1] = a * sin[i] + b * cos[i];
+            if self.neox {
+                let (lo, hi) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = a * sin[i] + b * cos[i];
+                }
+            } else {
+                for i in 0..half {
+                    let (a, b) = (head[2 * i], head[2 * i + 1]);
+                    head[2 * i] = a * cos[i] - b * sin[i];
+                    head[2 * i + 1] = a * sin[i] + b * cos[i];
+                }
             }
         }
     }
@@ -182,7 +277,8 @@ impl FastWeights {
         want: &[usize],
     ) -> Result<Vec<Vec<f32>>, String> {
         let b = tokens.len();
-        let h = self.hidden();
+        let h = self.hidden;
+        let qw = self.q_width();
         let kv_row = self.n_kv_head * self.head_dim;
         let mut x = vec![0f32; b * h];
         for (r, t) in tokens.iter().enumerate() {
@@ -201,8 +297,12 @@ impl FastWeights {
             l.qkv.matmul(&Q8Acts::quantize(&xn, h), &mut qkv, &self.pool);
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
                 let pos = positions[r];
-                let (q, kv) = row.split_at_mut(h);
+                let (q, kv) = row.split_at_mut(qw);
                 let (k, v) = kv.split_at_mut(kv_row);
+                if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                    rmsnorm_rows(q, qn, self.eps);
+                    rmsnorm_rows(k, kn, self.eps);
+                }
                 self.rope(q, pos);
                 self.rope(k, pos);
                 let buf = &mut caches[seq_of[r]][li];
@@ -217,7 +317,7 @@ impl FastWeights {
                 buf.k.extend_from_slice(k);
                 buf.v.extend_from_slice(v);
             }
-            let mut att = vec![0f32; b * h];
+            let mut att = vec![0f32; b * qw];
             {
                 let bufs: Vec<&KvBuf> = seq_of.iter().map(|s| &caches[*s][li]).collect();
                 let out = SyncPtr(att.as_mut_ptr());
@@ -230,7 +330,7 @@ impl FastWeights {
                         let q = &qkv[r * qkv_w + head * self.head_dim..r * qkv_w + (head + 1) * self.head_dim];
                         // SAFETY: each (row, head) item writes its own head_dim floats of `att`.
                         let o = unsafe {
-                            std::slice::from_raw_parts_mut(out.add(r * h + head * self.head_dim), self.head_dim)
+                            std::slice::from_raw_parts_mut(out.add(r * qw + head * self.head_dim), self.head_dim)
                         };
                         attend_head(
                             q,
@@ -246,7 +346,7 @@ impl FastWeights {
                 });
             }
             let mut y = vec![0f32; b * h];
-            l.o.matmul(&Q8Acts::quantize(&att, h), &mut y, &self.pool);
+            l.o.matmul(&Q8Acts::quantize(&att, qw), &mut y, &self.pool);
             x.iter_mut().zip(&y).for_each(|(a, d)| *a += d);
 
             let xn = self.rmsnorm(&x, &l.ffn_norm);
@@ -273,6 +373,16 @@ impl FastWeights {
         let mut logits = vec![0f32; want.len() * vocab];
         head.matmul(&Q8Acts::quantize(&xn, h), &mut logits, &self.pool);
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+}
+
+/// RMSNorm of each `w.len()`-wide row of `x`, in place.
+fn rmsnorm_rows(x: &mut [f32], w: &[f32], eps: f32) {
+    let n = w.len();
+    for row in x.chunks_exact_mut(n) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        row.iter_mut().zip(w).for_each(|(v, g)| *v = *v * inv * g);
     }
 }
 

@@ -1,5 +1,5 @@
-//! Causal LMs from GGUF with candle's quantized tensors: the llama family
-//! (SmolLM2, the development default) and Qwen3 (the production default). The
+//! Causal LMs from GGUF: the llama family (SmolLM2, the development default) and
+//! Qwen3 (the production default), both on our forward ([`super::llama`]). The
 //! tokenizer comes from tokenizer.json when given, else from the GGUF metadata
 //! (tokens, merges: byte-level BPE). Both use the ChatML template.
 
@@ -8,8 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::quantized_qwen3;
 use ragchat_actors::inference::{CausalLm, ChatTokenizer, ModelError};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
@@ -17,45 +15,6 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::model_error;
-
-/// A Qwen3 sequence on candle's stock quantized model (clones share the
-/// tensors; each has its own KV cache).
-#[derive(Clone)]
-pub struct GgufLm {
-    weights: quantized_qwen3::ModelWeights,
-    device: Device,
-    context_len: usize,
-}
-
-impl CausalLm for GgufLm {
-    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>, ModelError> {
-        if pos + tokens.len() > self.context_len {
-            return Err(ModelError::Invalid(format!(
-                "sequence longer than the context ({})",
-                self.context_len
-            )));
-        }
-        let input = Tensor::new(tokens, &self.device)
-            .and_then(|t| t.unsqueeze(0))
-            .map_err(model_error)?;
-        let logits = self.weights.forward(&input, pos).map_err(model_error)?;
-        logits
-            .squeeze(0)
-            .and_then(|t| t.to_dtype(DType::F32))
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(model_error)
-    }
-
-    fn fork(&self) -> Box<dyn CausalLm> {
-        let mut s = self.clone();
-        s.weights.clear_kv_cache();
-        Box::new(s)
-    }
-
-    fn context_len(&self) -> usize {
-        self.context_len
-    }
-}
 
 pub struct HfChatTokenizer {
     inner: Tokenizer,
@@ -146,7 +105,6 @@ pub fn load(
     max_context: usize,
     dense_prefill: bool,
 ) -> Result<LoadedLm, ModelError> {
-    let device = Device::Cpu;
     let mut file = File::open(path)
         .map_err(|e| ModelError::Unavailable(format!("{}: {e} (run scripts/fetch-models)", path.display())))?;
     let ct = gguf_file::Content::read(&mut file).map_err(model_error)?;
@@ -154,17 +112,9 @@ pub fn load(
     let chat_tokenizer = chat_tokenizer(&ct, tokenizer_json)?;
     let context_len = trained_ctx.min(max_context.max(16));
     let lm: Box<dyn CausalLm> = match arch.as_str() {
-        "llama" => {
+        "llama" | "qwen3" => {
             let w = super::llama::LlamaWeights::from_gguf(&ct, &mut file, context_len, dense_prefill)?;
             Box::new(super::llama::LlamaSeq::new(Arc::new(w)))
-        }
-        "qwen3" => {
-            let weights = quantized_qwen3::ModelWeights::from_gguf(ct, &mut file, &device).map_err(model_error)?;
-            Box::new(GgufLm {
-                weights,
-                device,
-                context_len,
-            })
         }
         other => {
             return Err(ModelError::Internal(format!(
@@ -236,101 +186,17 @@ mod tests {
     //! The Qwen3 path, run on a tiny random-weight Qwen3 GGUF written here, so it
     //! is exercised without the 1.7B weights.
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use gguf_file::Value;
+    use crate::inference::synthetic::{write_qwen3, Layout, Qwen3Shape, TINY};
+    use candle_core::{Device, Tensor};
+    use candle_transformers::models::quantized_qwen3;
     use ragchat_actors::generate_worker::{GenEvent, GenerateConfig, GenerateRequest, GenerateWorker};
     use ragchat_actors::inference::SamplingParams;
-
-    /// GPT-2's byte-to-character table: printable bytes map to themselves, the
-    /// rest to code points from 256 on.
-    fn byte_chars() -> Vec<String> {
-        let mut n = 0;
-        (0u32..256)
-            .map(|b| {
-                let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-                let c = if printable {
-                    b
-                } else {
-                    n += 1;
-                    255 + n
-                };
-                char::from_u32(c).map(String::from).unwrap_or_default()
-            })
-            .collect()
-    }
-
-    fn write_tiny_qwen3(path: &Path) -> usize {
-        let mut tokens = byte_chars();
-        tokens.push("he".into());
-        let specials = ["<|im_start|>", "<|im_end|>", "<|endoftext|>"];
-        let mut types = vec![1i32; tokens.len()];
-        for s in specials {
-            tokens.push(s.into());
-            types.push(3);
-        }
-        let vocab = tokens.len();
-        let (hidden, heads, kv, head_dim, ffn, layers) = (32usize, 4usize, 2usize, 8usize, 64usize, 2usize);
-        let dev = Device::Cpu;
-        let q = |shape: &[usize]| -> QTensor {
-            let t = Tensor::randn(0f32, 0.2, shape, &dev).expect("randn");
-            QTensor::quantize(&t, GgmlDType::F32).expect("quantize")
-        };
-        let ones =
-            |n: usize| QTensor::quantize(&Tensor::ones(n, DType::F32, &dev).expect("ones"), GgmlDType::F32).expect("q");
-        let mut named: Vec<(String, QTensor)> = vec![
-            ("token_embd.weight".into(), q(&[vocab, hidden])),
-            ("output_norm.weight".into(), ones(hidden)),
-            ("output.weight".into(), q(&[vocab, hidden])),
-        ];
-        for i in 0..layers {
-            let p = format!("blk.{i}");
-            named.push((format!("{p}.attn_q.weight"), q(&[heads * head_dim, hidden])));
-            named.push((format!("{p}.attn_k.weight"), q(&[kv * head_dim, hidden])));
-            named.push((format!("{p}.attn_v.weight"), q(&[kv * head_dim, hidden])));
-            named.push((format!("{p}.attn_output.weight"), q(&[hidden, heads * head_dim])));
-            named.push((format!("{p}.attn_q_norm.weight"), ones(head_dim)));
-            named.push((format!("{p}.attn_k_norm.weight"), ones(head_dim)));
-            named.push((format!("{p}.attn_norm.weight"), ones(hidden)));
-            named.push((format!("{p}.ffn_norm.weight"), ones(hidden)));
-            named.push((format!("{p}.ffn_gate.weight"), q(&[ffn, hidden])));
-            named.push((format!("{p}.ffn_up.weight"), q(&[ffn, hidden])));
-            named.push((format!("{p}.ffn_down.weight"), q(&[hidden, ffn])));
-        }
-        let u = |v: usize| Value::U32(v as u32);
-        let meta: Vec<(&str, Value)> = vec![
-            ("general.architecture", Value::String("qwen3".into())),
-            ("general.dtype", Value::U32(0)),
-            ("qwen3.attention.head_count", u(heads)),
-            ("qwen3.attention.head_count_kv", u(kv)),
-            ("qwen3.attention.key_length", u(head_dim)),
-            ("qwen3.block_count", u(layers)),
-            ("qwen3.embedding_length", u(hidden)),
-            ("qwen3.context_length", u(128)),
-            ("qwen3.attention.layer_norm_rms_epsilon", Value::F32(1e-6)),
-            ("qwen3.rope.freq_base", Value::F32(10000.0)),
-            ("tokenizer.ggml.model", Value::String("gpt2".into())),
-            (
-                "tokenizer.ggml.tokens",
-                Value::Array(tokens.iter().map(|t| Value::String(t.clone())).collect()),
-            ),
-            ("tokenizer.ggml.merges", Value::Array(vec![Value::String("h e".into())])),
-            (
-                "tokenizer.ggml.token_type",
-                Value::Array(types.into_iter().map(Value::I32).collect()),
-            ),
-            ("tokenizer.ggml.eos_token_id", u(vocab - 1)),
-        ];
-        let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (*k, v)).collect();
-        let tensor_refs: Vec<(&str, &QTensor)> = named.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let mut f = File::create(path).expect("create gguf");
-        gguf_file::write(&mut f, &meta_refs, &tensor_refs).expect("write gguf");
-        vocab
-    }
 
     #[test]
     fn a_tiny_qwen3_gguf_loads_tokenizes_and_generates() {
         let path = std::env::temp_dir().join(format!("tiny-qwen3-{}.gguf", uuid::Uuid::new_v4()));
-        let vocab = write_tiny_qwen3(&path);
+        write_qwen3(&path, &TINY, Layout::F32, 1).expect("write tiny qwen3");
+        let vocab = TINY.vocab;
         let (mut lm, tok) = load(&path, None, 64, false).expect("load tiny qwen3");
         assert_eq!(lm.context_len(), 64, "capped by max_context");
 
@@ -397,6 +263,109 @@ mod tests {
         });
         assert!(done.is_some_and(|n| (1..=8).contains(&n)), "{done:?}");
         let _ = std::fs::remove_file(&path);
+    }
+
+    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (n(a) * n(b))
+    }
+
+    fn argmax(v: &[f32]) -> usize {
+        v.iter()
+            .enumerate()
+            .fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
+    }
+
+    /// candle's stock quantized Qwen3: the logits of the last prompt token and of
+    /// one decode step after it.
+    fn stock_qwen3(path: &Path, prompt: &[u32], next: u32) -> (Vec<f32>, Vec<f32>) {
+        let mut f = File::open(path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let mut m = quantized_qwen3::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("stock qwen3");
+        let run = |m: &mut quantized_qwen3::ModelWeights, toks: &[u32], pos: usize| {
+            let x = Tensor::new(toks, &Device::Cpu)
+                .and_then(|t| t.unsqueeze(0))
+                .expect("input");
+            m.forward(&x, pos)
+                .and_then(|t| t.squeeze(0))
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("stock forward")
+        };
+        let a = run(&mut m, prompt, 0);
+        let b = run(&mut m, &[next], prompt.len());
+        (a, b)
+    }
+
+    /// Our forward on Qwen3 files (per-head q/k norms, NEOX RoPE, grouped-query
+    /// attention, separate or tied output head, heads wider than the residual)
+    /// against candle's stock quantized Qwen3, on the fast path (Q8_0 and the Q4_K /
+    /// Q6_K mix of Q4_K_M files: the slice forward) and the tensor path (F32: no
+    /// kernel of ours), with and without the
+    /// f32 prefill copy: the same logits for a 12-token prefill and a decode step
+    /// (F32 files: equal to 1e-4; Q8_0: cosine > 0.999 and the same argmax).
+    #[test]
+    fn our_qwen3_forward_matches_candles_stock_qwen3() {
+        let wide = Qwen3Shape {
+            head_dim: 16,
+            tied: true,
+            ..TINY
+        };
+        // k-quants come in super-blocks of 256 values: every width a multiple of it.
+        let k_quant = Qwen3Shape {
+            hidden: 256,
+            head_dim: 64,
+            ffn: 512,
+            ..TINY
+        };
+        let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 256).collect();
+        for (shape, layout) in [
+            (TINY, Layout::F32),
+            (TINY, Layout::Q8_0),
+            (wide, Layout::Q8_0),
+            (wide, Layout::F32),
+            (k_quant, Layout::Q4KM),
+        ] {
+            let path = std::env::temp_dir().join(format!("qwen3-cmp-{}.gguf", uuid::Uuid::new_v4()));
+            // Fixed weights: Q8_0 logits differ from candle's by its own rounding
+            // (~1% of their spread), so random files would now and then flip a
+            // near tie at the top.
+            write_qwen3(&path, &shape, layout, 7).expect("write");
+            let (stock_prefill, stock_decode) = stock_qwen3(&path, &prompt, 7);
+            for dense in [false, true] {
+                let (mut lm, _) = load(&path, None, 64, dense).expect("load");
+                let fast = lm
+                    .as_any_mut()
+                    .and_then(|a| a.downcast_mut::<crate::inference::llama::LlamaSeq>())
+                    .map(|s| s.uses_fast_path());
+                assert_eq!(fast, Some(layout != Layout::F32), "{layout:?}: our kernels cover it");
+                let ours_prefill = lm.forward(&prompt, 0).expect("prefill");
+                let ours_decode = lm.forward(&[7], prompt.len()).expect("decode");
+                let what = format!(
+                    "{layout:?} head_dim {} tied {} dense {dense}",
+                    shape.head_dim, shape.tied
+                );
+                for (ours, stock, step) in [
+                    (&ours_prefill, &stock_prefill, "prefill"),
+                    (&ours_decode, &stock_decode, "decode"),
+                ] {
+                    assert_eq!(ours.len(), shape.vocab, "{what} {step}");
+                    let c = cosine(ours, stock);
+                    assert!(c > 0.999, "{what} {step}: cosine {c}");
+                    if layout == Layout::F32 {
+                        // The same products in f32 on both sides: equal up to rounding.
+                        let diff = ours
+                            .iter()
+                            .zip(stock.iter())
+                            .map(|(a, b)| (a - b).abs())
+                            .fold(0f32, f32::max);
+                        assert!(diff < 1e-4, "{what} {step}: logits differ by {diff}");
+                    }
+                    assert_eq!(argmax(ours), argmax(stock), "{what} {step}");
+                }
+            }
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     /// A five-turn conversation on SmolLM2 through the worker: the same greedy

@@ -1,5 +1,9 @@
-//! Our llama-family forward over GGUF weights. It differs from candle's stock
-//! `quantized_llama` in two ways that matter for serving:
+//! Our forward for the llama family over GGUF weights: llama itself (SmolLM2, the
+//! development model) and Qwen3 (the production model), which adds an RMSNorm of
+//! each query and key head before RoPE, a head width of its own
+//! (`attention.key_length`) and the NEOX rotation (halves, not pairs). It differs
+//! from candle's stock `quantized_llama` / `quantized_qwen3` in two ways that
+//! matter for serving:
 //!
 //! - Weights are shared (`Arc`) and each sequence owns only its KV cache, so a new
 //!   sequence costs nothing to start.
@@ -79,16 +83,24 @@ struct Layer {
     down: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
+    /// Qwen3: RMSNorm over each query / key head, before RoPE.
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
 }
 
 pub struct LlamaWeights {
-    embed: Embedding,
+    /// f32 embeddings for the tensor path; None when the fast path serves every
+    /// input (no f32 copy: Qwen3-1.7B's would take 1.2 GB).
+    embed: Option<Embedding>,
+    vocab: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
     output: Linear,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// Qwen3's rotation of halves (`rope`) instead of llama's pairs (`rope_i`).
+    neox: bool,
     cos: Tensor,
     sin: Tensor,
     context_len: usize,
@@ -103,13 +115,16 @@ fn fast_enabled() -> bool {
 }
 
 /// Whether our kernels cover every product of the model: each linear layer and
-/// the output head (or the embeddings it is tied to) in Q4_1 or Q8_0.
+/// the output head (or the embeddings it is tied to) in Q4_1, Q8_0, Q4_K or Q6_K.
 fn fast_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
     use candle_core::quantized::GgmlDType;
     let ok = |name: &str| {
-        ct.tensor_infos
-            .get(name)
-            .is_some_and(|t| matches!(t.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0))
+        ct.tensor_infos.get(name).is_some_and(|t| {
+            matches!(
+                t.ggml_dtype,
+                GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K
+            )
+        })
     };
     let head = if ct.tensor_infos.contains_key("output.weight") {
         "output.weight"
@@ -146,24 +161,51 @@ impl LlamaWeights {
                 .get(k)
                 .ok_or_else(|| ModelError::Internal(format!("GGUF metadata lacks {k}")))
         };
-        let u = |k: &str| -> Result<usize, ModelError> { Ok(md(k)?.to_u32().map_err(model_error)? as usize) };
-        let n_head = u("llama.attention.head_count")?;
-        let n_kv_head = u("llama.attention.head_count_kv")?;
-        let n_layer = u("llama.block_count")?;
-        let hidden = u("llama.embedding_length")?;
-        let rope_dim = u("llama.rope.dimension_count")?;
+        let arch = md("general.architecture")?.to_string().map_err(model_error)?.clone();
+        let neox = match arch.as_str() {
+            "llama" => false,
+            "qwen3" => true,
+            other => {
+                return Err(ModelError::Internal(format!(
+                    "GGUF architecture '{other}' not supported (llama, qwen3)"
+                )))
+            }
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let u = |k: &str| -> Result<usize, ModelError> { Ok(md(&key(k))?.to_u32().map_err(model_error)? as usize) };
+        let opt_u = |k: &str| {
+            ct.metadata
+                .get(&key(k))
+                .and_then(|v| v.to_u32().ok())
+                .map(|v| v as usize)
+        };
+        let n_head = u("attention.head_count")?;
+        let n_kv_head = u("attention.head_count_kv")?;
+        let n_layer = u("block_count")?;
+        let hidden = u("embedding_length")?;
+        if n_head == 0 || n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+            return Err(ModelError::Internal(format!(
+                "GGUF heads {n_head} / kv heads {n_kv_head} are not grouped-query attention"
+            )));
+        }
+        let head_dim = opt_u("attention.key_length").unwrap_or(hidden / n_head);
+        let rope_dim = opt_u("rope.dimension_count").unwrap_or(head_dim);
+        if rope_dim != head_dim {
+            return Err(ModelError::Internal(format!(
+                "partial RoPE ({rope_dim} of {head_dim} dimensions) is not supported"
+            )));
+        }
         let eps = f64::from(
-            md("llama.attention.layer_norm_rms_epsilon")?
+            md(&key("attention.layer_norm_rms_epsilon"))?
                 .to_f32()
                 .map_err(model_error)?,
         );
         let freq_base = ct
             .metadata
-            .get("llama.rope.freq_base")
+            .get(&key("rope.freq_base"))
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10000.0);
-        let head_dim = hidden / n_head;
-        let use_fast = fast_enabled() && rope_dim == head_dim && fast_covers(ct, n_layer);
+        let use_fast = fast_enabled() && fast_covers(ct, n_layer);
         // With the fast path, candle's quantized products are not needed: small
         // inputs go to ours, large ones to the f32 copy (or ours, without one).
         let keep_q = !use_fast;
@@ -175,8 +217,14 @@ impl LlamaWeights {
             super::fast::f32_vec(q).ok_or_else(|| ModelError::Internal("cannot read a norm vector".into()))
         };
         let embed_q = t("token_embd.weight")?;
+        let vocab = embed_q.shape().dims().first().copied().unwrap_or(0);
         let fast_embed = if use_fast { Some(fast_of(&embed_q)?) } else { None };
-        let embed = Embedding::new(embed_q.dequantize(&dev).map_err(model_error)?, hidden);
+        // The tensor path runs when there is no fast path, or for prefill with the f32 copy.
+        let embed = if !use_fast || dense_prefill {
+            Some(Embedding::new(embed_q.dequantize(&dev).map_err(model_error)?, hidden))
+        } else {
+            None
+        };
         let norm_q = t("output_norm.weight")?;
         let fast_norm = if use_fast { Some(vec_of(&norm_q)?) } else { None };
         let norm = RmsNorm::from_qtensor(norm_q, eps).map_err(model_error)?;
@@ -206,6 +254,15 @@ impl LlamaWeights {
             let (gate, up, down) = (lin("ffn_gate")?, lin("ffn_up")?, lin("ffn_down")?);
             let attn_norm_q = t(&format!("{p}.attn_norm.weight"))?;
             let ffn_norm_q = t(&format!("{p}.ffn_norm.weight"))?;
+            let (q_norm_q, k_norm_q) = if neox {
+                (
+                    Some(t(&format!("{p}.attn_q_norm.weight"))?),
+                    Some(t(&format!("{p}.attn_k_norm.weight"))?),
+                )
+            } else {
+                (None, None)
+            };
+            let opt_vec = |q: &Option<QTensor>| q.as_ref().map(vec_of).transpose();
             if use_fast {
                 let mut it = parts.into_iter();
                 let mut next = || it.next().ok_or_else(|| ModelError::Internal("layer parts".into()));
@@ -219,8 +276,16 @@ impl LlamaWeights {
                     down: next()?,
                     attn_norm: vec_of(&attn_norm_q)?,
                     ffn_norm: vec_of(&ffn_norm_q)?,
+                    q_norm: opt_vec(&q_norm_q)?,
+                    k_norm: opt_vec(&k_norm_q)?,
                 });
             }
+            let norm_of = |q: Option<QTensor>| {
+                q.map(|q| RmsNorm::from_qtensor(q, eps))
+                    .transpose()
+                    .map_err(model_error)
+            };
+            let (q_norm, k_norm) = (norm_of(q_norm_q)?, norm_of(k_norm_q)?);
             let attn_norm = RmsNorm::from_qtensor(attn_norm_q, eps).map_err(model_error)?;
             let ffn_norm = RmsNorm::from_qtensor(ffn_norm_q, eps).map_err(model_error)?;
             layers.push(Layer {
@@ -233,6 +298,8 @@ impl LlamaWeights {
                 down,
                 attn_norm,
                 ffn_norm,
+                q_norm,
+                k_norm,
             });
         }
         let fast = match (fast_embed, fast_norm) {
@@ -242,12 +309,14 @@ impl LlamaWeights {
                 fast_layers,
                 n,
                 super::fast::Shape {
+                    hidden,
                     n_head,
                     n_kv_head,
                     head_dim,
                     eps: eps as f32,
                     context_len,
                     freq_base,
+                    neox,
                 },
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
@@ -256,7 +325,8 @@ impl LlamaWeights {
         if use_fast && fast.is_none() {
             return Err(ModelError::Internal("the fast path rejected the model's shape".into()));
         }
-        // RoPE tables (GGUF llama weights use the interleaved convention).
+        // RoPE tables (GGUF llama weights use the interleaved convention, Qwen3 the
+        // NEOX one; the angles are the same).
         let theta: Vec<f32> = (0..rope_dim)
             .step_by(2)
             .map(|i| 1.0 / freq_base.powf(i as f32 / rope_dim as f32))
@@ -271,17 +341,27 @@ impl LlamaWeights {
         let sin = angles.sin().map_err(model_error)?;
         Ok(LlamaWeights {
             embed,
+            vocab,
             layers,
             norm,
             output,
             n_head,
             n_kv_head,
             head_dim,
+            neox,
             cos,
             sin,
             context_len,
             fast,
         })
+    }
+}
+
+impl LlamaWeights {
+    fn embedding(&self) -> candle_core::Result<&Embedding> {
+        self.embed
+            .as_ref()
+            .ok_or_else(|| candle_core::Error::msg("no f32 embeddings for the tensor path"))
     }
 }
 
@@ -304,6 +384,11 @@ fn attend_one(q: &[f32], kv: &KvBuf, n_head: usize, n_kv_head: usize, hd: usize)
 }
 
 impl LlamaSeq {
+    /// Whether decode steps and short inputs run on our slice forward.
+    pub fn uses_fast_path(&self) -> bool {
+        self.w.fast.is_some()
+    }
+
     pub fn new(w: Arc<LlamaWeights>) -> Self {
         let n = w.layers.len();
         LlamaSeq {
@@ -330,10 +415,26 @@ impl LlamaSeq {
         let q = shape(q, w.n_head)?;
         let k = shape(k, w.n_kv_head)?;
         let v = shape(v, w.n_kv_head)?;
+        // Qwen3: each head normalized over its own dimensions.
+        let per_head = |t: Tensor, norm: &Option<RmsNorm>| match norm {
+            Some(m) => {
+                let dims = t.dims().to_vec();
+                m.forward(&t.flatten(0, 2)?)?.reshape(dims)
+            }
+            None => Ok(t),
+        };
+        let l = &w.layers[i];
+        let q = per_head(q, &l.q_norm)?;
+        let k = per_head(k, &l.k_norm)?;
         let cos = w.cos.narrow(0, pos, n)?;
         let sin = w.sin.narrow(0, pos, n)?;
-        let q = candle_nn::rotary_emb::rope_i(&q, &cos, &sin)?;
-        let k = candle_nn::rotary_emb::rope_i(&k, &cos, &sin)?;
+        let rope = if w.neox {
+            candle_nn::rotary_emb::rope
+        } else {
+            candle_nn::rotary_emb::rope_i
+        };
+        let q = rope(&q, &cos, &sin)?;
+        let k = rope(&k, &cos, &sin)?;
         // Append the new keys and values ([pos][kv head][dim] rows) to the cache.
         let rows_of = |t: &Tensor| t.transpose(1, 2)?.contiguous()?.flatten_all()?.to_vec1::<f32>();
         let row = w.n_kv_head * w.head_dim;
@@ -385,7 +486,7 @@ impl LlamaSeq {
             }
         }
         let input = Tensor::new(tokens, &dev)?.unsqueeze(0)?;
-        let mut h = self.w.embed.forward(&input)?;
+        let mut h = w.embedding()?.forward(&input)?;
         // Additive causal mask over (new tokens) × (cached + new tokens).
         let mask = if n > 1 {
             let total = pos + n;
@@ -437,7 +538,7 @@ fn decode_rows(
             .map_err(candle_core::Error::msg);
     }
     let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(1)?; // (B, 1)
-    let mut h = w.embed.forward(&input)?; // (B, 1, hidden)
+    let mut h = w.embedding()?.forward(&input)?; // (B, 1, hidden)
     for (i, l) in w.layers.iter().enumerate() {
         let x = l.attn_norm.forward(&h)?;
         let (q, k, v) = (l.wq.forward(&x)?, l.wk.forward(&x)?, l.wv.forward(&x)?);
@@ -526,7 +627,7 @@ impl CausalLm for LlamaSeq {
             }
         }
         for (t, p) in tokens.iter().zip(positions) {
-            if p + 1 > self.w.context_len || (*t as usize) >= self.w.embed.embeddings().dim(0).map_err(model_error)? {
+            if p + 1 > self.w.context_len || (*t as usize) >= self.w.vocab {
                 return Err(ModelError::Invalid(format!("token {t} at {p} is outside the model")));
             }
         }

@@ -9,6 +9,7 @@ pub mod llama;
 pub mod pool;
 pub mod qmat;
 pub mod remote;
+pub mod synthetic;
 
 use ragchat_actors::inference::ModelError;
 

@@ -17,6 +17,16 @@
 //!
 //! Dot of a Q4_1 block with an activation block = d4·d8·Σ(q4·q8) + m4·s8; of a
 //! Q8_0 block = d·d8·Σ(q·q8).
+//!
+//! And the two k-quant types of llama.cpp's Q4_K_M files (super-blocks of 256
+//! values, whose 32-value sub-blocks line up with the activation blocks):
+//! - Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of eight 6-bit (scale, min)
+//!   pairs, 128 bytes of nibbles (per 64 values: 32 bytes, low nibbles the first
+//!   32, high nibbles the next 32); value = d·sc·q − dmin·m. Dot of sub-block i =
+//!   d·sc_i·d8·Σ(q·q8) − dmin·m_i·s8.
+//! - Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16
+//!   i8 scales (one per 16 values), f16 d; value = d·sc·(q − 32). Dot of a 32-value
+//!   block = d·d8·(sc_a·Σ₁₆ + sc_b·Σ₁₆).
 
 use half::f16;
 
@@ -32,15 +42,74 @@ const PREFETCH: usize = 2048;
 pub enum Kind {
     Q41,
     Q80,
+    Q4K,
+    Q6K,
 }
+
+/// Values per k-quant super-block.
+const SUPER: usize = 256;
 
 impl Kind {
     fn block_bytes(self) -> usize {
         match self {
             Kind::Q41 => 20,
             Kind::Q80 => 34,
+            Kind::Q4K => 144,
+            Kind::Q6K => 210,
         }
     }
+
+    fn block_values(self) -> usize {
+        match self {
+            Kind::Q41 | Kind::Q80 => BLOCK,
+            Kind::Q4K | Kind::Q6K => SUPER,
+        }
+    }
+}
+
+/// Q4_K's eight (scale, min) pairs from their 12 packed bytes (6 bits each).
+fn q4k_scales(p: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = p[j] & 63;
+            m[j] = p[j + 4] & 63;
+        } else {
+            sc[j] = (p[j + 4] & 0x0F) | ((p[j - 4] >> 6) << 4);
+            m[j] = (p[j + 4] >> 4) | ((p[j] >> 6) << 4);
+        }
+    }
+    (sc, m)
+}
+
+/// Q4_K super-block values 0..15, in order.
+fn q4k_values(blk: &[u8]) -> [u8; SUPER] {
+    let mut q = [0u8; SUPER];
+    let qs = &blk[16..144];
+    for j in 0..4 {
+        for l in 0..32 {
+            q[j * 64 + l] = qs[j * 32 + l] & 0x0F;
+            q[j * 64 + 32 + l] = qs[j * 32 + l] >> 4;
+        }
+    }
+    q
+}
+
+/// Q6_K super-block values −32..31, in order.
+fn q6k_values(blk: &[u8]) -> [i8; SUPER] {
+    let mut q = [0i8; SUPER];
+    let (ql, qh) = (&blk[..128], &blk[128..192]);
+    for n in 0..2 {
+        let (ql, qh) = (&ql[n * 64..], &qh[n * 32..]);
+        let out = &mut q[n * 128..];
+        for l in 0..32 {
+            out[l] = ((ql[l] & 0x0F) | ((qh[l] & 3) << 4)) as i8 - 32;
+            out[l + 32] = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+            out[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+            out[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+        }
+    }
+    q
 }
 
 /// A quantized (rows, cols) matrix, row-major, in GGUF block layout.
@@ -107,7 +176,8 @@ struct ActRow<'a> {
 impl QMat {
     /// `raw`: GGUF data of a (rows, cols) matrix of `kind` blocks.
     pub fn new(kind: Kind, raw: Vec<u8>, rows: usize, cols: usize) -> Option<Self> {
-        (cols.is_multiple_of(BLOCK) && raw.len() == rows * cols / BLOCK * kind.block_bytes()).then_some(QMat {
+        let per = kind.block_values();
+        (cols.is_multiple_of(per) && raw.len() == rows * cols / per * kind.block_bytes()).then_some(QMat {
             kind,
             raw,
             rows,
@@ -135,8 +205,12 @@ impl QMat {
         self.cols
     }
 
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
     fn stride(&self) -> usize {
-        self.cols / BLOCK * self.kind.block_bytes()
+        self.cols / self.kind.block_values() * self.kind.block_bytes()
     }
 
     /// Row `r` in f32 (an embedding lookup).
@@ -145,10 +219,24 @@ impl QMat {
         let row = &self.raw[r * stride..(r + 1) * stride];
         for (blk, o) in row
             .chunks_exact(self.kind.block_bytes())
-            .zip(out.chunks_exact_mut(BLOCK))
+            .zip(out.chunks_exact_mut(self.kind.block_values()))
         {
             let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
             match self.kind {
+                Kind::Q4K => {
+                    let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                    let (sc, m) = q4k_scales(&blk[4..16]);
+                    for (i, (v, q)) in o.iter_mut().zip(q4k_values(blk)).enumerate() {
+                        let j = i / BLOCK;
+                        *v = d * f32::from(sc[j]) * f32::from(q) - dmin * f32::from(m[j]);
+                    }
+                }
+                Kind::Q6K => {
+                    let d = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+                    for (i, (v, q)) in o.iter_mut().zip(q6k_values(blk)).enumerate() {
+                        *v = d * f32::from(blk[192 + i / 16] as i8) * f32::from(q);
+                    }
+                }
                 Kind::Q41 => {
                     let m = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
                     for j in 0..16 {
@@ -209,6 +297,9 @@ impl QMat {
 
 fn dot_scalar(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
     let bb = kind.block_bytes();
+    if matches!(kind, Kind::Q4K | Kind::Q6K) {
+        return dot_scalar_k(kind, row, nb, ys, out);
+    }
     for (y, o) in ys.iter().zip(out.iter_mut()) {
         let mut total = 0f32;
         for k in 0..nb {
@@ -230,8 +321,47 @@ fn dot_scalar(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f
                         isum += i32::from(blk[2 + j] as i8) * i32::from(qy[j]);
                     }
                 }
+                Kind::Q4K | Kind::Q6K => {}
             }
             total += d * y.d[k] * isum as f32;
+        }
+        *o = total;
+    }
+}
+
+/// The scalar reference for the k-quants (`nb` activation blocks of 32).
+fn dot_scalar_k(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
+    let bb = kind.block_bytes();
+    let per = SUPER / BLOCK;
+    for (y, o) in ys.iter().zip(out.iter_mut()) {
+        let mut total = 0f32;
+        for sb in 0..nb / per {
+            let blk = &row[sb * bb..(sb + 1) * bb];
+            for i in 0..per {
+                let k = sb * per + i;
+                let qy = &y.q[k * BLOCK..(k + 1) * BLOCK];
+                match kind {
+                    Kind::Q4K => {
+                        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                        let (sc, m) = q4k_scales(&blk[4..16]);
+                        let q = q4k_values(blk);
+                        let isum: i32 = (0..BLOCK).map(|j| i32::from(q[i * BLOCK + j]) * i32::from(qy[j])).sum();
+                        total += d * f32::from(sc[i]) * y.d[k] * isum as f32 - dmin * f32::from(m[i]) * y.s[k];
+                    }
+                    _ => {
+                        let d = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+                        let q = q6k_values(blk);
+                        let half = |h: usize| -> i32 {
+                            (0..16)
+                                .map(|j| i32::from(q[i * BLOCK + h * 16 + j]) * i32::from(qy[h * 16 + j]))
+                                .sum::<i32>()
+                                * i32::from(blk[192 + 2 * i + h] as i8)
+                        };
+                        total += d * y.d[k] * (half(0) + half(1)) as f32;
+                    }
+                }
+            }
         }
         *o = total;
     }
@@ -320,22 +450,95 @@ dot_kernel!(q80_dot_avx2, 34, |blk, y, k| {
     (_mm256_mul_ps(_mm256_set1_ps(d * *y.d.get_unchecked(k)), sums), 0.0)
 });
 
+// Q4_K: per 64 values, 32 bytes of nibbles: the low nibbles against activation
+// block 2j, the high against 2j + 1, each sum scaled by its sub-block's scale; the
+// mins go to the scalar part.
+dot_kernel!(q4k_dot_avx2, 144, |blk, y, k| {
+    let d = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
+    let dmin = f16::from_le_bytes([*blk.add(2), *blk.add(3)]).to_f32();
+    let (sc, m) = q4k_scales(std::slice::from_raw_parts(blk.add(4), 12));
+    let first = k * (SUPER / BLOCK);
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = 0f32;
+    for j in 0..4 {
+        let packed = _mm256_loadu_si256(blk.add(16 + j * 32) as *const __m256i);
+        let lo = _mm256_and_si256(packed, mask);
+        let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
+        for (h, q) in [(0, lo), (1, hi)] {
+            let b = first + 2 * j + h;
+            let qy = _mm256_loadu_si256(y.q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), ones));
+            let scale = d * f32::from(sc[2 * j + h]) * *y.d.get_unchecked(b);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), sums, acc);
+            mins += f32::from(m[2 * j + h]) * *y.s.get_unchecked(b);
+        }
+    }
+    (acc, -dmin * mins)
+});
+
+// Q6_K: per 128 values, 64 bytes of low nibbles and 32 of high bit pairs make four
+// 32-value blocks of 6-bit values; less 32 they are signed, and the sign trick of
+// Q8_0 applies. Each 16 values have their own scale: madd with a vector of the two
+// scales (the low 128 bits hold the first 16 values' pair sums).
+dot_kernel!(q6k_dot_avx2, 210, |blk, y, k| {
+    let d = f16::from_le_bytes([*blk.add(208), *blk.add(209)]).to_f32();
+    let first = k * (SUPER / BLOCK);
+    let mask = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    let m32 = _mm256_set1_epi8(32);
+    let mut acc = _mm256_setzero_ps();
+    for n in 0..2 {
+        let ql0 = _mm256_loadu_si256(blk.add(n * 64) as *const __m256i);
+        let ql1 = _mm256_loadu_si256(blk.add(n * 64 + 32) as *const __m256i);
+        let qh = _mm256_loadu_si256(blk.add(128 + n * 32) as *const __m256i);
+        // Bit pairs 0-1, 2-3, 4-5, 6-7 of qh, moved to bits 4-5.
+        let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, three), 4);
+        let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), three), 4);
+        let h2 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), three), 4);
+        let h3 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), three), 4);
+        let quads = [
+            _mm256_or_si256(_mm256_and_si256(ql0, mask), h0),
+            _mm256_or_si256(_mm256_and_si256(ql1, mask), h1),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), mask), h2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask), h3),
+        ];
+        for (i, q) in quads.into_iter().enumerate() {
+            let b = first + n * 4 + i;
+            let w = _mm256_sub_epi8(q, m32);
+            let qy = _mm256_loadu_si256(y.q.as_ptr().add(b * BLOCK) as *const __m256i);
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w));
+            let s = (b - first) * 2;
+            let sa = i16::from(*blk.add(192 + s) as i8);
+            let sb = i16::from(*blk.add(192 + s + 1) as i8);
+            let scales = _mm256_set_m128i(_mm_set1_epi16(sb), _mm_set1_epi16(sa));
+            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, scales));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *y.d.get_unchecked(b)), sums, acc);
+        }
+    }
+    (acc, 0.0)
+});
+
 /// # Safety
 /// AVX2 and FMA must be available; `ys.len()` and `out.len()` at most GROUP.
 unsafe fn dot_avx2(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
     macro_rules! by_rows {
-        ($f:ident) => {
+        ($f:ident, $nb:expr) => {
             match ys.len() {
-                1 => $f::<1>(row, nb, ys, out),
-                2 => $f::<2>(row, nb, ys, out),
-                3 => $f::<3>(row, nb, ys, out),
-                _ => $f::<4>(row, nb, ys, out),
+                1 => $f::<1>(row, $nb, ys, out),
+                2 => $f::<2>(row, $nb, ys, out),
+                3 => $f::<3>(row, $nb, ys, out),
+                _ => $f::<4>(row, $nb, ys, out),
             }
         };
     }
     match kind {
-        Kind::Q41 => by_rows!(q41_dot_avx2),
-        Kind::Q80 => by_rows!(q80_dot_avx2),
+        Kind::Q41 => by_rows!(q41_dot_avx2, nb),
+        Kind::Q80 => by_rows!(q80_dot_avx2, nb),
+        // The k-quant kernels step over super-blocks.
+        Kind::Q4K => by_rows!(q4k_dot_avx2, nb / (SUPER / BLOCK)),
+        Kind::Q6K => by_rows!(q6k_dot_avx2, nb / (SUPER / BLOCK)),
     }
 }
 
@@ -389,6 +592,7 @@ mod tests {
                 .flat_map(|r| match kind {
                     Kind::Q41 => quantize_q4_1(r),
                     Kind::Q80 => quantize_q8_0(r),
+                    other => panic!("{other:?}: see the k-quant test"),
                 })
                 .collect();
             let m = QMat::new(kind, raw, rows, cols).expect("shape");
@@ -437,6 +641,83 @@ mod tests {
                 unsafe { dot_avx2(kind, &row, cols / BLOCK, ys, &mut b) };
                 for (x, y) in a.iter().zip(&b) {
                     assert!((x - y).abs() < 1e-4 * (1.0 + x.abs()), "{kind:?} n={n}: {x} vs {y}");
+                }
+            }
+        }
+    }
+
+    /// Q4_K / Q6_K bytes as candle (ggml's reference quantizer) writes them, and
+    /// candle's dequantization of them.
+    fn k_quantized(kind: Kind, w: &[f32], rows: usize, cols: usize) -> (Vec<u8>, Vec<f32>) {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        let dtype = match kind {
+            Kind::Q4K => GgmlDType::Q4K,
+            _ => GgmlDType::Q6K,
+        };
+        let t = Tensor::from_vec(w.to_vec(), (rows, cols), &Device::Cpu).expect("tensor");
+        let q = QTensor::quantize(&t, dtype).expect("quantize");
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.to_vec1::<f32>())
+            .expect("dequantize");
+        (q.data().expect("data").into_owned(), deq)
+    }
+
+    /// The k-quants: our reading of the blocks equals candle's, and products at
+    /// any batch and thread count, SIMD and scalar, match the dequantized weights.
+    #[test]
+    fn k_quant_products_match_candles_dequantized_weights() {
+        let (rows, cols) = (37, 512);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i as f32) * 0.7331).sin() * (1.0 + (i % 7) as f32))
+            .collect();
+        for kind in [Kind::Q4K, Kind::Q6K] {
+            let (raw, want_deq) = k_quantized(kind, &w, rows, cols);
+            let m = QMat::new(kind, raw.clone(), rows, cols).expect("shape");
+            let mut deq = vec![0f32; rows * cols];
+            for (r, out) in deq.chunks_mut(cols).enumerate() {
+                m.dequantize_row(r, out);
+            }
+            for (i, (a, b)) in deq.iter().zip(&want_deq).enumerate() {
+                assert!(
+                    (a - b).abs() < 1e-5 * (1.0 + b.abs()),
+                    "{kind:?} value {i}: {a} vs candle {b}"
+                );
+            }
+            for threads in [1, 3] {
+                let pool = Pool::new(threads);
+                for b in [1, 3, 8, 11] {
+                    let x: Vec<f32> = (0..b * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+                    let mut y = vec![0f32; b * rows];
+                    m.matmul(&Q8Acts::quantize(&x, cols), &mut y, &pool);
+                    for bi in 0..b {
+                        for r in 0..rows {
+                            let want: f32 = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]).sum();
+                            let scale: f32 = (0..cols).map(|k| (deq[r * cols + k] * x[bi * cols + k]).abs()).sum();
+                            let got = y[bi * rows + r];
+                            assert!(
+                                (want - got).abs() < 0.02 * (1.0 + scale),
+                                "{kind:?} b={b} ({bi},{r}): {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                let x: Vec<f32> = (0..GROUP * cols).map(|i| (i as f32 * 0.11).cos()).collect();
+                let acts = Q8Acts::quantize(&x, cols);
+                let ys: Vec<ActRow<'_>> = (0..GROUP).map(|i| acts.row(i)).collect();
+                let row = &raw[..m.stride()];
+                for n in 1..=GROUP {
+                    let (mut a, mut b) = ([0f32; GROUP], [0f32; GROUP]);
+                    dot_scalar(kind, row, cols / BLOCK, &ys[..n], &mut a);
+                    // SAFETY: checked above.
+                    unsafe { dot_avx2(kind, row, cols / BLOCK, &ys[..n], &mut b) };
+                    for (x, y) in a.iter().zip(&b) {
+                        assert!((x - y).abs() < 1e-4 * (1.0 + x.abs()), "{kind:?} n={n}: {x} vs {y}");
+                    }
                 }
             }
         }

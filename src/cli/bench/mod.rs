@@ -8,6 +8,7 @@ mod lanes;
 mod models;
 mod search;
 mod sessions;
+mod shape;
 
 use ragchat::config::Settings;
 use ragchat::knowledge::hnsw::HnswConfig;
@@ -19,11 +20,19 @@ pub enum BenchTarget {
         #[arg(long, default_value_t = 50)]
         iterations: usize,
     },
-    /// Embedding and generation throughput, time to first token.
+    /// Embedding and generation throughput, time to first token; with --shape,
+    /// our forward on a random-weight GGUF of a real model's shape beside llama.cpp.
     Models {
         /// Seconds per embedding measurement.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Measure a model shape (written once to ~/.cache/ragchat-bench) instead of
+        /// the configured models.
+        #[arg(long, value_enum)]
+        shape: Option<shape::Shape>,
+        /// The quantized layouts of the shape, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "q8_0,q4_k_m")]
+        layouts: Vec<shape::LayoutArg>,
     },
     /// Search latency per route, ANN recall@10 and memory on synthetic chunks.
     Search {
@@ -57,7 +66,14 @@ pub async fn run(what: BenchTarget, settings: Settings) -> anyhow::Result<()> {
         BenchTarget::Auth { iterations } => {
             print!("{}", auth::run(settings, iterations).await?);
         }
-        BenchTarget::Models { seconds } => {
+        BenchTarget::Models {
+            shape: Some(shape),
+            layouts,
+            ..
+        } => {
+            tokio::task::spawn_blocking(move || shape::run(shape, &layouts)).await??;
+        }
+        BenchTarget::Models { seconds, .. } => {
             models::run(settings, seconds).await?;
         }
         BenchTarget::Search {

@@ -124,7 +124,7 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
         seq.forward(&[short[pos % short.len()]], pos)?;
     }
     let decode = decode_n as f64 / started.elapsed().as_secs_f64();
-    let (lc_pp, lc_tg, lc_note) = match llama_bench(&m.generator_path) {
+    let (lc_pp, lc_tg, lc_note) = match llama_bench(&m.generator_path, 256, 5) {
         Some((pp, tg)) => (pp, tg, "llama.cpp (measured now)"),
         None => (205.0, 90.0, "llama.cpp*"),
     };
@@ -168,7 +168,7 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
     }
     let batched = (8 * decode_n) as f64 / started.elapsed().as_secs_f64();
     drop(seqs);
-    let (lc_b8, lc_b8_note) = match llama_batched_bench(&m.generator_path) {
+    let (lc_b8, lc_b8_note) = match llama_batched_bench(&m.generator_path, 32, 64, 8) {
         Some(v) => (format!("{v:>8.1}"), "llama-batched-bench, measured now"),
         None => (format!("{:>8}", "n/a"), "llama-batched-bench not built"),
     };
@@ -273,38 +273,53 @@ fn llama_cpp_bin(name: &str) -> Option<std::path::PathBuf> {
     .filter(|p| p.exists())
 }
 
-/// llama.cpp's llama-batched-bench with 8 sequences of 32 + 64 tokens, 2 threads:
-/// the aggregate decode rate (S_TG, tok/s), when it is installed.
-fn llama_batched_bench(gguf: &str) -> Option<f64> {
+/// llama.cpp's llama-batched-bench with `npl` sequences of `npp` + `ntg` tokens,
+/// 2 threads: the aggregate decode rate (S_TG, tok/s), when it is installed.
+pub(super) fn llama_batched_bench(gguf: &str, npp: usize, ntg: usize, npl: usize) -> Option<f64> {
     // LLAMA_BENCH naming a missing file turns both llama.cpp baselines off.
     if std::env::var("LLAMA_BENCH").is_ok_and(|v| !std::path::Path::new(&v).exists()) {
         return None;
     }
     let bin = llama_cpp_bin("llama-batched-bench")?;
+    let (npp, ntg, npl) = (npp.to_string(), ntg.to_string(), npl.to_string());
     let out = std::process::Command::new(bin)
         .args([
-            "-m", gguf, "-t", "2", "-c", "4096", "-npp", "32", "-ntg", "64", "-npl", "8",
+            "-m", gguf, "-t", "2", "-c", "4096", "-npp", &npp, "-ntg", &ntg, "-npl", &npl,
         ])
         .output()
         .ok()?;
     // Table row: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
         let cells: Vec<&str> = l.split('|').map(str::trim).filter(|c| !c.is_empty()).collect();
-        (cells.len() >= 8 && cells[2] == "8")
+        (cells.len() >= 8 && cells[2] == npl)
             .then(|| cells[7].parse().ok())
             .flatten()
     })
 }
 
 /// Runs llama.cpp's llama-bench on the same GGUF with 2 threads when it is installed
-/// (scripts/build-llama-cpp, or LLAMA_BENCH=path): (prefill pp256, decode tg64) tok/s.
-fn llama_bench(gguf: &str) -> Option<(f64, f64)> {
+/// (scripts/build-llama-cpp, or LLAMA_BENCH=path): (prefill of `prompt` tokens,
+/// decode tg64) tok/s, each the mean of `reps` runs.
+pub(super) fn llama_bench(gguf: &str, prompt: usize, reps: usize) -> Option<(f64, f64)> {
     let bin = match std::env::var("LLAMA_BENCH") {
         Ok(path) => Some(std::path::PathBuf::from(path)).filter(|p| p.exists())?,
         Err(_) => llama_cpp_bin("llama-bench")?,
     };
     let out = std::process::Command::new(bin)
-        .args(["-m", gguf, "-t", "2", "-p", "256", "-n", "64", "-r", "5", "-o", "json"])
+        .args([
+            "-m",
+            gguf,
+            "-t",
+            "2",
+            "-p",
+            &prompt.to_string(),
+            "-n",
+            "64",
+            "-r",
+            &reps.to_string(),
+            "-o",
+            "json",
+        ])
         .output()
         .ok()?;
     let rows: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
