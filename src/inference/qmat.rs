@@ -120,13 +120,19 @@ pub struct QMat {
     cols: usize,
 }
 
-/// `b` activation rows in Q8 blocks.
+/// `b` activation rows in Q8 blocks; when the width allows, also in blocks of
+/// 256 with one scale each (as ggml's Q8_K), for the k-quant kernels: they then
+/// sum a whole super-block in integers and convert once.
 pub struct Q8Acts {
     b: usize,
     nb: usize,
     d: Vec<f32>,
     s: Vec<f32>,
     q: Vec<i8>,
+    /// Per 256 values: the scale; per 32: the sum of the values (Q4_K's mins).
+    kd: Vec<f32>,
+    ks: Vec<i32>,
+    kq: Vec<i8>,
 }
 
 impl Q8Acts {
@@ -140,6 +146,9 @@ impl Q8Acts {
             d: Vec::with_capacity(b * nb),
             s: Vec::with_capacity(b * nb),
             q: Vec::with_capacity(b * cols),
+            kd: Vec::new(),
+            ks: Vec::new(),
+            kq: Vec::new(),
         };
         for blk in x.chunks_exact(BLOCK) {
             let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -154,14 +163,44 @@ impl Q8Acts {
             a.d.push(d);
             a.s.push(d * sum as f32);
         }
+        if cols.is_multiple_of(SUPER) {
+            a.kq.reserve(b * cols);
+            for sb in x.chunks_exact(SUPER) {
+                let amax = sb.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for blk in sb.chunks_exact(BLOCK) {
+                    let mut sum = 0i32;
+                    for v in blk {
+                        let q = (v * id).round().clamp(-127.0, 127.0) as i8;
+                        sum += i32::from(q);
+                        a.kq.push(q);
+                    }
+                    a.ks.push(sum);
+                }
+                a.kd.push(d);
+            }
+        }
         a
     }
 
     fn row(&self, i: usize) -> ActRow<'_> {
+        let nk = if self.kd.is_empty() { 0 } else { self.nb * BLOCK / SUPER };
         ActRow {
             d: &self.d[i * self.nb..(i + 1) * self.nb],
             s: &self.s[i * self.nb..(i + 1) * self.nb],
             q: &self.q[i * self.nb * BLOCK..(i + 1) * self.nb * BLOCK],
+            kd: &self.kd[i * nk..(i + 1) * nk],
+            ks: if nk == 0 {
+                &[]
+            } else {
+                &self.ks[i * self.nb..(i + 1) * self.nb]
+            },
+            kq: if nk == 0 {
+                &[]
+            } else {
+                &self.kq[i * self.nb * BLOCK..(i + 1) * self.nb * BLOCK]
+            },
         }
     }
 }
@@ -171,6 +210,10 @@ struct ActRow<'a> {
     d: &'a [f32],
     s: &'a [f32],
     q: &'a [i8],
+    /// The 256-value blocks (empty when the width is not a multiple of 256).
+    kd: &'a [f32],
+    ks: &'a [i32],
+    kq: &'a [i8],
 }
 
 impl QMat {
@@ -329,7 +372,8 @@ fn dot_scalar(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f
     }
 }
 
-/// The scalar reference for the k-quants (`nb` activation blocks of 32).
+/// The scalar reference for the k-quants (`nb` activation blocks of 32), on the
+/// 256-value activation blocks: integer sums per super-block, one conversion.
 fn dot_scalar_k(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut [f32]) {
     let bb = kind.block_bytes();
     let per = SUPER / BLOCK;
@@ -337,29 +381,36 @@ fn dot_scalar_k(kind: Kind, row: &[u8], nb: usize, ys: &[ActRow<'_>], out: &mut 
         let mut total = 0f32;
         for sb in 0..nb / per {
             let blk = &row[sb * bb..(sb + 1) * bb];
-            for i in 0..per {
-                let k = sb * per + i;
-                let qy = &y.q[k * BLOCK..(k + 1) * BLOCK];
-                match kind {
-                    Kind::Q4K => {
-                        let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                        let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
-                        let (sc, m) = q4k_scales(&blk[4..16]);
-                        let q = q4k_values(blk);
-                        let isum: i32 = (0..BLOCK).map(|j| i32::from(q[i * BLOCK + j]) * i32::from(qy[j])).sum();
-                        total += d * f32::from(sc[i]) * y.d[k] * isum as f32 - dmin * f32::from(m[i]) * y.s[k];
+            let qy = &y.kq[sb * SUPER..(sb + 1) * SUPER];
+            let d8 = y.kd[sb];
+            match kind {
+                Kind::Q4K => {
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+                    let (sc, m) = q4k_scales(&blk[4..16]);
+                    let q = q4k_values(blk);
+                    let (mut isum, mut msum) = (0i32, 0i32);
+                    for i in 0..per {
+                        let dot: i32 = (0..BLOCK)
+                            .map(|j| i32::from(q[i * BLOCK + j]) * i32::from(qy[i * BLOCK + j]))
+                            .sum();
+                        isum += i32::from(sc[i]) * dot;
+                        msum += i32::from(m[i]) * y.ks[sb * per + i];
                     }
-                    _ => {
-                        let d = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
-                        let q = q6k_values(blk);
-                        let half = |h: usize| -> i32 {
-                            (0..16)
-                                .map(|j| i32::from(q[i * BLOCK + h * 16 + j]) * i32::from(qy[h * 16 + j]))
-                                .sum::<i32>()
-                                * i32::from(blk[192 + 2 * i + h] as i8)
-                        };
-                        total += d * y.d[k] * (half(0) + half(1)) as f32;
-                    }
+                    total += d * d8 * isum as f32 - dmin * d8 * msum as f32;
+                }
+                _ => {
+                    let d = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+                    let q = q6k_values(blk);
+                    let isum: i32 = (0..SUPER / 16)
+                        .map(|g| {
+                            let dot: i32 = (0..16)
+                                .map(|j| i32::from(q[g * 16 + j]) * i32::from(qy[g * 16 + j]))
+                                .sum();
+                            dot * i32::from(blk[192 + g] as i8)
+                        })
+                        .sum();
+                    total += d * d8 * isum as f32;
                 }
             }
         }
@@ -450,45 +501,53 @@ dot_kernel!(q80_dot_avx2, 34, |blk, y, k| {
     (_mm256_mul_ps(_mm256_set1_ps(d * *y.d.get_unchecked(k)), sums), 0.0)
 });
 
-// Q4_K: per 64 values, 32 bytes of nibbles: the low nibbles against activation
-// block 2j, the high against 2j + 1, each sum scaled by its sub-block's scale; the
-// mins go to the scalar part.
+// Q4_K against 256-value activation blocks: per 64 values, 32 bytes of nibbles
+// (the low nibbles are sub-block 2j, the high 2j + 1); each sub-block's pair sums
+// are weighted by its 6-bit scale in the same `madd` and summed as integers over
+// the super-block, converted once; the mins (an integer dot of the eight mins with
+// the activations' sums per 32) go to the scalar part.
 dot_kernel!(q4k_dot_avx2, 144, |blk, y, k| {
     let d = f16::from_le_bytes([*blk, *blk.add(1)]).to_f32();
     let dmin = f16::from_le_bytes([*blk.add(2), *blk.add(3)]).to_f32();
     let (sc, m) = q4k_scales(std::slice::from_raw_parts(blk.add(4), 12));
-    let first = k * (SUPER / BLOCK);
+    let d8 = *y.kd.get_unchecked(k);
+    let qy = y.kq.as_ptr().add(k * SUPER);
     let mask = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut mins = 0f32;
+    let mut isum = _mm256_setzero_si256();
     for j in 0..4 {
         let packed = _mm256_loadu_si256(blk.add(16 + j * 32) as *const __m256i);
         let lo = _mm256_and_si256(packed, mask);
         let hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), mask);
-        for (h, q) in [(0, lo), (1, hi)] {
-            let b = first + 2 * j + h;
-            let qy = _mm256_loadu_si256(y.q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, qy), ones));
-            let scale = d * f32::from(sc[2 * j + h]) * *y.d.get_unchecked(b);
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(scale), sums, acc);
-            mins += f32::from(m[2 * j + h]) * *y.s.get_unchecked(b);
-        }
+        let y0 = _mm256_loadu_si256(qy.add(j * 64) as *const __m256i);
+        let y1 = _mm256_loadu_si256(qy.add(j * 64 + 32) as *const __m256i);
+        let p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, y0), _mm256_set1_epi16(i16::from(sc[2 * j])));
+        let p1 = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(hi, y1),
+            _mm256_set1_epi16(i16::from(sc[2 * j + 1])),
+        );
+        isum = _mm256_add_epi32(isum, _mm256_add_epi32(p0, p1));
     }
-    (acc, -dmin * mins)
+    let sums = y.ks.get_unchecked(k * 8..k * 8 + 8);
+    let mins: i32 = m.iter().zip(sums).map(|(m, s)| i32::from(*m) * s).sum();
+    (
+        _mm256_mul_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(isum)),
+        -dmin * d8 * mins as f32,
+    )
 });
 
-// Q6_K: per 128 values, 64 bytes of low nibbles and 32 of high bit pairs make four
-// 32-value blocks of 6-bit values; less 32 they are signed, and the sign trick of
-// Q8_0 applies. Each 16 values have their own scale: madd with a vector of the two
-// scales (the low 128 bits hold the first 16 values' pair sums).
+// Q6_K against 256-value activation blocks: per 128 values, 64 bytes of low
+// nibbles and 32 of high bit pairs make four 32-value blocks of 6-bit values; less
+// 32 they are signed, and the sign trick of Q8_0 applies. Each 16 values have their
+// own scale: `madd` with a vector of the two (the low 128 bits hold the first 16
+// values' pair sums); integer sums over the super-block, converted once.
 dot_kernel!(q6k_dot_avx2, 210, |blk, y, k| {
     let d = f16::from_le_bytes([*blk.add(208), *blk.add(209)]).to_f32();
-    let first = k * (SUPER / BLOCK);
+    let d8 = *y.kd.get_unchecked(k);
+    let qy = y.kq.as_ptr().add(k * SUPER);
     let mask = _mm256_set1_epi8(0x0F);
     let three = _mm256_set1_epi8(3);
     let m32 = _mm256_set1_epi8(32);
-    let mut acc = _mm256_setzero_ps();
+    let mut isum = _mm256_setzero_si256();
     for n in 0..2 {
         let ql0 = _mm256_loadu_si256(blk.add(n * 64) as *const __m256i);
         let ql1 = _mm256_loadu_si256(blk.add(n * 64 + 32) as *const __m256i);
@@ -505,19 +564,17 @@ dot_kernel!(q6k_dot_avx2, 210, |blk, y, k| {
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), mask), h3),
         ];
         for (i, q) in quads.into_iter().enumerate() {
-            let b = first + n * 4 + i;
+            let b = n * 4 + i;
             let w = _mm256_sub_epi8(q, m32);
-            let qy = _mm256_loadu_si256(y.q.as_ptr().add(b * BLOCK) as *const __m256i);
-            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(qy, w));
-            let s = (b - first) * 2;
-            let sa = i16::from(*blk.add(192 + s) as i8);
-            let sb = i16::from(*blk.add(192 + s + 1) as i8);
+            let yv = _mm256_loadu_si256(qy.add(b * BLOCK) as *const __m256i);
+            let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(yv, w));
+            let sa = i16::from(*blk.add(192 + 2 * b) as i8);
+            let sb = i16::from(*blk.add(192 + 2 * b + 1) as i8);
             let scales = _mm256_set_m128i(_mm_set1_epi16(sb), _mm_set1_epi16(sa));
-            let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, scales));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * *y.d.get_unchecked(b)), sums, acc);
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(pairs, scales));
         }
     }
-    (acc, 0.0)
+    (_mm256_mul_ps(_mm256_set1_ps(d * d8), _mm256_cvtepi32_ps(isum)), 0.0)
 });
 
 /// # Safety
