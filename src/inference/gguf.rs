@@ -186,6 +186,7 @@ mod tests {
     //! The Qwen3 path, run on a tiny random-weight Qwen3 GGUF written here, so it
     //! is exercised without the 1.7B weights.
     use super::*;
+    use crate::inference::llama::tests::{argmax, cosine};
     use crate::inference::synthetic::{write_qwen3, Layout, Qwen3Shape, TINY};
     use candle_core::{Device, Tensor};
     use candle_transformers::models::quantized_qwen3;
@@ -263,18 +264,6 @@ mod tests {
         });
         assert!(done.is_some_and(|n| (1..=8).contains(&n)), "{done:?}");
         let _ = std::fs::remove_file(&path);
-    }
-
-    fn cosine(a: &[f32], b: &[f32]) -> f32 {
-        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
-        let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
-        dot / (n(a) * n(b))
-    }
-
-    fn argmax(v: &[f32]) -> usize {
-        v.iter()
-            .enumerate()
-            .fold(0, |best, (i, x)| if *x > v[best] { i } else { best })
     }
 
     /// candle's stock quantized Qwen3: the logits of the last prompt token and of

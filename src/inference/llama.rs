@@ -640,7 +640,7 @@ impl CausalLm for LlamaSeq {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     //! Our forward against candle's stock quantized llama on the real SmolLM2 GGUF.
     use super::*;
     use candle_transformers::models::quantized_llama;
@@ -673,13 +673,13 @@ mod tests {
         (prefill, decode)
     }
 
-    fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    pub(crate) fn cosine(a: &[f32], b: &[f32]) -> f32 {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
         let n = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
         dot / (n(a) * n(b))
     }
 
-    fn argmax(v: &[f32]) -> usize {
+    pub(crate) fn argmax(v: &[f32]) -> usize {
         v.iter()
             .enumerate()
             .fold(0, |best, (i, x)| if *x > v[best] { i } else { best })

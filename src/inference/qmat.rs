@@ -18,15 +18,16 @@
 //! Dot of a Q4_1 block with an activation block = d4·d8·Σ(q4·q8) + m4·s8; of a
 //! Q8_0 block = d·d8·Σ(q·q8).
 //!
-//! And the two k-quant types of llama.cpp's Q4_K_M files (super-blocks of 256
-//! values, whose 32-value sub-blocks line up with the activation blocks):
+//! And the two k-quant types of llama.cpp's Q4_K_M files, in super-blocks of 256
+//! values, against activations quantized per 256 values too (one scale d8, and
+//! the integer sum of each 32), so a super-block sums in integers:
 //! - Q4_K (144 bytes): f16 d, f16 dmin, 12 bytes of eight 6-bit (scale, min)
 //!   pairs, 128 bytes of nibbles (per 64 values: 32 bytes, low nibbles the first
-//!   32, high nibbles the next 32); value = d·sc·q − dmin·m. Dot of sub-block i =
-//!   d·sc_i·d8·Σ(q·q8) − dmin·m_i·s8.
+//!   32, high nibbles the next 32); value = d·sc·q − dmin·m. Dot of a super-block
+//!   = d·d8·Σᵢ sc_i·Σ(q·q8) − dmin·d8·Σᵢ m_i·Σq8ᵢ.
 //! - Q6_K (210 bytes): 128 bytes of low nibbles, 64 bytes of high bit pairs, 16
-//!   i8 scales (one per 16 values), f16 d; value = d·sc·(q − 32). Dot of a 32-value
-//!   block = d·d8·(sc_a·Σ₁₆ + sc_b·Σ₁₆).
+//!   i8 scales (one per 16 values), f16 d; value = d·sc·(q − 32). Dot of a
+//!   super-block = d·d8·Σ_g sc_g·Σ₁₆((q − 32)·q8).
 
 use half::f16;
 
@@ -120,6 +121,25 @@ pub struct QMat {
     cols: usize,
 }
 
+/// The scale of a block of activations (its largest magnitude maps to 127) and
+/// its inverse.
+fn scale_of(values: &[f32]) -> (f32, f32) {
+    let amax = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    (d, if d > 0.0 { 1.0 / d } else { 0.0 })
+}
+
+/// Appends `values` quantized with inverse scale `id` to `out`; returns their sum.
+fn push_quantized(values: &[f32], id: f32, out: &mut Vec<i8>) -> i32 {
+    let mut sum = 0i32;
+    for v in values {
+        let q = (v * id).round().clamp(-127.0, 127.0) as i8;
+        sum += i32::from(q);
+        out.push(q);
+    }
+    sum
+}
+
 /// `b` activation rows in Q8 blocks; when the width allows, also in blocks of
 /// 256 with one scale each (as ggml's Q8_K), for the k-quant kernels: they then
 /// sum a whole super-block in integers and convert once.
@@ -151,31 +171,17 @@ impl Q8Acts {
             kq: Vec::new(),
         };
         for blk in x.chunks_exact(BLOCK) {
-            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut sum = 0i32;
-            for v in blk {
-                let q = (v * id).round().clamp(-127.0, 127.0) as i8;
-                sum += i32::from(q);
-                a.q.push(q);
-            }
+            let (d, id) = scale_of(blk);
+            let sum = push_quantized(blk, id, &mut a.q);
             a.d.push(d);
             a.s.push(d * sum as f32);
         }
         if cols.is_multiple_of(SUPER) {
             a.kq.reserve(b * cols);
             for sb in x.chunks_exact(SUPER) {
-                let amax = sb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                let d = amax / 127.0;
-                let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+                let (d, id) = scale_of(sb);
                 for blk in sb.chunks_exact(BLOCK) {
-                    let mut sum = 0i32;
-                    for v in blk {
-                        let q = (v * id).round().clamp(-127.0, 127.0) as i8;
-                        sum += i32::from(q);
-                        a.kq.push(q);
-                    }
+                    let sum = push_quantized(blk, id, &mut a.kq);
                     a.ks.push(sum);
                 }
                 a.kd.push(d);
@@ -639,6 +645,34 @@ mod tests {
             .collect()
     }
 
+    /// `m`'s products against its dequantized weights `deq`, for 1, 3, 8 and 11
+    /// activation rows on 1 and 3 threads: within 2% of `size(want, Σ|terms|)`.
+    fn assert_products_match(m: &QMat, deq: &[f32], size: impl Fn(f32, f32) -> f32) {
+        let (rows, cols) = (m.rows(), m.cols());
+        for threads in [1, 3] {
+            let pool = Pool::new(threads);
+            for b in [1, 3, 8, 11] {
+                let x: Vec<f32> = (0..b * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+                let mut y = vec![0f32; b * rows];
+                m.matmul(&Q8Acts::quantize(&x, cols), &mut y, &pool);
+                for bi in 0..b {
+                    for r in 0..rows {
+                        let terms = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]);
+                        let want: f32 = terms.clone().sum();
+                        let got = y[bi * rows + r];
+                        // Q8 activations: ~1% error, as in ggml.
+                        let size = size(want, terms.map(f32::abs).sum());
+                        assert!(
+                            (want - got).abs() < 0.02 * (1.0 + size),
+                            "{:?} b={b} ({bi},{r}): {got} vs {want}",
+                            m.kind()
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn products_match_the_dequantized_weights_for_any_batch_and_thread_count() {
         let (rows, cols) = (70, 96);
@@ -657,25 +691,7 @@ mod tests {
             for (r, out) in deq.chunks_mut(cols).enumerate() {
                 m.dequantize_row(r, out);
             }
-            for threads in [1, 3] {
-                let pool = Pool::new(threads);
-                for b in [1, 3, 8, 11] {
-                    let x: Vec<f32> = (0..b * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-                    let mut y = vec![0f32; b * rows];
-                    m.matmul(&Q8Acts::quantize(&x, cols), &mut y, &pool);
-                    for bi in 0..b {
-                        for r in 0..rows {
-                            let want: f32 = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]).sum();
-                            let got = y[bi * rows + r];
-                            // Q8 activations: ~1% error, as in ggml.
-                            assert!(
-                                (want - got).abs() < 0.02 * (1.0 + want.abs()),
-                                "{kind:?} b={b} ({bi},{r}): {got} vs {want}"
-                            );
-                        }
-                    }
-                }
-            }
+            assert_products_match(&m, &deq, |want, _| want.abs());
         }
     }
 
@@ -743,25 +759,9 @@ mod tests {
                     "{kind:?} value {i}: {a} vs candle {b}"
                 );
             }
-            for threads in [1, 3] {
-                let pool = Pool::new(threads);
-                for b in [1, 3, 8, 11] {
-                    let x: Vec<f32> = (0..b * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
-                    let mut y = vec![0f32; b * rows];
-                    m.matmul(&Q8Acts::quantize(&x, cols), &mut y, &pool);
-                    for bi in 0..b {
-                        for r in 0..rows {
-                            let want: f32 = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]).sum();
-                            let scale: f32 = (0..cols).map(|k| (deq[r * cols + k] * x[bi * cols + k]).abs()).sum();
-                            let got = y[bi * rows + r];
-                            assert!(
-                                (want - got).abs() < 0.02 * (1.0 + scale),
-                                "{kind:?} b={b} ({bi},{r}): {got} vs {want}"
-                            );
-                        }
-                    }
-                }
-            }
+            // Wider blocks of activations (one scale per 256): the error is relative
+            // to the sum of the terms' sizes.
+            assert_products_match(&m, &deq, |_, terms| terms);
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 let x: Vec<f32> = (0..GROUP * cols).map(|i| (i as f32 * 0.11).cos()).collect();
                 let acts = Q8Acts::quantize(&x, cols);
