@@ -46,6 +46,13 @@ impl Fused {
         }
     }
 
+    fn k_blocks(&self) -> bool {
+        match self {
+            Fused::One(m) => m.k_blocks(),
+            Fused::Parts(ps) => ps.iter().any(QMat::k_blocks),
+        }
+    }
+
     fn rows(&self) -> usize {
         match self {
             Fused::One(m) => m.rows(),
@@ -294,7 +301,8 @@ impl FastWeights {
             let xn = self.rmsnorm(&x, &l.attn_norm);
             let qkv_w = l.qkv.rows();
             let mut qkv = vec![0f32; b * qkv_w];
-            l.qkv.matmul(&Q8Acts::quantize(&xn, h), &mut qkv, &self.pool);
+            l.qkv
+                .matmul(&Q8Acts::quantize(&xn, h, l.qkv.k_blocks()), &mut qkv, &self.pool);
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
                 let pos = positions[r];
                 let (q, kv) = row.split_at_mut(qw);
@@ -346,13 +354,14 @@ impl FastWeights {
                 });
             }
             let mut y = vec![0f32; b * h];
-            l.o.matmul(&Q8Acts::quantize(&att, qw), &mut y, &self.pool);
+            l.o.matmul(&Q8Acts::quantize(&att, qw, l.o.k_blocks()), &mut y, &self.pool);
             x.iter_mut().zip(&y).for_each(|(a, d)| *a += d);
 
             let xn = self.rmsnorm(&x, &l.ffn_norm);
             let ffn = l.down.cols();
             let mut gu = vec![0f32; b * 2 * ffn];
-            l.gate_up.matmul(&Q8Acts::quantize(&xn, h), &mut gu, &self.pool);
+            l.gate_up
+                .matmul(&Q8Acts::quantize(&xn, h, l.gate_up.k_blocks()), &mut gu, &self.pool);
             let act: Vec<f32> = gu
                 .chunks_exact(2 * ffn)
                 .flat_map(|row| {
@@ -360,7 +369,8 @@ impl FastWeights {
                     g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
                 })
                 .collect();
-            l.down.matmul(&Q8Acts::quantize(&act, ffn), &mut y, &self.pool);
+            l.down
+                .matmul(&Q8Acts::quantize(&act, ffn, l.down.k_blocks()), &mut y, &self.pool);
             x.iter_mut().zip(&y).for_each(|(a, d)| *a += d);
         }
         let picked: Vec<f32> = want
@@ -371,7 +381,7 @@ impl FastWeights {
         let head = self.output.as_ref().unwrap_or(&self.embed);
         let vocab = head.rows();
         let mut logits = vec![0f32; want.len() * vocab];
-        head.matmul(&Q8Acts::quantize(&xn, h), &mut logits, &self.pool);
+        head.matmul(&Q8Acts::quantize(&xn, h, head.k_blocks()), &mut logits, &self.pool);
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 }

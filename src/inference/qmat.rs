@@ -156,8 +156,9 @@ pub struct Q8Acts {
 }
 
 impl Q8Acts {
-    /// `x`: b rows of `cols` values (cols a multiple of 32).
-    pub fn quantize(x: &[f32], cols: usize) -> Q8Acts {
+    /// `x`: b rows of `cols` values (cols a multiple of 32); the 256-value blocks
+    /// too when `k_blocks` (a k-quant matrix will read them).
+    pub fn quantize(x: &[f32], cols: usize, k_blocks: bool) -> Q8Acts {
         let b = x.len() / cols;
         let nb = cols / BLOCK;
         let mut a = Q8Acts {
@@ -176,7 +177,7 @@ impl Q8Acts {
             a.d.push(d);
             a.s.push(d * sum as f32);
         }
-        if cols.is_multiple_of(SUPER) {
+        if k_blocks && cols.is_multiple_of(SUPER) {
             a.kq.reserve(b * cols);
             for sb in x.chunks_exact(SUPER) {
                 let (d, id) = scale_of(sb);
@@ -258,6 +259,11 @@ impl QMat {
         self.kind
     }
 
+    /// Whether its products read the activations in 256-value blocks.
+    pub fn k_blocks(&self) -> bool {
+        matches!(self.kind, Kind::Q4K | Kind::Q6K)
+    }
+
     fn stride(&self) -> usize {
         self.cols / self.kind.block_values() * self.kind.block_bytes()
     }
@@ -305,6 +311,10 @@ impl QMat {
     /// `out` (b × rows) = x · selfᵀ, output rows shared among the pool's threads.
     pub fn matmul(&self, x: &Q8Acts, out: &mut [f32], pool: &Pool) {
         assert_eq!(x.nb * BLOCK, self.cols, "activation width");
+        assert!(
+            !self.k_blocks() || !x.kd.is_empty(),
+            "k-quant products need 256-value blocks"
+        );
         assert_eq!(out.len(), x.b * self.rows, "output size");
         let ptr = SyncPtr(out.as_mut_ptr());
         let parts = pool.threads();
@@ -654,7 +664,7 @@ mod tests {
             for b in [1, 3, 8, 11] {
                 let x: Vec<f32> = (0..b * cols).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
                 let mut y = vec![0f32; b * rows];
-                m.matmul(&Q8Acts::quantize(&x, cols), &mut y, &pool);
+                m.matmul(&Q8Acts::quantize(&x, cols, true), &mut y, &pool);
                 for bi in 0..b {
                     for r in 0..rows {
                         let terms = (0..cols).map(|k| deq[r * cols + k] * x[bi * cols + k]);
@@ -703,7 +713,7 @@ mod tests {
         let cols = 128;
         let w: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
         let x: Vec<f32> = (0..GROUP * cols).map(|i| (i as f32 * 0.11).cos()).collect();
-        let acts = Q8Acts::quantize(&x, cols);
+        let acts = Q8Acts::quantize(&x, cols, true);
         let ys: Vec<ActRow<'_>> = (0..GROUP).map(|i| acts.row(i)).collect();
         for n in 1..=GROUP {
             let ys = &ys[..n];
@@ -764,7 +774,7 @@ mod tests {
             assert_products_match(&m, &deq, |_, terms| terms);
             if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
                 let x: Vec<f32> = (0..GROUP * cols).map(|i| (i as f32 * 0.11).cos()).collect();
-                let acts = Q8Acts::quantize(&x, cols);
+                let acts = Q8Acts::quantize(&x, cols, true);
                 let ys: Vec<ActRow<'_>> = (0..GROUP).map(|i| acts.row(i)).collect();
                 let row = &raw[..m.stride()];
                 for n in 1..=GROUP {
