@@ -435,8 +435,9 @@ pub async fn flush_ledger(ledger: &Ledger) -> LedgerStats {
     // A write that failed at shutdown (a pooled connection of a stopped server
     // worker fails once) left records in the spool: a few more tries replay
     // them through fresh connections, so a node that is not started again
-    // (scaled down) leaves nothing in its spool while the store is up.
-    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    // (scaled down) leaves nothing in its spool while the store is up. Well
+    // within a pod's grace period (30 s by default) after the drain.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while last.spooled > 0 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(200)).await;
         match ledger.flush().await {

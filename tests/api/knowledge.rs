@@ -297,7 +297,9 @@ async fn a_crashed_retrieval_actor_is_restarted_and_catches_up_with_the_store() 
     let sup = app.state.retrieval.actor().cloned().expect("retrieval");
     sup.do_send(ragchat_actors::retrieval::Crash);
     let mut hits = Vec::new();
-    for _ in 0..100 {
+    // Generous: with RUST_BACKTRACE=1 the first panic's backtrace takes seconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
         if sup.child().restarts() == 1 {
             let resp = app.post_json("/knowledge/search", &query, Some(&alice)).await;
