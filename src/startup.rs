@@ -416,37 +416,40 @@ fn metrics_server(
     Ok(Some((port, handle)))
 }
 
-/// Flushes the ledger until nothing is left in memory (records either reached the
-/// store or the spool file).
+/// Flushes the ledger until nothing is left in memory or in the spool, for at
+/// most `SHUTDOWN_FLUSH` (then what is left stays in the spool for the next
+/// start). A flush that finds a periodic cycle running waits for it; a write
+/// that failed at shutdown (a pooled connection of a stopped server worker
+/// fails once) left records in the spool, and further flushes replay them
+/// through fresh connections, so a node that is not started again (scaled
+/// down) leaves nothing behind while the store is up.
 pub async fn flush_ledger(ledger: &Ledger) -> LedgerStats {
+    let deadline = std::time::Instant::now() + SHUTDOWN_FLUSH;
     let mut last = LedgerStats::default();
-    for _ in 0..50 {
-        match ledger.flush().await {
+    loop {
+        let pause = match ledger.flush().await {
             Ok(stats) => {
                 last = stats;
-                if stats.buffered == 0 && ledger.parked() == 0 {
+                let in_memory = stats.buffered > 0 || ledger.parked() > 0;
+                if !in_memory && stats.spooled == 0 {
                     break;
                 }
+                Duration::from_millis(if in_memory { 20 } else { 200 })
             }
-            Err(_) => break,
+            // The ledger is being restarted by its supervisor.
+            Err(_) => Duration::from_millis(50),
+        };
+        if std::time::Instant::now() + pause >= deadline {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // A write that failed at shutdown (a pooled connection of a stopped server
-    // worker fails once) left records in the spool: a few more tries replay
-    // them through fresh connections, so a node that is not started again
-    // (scaled down) leaves nothing in its spool while the store is up. Well
-    // within a pod's grace period (30 s by default) after the drain.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while last.spooled > 0 && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        match ledger.flush().await {
-            Ok(stats) => last = stats,
-            Err(_) => break,
-        }
+        tokio::time::sleep(pause).await;
     }
     last
 }
+
+/// How long a stopping server keeps flushing usage to the store: well within a
+/// pod's grace period (30 s by default) after the drain.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
 
 /// The limits and defaults of a chat turn, from `[chat]` and `[models]`.
 fn chat_limits(settings: &Settings) -> ChatLimits {

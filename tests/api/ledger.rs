@@ -498,11 +498,13 @@ async fn a_node_stopped_with_sigterm_under_load_leaves_every_record_in_the_store
                     .send()
                     .await
                     .expect("probe");
-                let status = r.status();
-                if status != StatusCode::OK {
-                    panic!("a probe answered {status}: {}", r.text().await.unwrap_or_default());
+                // A loaded machine may shed a request (503: a pooled connection
+                // not had in time); it is not admitted, so not counted.
+                match r.status() {
+                    StatusCode::OK => ok += 1,
+                    StatusCode::SERVICE_UNAVAILABLE => {}
+                    status => panic!("a probe answered {status}: {}", r.text().await.unwrap_or_default()),
                 }
-                ok += 1;
             }
             ok
         }

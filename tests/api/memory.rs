@@ -75,6 +75,9 @@ fn spawn(models: &std::path::Path) -> Server {
         // The prompt cache keeps finished answers' KV up to its own budget
         // (`models.prompt_cache_mb`): a fixed cost, not one a request grows.
         ("RAGCHAT__MODELS__PROMPT_CACHE_MB", "0".into()),
+        // ~3 minutes alone, but beside the whole suite on a loaded CI machine it
+        // has taken over the 30-minute life of an access token.
+        ("RAGCHAT__AUTH__ACCESS_TOKEN_TTL_SECS", "14400".into()),
     ]);
     Server {
         process,

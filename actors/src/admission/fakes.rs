@@ -188,6 +188,8 @@ pub struct Usage {
     pub inserts: AtomicU64,
     /// The store is unreachable: counter calls fail.
     pub down: std::sync::atomic::AtomicBool,
+    /// Each conditional increment takes this long (ms).
+    pub reserve_delay_ms: AtomicU64,
     pub subscriptions: Mutex<HashMap<Uuid, Subscription>>,
     pub invoices: Mutex<Vec<Invoice>>,
     pub requests: Mutex<Vec<UpgradeRequest>>,
@@ -308,6 +310,10 @@ impl UsageStore for Usage {
         limit: u64,
     ) -> StoreResult<Reservation> {
         self.reserves.fetch_add(1, Ordering::Relaxed);
+        let delay = self.reserve_delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
         let mut c = self.reachable_counters()?;
         let used = c.entry((u, r, s)).or_insert(0);
         if *used + cost <= limit {
@@ -538,6 +544,8 @@ pub struct World {
     pub usage: Arc<Usage>,
     pub registry: Arc<SessionRegistry>,
     pub users: Arc<UserCache>,
+    /// What the registry's sessions were given (for a second registry).
+    pub deps: SessionDeps,
 }
 
 pub fn world(max_lease: u64, lease_idle: Duration, rate_limits: BTreeMap<Bucket, Quota>) -> World {
@@ -589,11 +597,12 @@ pub fn world_with(
         users: users.clone(),
         config: Arc::new(config),
     };
-    let registry = SessionRegistry::new(deps, 1, Duration::from_secs(5));
+    let registry = SessionRegistry::new(deps.clone(), 1, Duration::from_secs(5));
     World {
         accounts,
         usage,
         registry,
         users,
+        deps,
     }
 }

@@ -145,11 +145,24 @@ impl SessionRegistry {
     pub async fn admit(&self, user_id: Uuid, msg: Admit) -> Result<Permit, Rejection> {
         for attempt in 0..2 {
             let addr = self.session(user_id);
-            match tokio::time::timeout(self.send_timeout, addr.send_tracked(msg.clone())).await {
+            let mut reply = Box::pin(addr.send_tracked(msg.clone()));
+            match tokio::time::timeout(self.send_timeout, &mut reply).await {
                 Ok(Ok(result)) => return result,
                 Ok(Err(_mailbox_closed)) if attempt == 0 => continue,
                 Ok(Err(_)) => break,
-                Err(_elapsed) => return Err(Rejection::Unavailable("session overloaded".into())),
+                Err(_elapsed) => {
+                    // The session may still admit it after the caller stopped
+                    // waiting: such a late permit is handed back, never left
+                    // counted for work that was refused.
+                    if let Some(me) = self.me.upgrade() {
+                        tokio::spawn(async move {
+                            if let Ok(Ok(permit)) = reply.await {
+                                me.release(permit);
+                            }
+                        });
+                    }
+                    return Err(Rejection::Unavailable("session overloaded".into()));
+                }
             }
         }
         Err(Rejection::Unavailable("session unavailable".into()))
@@ -397,6 +410,43 @@ mod tests {
         // Handed back on demand (GET /billing/usage), the counter reads what was admitted.
         w.registry.return_leases(user).await;
         assert_eq!(w.usage.counter(user, Resource::ApiCalls, month), 321);
+    }
+
+    #[actix::test]
+    async fn a_permit_granted_after_the_caller_stopped_waiting_is_handed_back() {
+        let w = world(32, Duration::from_secs(60), BTreeMap::new());
+        let user = w.accounts.add(Plan::Free);
+        let month = month_of(chrono::Utc::now()).start;
+        // The store takes 300 ms to reserve, the caller waits 50: each admission
+        // times out, and the session admits it later.
+        w.usage.reserve_delay_ms.store(300, Ordering::Relaxed);
+        let hasty = SessionRegistry::new(w.deps.clone(), 1, Duration::from_millis(50));
+        for _ in 0..3 {
+            let r = hasty.admit(user, api()).await;
+            assert!(matches!(r, Err(Rejection::Unavailable(_))), "{r:?}");
+        }
+        // The late permits come back to the session's lease, which goes back to the store.
+        w.usage.reserve_delay_ms.store(0, Ordering::Relaxed);
+        // The reservation lands once the store answers: a lease of 32 units.
+        let mut counter = 0;
+        for _ in 0..500 {
+            counter = w.usage.counter(user, Resource::ApiCalls, month);
+            if counter > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(counter, 32);
+        for _ in 0..300 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            hasty.return_leases(user).await;
+            counter = w.usage.counter(user, Resource::ApiCalls, month);
+            if counter == 0 {
+                break;
+            }
+        }
+        assert_eq!(counter, 0, "refused requests are not counted");
+        assert_eq!(w.usage.recorded(user), 0);
     }
 
     #[actix::test]
