@@ -870,13 +870,23 @@ impl Handler<ReturnLeases> for UserSession {
     type Result = AtomicResponse<Self, ()>;
 
     fn handle(&mut self, _: ReturnLeases, _ctx: &mut Self::Context) -> Self::Result {
+        // Units admitted on the local allowance (the store was slow or down) are
+        // added to the counters too, so they read what was admitted (at shutdown
+        // this is the last chance).
         let returns = self.take_leases();
+        let pending = std::mem::take(&mut self.unreconciled);
         let usage = self.deps.usage.clone();
         let user_id = self.user_id;
         AtomicResponse::new(Box::pin(
-            async move { hand_back(usage.as_ref(), user_id, returns).await }
-                .into_actor(self)
-                .map(|failed, act, _| act.unreturned.extend(failed)),
+            async move {
+                let left = reconcile(usage.as_ref(), user_id, pending).await;
+                (hand_back(usage.as_ref(), user_id, returns).await, left)
+            }
+            .into_actor(self)
+            .map(|(failed, left), act, _| {
+                act.unreturned.extend(failed);
+                act.unreconciled.extend(left);
+            }),
         ))
     }
 }
