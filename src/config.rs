@@ -257,6 +257,12 @@ pub struct ServerSettings {
     /// takes the node out of rotation meanwhile).
     #[serde(default)]
     pub drain_secs: u64,
+    /// An idle keep-alive connection is closed after this many seconds. Longer
+    /// than a load balancer's idle timeout (60 s on the common ones), so the
+    /// balancer, not the server, closes idle connections: a server closing one
+    /// just as the balancer reuses it fails that request.
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
     /// Behind a load balancer: the header it sets with the client's address (for
     /// example `X-Forwarded-For`; its last entry is taken). Empty: the peer address.
     #[serde(default)]
@@ -269,6 +275,10 @@ pub struct ServerSettings {
 
 fn default_true() -> bool {
     true
+}
+
+fn default_keep_alive_secs() -> u64 {
+    75
 }
 
 fn default_index_reconcile_secs() -> u64 {

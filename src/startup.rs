@@ -276,7 +276,8 @@ impl Application {
                 .configure(http::configure(app_state.clone()))
         })
         .shutdown_timeout(settings.server.shutdown_timeout_secs)
-        .client_request_timeout(Duration::from_secs(30));
+        .client_request_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(settings.server.keep_alive_secs.max(1)));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }

@@ -362,3 +362,63 @@ async fn health_ready_openapi_and_docs_are_served() {
     assert!(docs.text().await.expect("html").contains("swagger"));
     assert_eq!(app.get("/docs", None).await.status(), StatusCode::PERMANENT_REDIRECT);
 }
+
+/// One request over a raw connection: its status line, after the whole response
+/// (headers and `Content-Length` body) was read. None: the server closed it.
+async fn request_on(conn: &mut tokio::net::TcpStream, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                return head.lines().next().map(str::to_string);
+            }
+        }
+        let n = conn.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// An idle keep-alive connection stays open for `server.keep_alive_secs` (75 s by
+/// default, above a load balancer's usual 60 s idle timeout), so a pooled
+/// connection reused after a few idle seconds is answered, not cut; a short
+/// setting closes it.
+#[actix_web::test]
+async fn idle_keep_alive_connections_last_as_configured() {
+    let app = TestApp::spawn().await;
+    let addr = app.address.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let first = request_on(&mut conn, "/health").await.expect("first answer");
+    assert!(first.contains("200"), "{first}");
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let again = request_on(&mut conn, "/health").await;
+    assert!(
+        again.as_deref().is_some_and(|l| l.contains("200")),
+        "a connection idle for 6 s was closed: {again:?}"
+    );
+
+    let mut settings = crate::helpers::test_settings(&crate::helpers::temp_sqlite_url());
+    settings.server.keep_alive_secs = 1;
+    let short = TestApp::spawn_with(settings).await;
+    let addr = short.address.trim_start_matches("http://").to_string();
+    let mut conn = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    assert!(request_on(&mut conn, "/health").await.is_some());
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let after = request_on(&mut conn, "/health").await;
+    assert_eq!(after, None, "keep_alive_secs = 1 kept the connection 3 s");
+}

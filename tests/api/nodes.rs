@@ -509,7 +509,9 @@ async fn a_stream_cut_by_a_killed_node_is_resumed_on_another_and_counted_once() 
     let _ = a.child.wait();
     drop(stream);
 
-    // The client reconnects through node b with the same request.
+    // The client reconnects through node b with the same request, on a new
+    // connection as a client whose connection broke does.
+    let client = reqwest::Client::new();
     let resp = client
         .post(format!("{}/chat/stream", b.base))
         .bearer_auth(&token)
