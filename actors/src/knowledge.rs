@@ -74,6 +74,10 @@ pub struct Document {
     pub title: String,
     /// Where it came from: a file name, a URL, a corpus id.
     pub source: String,
+    /// How it reached the knowledge base: `api` (the JSON route), `upload:<format>`
+    /// (`upload:pdf`, `upload:markdown`, …), `seed` (an administrator's corpus);
+    /// empty for documents stored before this was recorded.
+    pub origin: String,
     /// SHA-256 of the text, hex: the same text is stored once per owner.
     pub content_hash: String,
     /// Bytes of text stored (counted against the storage quota).

@@ -164,8 +164,15 @@ pub struct Hit {
     pub chunk_id: Uuid,
     pub title: String,
     pub content: String,
+    /// The ranking score of the route (BM25, cosine, or the fused value):
+    /// comparable only among the hits of one query.
     pub score: f32,
+    /// How likely the chunk answers the query, 0–1 on the same scale for every
+    /// query (calibrated; above 0.5: more likely an answer than a near miss).
+    pub relevance: f32,
     pub source: String,
+    /// How its document reached the knowledge base (`api`, `upload:<format>`, `seed`).
+    pub source_type: String,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Map<String, Value>,
 }

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use chrono::Utc;
 use ragchat::config::Settings;
+use ragchat::knowledge::calibration::{self, Sample};
 use ragchat::knowledge::chunking::Chunker;
 use ragchat::knowledge::index::{Fusion, HybridIndex, RRF_K, TITLE_BOOST};
 use ragchat::knowledge::ingest::embedding_text;
@@ -35,6 +36,10 @@ pub enum EvalTarget {
         /// Also score hybrid under a grid of fusion settings (tuning).
         #[arg(long)]
         fusion_grid: bool,
+        /// Also fit the calibrated relevance (logistic weights per route) on
+        /// these queries and report how well it separates relevant documents.
+        #[arg(long)]
+        calibrate: bool,
     },
 }
 
@@ -46,11 +51,13 @@ pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
             max_queries,
             cache,
             fusion_grid,
+            calibrate,
         } => {
             let opts = EvalOptions {
                 max_queries,
                 cache,
                 fusion_grid,
+                calibrate,
             };
             beir(&settings, &data, &split, opts).await?;
         }
@@ -179,6 +186,8 @@ pub struct EvalOptions {
     pub cache: Option<std::path::PathBuf>,
     /// Also score hybrid with other fusion settings.
     pub fusion_grid: bool,
+    /// Also fit the relevance calibration (see `knowledge::calibration`).
+    pub calibrate: bool,
 }
 
 pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptions) -> anyhow::Result<String> {
@@ -223,6 +232,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                 owner: Owner::Global,
                 title: c.title.clone(),
                 source: c.id.clone(),
+                origin: "seed".into(),
                 content_hash: String::new(),
                 size_bytes: c.text.len() as u64,
                 metadata: serde_json::Map::new(),
@@ -377,6 +387,65 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             recall / n,
             mrr / n
         );
+        print!("{line}");
+        out.push_str(&line);
+    }
+    if opts.calibrate {
+        index.set_fusion(Fusion::default());
+        index.set_title_boost(TITLE_BOOST);
+        let mut samples = Vec::new();
+        for (q, v) in judged.iter().zip(&q_vectors) {
+            let rel = &qrels[&q.id];
+            for (doc, cos, bm25) in index.candidate_features(&q.text, v, &reader, &Filters::new(), 100)? {
+                let relevant = corpus_of.get(&doc).and_then(|d| rel.get(d)).is_some_and(|&g| g > 0.0);
+                samples.push(Sample { cos, bm25, relevant });
+            }
+        }
+        let text_only: Vec<Sample> = samples.iter().copied().filter(|s| s.bm25 > 0.0).collect();
+        let positives = samples.iter().filter(|s| s.relevant).count();
+        line = format!(
+            "\ncalibration: {} candidates (top 100 of each route), {positives} judged relevant\n\
+             {:<8} {:>8} {:>8} {:>8}   {:>6} {:>9} {:>9}\n",
+            samples.len(),
+            "model",
+            "cos",
+            "ln1p(bm25)",
+            "bias",
+            "AUC",
+            "rel>0.5",
+            "other<0.5"
+        );
+        for (name, set, current, use_cos, use_text) in [
+            ("vector", &samples, calibration::VECTOR, true, false),
+            ("text", &text_only, calibration::TEXT, false, true),
+            ("hybrid", &samples, calibration::HYBRID, true, true),
+        ] {
+            let fitted = calibration::fit(set, use_cos, use_text);
+            for (which, m) in [("fitted", fitted), ("in use", current)] {
+                let scored: Vec<(f32, bool)> = set
+                    .iter()
+                    .map(|s| {
+                        let cos = use_cos.then_some(s.cos);
+                        let bm25 = use_text.then_some(s.bm25);
+                        (m.relevance(cos, bm25), s.relevant)
+                    })
+                    .collect();
+                let share = |want: bool, above: bool| {
+                    let of: Vec<f32> = scored.iter().filter(|x| x.1 == want).map(|x| x.0).collect();
+                    of.iter().filter(|&&r| (r > 0.5) == above).count() as f64 / of.len().max(1) as f64
+                };
+                line.push_str(&format!(
+                    "{:<8} {:>8.3} {:>8.3} {:>8.3}   {:>6.3} {:>9.3} {:>9.3}   ({which})\n",
+                    name,
+                    m.cos,
+                    m.text,
+                    m.bias,
+                    calibration::auc(&scored),
+                    share(true, true),
+                    share(false, false)
+                ));
+            }
+        }
         print!("{line}");
         out.push_str(&line);
     }

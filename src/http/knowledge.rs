@@ -96,6 +96,8 @@ pub struct DocumentView {
     pub id: Uuid,
     pub title: String,
     pub source: String,
+    /// How it reached the knowledge base: `api`, `upload:<format>` or `seed`.
+    pub source_type: String,
     pub visibility: Visibility,
     pub size_bytes: u64,
     pub chunk_count: u32,
@@ -113,6 +115,7 @@ fn view(d: Document, duplicate: bool) -> DocumentView {
         id: d.id,
         title: d.title,
         source: d.source,
+        source_type: d.origin,
         visibility: match d.owner {
             Owner::User(_) => Visibility::Private,
             Owner::Organization(_) => Visibility::Organization,
@@ -247,6 +250,7 @@ pub async fn create_document(
         title: body.title,
         content: body.content,
         source: body.source.unwrap_or_default(),
+        origin: "api".into(),
         metadata: body.metadata.unwrap_or_default(),
     };
     validate(&mut doc, DocLimits::of(&state.settings.knowledge))?;
@@ -397,6 +401,7 @@ pub async fn upload_document(
             },
             content: e.content,
             source: source.clone().unwrap_or(e.source),
+            origin: format!("upload:{}", format.name()),
             metadata: meta,
         };
         validate(&mut d, DocLimits::of(k)).map_err(|err| match err {

@@ -89,6 +89,17 @@ pub enum Format {
 pub const SUPPORTED: &str = ".txt, .md, .html, .pdf, .jsonl";
 
 impl Format {
+    /// Its name in a document's origin (`upload:<name>`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Text => "text",
+            Format::Markdown => "markdown",
+            Format::Html => "html",
+            Format::Pdf => "pdf",
+            Format::JsonLines => "jsonl",
+        }
+    }
+
     /// By file extension, then by the part's content type.
     pub fn detect(filename: &str, content_type: Option<&str>) -> Result<Format, FormatError> {
         let ext = Path::new(filename)

@@ -17,6 +17,7 @@ use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions,
 use tantivy::{doc, Index, IndexReader, IndexWriter, Term};
 use uuid::Uuid;
 
+use super::calibration;
 use super::hnsw::{Hnsw, HnswConfig};
 
 /// Reciprocal rank fusion constant (Cormack et al.; the usual 60).
@@ -34,7 +35,7 @@ const REBUILD_DELETED: usize = 10_000;
 const COMPACT_REMOVED: usize = 256;
 const NO_NODE: u32 = u32::MAX;
 /// Version of the snapshot `save` writes.
-const SNAPSHOT_FORMAT: u32 = 1;
+const SNAPSHOT_FORMAT: u32 = 2;
 
 /// How `hybrid` merges the vector and text rankings (each `depth` long).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -86,6 +87,7 @@ struct DocInfo {
     owner: Owner,
     title: String,
     source: String,
+    origin: String,
     metadata: serde_json::Map<String, Value>,
 }
 
@@ -184,6 +186,7 @@ impl HybridIndex {
             owner: doc.owner,
             title: doc.title.clone(),
             source: doc.source.clone(),
+            origin: doc.origin.clone(),
             metadata: doc.metadata.clone(),
         });
         let mut slots = Vec::with_capacity(chunks.len());
@@ -322,7 +325,7 @@ impl HybridIndex {
         for e in self.slots.iter().flatten() {
             let line = serde_json::json!({
                 "c": e.chunk_id, "d": e.doc.id, "o": e.doc.owner.to_string(), "t": e.doc.title,
-                "s": e.doc.source, "x": e.content, "m": e.doc.metadata, "n": e.node,
+                "s": e.doc.source, "g": e.doc.origin, "x": e.content, "m": e.doc.metadata, "n": e.node,
             });
             serde_json::to_writer(&mut entries, &line).map_err(index_error)?;
             entries.write_all(b"\n").map_err(index_error)?;
@@ -403,6 +406,7 @@ impl HybridIndex {
             o: String,
             t: String,
             s: String,
+            g: String,
             x: String,
             m: serde_json::Map<String, Value>,
             n: u32,
@@ -437,6 +441,7 @@ impl HybridIndex {
                         owner,
                         title: e.t,
                         source: e.s,
+                        origin: e.g,
                         metadata: e.m,
                     })
                 })
@@ -638,34 +643,87 @@ impl HybridIndex {
         filters: &Filters,
         top_k: usize,
     ) -> Result<Vec<Hit>, IndexError> {
+        // BM25 of the chunks the text route scored (for calibrated relevance).
+        let mut bm25: Option<HashMap<usize, f32>> = None;
         let ranked = match (route.resolve(query), embedding) {
-            (Route::Text, _) => self.text(query, reader, filters, top_k)?,
+            (Route::Text, _) => {
+                let text = self.text(query, reader, filters, top_k)?;
+                bm25 = Some(text.iter().copied().collect());
+                text
+            }
             (Route::Vector, Some(e)) => self.vector_search(e, reader, filters, top_k),
             (Route::Hybrid, Some(e)) => {
                 let depth = (top_k * 10).max(100);
                 let vector = self.vector_search(e, reader, filters, depth);
                 let text = self.text(query, reader, filters, depth)?;
                 let mut v = self.fusion.fuse(&vector, &text);
+                bm25 = Some(text.into_iter().collect());
                 top(&mut v, top_k);
                 v
             }
             _ => return Err(IndexError("this route needs the query's embedding".into())),
         };
+        let model = match (embedding.is_some(), bm25.is_some()) {
+            (true, true) => calibration::HYBRID,
+            (true, false) => calibration::VECTOR,
+            _ => calibration::TEXT,
+        };
         Ok(ranked
             .into_iter()
             .filter_map(|(slot, score)| {
                 let e = self.slots.get(slot)?.as_ref()?;
+                let cos = embedding.and_then(|q| self.cosine(slot, q));
+                // Absent from the text route's candidates: no term weight to speak of.
+                let text = bm25.as_ref().map(|m| m.get(&slot).copied().unwrap_or(0.0));
                 Some(Hit {
                     document_id: e.doc.id,
                     chunk_id: e.chunk_id,
                     title: e.doc.title.clone(),
                     content: e.content.clone(),
                     score,
+                    relevance: model.relevance(cos, text),
                     source: e.doc.source.clone(),
+                    source_type: e.doc.origin.clone(),
                     metadata: e.doc.metadata.clone(),
                 })
             })
             .collect())
+    }
+
+    /// The cosine of a chunk's embedding with the query's (None without one).
+    fn cosine(&self, slot: usize, query: &[f32]) -> Option<f32> {
+        let e = self.slots.get(slot)?.as_ref()?;
+        let graph = self.graph.as_ref().filter(|g| g.dim() == query.len())?;
+        (e.node != NO_NODE).then(|| crate::inference::fast::dot(query, graph.vector(e.node)))
+    }
+
+    /// The features of calibrated relevance for the candidates of a query (the
+    /// `depth` best of each route), per document (its best chunk on each):
+    /// (document, cosine, BM25 or 0 when the text route did not find it).
+    /// For fitting the calibration (`ragchat eval beir --calibrate`).
+    pub fn candidate_features(
+        &self,
+        query: &str,
+        embedding: &[f32],
+        reader: &Reader,
+        filters: &Filters,
+        depth: usize,
+    ) -> Result<Vec<(Uuid, f32, f32)>, IndexError> {
+        let vector = self.vector_search(embedding, reader, filters, depth);
+        let text = self.text(query, reader, filters, depth)?;
+        let bm25: HashMap<usize, f32> = text.iter().copied().collect();
+        let mut per_doc: HashMap<Uuid, (f32, f32)> = HashMap::new();
+        for slot in vector.iter().chain(&text).map(|x| x.0) {
+            let Some(e) = self.slots.get(slot).and_then(Option::as_ref) else {
+                continue;
+            };
+            let cos = self.cosine(slot, embedding).unwrap_or(0.0);
+            let s = bm25.get(&slot).copied().unwrap_or(0.0);
+            let best = per_doc.entry(e.doc.id).or_insert((f32::NEG_INFINITY, 0.0));
+            best.0 = best.0.max(cos);
+            best.1 = best.1.max(s);
+        }
+        Ok(per_doc.into_iter().map(|(d, (c, s))| (d, c, s)).collect())
     }
 }
 
@@ -708,6 +766,7 @@ pub(crate) mod tests {
             owner,
             title: title.into(),
             source: "t".into(),
+            origin: "api".into(),
             content_hash: id.to_string(),
             size_bytes: 1,
             metadata: meta.as_object().cloned().unwrap_or_default(),

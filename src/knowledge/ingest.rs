@@ -26,6 +26,8 @@ pub struct NewDoc {
     pub title: String,
     pub content: String,
     pub source: String,
+    /// `api`, `upload:<format>` or `seed` (see `Document::origin`).
+    pub origin: String,
     pub metadata: Map<String, Value>,
 }
 
@@ -166,7 +168,7 @@ enum Place {
     /// New: its index in `Triage::new`.
     New(usize),
     /// Already stored.
-    Stored(Document),
+    Stored(Box<Document>),
     /// The same text as the new document at this index of `Triage::new`.
     Repeat(usize),
 }
@@ -223,7 +225,7 @@ impl Ingestor {
             let place = if let Some(&earlier) = seen.get(&(d.owner, hash.clone())) {
                 Place::Repeat(earlier)
             } else if let Some(existing) = self.documents.document_by_hash(&d.owner, &hash).await? {
-                Place::Stored(existing)
+                Place::Stored(Box::new(existing))
             } else {
                 seen.insert((d.owner, hash.clone()), t.new.len());
                 t.new.push((d, hash));
@@ -283,6 +285,7 @@ impl Ingestor {
                 owner: d.owner,
                 title: d.title,
                 source: d.source,
+                origin: d.origin,
                 content_hash: hash.clone(),
                 size_bytes: d.content.len() as u64,
                 metadata: d.metadata,
@@ -331,7 +334,7 @@ impl Ingestor {
             .into_iter()
             .filter_map(|p| match p {
                 Place::New(j) => new_outcomes.get(j).cloned(),
-                Place::Stored(d) => Some(Outcome::Duplicate(d)),
+                Place::Stored(d) => Some(Outcome::Duplicate(*d)),
                 Place::Repeat(j) => new_outcomes.get(j).map(|o| Outcome::Duplicate(o.document().clone())),
             })
             .collect())

@@ -1,6 +1,7 @@
 //! The knowledge base: chunking, the in-process search index, and the retrieval
 //! actor that owns it.
 
+pub mod calibration;
 pub mod chunking;
 pub mod formats;
 pub mod hnsw;

@@ -254,6 +254,7 @@ async fn seed(
                 title: e.title.clone(),
                 content: e.content.clone(),
                 source: e.source.clone(),
+                origin: "seed".into(),
                 metadata: e.metadata.clone(),
             };
             match validate(&mut d, limits) {

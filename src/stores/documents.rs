@@ -47,7 +47,8 @@ impl SqliteDocumentStore {
     }
 }
 
-const DOC_COLUMNS: &str = "id, owner, title, source, content_hash, size_bytes, metadata, chunk_count, created_at";
+const DOC_COLUMNS: &str =
+    "id, owner, title, source, content_hash, size_bytes, metadata, chunk_count, created_at, origin";
 
 fn sqlite_document(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Document> {
     let owner: String = row.try_get("owner").map_err(store_error)?;
@@ -59,6 +60,7 @@ fn sqlite_document(row: &sqlx::sqlite::SqliteRow) -> StoreResult<Document> {
         owner: owner.parse().map_err(|_| bad_row("owner"))?,
         title: row.try_get("title").map_err(store_error)?,
         source: row.try_get("source").map_err(store_error)?,
+        origin: row.try_get("origin").map_err(store_error)?,
         content_hash: row.try_get("content_hash").map_err(store_error)?,
         size_bytes: u64::try_from(size).map_err(|_| bad_row("size"))?,
         metadata: metadata.0,
@@ -125,7 +127,7 @@ impl DocumentStore for SqliteDocumentStore {
     async fn insert_document(&self, d: &Document, chunks: &[Chunk]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(store_error)?;
         sqlx::query(&format!(
-            "INSERT INTO documents ({DOC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            "INSERT INTO documents ({DOC_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
         ))
         .bind(d.id)
         .bind(d.owner.to_string())
@@ -136,6 +138,7 @@ impl DocumentStore for SqliteDocumentStore {
         .bind(Json(&d.metadata))
         .bind(i64::from(d.chunk_count))
         .bind(d.created_at)
+        .bind(&d.origin)
         .execute(&mut *tx)
         .await
         .map_err(store_error)?;
@@ -590,6 +593,7 @@ fn to_bson_doc(d: &Document) -> StoreResult<BsonDoc> {
         "owner": d.owner.to_string(),
         "title": &d.title,
         "source": &d.source,
+        "origin": &d.origin,
         "content_hash": &d.content_hash,
         "size_bytes": i64::try_from(d.size_bytes).map_err(|_| StoreError::Internal("document too large".into()))?,
         "metadata": metadata,
@@ -622,6 +626,8 @@ fn from_bson_doc(b: &BsonDoc) -> StoreResult<Document> {
         owner: text("owner")?.parse().map_err(|_| bad_row("owner"))?,
         title: text("title")?,
         source: text("source")?,
+        // Absent on documents stored before origins were recorded.
+        origin: b.get_str("origin").unwrap_or_default().to_string(),
         content_hash: text("content_hash")?,
         size_bytes: u64::try_from(int("size_bytes")?).map_err(|_| bad_row("size"))?,
         metadata,

@@ -86,8 +86,24 @@ async fn messages_are_answered_from_the_knowledge_base_and_kept_per_user() {
         "the best source first: {r}"
     );
     assert!(r["sources"][0]["excerpt"].as_str().expect("excerpt").contains("7431"));
+    // Stored through the JSON route: its origin is the API.
+    assert_eq!(r["sources"][0]["source_type"], "api", "{r}");
     assert!(r["answer"].as_str().is_some_and(|a| !a.is_empty()));
-    assert!(r["confidence"].as_f64().is_some_and(|c| c > 0.0 && c <= 1.0));
+    // Calibrated relevance: the answering source above 0.5, the others below.
+    let sources = r["sources"].as_array().expect("sources");
+    assert!(
+        sources[0]["relevance_score"]
+            .as_f64()
+            .is_some_and(|s| s > 0.5 && s <= 1.0),
+        "{r}"
+    );
+    assert!(
+        sources[1..]
+            .iter()
+            .all(|s| s["relevance_score"].as_f64().is_some_and(|s| (0.0..0.5).contains(&s))),
+        "{r}"
+    );
+    assert!(r["confidence"].as_f64().is_some_and(|c| c > 0.5 && c <= 1.0), "{r}");
     assert_eq!(r["retrieval_route"], "hybrid");
     assert!(r["tokens_used"].as_u64().is_some_and(|t| t > 20));
     assert_eq!(r["subscription_plan"], "free");

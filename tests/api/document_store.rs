@@ -74,6 +74,7 @@ fn document(owner: Owner, text: &str, age_s: i64) -> (Document, Vec<Chunk>) {
         owner,
         title: format!("About {}", &text[..text.len().min(12)]),
         source: "test.txt".into(),
+        origin: "upload:text".into(),
         content_hash: format!("{:x}", md5ish(text)),
         size_bytes: text.len() as u64,
         metadata: json!({"lang": "en", "year": 2024, "tags": ["a", "b"]})

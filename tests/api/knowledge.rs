@@ -277,6 +277,54 @@ async fn documents_are_private_to_their_owners_and_searchable_by_every_route() {
     assert_eq!(ids(&hits).first().map(String::as_str), volcano["id"].as_str());
 }
 
+/// Relevance is on one scale for every query: the one document that answers a
+/// question scores above 0.5 even when it is the only candidate (a min–max
+/// normalisation gave it 0), and an unrelated one scores below 0.5.
+#[actix_web::test]
+async fn the_answering_source_scores_above_half_and_an_unrelated_one_below() {
+    let Some(dir) = models_dir() else { return };
+    let app = TestApp::spawn_with(model_settings(&dir)).await;
+    let dana = member(&app, "dana@example.com", None).await;
+    let light = add(
+        &app,
+        &dana,
+        json!({"title": "Varnholm", "content": "The lighthouse of Varnholm was completed in the year 6505. \
+               Its lamp is visible for forty kilometres on a clear night.", "source": "lighthouse.txt"}),
+    )
+    .await;
+    assert_eq!(light["source_type"], "api", "{light}");
+    let question = "In which year was the lighthouse of Varnholm completed?";
+    let relevance = |hits: &[Value], id: &Value| {
+        hits.iter()
+            .find(|h| h["document_id"] == *id)
+            .and_then(|h| h["relevance"].as_f64())
+    };
+    for route in ["hybrid", "vector"] {
+        let hits = search(&app, &dana, json!({"query": question, "route": route})).await;
+        assert_eq!(hits.len(), 1, "{hits:?}");
+        let r = relevance(&hits, &light["id"]).expect("relevance");
+        assert!(r > 0.5 && r <= 1.0, "route {route}: the only, answering source: {r}");
+        assert_eq!(
+            (&hits[0]["source"], &hits[0]["source_type"]),
+            (&json!("lighthouse.txt"), &json!("api"))
+        );
+    }
+    let volcano = add(&app, &dana, json!({"title": "Volcanoes", "content": VOLCANO})).await;
+    for route in ["hybrid", "vector"] {
+        let hits = search(&app, &dana, json!({"query": question, "route": route})).await;
+        assert_eq!(hits.len(), 2, "{hits:?}");
+        assert_eq!(hits[0]["document_id"], light["id"]);
+        let (answer, other) = (
+            relevance(&hits, &light["id"]).expect("relevance"),
+            relevance(&hits, &volcano["id"]).expect("relevance"),
+        );
+        assert!(
+            answer > 0.5 && (0.0..0.5).contains(&other),
+            "route {route}: {answer} vs {other}"
+        );
+    }
+}
+
 fn ids_of(items: &[Value]) -> Vec<Value> {
     items.iter().map(|i| i["id"].clone()).collect()
 }

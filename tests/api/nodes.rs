@@ -294,6 +294,7 @@ async fn a_change_reaches_the_other_node_within_2_s_and_a_stopped_node_catches_u
             owner: Owner::Global,
             title: format!("Feed {w}"),
             source: "feed-test".into(),
+            origin: "api".into(),
             content_hash: format!("feed-{tag}-{i}"),
             size_bytes: content.len() as u64,
             metadata: Default::default(),

@@ -188,6 +188,14 @@ async fn total(app: &TestApp, token: &str) -> u64 {
 }
 
 async fn top_title(app: &TestApp, token: &str, query: &str) -> String {
+    top_hit(app, token, query).await["title"]
+        .as_str()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// The best hit of a hybrid search (null when there is none).
+async fn top_hit(app: &TestApp, token: &str, query: &str) -> Value {
     let v = expect(
         app.post_json(
             "/knowledge/search",
@@ -198,7 +206,7 @@ async fn top_title(app: &TestApp, token: &str, query: &str) -> String {
         StatusCode::OK,
     )
     .await;
-    v["results"][0]["title"].as_str().unwrap_or("").to_string()
+    v["results"][0].clone()
 }
 
 #[actix_web::test]
@@ -249,6 +257,14 @@ async fn uploads_in_every_format_are_searchable_and_bad_files_store_nothing() {
         );
         assert_eq!(v["documents"][0]["title"], *title, "{name}");
         assert_eq!(v["documents"][0]["source"], *name);
+        let format = match name.rsplit('.').next() {
+            Some("md") => "markdown",
+            Some("txt") => "text",
+            Some(ext) => ext,
+            None => "",
+        };
+        // Where it came from: an upload, and in which format.
+        assert_eq!(v["documents"][0]["source_type"], format!("upload:{format}"), "{name}");
     }
     // JSON Lines: several documents, metadata and form fields kept.
     let jsonl = b"{\"_id\": \"d1\", \"title\": \"Penguins\", \"text\": \"Emperor penguins huddle to survive the Antarctic winter.\", \"metadata\": {\"year\": 2020}}\n{\"_id\": \"d2\", \"title\": \"Owls\", \"text\": \"Owls hunt at night with silent flight feathers.\"}\n";
@@ -267,6 +283,7 @@ async fn uploads_in_every_format_are_searchable_and_bad_files_store_nothing() {
     assert_eq!(v["created"], 2, "{v}");
     assert_eq!(v["documents"][0]["source"], "d1");
     assert_eq!(v["documents"][0]["metadata"], json!({"year": 2020, "topic": "birds"}));
+    assert_eq!(v["documents"][0]["source_type"], "upload:jsonl");
     // The same file again: nothing new.
     let v = expect(
         upload(&app, &alice, "birds.jsonl", jsonl.to_vec(), &[]).await,
@@ -279,7 +296,12 @@ async fn uploads_in_every_format_are_searchable_and_bad_files_store_nothing() {
         "{v}"
     );
     for (name, _, title, query) in &files {
-        assert_eq!(top_title(&app, &alice, query).await, *title, "{name}");
+        let hit = top_hit(&app, &alice, query).await;
+        assert_eq!(hit["title"], *title, "{name}");
+        assert!(
+            hit["source_type"].as_str().is_some_and(|t| t.starts_with("upload:")),
+            "{hit}"
+        );
     }
     assert_eq!(
         top_title(&app, &alice, "penguins in the antarctic winter").await,
@@ -549,7 +571,12 @@ async fn admins_seed_a_corpus_in_the_background_and_the_cli_seeds_the_store() {
     );
     assert!(s["errors"][0].as_str().is_some_and(|e| e.contains("bad.txt")), "{s}");
     assert!(s["indexed_chunks"].as_u64() >= Some(2), "{s}");
-    assert_eq!(top_title(&app, &user, "how does magma erupt").await, "Volcanoes");
+    let hit = top_hit(&app, &user, "how does magma erupt").await;
+    assert_eq!(
+        (&hit["title"], &hit["source_type"]),
+        (&json!("Volcanoes"), &json!("seed")),
+        "{hit}"
+    );
     // Again: all duplicates. With clear_existing and a BEIR file: replaced.
     let s = expect(
         app.post_json(

@@ -103,9 +103,15 @@ pub struct SourceView {
     pub document_id: Uuid,
     pub title: String,
     pub excerpt: String,
+    /// How likely the source answers the question, 0–1 on one scale for every
+    /// question (calibrated relevance; docs/ARCHITECTURE.md, "Relevance").
     pub relevance_score: f32,
-    /// Where the document came from (its `source`: upload, seed file, …).
+    /// How the document reached the knowledge base: `api`, `upload:<format>`
+    /// (`upload:pdf`, …) or `seed`.
     pub source_type: String,
+    /// The document's own source (a file name, a URL, a corpus id).
+    #[serde(default)]
+    pub source: String,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -120,7 +126,7 @@ pub struct ChatResponse {
     pub session_id: Uuid,
     pub message_id: Uuid,
     pub answer: String,
-    /// The best source's relevance (0 to 1); 0 when no source was used.
+    /// The highest relevance among the sources used (0 to 1); 0 when none was.
     pub confidence: f32,
     /// "rag_enhanced" when sources went into the prompt, else "generation_only".
     pub response_type: String,
@@ -369,8 +375,9 @@ impl ChatService {
                 document_id: h.document_id,
                 title: h.title.clone(),
                 excerpt: excerpt(&h.content, limits.excerpt_chars),
-                relevance_score: h.score,
-                source_type: h.source.clone(),
+                relevance_score: h.relevance,
+                source_type: h.source_type.clone(),
+                source: h.source.clone(),
             })
             .collect();
         let debug = req.debug_mode.then(|| {
@@ -772,7 +779,11 @@ async fn complete(
     text: String,
     done: Finish,
 ) -> ChatResponse {
-    let confidence = meta.sources.first().map_or(0.0, |s| s.relevance_score.clamp(0.0, 1.0));
+    let confidence = meta
+        .sources
+        .iter()
+        .map(|s| s.relevance_score.clamp(0.0, 1.0))
+        .fold(0.0f32, f32::max);
     let context_used = !meta.sources.is_empty();
     let response_type = if context_used {
         "rag_enhanced"

@@ -148,6 +148,7 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
             owner: Owner::Global,
             title: word(t.keywords[0]),
             source: String::new(),
+            origin: "seed".into(),
             content_hash: String::new(),
             size_bytes: 0,
             metadata: json!({"bucket": made / per_doc % 10})

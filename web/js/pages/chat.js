@@ -204,7 +204,8 @@ export async function render(main, ctx) {
       h('p.excerpt', {}, s.excerpt || ''),
       h('p.muted.small', {},
         `Relevance ${(s.relevance_score || 0).toFixed(2)}`,
-        s.source_type ? ` · ${s.source_type}` : ''))));
+        s.source_type ? ` · ${s.source_type}` : '',
+        s.source ? ` · ${s.source}` : ''))));
     if (n) {
       const item = document.getElementById(`source-${n}`);
       if (item) {

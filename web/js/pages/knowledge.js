@@ -149,7 +149,9 @@ export async function render(main, ctx) {
         ? data.results.map((r) => h('li', {},
           h('p.source-title', {}, r.title || 'Untitled'),
           h('p.excerpt', {}, r.content.length > 400 ? `${r.content.slice(0, 400)}…` : r.content),
-          h('p.muted.small', {}, `score ${r.score.toFixed(3)}`)))
+          h('p.muted.small', {}, `relevance ${(r.relevance ?? 0).toFixed(2)}`,
+            r.source_type ? ` · ${r.source_type}` : '',
+            r.source ? ` · ${r.source}` : '')))
         : h('li.muted', {}, 'Nothing found.'));
     } catch (err) {
       replace(results, h('li.error', { role: 'alert' }, api.describe(err)));
