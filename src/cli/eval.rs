@@ -10,7 +10,7 @@ use chrono::Utc;
 use ragchat::config::Settings;
 use ragchat::knowledge::calibration::{self, Sample};
 use ragchat::knowledge::chunking::Chunker;
-use ragchat::knowledge::index::{Fusion, HybridIndex, RRF_K, TITLE_BOOST};
+use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, RRF_K, TITLE_BOOST};
 use ragchat::knowledge::ingest::embedding_text;
 use ragchat_actors::inference::Embedder;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
@@ -40,6 +40,13 @@ pub enum EvalTarget {
         /// these queries and report how well it separates relevant documents.
         #[arg(long)]
         calibrate: bool,
+        /// Also score ranking levers (logistic fusion, pseudo-relevance feedback).
+        #[arg(long)]
+        levers: bool,
+        /// Split the queries into this many folds (query i in fold i mod N): each
+        /// run's nDCG@10 per fold, and a cross-validated choice among the runs.
+        #[arg(long, default_value_t = 0)]
+        folds: usize,
     },
 }
 
@@ -52,12 +59,16 @@ pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
             cache,
             fusion_grid,
             calibrate,
+            levers,
+            folds,
         } => {
             let opts = EvalOptions {
                 max_queries,
                 cache,
                 fusion_grid,
                 calibrate,
+                levers,
+                folds,
             };
             beir(&settings, &data, &split, opts).await?;
         }
@@ -188,6 +199,10 @@ pub struct EvalOptions {
     pub fusion_grid: bool,
     /// Also fit the relevance calibration (see `knowledge::calibration`).
     pub calibrate: bool,
+    /// Also score logistic fusion and pseudo-relevance feedback.
+    pub levers: bool,
+    /// Folds for per-fold figures and a cross-validated choice (0, 1: none).
+    pub folds: usize,
 }
 
 pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptions) -> anyhow::Result<String> {
@@ -332,6 +347,32 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         .into_iter()
         .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), TITLE_BOOST))
         .collect();
+    // Pseudo-relevance feedback per run (None: off).
+    let mut prfs: Vec<Option<Prf>> = vec![None; runs.len()];
+    if opts.levers {
+        let h = calibration::HYBRID;
+        for w in [1.0, 2.0, 3.0, 4.0, 6.0] {
+            runs.push((
+                format!("logistic text×{w}"),
+                Route::Hybrid,
+                Fusion::Logistic {
+                    cos: h.cos as f32,
+                    text: (h.text * w) as f32,
+                },
+                TITLE_BOOST,
+            ));
+            prfs.push(None);
+        }
+        for (docs, weight) in [(3, 0.3), (3, 0.6), (5, 0.3), (5, 0.6), (10, 0.5)] {
+            for (route, fusion, label) in [
+                (Route::Vector, Fusion::default(), "vector"),
+                (Route::Hybrid, Fusion::default(), "hybrid"),
+            ] {
+                runs.push((format!("{label} + prf {docs}×{weight}"), route, fusion, TITLE_BOOST));
+                prfs.push(Some(Prf { docs, weight }));
+            }
+        }
+    }
     if opts.fusion_grid {
         for k in [10.0, 30.0, RRF_K, 100.0] {
             for w in [0.7, 1.0, 1.4] {
@@ -360,9 +401,13 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             }
         }
     }
-    for (name, route, fusion, boost) in runs {
+    // Per run: its name and each query's nDCG@10 (for the folds).
+    let mut per_query: Vec<(String, Vec<f64>)> = Vec::new();
+    for ((name, route, fusion, boost), prf) in runs.into_iter().zip(prfs.into_iter().chain(std::iter::repeat(None))) {
         index.set_fusion(fusion);
         index.set_title_boost(boost);
+        index.set_prf(prf);
+        let mut each = Vec::with_capacity(judged.len());
         let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
         let started = Instant::now();
         for (q, v) in judged.iter().zip(&q_vectors) {
@@ -375,7 +420,9 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                 .cloned()
                 .collect();
             let rel = &qrels[&q.id];
-            ndcg += ndcg_at(&ranked, rel, 10);
+            let n10 = ndcg_at(&ranked, rel, 10);
+            each.push(n10);
+            ndcg += n10;
             recall += recall_at(&ranked, rel, 100);
             mrr += mrr_at(&ranked, rel, 10);
         }
@@ -387,6 +434,13 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             recall / n,
             mrr / n
         );
+        print!("{line}");
+        out.push_str(&line);
+        per_query.push((name, each));
+    }
+    index.set_prf(None);
+    if opts.folds > 1 {
+        line = folds_report(&per_query, opts.folds);
         print!("{line}");
         out.push_str(&line);
     }
@@ -452,6 +506,67 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     Ok(out)
 }
 
+/// Mean of the values of fold `f` of `k` (query i in fold i mod k), or of all
+/// the other folds when `held_out`.
+fn fold_mean(values: &[f64], k: usize, f: usize, held_out: bool) -> f64 {
+    let (sum, n) = values
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| (i % k == f) != held_out)
+        .fold((0.0, 0usize), |(s, n), (_, v)| (s + v, n + 1));
+    sum / n.max(1) as f64
+}
+
+/// Per run: nDCG@10 on each of `k` folds, their mean and spread, and in how many
+/// folds it beats `hybrid` (the default). Then the cross-validated choice: for
+/// each fold, the run best on the other folds, scored on that fold.
+pub fn folds_report(per_query: &[(String, Vec<f64>)], k: usize) -> String {
+    let base = per_query.iter().find(|(n, _)| n == "hybrid").map(|(_, v)| v.clone());
+    let mut out = format!(
+        "
+nDCG@10 over {k} folds (query i in fold i mod {k})
+"
+    );
+    for (name, v) in per_query {
+        let per: Vec<f64> = (0..k).map(|f| fold_mean(v, k, f, false)).collect();
+        let mean = per.iter().sum::<f64>() / k as f64;
+        let sd = (per.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (k as f64 - 1.0).max(1.0)).sqrt();
+        let wins = base.as_ref().map_or(0, |b| {
+            (0..k)
+                .filter(|&f| fold_mean(v, k, f, false) > fold_mean(b, k, f, false))
+                .count()
+        });
+        let folds: Vec<String> = per.iter().map(|x| format!("{x:.3}")).collect();
+        out.push_str(&format!(
+            "  {name:<28} {}   mean {mean:.4} ± {sd:.4}   beats hybrid in {wins}/{k}
+",
+            folds.join(" ")
+        ));
+    }
+    let mut held = Vec::with_capacity(k);
+    for f in 0..k {
+        let best = per_query
+            .iter()
+            .filter(|(n, _)| n != "auto")
+            .max_by(|a, b| fold_mean(&a.1, k, f, true).total_cmp(&fold_mean(&b.1, k, f, true)));
+        if let Some((name, v)) = best {
+            let score = fold_mean(v, k, f, false);
+            out.push_str(&format!(
+                "  fold {}: chosen on the others: {name} → {score:.4}
+",
+                f + 1
+            ));
+            held.push(score);
+        }
+    }
+    let mean = held.iter().sum::<f64>() / held.len().max(1) as f64;
+    out.push_str(&format!(
+        "  cross-validated nDCG@10 of the choice: {mean:.4}
+"
+    ));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,6 +577,23 @@ mod tests {
 
     fn docs(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn folds_score_each_part_and_the_choice_is_scored_on_the_fold_it_did_not_see() {
+        let runs = vec![
+            ("hybrid".to_string(), vec![0.5, 0.5, 0.5, 0.5]),
+            // Perfect on fold 1 (queries 0, 2), useless on fold 2 (queries 1, 3).
+            ("lucky".to_string(), vec![1.0, 0.0, 1.0, 0.0]),
+        ];
+        assert_eq!(fold_mean(&runs[1].1, 2, 0, false), 1.0);
+        assert_eq!(fold_mean(&runs[1].1, 2, 0, true), 0.0);
+        let r = folds_report(&runs, 2);
+        assert!(r.contains("lucky") && r.contains("beats hybrid in 1/2"), "{r}");
+        // Fold 1 is chosen on fold 2 (hybrid: 0.5); fold 2 on fold 1 (lucky: 0.0).
+        assert!(r.contains("fold 1: chosen on the others: hybrid → 0.5000"), "{r}");
+        assert!(r.contains("fold 2: chosen on the others: lucky → 0.0000"), "{r}");
+        assert!(r.contains("cross-validated nDCG@10 of the choice: 0.2500"), "{r}");
     }
 
     #[test]
