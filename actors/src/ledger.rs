@@ -527,7 +527,8 @@ impl BillingLedger {
         self.stats.store_down = failed;
         if failed {
             self.stats.failed_flushes += 1;
-            let first = self.config.flush_interval.max(Duration::from_millis(10));
+            // Never past RETRY_MAX, whatever the flush interval.
+            let first = self.config.flush_interval.clamp(Duration::from_millis(10), RETRY_MAX);
             self.backoff = if self.backoff.is_zero() {
                 first
             } else {

@@ -78,8 +78,11 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     }
     let pg = PrivatePostgres::start();
     let mut settings = test_settings(&pg.url);
-    settings.ledger.flush_interval_ms = 1000; // records wait in memory when PG stops
-                                              // The default `database.acquire_timeout_ms`: the 503 comes within a second.
+    // Records wait in the ledger's memory until the test flushes: a periodic
+    // flush before PostgreSQL stops would store them first (CI: a loaded machine
+    // took over a second for the 15 requests, and all 15 were written).
+    settings.ledger.flush_interval_ms = 600_000;
+    // The default `database.acquire_timeout_ms`: the 503 comes within a second.
     let app = TestApp::spawn_with(settings).await;
     let (id, token) = app.user("ledger@example.com").await;
     let uid = Uuid::parse_str(&id).expect("uuid");
@@ -91,17 +94,25 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
         )
         .await;
     }
+    let mut stats = app.state.ledger.stats().await.expect("ledger");
+    for _ in 0..100 {
+        if stats.buffered == 15 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stats = app.state.ledger.stats().await.expect("ledger");
+    }
+    assert_eq!(stats.buffered, 15, "records in the ledger's memory: {stats:?}");
     // PostgreSQL goes away with the 15 records still in the ledger's memory.
     let out = pg.services("stop");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
-    let mut stats = app.state.ledger.stats().await.expect("ledger");
-    for _ in 0..100 {
-        if stats.spooled == 15 {
-            break;
-        }
+    // A flush cycle with the store down spools them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut stats = app.state.ledger.flush().await.expect("ledger");
+    while stats.spooled != 15 && std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stats = app.state.ledger.stats().await.expect("ledger");
+        stats = app.state.ledger.flush().await.expect("ledger");
     }
     assert_eq!((stats.spooled, stats.buffered), (15, 0), "records spooled: {stats:?}");
     assert!(stats.store_down);
@@ -115,9 +126,10 @@ async fn usage_survives_postgres_stopping_mid_run_and_is_counted_once() {
     let out = pg.services("start");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let mut count = 0;
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        stats = app.state.ledger.stats().await.expect("ledger");
+        stats = app.state.ledger.flush().await.expect("ledger");
         count = app.state.usage.usage_record_count(uid).await.unwrap_or(0);
         if stats.spooled == 0 && count == 15 {
             break;
