@@ -343,12 +343,12 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     for batch in texts.chunks(32) {
         q_vectors.extend(bert.embed(batch)?);
     }
-    let mut runs: Vec<(String, Route, Fusion, f32)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
-        .into_iter()
-        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), TITLE_BOOST))
-        .collect();
-    // Pseudo-relevance feedback per run (None: off).
-    let mut prfs: Vec<Option<Prf>> = vec![None; runs.len()];
+    // (name, route, fusion, title boost, pseudo-relevance feedback).
+    let mut runs: Vec<(String, Route, Fusion, f32, Option<Prf>)> =
+        [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
+            .into_iter()
+            .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), TITLE_BOOST, None))
+            .collect();
     if opts.levers {
         let h = calibration::HYBRID;
         for w in [1.0, 2.0, 3.0, 4.0, 6.0] {
@@ -360,16 +360,22 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     text: (h.text * w) as f32,
                 },
                 TITLE_BOOST,
+                None,
             ));
-            prfs.push(None);
         }
         for (docs, weight) in [(3, 0.3), (3, 0.6), (5, 0.3), (5, 0.6), (10, 0.5)] {
             for (route, fusion, label) in [
                 (Route::Vector, Fusion::default(), "vector"),
                 (Route::Hybrid, Fusion::default(), "hybrid"),
             ] {
-                runs.push((format!("{label} + prf {docs}×{weight}"), route, fusion, TITLE_BOOST));
-                prfs.push(Some(Prf { docs, weight }));
+                let prf = Some(Prf { docs, weight });
+                runs.push((
+                    format!("{label} + prf {docs}×{weight}"),
+                    route,
+                    fusion,
+                    TITLE_BOOST,
+                    prf,
+                ));
             }
         }
     }
@@ -381,6 +387,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     Route::Hybrid,
                     Fusion::Rrf { k, text_weight: w },
                     TITLE_BOOST,
+                    None,
                 ));
             }
         }
@@ -390,6 +397,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                 Route::Text,
                 Fusion::default(),
                 boost,
+                None,
             ));
             for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
                 runs.push((
@@ -397,13 +405,14 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     Route::Hybrid,
                     Fusion::Convex { alpha },
                     boost,
+                    None,
                 ));
             }
         }
     }
     // Per run: its name and each query's nDCG@10 (for the folds).
     let mut per_query: Vec<(String, Vec<f64>)> = Vec::new();
-    for ((name, route, fusion, boost), prf) in runs.into_iter().zip(prfs.into_iter().chain(std::iter::repeat(None))) {
+    for (name, route, fusion, boost, prf) in runs {
         index.set_fusion(fusion);
         index.set_title_boost(boost);
         index.set_prf(prf);
