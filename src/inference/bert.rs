@@ -26,7 +26,7 @@ use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::fast::dot;
-use super::{fast_exp, model_error};
+use super::{exp_in_place, fast_exp, lane_max, model_error};
 
 #[derive(Deserialize)]
 struct Config {
@@ -167,38 +167,6 @@ fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
         for l in 0..16 {
             acc[l] += f(c[l]);
         }
-    }
-    acc.iter().sum::<f32>() + tail
-}
-
-#[inline(always)]
-fn lane_max(x: &[f32]) -> f32 {
-    let mut acc = [f32::NEG_INFINITY; 16];
-    let chunks = x.chunks_exact(16);
-    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
-    for c in chunks {
-        for l in 0..16 {
-            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
-        }
-    }
-    acc.iter().fold(tail, |m, v| m.max(*v))
-}
-
-/// x ← exp(x − max); returns the sum.
-#[inline(always)]
-fn exp_in_place(x: &mut [f32], max: f32) -> f32 {
-    let mut acc = [0f32; 16];
-    let mut chunks = x.chunks_exact_mut(16);
-    for c in chunks.by_ref() {
-        for l in 0..16 {
-            c[l] = fast_exp(c[l] - max);
-            acc[l] += c[l];
-        }
-    }
-    let mut tail = 0.0;
-    for v in chunks.into_remainder() {
-        *v = fast_exp(*v - max);
-        tail += *v;
     }
     acc.iter().sum::<f32>() + tail
 }

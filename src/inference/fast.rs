@@ -13,8 +13,9 @@ use std::ops::Range;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 
-use super::pool::{share, Pool, SyncPtr};
+use super::pool::{Pool, SyncPtr};
 use super::qmat::{Kind, Q8Acts, QMat};
+use super::{exp_in_place, lane_max};
 
 /// One layer's KV cache of one sequence, laid out [position][kv head][head dim]
 /// so a step appends rows and reads each head with a fixed stride.
@@ -43,6 +44,14 @@ impl Fused {
             QMat::stack(parts).map(Fused::One)
         } else {
             Some(Fused::Parts(parts))
+        }
+    }
+
+    /// Repacks for the int8 GEMM ([`QMat::tile`]); whether every part was.
+    fn tile(&mut self) -> bool {
+        match self {
+            Fused::One(m) => m.tile(),
+            Fused::Parts(ps) => ps.iter_mut().fold(true, |all, p| p.tile() && all),
         }
     }
 
@@ -109,6 +118,9 @@ pub struct FastWeights {
     cos: Vec<f32>,
     sin: Vec<f32>,
     pool: Pool,
+    /// Every layer's products of many rows run on the int8 GEMM, so prefill is
+    /// fastest here rather than on f32 copies of the weights.
+    int8_prefill: bool,
 }
 
 /// The kernel for a GGUF tensor, if we have one.
@@ -170,6 +182,7 @@ impl FastWeights {
         norm: Vec<f32>,
         shape: Shape,
         threads: usize,
+        int8: bool,
     ) -> Option<Self> {
         let hd = shape.head_dim;
         if !hd.is_multiple_of(2) || shape.n_kv_head == 0 || !shape.n_head.is_multiple_of(shape.n_kv_head) {
@@ -204,7 +217,7 @@ impl FastWeights {
                 sin.push(a.sin());
             }
         }
-        let layers = layers
+        let mut layers = layers
             .into_iter()
             .map(|l| {
                 Some(FastLayer {
@@ -219,6 +232,11 @@ impl FastWeights {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
+        let int8_prefill = int8
+            && layers.iter_mut().fold(true, |all, l| {
+                let tiled = l.qkv.tile() & l.o.tile() & l.gate_up.tile() & l.down.tile();
+                tiled && all
+            });
         Some(FastWeights {
             embed,
             output,
@@ -233,7 +251,14 @@ impl FastWeights {
             cos,
             sin,
             pool: Pool::new(threads),
+            int8_prefill,
         })
+    }
+
+    /// Whether prompts prefill fastest on this forward (the int8 GEMM, with
+    /// AVX-512 VNNI) rather than on the tensor path's f32 copies.
+    pub fn int8_prefill(&self) -> bool {
+        self.int8_prefill
     }
 
     /// The width of all query heads together (the residual width for llama, not
@@ -272,6 +297,93 @@ impl FastWeights {
         }
     }
 
+    /// Attention of query head `head` for consecutive positions of one sequence
+    /// (rows `rows` of `qkv`, the first at position `first`), as two f32 GEMMs
+    /// over the cache: scores = Q·Kᵀ against the keys up to the block's last
+    /// position, a causal softmax per row, then P·V into `out` (the `att` rows).
+    /// A prompt's attention is quadratic in its length; row by row it cost more
+    /// than all of the prompt's products on the int8 GEMM.
+    ///
+    /// # Safety
+    /// `out` must hold the rows' q_width floats each, written by no one else in
+    /// this head's columns; `kv` must hold positions up to the block's last.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn attend_block(
+        &self,
+        qkv: &[f32],
+        qkv_w: usize,
+        rows: Range<usize>,
+        head: usize,
+        kv: &KvBuf,
+        first: usize,
+        scores: &mut Vec<f32>,
+        out: SyncPtr,
+    ) {
+        let (hd, m) = (self.head_dim, rows.len());
+        let row = self.n_kv_head * hd;
+        let g = head / (self.n_head / self.n_kv_head);
+        let len = first + m;
+        assert!(
+            kv.k.len() >= len * row && kv.v.len() >= len * row && qkv.len() >= rows.end * qkv_w,
+            "attention shapes"
+        );
+        scores.clear();
+        scores.resize(m * len, 0.0);
+        // SAFETY: q rows, keys and values lie inside qkv and the cache (asserted
+        // above); scores is m × len, row-major.
+        gemm::gemm(
+            m,
+            len,
+            hd,
+            scores.as_mut_ptr(),
+            1,
+            len as isize,
+            false,
+            qkv.as_ptr().add(rows.start * qkv_w + head * hd),
+            1,
+            qkv_w as isize,
+            kv.k.as_ptr().add(g * hd),
+            row as isize,
+            1,
+            0.0,
+            1.0 / (hd as f32).sqrt(),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+        for (i, s) in scores.chunks_exact_mut(len).enumerate() {
+            // Row i sees positions up to first + i.
+            let (seen, ahead) = s.split_at_mut(first + i + 1);
+            let inv = 1.0 / exp_in_place(seen, lane_max(seen));
+            seen.iter_mut().for_each(|p| *p *= inv);
+            ahead.fill(0.0);
+        }
+        let qw = self.q_width();
+        // SAFETY: as above; the output rows are the caller's (see # Safety).
+        gemm::gemm(
+            m,
+            hd,
+            len,
+            out.add(rows.start * qw + head * hd),
+            1,
+            qw as isize,
+            false,
+            scores.as_ptr(),
+            1,
+            len as isize,
+            kv.v.as_ptr().add(g * hd),
+            1,
+            row as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+
     /// One step over `tokens[r]` at `positions[r]` of sequence `seq_of[r]` (rows of
     /// one sequence must come in position order). Fills the caches and returns the
     /// logits of the rows in `want`.
@@ -301,8 +413,11 @@ impl FastWeights {
             let xn = self.rmsnorm(&x, &l.attn_norm);
             let qkv_w = l.qkv.rows();
             let mut qkv = vec![0f32; b * qkv_w];
-            l.qkv
-                .matmul(&Q8Acts::quantize(&xn, h, l.qkv.k_blocks()), &mut qkv, &self.pool);
+            l.qkv.matmul(
+                &Q8Acts::quantize_on(&xn, h, l.qkv.k_blocks(), Some(&self.pool)),
+                &mut qkv,
+                &self.pool,
+            );
             for (r, row) in qkv.chunks_exact_mut(qkv_w).enumerate() {
                 let pos = positions[r];
                 let (q, kv) = row.split_at_mut(qw);
@@ -329,12 +444,32 @@ impl FastWeights {
             {
                 let bufs: Vec<&KvBuf> = seq_of.iter().map(|s| &caches[*s][li]).collect();
                 let out = SyncPtr(att.as_mut_ptr());
-                let items = b * self.n_head;
+                let items: Vec<(Range<usize>, usize)> = query_blocks(seq_of, positions)
+                    .into_iter()
+                    .flat_map(|rows| (0..self.n_head).map(move |head| (rows.clone(), head)))
+                    .collect();
                 let parts = self.pool.threads();
                 self.pool.run(&|t| {
                     let mut scores = Vec::new();
-                    for item in share(items, parts, t, 1) {
-                        let (r, head) = (item / self.n_head, item % self.n_head);
+                    // Every parts-th item: blocks late in a prompt cost more than early ones.
+                    for (rows, head) in items.iter().skip(t).step_by(parts) {
+                        let (r, head) = (rows.start, *head);
+                        if rows.len() > 1 {
+                            // SAFETY: the block writes its own rows' head_dim floats of `att`.
+                            unsafe {
+                                self.attend_block(
+                                    &qkv,
+                                    qkv_w,
+                                    rows.clone(),
+                                    head,
+                                    bufs[r],
+                                    positions[r],
+                                    &mut scores,
+                                    out,
+                                )
+                            };
+                            continue;
+                        }
                         let q = &qkv[r * qkv_w + head * self.head_dim..r * qkv_w + (head + 1) * self.head_dim];
                         // SAFETY: each (row, head) item writes its own head_dim floats of `att`.
                         let o = unsafe {
@@ -354,23 +489,33 @@ impl FastWeights {
                 });
             }
             let mut y = vec![0f32; b * h];
-            l.o.matmul(&Q8Acts::quantize(&att, qw, l.o.k_blocks()), &mut y, &self.pool);
+            l.o.matmul(
+                &Q8Acts::quantize_on(&att, qw, l.o.k_blocks(), Some(&self.pool)),
+                &mut y,
+                &self.pool,
+            );
             x.iter_mut().zip(&y).for_each(|(a, d)| *a += d);
 
             let xn = self.rmsnorm(&x, &l.ffn_norm);
             let ffn = l.down.cols();
             let mut gu = vec![0f32; b * 2 * ffn];
-            l.gate_up
-                .matmul(&Q8Acts::quantize(&xn, h, l.gate_up.k_blocks()), &mut gu, &self.pool);
-            let act: Vec<f32> = gu
-                .chunks_exact(2 * ffn)
-                .flat_map(|row| {
-                    let (g, u) = row.split_at(ffn);
-                    g.iter().zip(u).map(|(g, u)| g / (1.0 + (-g).exp()) * u)
-                })
-                .collect();
-            l.down
-                .matmul(&Q8Acts::quantize(&act, ffn, l.down.k_blocks()), &mut y, &self.pool);
+            l.gate_up.matmul(
+                &Q8Acts::quantize_on(&xn, h, l.gate_up.k_blocks(), Some(&self.pool)),
+                &mut gu,
+                &self.pool,
+            );
+            let mut act = vec![0f32; b * ffn];
+            for (row, a) in gu.chunks_exact(2 * ffn).zip(act.chunks_exact_mut(ffn)) {
+                let (g, u) = row.split_at(ffn);
+                for ((a, g), u) in a.iter_mut().zip(g).zip(u) {
+                    *a = g / (1.0 + super::fast_exp(-g)) * u;
+                }
+            }
+            l.down.matmul(
+                &Q8Acts::quantize_on(&act, ffn, l.down.k_blocks(), Some(&self.pool)),
+                &mut y,
+                &self.pool,
+            );
             x.iter_mut().zip(&y).for_each(|(a, d)| *a += d);
         }
         let picked: Vec<f32> = want
@@ -384,6 +529,26 @@ impl FastWeights {
         head.matmul(&Q8Acts::quantize(&xn, h, head.k_blocks()), &mut logits, &self.pool);
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
+}
+
+/// Query rows per attention block (a prompt's rows go to the GEMMs in blocks
+/// this long, so the keys past a block's last position are few).
+const QUERY_BLOCK: usize = 64;
+
+/// The rows of a step in blocks for attention: runs of consecutive positions of
+/// one sequence (a prefill, or a piece of one), at most [`QUERY_BLOCK`] long;
+/// a decode step's rows are blocks of one.
+fn query_blocks(seq_of: &[usize], positions: &[usize]) -> Vec<Range<usize>> {
+    let mut blocks: Vec<Range<usize>> = Vec::new();
+    for r in 0..seq_of.len() {
+        match blocks.last_mut() {
+            Some(b) if b.len() < QUERY_BLOCK && seq_of[r] == seq_of[r - 1] && positions[r] == positions[r - 1] + 1 => {
+                b.end = r + 1
+            }
+            _ => blocks.push(r..r + 1),
+        }
+    }
+    blocks
 }
 
 /// RMSNorm of each `w.len()`-wide row of `x`, in place.

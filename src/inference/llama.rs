@@ -114,6 +114,31 @@ fn fast_enabled() -> bool {
     std::env::var("RAGCHAT_FAST_DECODE").map_or(true, |v| v != "0")
 }
 
+/// The products of each layer, by GGUF tensor name.
+const LAYER_PRODUCTS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// Whether the int8 GEMM covers every layer's products: Q4_1 or Q8_0, rows in
+/// whole tiles of 16 ([`super::qmat::QMat::tile`]).
+fn int8_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
+    use candle_core::quantized::GgmlDType;
+    (0..n_layer).all(|i| {
+        LAYER_PRODUCTS.iter().all(|n| {
+            ct.tensor_infos.get(&format!("blk.{i}.{n}.weight")).is_some_and(|t| {
+                matches!(t.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+                    && t.shape.dims().first().is_some_and(|rows| rows.is_multiple_of(16))
+            })
+        })
+    })
+}
+
 /// Whether our kernels cover every product of the model: each linear layer and
 /// the output head (or the embeddings it is tied to) in Q4_1, Q8_0, Q4_K or Q6_K.
 fn fast_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
@@ -133,27 +158,30 @@ fn fast_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
     };
     ok("token_embd.weight")
         && ok(head)
-        && (0..n_layer).all(|i| {
-            [
-                "attn_q",
-                "attn_k",
-                "attn_v",
-                "attn_output",
-                "ffn_gate",
-                "ffn_up",
-                "ffn_down",
-            ]
-            .iter()
-            .all(|n| ok(&format!("blk.{i}.{n}.weight")))
-        })
+        && (0..n_layer).all(|i| LAYER_PRODUCTS.iter().all(|n| ok(&format!("blk.{i}.{n}.weight"))))
 }
 
 impl LlamaWeights {
+    /// The weights from a GGUF file. `dense_prefill`: prefill on an f32 copy of
+    /// the weights, unless the int8 GEMM covers the model here (AVX-512 VNNI,
+    /// Q4_1 / Q8_0 layers), which is faster and needs no copy.
     pub fn from_gguf<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         r: &mut R,
         context_len: usize,
         dense_prefill: bool,
+    ) -> Result<Self, ModelError> {
+        Self::from_gguf_with(ct, r, context_len, dense_prefill, true)
+    }
+
+    /// As [`LlamaWeights::from_gguf`]; `int8`: whether the int8 GEMM may be used
+    /// (tests compare it with the f32 prefill).
+    pub fn from_gguf_with<R: std::io::Read + std::io::Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        context_len: usize,
+        dense_prefill: bool,
+        int8: bool,
     ) -> Result<Self, ModelError> {
         let dev = Device::Cpu;
         let md = |k: &str| {
@@ -206,6 +234,8 @@ impl LlamaWeights {
             .and_then(|v| v.to_f32().ok())
             .unwrap_or(10000.0);
         let use_fast = fast_enabled() && fast_covers(ct, n_layer);
+        let int8 = int8 && use_fast && super::qmat::int8_gemm() && int8_covers(ct, n_layer);
+        let dense_prefill = dense_prefill && !int8;
         // With the fast path, candle's quantized products are not needed: small
         // inputs go to ours, large ones to the f32 copy (or ours, without one).
         let keep_q = !use_fast;
@@ -319,6 +349,7 @@ impl LlamaWeights {
                     neox,
                 },
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
+                int8,
             ),
             _ => None,
         };
@@ -477,7 +508,7 @@ impl LlamaSeq {
         let n = tokens.len();
         let w = self.w.clone();
         if let Some(fast) = &w.fast {
-            if n < dense_min_rows() || w.output.dense.is_none() {
+            if n < dense_min_rows() || w.output.dense.is_none() || fast.int8_prefill() {
                 let positions: Vec<usize> = (pos..pos + n).collect();
                 let mut logits = fast
                     .forward(&mut [&mut self.cache], &vec![0; n], tokens, &positions, &[n - 1])
@@ -645,22 +676,27 @@ pub(crate) mod tests {
     use super::*;
     use candle_transformers::models::quantized_llama;
 
-    fn logits_stock(path: &std::path::Path, tokens: &[u32]) -> Vec<f32> {
+    fn logits_stock(path: &std::path::Path, tokens: &[u32]) -> (Vec<f32>, Vec<f32>) {
         let mut f = std::fs::File::open(path).expect("gguf");
         let ct = gguf_file::Content::read(&mut f).expect("read");
         let mut m = quantized_llama::ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).expect("stock model");
         let x = Tensor::new(tokens, &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("input");
-        let prefill = m.forward(&x, 0).expect("prefill");
-        let _ = prefill;
+        let prefill = m
+            .forward(&x, 0)
+            .and_then(|t| t.squeeze(0))
+            .and_then(|t| t.to_vec1::<f32>())
+            .expect("prefill");
         let y = Tensor::new(&[tokens[0]], &Device::Cpu)
             .and_then(|t| t.unsqueeze(0))
             .expect("input");
-        m.forward(&y, tokens.len())
+        let decode = m
+            .forward(&y, tokens.len())
             .and_then(|t| t.squeeze(0))
             .and_then(|t| t.to_vec1::<f32>())
-            .expect("decode")
+            .expect("decode");
+        (prefill, decode)
     }
 
     fn logits_ours(path: &std::path::Path, tokens: &[u32], dense: bool) -> (Vec<f32>, Vec<f32>) {
@@ -693,14 +729,78 @@ pub(crate) mod tests {
             eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
             return;
         }
+        // 40 rows: the prompt's products take the int8 GEMM where the CPU has it
+        // (from 16 rows), its attention the block GEMMs.
         let tokens: Vec<u32> = (0..40).map(|i| 100 + i * 37).collect();
-        let stock = logits_stock(&path, &tokens);
+        let (stock_prefill, stock) = logits_stock(&path, &tokens);
         for dense in [false, true] {
-            let (_, ours) = logits_ours(&path, &tokens, dense);
+            let (prefill, ours) = logits_ours(&path, &tokens, dense);
             assert_eq!(ours.len(), stock.len());
-            let c = cosine(&ours, &stock);
-            assert!(c > 0.999, "dense={dense}: cosine {c}");
-            assert_eq!(argmax(&ours), argmax(&stock), "dense={dense}");
+            for (what, a, b) in [("prefill", &prefill, &stock_prefill), ("decode", &ours, &stock)] {
+                let c = cosine(a, b);
+                assert!(c > 0.999, "dense={dense} {what}: cosine {c}");
+                assert_eq!(argmax(a), argmax(b), "dense={dense} {what}");
+            }
+        }
+    }
+
+    fn smollm2(dense: bool, int8: bool) -> Option<Arc<LlamaWeights>> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        if !path.exists() {
+            eprintln!("SKIPPED: {} missing; run scripts/fetch-models", path.display());
+            return None;
+        }
+        let mut f = std::fs::File::open(&path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let w = LlamaWeights::from_gguf_with(&ct, &mut f, 512, dense, int8).expect("our model");
+        Some(Arc::new(w))
+    }
+
+    /// `n` greedy tokens after `prompt`, prefilled in pieces of `chunk`.
+    fn greedy(w: &Arc<LlamaWeights>, prompt: &[u32], chunk: usize, n: usize) -> (Vec<f32>, Vec<u32>) {
+        let mut s = LlamaSeq::new(w.clone());
+        let mut logits = Vec::new();
+        let mut pos = 0;
+        for piece in prompt.chunks(chunk) {
+            logits = s.forward(piece, pos).expect("prefill");
+            pos += piece.len();
+        }
+        let first = logits.clone();
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let t = argmax(&logits) as u32;
+            out.push(t);
+            logits = s.forward(&[t], pos).expect("decode");
+            pos += 1;
+        }
+        (first, out)
+    }
+
+    /// The int8 prefill (AVX-512 VNNI) against the f32 one on the same weights, and
+    /// a prompt prefilled whole against in pieces of 16 and 7 (the attention
+    /// blocks then start past position 0): logits within cosine 0.999, and the same
+    /// greedy answer.
+    #[test]
+    fn int8_and_f32_prefill_and_prefill_in_pieces_give_the_same_answer() {
+        let (Some(int8), Some(f32_path)) = (smollm2(true, true), smollm2(true, false)) else {
+            return;
+        };
+        if !int8.fast.as_ref().is_some_and(FastWeights::int8_prefill) {
+            eprintln!("no AVX-512 VNNI here: only the f32 prefill runs");
+        }
+        let prompt: Vec<u32> = (0..150).map(|i| 200 + (i * 53) % 9000).collect();
+        let (want_logits, want) = greedy(&f32_path, &prompt, prompt.len(), 12);
+        for (label, w, chunk) in [
+            ("int8 whole", &int8, prompt.len()),
+            ("int8 pieces of 16", &int8, 16),
+            ("int8 pieces of 7", &int8, 7),
+            ("f32 pieces of 16", &f32_path, 16),
+        ] {
+            let (logits, got) = greedy(w, &prompt, chunk, 12);
+            let c = cosine(&logits, &want_logits);
+            assert!(c > 0.999, "{label}: cosine {c}");
+            assert_eq!(got, want, "{label}: greedy answer");
         }
     }
 
@@ -748,6 +848,7 @@ pub(crate) mod tests {
 #[cfg(test)]
 mod profile {
     //! `cargo test --release --lib decode_profile -- --ignored --nocapture` (for perf).
+    use super::tests::argmax;
     use super::*;
 
     #[test]
@@ -775,6 +876,44 @@ mod profile {
             }
             let rate = (n / b * b) as f64 / started.elapsed().as_secs_f64();
             eprintln!("batch {b}: {rate:.1} tok/s");
+        }
+    }
+
+    /// Prefill of one prompt whole and in pieces (`models.prefill_chunk`):
+    /// `cargo test --release --lib prefill_profile -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn prefill_profile() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        let mut f = std::fs::File::open(&path).expect("gguf");
+        let ct = gguf_file::Content::read(&mut f).expect("read");
+        let w = Arc::new(LlamaWeights::from_gguf(&ct, &mut f, 2048, true).expect("model"));
+        let n: usize = std::env::var("PROMPT").ok().and_then(|v| v.parse().ok()).unwrap_or(832);
+        let prompt: Vec<u32> = (0..n as u32).map(|i| 100 + (i * 37) % 5000).collect();
+        let chunks: Vec<usize> = match std::env::var("CHUNKS") {
+            Ok(v) => v.split(',').filter_map(|c| c.parse().ok()).collect(),
+            Err(_) => vec![n, 512, 256, 128, 64],
+        };
+        for chunk in chunks {
+            let mut best = f64::MAX;
+            let mut logits = Vec::new();
+            for _ in 0..2 {
+                let mut s = LlamaSeq::new(w.clone());
+                let started = std::time::Instant::now();
+                let mut pos = 0;
+                for piece in prompt.chunks(chunk) {
+                    logits = s.forward(piece, pos).expect("prefill");
+                    pos += piece.len();
+                }
+                best = best.min(started.elapsed().as_secs_f64());
+            }
+            eprintln!(
+                "chunk {chunk}: {:.0} ms, {:.1} tok/s, argmax {}",
+                best * 1e3,
+                n as f64 / best,
+                argmax(&logits)
+            );
         }
     }
 }

@@ -31,6 +31,39 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     f32::from_bits(((ni + 127) as u32) << 23) * p
 }
 
+/// The largest of `x` (16 lanes, so it vectorizes).
+#[inline(always)]
+pub(crate) fn lane_max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+    for c in chunks {
+        for l in 0..16 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |m, v| m.max(*v))
+}
+
+/// x ← exp(x − max); returns the sum.
+#[inline(always)]
+pub(crate) fn exp_in_place(x: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in chunks.by_ref() {
+        for l in 0..16 {
+            c[l] = fast_exp(c[l] - max);
+            acc[l] += c[l];
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - max);
+        tail += *v;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 pub(crate) fn model_error(e: impl std::fmt::Display) -> ModelError {
     ModelError::Internal(e.to_string())
 }

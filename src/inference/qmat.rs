@@ -119,6 +119,8 @@ pub struct QMat {
     raw: Vec<u8>,
     rows: usize,
     cols: usize,
+    /// The same weights repacked for the int8 GEMM ([`QMat::tile`]), if built.
+    tiles: Option<Vec<u8>>,
 }
 
 /// The scale of a block of activations (its largest magnitude maps to 127) and
@@ -130,12 +132,16 @@ fn scale_of(values: &[f32]) -> (f32, f32) {
 }
 
 /// Appends `values` quantized with inverse scale `id` to `out`; returns their sum.
+/// Rounds half to even (`nearbyint`, as ggml): unlike `round`, that is one
+/// vector instruction, so the loop vectorizes.
 fn push_quantized(values: &[f32], id: f32, out: &mut Vec<i8>) -> i32 {
+    let at = out.len();
+    out.resize(at + values.len(), 0);
     let mut sum = 0i32;
-    for v in values {
-        let q = (v * id).round().clamp(-127.0, 127.0) as i8;
-        sum += i32::from(q);
-        out.push(q);
+    for (o, v) in out[at..].iter_mut().zip(values) {
+        let q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
+        sum += q;
+        *o = q as i8;
     }
     sum
 }
@@ -159,6 +165,43 @@ impl Q8Acts {
     /// `x`: b rows of `cols` values (cols a multiple of 32); the 256-value blocks
     /// too when `k_blocks` (a k-quant matrix will read them).
     pub fn quantize(x: &[f32], cols: usize, k_blocks: bool) -> Q8Acts {
+        Self::quantize_on(x, cols, k_blocks, None)
+    }
+
+    /// As [`Q8Acts::quantize`], with the rows shared among `pool`'s threads when
+    /// there are many (a prompt's rows: serial, this cost an eighth of a prefill).
+    pub fn quantize_on(x: &[f32], cols: usize, k_blocks: bool, pool: Option<&Pool>) -> Q8Acts {
+        let b = x.len() / cols;
+        let parts = pool.map_or(1, Pool::threads);
+        if let (Some(pool), true) = (pool, parts > 1 && b >= 2 * TILE) {
+            let done: Vec<std::sync::Mutex<Option<Q8Acts>>> = (0..parts).map(|_| Default::default()).collect();
+            pool.run(&|t| {
+                let rows = share(b, parts, t, 1);
+                let part = Self::quantize_on(&x[rows.start * cols..rows.end * cols], cols, k_blocks, None);
+                *done[t].lock().unwrap_or_else(|p| p.into_inner()) = Some(part);
+            });
+            let mut all: Option<Q8Acts> = None;
+            for part in done
+                .into_iter()
+                .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+            {
+                match &mut all {
+                    None => all = Some(part),
+                    Some(a) => {
+                        a.b += part.b;
+                        a.d.extend(part.d);
+                        a.s.extend(part.s);
+                        a.q.extend(part.q);
+                        a.kd.extend(part.kd);
+                        a.ks.extend(part.ks);
+                        a.kq.extend(part.kq);
+                    }
+                }
+            }
+            if let Some(a) = all {
+                return a;
+            }
+        }
         let b = x.len() / cols;
         let nb = cols / BLOCK;
         let mut a = Q8Acts {
@@ -232,6 +275,7 @@ impl QMat {
             raw,
             rows,
             cols,
+            tiles: None,
         })
     }
 
@@ -328,6 +372,11 @@ impl QMat {
     /// # Safety
     /// `out` must point to b × rows floats that no one else writes in `range`'s columns.
     unsafe fn rows_into(&self, x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr) {
+        if let Some(tiles) = &self.tiles {
+            if x.b >= tile_min_rows() && range.start.is_multiple_of(TILE) && range.end.is_multiple_of(TILE) {
+                return self.tiles_into(tiles, x, range, out);
+            }
+        }
         let stride = self.stride();
         let simd = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
         let mut dots = [0f32; GROUP];
@@ -351,6 +400,202 @@ impl QMat {
                 g0 += n;
             }
         }
+    }
+
+    /// Whether products of many rows run on the int8 GEMM.
+    pub fn tiled(&self) -> bool {
+        self.tiles.is_some()
+    }
+
+    /// Builds the repacked copy of the weights that products of at least
+    /// [`tile_min_rows`] activation rows run on (an int8 GEMM with AVX-512 VNNI),
+    /// when the CPU has it and the layout is Q4_1 or Q8_0 with rows in whole tiles.
+    /// Returns whether it did.
+    ///
+    /// Per tile of 16 weight rows and per 32-value block (`tile_bytes`): the 16
+    /// scales d and 16 offsets m as f32, then the 32 values of each row as
+    /// unsigned bytes in groups of four, interleaved by row: 64 bytes hold values
+    /// 4g..4g+4 of all 16 rows, so one `vpdpbusd` with four activation bytes
+    /// broadcast adds a four-value dot product to each row's lane. Q4_1 keeps its
+    /// nibbles (group g in the low nibbles of the same bytes whose high nibbles are
+    /// group g + 4). Q8_0's signed values are stored plus 128, and the 128·Σq8 that
+    /// adds is taken off through the offset: m = −128·d (its term is m·s8, as
+    /// Q4_1's).
+    pub fn tile(&mut self) -> bool {
+        if !int8_gemm() || !matches!(self.kind, Kind::Q41 | Kind::Q80) || !self.rows.is_multiple_of(TILE) {
+            return false;
+        }
+        let nib = self.kind == Kind::Q41;
+        let (nb, bb, stride, tb) = (
+            self.cols / BLOCK,
+            self.kind.block_bytes(),
+            self.stride(),
+            tile_bytes(nib),
+        );
+        let mut data = vec![0u8; self.rows / TILE * nb * tb];
+        for (t, tile) in data.chunks_exact_mut(nb * tb).enumerate() {
+            for (k, out) in tile.chunks_exact_mut(tb).enumerate() {
+                for r in 0..TILE {
+                    let at = (t * TILE + r) * stride + k * bb;
+                    let blk = &self.raw[at..at + bb];
+                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+                    let mut q = [0u8; BLOCK];
+                    let m = if nib {
+                        for j in 0..16 {
+                            q[j] = blk[4 + j] & 0x0F;
+                            q[j + 16] = blk[4 + j] >> 4;
+                        }
+                        f16::from_le_bytes([blk[2], blk[3]]).to_f32()
+                    } else {
+                        for (o, v) in q.iter_mut().zip(&blk[2..]) {
+                            *o = (*v as i8 as i16 + 128) as u8;
+                        }
+                        -128.0 * d
+                    };
+                    out[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+                    out[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+                    for i in 0..4 {
+                        if nib {
+                            for j in 0..4 {
+                                out[128 + j * 64 + r * 4 + i] = q[4 * j + i] | (q[4 * (j + 4) + i] << 4);
+                            }
+                        } else {
+                            for g in 0..8 {
+                                out[128 + g * 64 + r * 4 + i] = q[4 * g + i];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.tiles = Some(data);
+        true
+    }
+
+    /// # Safety
+    /// As [`QMat::rows_into`]; `range` in whole tiles; the CPU has AVX-512 VNNI.
+    unsafe fn tiles_into(&self, tiles: &[u8], x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr) {
+        let nib = self.kind == Kind::Q41;
+        let per_tile = x.nb * tile_bytes(nib);
+        let ys: Vec<ActRow<'_>> = (0..x.b).map(|i| x.row(i)).collect();
+        for t in (range.start / TILE)..(range.end / TILE) {
+            let tile = tiles[t * per_tile..(t + 1) * per_tile].as_ptr();
+            let mut g0 = 0;
+            while g0 < x.b {
+                let n = (x.b - g0).min(TILE_ROWS);
+                let ys = &ys[g0..g0 + n];
+                let o = SyncPtr(out.add(g0 * self.rows + t * TILE));
+                macro_rules! by_rows {
+                    ($nib:expr) => {
+                        match n {
+                            1 => tile_dot::<1, $nib>(tile, x.nb, ys, o, self.rows),
+                            2 => tile_dot::<2, $nib>(tile, x.nb, ys, o, self.rows),
+                            3 => tile_dot::<3, $nib>(tile, x.nb, ys, o, self.rows),
+                            4 => tile_dot::<4, $nib>(tile, x.nb, ys, o, self.rows),
+                            5 => tile_dot::<5, $nib>(tile, x.nb, ys, o, self.rows),
+                            6 => tile_dot::<6, $nib>(tile, x.nb, ys, o, self.rows),
+                            7 => tile_dot::<7, $nib>(tile, x.nb, ys, o, self.rows),
+                            _ => tile_dot::<8, $nib>(tile, x.nb, ys, o, self.rows),
+                        }
+                    };
+                }
+                if nib {
+                    by_rows!(true)
+                } else {
+                    by_rows!(false)
+                }
+                g0 += n;
+            }
+        }
+    }
+}
+
+/// Weight rows per tile of the int8 GEMM (one AVX-512 register of i32 / f32 lanes).
+const TILE: usize = 16;
+/// Activation rows per pass over a tile (their accumulators stay in registers).
+const TILE_ROWS: usize = 8;
+
+/// Bytes per tile and 32-value block: 16 scales, 16 offsets, the values.
+const fn tile_bytes(nib: bool) -> usize {
+    128 + if nib { 256 } else { 512 }
+}
+
+/// Whether the int8 GEMM runs here: AVX-512 with VNNI, and not turned off
+/// (RAGCHAT_INT8_GEMM=0, for measurements).
+pub fn int8_gemm() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        std::env::var("RAGCHAT_INT8_GEMM").map_or(true, |v| v != "0")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    })
+}
+
+/// From this many activation rows on, a tiled matrix uses the int8 GEMM (fewer
+/// rows read the weights in their GGUF layout, which is smaller: decode is bound
+/// by the memory bandwidth). RAGCHAT_TILE_MIN_ROWS overrides it, for measurements.
+fn tile_min_rows() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("RAGCHAT_TILE_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16)
+    })
+}
+
+/// One tile (16 weight rows) against `R` activation rows: per block, eight
+/// `vpdpbusd` per row sum the block in integers, then one conversion and two
+/// multiply-adds in f32 (d·d8·Σ and m·s8). Writes R rows of 16 outputs,
+/// `stride` apart.
+///
+/// # Safety
+/// AVX-512 F, BW and VNNI; `tile` holds `nb` blocks; `ys` has R rows; `out`
+/// has room for R rows of 16 at `stride`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_dot<const R: usize, const NIB: bool>(
+    tile: *const u8,
+    nb: usize,
+    ys: &[ActRow<'_>],
+    out: SyncPtr,
+    stride: usize,
+) {
+    use std::arch::x86_64::*;
+    debug_assert!(ys.len() >= R);
+    let tb = tile_bytes(NIB);
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for k in 0..nb {
+        let base = tile.add(k * tb);
+        let dw = _mm512_loadu_ps(base as *const f32);
+        let mw = _mm512_loadu_ps(base.add(64) as *const f32);
+        let mut w = [_mm512_setzero_si512(); 8];
+        if NIB {
+            for j in 0..4 {
+                let v = _mm512_loadu_si512(base.add(128 + 64 * j) as *const __m512i);
+                w[j] = _mm512_and_si512(v, mask);
+                w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            }
+        } else {
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = _mm512_loadu_si512(base.add(128 + 64 * g) as *const __m512i);
+            }
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let y = ys.get_unchecked(r);
+            let q = y.q.as_ptr().add(k * BLOCK) as *const i32;
+            let mut isum = _mm512_setzero_si512();
+            for (g, wg) in w.iter().enumerate() {
+                isum = _mm512_dpbusd_epi32(isum, *wg, _mm512_set1_epi32(q.add(g).read_unaligned()));
+            }
+            let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*y.d.get_unchecked(k)));
+            *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
+            *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*y.s.get_unchecked(k)), *a);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(r * stride), *a);
     }
 }
 
@@ -703,6 +948,82 @@ mod tests {
             }
             assert_products_match(&m, &deq, |want, _| want.abs());
         }
+    }
+
+    /// The int8 GEMM on the repacked tiles gives the products of the GGUF-layout
+    /// kernels (same integer sums, so equal up to float rounding) for every count
+    /// of activation rows in and around a pass (1..=19) and 1 to 3 threads.
+    #[test]
+    fn tiled_products_equal_the_row_kernels_for_any_batch_and_thread_count() {
+        if !int8_gemm() {
+            eprintln!("no AVX-512 VNNI here: the int8 GEMM is not used");
+            return;
+        }
+        let (rows, cols) = (48, 96);
+        let w = weights(rows, cols);
+        for kind in [Kind::Q41, Kind::Q80] {
+            let raw: Vec<u8> = w
+                .chunks(cols)
+                .flat_map(|r| {
+                    if kind == Kind::Q41 {
+                        quantize_q4_1(r)
+                    } else {
+                        quantize_q8_0(r)
+                    }
+                })
+                .collect();
+            let plain = QMat::new(kind, raw.clone(), rows, cols).expect("shape");
+            let mut tiled = QMat::new(kind, raw, rows, cols).expect("shape");
+            assert!(tiled.tile(), "{kind:?} tiles");
+            assert!(!plain.tiled() && tiled.tiled());
+            for threads in [1, 2, 3] {
+                let pool = Pool::new(threads);
+                for b in 1..20 {
+                    let x: Vec<f32> = (0..b * cols).map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0).collect();
+                    let acts = Q8Acts::quantize(&x, cols, false);
+                    let mut want = vec![0f32; b * rows];
+                    plain.matmul(&acts, &mut want, &pool);
+                    let mut got = vec![f32::NAN; b * rows];
+                    let ptr = SyncPtr(got.as_mut_ptr());
+                    let tiles = tiled.tiles.as_deref().expect("tiles");
+                    pool.run(&|t| {
+                        let range = share(rows, threads, t, TILE);
+                        // SAFETY: VNNI checked above; each thread writes its own tiles' columns.
+                        unsafe { tiled.tiles_into(tiles, &acts, range, ptr) }
+                    });
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+                            "{kind:?} threads={threads} b={b} at {i}: {g} vs {w}"
+                        );
+                    }
+                    // And through `matmul`, which takes the tiles from 16 rows on.
+                    let mut again = vec![0f32; b * rows];
+                    tiled.matmul(&acts, &mut again, &pool);
+                    if b >= tile_min_rows() {
+                        assert_eq!(again, got, "{kind:?} threads={threads} b={b}: matmul took the tiles");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_matrix_is_tiled_only_in_the_layouts_and_shapes_the_kernel_takes() {
+        let cols = 64;
+        let w = weights(40, cols);
+        let q41 = |rows: usize| {
+            w[..rows * cols]
+                .chunks(cols)
+                .flat_map(quantize_q4_1)
+                .collect::<Vec<u8>>()
+        };
+        // 40 rows are not whole tiles of 16.
+        assert!(!QMat::new(Kind::Q41, q41(40), 40, cols).expect("shape").tile());
+        assert_eq!(
+            QMat::new(Kind::Q41, q41(32), 32, cols).expect("shape").tile(),
+            int8_gemm()
+        );
     }
 
     #[test]
