@@ -51,7 +51,13 @@ impl Fused {
     fn tile(&mut self) -> bool {
         match self {
             Fused::One(m) => m.tile(),
-            Fused::Parts(ps) => ps.iter_mut().fold(true, |all, p| p.tile() && all),
+            Fused::Parts(ps) => {
+                let mut all = true;
+                for p in ps {
+                    all &= p.tile();
+                }
+                all
+            }
         }
     }
 

@@ -496,15 +496,13 @@ mod tests {
             assert!(c > 0.999, "{q}: cosine {c}");
             assert!(fresh[best] - fresh[ours] < 0.05, "{q}: next token {ours}, fresh {best}");
             let mut answer = Vec::new();
-            let mut pos = prompt.len();
-            for _ in 0..24 {
+            for pos in prompt.len()..prompt.len() + 24 {
                 let t = argmax(&logits) as u32;
                 if tok.stop_tokens().contains(&t) {
                     break;
                 }
                 answer.push(t);
                 logits = seq.forward(&[t], pos).expect("decode");
-                pos += 1;
             }
             fed = prompt.iter().chain(&answer).copied().collect();
             kept = seq;
