@@ -485,6 +485,17 @@ mod tests {
             let mut seq = kept.fork_prefix(reuse).expect("prefix");
             let mut logits = seq.forward(&prompt[reuse..], reuse).expect("rest");
             let fresh = lm.fork().forward(&prompt, 0).expect("fresh");
+            // The same prompt prefilled in two pieces split where the reuse splits it:
+            // how far the prefill alone moves with its blocks.
+            if reuse > 0 {
+                let mut split = lm.fork();
+                split.forward(&prompt[..reuse], 0).expect("first piece");
+                let pieces = split.forward(&prompt[reuse..], reuse).expect("second piece");
+                println!(
+                    "  prefilled in two pieces at {reuse}: cosine {:.6} to whole",
+                    crate::inference::llama::tests::cosine(&pieces, &fresh)
+                );
+            }
             let c = crate::inference::llama::tests::cosine(&logits, &fresh);
             let (ours, best) = (argmax(&logits), argmax(&fresh));
             println!(

