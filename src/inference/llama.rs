@@ -508,7 +508,8 @@ impl LlamaSeq {
         let n = tokens.len();
         let w = self.w.clone();
         if let Some(fast) = &w.fast {
-            if n < dense_min_rows() || w.output.dense.is_none() || fast.int8_prefill() {
+            // With the int8 GEMM there is no f32 copy (`from_gguf_with`), so every input comes here.
+            if n < dense_min_rows() || w.output.dense.is_none() {
                 let positions: Vec<usize> = (pos..pos + n).collect();
                 let mut logits = fast
                     .forward(&mut [&mut self.cache], &vec![0; n], tokens, &positions, &[n - 1])
