@@ -274,12 +274,16 @@ impl ServerProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn ragchat serve");
-        for _ in 0..600 {
+        // Up to two minutes: the CI machine runs many servers and models at once.
+        let mut up = false;
+        for _ in 0..2400 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                up = true;
                 break;
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
+        assert!(up, "ragchat serve did not listen on port {port} within 120 s");
         ServerProcess {
             child,
             base: format!("http://127.0.0.1:{port}"),
