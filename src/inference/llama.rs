@@ -125,14 +125,17 @@ const LAYER_PRODUCTS: [&str; 7] = [
     "ffn_down",
 ];
 
-/// Whether the int8 GEMM covers every layer's products: Q4_1 or Q8_0, rows in
-/// whole tiles of 16 ([`super::qmat::QMat::tile`]).
+/// Whether the int8 GEMM covers every layer's products: Q4_1, Q8_0, Q4_K or
+/// Q6_K, rows in whole tiles of 16 ([`super::qmat::QMat::tile`]).
 fn int8_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
     use candle_core::quantized::GgmlDType;
     (0..n_layer).all(|i| {
         LAYER_PRODUCTS.iter().all(|n| {
             ct.tensor_infos.get(&format!("blk.{i}.{n}.weight")).is_some_and(|t| {
-                matches!(t.ggml_dtype, GgmlDType::Q4_1 | GgmlDType::Q8_0)
+                matches!(
+                    t.ggml_dtype,
+                    GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K
+                )
                     && t.shape.dims().first().is_some_and(|rows| rows.is_multiple_of(16))
             })
         })
@@ -164,7 +167,7 @@ fn fast_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
 impl LlamaWeights {
     /// The weights from a GGUF file. `dense_prefill`: prefill on an f32 copy of
     /// the weights, unless the int8 GEMM covers the model here (AVX-512 VNNI,
-    /// Q4_1 / Q8_0 layers), which is faster and needs no copy.
+    /// Q4_1, Q8_0, Q4_K or Q6_K layers), which is faster and needs no copy.
     pub fn from_gguf<R: std::io::Read + std::io::Seek>(
         ct: &gguf_file::Content,
         r: &mut R,
@@ -855,8 +858,11 @@ mod profile {
     #[test]
     #[ignore]
     fn decode_profile() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf");
+        // MODEL: another GGUF file (for instance one `ragchat bench models --shape` wrote).
+        let path = std::env::var("MODEL").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
         let mut f = std::fs::File::open(&path).expect("gguf");
         let ct = gguf_file::Content::read(&mut f).expect("read");
         let w = Arc::new(LlamaWeights::from_gguf(&ct, &mut f, 2048, true).expect("model"));

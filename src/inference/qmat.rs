@@ -413,8 +413,7 @@ impl QMat {
 
     /// Builds the repacked copy of the weights that products of at least
     /// [`tile_min_rows`] activation rows run on (an int8 GEMM with AVX-512 VNNI),
-    /// when the CPU has it and the layout is Q4_1 or Q8_0 with rows in whole tiles.
-    /// Returns whether it did.
+    /// when the CPU has it and the rows come in whole tiles. Returns whether it did.
     ///
     /// Per tile of 16 weight rows and per 32-value block (`tile_bytes`): the 16
     /// scales d and 16 offsets m as f32, then the 32 values of each row as
@@ -424,17 +423,17 @@ impl QMat {
     /// nibbles (group g in the low nibbles of the same bytes whose high nibbles are
     /// group g + 4). Q8_0's signed values are stored plus 128, and the 128·Σq8 that
     /// adds is taken off through the offset: m = −128·d (its term is m·s8, as
-    /// Q4_1's).
+    /// Q4_1's). The k-quants: per tile and super-block of 256 values, see
+    /// [`pack_q4k`] and [`pack_q6k`].
     pub fn tile(&mut self) -> bool {
-        if !int8_gemm() || !matches!(self.kind, Kind::Q41 | Kind::Q80) || !self.rows.is_multiple_of(TILE) {
+        if !int8_gemm() || !self.rows.is_multiple_of(TILE) {
             return false;
         }
-        let nib = self.kind == Kind::Q41;
         let (nb, bb, stride, tb) = (
-            self.cols / BLOCK,
+            self.cols / self.kind.block_values(),
             self.kind.block_bytes(),
             self.stride(),
-            tile_bytes(nib),
+            tile_bytes(self.kind),
         );
         let mut data = vec![0u8; self.rows / TILE * nb * tb];
         for (t, tile) in data.chunks_exact_mut(nb * tb).enumerate() {
@@ -442,32 +441,10 @@ impl QMat {
                 for r in 0..TILE {
                     let at = (t * TILE + r) * stride + k * bb;
                     let blk = &self.raw[at..at + bb];
-                    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
-                    let mut q = [0u8; BLOCK];
-                    let m = if nib {
-                        for j in 0..16 {
-                            q[j] = blk[4 + j] & 0x0F;
-                            q[j + 16] = blk[4 + j] >> 4;
-                        }
-                        f16::from_le_bytes([blk[2], blk[3]]).to_f32()
-                    } else {
-                        for (o, v) in q.iter_mut().zip(&blk[2..]) {
-                            *o = (*v as i8 as i16 + 128) as u8;
-                        }
-                        -128.0 * d
-                    };
-                    out[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
-                    out[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
-                    for i in 0..4 {
-                        if nib {
-                            for j in 0..4 {
-                                out[128 + j * 64 + r * 4 + i] = q[4 * j + i] | (q[4 * (j + 4) + i] << 4);
-                            }
-                        } else {
-                            for g in 0..8 {
-                                out[128 + g * 64 + r * 4 + i] = q[4 * g + i];
-                            }
-                        }
+                    match self.kind {
+                        Kind::Q41 | Kind::Q80 => pack_block(self.kind, blk, r, out),
+                        Kind::Q4K => pack_q4k(blk, r, out),
+                        Kind::Q6K => pack_q6k(blk, r, out),
                     }
                 }
             }
@@ -483,8 +460,8 @@ impl QMat {
     /// # Safety
     /// As [`QMat::rows_into`]; `range` in whole tiles; the CPU has AVX-512 VNNI.
     unsafe fn tiles_into(&self, tiles: &[u8], x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr) {
-        let nib = self.kind == Kind::Q41;
-        let per_tile = x.nb * tile_bytes(nib);
+        let blocks = self.cols / self.kind.block_values();
+        let per_tile = blocks * tile_bytes(self.kind);
         let ys: Vec<ActRow<'_>> = (0..x.b).map(|i| x.row(i)).collect();
         for t in (range.start / TILE)..(range.end / TILE) {
             let tile = tiles[t * per_tile..(t + 1) * per_tile].as_ptr();
@@ -494,27 +471,115 @@ impl QMat {
                 let ys = &ys[g0..g0 + n];
                 let o = SyncPtr(out.add(g0 * self.rows + t * TILE));
                 macro_rules! by_rows {
-                    ($nib:expr) => {
+                    ($f:ident $(, $c:expr)?) => {
                         match n {
-                            1 => tile_dot::<1, $nib>(tile, x.nb, ys, o, self.rows),
-                            2 => tile_dot::<2, $nib>(tile, x.nb, ys, o, self.rows),
-                            3 => tile_dot::<3, $nib>(tile, x.nb, ys, o, self.rows),
-                            4 => tile_dot::<4, $nib>(tile, x.nb, ys, o, self.rows),
-                            5 => tile_dot::<5, $nib>(tile, x.nb, ys, o, self.rows),
-                            6 => tile_dot::<6, $nib>(tile, x.nb, ys, o, self.rows),
-                            7 => tile_dot::<7, $nib>(tile, x.nb, ys, o, self.rows),
-                            _ => tile_dot::<8, $nib>(tile, x.nb, ys, o, self.rows),
+                            1 => $f::<1 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            2 => $f::<2 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            3 => $f::<3 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            4 => $f::<4 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            5 => $f::<5 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            6 => $f::<6 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            7 => $f::<7 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            _ => $f::<8 $(, { $c })?>(tile, blocks, ys, o, self.rows),
                         }
                     };
                 }
-                if nib {
-                    by_rows!(true)
-                } else {
-                    by_rows!(false)
+                match self.kind {
+                    Kind::Q41 => by_rows!(tile_dot, true),
+                    Kind::Q80 => by_rows!(tile_dot, false),
+                    Kind::Q4K => by_rows!(tile_dot_q4k),
+                    Kind::Q6K => by_rows!(tile_dot_q6k),
                 }
                 g0 += n;
             }
         }
+    }
+}
+
+/// Row `r`'s Q4_1 or Q8_0 block in its tile block `out` (see [`QMat::tile`]).
+fn pack_block(kind: Kind, blk: &[u8], r: usize, out: &mut [u8]) {
+    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+    let mut q = [0u8; BLOCK];
+    let m = if kind == Kind::Q41 {
+        for j in 0..16 {
+            q[j] = blk[4 + j] & 0x0F;
+            q[j + 16] = blk[4 + j] >> 4;
+        }
+        f16::from_le_bytes([blk[2], blk[3]]).to_f32()
+    } else {
+        for (o, v) in q.iter_mut().zip(&blk[2..]) {
+            *o = (*v as i8 as i16 + 128) as u8;
+        }
+        -128.0 * d
+    };
+    out[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+    out[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&m.to_le_bytes());
+    if kind == Kind::Q41 {
+        put_nibbles(&q, r, &mut out[128..384]);
+    } else {
+        put_bytes(&q, r, &mut out[128..640]);
+    }
+}
+
+/// 32 values 0..15 of row `r` into 256 bytes: byte 64j + 4r + i holds value
+/// 4j + i in its low nibble and 4(j + 4) + i in its high one.
+fn put_nibbles(q: &[u8], r: usize, out: &mut [u8]) {
+    for j in 0..4 {
+        for i in 0..4 {
+            out[64 * j + 4 * r + i] = q[4 * j + i] | (q[4 * (j + 4) + i] << 4);
+        }
+    }
+}
+
+/// 32 bytes of row `r` into 512: byte 64g + 4r + i holds value 4g + i.
+fn put_bytes(q: &[u8], r: usize, out: &mut [u8]) {
+    for g in 0..8 {
+        for i in 0..4 {
+            out[64 * g + 4 * r + i] = q[4 * g + i];
+        }
+    }
+}
+
+/// Row `r`'s Q4_K super-block in its tile block `out` (Q4K_TILE bytes): 16 d and
+/// 16 dmin as f32, the eight 6-bit scales and mins as bytes ([j][row], 128 bytes
+/// each), then each 32-value sub-block's nibbles as Q4_1's (256 bytes each).
+fn pack_q4k(blk: &[u8], r: usize, out: &mut [u8]) {
+    let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+    let dmin = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
+    let (sc, m) = q4k_scales(&blk[4..16]);
+    out[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+    out[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&dmin.to_le_bytes());
+    for j in 0..8 {
+        out[128 + 16 * j + r] = sc[j];
+        out[256 + 16 * j + r] = m[j];
+    }
+    let q = q4k_values(blk);
+    for (j, sub) in q.chunks_exact(BLOCK).enumerate() {
+        put_nibbles(sub, r, &mut out[384 + 256 * j..384 + 256 * (j + 1)]);
+    }
+}
+
+/// Row `r`'s Q6_K super-block in its tile block `out` (Q6K_TILE bytes): 16 d as
+/// f32, 16 corrections C as i32, the sixteen i8 scales ([group][row], 256 bytes),
+/// then each 32-value sub-block's values q − 32 as signed bytes (512 bytes each).
+/// The kernel multiplies them by the activations plus 128 (`vpdpbusd` takes one
+/// unsigned operand), which adds 128·Σ(q − 32) per group: C = 128·Σ_g sc_g·Σ(q − 32)
+/// is taken off once per super-block.
+fn pack_q6k(blk: &[u8], r: usize, out: &mut [u8]) {
+    let d = f16::from_le_bytes([blk[208], blk[209]]).to_f32();
+    let q = q6k_values(blk);
+    let mut c = 0i32;
+    for g in 0..SUPER / 16 {
+        let sc = blk[192 + g] as i8;
+        out[128 + 16 * g + r] = sc as u8;
+        let sum: i32 = q[16 * g..16 * (g + 1)].iter().map(|v| i32::from(*v)).sum();
+        c += 128 * i32::from(sc) * sum;
+    }
+    out[4 * r..4 * r + 4].copy_from_slice(&d.to_le_bytes());
+    out[64 + 4 * r..64 + 4 * r + 4].copy_from_slice(&c.to_le_bytes());
+    for (j, sub) in q.chunks_exact(BLOCK).enumerate() {
+        let bytes: Vec<u8> = sub.iter().map(|v| *v as u8).collect();
+        put_bytes(&bytes, r, &mut out[384 + 512 * j..384 + 512 * (j + 1)]);
     }
 }
 
@@ -523,10 +588,21 @@ const TILE: usize = 16;
 /// Activation rows per pass over a tile (their accumulators stay in registers).
 const TILE_ROWS: usize = 8;
 
-/// Bytes per tile and 32-value block: 16 scales, 16 offsets, the values.
-const fn tile_bytes(nib: bool) -> usize {
-    128 + if nib { 256 } else { 512 }
+/// Bytes per tile and block (32 values; 256 for the k-quants).
+const fn tile_bytes(kind: Kind) -> usize {
+    match kind {
+        // 16 scales, 16 offsets, the values.
+        Kind::Q41 => 128 + 256,
+        Kind::Q80 => 128 + 512,
+        Kind::Q4K => Q4K_TILE,
+        Kind::Q6K => Q6K_TILE,
+    }
 }
+
+/// Bytes per tile and Q4_K super-block: d, dmin, scales, mins, 8 × 256 of nibbles.
+const Q4K_TILE: usize = 384 + 8 * 256;
+/// Bytes per tile and Q6_K super-block: d, C, 16 × 16 scales, 8 × 512 of bytes.
+const Q6K_TILE: usize = 384 + 8 * 512;
 
 /// Whether the int8 GEMM runs here: AVX-512 with VNNI, and not turned off
 /// (RAGCHAT_INT8_GEMM=0, for measurements).
@@ -573,8 +649,7 @@ unsafe fn tile_dot<const R: usize, const NIB: bool>(
 ) {
     use std::arch::x86_64::*;
     debug_assert!(ys.len() >= R);
-    let tb = tile_bytes(NIB);
-    let mask = _mm512_set1_epi8(0x0F);
+    let tb = tile_bytes(if NIB { Kind::Q41 } else { Kind::Q80 });
     let mut acc = [_mm512_setzero_ps(); R];
     for k in 0..nb {
         let base = tile.add(k * tb);
@@ -582,11 +657,7 @@ unsafe fn tile_dot<const R: usize, const NIB: bool>(
         let mw = _mm512_loadu_ps(base.add(64) as *const f32);
         let mut w = [_mm512_setzero_si512(); 8];
         if NIB {
-            for j in 0..4 {
-                let v = _mm512_loadu_si512(base.add(128 + 64 * j) as *const __m512i);
-                w[j] = _mm512_and_si512(v, mask);
-                w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-            }
+            w = unpack_nibbles(base.add(128));
         } else {
             for (g, wg) in w.iter_mut().enumerate() {
                 *wg = _mm512_loadu_si512(base.add(128 + 64 * g) as *const __m512i);
@@ -602,6 +673,114 @@ unsafe fn tile_dot<const R: usize, const NIB: bool>(
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*y.d.get_unchecked(k)));
             *a = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), scale, *a);
             *a = _mm512_fmadd_ps(mw, _mm512_set1_ps(*y.s.get_unchecked(k)), *a);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(r * stride), *a);
+    }
+}
+
+/// Eight vectors of 64 unsigned bytes from 256 bytes of nibbles (see [`put_nibbles`]).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn unpack_nibbles(p: *const u8) -> [std::arch::x86_64::__m512i; 8] {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut w = [_mm512_setzero_si512(); 8];
+    for j in 0..4 {
+        let v = _mm512_loadu_si512(p.add(64 * j) as *const __m512i);
+        w[j] = _mm512_and_si512(v, mask);
+        w[j + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    }
+    w
+}
+
+/// One tile against `R` activation rows for Q4_K, `nsb` super-blocks: per
+/// 32-value sub-block eight `vpdpbusd` per row, the sum times the sub-block's
+/// scale added in integers (and the mins' dot with the activations' sums per 32),
+/// one conversion per super-block: d·d8·Σ − dmin·d8·Σmins.
+///
+/// # Safety
+/// As [`tile_dot`]; the activations carry their 256-value blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_dot_q4k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow<'_>], out: SyncPtr, stride: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(ys.len() >= R);
+    let mut acc = [_mm512_setzero_ps(); R];
+    for sb in 0..nsb {
+        let base = tile.add(sb * Q4K_TILE);
+        let mut isum = [_mm512_setzero_si512(); R];
+        let mut msum = [_mm512_setzero_si512(); R];
+        for j in 0..8 {
+            let sc = _mm512_cvtepu8_epi32(_mm_loadu_si128(base.add(128 + 16 * j) as *const __m128i));
+            let mn = _mm512_cvtepu8_epi32(_mm_loadu_si128(base.add(256 + 16 * j) as *const __m128i));
+            let w = unpack_nibbles(base.add(384 + 256 * j));
+            for r in 0..R {
+                let y = ys.get_unchecked(r);
+                let q = y.kq.as_ptr().add(sb * SUPER + j * BLOCK) as *const i32;
+                let mut s = _mm512_setzero_si512();
+                for (g, wg) in w.iter().enumerate() {
+                    s = _mm512_dpbusd_epi32(s, *wg, _mm512_set1_epi32(q.add(g).read_unaligned()));
+                }
+                isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(s, sc));
+                let ysum = _mm512_set1_epi32(*y.ks.get_unchecked(sb * 8 + j));
+                msum[r] = _mm512_add_epi32(msum[r], _mm512_mullo_epi32(mn, ysum));
+            }
+        }
+        let d = _mm512_loadu_ps(base as *const f32);
+        let dmin = _mm512_loadu_ps(base.add(64) as *const f32);
+        for r in 0..R {
+            let d8 = _mm512_set1_ps(*ys.get_unchecked(r).kd.get_unchecked(sb));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), _mm512_mul_ps(d, d8), acc[r]);
+            acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(msum[r]), _mm512_mul_ps(dmin, d8), acc[r]);
+        }
+    }
+    for (r, a) in acc.iter().enumerate() {
+        _mm512_storeu_ps(out.add(r * stride), *a);
+    }
+}
+
+/// One tile against `R` activation rows for Q6_K: the values q − 32 as the
+/// signed operand, the activations plus 128 (their sign bit flipped) as the
+/// unsigned one; per 16-value group its own sum times its scale, added in
+/// integers; less the packed correction C, one conversion per super-block.
+///
+/// # Safety
+/// As [`tile_dot`]; the activations carry their 256-value blocks.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_dot_q6k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow<'_>], out: SyncPtr, stride: usize) {
+    use std::arch::x86_64::*;
+    debug_assert!(ys.len() >= R);
+    const FLIP: i32 = 0x8080_8080_u32 as i32;
+    let mut acc = [_mm512_setzero_ps(); R];
+    for sb in 0..nsb {
+        let base = tile.add(sb * Q6K_TILE);
+        let mut isum = [_mm512_setzero_si512(); R];
+        for j in 0..8 {
+            let sa = _mm512_cvtepi8_epi32(_mm_loadu_si128(base.add(128 + 32 * j) as *const __m128i));
+            let sb16 = _mm512_cvtepi8_epi32(_mm_loadu_si128(base.add(144 + 32 * j) as *const __m128i));
+            let mut w = [_mm512_setzero_si512(); 8];
+            for (g, wg) in w.iter_mut().enumerate() {
+                *wg = _mm512_loadu_si512(base.add(384 + 512 * j + 64 * g) as *const __m512i);
+            }
+            for r in 0..R {
+                let y = ys.get_unchecked(r);
+                let q = y.kq.as_ptr().add(sb * SUPER + j * BLOCK) as *const i32;
+                let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+                for g in 0..4 {
+                    s0 = _mm512_dpbusd_epi32(s0, _mm512_set1_epi32(q.add(g).read_unaligned() ^ FLIP), w[g]);
+                    s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(q.add(g + 4).read_unaligned() ^ FLIP), w[g + 4]);
+                }
+                let both = _mm512_add_epi32(_mm512_mullo_epi32(s0, sa), _mm512_mullo_epi32(s1, sb16));
+                isum[r] = _mm512_add_epi32(isum[r], both);
+            }
+        }
+        let d = _mm512_loadu_ps(base as *const f32);
+        let c = _mm512_loadu_si512(base.add(64) as *const __m512i);
+        for r in 0..R {
+            let d8 = _mm512_set1_ps(*ys.get_unchecked(r).kd.get_unchecked(sb));
+            let total = _mm512_cvtepi32_ps(_mm512_sub_epi32(isum[r], c));
+            acc[r] = _mm512_fmadd_ps(total, _mm512_mul_ps(d, d8), acc[r]);
         }
     }
     for (r, a) in acc.iter().enumerate() {
@@ -969,19 +1148,15 @@ mod tests {
             eprintln!("no AVX-512 VNNI here: the int8 GEMM is not used");
             return;
         }
-        let (rows, cols) = (48, 96);
-        let w = weights(rows, cols);
-        for kind in [Kind::Q41, Kind::Q80] {
-            let raw: Vec<u8> = w
-                .chunks(cols)
-                .flat_map(|r| {
-                    if kind == Kind::Q41 {
-                        quantize_q4_1(r)
-                    } else {
-                        quantize_q8_0(r)
-                    }
-                })
-                .collect();
+        for kind in [Kind::Q41, Kind::Q80, Kind::Q4K, Kind::Q6K] {
+            let k = matches!(kind, Kind::Q4K | Kind::Q6K);
+            let (rows, cols) = (48, if k { 512 } else { 96 });
+            let w = weights(rows, cols);
+            let raw: Vec<u8> = match kind {
+                Kind::Q41 => w.chunks(cols).flat_map(quantize_q4_1).collect(),
+                Kind::Q80 => w.chunks(cols).flat_map(quantize_q8_0).collect(),
+                _ => k_quantized(kind, &w, rows, cols).0,
+            };
             let plain = QMat::new(kind, raw.clone(), rows, cols).expect("shape");
             let mut tiled = QMat::new(kind, raw, rows, cols).expect("shape");
             assert!(tiled.tile(), "{kind:?} tiles");
@@ -990,7 +1165,7 @@ mod tests {
                 let pool = Pool::new(threads);
                 for b in 1..20 {
                     let x: Vec<f32> = (0..b * cols).map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0).collect();
-                    let acts = Q8Acts::quantize(&x, cols, false);
+                    let acts = Q8Acts::quantize(&x, cols, k);
                     let mut want = vec![0f32; b * rows];
                     plain.matmul(&acts, &mut want, &pool);
                     let mut got = vec![f32::NAN; b * rows];
