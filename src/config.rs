@@ -214,6 +214,13 @@ pub struct ChatSettings {
     pub excerpt_chars: usize,
     /// Past messages read for the prompt (then cut to the context budget).
     pub history_messages: u32,
+    /// Past questions are replayed with the sources they were answered from, so a
+    /// turn's prompt begins with the whole previous one (the prompt cache then
+    /// prefills only the new sources and question).
+    pub history_sources: bool,
+    /// The history in the prompt comes in windows of at most this many tokens
+    /// (0: the context's room), so its start changes only when one fills up.
+    pub history_tokens: usize,
     /// Longest accepted message, in characters.
     pub max_message_chars: usize,
     /// The most sources a request may ask for (`top_k`).

@@ -464,6 +464,8 @@ fn chat_limits(settings: &Settings) -> ChatLimits {
         temperature: c.temperature,
         excerpt_chars: c.excerpt_chars,
         history_messages: c.history_messages,
+        history_sources: c.history_sources,
+        history_tokens: c.history_tokens,
         system_prompt: c.system_prompt.clone(),
         model_name: settings.models.generator_name.clone(),
     }

@@ -9,7 +9,7 @@
 use actix_web::{web, HttpResponse, HttpResponseBuilder};
 use chrono::Utc;
 use futures_util::stream;
-use ragchat_actors::chat::records::{Cursor, Role};
+use ragchat_actors::chat::records::{Cursor, Role, PROMPT_MESSAGE};
 use ragchat_actors::chat::stream::Event;
 use ragchat_actors::chat::turn::{ChatEvent, ChatRequest, ChatResponse, Turn};
 use ragchat_actors::domain::Page;
@@ -200,6 +200,15 @@ pub struct MessagePage {
     pub next_before: Option<String>,
 }
 
+/// A message's metadata as shown: without the question as the model read it
+/// (internal: the full text of its sources, replayed in later prompts).
+fn without_prompt_message(mut metadata: Value) -> Value {
+    if let Some(m) = metadata.as_object_mut() {
+        m.remove(PROMPT_MESSAGE);
+    }
+    metadata
+}
+
 /// A page of a conversation: the newest messages, or those before a cursor.
 #[utoipa::path(get, path = "/chat/sessions/{id}/messages", tag = "chat", security(("bearer" = [])),
     params(("before" = Option<String>, Query), ("limit" = Option<u32>, Query, description = "1 to 200, default 50")),
@@ -242,7 +251,7 @@ pub async fn session_messages(
                 role: m.role,
                 content: m.content,
                 created_at: m.created_at,
-                metadata: m.metadata,
+                metadata: without_prompt_message(m.metadata),
             })
             .collect(),
         next_before,

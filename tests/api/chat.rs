@@ -255,6 +255,53 @@ async fn messages_are_answered_from_the_knowledge_base_and_kept_per_user() {
 }
 
 /// Server-sent events of one response: (event, data) pairs.
+#[actix_web::test]
+async fn a_follow_up_prefills_only_its_new_sources_and_question() {
+    let Some((app, _admin, _user, token)) = chat_app().await else {
+        return;
+    };
+    let turn = |message: &str, session: Option<&str>| {
+        json!({"message": message, "session_id": session, "debug_mode": true, "max_tokens": 12})
+    };
+    let first = expect(
+        app.post_json("/chat/message", &turn("Which port does the Zorblax protocol use?", None), Some(&token))
+            .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(first["response_type"], "rag_enhanced", "{first}");
+    let session = first["session_id"].as_str().expect("session").to_string();
+    let prompt = first["debug_info"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    let second = expect(
+        app.post_json(
+            "/chat/message",
+            &turn("How long is bread baked?", Some(&session)),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    let debug = &second["debug_info"];
+    assert_eq!(debug["history_messages_in_prompt"], 2, "{second}");
+    let cached = debug["cached_prompt_tokens"].as_u64().expect("cached");
+    // The first question came back with its sources: the whole first prompt (and
+    // its answer) was reused, only the new sources and question were prefilled.
+    assert!(cached >= prompt, "the first prompt ({prompt} tokens) was reused: {second}");
+    assert!(debug["prompt_tokens"].as_u64().expect("prompt") > cached);
+
+    // What the model read stays internal: the conversation shows the question.
+    let page = expect(
+        app.get(&format!("/chat/sessions/{session}/messages"), Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    let messages = page["messages"].as_array().expect("messages");
+    assert_eq!(messages.len(), 4, "{page}");
+    assert_eq!(messages[0]["content"], "Which port does the Zorblax protocol use?");
+    assert!(messages.iter().all(|m| m["metadata"].get("prompt_message").is_none()), "{page}");
+}
+
 async fn read_sse(resp: reqwest::Response, stop_after_tokens: Option<usize>) -> Vec<(String, Value)> {
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(resp

@@ -21,14 +21,29 @@ pub struct Prompt {
     pub tokens: Vec<u32>,
     pub sources_used: usize,
     pub history_used: usize,
+    /// The question as the model read it: with its sources, when it had any.
+    /// Stored with the question, it stands for it in the next turns' history.
+    pub question_message: String,
 }
 
 /// Builds the prompt within `budget` tokens (the context minus the room kept for
 /// the answer), in the order system prompt, past messages, sources with the
 /// question. Room goes first to the question, then to the sources (the
-/// lowest-ranked are dropped when they would not fit), then to past messages
-/// newest first (oldest dropped first). `history` is in time order. The
-/// question itself must fit, or the request is invalid.
+/// lowest-ranked are dropped when they would not fit), then to past messages.
+/// `history` is in time order; a past question may carry the sources it was
+/// asked with ([`Prompt::question_message`], stored with it), so that a turn's
+/// prompt begins with the whole previous one and the model's prompt cache
+/// prefills only what is new. The question itself must fit, or the request is
+/// invalid.
+///
+/// Which past messages: the history is cut into windows of at most
+/// `history_tokens` tokens (0: the budget), from the oldest message read, each
+/// beginning with a question; the prompt holds the newest window. A new turn
+/// joins the last window, or starts the next one when it would not fit: then,
+/// and only then, the prompt stops beginning with the previous one. (Keeping the
+/// newest messages that fit would drop one more old message every turn, and
+/// change the start of every prompt.) Should the window and the question still
+/// not fit the budget, its oldest turns are dropped.
 pub fn build_prompt(
     tok: &dyn ChatTokenizer,
     system: &str,
@@ -36,6 +51,7 @@ pub fn build_prompt(
     history: &[(Role, String)],
     question: &str,
     budget: usize,
+    history_tokens: usize,
 ) -> Result<Prompt, ModelError> {
     let count =
         |turns: &[(String, String)]| -> Result<usize, ModelError> { Ok(tok.encode(&tok.chat_prompt(turns))?.len()) };
@@ -67,27 +83,41 @@ pub fn build_prompt(
         sources_used -= 1;
     }
     let q = question_with(sources_used);
-    // History: one message at a time from the newest, while the whole still fits.
-    let mut kept = 0;
-    let mut total = count(&[head.clone(), q.clone()])?;
-    for (role, text) in history.iter().rev() {
-        // The template adds a few tokens per message; count them with the message.
-        let one = count(&[(role.as_str().to_string(), text.clone())])?;
-        let marker = count(&[])?;
-        let cost = one.saturating_sub(marker);
-        if total + cost > budget {
-            break;
+    // History: the newest window (see above). The template adds a few tokens per
+    // message; they are counted with the message.
+    let marker = count(&[])?;
+    let limit = if history_tokens == 0 {
+        budget
+    } else {
+        history_tokens.min(budget)
+    };
+    let mut start = 0;
+    let mut window = 0;
+    let mut i = 0;
+    while i < history.len() {
+        // A question with the answers that follow it: one turn.
+        let mut end = i + 1;
+        while end < history.len() && history[end].0 != Role::User {
+            end += 1;
         }
-        total += cost;
-        kept += 1;
+        let mut cost = 0;
+        for (role, text) in &history[i..end] {
+            cost += count(&[(role.as_str().to_string(), text.clone())])?.saturating_sub(marker);
+        }
+        if window > 0 && window + cost > limit {
+            start = i;
+            window = 0;
+        }
+        window += cost;
+        i = end;
     }
     // Turns must begin with the user: an answer without its question is dropped.
-    let mut start = history.len() - kept;
     while start < history.len() && history[start].0 != Role::User {
         start += 1;
     }
-    // The per-message costs assume tokens do not merge across message
-    // boundaries; if the whole comes out longer, drop the oldest turns again.
+    // The window and the question may not fit together (and the per-message
+    // costs assume tokens do not merge across message boundaries): drop the
+    // oldest turns until the whole fits.
     loop {
         let mut turns = vec![head.clone()];
         turns.extend(
@@ -102,6 +132,7 @@ pub fn build_prompt(
                 tokens,
                 sources_used,
                 history_used: history.len() - start,
+                question_message: q.1,
             });
         }
         if start >= history.len() {
@@ -158,7 +189,7 @@ mod tests {
     #[test]
     fn everything_fits_in_a_large_budget() {
         let history = vec![(Role::User, words(5, "q")), (Role::Assistant, words(5, "a"))];
-        let p = build_prompt(&Words, "sys", &passages(), &history, "question now", 1000).expect("prompt");
+        let p = build_prompt(&Words, "sys", &passages(), &history, "question now", 1000, 0).expect("prompt");
         assert_eq!((p.sources_used, p.history_used), (3, 2));
     }
 
@@ -170,14 +201,14 @@ mod tests {
                 (r, words(10, &format!("t{i}")))
             })
             .collect();
-        let full = build_prompt(&Words, "sys", &[], &history, "q", 10_000).expect("prompt");
+        let full = build_prompt(&Words, "sys", &[], &history, "q", 10_000, 0).expect("prompt");
         assert_eq!(full.history_used, 10);
         // Room for the head, the question and about three messages of 12 tokens.
-        let head = build_prompt(&Words, "sys", &[], &[], "q", 10_000)
+        let head = build_prompt(&Words, "sys", &[], &[], "q", 10_000, 0)
             .expect("prompt")
             .tokens
             .len();
-        let p = build_prompt(&Words, "sys", &[], &history, "q", head + 3 * 12 + 2).expect("prompt");
+        let p = build_prompt(&Words, "sys", &[], &history, "q", head + 3 * 12 + 2, 0).expect("prompt");
         assert_eq!(
             p.history_used, 2,
             "three fit, but the oldest of them is an answer: dropped"
@@ -187,25 +218,25 @@ mod tests {
 
     #[test]
     fn low_ranked_sources_are_dropped_when_they_do_not_fit() {
-        let head = build_prompt(&Words, "sys", &[], &[], "q", 10_000)
+        let head = build_prompt(&Words, "sys", &[], &[], "q", 10_000, 0)
             .expect("prompt")
             .tokens
             .len();
-        let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 50).expect("prompt");
+        let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 50, 0).expect("prompt");
         assert_eq!(p.sources_used, 2, "each source costs 22 tokens");
-        let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 10).expect("prompt");
+        let p = build_prompt(&Words, "sys", &passages(), &[], "q", head + 10, 0).expect("prompt");
         assert_eq!(p.sources_used, 0);
     }
 
     #[test]
     fn the_next_turn_begins_with_this_turns_system_prompt_and_history() {
         let history = vec![(Role::User, words(5, "q")), (Role::Assistant, words(5, "a"))];
-        let first = build_prompt(&Words, "sys", &passages(), &history, "first", 1000).expect("prompt");
+        let first = build_prompt(&Words, "sys", &passages(), &history, "first", 1000, 0).expect("prompt");
         let mut next_history = history.clone();
         next_history.push((Role::User, "first".into()));
         next_history.push((Role::Assistant, words(4, "answer")));
         let other: Vec<Passage> = passages().into_iter().rev().collect();
-        let next = build_prompt(&Words, "sys", &other, &next_history, "second", 1000).expect("prompt");
+        let next = build_prompt(&Words, "sys", &other, &next_history, "second", 1000, 0).expect("prompt");
         let turns: Vec<(String, String)> = std::iter::once(("system".to_string(), "sys".to_string()))
             .chain(history.iter().map(|(r, t)| (r.as_str().to_string(), t.clone())))
             .collect();
@@ -217,8 +248,38 @@ mod tests {
     }
 
     #[test]
+    fn a_turn_begins_with_the_whole_previous_prompt_until_its_window_is_full() {
+        // Each past question replayed as the model read it, sources included; a turn
+        // is 78 tokens here, so a window of 200 holds two.
+        let mut history: Vec<(Role, String)> = Vec::new();
+        let mut previous: Option<Vec<u32>> = None;
+        let (mut kept, mut restarted) = (Vec::new(), Vec::new());
+        for turn in 0..8 {
+            let question = format!("question {turn}");
+            let p = build_prompt(&Words, "sys", &passages(), &history, &question, 10_000, 200).expect("prompt");
+            assert!(p.question_message.starts_with("Sources:") && p.question_message.ends_with(&question));
+            if let Some(prev) = &previous {
+                if p.tokens.starts_with(prev) {
+                    kept.push(turn);
+                } else {
+                    restarted.push(turn);
+                    assert_eq!(p.history_used, 2, "a new window holds the previous turn");
+                }
+            }
+            history.push((Role::User, p.question_message.clone()));
+            history.push((Role::Assistant, words(4, "answer")));
+            previous = Some(p.tokens);
+        }
+        assert_eq!(kept, [1, 2, 4, 6]);
+        assert_eq!(restarted, [3, 5, 7]);
+        // Without a window of its own the history fills the budget.
+        let p = build_prompt(&Words, "sys", &passages(), &history, "q", 10_000, 0).expect("prompt");
+        assert_eq!(p.history_used, history.len());
+    }
+
+    #[test]
     fn a_question_longer_than_the_budget_is_refused() {
-        let r = build_prompt(&Words, "sys", &[], &[], &words(100, "w"), 50);
+        let r = build_prompt(&Words, "sys", &[], &[], &words(100, "w"), 50, 0);
         assert!(matches!(r, Err(ModelError::TooLong(_))));
     }
 }

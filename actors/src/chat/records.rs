@@ -57,6 +57,10 @@ pub struct ChatRecord {
     pub metadata: serde_json::Value,
 }
 
+/// The metadata key of a question's text as the model read it (with its
+/// sources): internal, replayed in later prompts, left out of the API's views.
+pub const PROMPT_MESSAGE: &str = "prompt_message";
+
 /// `t` cut to whole milliseconds.
 pub fn to_millis(t: DateTime<Utc>) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(t.timestamp_millis()).single().unwrap_or(t)

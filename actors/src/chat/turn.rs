@@ -33,7 +33,7 @@ use tokio::sync::mpsc::unbounded_channel;
 use uuid::Uuid;
 
 use super::prompt::{build_prompt, Passage, DEFAULT_SYSTEM_PROMPT};
-use super::records::{title_of, to_millis, ChatRecord, ChatSession, Role};
+use super::records::{title_of, to_millis, ChatRecord, ChatSession, Role, PROMPT_MESSAGE};
 use super::stream::{Event, Finish, Generation, Step};
 use crate::admission::registry::Ticket;
 use crate::generate_worker::{GenerateRequest, GenerateWorker};
@@ -180,6 +180,10 @@ pub struct ChatLimits {
     pub temperature: f32,
     pub excerpt_chars: usize,
     pub history_messages: u32,
+    /// Past questions come back with their sources (`chat.history_sources`).
+    pub history_sources: bool,
+    /// Window of the history in the prompt, in tokens (`chat.history_tokens`).
+    pub history_tokens: usize,
     /// Empty: the built-in system prompt.
     pub system_prompt: String,
     /// The generation model's name (in debug_info).
@@ -294,7 +298,14 @@ impl ChatService {
                         let history: Vec<(Role, String)> = past
                             .into_iter()
                             .filter(|m| !m.content.trim().is_empty())
-                            .map(|m| (m.role, m.content))
+                            .map(|m| {
+                                // The question as the model read it, sources included.
+                                let asked = match (limits.history_sources, m.metadata.get(PROMPT_MESSAGE)) {
+                                    (true, Some(Value::String(s))) if m.role == Role::User => Some(s.clone()),
+                                    _ => None,
+                                };
+                                (m.role, asked.unwrap_or(m.content))
+                            })
                             .collect();
                         (s, false, history)
                     }
@@ -367,7 +378,9 @@ impl ChatService {
             .saturating_sub(max_tokens.min(worker.context_len() / 2));
         let tok = worker.tokenizer().clone();
         let (q, history_len) = (question.clone(), history.len());
-        let prompt = off_thread(move || build_prompt(tok.as_ref(), &system, &passages, &history, &q, budget)).await??;
+        let window = limits.history_tokens;
+        let prompt =
+            off_thread(move || build_prompt(tok.as_ref(), &system, &passages, &history, &q, budget, window)).await??;
         let sources: Vec<SourceView> = hits
             .iter()
             .take(prompt.sources_used)
@@ -413,7 +426,13 @@ impl ChatService {
                 role: Role::User,
                 content: question,
                 created_at: now,
-                metadata: json!({}),
+                // With sources, the question as the model read it (for the next
+                // turns' prompts; not shown in the conversation's messages).
+                metadata: if prompt.sources_used > 0 {
+                    json!({ PROMPT_MESSAGE: prompt.question_message })
+                } else {
+                    json!({})
+                },
             },
             session,
             is_new,
@@ -862,6 +881,8 @@ mod tests {
             temperature: 0.3,
             excerpt_chars: 20,
             history_messages: 10,
+            history_sources: true,
+            history_tokens: 0,
             system_prompt: String::new(),
             model_name: "m".into(),
         }
