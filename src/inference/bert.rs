@@ -21,11 +21,11 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use ragchat_actors::inference::{Embedder, ModelError};
-use rayon::prelude::*;
 use serde::Deserialize;
 use tokenizers::{Tokenizer, TruncationParams};
 
 use super::fast::dot;
+use super::pool::{share, Pool, SyncPtr};
 use super::{exp_in_place, fast_exp, lane_max, model_error};
 
 #[derive(Deserialize)]
@@ -52,48 +52,63 @@ struct Dense {
     inp: usize,
 }
 
-/// Products below this many multiply-adds run on the calling thread: one
-/// sentence (~40 rows) is faster on one core than split, measured on 2 cores.
-const PARALLEL_MIN: usize = 32 << 20;
+/// Products below this many multiply-adds run on the calling thread; above it
+/// the output columns are shared among the pool's threads (the pool spins between
+/// the products of a forward, so even one sentence's ~18M-MAC products gain).
+const PARALLEL_MIN: usize = 1 << 20;
 
 impl Dense {
     /// y ← x·wᵀ + b, reusing y's memory (fresh pages of large buffers cost
     /// page faults on every layer otherwise).
-    fn forward_into(&self, x: &[f32], rows: usize, y: &mut Vec<f32>) {
+    fn forward_into(&self, x: &[f32], rows: usize, y: &mut Vec<f32>, pool: &Pool) {
         y.clear();
         y.reserve(rows * self.out);
         for _ in 0..rows {
             y.extend_from_slice(&self.b);
         }
-        let par = if rows * self.out * self.inp >= PARALLEL_MIN {
-            gemm::Parallelism::Rayon(0)
+        assert!(x.len() >= rows * self.inp && y.len() == rows * self.out, "dense shapes");
+        let threads = if rows * self.out * self.inp >= PARALLEL_MIN {
+            pool.threads()
         } else {
-            gemm::Parallelism::None
+            1
         };
-        // SAFETY: x holds rows × inp, w out × inp, y rows × out values (built above),
-        // and the strides below describe exactly those row-major layouts.
-        unsafe {
-            gemm::gemm(
-                rows,
-                self.out,
-                self.inp,
-                y.as_mut_ptr(),
-                1,
-                self.out as isize,
-                true,
-                x.as_ptr(),
-                1,
-                self.inp as isize,
-                self.w.as_ptr(),
-                self.inp as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                par,
-            );
+        let out = SyncPtr(y.as_mut_ptr());
+        let part = |i: usize| {
+            let cols = share(self.out, threads, i, 16);
+            if cols.is_empty() {
+                return;
+            }
+            // SAFETY: x holds rows × inp, w out × inp and y rows × out values
+            // (asserted above); this part writes columns `cols` of y only, and the
+            // strides describe those row-major layouts.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols.len(),
+                    self.inp,
+                    out.add(cols.start),
+                    1,
+                    self.out as isize,
+                    true,
+                    x.as_ptr(),
+                    1,
+                    self.inp as isize,
+                    self.w.as_ptr().add(cols.start * self.inp),
+                    self.inp as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        };
+        if threads == 1 {
+            part(0);
+        } else {
+            pool.run(&part);
         }
     }
 }
@@ -105,17 +120,21 @@ struct Norm {
 }
 
 impl Norm {
-    /// x ← LayerNorm(x + add), row by row (blocks of rows on all cores when many).
-    fn apply(&self, x: &mut [f32], add: Option<&[f32]>) {
+    /// x ← LayerNorm(x + add), row by row (the rows shared among the pool's
+    /// threads when there are many).
+    fn apply(&self, x: &mut [f32], add: Option<&[f32]>, pool: &Pool) {
         let h = self.w.len();
-        const BLOCK: usize = 256;
-        if x.len() >= 4 * BLOCK * h {
-            x.par_chunks_mut(BLOCK * h).enumerate().for_each(|(b, part)| {
-                self.apply_rows(part, add.map(|a| &a[b * BLOCK * h..(b * BLOCK * h + part.len())]))
-            });
-        } else {
-            self.apply_rows(x, add);
+        let rows = x.len() / h;
+        if rows < 64 || pool.threads() == 1 {
+            return self.apply_rows(x, add);
         }
+        let (threads, base) = (pool.threads(), SyncPtr(x.as_mut_ptr()));
+        pool.run(&|i| {
+            let part = share(rows, threads, i, 1);
+            // SAFETY: each thread takes its own rows of x.
+            let mine = unsafe { std::slice::from_raw_parts_mut(base.add(part.start * h), part.len() * h) };
+            self.apply_rows(mine, add.map(|a| &a[part.start * h..part.end * h]));
+        });
     }
 
     fn apply_rows(&self, x: &mut [f32], add: Option<&[f32]>) {
@@ -259,7 +278,7 @@ impl Weights {
     }
 
     /// Sentence embeddings (mean-pooled, unit length) of tokenized sentences.
-    fn embed(&self, seqs: &[(Vec<u32>, Vec<u32>)]) -> Result<Vec<Vec<f32>>, ModelError> {
+    fn embed(&self, seqs: &[(Vec<u32>, Vec<u32>)], pool: &Pool) -> Result<Vec<Vec<f32>>, ModelError> {
         let h = self.hidden;
         let vocab = self.word.len() / h;
         let types = self.token_type.len() / h;
@@ -288,23 +307,27 @@ impl Weights {
             }
         }
         let rows = x.len() / h;
-        self.embed_norm.apply(&mut x, None);
+        self.embed_norm.apply(&mut x, None, pool);
         let (mut qkv, mut ctx, mut a, mut inter, mut o) = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for l in &self.layers {
-            l.qkv.forward_into(&x, rows, &mut qkv);
-            self.attention(&qkv, &spans, rows, &mut ctx);
-            l.attn_out.forward_into(&ctx, rows, &mut a);
-            l.attn_norm.apply(&mut x, Some(&a));
-            l.inter.forward_into(&x, rows, &mut inter);
-            if inter.len() >= 1 << 20 {
-                inter
-                    .par_chunks_mut(1 << 16)
-                    .for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
+            l.qkv.forward_into(&x, rows, &mut qkv, pool);
+            self.attention(&qkv, &spans, rows, &mut ctx, pool);
+            l.attn_out.forward_into(&ctx, rows, &mut a, pool);
+            l.attn_norm.apply(&mut x, Some(&a), pool);
+            l.inter.forward_into(&x, rows, &mut inter, pool);
+            if inter.len() >= 1 << 14 {
+                let (n, threads, base) = (inter.len(), pool.threads(), SyncPtr(inter.as_mut_ptr()));
+                pool.run(&|i| {
+                    let part = share(n, threads, i, 16);
+                    // SAFETY: each thread takes its own values of inter.
+                    let mine = unsafe { std::slice::from_raw_parts_mut(base.add(part.start), part.len()) };
+                    mine.iter_mut().for_each(|v| *v = gelu(*v));
+                });
             } else {
                 inter.iter_mut().for_each(|v| *v = gelu(*v));
             }
-            l.out.forward_into(&inter, rows, &mut o);
-            l.out_norm.apply(&mut x, Some(&o));
+            l.out.forward_into(&inter, rows, &mut o, pool);
+            l.out_norm.apply(&mut x, Some(&o), pool);
         }
         Ok(spans
             .iter()
@@ -321,7 +344,7 @@ impl Weights {
     }
 
     /// Self-attention of each sentence over its own tokens, head by head.
-    fn attention(&self, qkv: &[f32], spans: &[(usize, usize)], rows: usize, ctx: &mut Vec<f32>) {
+    fn attention(&self, qkv: &[f32], spans: &[(usize, usize)], rows: usize, ctx: &mut Vec<f32>, pool: &Pool) {
         let h = self.hidden;
         let hd = h / self.heads;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -357,8 +380,25 @@ impl Weights {
         let jobs: Vec<(usize, usize)> = (0..spans.len())
             .flat_map(|s| (0..self.heads).map(move |head| (s, head)))
             .collect();
-        let results: Vec<Vec<f32>> = if work >= PARALLEL_MIN / 4 {
-            jobs.par_iter().map(|&(s, head)| one(&spans[s], head)).collect()
+        let results: Vec<Vec<f32>> = if work >= PARALLEL_MIN / 4 && pool.threads() > 1 && jobs.len() > 1 {
+            // Jobs dealt out in turn (sentences differ in length); each thread
+            // keeps its results in a slot of its own.
+            let threads = pool.threads();
+            let slots: Vec<std::sync::Mutex<Vec<(usize, Vec<f32>)>>> =
+                (0..threads).map(|_| std::sync::Mutex::new(Vec::new())).collect();
+            pool.run(&|t| {
+                let mine: Vec<(usize, Vec<f32>)> = (t..jobs.len())
+                    .step_by(threads)
+                    .map(|j| (j, one(&spans[jobs[j].0], jobs[j].1)))
+                    .collect();
+                *slots[t].lock().unwrap_or_else(|p| p.into_inner()) = mine;
+            });
+            let mut all: Vec<(usize, Vec<f32>)> = slots
+                .into_iter()
+                .flat_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
+                .collect();
+            all.sort_unstable_by_key(|(j, _)| *j);
+            all.into_iter().map(|(_, r)| r).collect()
         } else {
             jobs.iter().map(|&(s, head)| one(&spans[s], head)).collect()
         };
@@ -456,6 +496,8 @@ fn attention_gemm(
 
 pub struct BertEmbedder {
     weights: Weights,
+    /// Threads for the products, attention and norms (spinning between them).
+    pool: Pool,
     tokenizer: Tokenizer,
     max_tokens: usize,
 }
@@ -485,8 +527,10 @@ impl BertEmbedder {
                 ..Default::default()
             }))
             .map_err(model_error)?;
+        let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(BertEmbedder {
             weights: Weights::load(dir, &config)?,
+            pool: Pool::new(threads),
             tokenizer,
             max_tokens,
         })
@@ -513,7 +557,7 @@ impl Embedder for BertEmbedder {
             .iter()
             .map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec()))
             .collect();
-        self.weights.embed(&seqs)
+        self.weights.embed(&seqs, &self.pool)
     }
 }
 

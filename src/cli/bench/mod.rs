@@ -26,6 +26,12 @@ pub enum BenchTarget {
         /// Seconds per embedding measurement.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// BEIR corpus.jsonl whose first 128 abstracts are the passages measured.
+        #[arg(long, default_value = "../shared/data/scifact/corpus.jsonl")]
+        passages: std::path::PathBuf,
+        /// Measure the embeddings only.
+        #[arg(long)]
+        embeddings_only: bool,
         /// Measure a model shape (written once to ~/.cache/ragchat-bench) instead of
         /// the configured models.
         #[arg(long, value_enum)]
@@ -73,8 +79,18 @@ pub async fn run(what: BenchTarget, settings: Settings) -> anyhow::Result<()> {
         } => {
             tokio::task::spawn_blocking(move || shape::run(shape, &layouts)).await??;
         }
-        BenchTarget::Models { seconds, .. } => {
-            models::run(settings, seconds).await?;
+        BenchTarget::Models {
+            seconds,
+            passages,
+            embeddings_only,
+            ..
+        } => {
+            let opts = models::Options {
+                seconds,
+                passages,
+                embeddings_only,
+            };
+            models::run(settings, opts).await?;
         }
         BenchTarget::Search {
             chunks,

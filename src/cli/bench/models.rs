@@ -7,6 +7,101 @@ use ragchat::config::Settings;
 
 use super::common::ms;
 
+/// What `ragchat bench models` measures.
+pub struct Options {
+    /// Seconds per embedding measurement.
+    pub seconds: f64,
+    /// BEIR corpus.jsonl whose abstracts are the passages.
+    pub passages: std::path::PathBuf,
+    /// Stop after the embeddings.
+    pub embeddings_only: bool,
+}
+
+/// The first `n` texts of a BEIR corpus.jsonl ("title" and "text" per line; the
+/// text alone is embedded); empty when the file cannot be read.
+fn scifact_passages(path: &std::path::Path, n: usize) -> Vec<String> {
+    let Ok(data) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    data.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["text"].as_str().map(str::to_string))
+        .filter(|t| !t.trim().is_empty())
+        .take(n)
+        .collect()
+}
+
+/// sentence-transformers on the same model directory
+/// (scripts/st_bench.py, in the environment scripts/setup-sentence-transformers
+/// makes: `ST_VENV`, default ~/.cache/ragchat-st-venv), one process for the
+/// whole comparison.
+struct SentenceTransformers {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+    version: String,
+}
+
+impl SentenceTransformers {
+    /// Starts it and waits for the model to load; why not, when it cannot.
+    fn start(model_dir: &str, threads: usize, max_tokens: usize) -> Result<Self, String> {
+        let venv = std::env::var("ST_VENV").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ragchat-st-venv")
+        });
+        let python = venv.join("bin/python");
+        if !python.exists() {
+            return Err(format!(
+                "no environment at {}: run scripts/setup-sentence-transformers",
+                venv.display()
+            ));
+        }
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/st_bench.py");
+        let mut child = std::process::Command::new(&python)
+            .arg(&script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("{}: {e}", python.display()))?;
+        let (Some(input), Some(output)) = (child.stdin.take(), child.stdout.take()) else {
+            return Err("no pipes to scripts/st_bench.py".into());
+        };
+        let mut st = SentenceTransformers {
+            child,
+            input,
+            output: std::io::BufReader::new(output),
+            version: String::new(),
+        };
+        let hello = st.ask(&serde_json::json!({"model_dir": model_dir, "threads": threads, "max_tokens": max_tokens}))?;
+        st.version = hello["version"].as_str().unwrap_or("?").to_string();
+        Ok(st)
+    }
+
+    fn ask(&mut self, request: &serde_json::Value) -> Result<serde_json::Value, String> {
+        use std::io::{BufRead, Write};
+        writeln!(self.input, "{request}").map_err(|e| format!("scripts/st_bench.py: {e}"))?;
+        let mut line = String::new();
+        self.output
+            .read_line(&mut line)
+            .map_err(|e| format!("scripts/st_bench.py: {e}"))?;
+        serde_json::from_str(&line).map_err(|_| "scripts/st_bench.py stopped (run it by hand to see why)".to_string())
+    }
+
+    /// Texts per second at `batch`, cycling through `texts`.
+    fn rate(&mut self, texts: &[String], batch: usize, seconds: f64) -> Option<f64> {
+        self.ask(&serde_json::json!({"texts": texts, "batch": batch, "seconds": seconds}))
+            .ok()
+            .and_then(|v| v["rate"].as_f64())
+    }
+}
+
+impl Drop for SentenceTransformers {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Sentences of about 45 tokens for the embedding benchmark.
 fn sentences(n: usize) -> Vec<String> {
     let base = [
@@ -27,10 +122,11 @@ fn sentences(n: usize) -> Vec<String> {
 
 /// `ragchat bench models`: embeddings (sentences/s at batch 1, 8, 32) and
 /// generation (prefill and decode tokens/s, aggregate decode with 8 streams, time to
-/// first token with a 1,000-token prompt at 1 and 8 concurrent requests), printed
-/// beside the reference figures of llama.cpp and sentence-transformers measured on
-/// the development machine (their tools are not installed here).
-pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
+/// first token with a 1,000-token prompt at 1 and 8 concurrent requests), beside
+/// sentence-transformers and llama.cpp run in the same run where they are installed
+/// (scripts/setup-sentence-transformers, scripts/build-llama-cpp).
+pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<String> {
+    let seconds = opts.seconds;
     use ragchat_actors::embed_worker::{EmbedConfig, EmbedWorker, Lane};
     use ragchat_actors::generate_worker::{GenEvent, GenerateConfig, GenerateRequest, GenerateWorker};
     use ragchat_actors::inference::{Embedder, SamplingParams};
@@ -51,23 +147,79 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
         ),
     );
 
-    // Embeddings, straight on the model (batch sizes exact), then through the worker.
+    // Embeddings, straight on the model (batch sizes exact), beside
+    // sentence-transformers on the same texts in the same run, then through the worker.
     let mut bert =
         ragchat::inference::bert::BertEmbedder::load(std::path::Path::new(&m.embedding_dir), m.embedding_max_tokens)?;
     let texts = sentences(256);
     let tokens = bert.count_tokens(&texts[0])?;
-    emit(&mut out, format!("\nembeddings (all-MiniLM-L6-v2, {tokens}-token sentences)   ragchat   sentence-transformers*   stock candle*\n"));
-    for (batch, st, stock) in [(1usize, 51.0, 39.0), (8, 91.0, 53.0), (32, 107.0, 65.0)] {
+    let passages = scifact_passages(&opts.passages, 128);
+    // Each measurement of ours is followed by theirs on the same texts, so a
+    // change of the machine's speed during the run touches both alike.
+    let mut st = SentenceTransformers::start(&m.embedding_dir, threads, m.embedding_max_tokens);
+    let mut theirs = |texts: &[String], batch: usize| -> Option<f64> {
+        st.as_mut().ok().and_then(|st| st.rate(texts, batch, seconds))
+    };
+    let cells = |ours: f64, theirs: Option<f64>| -> (String, String) {
+        match theirs {
+            Some(t) => (format!("{t:.1}"), format!("{:.2}×", ours / t)),
+            None => ("not measured".to_string(), String::new()),
+        }
+    };
+    emit(
+        &mut out,
+        format!(
+            "\nembeddings (all-MiniLM-L6-v2, {tokens}-token sentences)   ragchat   sentence-transformers (now)   ratio\n"
+        ),
+    );
+    let rate_of = |bert: &mut ragchat::inference::bert::BertEmbedder, texts: &[String], batch: usize| {
+        let refs = |i: usize| -> Vec<&str> {
+            (0..batch)
+                .map(|j| texts[(i + j) % texts.len()].as_str())
+                .collect()
+        };
+        bert.embed(&refs(0))?; // warm-up, as on their side
         let mut done = 0usize;
         let started = Instant::now();
         while started.elapsed().as_secs_f64() < seconds {
-            let refs: Vec<&str> = texts.iter().skip(done % 128).take(batch).map(String::as_str).collect();
-            bert.embed(&refs)?;
+            bert.embed(&refs(done))?;
             done += batch;
         }
-        let rate = done as f64 / started.elapsed().as_secs_f64();
-        emit(&mut out, format!("  batch {batch:>2}: sentences/s                        {rate:>8.1}   {st:>8.1}                {stock:>8.1}\n"));
+        anyhow::Ok(done as f64 / started.elapsed().as_secs_f64())
+    };
+    for batch in [1usize, 8, 32] {
+        let rate = rate_of(&mut bert, &texts[..128], batch)?;
+        let (their, ratio) = cells(rate, theirs(&texts[..128], batch));
+        emit(
+            &mut out,
+            format!("  batch {batch:>2}: sentences/s                        {rate:>8.1}   {their:>12}                  {ratio}\n"),
+        );
     }
+    if passages.is_empty() {
+        emit(
+            &mut out,
+            format!("  passages: not measured (no SciFact corpus at {})\n", opts.passages.display()),
+        );
+    } else {
+        let rate = rate_of(&mut bert, &passages, 32)?;
+        let (their, ratio) = cells(rate, theirs(&passages, 32));
+        emit(
+            &mut out,
+            format!(
+                "  batch 32: SciFact abstracts/s (≤ {} tokens)    {rate:>8.1}   {their:>12}                  {ratio}\n",
+                m.embedding_max_tokens
+            ),
+        );
+    }
+    match &st {
+        Ok(st) => emit(
+            &mut out,
+            format!("  sentence-transformers: {}, {threads} threads\n", st.version),
+        ),
+        Err(why) => emit(&mut out, format!("  sentence-transformers: not measured ({why})\n")),
+    }
+    drop(st);
+    drop(bert);
     let worker = EmbedWorker::start(
         {
             let dir = std::path::PathBuf::from(&m.embedding_dir);
@@ -81,6 +233,21 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
             ..ragchat::models::embed_config(m)
         },
     )?;
+    // One query at a time, as a search embeds its query with nothing else waiting.
+    let mut latencies = Vec::new();
+    for t in texts.iter().take(100) {
+        let started = Instant::now();
+        worker.embed(Lane::Interactive, vec![t.clone()]).await?;
+        latencies.push(ms(started.elapsed()));
+    }
+    latencies.sort_by(f64::total_cmp);
+    emit(
+        &mut out,
+        format!(
+            "  one query through EmbedWorker, no load: p50 {:.1} ms, p99 {:.1} ms (100 in turn)\n",
+            latencies[49], latencies[98]
+        ),
+    );
     let started = Instant::now();
     let calls = texts
         .iter()
@@ -88,8 +255,11 @@ pub async fn run(settings: Settings, seconds: f64) -> anyhow::Result<String> {
         .map(|t| worker.embed(Lane::Interactive, vec![t.clone()]));
     futures_util::future::join_all(calls).await;
     let rate = 128.0 / started.elapsed().as_secs_f64();
-    let batches = worker.stats.batches.load(std::sync::atomic::Ordering::Relaxed);
+    let batches = worker.stats.batches.load(std::sync::atomic::Ordering::Relaxed) - 100;
     emit(&mut out, format!("  128 concurrent single-sentence requests through EmbedWorker: {rate:.1} sentences/s in {batches} forwards\n"));
+    if opts.embeddings_only {
+        return Ok(out);
+    }
 
     // Generation.
     let (lm, tok) = ragchat::inference::gguf::load(
