@@ -135,8 +135,7 @@ fn int8_covers(ct: &gguf_file::Content, n_layer: usize) -> bool {
                 matches!(
                     t.ggml_dtype,
                     GgmlDType::Q4_1 | GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K
-                )
-                    && t.shape.dims().first().is_some_and(|rows| rows.is_multiple_of(16))
+                ) && t.shape.dims().first().is_some_and(|rows| rows.is_multiple_of(16))
             })
         })
     })
@@ -859,10 +858,12 @@ mod profile {
     #[ignore]
     fn decode_profile() {
         // MODEL: another GGUF file (for instance one `ragchat bench models --shape` wrote).
-        let path = std::env::var("MODEL").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
+        let path = std::env::var("MODEL")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf")
+            });
         let mut f = std::fs::File::open(&path).expect("gguf");
         let ct = gguf_file::Content::read(&mut f).expect("read");
         let w = Arc::new(LlamaWeights::from_gguf(&ct, &mut f, 2048, true).expect("model"));

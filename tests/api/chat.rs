@@ -260,12 +260,14 @@ async fn a_follow_up_prefills_only_its_new_sources_and_question() {
     let Some((app, _admin, _user, token)) = chat_app().await else {
         return;
     };
-    let turn = |message: &str, session: Option<&str>| {
-        json!({"message": message, "session_id": session, "debug_mode": true, "max_tokens": 12})
-    };
+    let turn = |message: &str, session: Option<&str>| json!({"message": message, "session_id": session, "debug_mode": true, "max_tokens": 12});
     let first = expect(
-        app.post_json("/chat/message", &turn("Which port does the Zorblax protocol use?", None), Some(&token))
-            .await,
+        app.post_json(
+            "/chat/message",
+            &turn("Which port does the Zorblax protocol use?", None),
+            Some(&token),
+        )
+        .await,
         StatusCode::OK,
     )
     .await;
@@ -287,19 +289,26 @@ async fn a_follow_up_prefills_only_its_new_sources_and_question() {
     let cached = debug["cached_prompt_tokens"].as_u64().expect("cached");
     // The first question came back with its sources: the whole first prompt (and
     // its answer) was reused, only the new sources and question were prefilled.
-    assert!(cached >= prompt, "the first prompt ({prompt} tokens) was reused: {second}");
+    assert!(
+        cached >= prompt,
+        "the first prompt ({prompt} tokens) was reused: {second}"
+    );
     assert!(debug["prompt_tokens"].as_u64().expect("prompt") > cached);
 
     // What the model read stays internal: the conversation shows the question.
     let page = expect(
-        app.get(&format!("/chat/sessions/{session}/messages"), Some(&token)).await,
+        app.get(&format!("/chat/sessions/{session}/messages"), Some(&token))
+            .await,
         StatusCode::OK,
     )
     .await;
     let messages = page["messages"].as_array().expect("messages");
     assert_eq!(messages.len(), 4, "{page}");
     assert_eq!(messages[0]["content"], "Which port does the Zorblax protocol use?");
-    assert!(messages.iter().all(|m| m["metadata"].get("prompt_message").is_none()), "{page}");
+    assert!(
+        messages.iter().all(|m| m["metadata"].get("prompt_message").is_none()),
+        "{page}"
+    );
 }
 
 async fn read_sse(resp: reqwest::Response, stop_after_tokens: Option<usize>) -> Vec<(String, Value)> {

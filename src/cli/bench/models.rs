@@ -45,9 +45,11 @@ struct SentenceTransformers {
 impl SentenceTransformers {
     /// Starts it and waits for the model to load; why not, when it cannot.
     fn start(model_dir: &str, threads: usize, max_tokens: usize) -> Result<Self, String> {
-        let venv = std::env::var("ST_VENV").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ragchat-st-venv")
-        });
+        let venv = std::env::var("ST_VENV")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|_| {
+                std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/ragchat-st-venv")
+            });
         let python = venv.join("bin/python");
         if !python.exists() {
             return Err(format!(
@@ -72,7 +74,8 @@ impl SentenceTransformers {
             output: std::io::BufReader::new(output),
             version: String::new(),
         };
-        let hello = st.ask(&serde_json::json!({"model_dir": model_dir, "threads": threads, "max_tokens": max_tokens}))?;
+        let hello =
+            st.ask(&serde_json::json!({"model_dir": model_dir, "threads": threads, "max_tokens": max_tokens}))?;
         st.version = hello["version"].as_str().unwrap_or("?").to_string();
         Ok(st)
     }
@@ -173,11 +176,7 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<String> {
         ),
     );
     let rate_of = |bert: &mut ragchat::inference::bert::BertEmbedder, texts: &[String], batch: usize| {
-        let refs = |i: usize| -> Vec<&str> {
-            (0..batch)
-                .map(|j| texts[(i + j) % texts.len()].as_str())
-                .collect()
-        };
+        let refs = |i: usize| -> Vec<&str> { (0..batch).map(|j| texts[(i + j) % texts.len()].as_str()).collect() };
         bert.embed(&refs(0))?; // warm-up, as on their side
         let mut done = 0usize;
         let started = Instant::now();
@@ -198,7 +197,10 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<String> {
     if passages.is_empty() {
         emit(
             &mut out,
-            format!("  passages: not measured (no SciFact corpus at {})\n", opts.passages.display()),
+            format!(
+                "  passages: not measured (no SciFact corpus at {})\n",
+                opts.passages.display()
+            ),
         );
     } else {
         let rate = rate_of(&mut bert, &passages, 32)?;
