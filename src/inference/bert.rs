@@ -27,6 +27,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 use super::fast::dot;
 use super::pool::{share, Pool, SyncPtr};
 use super::{exp_in_place, fast_exp, lane_max, model_error};
+use rayon::prelude::*;
 
 #[derive(Deserialize)]
 struct Config {
@@ -56,6 +57,10 @@ struct Dense {
 /// the output columns are shared among the pool's threads (the pool spins between
 /// the products of a forward, so even one sentence's ~18M-MAC products gain).
 const PARALLEL_MIN: usize = 1 << 20;
+/// Without the pool (bulk batches, see [`BertEmbedder`]): products from this many
+/// multiply-adds, and attention, GELU and norms of that size, run on rayon, which
+/// sleeps rather than spins while it waits.
+const RAYON_MIN: usize = 32 << 20;
 
 impl Dense {
     /// y ← x·wᵀ + b, reusing y's memory (fresh pages of large buffers cost
@@ -67,11 +72,9 @@ impl Dense {
             y.extend_from_slice(&self.b);
         }
         assert!(x.len() >= rows * self.inp && y.len() == rows * self.out, "dense shapes");
-        let threads = if rows * self.out * self.inp >= PARALLEL_MIN {
-            pool.threads()
-        } else {
-            1
-        };
+        let macs = rows * self.out * self.inp;
+        let threads = if macs >= PARALLEL_MIN { pool.threads() } else { 1 };
+        let rayon = pool.threads() == 1 && macs >= RAYON_MIN;
         let out = SyncPtr(y.as_mut_ptr());
         let part = |i: usize| {
             let cols = share(self.out, threads, i, 16);
@@ -101,7 +104,11 @@ impl Dense {
                     false,
                     false,
                     false,
-                    gemm::Parallelism::None,
+                    if rayon {
+                        gemm::Parallelism::Rayon(0)
+                    } else {
+                        gemm::Parallelism::None
+                    },
                 );
             }
         };
@@ -125,6 +132,13 @@ impl Norm {
     fn apply(&self, x: &mut [f32], add: Option<&[f32]>, pool: &Pool) {
         let h = self.w.len();
         let rows = x.len() / h;
+        if pool.threads() == 1 && x.len() >= RAYON_MIN / 32 {
+            const BLOCK: usize = 256;
+            x.par_chunks_mut(BLOCK * h).enumerate().for_each(|(b, part)| {
+                self.apply_rows(part, add.map(|a| &a[b * BLOCK * h..(b * BLOCK * h + part.len())]))
+            });
+            return;
+        }
         if rows < 64 || pool.threads() == 1 {
             return self.apply_rows(x, add);
         }
@@ -315,7 +329,11 @@ impl Weights {
             l.attn_out.forward_into(&ctx, rows, &mut a, pool);
             l.attn_norm.apply(&mut x, Some(&a), pool);
             l.inter.forward_into(&x, rows, &mut inter, pool);
-            if inter.len() >= 1 << 14 {
+            if pool.threads() == 1 && inter.len() >= 1 << 20 {
+                inter
+                    .par_chunks_mut(1 << 16)
+                    .for_each(|c| c.iter_mut().for_each(|v| *v = gelu(*v)));
+            } else if inter.len() >= 1 << 14 && pool.threads() > 1 {
                 let (n, threads, base) = (inter.len(), pool.threads(), SyncPtr(inter.as_mut_ptr()));
                 pool.run(&|i| {
                     let part = share(n, threads, i, 16);
@@ -380,12 +398,14 @@ impl Weights {
         let jobs: Vec<(usize, usize)> = (0..spans.len())
             .flat_map(|s| (0..self.heads).map(move |head| (s, head)))
             .collect();
-        let results: Vec<Vec<f32>> = if work >= PARALLEL_MIN / 4 && pool.threads() > 1 && jobs.len() > 1 {
+        let results: Vec<Vec<f32>> = if pool.threads() == 1 && work >= RAYON_MIN / 4 {
+            jobs.par_iter().map(|&(s, head)| one(&spans[s], head)).collect()
+        } else if work >= PARALLEL_MIN / 4 && pool.threads() > 1 && jobs.len() > 1 {
             // Jobs dealt out in turn (sentences differ in length); each thread
             // keeps its results in a slot of its own.
             let threads = pool.threads();
-            let slots: Vec<std::sync::Mutex<Vec<(usize, Vec<f32>)>>> =
-                (0..threads).map(|_| std::sync::Mutex::new(Vec::new())).collect();
+            type Done = Vec<(usize, Vec<f32>)>;
+            let slots: Vec<std::sync::Mutex<Done>> = (0..threads).map(|_| std::sync::Mutex::new(Vec::new())).collect();
             pool.run(&|t| {
                 let mine: Vec<(usize, Vec<f32>)> = (t..jobs.len())
                     .step_by(threads)
@@ -494,10 +514,25 @@ fn attention_gemm(
     out
 }
 
+/// Batches up to this many texts run on the pool (RAGCHAT_EMBED_POOL_MAX_BATCH,
+/// for measurements; 0: never).
+fn pool_max_batch() -> usize {
+    std::env::var("RAGCHAT_EMBED_POOL_MAX_BATCH")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8)
+}
+
 pub struct BertEmbedder {
     weights: Weights,
-    /// Threads for the products, attention and norms (spinning between them).
+    /// Threads for the products, attention and norms (spinning between them), for
+    /// batches up to `pool_max_batch` texts: queries, which wait on their vector.
+    /// Larger batches (ingestion) run on the calling thread with rayon for large
+    /// products: spinning threads on a machine whose other cores are busy chunking
+    /// and indexing waste the cores they wait on.
     pool: Pool,
+    solo: Pool,
+    pool_max_batch: usize,
     tokenizer: Tokenizer,
     max_tokens: usize,
 }
@@ -531,6 +566,8 @@ impl BertEmbedder {
         Ok(BertEmbedder {
             weights: Weights::load(dir, &config)?,
             pool: Pool::new(threads),
+            solo: Pool::new(1),
+            pool_max_batch: pool_max_batch(),
             tokenizer,
             max_tokens,
         })
@@ -557,7 +594,12 @@ impl Embedder for BertEmbedder {
             .iter()
             .map(|e| (e.get_ids().to_vec(), e.get_type_ids().to_vec()))
             .collect();
-        self.weights.embed(&seqs, &self.pool)
+        let pool = if seqs.len() <= self.pool_max_batch {
+            &self.pool
+        } else {
+            &self.solo
+        };
+        self.weights.embed(&seqs, pool)
     }
 }
 

@@ -763,7 +763,7 @@ unsafe fn tile_dot_q6k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow
             for (g, wg) in w.iter_mut().enumerate() {
                 *wg = _mm512_loadu_si512(base.add(384 + 512 * j + 64 * g) as *const __m512i);
             }
-            for r in 0..R {
+            for (r, acc_r) in isum.iter_mut().enumerate() {
                 let y = ys.get_unchecked(r);
                 let q = y.kq.as_ptr().add(sb * SUPER + j * BLOCK) as *const i32;
                 let (mut s0, mut s1) = (_mm512_setzero_si512(), _mm512_setzero_si512());
@@ -772,7 +772,7 @@ unsafe fn tile_dot_q6k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow
                     s1 = _mm512_dpbusd_epi32(s1, _mm512_set1_epi32(q.add(g + 4).read_unaligned() ^ FLIP), w[g + 4]);
                 }
                 let both = _mm512_add_epi32(_mm512_mullo_epi32(s0, sa), _mm512_mullo_epi32(s1, sb16));
-                isum[r] = _mm512_add_epi32(isum[r], both);
+                *acc_r = _mm512_add_epi32(*acc_r, both);
             }
         }
         let d = _mm512_loadu_ps(base as *const f32);

@@ -18,8 +18,16 @@ use crate::helpers::{expect, model_settings, models_dir, service_url, TestApp};
 /// A server with models, three global documents (one about a made-up protocol
 /// that only the knowledge base can know), an admin and a user.
 async fn chat_app() -> Option<(TestApp, String, String, String)> {
+    chat_app_with(|_| {}).await
+}
+
+async fn chat_app_with(
+    change: impl FnOnce(&mut ragchat::config::Settings),
+) -> Option<(TestApp, String, String, String)> {
     let dir = models_dir()?;
-    let app = TestApp::spawn_with(model_settings(&dir)).await;
+    let mut settings = model_settings(&dir);
+    change(&mut settings);
+    let app = TestApp::spawn_with(settings).await;
     let admin = app
         .admin(&format!("chat-admin-{}@example.com", Uuid::new_v4().simple()))
         .await;
@@ -257,7 +265,7 @@ async fn messages_are_answered_from_the_knowledge_base_and_kept_per_user() {
 /// Server-sent events of one response: (event, data) pairs.
 #[actix_web::test]
 async fn a_follow_up_prefills_only_its_new_sources_and_question() {
-    let Some((app, _admin, _user, token)) = chat_app().await else {
+    let Some((app, _admin, _user, token)) = chat_app_with(|s| s.chat.history_sources = true).await else {
         return;
     };
     let turn = |message: &str, session: Option<&str>| json!({"message": message, "session_id": session, "debug_mode": true, "max_tokens": 12});

@@ -143,7 +143,10 @@ async fn conversation(
     settings.models.prompt_cache_mb = cache_mb;
     let Served { state, port, handle } = serve(settings.clone()).await?;
     let hasher = PasswordHasher::new(settings.auth.argon2)?;
-    let email = format!("bench-conversation-{cache_mb}@example.com");
+    let email = format!(
+        "bench-conversation-{cache_mb}-{}@example.com",
+        settings.chat.history_sources
+    );
     let token = bench_user(&state, &hasher, &email, ragchat_actors::plans::Plan::Enterprise).await?;
     let mut session: Option<String> = None;
     let mut turns = Vec::new();
@@ -365,35 +368,48 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     handle.stop(true).await;
 
     // Prompt reuse: one conversation, answered by a server with the prompt cache
-    // and by one without it (the same knowledge base, greedy answers).
+    // and by one without it (the same knowledge base, greedy answers), and by one
+    // with the cache whose history leaves the past sources out
+    // (`chat.history_sources = false`: shorter prompts, more of each prefilled).
     if opts.turns > 0 {
         let questions: Vec<String> = queries.iter().skip(100).take(opts.turns).cloned().collect();
-        let with = conversation(
-            &settings,
-            settings.models.prompt_cache_mb.max(1),
-            &questions,
-            opts.max_tokens,
-        )
-        .await?;
+        let cache_mb = settings.models.prompt_cache_mb.max(1);
+        let with = conversation(&settings, cache_mb, &questions, opts.max_tokens).await?;
         let without = conversation(&settings, 0, &questions, opts.max_tokens).await?;
+        let mut plain_settings = settings.clone();
+        plain_settings.chat.history_sources = !settings.chat.history_sources;
+        let plain = conversation(&plain_settings, cache_mb, &questions, opts.max_tokens).await?;
         println!(
-            "conversation of {} RAG turns, one client, greedy; prompt cache {} MiB against none:",
+            "conversation of {} RAG turns, one client, greedy; prompt cache {cache_mb} MiB against none; \
+             past sources in the history: {} (last columns: {})",
             questions.len(),
-            settings.models.prompt_cache_mb.max(1)
+            settings.chat.history_sources,
+            plain_settings.chat.history_sources
         );
         println!(
-            "{:<5} {:>7} {:>7} {:>10} {:>16} {:>16}",
-            "turn", "prompt", "cached", "prefilled", "TTFT with cache", "TTFT without"
+            "{:<5} {:>7} {:>7} {:>10} {:>16} {:>16}   {:>7} {:>10} {:>16}",
+            "turn",
+            "prompt",
+            "cached",
+            "prefilled",
+            "TTFT with cache",
+            "TTFT without",
+            "prompt",
+            "prefilled",
+            "TTFT with cache"
         );
-        for (i, (a, b)) in with.iter().zip(&without).enumerate() {
+        for (i, ((a, b), c)) in with.iter().zip(&without).zip(&plain).enumerate() {
             println!(
-                "{:<5} {:>7} {:>7} {:>10} {:>13.0} ms {:>13.0} ms",
+                "{:<5} {:>7} {:>7} {:>10} {:>13.0} ms {:>13.0} ms   {:>7} {:>10} {:>13.0} ms",
                 i + 1,
                 a.prompt,
                 a.cached,
                 a.prompt.saturating_sub(a.cached),
                 ms(a.first_token),
-                ms(b.first_token)
+                ms(b.first_token),
+                c.prompt,
+                c.prompt.saturating_sub(c.cached),
+                ms(c.first_token)
             );
         }
     }
