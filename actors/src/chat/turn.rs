@@ -426,9 +426,10 @@ impl ChatService {
                 role: Role::User,
                 content: question,
                 created_at: now,
-                // With sources, the question as the model read it (for the next
-                // turns' prompts; not shown in the conversation's messages).
-                metadata: if prompt.sources_used > 0 {
+                // With sources and `chat.history_sources`, the question as the model
+                // read it (for the next turns' prompts; not shown in the
+                // conversation's messages).
+                metadata: if prompt.sources_used > 0 && limits.history_sources {
                     json!({ PROMPT_MESSAGE: prompt.question_message })
                 } else {
                     json!({})
