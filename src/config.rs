@@ -221,6 +221,21 @@ pub struct ChatSettings {
     /// The history in the prompt comes in windows of at most this many tokens
     /// (0: the context's room), so its start changes only when one fills up.
     pub history_tokens: usize,
+    /// An answer sentence counts as supported when its support (best cosine
+    /// with a source sentence, times the share of its numbers and names found in
+    /// the question or the sources) reaches this.
+    pub support_threshold: f32,
+    /// When the question's best cosine with a source sentence is below this, the
+    /// answer is that the knowledge base does not contain it (0: never).
+    pub refuse_below: f32,
+    /// Supporting quotes per source.
+    pub quotes_per_source: usize,
+    /// Sentences embedded for grounding, per answer and for the sources together
+    /// (0: no grounding, no quotes; confidence is then the best relevance).
+    pub grounding_sentences: usize,
+    /// The prompt gives the model only this many sentences of the retrieved
+    /// passages, those that best match the question (0: the whole passages).
+    pub evidence_sentences: usize,
     /// Longest accepted message, in characters.
     pub max_message_chars: usize,
     /// The most sources a request may ask for (`top_k`).
@@ -229,6 +244,13 @@ pub struct ChatSettings {
     pub max_answer_tokens: usize,
     /// Sampling temperature of chat answers.
     pub temperature: f32,
+    /// The repetition penalty of chat answers counts the prompt's tokens too
+    /// (the sources among them), not only the answer's own.
+    pub penalize_prompt: bool,
+    /// Added to the logits of the tokens of the sources in the prompt, so that
+    /// a small model copies a number or a name rather than inventing one (0:
+    /// none). Chat only; the OpenAI-compatible routes never get it.
+    pub copy_bonus: f32,
     /// WebSocket: largest accepted frame in bytes, longest frame `id` in characters.
     pub ws_max_frame_bytes: usize,
     pub ws_max_id_chars: usize,

@@ -462,12 +462,21 @@ fn chat_limits(settings: &Settings) -> ChatLimits {
         default_max_tokens: settings.models.default_max_tokens,
         max_answer_tokens: c.max_answer_tokens,
         temperature: c.temperature,
+        penalize_prompt: c.penalize_prompt,
+        copy_bonus: c.copy_bonus,
         excerpt_chars: c.excerpt_chars,
         history_messages: c.history_messages,
         history_sources: c.history_sources,
         history_tokens: c.history_tokens,
         system_prompt: c.system_prompt.clone(),
         model_name: settings.models.generator_name.clone(),
+        grounding: ragchat_actors::chat::turn::GroundingLimits {
+            support_threshold: c.support_threshold,
+            refuse_below: c.refuse_below,
+            quotes_per_source: c.quotes_per_source,
+            max_sentences: c.grounding_sentences,
+            evidence_sentences: c.evidence_sentences,
+        },
     }
 }
 

@@ -594,7 +594,8 @@ fn advance(s: &mut Seq, tok: &dyn ChatTokenizer, stats: &GenStats) -> Outcome {
     let Some(mut logits) = s.logits.take() else {
         return Outcome::Gone;
     };
-    let token = s.sampler.sample(&mut logits, &s.tokens);
+    let generated = s.tokens.len() - s.prompt_len;
+    let token = s.sampler.sample(&mut logits, &s.tokens, generated);
     stats.tokens.fetch_add(1, Ordering::Relaxed);
     if s.first_token_ms.is_none() {
         s.first_token_ms = Some(s.queued_at.elapsed().as_secs_f64() * 1000.0);
@@ -899,6 +900,7 @@ mod tests {
             top_k: 0,
             repetition_penalty: 1.0,
             seed: Some(1),
+            ..SamplingParams::default()
         }
     }
 

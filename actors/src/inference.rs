@@ -108,6 +108,16 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// 1.0 = none; > 1 discourages tokens already in the sequence.
     pub repetition_penalty: f32,
+    /// The repetition penalty counts the prompt's tokens too (else only the
+    /// answer's own: a RAG answer should be free to repeat its sources).
+    pub penalize_prompt: bool,
+    /// Copying from `bonus_tokens` (a chat answer's sources, in order): the
+    /// tokens that follow, in them, the longest end of the answer found there
+    /// (up to `COPY_MATCH` tokens) get this added to their logits (0: none), so
+    /// that a small model that has begun a source's sentence goes on with its
+    /// number or name rather than inventing one.
+    pub bonus: f32,
+    pub bonus_tokens: std::sync::Arc<[u32]>,
     pub seed: Option<u64>,
 }
 
@@ -118,9 +128,47 @@ impl Default for SamplingParams {
             top_p: 0.95,
             top_k: 40,
             repetition_penalty: 1.1,
+            penalize_prompt: true,
+            bonus: 0.0,
+            bonus_tokens: std::sync::Arc::from(Vec::new()),
             seed: None,
         }
     }
+}
+
+/// The longest end of an answer looked up in the copy source, in tokens.
+pub const COPY_MATCH: usize = 8;
+
+/// The tokens that follow, in `source`, the longest end of `answer` (at most
+/// `COPY_MATCH` tokens) that occurs in it; none when even its last token does
+/// not occur.
+pub fn continuations(source: &[u32], answer: &[u32]) -> Vec<u32> {
+    let Some(&last) = answer.last() else {
+        return Vec::new();
+    };
+    // Positions after an occurrence of the last token, then kept while longer
+    // ends still match.
+    let mut ends: Vec<usize> = (0..source.len().saturating_sub(1))
+        .filter(|&i| source[i] == last)
+        .collect();
+    let mut k = 1;
+    while k < COPY_MATCH.min(answer.len()) {
+        let want = answer[answer.len() - 1 - k];
+        let longer: Vec<usize> = ends
+            .iter()
+            .copied()
+            .filter(|&i| i >= k && source[i - k] == want)
+            .collect();
+        if longer.is_empty() {
+            break;
+        }
+        ends = longer;
+        k += 1;
+    }
+    let mut next: Vec<u32> = ends.iter().map(|&i| source[i + 1]).collect();
+    next.sort_unstable();
+    next.dedup();
+    next
 }
 
 pub struct Sampler {
@@ -137,13 +185,27 @@ impl Sampler {
         Sampler { params, rng }
     }
 
-    /// Picks the next token from `logits`, given the tokens so far (`context`,
-    /// for the repetition penalty).
-    pub fn sample(&mut self, logits: &mut [f32], context: &[u32]) -> u32 {
+    /// Picks the next token from `logits`, given the tokens so far: `context`
+    /// (prompt and answer), of which the last `generated` are the answer's
+    /// (for the repetition penalty).
+    pub fn sample(&mut self, logits: &mut [f32], context: &[u32], generated: usize) -> u32 {
         let p = &self.params;
+        if p.bonus != 0.0 && !p.bonus_tokens.is_empty() {
+            let answer = &context[context.len().saturating_sub(generated)..];
+            for t in continuations(&p.bonus_tokens, answer) {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l += p.bonus;
+                }
+            }
+        }
         if p.repetition_penalty != 1.0 && p.repetition_penalty > 0.0 {
             let mut seen = std::collections::HashSet::new();
-            for &t in context {
+            let counted = if p.penalize_prompt {
+                context
+            } else {
+                &context[context.len().saturating_sub(generated)..]
+            };
+            for &t in counted {
                 if seen.insert(t) {
                     if let Some(l) = logits.get_mut(t as usize) {
                         *l = if *l >= 0.0 {
@@ -219,25 +281,26 @@ mod tests {
             top_k,
             repetition_penalty: 1.0,
             seed: Some(seed),
+            ..SamplingParams::default()
         }
     }
 
     #[test]
     fn greedy_takes_the_largest_logit() {
         let mut s = Sampler::new(params(0.0, 0, 1.0, 1));
-        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[]), 1);
+        assert_eq!(s.sample(&mut [0.1, 3.0, 2.0], &[], 0), 1);
     }
 
     #[test]
     fn top_k_one_is_greedy_and_seeds_repeat() {
         let mut s = Sampler::new(params(1.0, 1, 1.0, 7));
         for _ in 0..20 {
-            assert_eq!(s.sample(&mut [0.1, 3.0, 2.9, 2.8], &[]), 1);
+            assert_eq!(s.sample(&mut [0.1, 3.0, 2.9, 2.8], &[], 0), 1);
         }
         let draw = |seed| {
             let mut s = Sampler::new(params(1.0, 0, 1.0, seed));
             (0..32)
-                .map(|_| s.sample(&mut [1.0, 1.0, 1.0, 1.0], &[]))
+                .map(|_| s.sample(&mut [1.0, 1.0, 1.0, 1.0], &[], 0))
                 .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
@@ -249,7 +312,7 @@ mod tests {
         let mut s = Sampler::new(params(1.0, 0, 0.5, 11));
         for _ in 0..200 {
             // Token 0 alone holds > 50% of the mass.
-            assert_eq!(s.sample(&mut [5.0, 1.0, 1.0, 1.0], &[]), 0);
+            assert_eq!(s.sample(&mut [5.0, 1.0, 1.0, 1.0], &[], 0), 0);
         }
     }
 
@@ -261,7 +324,63 @@ mod tests {
             top_k: 0,
             repetition_penalty: 2.0,
             seed: Some(1),
+            ..SamplingParams::default()
         });
-        assert_eq!(s.sample(&mut [3.0, 2.0], &[0]), 1, "3.0 / 2 < 2.0");
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0], 1), 1, "3.0 / 2 < 2.0");
+        // Over the prompt too (by default), or over the answer only.
+        assert_eq!(s.sample(&mut [3.0, 2.0], &[0], 0), 1, "the prompt's token 0 counts");
+        let mut answer_only = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 2.0,
+            penalize_prompt: false,
+            ..SamplingParams::default()
+        });
+        assert_eq!(
+            answer_only.sample(&mut [3.0, 2.0], &[0], 0),
+            0,
+            "token 0 is the prompt's"
+        );
+        assert_eq!(
+            answer_only.sample(&mut [3.0, 2.0], &[1, 0], 1),
+            1,
+            "token 0 is the answer's"
+        );
+    }
+
+    #[test]
+    fn continuations_follow_the_longest_end_of_the_answer_found_in_the_source() {
+        // "the year 7 7 9 0 . the bridge 4 1": words as numbers.
+        let source = [10, 11, 7, 7, 9, 0, 5, 10, 12, 4, 1];
+        assert_eq!(continuations(&source, &[]), Vec::<u32>::new());
+        assert_eq!(continuations(&source, &[99]), Vec::<u32>::new(), "nothing to copy");
+        // "the" alone: both continuations; "the year": only one.
+        assert_eq!(continuations(&source, &[10]), [11, 12]);
+        assert_eq!(continuations(&source, &[3, 10, 11]), [7]);
+        assert_eq!(continuations(&source, &[10, 11, 7]), [7]);
+        assert_eq!(continuations(&source, &[11, 7, 7]), [9]);
+        // "7" alone continues with 7 or 9; after "year 7", only 7.
+        assert_eq!(continuations(&source, &[7]), [7, 9]);
+        // The source's last token has no continuation.
+        assert_eq!(continuations(&source, &[1]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn the_copy_bonus_lifts_what_continues_the_source() {
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 0.0,
+            repetition_penalty: 1.0,
+            bonus: 1.5,
+            bonus_tokens: std::sync::Arc::from(vec![0, 2, 1]),
+            ..SamplingParams::default()
+        });
+        // The answer so far ends with 0: the source goes on with 2.
+        assert_eq!(s.sample(&mut [0.0, 3.0, 2.0], &[0], 1), 2, "2.0 + 1.5 > 3.0");
+        let mut logits = [0.0, 3.0, 1.0];
+        assert_eq!(s.sample(&mut logits, &[0], 1), 1, "1.0 + 1.5 < 3.0");
+        assert_eq!(logits[2], 2.5);
+        // The prompt's 0 is not the answer's: no bonus.
+        let mut logits = [0.0, 3.0, 2.0];
+        assert_eq!(s.sample(&mut logits, &[0], 0), 1);
+        assert_eq!(logits[2], 2.0);
     }
 }

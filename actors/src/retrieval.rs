@@ -680,6 +680,11 @@ impl Retriever {
         self.embedder.is_some()
     }
 
+    /// The embedding model retrieval uses (chat grounds answers with it too).
+    pub fn embedder(&self) -> Option<&EmbedWorker> {
+        self.embedder.as_ref()
+    }
+
     /// The route a query runs on.
     pub fn route_for(&self, q: &Query) -> Result<Route, RetrievalError> {
         let route = q.route.resolve(&q.text);

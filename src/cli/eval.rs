@@ -1,4 +1,5 @@
-//! `ragchat eval …`: retrieval quality. `ragchat eval beir`: on a BEIR-style dataset
+//! `ragchat eval …`: retrieval quality (`eval answers`: answer checks, in
+//! `eval_answers`). `ragchat eval beir`: on a BEIR-style dataset
 //! (corpus.jsonl, queries, qrels) for every route: nDCG@10, Recall@100 and MRR@10
 //! over documents (a document ranks where its best chunk ranks).
 
@@ -48,10 +49,14 @@ pub enum EvalTarget {
         #[arg(long, default_value_t = 0)]
         folds: usize,
     },
+    /// Fact-in-answer, quote hit rate, confidence AUC and refusals on a set of
+    /// invented facts, before and after grounding, in the same run.
+    Answers(super::eval_answers::AnswersEval),
 }
 
 pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
     match what {
+        EvalTarget::Answers(opts) => super::eval_answers::run(settings, opts).await?,
         EvalTarget::Beir {
             data,
             split,

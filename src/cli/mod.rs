@@ -5,6 +5,7 @@
 mod bench;
 mod create_user;
 mod eval;
+mod eval_answers;
 mod migrate;
 mod seed;
 mod serve;

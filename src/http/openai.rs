@@ -198,6 +198,7 @@ fn sampling(req: &ChatCompletionRequest) -> Result<SamplingParams, ApiError> {
         top_k: req.top_k.unwrap_or(d.top_k),
         repetition_penalty: req.repetition_penalty.unwrap_or(d.repetition_penalty),
         seed: req.seed,
+        ..SamplingParams::default()
     };
     if !(0.0..=2.0).contains(&p.temperature) {
         return Err(ApiError::Unprocessable("temperature must be between 0 and 2".into()));

@@ -48,6 +48,7 @@ static ASSETS: &[Asset] = assets![
     "js/dom.js" => JS,
     "js/markdown.js" => JS,
     "js/metrics.js" => JS,
+    "js/quotes.js" => JS,
     "js/pages/login.js" => JS,
     "js/pages/chat.js" => JS,
     "js/pages/knowledge.js" => JS,

@@ -240,6 +240,7 @@ mod tests {
             top_k: 0,
             repetition_penalty: 1.0,
             seed: Some(1),
+            ..SamplingParams::default()
         };
         worker
             .submit(GenerateRequest {
@@ -401,6 +402,7 @@ mod tests {
                     top_k: 0,
                     repetition_penalty: 1.0,
                     seed: Some(1),
+                    ..SamplingParams::default()
                 };
                 let len = prompt.len();
                 worker

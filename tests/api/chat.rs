@@ -111,7 +111,11 @@ async fn messages_are_answered_from_the_knowledge_base_and_kept_per_user() {
             .all(|s| s["relevance_score"].as_f64().is_some_and(|s| (0.0..0.5).contains(&s))),
         "{r}"
     );
-    assert!(r["confidence"].as_f64().is_some_and(|c| c > 0.5 && c <= 1.0), "{r}");
+    // Confidence is groundedness (its computation: answers_carry_their_supporting_quotes…).
+    assert!(
+        r["confidence"].as_f64().is_some_and(|c| (0.0..=1.0).contains(&c)),
+        "{r}"
+    );
     assert_eq!(r["retrieval_route"], "hybrid");
     assert!(r["tokens_used"].as_u64().is_some_and(|t| t > 20));
     assert_eq!(r["subscription_plan"], "free");
@@ -317,6 +321,128 @@ async fn a_follow_up_prefills_only_its_new_sources_and_question() {
         messages.iter().all(|m| m["metadata"].get("prompt_message").is_none()),
         "{page}"
     );
+}
+
+/// Characters `start..end` of `text` (offsets count characters).
+fn chars_of(text: &str, start: u64, end: u64) -> String {
+    text.chars().skip(start as usize).take((end - start) as usize).collect()
+}
+
+#[actix_web::test]
+async fn answers_carry_their_supporting_quotes_and_a_confidence_from_them() {
+    let Some((app, _admin, _user, token)) = chat_app_with(|s| s.chat.temperature = 0.0).await else {
+        return;
+    };
+    let question = json!({"message": "Which port does the Zorblax protocol listen on?", "max_tokens": 32,
+                          "debug_mode": true});
+    let r = expect(
+        app.post_json("/chat/message", &question, Some(&token)).await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(r["response_type"], "rag_enhanced", "{r}");
+    let sources = r["sources"].as_array().expect("sources");
+    let grounding = &r["debug_info"]["grounding"];
+    let support: Vec<f64> = grounding["support"]
+        .as_array()
+        .expect("support per answer sentence")
+        .iter()
+        .map(|s| s.as_f64().expect("support"))
+        .collect();
+    assert!(!support.is_empty(), "{r}");
+    assert!(grounding["question_support"].as_f64().is_some_and(|s| s > 0.3), "{r}");
+    // Confidence: the share of supported sentences (chat.support_threshold 0.5),
+    // times (1 + the best relevance) / 2.
+    let best = sources
+        .iter()
+        .map(|s| s["relevance_score"].as_f64().expect("relevance"))
+        .fold(0.0, f64::max);
+    let share = support.iter().filter(|s| **s >= 0.5).count() as f64 / support.len() as f64;
+    let confidence = r["confidence"].as_f64().expect("confidence");
+    assert!(
+        (confidence - share * (0.5 + 0.5 * best)).abs() < 1e-3,
+        "{confidence} vs {share} × {best}: {r}"
+    );
+    let unsupported = grounding["unsupported_sentences"].as_array().expect("unsupported");
+    assert_eq!(unsupported.len(), support.iter().filter(|s| **s < 0.5).count(), "{r}");
+    // Quotes: exact substrings of the passage at their character offsets (these
+    // passages are shorter than the excerpt, so the excerpt is the passage).
+    let mut quoted = 0;
+    for s in sources {
+        let excerpt = s["excerpt"].as_str().expect("excerpt");
+        assert!(s["chunk_id"].is_string(), "{s}");
+        for q in s["quotes"].as_array().expect("quotes") {
+            let (start, end) = (q["start"].as_u64().expect("start"), q["end"].as_u64().expect("end"));
+            assert_eq!(chars_of(excerpt, start, end), q["text"].as_str().expect("text"), "{q}");
+            quoted += 1;
+        }
+    }
+    // An answer that gives the port is supported by the sentence that says it.
+    if r["answer"].as_str().expect("answer").contains("7431") {
+        assert!(confidence > 0.0, "{r}");
+        assert!(
+            sources[0]["quotes"]
+                .as_array()
+                .expect("quotes")
+                .iter()
+                .any(|q| q["text"].as_str().is_some_and(|t| t.contains("7431"))),
+            "a quote states the port: {r}"
+        );
+    }
+    assert_eq!(quoted > 0, share > 0.0, "a supported sentence has its quote: {r}");
+
+    // The stream's `done` carries the same fields.
+    let resp = app.post_json("/chat/stream", &question, Some(&token)).await;
+    let events = read_sse(resp, None).await;
+    let (kind, done) = events.last().expect("done");
+    assert_eq!(kind, "done");
+    assert!(done["sources"][0]["quotes"].is_array(), "{done}");
+    assert!(done["confidence"].is_number(), "{done}");
+
+    // Nothing in the knowledge base names the Sistine Chapel: no invented
+    // answer, the model is not asked, and the message counts like any answer.
+    let r = expect(
+        app.post_json(
+            "/chat/message",
+            &json!({"message": "Who painted the ceiling of the Sistine Chapel?", "max_tokens": 32, "debug_mode": true}),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(r["response_type"], "not_in_knowledge_base", "{r}");
+    assert_eq!(
+        r["answer"],
+        "The knowledge base does not contain an answer to this question."
+    );
+    assert_eq!(r["sources"], json!([]));
+    assert_eq!(r["context_used"], false);
+    assert_eq!(r["confidence"], 0.0);
+    assert_eq!(r["debug_info"]["completion_tokens"], 0);
+    assert!(
+        r["debug_info"]["grounding"]["question_support"]
+            .as_f64()
+            .is_some_and(|s| s < 0.3),
+        "{r}"
+    );
+    assert!(!r["debug_info"]["grounding"]["nearest_sources"]
+        .as_array()
+        .expect("nearest")
+        .is_empty());
+    assert_eq!(r["usage_info"]["messages_used"], 3, "{r}");
+    // A follow-up in that conversation is answered (it leans on the conversation).
+    let follow = expect(
+        app.post_json(
+            "/chat/message",
+            &json!({"message": "Then how long is bread baked?", "session_id": r["session_id"], "max_tokens": 8}),
+            Some(&token),
+        )
+        .await,
+        StatusCode::OK,
+    )
+    .await;
+    assert_eq!(follow["response_type"], "rag_enhanced", "{follow}");
 }
 
 async fn read_sse(resp: reqwest::Response, stop_after_tokens: Option<usize>) -> Vec<(String, Value)> {

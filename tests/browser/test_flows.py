@@ -267,6 +267,32 @@ def test_model_and_document_text_cannot_inject_markup(app, server):
     assert "&lt;img" in rendered["html"]
 
 
+def test_supporting_quotes_are_marked_in_the_excerpt_as_text(app, server):
+    page = app.page
+    app.sign_in(server.user("pro"))
+    rendered = page.evaluate("""async () => {
+        const { excerptWithQuotes } = await import('/app/js/quotes.js');
+        const box = document.createElement('div');
+        box.append(...excerptWithQuotes({
+          excerpt: 'Ærø is small. Its ferry <b>leaves</b> at 9. More text…',
+          quotes: [
+            {text: 'Its ferry <b>leaves</b> at 9.', start: 14, end: 43, score: 0.9},
+            {text: 'A sentence past the excerpt.', start: 400, end: 428, score: 0.7},
+          ],
+        }));
+        return {
+          marks: [...box.querySelectorAll('mark.quote')].map(m => m.textContent),
+          inExcerpt: box.querySelector('p.excerpt mark.quote')?.textContent,
+          bold: box.querySelectorAll('b').length,
+          text: box.querySelector('p.excerpt').textContent,
+        };
+    }""")
+    assert rendered["inExcerpt"] == "Its ferry <b>leaves</b> at 9.", rendered
+    assert rendered["marks"] == ["Its ferry <b>leaves</b> at 9.", "A sentence past the excerpt."], rendered
+    assert rendered["bold"] == 0, "quoted text is text, not markup"
+    assert rendered["text"] == "Ærø is small. Its ferry <b>leaves</b> at 9. More text…"
+
+
 def test_answers_stream_over_sse_when_websockets_are_blocked(app, server):
     page = app.page
     page.route_web_socket(re.compile(r".*/ws/chat.*"), lambda ws: ws.close())

@@ -1,6 +1,8 @@
 //! Chat: answers from the knowledge base, with sources, in a conversation.
 //!
 //! - `records`: sessions and messages as the `ConversationStore` keeps them;
+//! - `grounding`: which source sentences support an answer (quotes,
+//!   confidence);
 //! - `prompt`: the prompt within the model's context (sources, then turns);
 //! - `stream`: the one generation stream every transport reads (`Event`);
 //! - `turn`: the chat turn as a service: validate, read the conversation,
@@ -11,6 +13,7 @@
 //! request, call `ChatService::start` with an admitted `Ticket`, and write the
 //! events of the `Turn` as frames.
 
+pub mod grounding;
 pub mod prompt;
 pub mod records;
 pub mod stream;

@@ -32,11 +32,13 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::unbounded_channel;
 use uuid::Uuid;
 
+use super::grounding::{evidence, ground, question_support, sentences, Quote, SourceSentences};
 use super::prompt::{build_prompt, Passage, DEFAULT_SYSTEM_PROMPT};
 use super::records::{title_of, to_millis, ChatRecord, ChatSession, Role, PROMPT_MESSAGE};
 use super::stream::{Event, Finish, Generation, Step};
 use crate::admission::registry::Ticket;
-use crate::generate_worker::{GenerateRequest, GenerateWorker};
+use crate::embed_worker::{EmbedWorker, Lane};
+use crate::generate_worker::{FinishReason, GenEvent, GenerateRequest, GenerateWorker};
 use crate::inference::{ModelError, SamplingParams};
 use crate::knowledge::Reader;
 use crate::ports::{ConversationStore, StoreError};
@@ -112,6 +114,14 @@ pub struct SourceView {
     /// The document's own source (a file name, a URL, a corpus id).
     #[serde(default)]
     pub source: String,
+    /// The passage (chunk) of the document the answer was given.
+    #[serde(default)]
+    pub chunk_id: Option<Uuid>,
+    /// The sentences of the passage that support the answer, best first: exact
+    /// substrings of the passage (trimmed), at character offsets into it, so
+    /// the `excerpt` shows those that start within it at the same offsets.
+    #[serde(default)]
+    pub quotes: Vec<Quote>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -126,9 +136,14 @@ pub struct ChatResponse {
     pub session_id: Uuid,
     pub message_id: Uuid,
     pub answer: String,
-    /// The highest relevance among the sources used (0 to 1); 0 when none was.
+    /// How much of the answer its sources support, 0 to 1: the share of its
+    /// sentences that a source sentence supports (`chat.support_threshold`),
+    /// times (1 + the best source's relevance) / 2; 0 without sources
+    /// (docs/ARCHITECTURE.md, "Grounding").
     pub confidence: f32,
-    /// "rag_enhanced" when sources went into the prompt, else "generation_only".
+    /// "rag_enhanced" when sources went into the prompt, "not_in_knowledge_base"
+    /// when no source supports the question (the answer says so; the model
+    /// was not asked), else "generation_only".
     pub response_type: String,
     pub context_used: bool,
     pub sources: Vec<SourceView>,
@@ -178,6 +193,10 @@ pub struct ChatLimits {
     pub default_max_tokens: usize,
     pub max_answer_tokens: usize,
     pub temperature: f32,
+    /// The repetition penalty counts the prompt's tokens (`chat.penalize_prompt`).
+    pub penalize_prompt: bool,
+    /// Logit bonus of the tokens of the sources in the prompt (`chat.copy_bonus`; 0: none).
+    pub copy_bonus: f32,
     pub excerpt_chars: usize,
     pub history_messages: u32,
     /// Past questions come back with their sources (`chat.history_sources`).
@@ -188,7 +207,43 @@ pub struct ChatLimits {
     pub system_prompt: String,
     /// The generation model's name (in debug_info).
     pub model_name: String,
+    pub grounding: GroundingLimits,
 }
+
+/// How answers are checked against their sources (`[chat]` in config).
+#[derive(Debug, Clone)]
+pub struct GroundingLimits {
+    /// The support an answer sentence needs to count as supported (`chat.support_threshold`).
+    pub support_threshold: f32,
+    /// Below this question support (its best cosine with a source sentence, times
+    /// the share of its names and numbers the sources have) the answer to a
+    /// conversation's first question is that the knowledge base does not contain
+    /// it (`chat.refuse_below`; 0: never).
+    pub refuse_below: f32,
+    /// Quotes per source (`chat.quotes_per_source`).
+    pub quotes_per_source: usize,
+    /// Sentences embedded per answer, and for all sources together (`chat.grounding_sentences`).
+    pub max_sentences: usize,
+    /// The prompt gives the model only this many sentences of the sources, those
+    /// that best match the question (`chat.evidence_sentences`; 0: whole passages).
+    pub evidence_sentences: usize,
+}
+
+impl GroundingLimits {
+    /// No grounding: the tests of other behaviour.
+    pub fn off() -> Self {
+        GroundingLimits {
+            support_threshold: 0.5,
+            refuse_below: 0.0,
+            quotes_per_source: 0,
+            max_sentences: 0,
+            evidence_sentences: 0,
+        }
+    }
+}
+
+/// The answer when no source supports the question.
+pub const NOT_IN_KNOWLEDGE_BASE: &str = "The knowledge base does not contain an answer to this question.";
 
 pub const HISTORY_UNAVAILABLE: &str =
     "The conversation history is unavailable right now: this answer was made without it";
@@ -360,12 +415,53 @@ impl ChatService {
         }
         let retrieval_ms = retrieval_started.elapsed().as_secs_f64() * 1000.0;
 
+        // Grounding: the sentences of the retrieved passages and the question,
+        // embedded once. When no source sentence supports the question, the
+        // answer is that the knowledge base does not contain it, and the model
+        // is not asked. Otherwise the prompt may give the model only the
+        // sentences that best match the question (`chat.evidence_sentences`),
+        // and the answer's sentences are matched to the passages when it is done.
+        let mut grounding = match self.retriever.embedder() {
+            Some(embedder) if limits.grounding.max_sentences > 0 && !hits.is_empty() => {
+                let passages: Vec<(String, f32)> = hits
+                    .iter()
+                    .map(|h| (h.content.trim().to_string(), h.relevance))
+                    .collect();
+                prepare_grounding(embedder, &question, passages, limits.grounding.max_sentences).await
+            }
+            _ => None,
+        };
+        // Only a conversation's first question: a follow-up ("and when?") leans
+        // on the conversation, not on words a source shares with it.
+        let refused = history.is_empty()
+            && grounding.as_ref().is_some_and(|g| {
+                limits.grounding.refuse_below > 0.0 && g.question_support < limits.grounding.refuse_below
+            });
+        // Which hits go into the prompt, in rank order, with the text they show.
+        let chosen: Vec<(usize, String)> = match &grounding {
+            _ if refused => Vec::new(),
+            Some(g) if limits.grounding.evidence_sentences > 0 => evidence(
+                &question,
+                &g.question_vector,
+                &g.sources,
+                limits.grounding.evidence_sentences,
+            )
+            .into_iter()
+            .map(|(i, picked)| {
+                let s = &g.sources[i];
+                let text: Vec<&str> = picked.iter().map(|k| s.spans[*k].of(&s.text)).collect();
+                (i, text.join(" "))
+            })
+            .collect(),
+            _ => hits.iter().enumerate().map(|(i, h)| (i, h.content.clone())).collect(),
+        };
+
         // The prompt, within the context (tokenizing is CPU work: off the caller's thread).
-        let passages: Vec<Passage> = hits
+        let passages: Vec<Passage> = chosen
             .iter()
-            .map(|h| Passage {
-                title: h.title.clone(),
-                text: h.content.clone(),
+            .map(|(i, text)| Passage {
+                title: hits[*i].title.clone(),
+                text: text.clone(),
             })
             .collect();
         let system = if limits.system_prompt.trim().is_empty() {
@@ -379,22 +475,51 @@ impl ChatService {
         let tok = worker.tokenizer().clone();
         let (q, history_len) = (question.clone(), history.len());
         let window = limits.history_tokens;
-        let prompt =
-            off_thread(move || build_prompt(tok.as_ref(), &system, &passages, &history, &q, budget, window)).await??;
-        let sources: Vec<SourceView> = hits
-            .iter()
-            .take(prompt.sources_used)
-            .map(|h| SourceView {
-                document_id: h.document_id,
-                title: h.title.clone(),
-                excerpt: excerpt(&h.content, limits.excerpt_chars),
-                relevance_score: h.relevance,
-                source_type: h.source_type.clone(),
-                source: h.source.clone(),
-            })
-            .collect();
+        let bonus = limits.copy_bonus;
+        let (prompt, bonus_tokens) = off_thread(move || {
+            let prompt = build_prompt(tok.as_ref(), &system, &passages, &history, &q, budget, window)?;
+            // The sources the model reads, as tokens, for the copy bonus.
+            let mut favoured = Vec::new();
+            if bonus != 0.0 {
+                for p in passages.iter().take(prompt.sources_used) {
+                    favoured.extend(tok.encode(&format!("{}\n{}\n", p.title.trim(), p.text.trim()))?);
+                }
+            }
+            Ok::<_, ModelError>((prompt, favoured))
+        })
+        .await??;
+        let view = |h: &crate::retrieval::Hit| SourceView {
+            document_id: h.document_id,
+            title: h.title.clone(),
+            excerpt: excerpt(&h.content, limits.excerpt_chars),
+            relevance_score: h.relevance,
+            source_type: h.source_type.clone(),
+            source: h.source.clone(),
+            chunk_id: Some(h.chunk_id),
+            quotes: Vec::new(),
+        };
+        let used: Vec<usize> = chosen.iter().take(prompt.sources_used).map(|(i, _)| *i).collect();
+        let sources: Vec<SourceView> = used.iter().map(|i| view(&hits[*i])).collect();
+        let mut debug_grounding = grounding
+            .as_ref()
+            .map(|g| json!({"question_support": g.question_support}));
+        if refused {
+            if let Some(d) = debug_grounding.as_mut() {
+                d["nearest_sources"] = json!(hits.iter().map(view).collect::<Vec<_>>());
+            }
+            grounding = None;
+        }
+        // The answer is grounded in the passages it was given (all their sentences).
+        if let Some(g) = grounding.as_mut() {
+            let mut all: Vec<Option<SourceSentences>> = std::mem::take(&mut g.sources).into_iter().map(Some).collect();
+            g.sources = used
+                .iter()
+                .filter_map(|i| all.get_mut(*i).and_then(Option::take))
+                .collect();
+        }
         let debug = req.debug_mode.then(|| {
             json!({
+                "grounding": debug_grounding,
                 "sources_retrieved": hits.len(),
                 "sources_in_prompt": prompt.sources_used,
                 "history_messages_read": history_len,
@@ -408,17 +533,34 @@ impl ChatService {
         });
 
         let (tx, events) = unbounded_channel();
-        worker.submit(GenerateRequest {
-            prompt_tokens: prompt.tokens,
-            params: SamplingParams {
-                temperature: limits.temperature,
-                ..SamplingParams::default()
-            },
-            max_tokens,
-            stop: Vec::new(),
-            events: tx,
-            cache_scope: Some(user_id),
-        })?;
+        if refused {
+            // Sent before anyone reads: the receiver is held by the turn.
+            let _ = tx.send(GenEvent::Token {
+                text: NOT_IN_KNOWLEDGE_BASE.to_string(),
+            });
+            let _ = tx.send(GenEvent::Done {
+                finish_reason: FinishReason::Stop,
+                prompt_tokens: 0,
+                completion_tokens: 0,
+                first_token_ms: started.elapsed().as_secs_f64() * 1000.0,
+                cached_tokens: 0,
+            });
+        } else {
+            worker.submit(GenerateRequest {
+                prompt_tokens: prompt.tokens,
+                params: SamplingParams {
+                    temperature: limits.temperature,
+                    penalize_prompt: limits.penalize_prompt,
+                    bonus: limits.copy_bonus,
+                    bonus_tokens: Arc::from(bonus_tokens),
+                    ..SamplingParams::default()
+                },
+                max_tokens,
+                stop: Vec::new(),
+                events: tx,
+                cache_scope: Some(user_id),
+            })?;
+        }
         let meta = Meta {
             question: ChatRecord {
                 id: resumable.map_or_else(Uuid::new_v4, |ids| ids.question),
@@ -429,7 +571,7 @@ impl ChatService {
                 // With sources and `chat.history_sources`, the question as the model
                 // read it (for the next turns' prompts; not shown in the
                 // conversation's messages).
-                metadata: if prompt.sources_used > 0 && limits.history_sources {
+                metadata: if prompt.sources_used > 0 && limits.history_sources && !refused {
                     json!({ PROMPT_MESSAGE: prompt.question_message })
                 } else {
                     json!({})
@@ -443,6 +585,9 @@ impl ChatService {
             started,
             debug,
             warnings,
+            grounding,
+            refused,
+            grounding_limits: limits.grounding.clone(),
         };
         Ok(Turn {
             conversations: self.conversations.clone(),
@@ -476,6 +621,79 @@ impl ChatService {
             .into_iter()
             .find(|m| m.id == answer_id && m.role == Role::Assistant))
     }
+}
+
+/// The sources' sentences and the question, embedded for grounding.
+struct Prepared {
+    embedder: EmbedWorker,
+    question: String,
+    question_vector: Vec<f32>,
+    sources: Vec<SourceSentences>,
+    /// The best cosine of the question with a source sentence.
+    question_support: f32,
+}
+
+/// Splits the passages (text, relevance) into sentences (at most `max` in all,
+/// shared in turn so every passage has its first ones) and embeds them with the
+/// question. None when the embedder fails: the answer comes without quotes.
+async fn prepare_grounding(
+    embedder: &EmbedWorker,
+    question: &str,
+    passages: Vec<(String, f32)>,
+    max: usize,
+) -> Option<Prepared> {
+    let all: Vec<Vec<super::grounding::Span>> = passages.iter().map(|(t, _)| sentences(t, max)).collect();
+    // Round-robin: the first sentence of each passage, then the second…
+    let mut keep = vec![0usize; all.len()];
+    let mut left = max;
+    'fill: loop {
+        let mut took = false;
+        for (i, spans) in all.iter().enumerate() {
+            if left == 0 {
+                break 'fill;
+            }
+            if keep[i] < spans.len() {
+                keep[i] += 1;
+                left -= 1;
+                took = true;
+            }
+        }
+        if !took {
+            break;
+        }
+    }
+    let mut texts = vec![question.to_string()];
+    for ((text, _), (spans, n)) in passages.iter().zip(all.iter().zip(&keep)) {
+        texts.extend(spans[..*n].iter().map(|s| s.of(text).to_string()));
+    }
+    let mut vectors = match embedder.embed(Lane::Interactive, texts).await {
+        Ok(e) => e.vectors.into_iter(),
+        Err(e) => {
+            tracing::warn!(error = %e, "grounding unavailable: the sources' sentences could not be embedded");
+            return None;
+        }
+    };
+    let q = vectors.next()?;
+    let sources: Vec<SourceSentences> = passages
+        .into_iter()
+        .zip(all.into_iter().zip(keep))
+        .map(|((text, relevance), (mut spans, n))| {
+            spans.truncate(n);
+            SourceSentences {
+                vectors: vectors.by_ref().take(n).collect(),
+                text,
+                spans,
+                relevance,
+            }
+        })
+        .collect();
+    Some(Prepared {
+        embedder: embedder.clone(),
+        question: question.to_string(),
+        question_support: question_support(question, &q, &sources),
+        question_vector: q,
+        sources,
+    })
 }
 
 /// Runs CPU work on the blocking pool and waits for it.
@@ -523,6 +741,11 @@ struct Meta {
     debug: Option<Value>,
     /// What the answer had to do without (a store or the index was down).
     warnings: Vec<String>,
+    /// The sources' sentences, to ground the answer in when it is done.
+    grounding: Option<Prepared>,
+    /// No source supports the question: the answer says so.
+    refused: bool,
+    grounding_limits: GroundingLimits,
 }
 
 impl Meta {
@@ -799,13 +1022,48 @@ async fn complete(
     text: String,
     done: Finish,
 ) -> ChatResponse {
-    let confidence = meta
+    let mut meta = meta;
+    // Without grounding (no embedder, or it failed) the best relevance stands
+    // for the confidence.
+    let mut confidence = meta
         .sources
         .iter()
         .map(|s| s.relevance_score.clamp(0.0, 1.0))
         .fold(0.0f32, f32::max);
+    let mut grounding_debug = None;
+    if let Some(g) = meta.grounding.take() {
+        let lim = &meta.grounding_limits;
+        let spans = sentences(&text, lim.max_sentences);
+        let texts: Vec<String> = spans.iter().map(|s| s.of(&text).to_string()).collect();
+        match g.embedder.embed(Lane::Interactive, texts).await {
+            Ok(e) => {
+                let found = ground(
+                    &g.question,
+                    &text,
+                    &spans,
+                    &e.vectors,
+                    &g.sources,
+                    lim.support_threshold,
+                    lim.quotes_per_source,
+                );
+                for (view, quotes) in meta.sources.iter_mut().zip(&found.quotes) {
+                    view.quotes = quotes.clone();
+                }
+                confidence = found.confidence;
+                grounding_debug = Some(json!({
+                    "question_support": g.question_support,
+                    "support": found.support.iter().map(|(_, s)| s).collect::<Vec<_>>(),
+                    "unsupported_sentences": found.unsupported(lim.support_threshold),
+                }));
+            }
+            Err(e) => tracing::warn!(error = %e, "grounding unavailable: the answer could not be embedded"),
+        }
+    }
     let context_used = !meta.sources.is_empty();
-    let response_type = if context_used {
+    let response_type = if meta.refused {
+        confidence = 0.0;
+        "not_in_knowledge_base"
+    } else if context_used {
         "rag_enhanced"
     } else {
         "generation_only"
@@ -844,6 +1102,9 @@ async fn complete(
         d["finish_reason"] = json!(done.reason.as_str());
         d["first_token_ms"] = json!(done.first_token_ms);
         d["cached_prompt_tokens"] = json!(done.cached_tokens);
+        if let Some(g) = grounding_debug {
+            d["grounding"] = g;
+        }
         d
     });
     ChatResponse {
@@ -880,12 +1141,15 @@ mod tests {
             default_max_tokens: 256,
             max_answer_tokens: 2048,
             temperature: 0.3,
+            penalize_prompt: false,
+            copy_bonus: 0.0,
             excerpt_chars: 20,
             history_messages: 10,
             history_sources: true,
             history_tokens: 0,
             system_prompt: String::new(),
             model_name: "m".into(),
+            grounding: GroundingLimits::off(),
         }
     }
 
@@ -1020,6 +1284,9 @@ mod tests {
             started: Instant::now(),
             debug: None,
             warnings: Vec::new(),
+            grounding: None,
+            refused: false,
+            grounding_limits: GroundingLimits::off(),
         };
         let (tx, rx) = unbounded_channel();
         let turn = Turn {

@@ -3,7 +3,7 @@
 
 mod auth;
 mod chat;
-mod common;
+pub(super) mod common;
 mod lanes;
 mod models;
 mod search;

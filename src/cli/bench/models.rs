@@ -370,6 +370,7 @@ pub async fn run(settings: Settings, opts: Options) -> anyhow::Result<String> {
         top_k: 0,
         repetition_penalty: 1.0,
         seed: Some(1),
+        ..SamplingParams::default()
     };
     let run = |prompt: Vec<u32>, max_tokens: usize| {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -5,6 +5,7 @@
 import * as api from '../api.js';
 import { h, replace, formatDate, perFrame } from '../dom.js';
 import { render as markdown } from '../markdown.js';
+import { excerptWithQuotes } from '../quotes.js';
 
 const PAGE = 20;
 
@@ -201,7 +202,7 @@ export async function render(main, ctx) {
     document.getElementById('sources-empty').hidden = answer.sources.length > 0;
     replace(sourcesList, answer.sources.map((s, i) => h('li', { id: `source-${i + 1}`, tabindex: '-1' },
       h('p.source-title', {}, s.title || 'Untitled'),
-      h('p.excerpt', {}, s.excerpt || ''),
+      excerptWithQuotes(s),
       h('p.muted.small', {},
         `Relevance ${(s.relevance_score || 0).toFixed(2)}`,
         s.source_type ? ` · ${s.source_type}` : '',
