@@ -222,8 +222,8 @@ pub struct ChatSettings {
     /// (0: the context's room), so its start changes only when one fills up.
     pub history_tokens: usize,
     /// An answer sentence counts as supported when its support (best cosine
-    /// with a source sentence, times the share of its numbers and names found in
-    /// the question or the sources) reaches this.
+    /// with a source sentence, times the squared share of its numbers and names
+    /// found in that sentence's passage) reaches this.
     pub support_threshold: f32,
     /// When the question's best cosine with a source sentence is below this, the
     /// answer is that the knowledge base does not contain it (0: never).

@@ -24,6 +24,7 @@ use std::time::Instant;
 use ragchat::auth::PasswordHasher;
 use ragchat::config::Settings;
 use ragchat::knowledge::calibration::auc;
+use ragchat_actors::chat::grounding::{key_terms, sentences};
 use serde_json::{json, Value};
 
 use super::bench::common::{bench_user, scratch_dir, serve, Served};
@@ -454,23 +455,43 @@ fn report(label: &str, cases: &[Case], answered: &[Answered]) {
 /// the refusal rates at other question-support thresholds.
 fn calibration(label: &str, cases: &[Case], answered: &[Answered]) {
     println!("\ncalibration (from the answers of \"{label}\", no new generation):");
-    println!("  support_threshold  confidence AUC (fact in answer vs not)");
+    println!(
+        "  support_threshold  confidence AUC (fact in answer vs not): all sentences (as served) / \
+         sentences with numbers or names only / the first sentence only"
+    );
     for t in (30..=80).step_by(5).map(|t| t as f32 / 100.0) {
-        let scored: Vec<(f32, bool)> = cases
-            .iter()
-            .zip(answered)
-            .filter_map(|(c, a)| match &c.kind {
-                Kind::Fact(fact) if !a.refused && !a.support.is_empty() => {
-                    let share = a.support.iter().filter(|s| **s >= t).count() as f32 / a.support.len() as f32;
-                    Some((
-                        share * (0.5 + 0.5 * a.relevance),
-                        normalise(&a.answer).contains(fact.as_str()),
-                    ))
-                }
-                _ => None,
-            })
-            .collect();
-        println!("  {t:>17.2}  {:.3} ({} answers)", auc(&scored), scored.len());
+        let mut variants: [Vec<(f32, bool)>; 3] = Default::default();
+        for (c, a) in cases.iter().zip(answered) {
+            let Kind::Fact(fact) = &c.kind else { continue };
+            if a.refused || a.support.is_empty() {
+                continue;
+            }
+            let hit = normalise(&a.answer).contains(fact.as_str());
+            let weight = 0.5 + 0.5 * a.relevance;
+            let share = |s: &[f32]| s.iter().filter(|x| **x >= t).count() as f32 / s.len().max(1) as f32;
+            let spans = sentences(&a.answer, a.support.len());
+            let factual: Vec<f32> = spans
+                .iter()
+                .zip(&a.support)
+                .filter(|(sp, _)| !key_terms(sp.of(&a.answer)).is_empty())
+                .map(|(_, s)| *s)
+                .collect();
+            variants[0].push((share(&a.support) * weight, hit));
+            let f = if factual.is_empty() {
+                &a.support[..]
+            } else {
+                &factual[..]
+            };
+            variants[1].push((share(f) * weight, hit));
+            variants[2].push((share(&a.support[..1]) * weight, hit));
+        }
+        println!(
+            "  {t:>17.2}  {:.3} / {:.3} / {:.3} ({} answers)",
+            auc(&variants[0]),
+            auc(&variants[1]),
+            auc(&variants[2]),
+            variants[0].len()
+        );
     }
     let mut q: Vec<(f32, bool)> = Vec::new();
     for (c, a) in cases.iter().zip(answered) {

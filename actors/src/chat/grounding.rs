@@ -4,12 +4,15 @@
 //! Pure logic over sentence embeddings (computed by the embedding model the
 //! server already runs): the sentences of an answer are matched to the
 //! sentences of the sources it was given. A sentence's **support** is its best
-//! cosine with a source sentence, times the share of its key terms (numbers,
-//! and capitalised words past the first) that appear in the question or a
-//! source: a sentence that names a year, a number or a name no source has is
-//! not supported however close its wording is. A sentence whose key terms not
-//! in the question all appear in one source sentence ("The answer is 6406."
-//! beside "About 6406 puffins nest …") is supported by it: 1. `confidence` is the share of
+//! cosine with a source sentence, times the square of the share of its key
+//! terms (numbers, and capitalised words past the first) that appear in that
+//! sentence's passage: a sentence that names a year, a number or a name no source has is
+//! not supported however close its wording is — the names and numbers must be
+//! in the passage of that source sentence, so the right place's name with
+//! another place's year is not supported either. A sentence whose key terms not
+//! in the question all appear in one source sentence, the rest in its passage
+//! ("The answer is 6406." beside "About 6406 puffins nest …") is supported by
+//! it: 1. `confidence` is the share of
 //! the answer's sentences whose support reaches the threshold, weighted by the
 //! retrieval relevance of the best source (docs/ARCHITECTURE.md, "Grounding").
 
@@ -281,10 +284,10 @@ pub fn ground(
     max_quotes: usize,
 ) -> Grounded {
     let asked = vocabulary(question);
-    let mut vocab = asked.clone();
-    for s in sources {
-        vocab.extend(vocabulary(&s.text));
-    }
+    // Each passage's words: a sentence's names and numbers must be in the one
+    // passage that supports it (the right place's name with another place's
+    // year is supported by neither).
+    let passages: Vec<std::collections::HashSet<String>> = sources.iter().map(|s| vocabulary(&s.text)).collect();
     // Each source sentence's words, for the sentences that state what one says.
     let words: Vec<Vec<std::collections::HashSet<String>>> = sources
         .iter()
@@ -294,32 +297,46 @@ pub fn ground(
     let mut support = Vec::new();
     for (span, v) in answer_spans.iter().zip(answer_vectors) {
         let sentence = span.of(answer);
-        let coverage = coverage(sentence, &vocab);
-        // The best source sentence for this answer sentence.
-        let mut best: Option<(usize, usize, f32)> = None;
+        let terms = key_terms(sentence);
+        let covered = |si: usize| {
+            if terms.is_empty() {
+                1.0
+            } else {
+                terms.iter().filter(|t| known(t, &passages[si])).count() as f32 / terms.len() as f32
+            }
+        };
+        // The best source sentence for this answer sentence: (source, sentence,
+        // cosine, support).
+        let mut best: Option<(usize, usize, f32, f32)> = None;
         for (si, s) in sources.iter().enumerate() {
+            // Squared: one name or number of two missing is not half a support.
+            let cov = covered(si).powi(2);
             for (ki, sv) in s.vectors.iter().enumerate() {
-                let c = cosine(v, sv);
-                if best.is_none_or(|(_, _, b)| c > b) {
-                    best = Some((si, ki, c));
+                let c = cosine(v, sv).max(0.0);
+                if best.is_none_or(|(_, _, _, b)| c * cov > b) {
+                    best = Some((si, ki, c, c * cov));
                 }
             }
         }
-        let mut score = best.map_or(0.0, |(_, _, c)| c.max(0.0) * coverage);
-        // What the sentence adds to the question, all in one source sentence.
-        let added: Vec<String> = key_terms(sentence).into_iter().filter(|t| !known(t, &asked)).collect();
+        let mut score = best.map_or(0.0, |(_, _, _, s)| s);
+        // What the sentence adds to the question, all in one source sentence,
+        // the rest of its names and numbers in that passage.
+        let added: Vec<String> = terms.iter().filter(|t| !known(t, &asked)).cloned().collect();
         if !added.is_empty() && score < 1.0 {
             let stating = words.iter().enumerate().find_map(|(si, ws)| {
+                if covered(si) < 1.0 {
+                    return None;
+                }
                 ws.iter()
                     .position(|w| added.iter().all(|t| known(t, w)))
                     .map(|ki| (si, ki))
             });
             if let Some((si, ki)) = stating {
                 score = 1.0;
-                best = Some((si, ki, cosine(v, &sources[si].vectors[ki]).max(0.0)));
+                best = Some((si, ki, cosine(v, &sources[si].vectors[ki]).max(0.0), 1.0));
             }
         }
-        if let Some((si, ki, c)) = best {
+        if let Some((si, ki, c, _)) = best {
             if score >= threshold {
                 let s = &sources[si];
                 let span = s.spans[ki];
@@ -463,6 +480,28 @@ mod tests {
         assert_eq!(evidence(q, &[0.0, 1.0], &sources, 2), [(1, vec![0, 1])]);
         assert_eq!(evidence(q, &[0.0, 1.0], &sources, 3), [(0, vec![1]), (1, vec![0, 1])]);
         assert!(evidence(q, &[0.0, 1.0], &sources, 0).is_empty());
+    }
+
+    #[test]
+    fn a_name_with_another_passages_number_is_not_supported() {
+        let a = "The lighthouse of Morness was completed in 4854.";
+        let b = "The lighthouse of Telby was completed in 7790.";
+        let sources = [
+            source(a, vec![vec![0.0, 1.0]], 0.9),
+            source(b, vec![vec![0.0, 1.0]], 0.9),
+        ];
+        let q = "When was the lighthouse of Telby completed?";
+        let mixed = "The lighthouse of Telby was completed in 4854.";
+        let g = ground(q, mixed, &sentences(mixed, 4), &[vec![0.0, 1.0]], &sources, 0.5, 3);
+        assert!(g.support[0].1 < 0.5, "{:?}", g.support);
+        let right = "The lighthouse of Telby was completed in 7790.";
+        let g = ground(q, right, &sentences(right, 4), &[vec![0.0, 1.0]], &sources, 0.5, 3);
+        assert_eq!(g.support[0].1, 1.0);
+        assert!(g.quotes[0].is_empty());
+        assert_eq!(g.quotes[1][0].text, b);
+        let terse = "It was 4854.";
+        let g = ground(q, terse, &sentences(terse, 4), &[vec![1.0, 0.0]], &sources, 0.5, 3);
+        assert_eq!(g.support[0].1, 1.0, "what it adds is in one sentence: {:?}", g.support);
     }
 
     #[test]
