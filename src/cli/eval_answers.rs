@@ -27,7 +27,7 @@ use ragchat::knowledge::calibration::auc;
 use ragchat_actors::chat::grounding::{key_terms, sentences};
 use serde_json::{json, Value};
 
-use super::bench::common::{bench_user, scratch_dir, serve, Served};
+use super::bench::common::{bench_user, scratch_dir, seed_corpus, serve, Served};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnswersEval {
@@ -336,28 +336,14 @@ async fn answer_all(
     settings.rate_limits.chat.limit = 1_000_000;
     settings.chat.temperature = 0.0;
     let Served { state, port, handle } = serve(settings.clone()).await?;
-    let ingestor = state
-        .ingestor
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("the models are not loaded: run scripts/fetch-models"))?;
+    anyhow::ensure!(
+        state.ingestor.is_some(),
+        "the models are not loaded: run scripts/fetch-models"
+    );
     anyhow::ensure!(state.generator.is_some(), "the generation model is not loaded");
     let corpus = dir.join("facts.jsonl");
     std::fs::write(&corpus, docs.join("\n"))?;
-    let status = state.seed.clone();
-    ragchat::knowledge::seed::begin(&status, &corpus, Default::default())?;
-    ragchat::knowledge::seed::run(
-        &ingestor,
-        &corpus,
-        Default::default(),
-        (
-            ragchat::knowledge::ingest::DocLimits::of(&settings.knowledge),
-            ragchat::knowledge::formats::FormatLimits::of(&settings.knowledge),
-        ),
-        status.clone(),
-        &|_| {},
-    )
-    .await;
-    let created = status.lock().map(|s| s.documents_created).unwrap_or(0);
+    let (created, _) = seed_corpus(&state, &settings, &corpus).await?;
     anyhow::ensure!(created == docs.len(), "seeded {created} of {} documents", docs.len());
     let hasher = PasswordHasher::new(settings.auth.argon2)?;
     let token = bench_user(

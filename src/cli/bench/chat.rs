@@ -8,7 +8,7 @@ use ragchat::config::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{bench_user, ms, rss_bytes, scratch_dir, serve, stats, timed, Served};
+use super::common::{bench_user, ms, rss_bytes, scratch_dir, seed_corpus, serve, stats, timed, Served};
 
 /// One streamed chat request on a fresh connection, as a client sees it.
 struct ChatSample {
@@ -194,10 +194,10 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     let max_clients = opts.clients.iter().copied().max().unwrap_or(1);
     settings.models.generate_queue = settings.models.generate_queue.max(max_clients * 2);
     let Served { state, port, handle } = serve(settings.clone()).await?;
-    let ingestor = state
-        .ingestor
-        .clone()
-        .ok_or_else(|| anyhow::anyhow!("the models are not loaded: run scripts/fetch-models"))?;
+    anyhow::ensure!(
+        state.ingestor.is_some(),
+        "the models are not loaded: run scripts/fetch-models"
+    );
     anyhow::ensure!(state.generator.is_some(), "the generation model is not loaded");
 
     let hasher = PasswordHasher::new(settings.auth.argon2)?;
@@ -259,25 +259,8 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
         .collect();
     let subset_path = dir.join("corpus.jsonl");
     std::fs::write(&subset_path, subset.join("\n"))?;
-    let status = state.seed.clone();
-    ragchat::knowledge::seed::begin(&status, &subset_path, Default::default())?;
     let t = Instant::now();
-    ragchat::knowledge::seed::run(
-        &ingestor,
-        &subset_path,
-        Default::default(),
-        (
-            ragchat::knowledge::ingest::DocLimits::of(&settings.knowledge),
-            ragchat::knowledge::formats::FormatLimits::of(&settings.knowledge),
-        ),
-        status.clone(),
-        &|_| {},
-    )
-    .await;
-    let seeded = status
-        .lock()
-        .map(|s| (s.documents_created, s.chunks))
-        .unwrap_or_default();
+    let seeded = seed_corpus(&state, &settings, &subset_path).await?;
     println!(
         "knowledge base: {} SciFact documents, {} chunks, seeded in {:.1} s",
         seeded.0,

@@ -120,3 +120,35 @@ pub async fn serve(settings: ragchat::config::Settings) -> anyhow::Result<Served
     actix_web::rt::spawn(server);
     Ok(Served { state, port, handle })
 }
+
+/// Seeds a JSONL corpus into the served knowledge base through the path of
+/// `ragchat seed`: (documents created, chunks).
+pub async fn seed_corpus(
+    state: &ragchat::http::AppState,
+    settings: &ragchat::config::Settings,
+    corpus: &std::path::Path,
+) -> anyhow::Result<(usize, usize)> {
+    let ingestor = state
+        .ingestor
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the embedding model is not loaded: run scripts/fetch-models"))?;
+    let status = state.seed.clone();
+    ragchat::knowledge::seed::begin(&status, corpus, Default::default())?;
+    ragchat::knowledge::seed::run(
+        &ingestor,
+        corpus,
+        Default::default(),
+        (
+            ragchat::knowledge::ingest::DocLimits::of(&settings.knowledge),
+            ragchat::knowledge::formats::FormatLimits::of(&settings.knowledge),
+        ),
+        status.clone(),
+        &|_| {},
+    )
+    .await;
+    let seeded = status
+        .lock()
+        .map(|s| (s.documents_created, s.chunks))
+        .unwrap_or_default();
+    Ok(seeded)
+}

@@ -14,7 +14,7 @@ use ragchat_actors::embed_worker::Lane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{bench_user, ms, scratch_dir, serve, stats, Served};
+use super::common::{bench_user, ms, scratch_dir, seed_corpus, serve, stats, Served};
 
 #[derive(Debug, clap::Args)]
 pub struct LanesBench {
@@ -214,10 +214,6 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
         // The generation model is not needed here (and would take memory).
         s.models.generator_path = file("no-generator.gguf");
         let Served { state, port, handle } = serve(s.clone()).await?;
-        let ingestor = state
-            .ingestor
-            .clone()
-            .ok_or_else(|| anyhow::anyhow!("the embedding model is not loaded: run scripts/fetch-models"))?;
         let embedder = state
             .embedder
             .clone()
@@ -226,20 +222,7 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
         // Preload (not measured), through the seeding path.
         let preload_path = dir.join("preload.jsonl");
         std::fs::write(&preload_path, lines[..opts.preload].join("\n"))?;
-        let status = state.seed.clone();
-        ragchat::knowledge::seed::begin(&status, &preload_path, Default::default())?;
-        ragchat::knowledge::seed::run(
-            &ingestor,
-            &preload_path,
-            Default::default(),
-            (
-                ragchat::knowledge::ingest::DocLimits::of(&s.knowledge),
-                ragchat::knowledge::formats::FormatLimits::of(&s.knowledge),
-            ),
-            status,
-            &|_| {},
-        )
-        .await;
+        seed_corpus(&state, &s, &preload_path).await?;
 
         let hasher = PasswordHasher::new(s.auth.argon2)?;
         let token = bench_user(
