@@ -27,7 +27,7 @@ use ragchat::knowledge::calibration::auc;
 use ragchat_actors::chat::grounding::{key_terms, sentences};
 use serde_json::{json, Value};
 
-use super::bench::common::{bench_user, scratch_dir, seed_corpus, serve, Served};
+use super::bench::common::{bench_user, scratch_dir, scratch_stores, seed_corpus, serve, Served};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AnswersEval {
@@ -324,15 +324,8 @@ async fn answer_all(
     max_tokens: usize,
 ) -> anyhow::Result<Vec<Answered>> {
     let dir = scratch_dir()?;
-    let file = |name: &str| dir.join(name).display().to_string();
     let mut settings = settings;
-    settings.database.url = format!("sqlite:{}", file("eval.db"));
-    settings.knowledge.sqlite_url = format!("sqlite:{}", file("knowledge.db"));
-    settings.knowledge.index_dir = String::new();
-    settings.chat.sqlite_url = format!("sqlite:{}", file("chat.db"));
-    settings.ledger.spool_path = file("spool.jsonl");
-    settings.server.port = 0;
-    settings.seed.demo_users = false;
+    scratch_stores(&mut settings, &dir);
     settings.rate_limits.chat.limit = 1_000_000;
     settings.chat.temperature = 0.0;
     let Served { state, port, handle } = serve(settings.clone()).await?;

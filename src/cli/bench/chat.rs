@@ -8,7 +8,7 @@ use ragchat::config::Settings;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{bench_user, ms, rss_bytes, scratch_dir, seed_corpus, serve, stats, timed, Served};
+use super::common::{bench_user, ms, rss_bytes, scratch_dir, scratch_stores, seed_corpus, serve, stats, timed, Served};
 
 /// One streamed chat request on a fresh connection, as a client sees it.
 struct ChatSample {
@@ -180,14 +180,7 @@ async fn conversation(
 /// same questions answered by the model alone); then memory per idle WebSocket.
 pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> {
     let dir = scratch_dir()?;
-    let file = |name: &str| dir.join(name).display().to_string();
-    settings.database.url = format!("sqlite:{}", file("bench.db"));
-    settings.knowledge.sqlite_url = format!("sqlite:{}", file("knowledge.db"));
-    settings.knowledge.index_dir = String::new();
-    settings.chat.sqlite_url = format!("sqlite:{}", file("chat.db"));
-    settings.ledger.spool_path = file("spool.jsonl");
-    settings.server.port = 0;
-    settings.seed.demo_users = false;
+    scratch_stores(&mut settings, &dir);
     settings.rate_limits.chat.limit = 1_000_000;
     settings.chat.ws_ping_secs = 600;
     settings.chat.ws_timeout_secs = 1200;

@@ -152,3 +152,16 @@ pub async fn seed_corpus(
         .unwrap_or_default();
     Ok(seeded)
 }
+
+/// Points `settings` at embedded stores in the scratch folder `dir` (SQLite
+/// files, an in-memory index, a spool there), on port 0, without demo users.
+pub fn scratch_stores(settings: &mut ragchat::config::Settings, dir: &std::path::Path) {
+    let file = |name: &str| dir.join(name).display().to_string();
+    settings.database.url = format!("sqlite:{}", file("bench.db"));
+    settings.knowledge.sqlite_url = format!("sqlite:{}", file("knowledge.db"));
+    settings.knowledge.index_dir = String::new();
+    settings.chat.sqlite_url = format!("sqlite:{}", file("chat.db"));
+    settings.ledger.spool_path = file("spool.jsonl");
+    settings.server.port = 0;
+    settings.seed.demo_users = false;
+}

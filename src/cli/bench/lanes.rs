@@ -14,7 +14,7 @@ use ragchat_actors::embed_worker::Lane;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::common::{bench_user, ms, scratch_dir, seed_corpus, serve, stats, Served};
+use super::common::{bench_user, ms, scratch_dir, scratch_stores, seed_corpus, serve, stats, Served};
 
 #[derive(Debug, clap::Args)]
 pub struct LanesBench {
@@ -62,6 +62,30 @@ async fn post(port: u16, path: &str, token: &str, content_type: &str, body: &[u8
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Waits for the upload job that a 202 answered `accepted` with to end: the
+/// documents it created.
+async fn job_created(port: u16, token: &str, accepted: &str) -> anyhow::Result<u64> {
+    let job: serde_json::Value = serde_json::from_str(accepted)?;
+    let id = job["id"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("a 202 without a job id: {accepted}"))?;
+    let client = reqwest::Client::new();
+    loop {
+        let view: serde_json::Value = client
+            .get(format!("http://127.0.0.1:{port}/knowledge/jobs/{id}"))
+            .bearer_auth(token)
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        match view["state"].as_str() {
+            Some("queued" | "running") => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => return Ok(view["documents_created"].as_u64().unwrap_or(0)),
+        }
+    }
 }
 
 /// A `multipart/form-data` body with one file field.
@@ -201,13 +225,7 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
         let dir = scratch_dir()?;
         let file = |name: &str| dir.join(name).display().to_string();
         let mut s = settings.clone();
-        s.database.url = format!("sqlite:{}", file("bench.db"));
-        s.knowledge.sqlite_url = format!("sqlite:{}", file("knowledge.db"));
-        s.knowledge.index_dir = String::new();
-        s.chat.sqlite_url = format!("sqlite:{}", file("chat.db"));
-        s.ledger.spool_path = file("spool.jsonl");
-        s.server.port = 0;
-        s.seed.demo_users = false;
+        scratch_stores(&mut s, &dir);
         s.rate_limits.search.limit = 1_000_000;
         s.rate_limits.api.limit = 1_000_000;
         s.models.embed_lanes = lanes;
@@ -281,6 +299,11 @@ pub async fn run(settings: Settings, opts: LanesBench) -> anyhow::Result<()> {
                                 .and_then(|v| v["created"].as_u64())
                                 .unwrap_or(0)
                         }
+                        // A large upload is a job (202): the upload lasts until it ends.
+                        Ok((202, body)) => match job_created(port, &token, &body).await {
+                            Ok(n) => created += n,
+                            Err(e) => eprintln!("upload job: {e}"),
+                        },
                         Ok((status, body)) => {
                             eprintln!("upload: {status} {}", body.chars().take(200).collect::<String>())
                         }
