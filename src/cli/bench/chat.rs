@@ -283,8 +283,8 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
         settings.models.generator_name, settings.models.max_active, opts.max_tokens, settings.chat.default_top_k
     );
     println!(
-        "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>8}",
-        "mode", "clients", "requests", "req/s", "TTFT p50", "TTFT p99", "total p50", "tok/s", "prompt"
+        "{:<16} {:>7} {:>9} {:>8} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8}",
+        "mode", "clients", "requests", "req/s", "TTFT p50", "TTFT p99", "total p50", "tok/s", "prompt", "refused"
     );
     let mut q = 0usize;
     for rag in [true, false] {
@@ -318,16 +318,25 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
             let wall = started.elapsed().as_secs_f64();
             let failed = samples.iter().filter(|s| !s.ok).count();
             anyhow::ensure!(failed == 0, "{failed} of {} requests failed", samples.len());
-            let ttft = stats(samples.iter().filter_map(|s| s.first_token).collect());
-            let total = stats(samples.iter().map(|s| s.total).collect());
+            // Questions refused as not in the knowledge base (chat.refuse_below)
+            // are answered without the model: left out of the latencies and
+            // the prompt size (unless every one was), counted apart.
+            let (refused, mut answered): (Vec<&ChatSample>, Vec<&ChatSample>) = samples
+                .iter()
+                .partition(|s| s.text.contains("\"response_type\":\"not_in_knowledge_base\""));
+            if answered.is_empty() {
+                answered = refused.clone();
+            }
+            let ttft = stats(answered.iter().map(|s| s.first_token.unwrap_or(s.total)).collect());
+            let total = stats(answered.iter().map(|s| s.total).collect());
             let generated: usize = samples.iter().map(|s| s.tokens).sum();
-            let prompt = samples
+            let prompt = answered
                 .iter()
                 .map(|s| s.tokens_used.saturating_sub(s.tokens))
                 .sum::<usize>()
-                / samples.len().max(1);
+                / answered.len().max(1);
             println!(
-                "{:<16} {:>7} {:>9} {:>8.2} {:>10.0} {:>10.0} {:>10.0} {:>8.1} {:>8}",
+                "{:<16} {:>7} {:>9} {:>8.2} {:>10.0} {:>10.0} {:>10.0} {:>8.1} {:>8} {:>8}",
                 if rag { "rag (hybrid)" } else { "no rag (base)" },
                 c,
                 samples.len(),
@@ -336,7 +345,8 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
                 ms(ttft.p99),
                 ms(total.p50),
                 generated as f64 / wall,
-                prompt
+                prompt,
+                refused.len()
             );
         }
     }
