@@ -329,10 +329,6 @@ async fn answer_all(
     settings.rate_limits.chat.limit = 1_000_000;
     settings.chat.temperature = 0.0;
     let Served { state, port, handle } = serve(settings.clone()).await?;
-    anyhow::ensure!(
-        state.ingestor.is_some(),
-        "the models are not loaded: run scripts/fetch-models"
-    );
     anyhow::ensure!(state.generator.is_some(), "the generation model is not loaded");
     let corpus = dir.join("facts.jsonl");
     std::fs::write(&corpus, docs.join("\n"))?;

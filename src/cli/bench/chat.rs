@@ -187,10 +187,6 @@ pub async fn run(mut settings: Settings, opts: ChatBench) -> anyhow::Result<()> 
     let max_clients = opts.clients.iter().copied().max().unwrap_or(1);
     settings.models.generate_queue = settings.models.generate_queue.max(max_clients * 2);
     let Served { state, port, handle } = serve(settings.clone()).await?;
-    anyhow::ensure!(
-        state.ingestor.is_some(),
-        "the models are not loaded: run scripts/fetch-models"
-    );
     anyhow::ensure!(state.generator.is_some(), "the generation model is not loaded");
 
     let hasher = PasswordHasher::new(settings.auth.argon2)?;
