@@ -11,7 +11,7 @@ use chrono::Utc;
 use ragchat::config::Settings;
 use ragchat::knowledge::calibration::{self, Sample};
 use ragchat::knowledge::chunking::Chunker;
-use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, RRF_K, TITLE_BOOST};
+use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, RRF_K};
 use ragchat::knowledge::ingest::embedding_text;
 use ragchat_actors::inference::Embedder;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
@@ -348,12 +348,11 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     for batch in texts.chunks(32) {
         q_vectors.extend(bert.embed(batch)?);
     }
-    // (name, route, fusion, title boost, pseudo-relevance feedback).
-    let mut runs: Vec<(String, Route, Fusion, f32, Option<Prf>)> =
-        [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
-            .into_iter()
-            .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), TITLE_BOOST, None))
-            .collect();
+    // (name, route, fusion, pseudo-relevance feedback).
+    let mut runs: Vec<(String, Route, Fusion, Option<Prf>)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
+        .into_iter()
+        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), None))
+        .collect();
     if opts.levers {
         let h = calibration::HYBRID;
         for w in [1.0, 2.0, 3.0, 4.0, 6.0] {
@@ -364,7 +363,6 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     cos: h.cos as f32,
                     text: (h.text * w) as f32,
                 },
-                TITLE_BOOST,
                 None,
             ));
         }
@@ -374,13 +372,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                 (Route::Hybrid, Fusion::default(), "hybrid"),
             ] {
                 let prf = Some(Prf { docs, weight });
-                runs.push((
-                    format!("{label} + prf {docs}×{weight}"),
-                    route,
-                    fusion,
-                    TITLE_BOOST,
-                    prf,
-                ));
+                runs.push((format!("{label} + prf {docs}×{weight}"), route, fusion, prf));
             }
         }
     }
@@ -391,35 +383,23 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     format!("rrf k={k} text×{w}"),
                     Route::Hybrid,
                     Fusion::Rrf { k, text_weight: w },
-                    TITLE_BOOST,
                     None,
                 ));
             }
         }
-        for boost in [0.0, 0.25, TITLE_BOOST, 1.0] {
+        for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
             runs.push((
-                format!("text, title boost {boost}"),
-                Route::Text,
-                Fusion::default(),
-                boost,
+                format!("convex α={alpha}"),
+                Route::Hybrid,
+                Fusion::Convex { alpha },
                 None,
             ));
-            for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
-                runs.push((
-                    format!("convex α={alpha}, title {boost}"),
-                    Route::Hybrid,
-                    Fusion::Convex { alpha },
-                    boost,
-                    None,
-                ));
-            }
         }
     }
     // Per run: its name and each query's nDCG@10 (for the folds).
     let mut per_query: Vec<(String, Vec<f64>)> = Vec::new();
-    for (name, route, fusion, boost, prf) in runs {
+    for (name, route, fusion, prf) in runs {
         index.set_fusion(fusion);
-        index.set_title_boost(boost);
         index.set_prf(prf);
         let mut each = Vec::with_capacity(judged.len());
         let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
@@ -460,7 +440,6 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     }
     if opts.calibrate {
         index.set_fusion(Fusion::default());
-        index.set_title_boost(TITLE_BOOST);
         let mut samples = Vec::new();
         for (q, v) in judged.iter().zip(&q_vectors) {
             let rel = &qrels[&q.id];

@@ -1,8 +1,9 @@
 //! The in-process search index over every chunk: vector search (cosine on
 //! unit-length embeddings: exact up to `EXACT_MAX` chunks, HNSW beyond) and
-//! BM25 over title and content with tantivy (English stemming), fused by
-//! reciprocal rank for `hybrid`. Visibility and metadata filters are applied to
-//! every route before ranking is cut to top_k.
+//! BM25 with tantivy over each chunk and its document's title as one field
+//! (English stemming), fused with the vector route for `hybrid` (see `Fusion`).
+//! Visibility and metadata filters are applied to every route before ranking is
+//! cut to top_k.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,9 +13,10 @@ use ragchat_actors::retrieval::{Filters, Hit, IndexError, Route};
 use serde::Deserialize;
 use serde_json::Value;
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, Occur, QueryParser, TermSetQuery};
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery, TermSetQuery};
 use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
-use tantivy::{doc, Index, IndexReader, IndexWriter, Term};
+use tantivy::tokenizer::TextAnalyzer;
+use tantivy::{doc, Index, IndexReader, IndexWriter, TantivyDocument, Term};
 use uuid::Uuid;
 
 use super::calibration;
@@ -22,8 +24,9 @@ use super::hnsw::{Hnsw, HnswConfig};
 
 /// Reciprocal rank fusion constant (Cormack et al.; the usual 60).
 pub const RRF_K: f32 = 60.0;
-/// The weight of title matches in BM25 (content weighs 1).
-pub const TITLE_BOOST: f32 = 0.5;
+/// Distinct query terms the text route scores (a longer question's rest is
+/// left out: each term is a posting list to walk).
+pub const MAX_QUERY_TERMS: usize = 256;
 /// Up to this many live chunks the vector route scans them all (exact, and
 /// fast enough: ~1 ms); beyond, it searches the HNSW graph.
 pub const EXACT_MAX: usize = 20_000;
@@ -139,13 +142,14 @@ pub struct HybridIndex {
     writer: IndexWriter,
     reader: IndexReader,
     key: tantivy::schema::Field,
-    title: tantivy::schema::Field,
-    content: tantivy::schema::Field,
+    /// The document's title and the chunk, one BM25 field (a separate title
+    /// field with its own length norm ranked worse: see BENCHMARKS.md).
+    text: tantivy::schema::Field,
     /// The chunk's owner key (`user:…`, `org:…`, `global`): the text route asks
     /// only for what the reader may see, before ranking is cut.
     owner: tantivy::schema::Field,
-    parser: QueryParser,
-    title_boost: f32,
+    /// The text field's analyzer, for the query's terms.
+    analyzer: TextAnalyzer,
     dirty: bool,
     /// Slots emptied by `remove` since the last compaction.
     removed: usize,
@@ -164,14 +168,12 @@ impl HybridIndex {
                 .set_tokenizer("en_stem")
                 .set_index_option(IndexRecordOption::WithFreqsAndPositions),
         );
-        let title = sb.add_text_field("title", text.clone());
-        let content = sb.add_text_field("content", text);
+        let text = sb.add_text_field("text", text);
         let owner = sb.add_text_field("owner", STRING);
         let index = Index::create_in_ram(sb.build());
         let writer = index.writer_with_num_threads(1, 32 << 20).map_err(index_error)?;
         let reader = index.reader().map_err(index_error)?;
-        let mut parser = QueryParser::for_index(&index, vec![title, content]);
-        parser.set_field_boost(title, TITLE_BOOST);
+        let analyzer = index.tokenizer_for_field(text).map_err(index_error)?;
         Ok(HybridIndex {
             slots: Vec::new(),
             graph: None,
@@ -185,11 +187,9 @@ impl HybridIndex {
             writer,
             reader,
             key,
-            title,
-            content,
+            text,
             owner,
-            parser,
-            title_boost: TITLE_BOOST,
+            analyzer,
             dirty: false,
             removed: 0,
         })
@@ -206,7 +206,6 @@ impl HybridIndex {
     /// Adds a document's chunks (replacing any it had). Call `commit` after a batch.
     pub fn add(&mut self, doc: &Document, chunks: &[Chunk]) -> Result<(), IndexError> {
         self.remove(doc.id);
-        let (title, content, owner) = (self.title, self.content, self.owner);
         let owner_key = doc.owner.to_string();
         let info = Arc::new(DocInfo {
             id: doc.id,
@@ -220,8 +219,7 @@ impl HybridIndex {
         for c in chunks {
             let slot = self.slots.len();
             self.writer
-                .add_document(doc!(self.key => slot as u64, title => doc.title.as_str(),
-                                   content => c.content.as_str(), owner => owner_key.as_str()))
+                .add_document(self.text_doc(slot, &doc.title, &c.content, &owner_key))
                 .map_err(index_error)?;
             self.slots.push(Some(Entry {
                 chunk_id: c.id,
@@ -263,10 +261,9 @@ impl HybridIndex {
         self
     }
 
-    /// The weight of title matches in BM25 (content weighs 1).
-    pub fn set_title_boost(&mut self, boost: f32) {
-        self.title_boost = boost;
-        self.parser.set_field_boost(self.title, boost);
+    /// What the text route indexes for a chunk.
+    fn text_doc(&self, slot: usize, title: &str, content: &str, owner_key: &str) -> TantivyDocument {
+        doc!(self.key => slot as u64, self.text => format!("{title}\n{content}"), self.owner => owner_key)
     }
 
     /// How `hybrid` fuses its two rankings.
@@ -480,13 +477,8 @@ impl HybridIndex {
                 return Ok(None);
             };
             let slot = index.slots.len();
-            index
-                .writer
-                .add_document(
-                    doc!(index.key => slot as u64, index.title => e.t.as_str(), index.content => e.x.as_str(),
-                         index.owner => e.o.as_str()),
-                )
-                .map_err(index_error)?;
+            let text = index.text_doc(slot, &e.t, &e.x, &e.o);
+            index.writer.add_document(text).map_err(index_error)?;
             if e.n != NO_NODE {
                 index.slot_of_node[e.n as usize] = slot as u32;
             }
@@ -542,16 +534,12 @@ impl HybridIndex {
         fresh.exact_max = self.exact_max;
         fresh.fusion = self.fusion;
         fresh.prf = self.prf;
-        fresh.set_title_boost(self.title_boost);
         // Copies: should anything fail, this index stays as it was.
         for e in self.slots.iter().flatten() {
             let slot = fresh.slots.len();
             let owner_key = e.doc.owner.to_string();
-            fresh
-                .writer
-                .add_document(doc!(fresh.key => slot as u64, fresh.title => e.doc.title.as_str(),
-                                   fresh.content => e.content.as_str(), fresh.owner => owner_key.as_str()))
-                .map_err(index_error)?;
+            let text = fresh.text_doc(slot, &e.doc.title, &e.content, &owner_key);
+            fresh.writer.add_document(text).map_err(index_error)?;
             if let (Some(g), true) = (self.graph.as_ref(), e.node != NO_NODE) {
                 fresh.pending.push((slot, g.vector(e.node).to_vec()));
             }
@@ -649,7 +637,35 @@ impl HybridIndex {
 
     /// Slots by BM25, best first.
     fn text(&self, query: &str, reader: &Reader, filters: &Filters, n: usize) -> Result<Vec<(usize, f32)>, IndexError> {
-        let (q, _) = self.parser.parse_query_lenient(query);
+        // The question's words, analyzed as the chunks were, each term once
+        // weighted by its count: no query syntax (a claim's "-", ":" or quotes
+        // are words here, not operators).
+        let mut counts: HashMap<String, f32> = HashMap::new();
+        let mut analyzer = self.analyzer.clone();
+        let mut tokens = analyzer.token_stream(query);
+        while let Some(t) = tokens.next() {
+            if let Some(n) = counts.get_mut(&t.text) {
+                *n += 1.0;
+            } else if counts.len() < MAX_QUERY_TERMS {
+                counts.insert(t.text.clone(), 1.0);
+            }
+        }
+        if counts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let terms: Vec<(Occur, Box<dyn Query>)> = counts
+            .into_iter()
+            .map(|(w, n)| {
+                let q = TermQuery::new(Term::from_field_text(self.text, &w), IndexRecordOption::WithFreqs);
+                let q: Box<dyn Query> = if n > 1.0 {
+                    Box::new(BoostQuery::new(Box::new(q), n))
+                } else {
+                    Box::new(q)
+                };
+                (Occur::Should, q)
+            })
+            .collect();
+        let q: Box<dyn Query> = Box::new(BooleanQuery::new(terms));
         // Only what the reader may see is ranked: another tenant's documents
         // cannot crowd the reader's out of the candidates.
         let visible = TermSetQuery::new(
@@ -1152,6 +1168,47 @@ pub(crate) mod tests {
         std::fs::write(dir.join("current"), "snapshot-missing").expect("write");
         assert!(HybridIndex::load(&dir).expect("load").is_none());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_text_route_reads_a_question_as_words_with_the_title_in_the_same_field() {
+        let me = Reader {
+            user_id: Uuid::new_v4(),
+            organization_id: None,
+        };
+        let mut ix = HybridIndex::new().expect("index");
+        for (title, text) in [
+            ("Metformin trial", "lowering in adults"),
+            ("Harbour notes", "glucose tides"),
+            ("Harbour plans", "insulin tides"),
+        ] {
+            let (d, c) = doc_with(Owner::Global, title, &[(text, vec![])], json!({}));
+            ix.add(&d, &c).expect("add");
+        }
+        ix.commit().expect("commit");
+        let titles = |q: &str| -> Vec<String> {
+            ix.search(q, None, Route::Text, &me, &Filters::default(), 3)
+                .expect("search")
+                .into_iter()
+                .map(|h| h.title)
+                .collect()
+        };
+        // A title's words are found like the chunk's (stemmed: "trials").
+        assert_eq!(titles("metformin trials"), ["Metformin trial"]);
+        // Query syntax is not read: "-" does not exclude, "title:" names no
+        // field, quotes and parentheses are not a phrase or a group.
+        assert_eq!(
+            titles("-metformin AND \"adults lowering\" title:(trial"),
+            ["Metformin trial"]
+        );
+        // A repeated word weighs its count.
+        assert_eq!(titles("glucose glucose insulin")[0], "Harbour notes");
+        assert_eq!(titles("glucose insulin insulin")[0], "Harbour plans");
+        // No words: nothing, not every chunk and not an error.
+        assert!(titles("?! -- ()").is_empty());
+        // A question of many words is cut to MAX_QUERY_TERMS distinct terms.
+        let long: String = (0..5 * MAX_QUERY_TERMS).map(|i| format!("w{i} ")).collect();
+        assert!(titles(&(long + "metformin")).is_empty());
     }
 
     #[test]
