@@ -12,8 +12,13 @@
 //! - GELU (the exact, erf form) and softmax use polynomial exp/erf that the
 //!   compiler vectorizes (libm's scalar erff dominated candle's profile).
 //!
-//! GEMMs are the `gemm` crate's (candle's own), with its AVX-512 kernels chosen
-//! at run time where the CPU has them. A test checks the result against candle's
+//! Where the CPU has AVX-512 VNNI (and RAGCHAT_INT8_GEMM is not 0), the linear
+//! layers run on our int8 GEMM ([`super::qmat`]): the weights are quantized at
+//! load to Q8_0 (one scale per 32 values), the activations per 32 values before
+//! each product. The vectors keep the f32 forward's direction (cosine ≥ 0.9995 in
+//! the test) at 1.5–3× its speed on 2 cores. Elsewhere, and for attention, GEMMs
+//! are the `gemm` crate's (candle's own), with its AVX-512 kernels chosen at run
+//! time where the CPU has them. A test checks the f32 forward against candle's
 //! `BertModel` on the same weights.
 
 use std::collections::HashMap;
@@ -26,6 +31,7 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use super::fast::dot;
 use super::pool::{share, Pool, SyncPtr};
+use super::qmat::{int8_gemm, quantize_q8_0, Kind, On, Q8Acts, QMat};
 use super::{exp_in_place, fast_exp, lane_max, model_error};
 use rayon::prelude::*;
 
@@ -51,6 +57,8 @@ struct Dense {
     b: Vec<f32>,
     out: usize,
     inp: usize,
+    /// W in Q8_0 tiles for the int8 GEMM, when the CPU has it (then `w` is empty).
+    q: Option<QMat>,
 }
 
 /// Products below this many multiply-adds run on the calling thread; above it
@@ -63,9 +71,54 @@ const PARALLEL_MIN: usize = 1 << 20;
 const RAYON_MIN: usize = 32 << 20;
 
 impl Dense {
+    fn new(w: Vec<f32>, b: Vec<f32>, out: usize, inp: usize) -> Dense {
+        Dense {
+            w,
+            b,
+            out,
+            inp,
+            q: None,
+        }
+    }
+
+    /// Moves W to Q8_0 tiles for the int8 GEMM (AVX-512 VNNI); false, with W
+    /// left in f32, where the CPU lacks it or the shape does not tile.
+    fn quantize(&mut self) -> bool {
+        let Some(mut q) = QMat::new(Kind::Q80, quantize_q8_0(&self.w), self.out, self.inp) else {
+            return false;
+        };
+        if !q.tile() {
+            return false;
+        }
+        self.q = Some(q);
+        self.w = Vec::new();
+        true
+    }
+
     /// y ← x·wᵀ + b, reusing y's memory (fresh pages of large buffers cost
     /// page faults on every layer otherwise).
     fn forward_into(&self, x: &[f32], rows: usize, y: &mut Vec<f32>, pool: &Pool) {
+        if let Some(q) = &self.q {
+            let x = &x[..rows * self.inp];
+            // Every value is written by the product: no clearing (a memset of every
+            // output cost 5% of a batch of passages).
+            y.resize(rows * self.out, 0.0);
+            let macs = rows * self.out * self.inp;
+            let b = Some(self.b.as_slice());
+            if pool.threads() == 1 && macs >= RAYON_MIN {
+                q.product(&Q8Acts::quantize_rayon(x, self.inp, false), y, b, On::Rayon);
+            } else if macs >= PARALLEL_MIN {
+                q.product(
+                    &Q8Acts::quantize_on(x, self.inp, false, Some(pool)),
+                    y,
+                    b,
+                    On::Pool(pool),
+                );
+            } else {
+                q.product(&Q8Acts::quantize(x, self.inp, false), y, b, On::Caller);
+            }
+            return;
+        }
         y.clear();
         y.reserve(rows * self.out);
         for _ in 0..rows {
@@ -220,7 +273,8 @@ fn gelu(x: f32) -> f32 {
 }
 
 impl Weights {
-    fn load(dir: &Path, config: &Config) -> Result<Self, ModelError> {
+    /// With `int8`, the linear layers run on the int8 GEMM where the CPU has it.
+    fn load(dir: &Path, config: &Config, int8: bool) -> Result<Self, ModelError> {
         let path = dir.join("model.safetensors");
         let tensors: HashMap<String, Tensor> =
             candle_core::safetensors::load(&path, &Device::Cpu).map_err(model_error)?;
@@ -244,12 +298,7 @@ impl Weights {
         };
         let h = config.hidden_size;
         let dense = |p: &str, out: usize, inp: usize| -> Result<Dense, ModelError> {
-            let d = Dense {
-                w: get(&format!("{p}.weight"))?,
-                b: get(&format!("{p}.bias"))?,
-                out,
-                inp,
-            };
+            let d = Dense::new(get(&format!("{p}.weight"))?, get(&format!("{p}.bias"))?, out, inp);
             if d.w.len() != out * inp || d.b.len() != out {
                 return Err(ModelError::Internal(format!("{p}: unexpected shape")));
             }
@@ -263,20 +312,21 @@ impl Weights {
                 dense(&format!("{p}.attention.self.key"), h, h)?,
                 dense(&format!("{p}.attention.self.value"), h, h)?,
             );
-            let qkv = Dense {
-                w: [q.w, k.w, v.w].concat(),
-                b: [q.b, k.b, v.b].concat(),
-                out: 3 * h,
-                inp: h,
-            };
-            layers.push(Layer {
+            let qkv = Dense::new([q.w, k.w, v.w].concat(), [q.b, k.b, v.b].concat(), 3 * h, h);
+            let mut layer = Layer {
                 qkv,
                 attn_out: dense(&format!("{p}.attention.output.dense"), h, h)?,
                 attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
                 inter: dense(&format!("{p}.intermediate.dense"), config.intermediate_size, h)?,
                 out: dense(&format!("{p}.output.dense"), h, config.intermediate_size)?,
                 out_norm: norm(&format!("{p}.output.LayerNorm"))?,
-            });
+            };
+            if int8 {
+                for d in [&mut layer.qkv, &mut layer.attn_out, &mut layer.inter, &mut layer.out] {
+                    d.quantize();
+                }
+            }
+            layers.push(layer);
         }
         let position = get("embeddings.position_embeddings.weight")?;
         Ok(Weights {
@@ -422,7 +472,7 @@ impl Weights {
         } else {
             jobs.iter().map(|&(s, head)| one(&spans[s], head)).collect()
         };
-        ctx.clear();
+        // Every value is overwritten below (each row by each head).
         ctx.resize(rows * h, 0.0);
         for (&(s, head), out) in jobs.iter().zip(&results) {
             let (start, len) = spans[s];
@@ -541,6 +591,12 @@ impl BertEmbedder {
     /// Loads model.safetensors, config.json and tokenizer.json from `dir`.
     /// Inputs are truncated at `max_tokens` (sentence-transformers uses 256 for this model).
     pub fn load(dir: &Path, max_tokens: usize) -> Result<Self, ModelError> {
+        Self::load_with(dir, max_tokens, int8_gemm())
+    }
+
+    /// As [`BertEmbedder::load`]; `int8` chooses the int8 GEMM for the linear
+    /// layers (where the CPU has AVX-512 VNNI) over f32.
+    pub fn load_with(dir: &Path, max_tokens: usize, int8: bool) -> Result<Self, ModelError> {
         let config_text = std::fs::read_to_string(dir.join("config.json")).map_err(|e| {
             ModelError::Unavailable(format!(
                 "{}: {e} (run scripts/fetch-models)",
@@ -564,7 +620,7 @@ impl BertEmbedder {
             .map_err(model_error)?;
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         Ok(BertEmbedder {
-            weights: Weights::load(dir, &config)?,
+            weights: Weights::load(dir, &config, int8)?,
             pool: Pool::new(threads),
             solo: Pool::new(1),
             pool_max_batch: pool_max_batch(),
@@ -644,6 +700,99 @@ mod tests {
         }
     }
 
+    /// The int8 GEMM's embeddings against the f32 forward's: the same direction
+    /// within quantization error, the same vector for a sentence alone or in a
+    /// batch, and the same on the pool (small batches) and on rayon (large ones).
+    #[test]
+    fn int8_embeddings_match_the_f32_forward() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
+        if !dir.join("model.safetensors").exists() || !int8_gemm() {
+            eprintln!("SKIPPED: model missing (scripts/fetch-models) or no AVX-512 VNNI here");
+            return;
+        }
+        let mut exact = BertEmbedder::load_with(&dir, 256, false).expect("load f32");
+        let mut int8 = BertEmbedder::load_with(&dir, 256, true).expect("load int8");
+        assert!(int8
+            .weights
+            .layers
+            .iter()
+            .all(|l| l.qkv.q.is_some() && l.out.q.is_some()));
+        let corpus = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).expect("readme");
+        // Sentences of every length up to the 256-token cap, more than one pool batch.
+        let texts: Vec<String> = corpus
+            .split(". ")
+            .filter(|t| !t.trim().is_empty())
+            .take(40)
+            .enumerate()
+            .map(|(i, t)| t.repeat(1 + i % 7))
+            .collect();
+        let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+        let want = exact.embed(&texts).expect("f32");
+        let got = int8.embed(&texts).expect("int8");
+        let mut worst = 1f32;
+        for (w, g) in want.iter().zip(&got) {
+            worst = worst.min(w.iter().zip(g).map(|(a, b)| a * b).sum());
+        }
+        eprintln!("int8 against f32 over {} texts: worst cosine {worst}", texts.len());
+        assert!(worst > 0.995, "int8 against f32: worst cosine {worst}");
+        for (t, g) in texts.iter().zip(&got).take(12) {
+            let alone = int8.embed(&[t]).expect("embed one");
+            let d: f32 = alone[0].iter().zip(g).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+            assert!(d < 1e-5, "{t}: {d}");
+        }
+    }
+
+    /// `cargo test --release --lib embed_profile -- --ignored --nocapture` (for
+    /// perf): ours alone on the bench's shapes, int8 and f32, for SECONDS each.
+    #[test]
+    #[ignore]
+    fn embed_profile() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = root.join("models/all-minilm-l6-v2");
+        let corpus = std::fs::read_to_string(root.join("../shared/data/scifact/corpus.jsonl")).expect("scifact");
+        let passages: Vec<String> = corpus
+            .lines()
+            .take(32)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["text"].as_str().map(str::to_owned))
+            .collect();
+        let sentence = "The quick brown fox jumps over the lazy dog near the river bank while the \
+                        children watch from the old stone bridge and the sun sets slowly behind the hills.";
+        let seconds: f64 = std::env::var("SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3.0);
+        let only = std::env::var("ONLY").unwrap_or_default();
+        // PRECISION: int8 or f32 alone (both by default).
+        let precision = std::env::var("PRECISION").unwrap_or_default();
+        for int8 in [true, false] {
+            if precision == if int8 { "f32" } else { "int8" } {
+                continue;
+            }
+            let mut m = BertEmbedder::load_with(&dir, 256, int8).expect("load");
+            for (name, texts) in [
+                ("batch 1", vec![sentence; 1]),
+                ("batch 8", vec![sentence; 8]),
+                ("batch 32", vec![sentence; 32]),
+                ("passages", passages.iter().map(String::as_str).collect()),
+            ] {
+                if !only.is_empty() && !name.contains(&only) {
+                    continue;
+                }
+                m.embed(&texts).expect("warm-up");
+                let (started, mut n) = (std::time::Instant::now(), 0);
+                while started.elapsed().as_secs_f64() < seconds {
+                    m.embed(&texts).expect("embed");
+                    n += texts.len();
+                }
+                eprintln!(
+                    "int8 {int8}: {name}: {:.1}/s",
+                    n as f64 / started.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+
     /// Our forward against candle's BertModel with padding and an attention mask.
     #[test]
     fn embeddings_match_candles_bert_model() {
@@ -661,7 +810,7 @@ mod tests {
              about weather, seasons, harvests, markets, roads, bridges, schools, hospitals and the small towns that grow \
              along the valleys where trade has always followed the water down to the sea.",
         ];
-        let mut ours = BertEmbedder::load(&dir, 256).expect("load");
+        let mut ours = BertEmbedder::load_with(&dir, 256, false).expect("load");
         let got = ours.embed(&texts).expect("embed");
         // One at a time gives the same vectors (no padding, no cross-talk).
         for (t, g) in texts.iter().zip(&got) {

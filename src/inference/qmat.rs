@@ -1,4 +1,5 @@
-//! Our quantized matrix products for the llama decode step, for the two GGUF
+//! Our quantized matrix products for the llama forward (and, in Q8_0 tiles made
+//! from f32 at load, for the embedding model's linear layers), for the two GGUF
 //! block types of the development model: Q4_1 (every linear layer of SmolLM2 Q4_1)
 //! and Q8_0 (its token embeddings, tied to the output head). candle 0.11 has no
 //! SIMD path for Q4_1 (its `vec_dot` is the scalar reference) and runs every
@@ -113,6 +114,35 @@ fn q6k_values(blk: &[u8]) -> [i8; SUPER] {
     q
 }
 
+/// A row-major f32 matrix (its width a multiple of 32) in Q8_0 blocks, GGUF
+/// layout: per 32 values an f16 scale d (the largest magnitude maps to 127) and
+/// the 32 values round(v / d) as i8.
+pub fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
+    let mut raw = Vec::with_capacity(w.len() / BLOCK * Kind::Q80.block_bytes());
+    for blk in w.chunks_exact(BLOCK) {
+        let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = f16::from_f32(amax / 127.0);
+        let id = if d.to_f32() > 0.0 { 1.0 / d.to_f32() } else { 0.0 };
+        raw.extend_from_slice(&d.to_le_bytes());
+        raw.extend(
+            blk.iter()
+                .map(|v| (v * id).round_ties_even().clamp(-127.0, 127.0) as i8 as u8),
+        );
+    }
+    raw
+}
+
+/// Where a product's parts run.
+#[derive(Clone, Copy)]
+pub enum On<'a> {
+    /// The spinning pool (a decode step, a query's embedding).
+    Pool(&'a Pool),
+    /// Rayon's threads, which sleep while they wait (bulk batches).
+    Rayon,
+    /// The calling thread alone (small products).
+    Caller,
+}
+
 /// A quantized (rows, cols) matrix, row-major, in GGUF block layout.
 pub struct QMat {
     kind: Kind,
@@ -144,6 +174,38 @@ fn push_quantized(values: &[f32], id: f32, out: &mut Vec<i8>) -> i32 {
         *o = q as i8;
     }
     sum
+}
+
+/// The Q8 blocks of `x` appended to `a` (d, s and q), as the scalar loop of
+/// [`Q8Acts::quantize_on`] computes them (the same scale, its inverse, and
+/// rounding half to even: `vcvtps2dq` under the default rounding mode), one block
+/// of 32 per pair of registers. The scalar loop's max is a serial chain the
+/// compiler does not vectorize; it cost as much as the int8 GEMM it feeds.
+///
+/// # Safety
+/// AVX-512 F and BW.
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantize_blocks_avx512(x: &[f32], a: &mut Q8Acts) {
+    use std::arch::x86_64::*;
+    let n = x.len() / BLOCK;
+    let at = a.q.len();
+    a.q.resize(at + n * BLOCK, 0);
+    let out = a.q.as_mut_ptr().add(at);
+    let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
+    for b in 0..n {
+        let p = x.as_ptr().add(b * BLOCK);
+        let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), lo), hi);
+        let q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id)), lo), hi);
+        let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        _mm_storeu_si128(out.add(b * BLOCK) as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128(out.add(b * BLOCK + 16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
+        a.d.push(d);
+        a.s.push(d * sum as f32);
+    }
 }
 
 /// `b` activation rows in Q8 blocks; when the width allows, also in blocks of
@@ -180,25 +242,10 @@ impl Q8Acts {
                 let part = Self::quantize_on(&x[rows.start * cols..rows.end * cols], cols, k_blocks, None);
                 *done[t].lock().unwrap_or_else(|p| p.into_inner()) = Some(part);
             });
-            let mut all: Option<Q8Acts> = None;
-            for part in done
+            let parts = done
                 .into_iter()
-                .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-            {
-                match &mut all {
-                    None => all = Some(part),
-                    Some(a) => {
-                        a.b += part.b;
-                        a.d.extend(part.d);
-                        a.s.extend(part.s);
-                        a.q.extend(part.q);
-                        a.kd.extend(part.kd);
-                        a.ks.extend(part.ks);
-                        a.kq.extend(part.kq);
-                    }
-                }
-            }
-            if let Some(a) = all {
+                .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
+            if let Some(a) = Self::concat(parts) {
                 return a;
             }
         }
@@ -214,11 +261,16 @@ impl Q8Acts {
             ks: Vec::new(),
             kq: Vec::new(),
         };
-        for blk in x.chunks_exact(BLOCK) {
-            let (d, id) = scale_of(blk);
-            let sum = push_quantized(blk, id, &mut a.q);
-            a.d.push(d);
-            a.s.push(d * sum as f32);
+        if int8_gemm() {
+            // SAFETY: int8_gemm() implies AVX-512 F and BW.
+            unsafe { quantize_blocks_avx512(x, &mut a) };
+        } else {
+            for blk in x.chunks_exact(BLOCK) {
+                let (d, id) = scale_of(blk);
+                let sum = push_quantized(blk, id, &mut a.q);
+                a.d.push(d);
+                a.s.push(d * sum as f32);
+            }
         }
         if k_blocks && cols.is_multiple_of(SUPER) {
             a.kq.reserve(b * cols);
@@ -232,6 +284,45 @@ impl Q8Acts {
             }
         }
         a
+    }
+
+    /// As [`Q8Acts::quantize`], the rows shared among rayon's threads (bulk
+    /// batches, which run off the spinning pool).
+    pub fn quantize_rayon(x: &[f32], cols: usize, k_blocks: bool) -> Q8Acts {
+        use rayon::prelude::*;
+        let b = x.len() / cols;
+        let parts = rayon::current_num_threads();
+        if parts < 2 || b < 2 * TILE {
+            return Self::quantize(x, cols, k_blocks);
+        }
+        let done: Vec<Q8Acts> = (0..parts)
+            .into_par_iter()
+            .map(|t| {
+                let rows = share(b, parts, t, 1);
+                Self::quantize(&x[rows.start * cols..rows.end * cols], cols, k_blocks)
+            })
+            .collect();
+        Self::concat(done).unwrap_or_else(|| Self::quantize(x, cols, k_blocks))
+    }
+
+    /// The rows of `parts`, in order, as one set.
+    fn concat(parts: impl IntoIterator<Item = Q8Acts>) -> Option<Q8Acts> {
+        let mut all: Option<Q8Acts> = None;
+        for part in parts {
+            match &mut all {
+                None => all = Some(part),
+                Some(a) => {
+                    a.b += part.b;
+                    a.d.extend(part.d);
+                    a.s.extend(part.s);
+                    a.q.extend(part.q);
+                    a.kd.extend(part.kd);
+                    a.ks.extend(part.ks);
+                    a.kq.extend(part.kq);
+                }
+            }
+        }
+        all
     }
 
     fn row(&self, i: usize) -> ActRow<'_> {
@@ -354,31 +445,50 @@ impl QMat {
 
     /// `out` (b × rows) = x · selfᵀ, output rows shared among the pool's threads.
     pub fn matmul(&self, x: &Q8Acts, out: &mut [f32], pool: &Pool) {
+        self.product(x, out, None, On::Pool(pool));
+    }
+
+    /// `out` (b × rows) = x · selfᵀ (+ `bias`, one value per row of self), on
+    /// the threads `on` names.
+    pub fn product(&self, x: &Q8Acts, out: &mut [f32], bias: Option<&[f32]>, on: On<'_>) {
         assert_eq!(x.nb * BLOCK, self.cols, "activation width");
         assert!(
             !self.k_blocks() || !x.kd.is_empty(),
             "k-quant products need 256-value blocks"
         );
         assert_eq!(out.len(), x.b * self.rows, "output size");
+        assert!(bias.is_none_or(|b| b.len() == self.rows), "bias size");
         let ptr = SyncPtr(out.as_mut_ptr());
-        let parts = pool.threads();
-        pool.run(&|t| {
+        let parts = match on {
+            On::Pool(pool) => pool.threads(),
+            On::Rayon => rayon::current_num_threads(),
+            On::Caller => 1,
+        };
+        let part = |t: usize| {
             let range = share(self.rows, parts, t, 16);
-            // SAFETY: each thread writes only the columns of its own range of weight rows.
-            unsafe { self.rows_into(x, range, ptr) }
-        });
+            // SAFETY: each part writes only the columns of its own range of weight rows.
+            unsafe { self.rows_into(x, range, ptr, bias) }
+        };
+        match on {
+            On::Pool(pool) => pool.run(&part),
+            On::Rayon => {
+                use rayon::prelude::*;
+                (0..parts).into_par_iter().for_each(part);
+            }
+            On::Caller => part(0),
+        }
     }
 
     /// # Safety
     /// `out` must point to b × rows floats that no one else writes in `range`'s columns.
-    unsafe fn rows_into(&self, x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr) {
+    unsafe fn rows_into(&self, x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr, bias: Option<&[f32]>) {
         if let Some(tiles) = &self.tiles {
             // Without its GGUF copy (dropped in `tile`), a matrix has only the tiles.
             if (x.b >= tile_min_rows() || self.raw.is_empty())
                 && range.start.is_multiple_of(TILE)
                 && range.end.is_multiple_of(TILE)
             {
-                return self.tiles_into(tiles, x, range, out);
+                return self.tiles_into(tiles, x, range, out, bias);
             }
         }
         let stride = self.stride();
@@ -386,6 +496,7 @@ impl QMat {
         let mut dots = [0f32; GROUP];
         for r in range {
             let row = &self.raw[r * stride..(r + 1) * stride];
+            let add = bias.map_or(0.0, |b| b[r]);
             let mut g0 = 0;
             while g0 < x.b {
                 let n = (x.b - g0).min(GROUP);
@@ -399,7 +510,7 @@ impl QMat {
                     dot_scalar(self.kind, row, x.nb, &ys[..n], &mut dots);
                 }
                 for (i, v) in dots.iter().enumerate().take(n) {
-                    *out.add((g0 + i) * self.rows + r) = *v;
+                    *out.add((g0 + i) * self.rows + r) = *v + add;
                 }
                 g0 += n;
             }
@@ -459,18 +570,31 @@ impl QMat {
 
     /// # Safety
     /// As [`QMat::rows_into`]; `range` in whole tiles; the CPU has AVX-512 VNNI.
-    unsafe fn tiles_into(&self, tiles: &[u8], x: &Q8Acts, range: std::ops::Range<usize>, out: SyncPtr) {
+    unsafe fn tiles_into(
+        &self,
+        tiles: &[u8],
+        x: &Q8Acts,
+        range: std::ops::Range<usize>,
+        out: SyncPtr,
+        bias: Option<&[f32]>,
+    ) {
         let blocks = self.cols / self.kind.block_values();
         let per_tile = blocks * tile_bytes(self.kind);
         let ys: Vec<ActRow<'_>> = (0..x.b).map(|i| x.row(i)).collect();
-        for t in (range.start / TILE)..(range.end / TILE) {
-            let tile = tiles[t * per_tile..(t + 1) * per_tile].as_ptr();
-            let mut g0 = 0;
-            while g0 < x.b {
-                let n = (x.b - g0).min(TILE_ROWS);
-                let ys = &ys[g0..g0 + n];
-                let o = SyncPtr(out.add(g0 * self.rows + t * TILE));
-                macro_rules! by_rows {
+        // Activation rows in chunks that stay in L2 while every tile of the range
+        // passes over them (a prompt or a batch of passages has thousands of rows:
+        // streamed from memory once per tile, they cost as much as the arithmetic).
+        let chunk = (CHUNK_BYTES / self.cols.max(1)).max(TILE_ROWS) / TILE_ROWS * TILE_ROWS;
+        for c0 in (0..x.b).step_by(chunk) {
+            let c1 = (c0 + chunk).min(x.b);
+            for t in (range.start / TILE)..(range.end / TILE) {
+                let tile = tiles[t * per_tile..(t + 1) * per_tile].as_ptr();
+                let mut g0 = c0;
+                while g0 < c1 {
+                    let n = (c1 - g0).min(TILE_ROWS);
+                    let ys = &ys[g0..g0 + n];
+                    let o = SyncPtr(out.add(g0 * self.rows + t * TILE));
+                    macro_rules! by_rows {
                     ($f:ident $(, $c:expr)?) => {
                         match n {
                             1 => $f::<1 $(, { $c })?>(tile, blocks, ys, o, self.rows),
@@ -484,17 +608,28 @@ impl QMat {
                         }
                     };
                 }
-                match self.kind {
-                    Kind::Q41 => by_rows!(tile_dot, true),
-                    Kind::Q80 => by_rows!(tile_dot, false),
-                    Kind::Q4K => by_rows!(tile_dot_q4k),
-                    Kind::Q6K => by_rows!(tile_dot_q6k),
+                    match self.kind {
+                        Kind::Q41 => by_rows!(tile_dot, true),
+                        Kind::Q80 => by_rows!(tile_dot, false),
+                        Kind::Q4K => by_rows!(tile_dot_q4k),
+                        Kind::Q6K => by_rows!(tile_dot_q6k),
+                    }
+                    if let Some(b) = bias {
+                        let b = &b[t * TILE..(t + 1) * TILE];
+                        for r in 0..n {
+                            let row = std::slice::from_raw_parts_mut(o.add(r * self.rows), TILE);
+                            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
+                        }
+                    }
+                    g0 += n;
                 }
-                g0 += n;
             }
         }
     }
 }
+
+/// Bytes of quantized activation rows per chunk of [`QMat::tiles_into`].
+const CHUNK_BYTES: usize = 256 << 10;
 
 /// Row `r`'s Q4_1 or Q8_0 block in its tile block `out` (see [`QMat::tile`]).
 fn pack_block(kind: Kind, blk: &[u8], r: usize, out: &mut [u8]) {
@@ -1071,18 +1206,6 @@ mod tests {
         out
     }
 
-    fn quantize_q8_0(w: &[f32]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for blk in w.chunks(BLOCK) {
-            let amax = blk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            out.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            out.extend(blk.iter().map(|v| (v * inv).round() as i8 as u8));
-        }
-        out
-    }
-
     fn weights(rows: usize, cols: usize) -> Vec<f32> {
         (0..rows * cols)
             .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
@@ -1117,6 +1240,40 @@ mod tests {
         }
     }
 
+    /// The AVX-512 activation quantizer gives the scalar loop's blocks bit for bit
+    /// (zeros, ties, outliers), and the pool and rayon split the rows the same.
+    #[test]
+    fn vector_quantizer_equals_the_scalar_loop() {
+        if !int8_gemm() {
+            eprintln!("no AVX-512 here: the scalar loop is the only quantizer");
+            return;
+        }
+        let cols = 96;
+        let mut x: Vec<f32> = (0..70 * cols)
+            .map(|i| (((i * 7919) % 1013) as f32 / 37.0 - 13.0) * if i % 97 == 0 { 50.0 } else { 1.0 })
+            .collect();
+        x[..BLOCK].fill(0.0);
+        x[BLOCK..2 * BLOCK]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = i as f32 - 15.5);
+        let got = Q8Acts::quantize(&x, cols, false);
+        let (mut d, mut sums, mut q) = (Vec::new(), Vec::new(), Vec::new());
+        for blk in x.chunks_exact(BLOCK) {
+            let (bd, id) = scale_of(blk);
+            let sum = push_quantized(blk, id, &mut q);
+            d.push(bd);
+            sums.push(bd * sum as f32);
+        }
+        assert_eq!((&got.d, &got.s, &got.q), (&d, &sums, &q));
+        for other in [
+            Q8Acts::quantize_on(&x, cols, false, Some(&Pool::new(3))),
+            Q8Acts::quantize_rayon(&x, cols, false),
+        ] {
+            assert_eq!((other.b, &other.d, &other.s, &other.q), (70, &d, &sums, &q));
+        }
+    }
+
     #[test]
     fn products_match_the_dequantized_weights_for_any_batch_and_thread_count() {
         let (rows, cols) = (70, 96);
@@ -1136,6 +1293,38 @@ mod tests {
                 m.dequantize_row(r, out);
             }
             assert_products_match(&m, &deq, |want, _| want.abs());
+        }
+    }
+
+    /// A product of more activation rows than one chunk of the int8 GEMM holds,
+    /// with a bias, on every kind of thread: the GGUF-layout kernels' result plus
+    /// the bias.
+    #[test]
+    fn biased_products_over_many_rows_equal_the_row_kernels() {
+        if !int8_gemm() {
+            eprintln!("no AVX-512 VNNI here: the int8 GEMM is not used");
+            return;
+        }
+        let (rows, cols, b) = (48, 1024, 300);
+        assert!(b > CHUNK_BYTES / cols, "more than one chunk");
+        let raw = quantize_q8_0(&weights(rows, cols));
+        let plain = QMat::new(Kind::Q80, raw.clone(), rows, cols).expect("shape");
+        let mut tiled = QMat::new(Kind::Q80, raw, rows, cols).expect("shape");
+        assert!(tiled.tile());
+        let x: Vec<f32> = (0..b * cols).map(|i| ((i * 37) % 23) as f32 / 11.0 - 1.0).collect();
+        let bias: Vec<f32> = (0..rows).map(|r| r as f32 - 20.0).collect();
+        let acts = Q8Acts::quantize(&x, cols, false);
+        let mut want = vec![0f32; b * rows];
+        plain.product(&acts, &mut want, None, On::Caller);
+        want.chunks_exact_mut(rows)
+            .for_each(|r| r.iter_mut().zip(&bias).for_each(|(v, b)| *v += b));
+        let pool = Pool::new(3);
+        for on in [On::Caller, On::Rayon, On::Pool(&pool)] {
+            let mut got = vec![f32::NAN; b * rows];
+            tiled.product(&acts, &mut got, Some(&bias), on);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() < 1e-3 * (1.0 + w.abs()), "at {i}: {g} vs {w}");
+            }
         }
     }
 
@@ -1174,7 +1363,7 @@ mod tests {
                     pool.run(&|t| {
                         let range = share(rows, threads, t, TILE);
                         // SAFETY: VNNI checked above; each thread writes its own tiles' columns.
-                        unsafe { tiled.tiles_into(tiles, &acts, range, ptr) }
+                        unsafe { tiled.tiles_into(tiles, &acts, range, ptr, None) }
                     });
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
