@@ -161,14 +161,12 @@ fn scale_of(values: &[f32]) -> (f32, f32) {
     (d, if d > 0.0 { 1.0 / d } else { 0.0 })
 }
 
-/// Appends `values` quantized with inverse scale `id` to `out`; returns their sum.
+/// `values` quantized with inverse scale `id` into `out`; returns their sum.
 /// Rounds half to even (`nearbyint`, as ggml): unlike `round`, that is one
 /// vector instruction, so the loop vectorizes.
-fn push_quantized(values: &[f32], id: f32, out: &mut Vec<i8>) -> i32 {
-    let at = out.len();
-    out.resize(at + values.len(), 0);
+fn quantize_block(values: &[f32], id: f32, out: &mut [i8]) -> i32 {
     let mut sum = 0i32;
-    for (o, v) in out[at..].iter_mut().zip(values) {
+    for (o, v) in out.iter_mut().zip(values) {
         let q = (v * id).round_ties_even().clamp(-127.0, 127.0) as i32;
         sum += q;
         *o = q as i8;
@@ -176,35 +174,69 @@ fn push_quantized(values: &[f32], id: f32, out: &mut Vec<i8>) -> i32 {
     sum
 }
 
-/// The Q8 blocks of `x` appended to `a` (d, s and q), as the scalar loop of
-/// [`Q8Acts::quantize_on`] computes them (the same scale, its inverse, and
-/// rounding half to even: `vcvtps2dq` under the default rounding mode), one block
-/// of 32 per pair of registers. The scalar loop's max is a serial chain the
-/// compiler does not vectorize; it cost as much as the int8 GEMM it feeds.
+/// The Q8 blocks of `x` into `d`, `s` and `q`, as the scalar loop of
+/// [`quantize_rows`] computes them (the same scale, its inverse, and rounding
+/// half to even: `vcvtps2dq` under the default rounding mode), one block of 32
+/// per pair of registers. The scalar loop's max is a serial chain the compiler
+/// does not vectorize; it cost as much as the int8 GEMM it feeds.
 ///
 /// # Safety
-/// AVX-512 F and BW.
+/// AVX-512 F and BW; d and s hold a value, q 32, per block of x.
 #[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn quantize_blocks_avx512(x: &[f32], a: &mut Q8Acts) {
+unsafe fn quantize_blocks_avx512(x: &[f32], d: &mut [f32], s: &mut [f32], q: &mut [i8]) {
     use std::arch::x86_64::*;
     let n = x.len() / BLOCK;
-    let at = a.q.len();
-    a.q.resize(at + n * BLOCK, 0);
-    let out = a.q.as_mut_ptr().add(at);
+    assert!(d.len() >= n && s.len() >= n && q.len() >= n * BLOCK, "block counts");
+    let out = q.as_mut_ptr();
     let (lo, hi) = (_mm512_set1_epi32(-127), _mm512_set1_epi32(127));
     for b in 0..n {
         let p = x.as_ptr().add(b * BLOCK);
         let (v0, v1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
         let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        let d = amax / 127.0;
-        let id = _mm512_set1_ps(if d > 0.0 { 1.0 / d } else { 0.0 });
+        let bd = amax / 127.0;
+        let id = _mm512_set1_ps(if bd > 0.0 { 1.0 / bd } else { 0.0 });
         let q0 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v0, id)), lo), hi);
         let q1 = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v1, id)), lo), hi);
         let sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
         _mm_storeu_si128(out.add(b * BLOCK) as *mut __m128i, _mm512_cvtepi32_epi8(q0));
         _mm_storeu_si128(out.add(b * BLOCK + 16) as *mut __m128i, _mm512_cvtepi32_epi8(q1));
-        a.d.push(d);
-        a.s.push(d * sum as f32);
+        d[b] = bd;
+        s[b] = bd * sum as f32;
+    }
+}
+
+/// Some consecutive rows of a [`Q8Acts`], to be written.
+struct RowsMut<'a> {
+    d: &'a mut [f32],
+    s: &'a mut [f32],
+    q: &'a mut [i8],
+    kd: &'a mut [f32],
+    ks: &'a mut [i32],
+    kq: &'a mut [i8],
+}
+
+/// `x` (whole rows) quantized into `out` (the same rows).
+fn quantize_rows(x: &[f32], out: RowsMut<'_>) {
+    if int8_gemm() {
+        // SAFETY: int8_gemm() implies AVX-512 F and BW; the slices hold x's rows.
+        unsafe { quantize_blocks_avx512(x, out.d, out.s, out.q) };
+    } else {
+        for (i, blk) in x.chunks_exact(BLOCK).enumerate() {
+            let (d, id) = scale_of(blk);
+            let sum = quantize_block(blk, id, &mut out.q[i * BLOCK..(i + 1) * BLOCK]);
+            out.d[i] = d;
+            out.s[i] = d * sum as f32;
+        }
+    }
+    if !out.kd.is_empty() {
+        for (i, sb) in x.chunks_exact(SUPER).enumerate() {
+            let (d, id) = scale_of(sb);
+            for (j, blk) in sb.chunks_exact(BLOCK).enumerate() {
+                let k = i * SUPER / BLOCK + j;
+                out.ks[k] = quantize_block(blk, id, &mut out.kq[k * BLOCK..(k + 1) * BLOCK]);
+            }
+            out.kd[i] = d;
+        }
     }
 }
 
@@ -233,54 +265,28 @@ impl Q8Acts {
     /// As [`Q8Acts::quantize`], with the rows shared among `pool`'s threads when
     /// there are many (a prompt's rows: serial, this cost an eighth of a prefill).
     pub fn quantize_on(x: &[f32], cols: usize, k_blocks: bool, pool: Option<&Pool>) -> Q8Acts {
-        let b = x.len() / cols;
+        let mut a = Self::zeroed(x.len() / cols, cols, k_blocks);
         let parts = pool.map_or(1, Pool::threads);
-        if let (Some(pool), true) = (pool, parts > 1 && b >= 2 * TILE) {
-            let done: Vec<std::sync::Mutex<Option<Q8Acts>>> = (0..parts).map(|_| Default::default()).collect();
-            pool.run(&|t| {
-                let rows = share(b, parts, t, 1);
-                let part = Self::quantize_on(&x[rows.start * cols..rows.end * cols], cols, k_blocks, None);
-                *done[t].lock().unwrap_or_else(|p| p.into_inner()) = Some(part);
-            });
-            let parts = done
-                .into_iter()
-                .filter_map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()));
-            if let Some(a) = Self::concat(parts) {
-                return a;
+        match pool {
+            Some(pool) if parts > 1 && a.b >= 2 * TILE => {
+                let slots: Vec<std::sync::Mutex<Option<(std::ops::Range<usize>, RowsMut<'_>)>>> = a
+                    .split(parts)
+                    .into_iter()
+                    .map(|p| std::sync::Mutex::new(Some(p)))
+                    .collect();
+                pool.run(&|t| {
+                    let part = slots[t].lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some((rows, out)) = part {
+                        quantize_rows(&x[rows.start * cols..rows.end * cols], out);
+                    }
+                });
             }
-        }
-        let b = x.len() / cols;
-        let nb = cols / BLOCK;
-        let mut a = Q8Acts {
-            b,
-            nb,
-            d: Vec::with_capacity(b * nb),
-            s: Vec::with_capacity(b * nb),
-            q: Vec::with_capacity(b * cols),
-            kd: Vec::new(),
-            ks: Vec::new(),
-            kq: Vec::new(),
-        };
-        if int8_gemm() {
-            // SAFETY: int8_gemm() implies AVX-512 F and BW.
-            unsafe { quantize_blocks_avx512(x, &mut a) };
-        } else {
-            for blk in x.chunks_exact(BLOCK) {
-                let (d, id) = scale_of(blk);
-                let sum = push_quantized(blk, id, &mut a.q);
-                a.d.push(d);
-                a.s.push(d * sum as f32);
-            }
-        }
-        if k_blocks && cols.is_multiple_of(SUPER) {
-            a.kq.reserve(b * cols);
-            for sb in x.chunks_exact(SUPER) {
-                let (d, id) = scale_of(sb);
-                for blk in sb.chunks_exact(BLOCK) {
-                    let sum = push_quantized(blk, id, &mut a.kq);
-                    a.ks.push(sum);
+            _ => {
+                let b = a.b;
+                for (rows, out) in a.split(1) {
+                    debug_assert_eq!(rows, 0..b);
+                    quantize_rows(&x[..b * cols], out);
                 }
-                a.kd.push(d);
             }
         }
         a
@@ -290,39 +296,65 @@ impl Q8Acts {
     /// batches, which run off the spinning pool).
     pub fn quantize_rayon(x: &[f32], cols: usize, k_blocks: bool) -> Q8Acts {
         use rayon::prelude::*;
-        let b = x.len() / cols;
         let parts = rayon::current_num_threads();
-        if parts < 2 || b < 2 * TILE {
-            return Self::quantize(x, cols, k_blocks);
-        }
-        let done: Vec<Q8Acts> = (0..parts)
+        let mut a = Self::zeroed(x.len() / cols, cols, k_blocks);
+        let parts = if a.b >= 2 * TILE { parts } else { 1 };
+        a.split(parts)
             .into_par_iter()
-            .map(|t| {
-                let rows = share(b, parts, t, 1);
-                Self::quantize(&x[rows.start * cols..rows.end * cols], cols, k_blocks)
-            })
-            .collect();
-        Self::concat(done).unwrap_or_else(|| Self::quantize(x, cols, k_blocks))
+            .for_each(|(rows, out)| quantize_rows(&x[rows.start * cols..rows.end * cols], out));
+        a
     }
 
-    /// The rows of `parts`, in order, as one set.
-    fn concat(parts: impl IntoIterator<Item = Q8Acts>) -> Option<Q8Acts> {
-        let mut all: Option<Q8Acts> = None;
-        for part in parts {
-            match &mut all {
-                None => all = Some(part),
-                Some(a) => {
-                    a.b += part.b;
-                    a.d.extend(part.d);
-                    a.s.extend(part.s);
-                    a.q.extend(part.q);
-                    a.kd.extend(part.kd);
-                    a.ks.extend(part.ks);
-                    a.kq.extend(part.kq);
-                }
-            }
+    /// Room for `b` rows of `cols` values, all zero.
+    fn zeroed(b: usize, cols: usize, k_blocks: bool) -> Q8Acts {
+        let nb = cols / BLOCK;
+        let k = k_blocks && cols.is_multiple_of(SUPER);
+        Q8Acts {
+            b,
+            nb,
+            d: vec![0.0; b * nb],
+            s: vec![0.0; b * nb],
+            q: vec![0; b * cols],
+            kd: vec![0.0; if k { b * cols / SUPER } else { 0 }],
+            ks: vec![0; if k { b * nb } else { 0 }],
+            kq: vec![0; if k { b * cols } else { 0 }],
         }
-        all
+    }
+
+    /// The rows in `parts` consecutive ranges (as [`share`] deals them), each
+    /// with its own writable view.
+    fn split(&mut self, parts: usize) -> Vec<(std::ops::Range<usize>, RowsMut<'_>)> {
+        let (b, nb) = (self.b, self.nb);
+        let cols = nb * BLOCK;
+        let nk = if self.kd.is_empty() { 0 } else { cols / SUPER };
+        let kb = if self.kd.is_empty() { 0 } else { nb };
+        let kc = if self.kd.is_empty() { 0 } else { cols };
+        let (mut d, mut s, mut q) = (&mut self.d[..], &mut self.s[..], &mut self.q[..]);
+        let (mut kd, mut ks, mut kq) = (&mut self.kd[..], &mut self.ks[..], &mut self.kq[..]);
+        let mut out = Vec::with_capacity(parts);
+        for t in 0..parts.max(1) {
+            let rows = share(b, parts.max(1), t, 1);
+            let n = rows.len();
+            let (d0, d1) = std::mem::take(&mut d).split_at_mut(n * nb);
+            let (s0, s1) = std::mem::take(&mut s).split_at_mut(n * nb);
+            let (q0, q1) = std::mem::take(&mut q).split_at_mut(n * cols);
+            let (kd0, kd1) = std::mem::take(&mut kd).split_at_mut(n * nk);
+            let (ks0, ks1) = std::mem::take(&mut ks).split_at_mut(n * kb);
+            let (kq0, kq1) = std::mem::take(&mut kq).split_at_mut(n * kc);
+            (d, s, q, kd, ks, kq) = (d1, s1, q1, kd1, ks1, kq1);
+            out.push((
+                rows,
+                RowsMut {
+                    d: d0,
+                    s: s0,
+                    q: q0,
+                    kd: kd0,
+                    ks: ks0,
+                    kq: kq0,
+                },
+            ));
+        }
+        out
     }
 
     fn row(&self, i: usize) -> ActRow<'_> {
@@ -580,31 +612,32 @@ impl QMat {
     ) {
         let blocks = self.cols / self.kind.block_values();
         let per_tile = blocks * tile_bytes(self.kind);
-        let ys: Vec<ActRow<'_>> = (0..x.b).map(|i| x.row(i)).collect();
         // Activation rows in chunks that stay in L2 while every tile of the range
         // passes over them (a prompt or a batch of passages has thousands of rows:
         // streamed from memory once per tile, they cost as much as the arithmetic).
         let chunk = (CHUNK_BYTES / self.cols.max(1)).max(TILE_ROWS) / TILE_ROWS * TILE_ROWS;
         for c0 in (0..x.b).step_by(chunk) {
             let c1 = (c0 + chunk).min(x.b);
+            let ys: Vec<ActRow<'_>> = (c0..c1).map(|i| x.row(i)).collect();
             for t in (range.start / TILE)..(range.end / TILE) {
                 let tile = tiles[t * per_tile..(t + 1) * per_tile].as_ptr();
+                let b = bias.map_or(std::ptr::null(), |b| b[t * TILE..(t + 1) * TILE].as_ptr());
                 let mut g0 = c0;
                 while g0 < c1 {
                     let n = (c1 - g0).min(TILE_ROWS);
-                    let ys = &ys[g0..g0 + n];
+                    let ys = &ys[g0 - c0..g0 - c0 + n];
                     let o = SyncPtr(out.add(g0 * self.rows + t * TILE));
                     macro_rules! by_rows {
                     ($f:ident $(, $c:expr)?) => {
                         match n {
-                            1 => $f::<1 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            2 => $f::<2 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            3 => $f::<3 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            4 => $f::<4 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            5 => $f::<5 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            6 => $f::<6 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            7 => $f::<7 $(, { $c })?>(tile, blocks, ys, o, self.rows),
-                            _ => $f::<8 $(, { $c })?>(tile, blocks, ys, o, self.rows),
+                            1 => $f::<1 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            2 => $f::<2 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            3 => $f::<3 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            4 => $f::<4 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            5 => $f::<5 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            6 => $f::<6 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            7 => $f::<7 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
+                            _ => $f::<8 $(, { $c })?>(tile, blocks, ys, o, self.rows, b),
                         }
                     };
                 }
@@ -613,13 +646,6 @@ impl QMat {
                         Kind::Q80 => by_rows!(tile_dot, false),
                         Kind::Q4K => by_rows!(tile_dot_q4k),
                         Kind::Q6K => by_rows!(tile_dot_q6k),
-                    }
-                    if let Some(b) = bias {
-                        let b = &b[t * TILE..(t + 1) * TILE];
-                        for r in 0..n {
-                            let row = std::slice::from_raw_parts_mut(o.add(r * self.rows), TILE);
-                            row.iter_mut().zip(b).for_each(|(v, b)| *v += b);
-                        }
                     }
                     g0 += n;
                 }
@@ -630,6 +656,21 @@ impl QMat {
 
 /// Bytes of quantized activation rows per chunk of [`QMat::tiles_into`].
 const CHUNK_BYTES: usize = 256 << 10;
+
+/// A tile's accumulator at the start: its 16 bias values, or zeros (null).
+///
+/// # Safety
+/// AVX-512 F; `bias` null or 16 readable floats.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn start(bias: *const f32) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    if bias.is_null() {
+        _mm512_setzero_ps()
+    } else {
+        _mm512_loadu_ps(bias)
+    }
+}
 
 /// Row `r`'s Q4_1 or Q8_0 block in its tile block `out` (see [`QMat::tile`]).
 fn pack_block(kind: Kind, blk: &[u8], r: usize, out: &mut [u8]) {
@@ -781,11 +822,12 @@ unsafe fn tile_dot<const R: usize, const NIB: bool>(
     ys: &[ActRow<'_>],
     out: SyncPtr,
     stride: usize,
+    bias: *const f32,
 ) {
     use std::arch::x86_64::*;
     debug_assert!(ys.len() >= R);
     let tb = tile_bytes(if NIB { Kind::Q41 } else { Kind::Q80 });
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [start(bias); R];
     for k in 0..nb {
         let base = tile.add(k * tb);
         let dw = _mm512_loadu_ps(base as *const f32);
@@ -838,10 +880,17 @@ unsafe fn unpack_nibbles(p: *const u8) -> [std::arch::x86_64::__m512i; 8] {
 /// # Safety
 /// As [`tile_dot`]; the activations carry their 256-value blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_dot_q4k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow<'_>], out: SyncPtr, stride: usize) {
+unsafe fn tile_dot_q4k<const R: usize>(
+    tile: *const u8,
+    nsb: usize,
+    ys: &[ActRow<'_>],
+    out: SyncPtr,
+    stride: usize,
+    bias: *const f32,
+) {
     use std::arch::x86_64::*;
     debug_assert!(ys.len() >= R);
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [start(bias); R];
     for sb in 0..nsb {
         let base = tile.add(sb * Q4K_TILE);
         let mut isum = [_mm512_setzero_si512(); R];
@@ -883,11 +932,18 @@ unsafe fn tile_dot_q4k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow
 /// # Safety
 /// As [`tile_dot`]; the activations carry their 256-value blocks.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_dot_q6k<const R: usize>(tile: *const u8, nsb: usize, ys: &[ActRow<'_>], out: SyncPtr, stride: usize) {
+unsafe fn tile_dot_q6k<const R: usize>(
+    tile: *const u8,
+    nsb: usize,
+    ys: &[ActRow<'_>],
+    out: SyncPtr,
+    stride: usize,
+    bias: *const f32,
+) {
     use std::arch::x86_64::*;
     debug_assert!(ys.len() >= R);
     const FLIP: i32 = 0x8080_8080_u32 as i32;
-    let mut acc = [_mm512_setzero_ps(); R];
+    let mut acc = [start(bias); R];
     for sb in 0..nsb {
         let base = tile.add(sb * Q6K_TILE);
         let mut isum = [_mm512_setzero_si512(); R];
@@ -1261,7 +1317,9 @@ mod tests {
         let (mut d, mut sums, mut q) = (Vec::new(), Vec::new(), Vec::new());
         for blk in x.chunks_exact(BLOCK) {
             let (bd, id) = scale_of(blk);
-            let sum = push_quantized(blk, id, &mut q);
+            let mut qb = [0i8; BLOCK];
+            let sum = quantize_block(blk, id, &mut qb);
+            q.extend(qb);
             d.push(bd);
             sums.push(bd * sum as f32);
         }
@@ -1271,6 +1329,23 @@ mod tests {
             Q8Acts::quantize_rayon(&x, cols, false),
         ] {
             assert_eq!((other.b, &other.d, &other.s, &other.q), (70, &d, &sums, &q));
+        }
+        // With the 256-value blocks (k-quants): every split gives the same rows.
+        let cols = 512;
+        let x: Vec<f32> = (0..40 * cols)
+            .map(|i| ((i * 7919) % 1013) as f32 / 37.0 - 13.0)
+            .collect();
+        let x = &x[..];
+        let one = Q8Acts::quantize(x, cols, true);
+        assert_eq!((one.kd.len(), one.ks.len(), one.kq.len()), (80, 640, x.len()));
+        for other in [
+            Q8Acts::quantize_on(x, cols, true, Some(&Pool::new(3))),
+            Q8Acts::quantize_rayon(x, cols, true),
+        ] {
+            assert_eq!(
+                (&other.d, &other.s, &other.q, &other.kd, &other.ks, &other.kq),
+                (&one.d, &one.s, &one.q, &one.kd, &one.ks, &one.kq)
+            );
         }
     }
 
