@@ -215,6 +215,9 @@ struct RowsMut<'a> {
     kq: &'a mut [i8],
 }
 
+/// A range of rows and its writable view.
+type Part<'a> = (std::ops::Range<usize>, RowsMut<'a>);
+
 /// `x` (whole rows) quantized into `out` (the same rows).
 fn quantize_rows(x: &[f32], out: RowsMut<'_>) {
     if int8_gemm() {
@@ -269,7 +272,7 @@ impl Q8Acts {
         let parts = pool.map_or(1, Pool::threads);
         match pool {
             Some(pool) if parts > 1 && a.b >= 2 * TILE => {
-                let slots: Vec<std::sync::Mutex<Option<(std::ops::Range<usize>, RowsMut<'_>)>>> = a
+                let slots: Vec<std::sync::Mutex<Option<Part<'_>>>> = a
                     .split(parts)
                     .into_iter()
                     .map(|p| std::sync::Mutex::new(Some(p)))
@@ -323,7 +326,7 @@ impl Q8Acts {
 
     /// The rows in `parts` consecutive ranges (as [`share`] deals them), each
     /// with its own writable view.
-    fn split(&mut self, parts: usize) -> Vec<(std::ops::Range<usize>, RowsMut<'_>)> {
+    fn split(&mut self, parts: usize) -> Vec<Part<'_>> {
         let (b, nb) = (self.b, self.nb);
         let cols = nb * BLOCK;
         let nk = if self.kd.is_empty() { 0 } else { cols / SUPER };
