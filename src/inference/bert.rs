@@ -16,7 +16,7 @@
 //! layers run on our int8 GEMM ([`super::qmat`]): the weights are quantized at
 //! load to Q8_0 (one scale per 32 values), the activations per 32 values before
 //! each product. The vectors keep the f32 forward's direction (cosine ≥ 0.9995 in
-//! the test) at 1.5–3× its speed on 2 cores. Elsewhere, and for attention, GEMMs
+//! the test) at 1.25–3× its speed on 2 cores. Elsewhere, and for attention, GEMMs
 //! are the `gemm` crate's (candle's own), with its AVX-512 kernels chosen at run
 //! time where the CPU has them. A test checks the f32 forward against candle's
 //! `BertModel` on the same weights.
