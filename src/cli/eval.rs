@@ -10,8 +10,8 @@ use std::time::Instant;
 use chrono::Utc;
 use ragchat::config::Settings;
 use ragchat::knowledge::calibration::{self, Sample};
-use ragchat::knowledge::chunking::Chunker;
-use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, RRF_K};
+use ragchat::knowledge::chunking::{sentences, Chunker};
+use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, FUSION_DEPTH, RRF_K};
 use ragchat::knowledge::ingest::embedding_text;
 use ragchat_actors::inference::Embedder;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
@@ -44,6 +44,10 @@ pub enum EvalTarget {
         /// Also score ranking levers (logistic fusion, pseudo-relevance feedback).
         #[arg(long)]
         levers: bool,
+        /// Also embed each chunk's sentences and score hybrid with a sentence
+        /// part (each candidate's best sentence cosine) at several weights.
+        #[arg(long)]
+        sentences: bool,
         /// Split the queries into this many folds (query i in fold i mod N): each
         /// run's nDCG@10 per fold, and a cross-validated choice among the runs.
         #[arg(long, default_value_t = 0)]
@@ -65,6 +69,7 @@ pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
             fusion_grid,
             calibrate,
             levers,
+            sentences,
             folds,
         } => {
             let opts = EvalOptions {
@@ -73,6 +78,7 @@ pub async fn run(what: EvalTarget, settings: Settings) -> anyhow::Result<()> {
                 fusion_grid,
                 calibrate,
                 levers,
+                sentences,
                 folds,
             };
             beir(&settings, &data, &split, opts).await?;
@@ -194,6 +200,65 @@ fn write_vectors(path: &Path, key: &str, vectors: &[Vec<f32>]) -> anyhow::Result
     std::fs::write(path, out).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// Sentences embedded per chunk for the sentence part (a longer chunk's rest is left out).
+const MAX_SENTENCES: usize = 64;
+
+/// The vectors of every chunk's sentences (`sentences`, in order: documents,
+/// their chunks, each chunk's sentences), embedded shortest first in batches,
+/// or read from `cache` with ".sentences" appended when it holds them.
+fn embed_sentences(
+    bert: &mut ragchat::inference::bert::BertEmbedder,
+    docs: &[(Document, Vec<String>)],
+    chunks_key: &str,
+    cache: Option<&Path>,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    let texts: Vec<&str> = docs
+        .iter()
+        .flat_map(|(_, pieces)| pieces.iter().flat_map(|p| sentences(p, MAX_SENTENCES)))
+        .collect();
+    let key = {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(chunks_key.as_bytes());
+        for t in &texts {
+            h.update(t.as_bytes());
+            h.update([0u8]);
+        }
+        hex::encode(h.finalize())
+    };
+    let path = cache.map(|p| {
+        let mut name = p.as_os_str().to_owned();
+        name.push(".sentences");
+        std::path::PathBuf::from(name)
+    });
+    if let Some(v) = path.as_deref().and_then(|p| read_vectors(p, &key, texts.len())) {
+        eprintln!("  {} sentence vectors read from the cache", v.len());
+        return Ok(v);
+    }
+    let started = Instant::now();
+    let mut order: Vec<usize> = (0..texts.len()).collect();
+    order.sort_by_key(|&i| texts[i].len());
+    let mut vectors = vec![Vec::new(); texts.len()];
+    for (b, batch) in order.chunks(64).enumerate() {
+        if b % 100 == 0 {
+            eprintln!(
+                "  embedded {} of {} sentences ({:.0} s)",
+                b * 64,
+                texts.len(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        let refs: Vec<&str> = batch.iter().map(|&i| texts[i]).collect();
+        for (&i, v) in batch.iter().zip(bert.embed(&refs)?) {
+            vectors[i] = v;
+        }
+    }
+    if let Some(p) = path.as_deref() {
+        write_vectors(p, &key, &vectors)?;
+    }
+    Ok(vectors)
+}
+
 /// Options of `ragchat eval beir`.
 #[derive(Debug, Clone, Default)]
 pub struct EvalOptions {
@@ -206,6 +271,8 @@ pub struct EvalOptions {
     pub calibrate: bool,
     /// Also score logistic fusion and pseudo-relevance feedback.
     pub levers: bool,
+    /// Also score the sentence part of hybrid (`HybridIndex::set_sentence_part`).
+    pub sentences: bool,
     /// Folds for per-fold figures and a cross-validated choice (0, 1: none).
     pub folds: usize,
 }
@@ -303,6 +370,10 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         }
     };
     let mut vectors = vectors.into_iter();
+    let mut sentence_vectors = match opts.sentences {
+        true => embed_sentences(&mut bert, &docs, &key, cache)?.into_iter(),
+        false => Vec::new().into_iter(),
+    };
     for (d, pieces) in &docs {
         let chunks: Vec<Chunk> = pieces
             .iter()
@@ -317,6 +388,18 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             .collect();
         chunks_total += chunks.len();
         index.add(d, &chunks)?;
+        if opts.sentences {
+            let per_chunk: Vec<Vec<f32>> = pieces
+                .iter()
+                .map(|p| {
+                    sentences(p, MAX_SENTENCES)
+                        .iter()
+                        .flat_map(|_| sentence_vectors.next().unwrap_or_default())
+                        .collect()
+                })
+                .collect();
+            index.set_sentences(d.id, per_chunk)?;
+        }
     }
     index.commit()?;
     let secs = started.elapsed().as_secs_f64();
@@ -348,11 +431,26 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     for batch in texts.chunks(32) {
         q_vectors.extend(bert.embed(batch)?);
     }
-    // (name, route, fusion, pseudo-relevance feedback).
-    let mut runs: Vec<(String, Route, Fusion, Option<Prf>)> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
+    // (name, route, fusion, pseudo-relevance feedback, weight of the sentence part).
+    type Run = (String, Route, Fusion, Option<Prf>, Option<f32>);
+    let mut runs: Vec<Run> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
         .into_iter()
-        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), None))
+        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), None, None))
         .collect();
+    if opts.sentences {
+        for (w, alpha) in [(0.3, 0.5), (0.4, 0.5), (0.5, 0.5), (0.3, 0.4), (0.4, 0.4), (0.5, 0.4)] {
+            runs.push((
+                format!("hybrid α={alpha} + sentences {w}"),
+                Route::Hybrid,
+                Fusion::Convex {
+                    alpha,
+                    depth: FUSION_DEPTH,
+                },
+                None,
+                Some(w),
+            ));
+        }
+    }
     if opts.levers {
         let h = calibration::HYBRID;
         for w in [1.0, 2.0, 3.0, 4.0, 6.0] {
@@ -364,6 +462,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     text: (h.text * w) as f32,
                 },
                 None,
+                None,
             ));
         }
         for (docs, weight) in [(3, 0.3), (3, 0.6), (5, 0.3), (5, 0.6), (10, 0.5)] {
@@ -372,7 +471,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                 (Route::Hybrid, Fusion::default(), "hybrid"),
             ] {
                 let prf = Some(Prf { docs, weight });
-                runs.push((format!("{label} + prf {docs}×{weight}"), route, fusion, prf));
+                runs.push((format!("{label} + prf {docs}×{weight}"), route, fusion, prf, None));
             }
         }
     }
@@ -384,23 +483,31 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     Route::Hybrid,
                     Fusion::Rrf { k, text_weight: w },
                     None,
+                    None,
                 ));
             }
         }
-        for alpha in [0.3, 0.4, 0.5, 0.6, 0.7] {
+        for (alpha, depth) in
+            [0.3, 0.4, 0.5, 0.6, 0.7]
+                .into_iter()
+                .map(|a| (a, FUSION_DEPTH))
+                .chain([(0.5, 200), (0.5, 300), (0.5, 500)])
+        {
             runs.push((
-                format!("convex α={alpha}"),
+                format!("convex α={alpha} depth {depth}"),
                 Route::Hybrid,
-                Fusion::Convex { alpha },
+                Fusion::Convex { alpha, depth },
+                None,
                 None,
             ));
         }
     }
     // Per run: its name and each query's nDCG@10 (for the folds).
     let mut per_query: Vec<(String, Vec<f64>)> = Vec::new();
-    for (name, route, fusion, prf) in runs {
+    for (name, route, fusion, prf, sentence_part) in runs {
         index.set_fusion(fusion);
         index.set_prf(prf);
+        index.set_sentence_part(sentence_part);
         let mut each = Vec::with_capacity(judged.len());
         let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
         let started = Instant::now();
@@ -433,6 +540,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         per_query.push((name, each));
     }
     index.set_prf(None);
+    index.set_sentence_part(None);
     if opts.folds > 1 {
         line = folds_report(&per_query, opts.folds);
         print!("{line}");

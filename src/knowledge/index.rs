@@ -24,6 +24,12 @@ use super::hnsw::{Hnsw, HnswConfig};
 
 /// Reciprocal rank fusion constant (Cormack et al.; the usual 60).
 pub const RRF_K: f32 = 60.0;
+/// Each route of `hybrid` gives at least this many candidates, and convex
+/// fusion scales each list by its best score and its score at this rank (the
+/// default of `Fusion::Convex`'s `depth`): a deeper list (a larger top_k) adds
+/// candidates below, but does not change how the ones above are scored, so the
+/// first results of a search are the same whatever top_k it asks for.
+pub const FUSION_DEPTH: usize = 100;
 /// Distinct query terms the text route scores (a longer question's rest is
 /// left out: each term is a posting list to walk).
 pub const MAX_QUERY_TERMS: usize = 256;
@@ -45,9 +51,10 @@ const SNAPSHOT_FORMAT: u32 = 2;
 pub enum Fusion {
     /// Reciprocal rank fusion: Σ weight / (k + rank), text weighted `text_weight`.
     Rrf { k: f32, text_weight: f32 },
-    /// alpha · vector + (1 − alpha) · text, each score min-max normalized over
-    /// its list (absent from a list: 0).
-    Convex { alpha: f32 },
+    /// alpha · vector + (1 − alpha) · text, each score min-max normalized
+    /// between its list's best and its `depth`-th (absent from a list or below
+    /// that rank: 0). Each route gives at least `depth` candidates.
+    Convex { alpha: f32, depth: usize },
     /// `cos · cosine + text · ln(1 + BM25)` on the absolute features (the
     /// calibrated relevance's linear part): a candidate of the text list alone
     /// has its cosine computed, one of the vector list alone a BM25 of 0.
@@ -66,11 +73,22 @@ pub struct Prf {
 /// 0.723 against 0.711 for reciprocal rank fusion with k = 60.
 impl Default for Fusion {
     fn default() -> Self {
-        Fusion::Convex { alpha: 0.5 }
+        Fusion::Convex {
+            alpha: 0.5,
+            depth: FUSION_DEPTH,
+        }
     }
 }
 
 impl Fusion {
+    /// Candidates each route gives at least.
+    fn depth(self) -> usize {
+        match self {
+            Fusion::Convex { depth, .. } => depth.max(1),
+            _ => FUSION_DEPTH,
+        }
+    }
+
     /// `cosine` gives a slot's cosine with the query (for `Logistic`).
     fn fuse(self, vector: &[(usize, f32)], text: &[(usize, f32)], cosine: impl Fn(usize) -> f32) -> Vec<(usize, f32)> {
         let mut fused: HashMap<usize, f32> = HashMap::new();
@@ -94,13 +112,29 @@ impl Fusion {
                     }
                 }
             }
-            Fusion::Convex { alpha } => {
+            Fusion::Convex { alpha, depth } => {
+                // Below both lists' `depth`-th the fused score is 0: those
+                // are ordered after every other by their unclamped sum (≤ 0).
+                let mut below: HashMap<usize, f32> = HashMap::new();
                 for (list, w) in [(vector, alpha), (text, 1.0 - alpha)] {
+                    // Lists come best first: the lowest of the first `depth` is
+                    // the score at that rank (or the list's last).
                     let hi = list.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
-                    let lo = list.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+                    let lo = list
+                        .iter()
+                        .take(depth.max(1))
+                        .map(|x| x.1)
+                        .fold(f32::INFINITY, f32::min);
                     let span = (hi - lo).max(1e-9);
                     for (slot, score) in list {
-                        *fused.entry(*slot).or_default() += w * (score - lo) / span;
+                        let x = w * (score - lo) / span;
+                        *fused.entry(*slot).or_default() += x.max(0.0);
+                        *below.entry(*slot).or_default() += x.min(0.0);
+                    }
+                }
+                for (slot, score) in fused.iter_mut() {
+                    if *score <= 0.0 {
+                        *score = below.get(slot).copied().unwrap_or(0.0);
                     }
                 }
             }
@@ -125,6 +159,8 @@ struct Entry {
     content: String,
     /// Its vector in the graph (NO_NODE until committed or without a vector).
     node: u32,
+    /// Its sentences' vectors, one after another (`set_sentences`; empty: none).
+    sentences: Vec<f32>,
 }
 
 pub struct HybridIndex {
@@ -138,6 +174,8 @@ pub struct HybridIndex {
     exact_max: usize,
     fusion: Fusion,
     prf: Option<Prf>,
+    /// Weight of the sentence part in hybrid ranking (None: off).
+    sentence_part: Option<f32>,
     by_document: HashMap<Uuid, Vec<usize>>,
     writer: IndexWriter,
     reader: IndexReader,
@@ -183,6 +221,7 @@ impl HybridIndex {
             exact_max: EXACT_MAX,
             fusion: Fusion::default(),
             prf: None,
+            sentence_part: None,
             by_document: HashMap::new(),
             writer,
             reader,
@@ -226,6 +265,7 @@ impl HybridIndex {
                 doc: info.clone(),
                 content: c.content.clone(),
                 node: NO_NODE,
+                sentences: Vec::new(),
             }));
             if !c.embedding.is_empty() {
                 self.pending.push((slot, c.embedding.clone()));
@@ -274,6 +314,76 @@ impl HybridIndex {
     /// Pseudo-relevance feedback for the vector part of a search (None: off).
     pub fn set_prf(&mut self, prf: Option<Prf>) {
         self.prf = prf;
+    }
+
+    /// The sentence part of hybrid ranking: each fused candidate's best cosine
+    /// among its chunk's sentences (`set_sentences`; its chunk's cosine when it
+    /// has none), min-max normalized over the candidates, weighs `weight` and the
+    /// fusion `1 − weight`. None: off. Measured by `ragchat eval beir --sentences`.
+    pub fn set_sentence_part(&mut self, weight: Option<f32>) {
+        self.sentence_part = weight.map(|w| w.clamp(0.0, 1.0));
+    }
+
+    /// Sets the sentence vectors of a document's chunks: `per_chunk[i]` holds
+    /// those of its i-th chunk (in the order `add` got them), each `dim` long,
+    /// one after another. Not in snapshots: for measurements (`eval beir`).
+    pub fn set_sentences(&mut self, document_id: Uuid, per_chunk: Vec<Vec<f32>>) -> Result<(), IndexError> {
+        let slots = self
+            .by_document
+            .get(&document_id)
+            .ok_or_else(|| IndexError("no such document in the index".into()))?;
+        let dim = self.graph.as_ref().map(Hnsw::dim);
+        if slots.len() != per_chunk.len() {
+            return Err(IndexError(format!(
+                "{} chunks, {} sets of sentence vectors",
+                slots.len(),
+                per_chunk.len()
+            )));
+        }
+        if let Some(v) = per_chunk
+            .iter()
+            .find(|v| dim.is_some_and(|d| !v.len().is_multiple_of(d)))
+        {
+            return Err(IndexError(format!(
+                "{} values is not a whole number of vectors",
+                v.len()
+            )));
+        }
+        for (slot, v) in slots.clone().into_iter().zip(per_chunk) {
+            if let Some(e) = self.slots[slot].as_mut() {
+                e.sentences = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Mixes the sentence part into fused scores (see `set_sentence_part`): of
+    /// the candidates fusion did not score below 0 (within either list's
+    /// fusion depth), so the top results do not depend on top_k either.
+    fn add_sentence_part(&self, fused: &mut [(usize, f32)], query: &[f32], weight: f32) {
+        let best = |slot: usize| -> f32 {
+            match self.slots.get(slot).and_then(Option::as_ref) {
+                Some(e) if !e.sentences.is_empty() && e.sentences.len().is_multiple_of(query.len()) => e
+                    .sentences
+                    .chunks_exact(query.len())
+                    .map(|s| crate::inference::fast::dot(query, s))
+                    .fold(f32::NEG_INFINITY, f32::max),
+                _ => self.cosine(slot, query).unwrap_or(0.0),
+            }
+        };
+        let scored: Vec<(usize, f32)> = fused
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, score))| *score >= 0.0)
+            .map(|(i, (slot, _))| (i, best(*slot)))
+            .collect();
+        let hi = scored.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
+        let lo = scored.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+        let span = (hi - lo).max(1e-9);
+        for (i, b) in scored {
+            let score = &mut fused[i].1;
+            *score = (1.0 - weight) * *score + weight * (b - lo) / span;
+        }
     }
 
     /// The query vector moved toward its best chunks (`Prf`), unit length; the
@@ -502,6 +612,7 @@ impl HybridIndex {
                 doc,
                 content: e.x,
                 node: e.n,
+                sentences: Vec::new(),
             }));
         }
         if manifest["entries"].as_u64() != Some(index.slots.len() as u64) {
@@ -534,6 +645,7 @@ impl HybridIndex {
         fresh.exact_max = self.exact_max;
         fresh.fusion = self.fusion;
         fresh.prf = self.prf;
+        fresh.sentence_part = self.sentence_part;
         // Copies: should anything fail, this index stays as it was.
         for e in self.slots.iter().flatten() {
             let slot = fresh.slots.len();
@@ -549,6 +661,7 @@ impl HybridIndex {
                 doc: e.doc.clone(),
                 content: e.content.clone(),
                 node: NO_NODE,
+                sentences: e.sentences.clone(),
             }));
         }
         fresh.dirty = true;
@@ -732,7 +845,7 @@ impl HybridIndex {
                 self.vector_search(moved.as_deref().unwrap_or(e), reader, filters, top_k)
             }
             (Route::Hybrid, Some(e)) => {
-                let depth = (top_k * 10).max(100);
+                let depth = (top_k * 10).max(self.fusion.depth());
                 let moved = self.feedback(e, reader, filters);
                 let e = moved.as_deref().unwrap_or(e);
                 let vector = self.vector_search(e, reader, filters, depth);
@@ -740,6 +853,9 @@ impl HybridIndex {
                 let mut v = self
                     .fusion
                     .fuse(&vector, &text, |slot| self.cosine(slot, e).unwrap_or(0.0));
+                if let Some(w) = self.sentence_part {
+                    self.add_sentence_part(&mut v, e, w);
+                }
                 bm25 = Some(text.into_iter().collect());
                 top(&mut v, top_k);
                 v
@@ -898,6 +1014,105 @@ pub(crate) mod tests {
         assert_eq!(order(&ix, Route::Hybrid)[0], "Three");
         ix.set_fusion(Fusion::Logistic { cos: 1.0, text: 0.0 });
         assert_eq!(order(&ix, Route::Hybrid), ["One", "Two", "Three"]);
+    }
+
+    #[test]
+    fn the_first_results_do_not_depend_on_top_k() {
+        let me = Reader {
+            user_id: Uuid::new_v4(),
+            organization_id: None,
+        };
+        let mut ix = HybridIndex::new().expect("index");
+        // 400 chunks whose cosine and BM25 orders disagree: deeper lists (a
+        // larger top_k) reach further down both.
+        for i in 0..400u32 {
+            let angle = (i as f32 * 0.7361).rem_euclid(1.5);
+            let words = ["harbour"; 9][..(i % 9) as usize + 1].join(" ");
+            let filler = ["quay"; 13][..(i * 7 % 13) as usize].join(" ");
+            let (d, c) = doc_with(
+                Owner::Global,
+                &format!("d{i}"),
+                &[(&format!("{words} {filler}"), vec![angle.cos(), angle.sin(), 0.0])],
+                json!({}),
+            );
+            ix.add(&d, &c).expect("add");
+        }
+        ix.commit().expect("commit");
+        let q = [1.0, 0.0, 0.0];
+        let titles = |top_k: usize| -> Vec<String> {
+            ix.search("harbour", Some(&q), Route::Hybrid, &me, &Filters::default(), top_k)
+                .expect("search")
+                .into_iter()
+                .map(|h| h.title)
+                .collect()
+        };
+        let few = titles(10);
+        assert_eq!(few.len(), 10);
+        for top_k in [20, 50, 100] {
+            assert_eq!(titles(top_k)[..10], few[..], "top_k {top_k}");
+        }
+    }
+
+    #[test]
+    fn the_sentence_part_ranks_a_chunk_by_its_best_sentence_and_survives_compaction() {
+        let me = Reader {
+            user_id: Uuid::new_v4(),
+            organization_id: None,
+        };
+        let mut ix = HybridIndex::new().expect("index");
+        // Both match the word once; "Whole" has the better chunk vector, "Part"
+        // a sentence on the query's very direction.
+        let (a, ac) = doc_with(
+            Owner::Global,
+            "Whole",
+            &[("harbour one", vec![0.8, 0.6, 0.0])],
+            json!({}),
+        );
+        let (b, bc) = doc_with(
+            Owner::Global,
+            "Part",
+            &[("harbour two", vec![0.6, 0.0, 0.8])],
+            json!({}),
+        );
+        for (d, c) in [(&a, &ac), (&b, &bc)] {
+            ix.add(d, c).expect("add");
+        }
+        ix.commit().expect("commit");
+        ix.set_sentences(b.id, vec![vec![0.0, 0.0, 1.0, 1.0, 0.0, 0.0]])
+            .expect("sentences");
+        // Wrong count of chunks, a partial vector, an unknown document: refused.
+        assert!(ix.set_sentences(b.id, vec![]).is_err());
+        assert!(ix.set_sentences(b.id, vec![vec![1.0, 0.0]]).is_err());
+        assert!(ix.set_sentences(Uuid::new_v4(), vec![vec![]]).is_err());
+        let q = [1.0, 0.0, 0.0];
+        let order = |ix: &HybridIndex| -> Vec<String> {
+            ix.search("harbour", Some(&q), Route::Hybrid, &me, &Filters::default(), 2)
+                .expect("search")
+                .into_iter()
+                .map(|h| h.title)
+                .collect()
+        };
+        assert_eq!(order(&ix), ["Whole", "Part"]);
+        // "Part"'s best sentence (cosine 1) beats "Whole"'s chunk (0.8, its
+        // stand-in without sentences).
+        ix.set_sentence_part(Some(0.6));
+        assert_eq!(order(&ix), ["Part", "Whole"]);
+        // Compaction (after many removals) keeps the sentences.
+        for i in 0..COMPACT_REMOVED {
+            let (d, c) = doc_with(
+                Owner::Global,
+                &format!("gone {i}"),
+                &[("x", vec![0.0, 1.0, 0.0])],
+                json!({}),
+            );
+            ix.add(&d, &c).expect("add");
+            ix.remove(d.id);
+        }
+        ix.commit().expect("compact");
+        assert_eq!(ix.len(), 2);
+        assert_eq!(order(&ix), ["Part", "Whole"]);
+        ix.set_sentence_part(None);
+        assert_eq!(order(&ix), ["Whole", "Part"]);
     }
 
     #[test]

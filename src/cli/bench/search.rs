@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ragchat::knowledge::hnsw::HnswConfig;
-use ragchat::knowledge::index::{HybridIndex, EXACT_MAX};
+use ragchat::knowledge::index::{Fusion, HybridIndex, EXACT_MAX};
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use ragchat_actors::retrieval::{Condition, Filters, Route};
 use serde_json::json;
@@ -219,15 +219,24 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
         Ok(())
     };
     let ann = chunks > EXACT_MAX;
-    for (name, route) in [
-        ("text (BM25)", Route::Text),
-        ("hybrid (fusion of vector and text, depth 100)", Route::Hybrid),
+    // Hybrid with its default fusion, then normalized at (and fetching) rank 300.
+    let deeper = Fusion::Convex { alpha: 0.5, depth: 300 };
+    for (name, route, fusion) in [
+        ("text (BM25)", Route::Text, Fusion::default()),
+        (
+            "hybrid (fusion of vector and text, depth 100)",
+            Route::Hybrid,
+            Fusion::default(),
+        ),
+        ("hybrid (fusion depth 300)", Route::Hybrid, deeper),
     ] {
+        index.set_fusion(fusion);
         time(name, &mut |(text, v)| {
             index.search(text, Some(v), route, &reader, &none, 10)?;
             Ok(())
         })?;
     }
+    index.set_fusion(Fusion::default());
     time(
         if ann {
             "vector (HNSW)"
