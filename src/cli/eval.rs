@@ -10,9 +10,10 @@ use std::time::Instant;
 use chrono::Utc;
 use ragchat::config::Settings;
 use ragchat::knowledge::calibration::{self, Sample};
-use ragchat::knowledge::chunking::{sentences, Chunker};
+use ragchat::knowledge::chunking::Chunker;
 use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, FUSION_DEPTH, RRF_K};
 use ragchat::knowledge::ingest::embedding_text;
+use ragchat_actors::chat::grounding::sentences;
 use ragchat_actors::inference::Embedder;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use ragchat_actors::retrieval::{Filters, Route};
@@ -214,7 +215,11 @@ fn embed_sentences(
 ) -> anyhow::Result<Vec<Vec<f32>>> {
     let texts: Vec<&str> = docs
         .iter()
-        .flat_map(|(_, pieces)| pieces.iter().flat_map(|p| sentences(p, MAX_SENTENCES)))
+        .flat_map(|(_, pieces)| {
+            pieces
+                .iter()
+                .flat_map(|p| sentences(p, MAX_SENTENCES).into_iter().map(|s| &p[s.start..s.end]))
+        })
         .collect();
     let key = {
         use sha2::{Digest, Sha256};
@@ -491,7 +496,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             [0.3, 0.4, 0.5, 0.6, 0.7]
                 .into_iter()
                 .map(|a| (a, FUSION_DEPTH))
-                .chain([(0.5, 200), (0.5, 300), (0.5, 500)])
+                .chain([(0.5, 100), (0.5, 200), (0.5, 500)])
         {
             runs.push((
                 format!("convex α={alpha} depth {depth}"),

@@ -40,73 +40,9 @@ impl Chunker {
     }
 }
 
-/// A chunk's sentences, trimmed, empty ones dropped, at most `max`: what the
-/// sentence part of hybrid search embeds. Boundaries are Unicode's (UAX #29),
-/// and also a full stop, `!` or `?` right before a capitalized word with no
-/// space between ("disabilities.A line"): text extracted from PDFs and corpora
-/// such as SciFact often joins sentences that way.
-pub fn sentences(text: &str, max: usize) -> Vec<&str> {
-    use unicode_segmentation::UnicodeSegmentation;
-    text.unicode_sentences()
-        .flat_map(joined_sentences)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .take(max)
-        .collect()
-}
-
-/// Splits after `.`, `!` or `?` between a lower-case letter, digit or `)` and
-/// an upper-case letter that starts a word ("A line", "To").
-fn joined_sentences(text: &str) -> impl Iterator<Item = &str> {
-    let chars: Vec<(usize, char)> = text.char_indices().collect();
-    let mut cuts: Vec<usize> = chars
-        .windows(4)
-        .filter(|w| {
-            let [(_, a), (_, p), (_, b), (_, c)] = [w[0], w[1], w[2], w[3]];
-            matches!(p, '.' | '!' | '?')
-                && (a.is_lowercase() || a.is_ascii_digit() || a == ')')
-                && b.is_uppercase()
-                && (c.is_lowercase() || c.is_whitespace())
-        })
-        .map(|w| w[2].0)
-        .collect();
-    cuts.push(text.len());
-    let mut start = 0;
-    cuts.into_iter().map(move |end| {
-        let piece = &text[start..end];
-        start = end;
-        piece
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sentences_split_at_boundaries_and_are_bounded() {
-        let text = "Aspirin lowers risk. It was tested in 2010 (n = 7).\n\nWhy? Nobody knows!  ";
-        assert_eq!(
-            sentences(text, 10),
-            vec![
-                "Aspirin lowers risk.",
-                "It was tested in 2010 (n = 7).",
-                "Why?",
-                "Nobody knows!"
-            ]
-        );
-        assert_eq!(sentences(text, 2).len(), 2);
-        assert!(sentences("   \n ", 10).is_empty());
-        // Sentences joined with no space, as in SciFact; abbreviations and decimals stay.
-        assert_eq!(
-            sentences("Matter in infants.A line scan (n = 7).To assess U.S. data, 2.5 mg.", 10),
-            vec![
-                "Matter in infants.",
-                "A line scan (n = 7).",
-                "To assess U.S. data, 2.5 mg."
-            ]
-        );
-    }
 
     #[test]
     fn chunks_fit_the_budget_overlap_and_cover_the_text() {

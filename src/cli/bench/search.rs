@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use ragchat::knowledge::hnsw::HnswConfig;
-use ragchat::knowledge::index::{Fusion, HybridIndex, EXACT_MAX};
+use ragchat::knowledge::index::{Fusion, HybridIndex, EXACT_MAX, FUSION_DEPTH};
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
 use ragchat_actors::retrieval::{Condition, Filters, Route};
 use serde_json::json;
@@ -219,16 +219,14 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
         Ok(())
     };
     let ann = chunks > EXACT_MAX;
-    // Hybrid with its default fusion, then normalized at (and fetching) rank 300.
-    let deeper = Fusion::Convex { alpha: 0.5, depth: 300 };
+    // Hybrid with its default fusion (lists scaled at, and fetched to, rank
+    // FUSION_DEPTH), then at rank 100 (the default until 2026-12-02).
+    let shallow = Fusion::Convex { alpha: 0.5, depth: 100 };
+    let default_name = format!("hybrid (fusion of vector and text, depth {FUSION_DEPTH})");
     for (name, route, fusion) in [
         ("text (BM25)", Route::Text, Fusion::default()),
-        (
-            "hybrid (fusion of vector and text, depth 100)",
-            Route::Hybrid,
-            Fusion::default(),
-        ),
-        ("hybrid (fusion depth 300)", Route::Hybrid, deeper),
+        (default_name.as_str(), Route::Hybrid, Fusion::default()),
+        ("hybrid (fusion depth 100)", Route::Hybrid, shallow),
     ] {
         index.set_fusion(fusion);
         time(name, &mut |(text, v)| {
