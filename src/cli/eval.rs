@@ -201,45 +201,74 @@ fn write_vectors(path: &Path, key: &str, vectors: &[Vec<f32>]) -> anyhow::Result
     std::fs::write(path, out).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
+/// The hex SHA-256 of `first`, then each text ended by a 0 byte: what a cache
+/// of vectors is keyed by.
+fn cache_key<'a>(first: &str, texts: impl IntoIterator<Item = &'a str>) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(first.as_bytes());
+    for t in texts {
+        h.update(t.as_bytes());
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
+}
+
 /// Sentences embedded per chunk for the sentence part (a longer chunk's rest is left out).
 const MAX_SENTENCES: usize = 64;
 
-/// The vectors of every chunk's sentences (`sentences`, in order: documents,
-/// their chunks, each chunk's sentences), embedded shortest first in batches,
-/// or read from `cache` with ".sentences" appended when it holds them.
+/// The vectors of each chunk's sentences, one after another (in order:
+/// documents, their chunks), embedded shortest first in batches, or read from
+/// `cache` with ".sentences" appended when it holds them.
 fn embed_sentences(
     bert: &mut ragchat::inference::bert::BertEmbedder,
     docs: &[(Document, Vec<String>)],
     chunks_key: &str,
     cache: Option<&Path>,
 ) -> anyhow::Result<Vec<Vec<f32>>> {
-    let texts: Vec<&str> = docs
+    let per_chunk: Vec<Vec<&str>> = docs
         .iter()
-        .flat_map(|(_, pieces)| {
-            pieces
-                .iter()
-                .flat_map(|p| sentences(p, MAX_SENTENCES).into_iter().map(|s| &p[s.start..s.end]))
+        .flat_map(|(_, pieces)| pieces)
+        .map(|p| {
+            sentences(p, MAX_SENTENCES)
+                .into_iter()
+                .map(|s| &p[s.start..s.end])
+                .collect()
         })
         .collect();
-    let key = {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(chunks_key.as_bytes());
-        for t in &texts {
-            h.update(t.as_bytes());
-            h.update([0u8]);
-        }
-        hex::encode(h.finalize())
-    };
+    let texts: Vec<&str> = per_chunk.iter().flatten().copied().collect();
+    let key = cache_key(chunks_key, texts.iter().copied());
     let path = cache.map(|p| {
         let mut name = p.as_os_str().to_owned();
         name.push(".sentences");
         std::path::PathBuf::from(name)
     });
-    if let Some(v) = path.as_deref().and_then(|p| read_vectors(p, &key, texts.len())) {
-        eprintln!("  {} sentence vectors read from the cache", v.len());
-        return Ok(v);
-    }
+    let vectors = match path.as_deref().and_then(|p| read_vectors(p, &key, texts.len())) {
+        Some(v) => {
+            eprintln!("  {} sentence vectors read from the cache", v.len());
+            v
+        }
+        None => {
+            let v = embed_shortest_first(bert, &texts)?;
+            if let Some(p) = path.as_deref() {
+                write_vectors(p, &key, &v)?;
+            }
+            v
+        }
+    };
+    let mut vectors = vectors.into_iter();
+    Ok(per_chunk
+        .iter()
+        .map(|s| vectors.by_ref().take(s.len()).flatten().collect())
+        .collect())
+}
+
+/// Embeds `texts` in batches of similar length, shortest first; vectors in the
+/// texts' order.
+fn embed_shortest_first(
+    bert: &mut ragchat::inference::bert::BertEmbedder,
+    texts: &[&str],
+) -> anyhow::Result<Vec<Vec<f32>>> {
     let started = Instant::now();
     let mut order: Vec<usize> = (0..texts.len()).collect();
     order.sort_by_key(|&i| texts[i].len());
@@ -247,7 +276,7 @@ fn embed_sentences(
     for (b, batch) in order.chunks(64).enumerate() {
         if b % 100 == 0 {
             eprintln!(
-                "  embedded {} of {} sentences ({:.0} s)",
+                "  embedded {} of {} texts ({:.0} s)",
                 b * 64,
                 texts.len(),
                 started.elapsed().as_secs_f64()
@@ -257,9 +286,6 @@ fn embed_sentences(
         for (&i, v) in batch.iter().zip(bert.embed(&refs)?) {
             vectors[i] = v;
         }
-    }
-    if let Some(p) = path.as_deref() {
-        write_vectors(p, &key, &vectors)?;
     }
     Ok(vectors)
 }
@@ -338,16 +364,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         .iter()
         .flat_map(|(d, pieces)| pieces.iter().map(move |p| embedding_text(&d.title, p)))
         .collect();
-    let key = {
-        use sha2::{Digest, Sha256};
-        let mut h = Sha256::new();
-        h.update(settings.models.embedding_dir.as_bytes());
-        for t in &texts {
-            h.update(t.as_bytes());
-            h.update([0u8]);
-        }
-        hex::encode(h.finalize())
-    };
+    let key = cache_key(&settings.models.embedding_dir, texts.iter().map(String::as_str));
     let cached = cache.and_then(|p| read_vectors(p, &key, texts.len()));
     let vectors = match cached {
         Some(v) => {
@@ -355,19 +372,8 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             v
         }
         None => {
-            let mut vectors = Vec::with_capacity(texts.len());
-            for (b, batch) in texts.chunks(128).enumerate() {
-                if b % 10 == 0 {
-                    eprintln!(
-                        "  embedded {} of {} chunks ({:.0} s)",
-                        b * 128,
-                        texts.len(),
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
-                vectors.extend(bert.embed(&refs)?);
-            }
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let vectors = embed_shortest_first(&mut bert, &refs)?;
             if let Some(p) = cache {
                 write_vectors(p, &key, &vectors)?;
             }
@@ -394,15 +400,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         chunks_total += chunks.len();
         index.add(d, &chunks)?;
         if opts.sentences {
-            let per_chunk: Vec<Vec<f32>> = pieces
-                .iter()
-                .map(|p| {
-                    sentences(p, MAX_SENTENCES)
-                        .iter()
-                        .flat_map(|_| sentence_vectors.next().unwrap_or_default())
-                        .collect()
-                })
-                .collect();
+            let per_chunk: Vec<Vec<f32>> = sentence_vectors.by_ref().take(pieces.len()).collect();
             index.set_sentences(d.id, per_chunk)?;
         }
     }
