@@ -1015,6 +1015,14 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     // Back: history and saving resume.
     mongo_proxy.restore();
     cql_proxy.restore();
+    // Readiness is polled first: each chat message below counts against the
+    // free plan's monthly messages, so they must not be the poll.
+    for _ in 0..120 {
+        if app.get("/ready", None).await.status() == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut recovered = None;
     let mut answered = 4;
     for _ in 0..60 {
@@ -1035,6 +1043,12 @@ async fn chat_answers_with_mongodb_and_the_cql_server_down_and_recovers_when_the
     let ready = app.get("/ready", None).await;
     assert_eq!(ready.status(), StatusCode::OK);
     // The second server connects to both and its index catches up from MongoDB.
+    for _ in 0..120 {
+        if second.get("/ready", None).await.status() == StatusCode::OK {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut caught_up = None;
     for _ in 0..80 {
         let r = expect(
