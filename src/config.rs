@@ -489,6 +489,10 @@ pub struct ModelSettings {
     /// Folder with model.safetensors, config.json, tokenizer.json.
     pub embedding_dir: String,
     pub embedding_max_tokens: usize,
+    /// Put before a question when it is embedded to search (not before the
+    /// chunks): the instruction some retrieval models were trained with.
+    #[serde(default)]
+    pub embedding_query_prefix: String,
     /// POST /v1/chat/completions: the most messages in one request, and the most
     /// characters they hold together.
     pub max_completion_messages: usize,

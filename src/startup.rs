@@ -163,7 +163,19 @@ impl Application {
         .await?;
         let index_dir = Some(k.index_dir.trim()).filter(|d| !d.is_empty()).map(PathBuf::from);
         let started = std::time::Instant::now();
-        let source = Arc::new(crate::knowledge::retrieval::IndexFolder { dir: index_dir });
+        let name = &settings.models.embedding_name;
+        let calibration = crate::knowledge::calibration::for_model(name).unwrap_or_else(|| {
+            tracing::warn!(
+                model = %name,
+                "no relevance calibration fitted for this embedding model: all-MiniLM-L6-v2's is used \
+                 (fit one with `ragchat eval beir --calibrate`)"
+            );
+            crate::knowledge::calibration::MINILM_L6
+        });
+        let source = Arc::new(crate::knowledge::retrieval::IndexFolder {
+            dir: index_dir,
+            calibration,
+        });
         let retrieval = Retrieval::supervised(source, documents.clone()).map_err(StartupError::Other)?;
         // The index comes from its snapshot, then catches up with the store; a
         // store unreachable now is caught up with once it answers. The change
@@ -221,7 +233,8 @@ impl Application {
                 }
             }
         });
-        let retrieval = Retriever::new(Some(retrieval), embedder.clone());
+        let retrieval = Retriever::new(Some(retrieval), embedder.clone())
+            .with_query_prefix(&settings.models.embedding_query_prefix);
         let chat = ChatService {
             conversations: conversations.clone(),
             retriever: retrieval.clone(),

@@ -664,11 +664,23 @@ pub enum RetrievalError {
 pub struct Retriever {
     actor: Option<Arc<Supervised<Retrieval>>>,
     embedder: Option<EmbedWorker>,
+    /// Put before a question when it is embedded (the model's query instruction).
+    query_prefix: Arc<str>,
 }
 
 impl Retriever {
     pub fn new(actor: Option<Arc<Supervised<Retrieval>>>, embedder: Option<EmbedWorker>) -> Self {
-        Retriever { actor, embedder }
+        Retriever {
+            actor,
+            embedder,
+            query_prefix: Arc::from(""),
+        }
+    }
+
+    /// Questions are embedded with `prefix` before them (chunks are not).
+    pub fn with_query_prefix(mut self, prefix: &str) -> Self {
+        self.query_prefix = Arc::from(prefix);
+        self
     }
 
     /// The supervised actor (for indexing, stats and fault tests).
@@ -700,7 +712,10 @@ impl Retriever {
         let actor = self.actor.as_ref().ok_or(RetrievalError::NotRunning)?;
         let route = self.route_for(&q)?;
         let embedding = match (&self.embedder, route.needs_vector()) {
-            (Some(e), true) => e.embed(Lane::Interactive, vec![q.text.clone()]).await?.vectors.pop(),
+            (Some(e), true) => {
+                let text = format!("{}{}", self.query_prefix, q.text);
+                e.embed(Lane::Interactive, vec![text]).await?.vectors.pop()
+            }
             _ => None,
         };
         let hits = actor

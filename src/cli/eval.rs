@@ -3,7 +3,7 @@
 //! (corpus.jsonl, queries, qrels) for every route: nDCG@10, Recall@100 and MRR@10
 //! over documents (a document ranks where its best chunk ranks).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -11,12 +11,12 @@ use chrono::Utc;
 use ragchat::config::Settings;
 use ragchat::knowledge::calibration::{self, Sample};
 use ragchat::knowledge::chunking::Chunker;
-use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, FUSION_DEPTH, RRF_K};
+use ragchat::knowledge::index::{Fusion, HybridIndex, Prf, Proximity, FUSION_DEPTH, RRF_K};
 use ragchat::knowledge::ingest::embedding_text;
 use ragchat_actors::chat::grounding::sentences;
 use ragchat_actors::inference::Embedder;
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
-use ragchat_actors::retrieval::{Filters, Route};
+use ragchat_actors::retrieval::{Filters, Hit, Route};
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -308,6 +308,58 @@ pub struct EvalOptions {
     pub folds: usize,
 }
 
+/// One ranking measured by `eval beir`: a route and the levers set for it.
+struct Run {
+    name: String,
+    route: Route,
+    fusion: Fusion,
+    prf: Option<Prf>,
+    /// Weight of the sentence part (`HybridIndex::set_sentence_part`).
+    sentence_part: Option<f32>,
+    proximity: Option<Proximity>,
+    /// A document's score: its best chunk's plus this times its other chunks'
+    /// among the hits (0: its best chunk alone, as chat ranks sources).
+    more_chunks: f32,
+}
+
+impl Run {
+    fn new(name: String, route: Route) -> Self {
+        Run {
+            name,
+            route,
+            fusion: Fusion::default(),
+            prf: None,
+            sentence_part: None,
+            proximity: None,
+            more_chunks: 0.0,
+        }
+    }
+}
+
+/// The corpus ids of the hits' documents, best first: each scored by its best
+/// chunk plus `more_chunks` times the scores of its other chunks among the hits.
+fn documents_ranked(hits: &[Hit], corpus_of: &HashMap<Uuid, String>, more_chunks: f32) -> Vec<String> {
+    let mut docs: Vec<(&String, f32)> = Vec::new();
+    let mut at: HashMap<&String, usize> = HashMap::new();
+    for h in hits {
+        let Some(d) = corpus_of.get(&h.document_id) else {
+            continue;
+        };
+        match at.get(d) {
+            Some(&i) => docs[i].1 += more_chunks * h.score,
+            None => {
+                at.insert(d, docs.len());
+                docs.push((d, h.score));
+            }
+        }
+    }
+    // Stable: with more_chunks 0, the hits' order stays.
+    if more_chunks != 0.0 {
+        docs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
+    docs.into_iter().map(|(d, _)| d.clone()).collect()
+}
+
 pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptions) -> anyhow::Result<String> {
     let (max_queries, cache) = (opts.max_queries, opts.cache.as_deref());
     let mut out = String::new();
@@ -335,6 +387,8 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     let chunker =
         Chunker::load(&dir.join("tokenizer.json"), k.chunk_tokens, k.chunk_overlap).map_err(anyhow::Error::msg)?;
     let mut index = HybridIndex::new()?;
+    let calibrated = calibration::for_model(&m.embedding_name).unwrap_or(calibration::MINILM_L6);
+    index.set_calibration(calibrated);
     let started = Instant::now();
     let mut corpus_of: HashMap<Uuid, String> = HashMap::new();
     let mut chunks_total = 0usize;
@@ -429,65 +483,78 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     );
     print!("{line}");
     out.push_str(&line);
-    let texts: Vec<&str> = judged.iter().map(|q| q.text.as_str()).collect();
+    let prefix = &settings.models.embedding_query_prefix;
+    let texts: Vec<String> = judged.iter().map(|q| format!("{prefix}{}", q.text)).collect();
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
     let mut q_vectors = Vec::with_capacity(texts.len());
     for batch in texts.chunks(32) {
         q_vectors.extend(bert.embed(batch)?);
     }
-    // (name, route, fusion, pseudo-relevance feedback, weight of the sentence part).
-    type Run = (String, Route, Fusion, Option<Prf>, Option<f32>);
     let mut runs: Vec<Run> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
         .into_iter()
-        .map(|r| (format!("{r:?}").to_lowercase(), r, Fusion::default(), None, None))
+        .map(|route| Run::new(format!("{route:?}").to_lowercase(), route))
         .collect();
     if opts.sentences {
         for (w, alpha) in [(0.3, 0.5), (0.4, 0.5), (0.5, 0.5), (0.3, 0.4), (0.4, 0.4), (0.5, 0.4)] {
-            runs.push((
-                format!("hybrid α={alpha} + sentences {w}"),
-                Route::Hybrid,
-                Fusion::Convex {
+            runs.push(Run {
+                fusion: Fusion::Convex {
                     alpha,
                     depth: FUSION_DEPTH,
                 },
-                None,
-                Some(w),
-            ));
+                sentence_part: Some(w),
+                ..Run::new(format!("hybrid α={alpha} + sentences {w}"), Route::Hybrid)
+            });
         }
     }
     if opts.levers {
-        let h = calibration::HYBRID;
+        for weight in [0.1, 0.25, 0.5] {
+            for slop in [0, 2, 6] {
+                let p = Some(Proximity { weight, slop });
+                for route in [Route::Text, Route::Hybrid] {
+                    let name = format!("{route:?} + proximity {weight} slop {slop}").to_lowercase();
+                    runs.push(Run {
+                        proximity: p,
+                        ..Run::new(name, route)
+                    });
+                }
+            }
+        }
+        for lambda in [0.1, 0.2, 0.4] {
+            runs.push(Run {
+                more_chunks: lambda,
+                ..Run::new(format!("hybrid + other chunks ×{lambda}"), Route::Hybrid)
+            });
+        }
+        let h = calibrated.hybrid;
         for w in [1.0, 2.0, 3.0, 4.0, 6.0] {
-            runs.push((
-                format!("logistic text×{w}"),
-                Route::Hybrid,
-                Fusion::Logistic {
+            runs.push(Run {
+                fusion: Fusion::Logistic {
                     cos: h.cos as f32,
                     text: (h.text * w) as f32,
                 },
-                None,
-                None,
-            ));
+                ..Run::new(format!("logistic text×{w}"), Route::Hybrid)
+            });
         }
         for (docs, weight) in [(3, 0.3), (3, 0.6), (5, 0.3), (5, 0.6), (10, 0.5)] {
             for (route, fusion, label) in [
                 (Route::Vector, Fusion::default(), "vector"),
                 (Route::Hybrid, Fusion::default(), "hybrid"),
             ] {
-                let prf = Some(Prf { docs, weight });
-                runs.push((format!("{label} + prf {docs}×{weight}"), route, fusion, prf, None));
+                runs.push(Run {
+                    fusion,
+                    prf: Some(Prf { docs, weight }),
+                    ..Run::new(format!("{label} + prf {docs}×{weight}"), route)
+                });
             }
         }
     }
     if opts.fusion_grid {
         for k in [10.0, 30.0, RRF_K, 100.0] {
             for w in [0.7, 1.0, 1.4] {
-                runs.push((
-                    format!("rrf k={k} text×{w}"),
-                    Route::Hybrid,
-                    Fusion::Rrf { k, text_weight: w },
-                    None,
-                    None,
-                ));
+                runs.push(Run {
+                    fusion: Fusion::Rrf { k, text_weight: w },
+                    ..Run::new(format!("rrf k={k} text×{w}"), Route::Hybrid)
+                });
             }
         }
         for (alpha, depth) in
@@ -496,33 +563,26 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                 .map(|a| (a, FUSION_DEPTH))
                 .chain([(0.5, 100), (0.5, 200), (0.5, 500)])
         {
-            runs.push((
-                format!("convex α={alpha} depth {depth}"),
-                Route::Hybrid,
-                Fusion::Convex { alpha, depth },
-                None,
-                None,
-            ));
+            runs.push(Run {
+                fusion: Fusion::Convex { alpha, depth },
+                ..Run::new(format!("convex α={alpha} depth {depth}"), Route::Hybrid)
+            });
         }
     }
     // Per run: its name and each query's nDCG@10 (for the folds).
     let mut per_query: Vec<(String, Vec<f64>)> = Vec::new();
-    for (name, route, fusion, prf, sentence_part) in runs {
-        index.set_fusion(fusion);
-        index.set_prf(prf);
-        index.set_sentence_part(sentence_part);
+    for run in runs {
+        index.set_fusion(run.fusion);
+        index.set_prf(run.prf);
+        index.set_proximity(run.proximity);
+        index.set_sentence_part(run.sentence_part);
+        let name = run.name;
         let mut each = Vec::with_capacity(judged.len());
         let (mut ndcg, mut recall, mut mrr) = (0.0, 0.0, 0.0);
         let started = Instant::now();
         for (q, v) in judged.iter().zip(&q_vectors) {
-            let hits = index.search(&q.text, Some(v), route, &reader, &Filters::new(), 200)?;
-            let mut seen = HashSet::new();
-            let ranked: Vec<String> = hits
-                .iter()
-                .filter_map(|h| corpus_of.get(&h.document_id))
-                .filter(|d| seen.insert((*d).clone()))
-                .cloned()
-                .collect();
+            let hits = index.search(&q.text, Some(v), run.route, &reader, &Filters::new(), 200)?;
+            let ranked = documents_ranked(&hits, &corpus_of, run.more_chunks);
             let rel = &qrels[&q.id];
             let n10 = ndcg_at(&ranked, rel, 10);
             each.push(n10);
@@ -543,6 +603,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         per_query.push((name, each));
     }
     index.set_prf(None);
+    index.set_proximity(None);
     index.set_sentence_part(None);
     if opts.folds > 1 {
         line = folds_report(&per_query, opts.folds);
@@ -574,9 +635,9 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             "other<0.5"
         );
         for (name, set, current, use_cos, use_text) in [
-            ("vector", &samples, calibration::VECTOR, true, false),
-            ("text", &text_only, calibration::TEXT, false, true),
-            ("hybrid", &samples, calibration::HYBRID, true, true),
+            ("vector", &samples, calibrated.vector, true, false),
+            ("text", &text_only, calibrated.text, false, true),
+            ("hybrid", &samples, calibrated.hybrid, true, true),
         ] {
             let fitted = calibration::fit(set, use_cos, use_text);
             for (which, m) in [("fitted", fitted), ("in use", current)] {

@@ -301,6 +301,16 @@ struct Weights {
     hidden: usize,
     heads: usize,
     max_positions: usize,
+    /// The first token's state ([CLS]) is the sentence's, instead of the mean.
+    cls: bool,
+}
+
+/// sentence-transformers' pooling file (`1_Pooling/config.json`): only the
+/// choice between the [CLS] token and the mean of the tokens is read.
+#[derive(Deserialize, Default)]
+struct Pooling {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
 }
 
 // Reductions in 16 independent lanes: a plain sum or max over f32 is a serial
@@ -338,6 +348,10 @@ fn gelu(x: f32) -> f32 {
 impl Weights {
     /// With `int8`, the linear layers run on the int8 GEMM where the CPU has it.
     fn load(dir: &Path, config: &Config, int8: bool) -> Result<Self, ModelError> {
+        let pooling: Pooling = match std::fs::read_to_string(dir.join("1_Pooling").join("config.json")) {
+            Ok(text) => serde_json::from_str(&text).map_err(model_error)?,
+            Err(_) => Pooling::default(),
+        };
         let path = dir.join("model.safetensors");
         let tensors: HashMap<String, Tensor> =
             candle_core::safetensors::load(&path, &Device::Cpu).map_err(model_error)?;
@@ -401,10 +415,12 @@ impl Weights {
             layers,
             hidden: h,
             heads: config.num_attention_heads,
+            cls: pooling.pooling_mode_cls_token,
         })
     }
 
-    /// Sentence embeddings (mean-pooled, unit length) of tokenized sentences.
+    /// Sentence embeddings (mean-pooled, or the [CLS] token's; unit length) of
+    /// tokenized sentences.
     fn embed(&self, seqs: &[(Vec<u32>, Vec<u32>)], pool: &Pool) -> Result<Vec<Vec<f32>>, ModelError> {
         let h = self.hidden;
         let vocab = self.word.len() / h;
@@ -462,7 +478,8 @@ impl Weights {
             .iter()
             .map(|&(start, len)| {
                 let mut mean = vec![0f32; h];
-                for row in x[start * h..(start + len) * h].chunks_exact(h) {
+                let rows = if self.cls { 1 } else { len };
+                for row in x[start * h..(start + rows) * h].chunks_exact(h) {
                     mean.iter_mut().zip(row).for_each(|(m, v)| *m += v);
                 }
                 let norm = mean.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-12);
@@ -853,10 +870,21 @@ mod tests {
         }
     }
 
-    /// Our forward against candle's BertModel with padding and an attention mask.
+    /// Our forward against candle's BertModel with padding and an attention mask:
+    /// all-MiniLM-L6-v2 (mean of the tokens) and bge-small-en-v1.5 (converted
+    /// from ONNX by scripts/onnx-bert-to-safetensors; its [CLS] token).
     #[test]
     fn embeddings_match_candles_bert_model() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/all-minilm-l6-v2");
+        matches_candle("models/all-minilm-l6-v2", false);
+    }
+
+    #[test]
+    fn the_converted_bge_model_pools_its_cls_token_as_candle_computes_it() {
+        matches_candle("models/bge-small-en-v1.5", true);
+    }
+
+    fn matches_candle(model: &str, cls: bool) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(model);
         if !dir.join("model.safetensors").exists() {
             eprintln!("SKIPPED: {} missing; run scripts/fetch-models", dir.display());
             return;
@@ -907,11 +935,12 @@ mod tests {
             .expect("forward")
             .to_vec3::<f32>()
             .expect("vec");
+        assert_eq!(ours.weights.cls, cls, "pooling read from 1_Pooling/config.json");
         for (i, e) in enc.iter().enumerate() {
             let m = e.get_attention_mask();
             let mut mean = vec![0f32; 384];
-            for (row, keep) in hidden[i].iter().zip(m) {
-                if *keep == 1 {
+            for (t, (row, keep)) in hidden[i].iter().zip(m).enumerate() {
+                if *keep == 1 && (!cls || t == 0) {
                     mean.iter_mut().zip(row).for_each(|(a, v)| *a += v);
                 }
             }

@@ -5,7 +5,7 @@
 //! Visibility and metadata filters are applied to every route before ranking is
 //! cut to top_k.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
@@ -13,7 +13,7 @@ use ragchat_actors::retrieval::{Filters, Hit, IndexError, Route};
 use serde::Deserialize;
 use serde_json::Value;
 use tantivy::collector::TopDocs;
-use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery, TermSetQuery};
+use tantivy::query::{BooleanQuery, BoostQuery, Occur, PhraseQuery, Query, TermQuery, TermSetQuery};
 use tantivy::schema::{IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
 use tantivy::tokenizer::TextAnalyzer;
 use tantivy::{doc, Index, IndexReader, IndexWriter, TantivyDocument, Term};
@@ -71,6 +71,15 @@ pub enum Fusion {
 pub struct Prf {
     pub docs: usize,
     pub weight: f32,
+}
+
+/// Term proximity for the text route: each pair of neighbouring question words
+/// also counts as a phrase (its words at most `slop` positions further apart
+/// than in the question), its BM25 weighed `weight`, beside the words alone.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Proximity {
+    pub weight: f32,
+    pub slop: u32,
 }
 
 /// Tuned on SciFact's train split (`ragchat eval beir --fusion-grid --folds 5`):
@@ -178,6 +187,10 @@ pub struct HybridIndex {
     exact_max: usize,
     fusion: Fusion,
     prf: Option<Prf>,
+    /// Phrase pairs in the text route (None: words alone).
+    proximity: Option<Proximity>,
+    /// How a hit's relevance is computed (the embedding model's fitted weights).
+    calibration: calibration::Calibration,
     /// Weight of the sentence part in hybrid ranking (None: off).
     sentence_part: Option<f32>,
     by_document: HashMap<Uuid, Vec<usize>>,
@@ -225,6 +238,8 @@ impl HybridIndex {
             exact_max: EXACT_MAX,
             fusion: Fusion::default(),
             prf: None,
+            proximity: None,
+            calibration: calibration::MINILM_L6,
             sentence_part: None,
             by_document: HashMap::new(),
             writer,
@@ -318,6 +333,18 @@ impl HybridIndex {
     /// Pseudo-relevance feedback for the vector part of a search (None: off).
     pub fn set_prf(&mut self, prf: Option<Prf>) {
         self.prf = prf;
+    }
+
+    /// The relevance model of the embedding model in use (all-MiniLM-L6-v2's
+    /// by default).
+    pub fn set_calibration(&mut self, calibration: calibration::Calibration) {
+        self.calibration = calibration;
+    }
+
+    /// Term proximity for the text route (None: off). Measured by
+    /// `ragchat eval beir --levers`.
+    pub fn set_proximity(&mut self, proximity: Option<Proximity>) {
+        self.proximity = proximity;
     }
 
     /// The sentence part of hybrid ranking: each fused candidate's best cosine
@@ -649,6 +676,8 @@ impl HybridIndex {
         fresh.exact_max = self.exact_max;
         fresh.fusion = self.fusion;
         fresh.prf = self.prf;
+        fresh.proximity = self.proximity;
+        fresh.calibration = self.calibration;
         fresh.sentence_part = self.sentence_part;
         // Copies: should anything fail, this index stays as it was.
         for e in self.slots.iter().flatten() {
@@ -758,6 +787,9 @@ impl HybridIndex {
         // weighted by its count: no query syntax (a claim's "-", ":" or quotes
         // are words here, not operators).
         let mut counts: HashMap<String, f32> = HashMap::new();
+        // Neighbouring words, for proximity.
+        let mut pairs: HashSet<(String, String)> = HashSet::new();
+        let mut last: Option<String> = None;
         let mut analyzer = self.analyzer.clone();
         let mut tokens = analyzer.token_stream(query);
         while let Some(t) = tokens.next() {
@@ -766,10 +798,29 @@ impl HybridIndex {
             } else if counts.len() < MAX_QUERY_TERMS {
                 counts.insert(t.text.clone(), 1.0);
             }
+            if self.proximity.is_some() {
+                if let Some(word) = last.take() {
+                    if pairs.len() < MAX_QUERY_TERMS {
+                        pairs.insert((word, t.text.clone()));
+                    }
+                }
+                last = Some(t.text.clone());
+            }
         }
         if counts.is_empty() {
             return Ok(Vec::new());
         }
+        let phrases = self.proximity.into_iter().flat_map(|p| {
+            pairs.iter().map(move |(a, b)| {
+                let mut q = PhraseQuery::new(vec![
+                    Term::from_field_text(self.text, a),
+                    Term::from_field_text(self.text, b),
+                ]);
+                q.set_slop(p.slop);
+                let q: Box<dyn Query> = Box::new(BoostQuery::new(Box::new(q), p.weight));
+                (Occur::Should, q)
+            })
+        });
         let terms: Vec<(Occur, Box<dyn Query>)> = counts
             .into_iter()
             .map(|(w, n)| {
@@ -781,6 +832,7 @@ impl HybridIndex {
                 };
                 (Occur::Should, q)
             })
+            .chain(phrases)
             .collect();
         let q: Box<dyn Query> = Box::new(BooleanQuery::new(terms));
         // Only what the reader may see is ranked: another tenant's documents
@@ -867,9 +919,9 @@ impl HybridIndex {
             _ => return Err(IndexError("this route needs the query's embedding".into())),
         };
         let model = match (embedding.is_some(), bm25.is_some()) {
-            (true, true) => calibration::HYBRID,
-            (true, false) => calibration::VECTOR,
-            _ => calibration::TEXT,
+            (true, true) => self.calibration.hybrid,
+            (true, false) => self.calibration.vector,
+            _ => self.calibration.text,
         };
         Ok(ranked
             .into_iter()
@@ -1431,6 +1483,49 @@ pub(crate) mod tests {
         // A question of many words is cut to MAX_QUERY_TERMS distinct terms.
         let long: String = (0..5 * MAX_QUERY_TERMS).map(|i| format!("w{i} ")).collect();
         assert!(titles(&(long + "metformin")).is_empty());
+    }
+
+    #[test]
+    fn proximity_ranks_a_chunk_with_the_question_words_side_by_side_first() {
+        let me = Reader {
+            user_id: Uuid::new_v4(),
+            organization_id: None,
+        };
+        let mut ix = HybridIndex::new().expect("index");
+        // The same words, the same length: only their order differs.
+        for (title, text) in [
+            ("Apart", "glucose levels rise after blood insulin therapy"),
+            ("Together", "blood glucose levels rise after insulin therapy"),
+        ] {
+            let (d, c) = doc_with(Owner::Global, title, &[(text, vec![])], json!({}));
+            ix.add(&d, &c).expect("add");
+        }
+        ix.commit().expect("commit");
+        let scores = |ix: &HybridIndex, q: &str| -> HashMap<String, f32> {
+            ix.search(q, None, Route::Text, &me, &Filters::default(), 2)
+                .expect("search")
+                .into_iter()
+                .map(|h| (h.title, h.score))
+                .collect()
+        };
+        let off = scores(&ix, "the blood glucose");
+        assert_eq!(off.len(), 2);
+        assert!((off["Apart"] - off["Together"]).abs() < 1e-6, "{off:?}");
+        ix.set_proximity(Some(Proximity { weight: 0.5, slop: 0 }));
+        let on = scores(&ix, "the blood glucose");
+        assert!(on["Together"] > on["Apart"] + 0.1, "{on:?}");
+        // The words alone still count: a chunk without the pair is found.
+        assert!((on["Apart"] - off["Apart"]).abs() < 1e-6, "{on:?}");
+        // "blood levels": one word between them in "Together", so the pair
+        // counts with a slop of 1, not of 0.
+        let exact = scores(&ix, "blood levels");
+        assert!((exact["Apart"] - exact["Together"]).abs() < 1e-6, "{exact:?}");
+        ix.set_proximity(Some(Proximity { weight: 0.5, slop: 1 }));
+        let near = scores(&ix, "blood levels");
+        assert!(near["Together"] > near["Apart"] + 0.1, "{near:?}");
+        ix.set_proximity(None);
+        let back = scores(&ix, "the blood glucose");
+        assert!((back["Apart"] - back["Together"]).abs() < 1e-6, "{back:?}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use ragchat_actors::knowledge::{Chunk, Document, Reader};
 use ragchat_actors::retrieval::{Filters, Hit, IndexError, IndexSource, Route, SearchIndex};
 use uuid::Uuid;
 
+use super::calibration::Calibration;
 use super::index::HybridIndex;
 
 /// The hybrid index and the folder its snapshots go to (none: in memory only).
@@ -65,6 +66,8 @@ impl SearchIndex for SnapshotIndex {
 /// reads back whole.
 pub struct IndexFolder {
     pub dir: Option<PathBuf>,
+    /// The embedding model's relevance model, set on every instance.
+    pub calibration: Calibration,
 }
 
 impl IndexSource for IndexFolder {
@@ -76,10 +79,11 @@ impl IndexSource for IndexFolder {
         if let (Some(d), Some(ix)) = (&self.dir, &loaded) {
             tracing::info!(dir = %d.display(), chunks = ix.len(), "search index snapshot loaded");
         }
-        let index = match loaded {
+        let mut index = match loaded {
             Some(ix) => ix,
             None => HybridIndex::new()?,
         };
+        index.set_calibration(self.calibration);
         Ok(Box::new(SnapshotIndex {
             index,
             dir: self.dir.clone(),
@@ -87,8 +91,10 @@ impl IndexSource for IndexFolder {
     }
 
     fn empty(&self) -> Result<Box<dyn SearchIndex>, IndexError> {
+        let mut index = HybridIndex::new()?;
+        index.set_calibration(self.calibration);
         Ok(Box::new(SnapshotIndex {
-            index: HybridIndex::new()?,
+            index,
             dir: self.dir.clone(),
         }))
     }
@@ -110,7 +116,12 @@ mod tests {
 
     #[actix::test]
     async fn a_document_removed_meanwhile_is_not_indexed_again_by_a_late_catch_up() {
-        let index = IndexFolder { dir: None }.load().expect("index");
+        let index = IndexFolder {
+            dir: None,
+            calibration: crate::knowledge::calibration::MINILM_L6,
+        }
+        .load()
+        .expect("index");
         let addr = Retrieval::new(index, false).start();
         let (gone, gone_chunks) = doc_with(Owner::Global, "Gone", &[("deleted text", vec![1.0, 0.0])], json!({}));
         let (kept, kept_chunks) = doc_with(Owner::Global, "Kept", &[("kept text", vec![0.0, 1.0])], json!({}));
