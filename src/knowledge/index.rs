@@ -74,8 +74,8 @@ pub struct Prf {
 }
 
 /// Term proximity for the text route: each pair of neighbouring question words
-/// also counts as a phrase (its words at most `slop` positions further apart
-/// than in the question), its BM25 weighed `weight`, beside the words alone.
+/// also counts as a phrase (the two in order, at most `slop` words between
+/// them in the chunk), its BM25 weighed `weight`, beside the words alone.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Proximity {
     pub weight: f32,
