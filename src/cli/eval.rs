@@ -323,11 +323,12 @@ struct Run {
 }
 
 impl Run {
-    fn new(name: String, route: Route) -> Self {
+    /// A run of `route` with `fusion` and no lever.
+    fn new(name: String, route: Route, fusion: Fusion) -> Self {
         Run {
             name,
             route,
-            fusion: Fusion::default(),
+            fusion,
             prf: None,
             sentence_part: None,
             proximity: None,
@@ -389,6 +390,8 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     let mut index = HybridIndex::new()?;
     let calibrated = calibration::for_model(&m.embedding_name).unwrap_or(calibration::MINILM_L6);
     index.set_calibration(calibrated);
+    // The model's own ranking, as the server searches: the base of every run.
+    let ranking = Fusion::ranking_of(&calibrated);
     let started = Instant::now();
     let mut corpus_of: HashMap<Uuid, String> = HashMap::new();
     let mut chunks_total = 0usize;
@@ -492,7 +495,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
     }
     let mut runs: Vec<Run> = [Route::Text, Route::Vector, Route::Hybrid, Route::Auto]
         .into_iter()
-        .map(|route| Run::new(format!("{route:?}").to_lowercase(), route))
+        .map(|route| Run::new(format!("{route:?}").to_lowercase(), route, ranking))
         .collect();
     if opts.sentences {
         for (w, alpha) in [(0.3, 0.5), (0.4, 0.5), (0.5, 0.5), (0.3, 0.4), (0.4, 0.4), (0.5, 0.4)] {
@@ -502,7 +505,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     depth: FUSION_DEPTH,
                 },
                 sentence_part: Some(w),
-                ..Run::new(format!("hybrid α={alpha} + sentences {w}"), Route::Hybrid)
+                ..Run::new(format!("hybrid α={alpha} + sentences {w}"), Route::Hybrid, ranking)
             });
         }
     }
@@ -514,7 +517,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
                     let name = format!("{route:?} + proximity {weight} slop {slop}").to_lowercase();
                     runs.push(Run {
                         proximity: p,
-                        ..Run::new(name, route)
+                        ..Run::new(name, route, ranking)
                     });
                 }
             }
@@ -522,28 +525,30 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         for lambda in [0.1, 0.2, 0.4] {
             runs.push(Run {
                 more_chunks: lambda,
-                ..Run::new(format!("hybrid + other chunks ×{lambda}"), Route::Hybrid)
+                ..Run::new(format!("hybrid + other chunks ×{lambda}"), Route::Hybrid, ranking)
+            });
+        }
+        if ranking != Fusion::default() {
+            runs.push(Run {
+                fusion: Fusion::default(),
+                ..Run::new("hybrid, convex fusion".to_string(), Route::Hybrid, ranking)
             });
         }
         let h = calibrated.hybrid;
-        for w in [1.0, 2.0, 3.0, 4.0, 6.0] {
+        for w in [1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0] {
             runs.push(Run {
                 fusion: Fusion::Logistic {
                     cos: h.cos as f32,
                     text: (h.text * w) as f32,
                 },
-                ..Run::new(format!("logistic text×{w}"), Route::Hybrid)
+                ..Run::new(format!("logistic text×{w}"), Route::Hybrid, ranking)
             });
         }
         for (docs, weight) in [(3, 0.3), (3, 0.6), (5, 0.3), (5, 0.6), (10, 0.5)] {
-            for (route, fusion, label) in [
-                (Route::Vector, Fusion::default(), "vector"),
-                (Route::Hybrid, Fusion::default(), "hybrid"),
-            ] {
+            for (route, label) in [(Route::Vector, "vector"), (Route::Hybrid, "hybrid")] {
                 runs.push(Run {
-                    fusion,
                     prf: Some(Prf { docs, weight }),
-                    ..Run::new(format!("{label} + prf {docs}×{weight}"), route)
+                    ..Run::new(format!("{label} + prf {docs}×{weight}"), route, ranking)
                 });
             }
         }
@@ -553,7 +558,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
             for w in [0.7, 1.0, 1.4] {
                 runs.push(Run {
                     fusion: Fusion::Rrf { k, text_weight: w },
-                    ..Run::new(format!("rrf k={k} text×{w}"), Route::Hybrid)
+                    ..Run::new(format!("rrf k={k} text×{w}"), Route::Hybrid, ranking)
                 });
             }
         }
@@ -565,7 +570,7 @@ pub async fn beir(settings: &Settings, data: &Path, split: &str, opts: EvalOptio
         {
             runs.push(Run {
                 fusion: Fusion::Convex { alpha, depth },
-                ..Run::new(format!("convex α={alpha} depth {depth}"), Route::Hybrid)
+                ..Run::new(format!("convex α={alpha} depth {depth}"), Route::Hybrid, ranking)
             });
         }
     }

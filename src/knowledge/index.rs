@@ -83,7 +83,8 @@ pub struct Proximity {
 }
 
 /// Tuned on SciFact's train split (`ragchat eval beir --fusion-grid --folds 5`):
-/// nDCG@10 0.734 against 0.716 for reciprocal rank fusion with k = 60.
+/// nDCG@10 0.734 against 0.716 for reciprocal rank fusion with k = 60, with
+/// all-MiniLM-L6-v2. Each embedding model's own is `Fusion::ranking_of`.
 impl Default for Fusion {
     fn default() -> Self {
         Fusion::Convex {
@@ -94,6 +95,17 @@ impl Default for Fusion {
 }
 
 impl Fusion {
+    /// The fusion an embedding model's calibration ranks with.
+    pub fn ranking_of(c: &calibration::Calibration) -> Fusion {
+        match c.ranking {
+            calibration::Ranking::Convex => Fusion::default(),
+            calibration::Ranking::Logistic { text_scale } => Fusion::Logistic {
+                cos: c.hybrid.cos as f32,
+                text: (c.hybrid.text * text_scale) as f32,
+            },
+        }
+    }
+
     /// Candidates each route gives at least (and fetches when top_k·10 is less).
     fn depth(self) -> usize {
         match self {
@@ -336,9 +348,11 @@ impl HybridIndex {
     }
 
     /// The relevance model of the embedding model in use (all-MiniLM-L6-v2's
-    /// by default).
+    /// by default), and the fusion it ranks with (`Fusion::ranking_of`; a later
+    /// `set_fusion` overrides it).
     pub fn set_calibration(&mut self, calibration: calibration::Calibration) {
         self.calibration = calibration;
+        self.fusion = Fusion::ranking_of(&calibration);
     }
 
     /// Term proximity for the text route (None: off). Measured by
@@ -1029,6 +1043,23 @@ pub(crate) mod tests {
             created_at: chrono::Utc::now(),
         };
         (d, chunks)
+    }
+
+    #[test]
+    fn each_embedding_model_ranks_with_the_fusion_chosen_for_it_and_compaction_keeps_it() {
+        let mut ix = HybridIndex::new().expect("index");
+        assert_eq!(ix.fusion, Fusion::default());
+        ix.set_calibration(calibration::BGE_SMALL);
+        let h = calibration::BGE_SMALL.hybrid;
+        let bge = Fusion::Logistic {
+            cos: h.cos as f32,
+            text: (h.text * 3.0) as f32,
+        };
+        assert_eq!(ix.fusion, bge);
+        ix.compact().expect("compact");
+        assert_eq!(ix.fusion, bge);
+        ix.set_calibration(calibration::MINILM_L6);
+        assert_eq!(ix.fusion, Fusion::default());
     }
 
     #[test]

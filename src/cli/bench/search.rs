@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use ragchat::knowledge::calibration;
 use ragchat::knowledge::hnsw::HnswConfig;
 use ragchat::knowledge::index::{Fusion, HybridIndex, EXACT_MAX, FUSION_DEPTH};
 use ragchat_actors::knowledge::{Chunk, Document, Owner, Reader};
@@ -223,10 +224,13 @@ pub fn run(chunks: usize, queries: usize, hnsw: HnswConfig) -> anyhow::Result<St
     // FUSION_DEPTH), then at rank 100 (the default until 2026-12-02).
     let shallow = Fusion::Convex { alpha: 0.5, depth: 100 };
     let default_name = format!("hybrid (fusion of vector and text, depth {FUSION_DEPTH})");
+    // bge-small's ranking (production's model): its calibrated scores' sum.
+    let logistic = Fusion::ranking_of(&calibration::BGE_SMALL);
     for (name, route, fusion) in [
         ("text (BM25)", Route::Text, Fusion::default()),
         (default_name.as_str(), Route::Hybrid, Fusion::default()),
         ("hybrid (fusion depth 100)", Route::Hybrid, shallow),
+        ("hybrid (logistic, bge-small)", Route::Hybrid, logistic),
     ] {
         index.set_fusion(fusion);
         time(name, &mut |(text, v)| {
