@@ -172,6 +172,12 @@ pub struct KnowledgeSettings {
     /// POST /knowledge/reindex: the most `document_ids` one request may name
     /// (without them, all of the caller's documents are re-indexed).
     pub reindex_max_documents: usize,
+    /// At start, this many stored documents (spread over the store) have their
+    /// first chunk embedded again: when one's stored vector came from another
+    /// embedding model, every such document is re-embedded in the background
+    /// (`knowledge::model_change`). 0: no check.
+    #[serde(default = "default_embedding_check_sample")]
+    pub embedding_check_sample: usize,
     /// Where POST /admin/seed-enhanced may read corpora: its `path` is relative
     /// to this directory and cannot leave it.
     pub seed_root: String,
@@ -308,6 +314,10 @@ fn default_true() -> bool {
 
 fn default_keep_alive_secs() -> u64 {
     75
+}
+
+fn default_embedding_check_sample() -> usize {
+    8
 }
 
 fn default_index_reconcile_secs() -> u64 {

@@ -233,6 +233,15 @@ impl Application {
                 }
             }
         });
+        if let (Some(ingestor), sample @ 1..) = (ingestor.clone(), k.embedding_check_sample) {
+            // In the background: the server answers meanwhile (with the old
+            // vectors until each document is re-embedded).
+            actix_web::rt::spawn(async move {
+                if let Err(e) = crate::knowledge::model_change::check(&ingestor, sample).await {
+                    tracing::error!(error = %e, "checking the stored vectors against the embedding model failed");
+                }
+            });
+        }
         let retrieval = Retriever::new(Some(retrieval), embedder.clone())
             .with_query_prefix(&settings.models.embedding_query_prefix);
         let chat = ChatService {

@@ -8,6 +8,7 @@ pub mod hnsw;
 pub mod index;
 pub mod ingest;
 pub mod jobs;
+pub mod model_change;
 pub mod pdf;
 pub mod retrieval;
 pub mod seed;

@@ -434,3 +434,87 @@ async fn a_cancelled_reindex_keeps_what_it_did_and_jobs_and_quota_are_limited() 
     assert_eq!(v["code"], "quota_exceeded", "{v}");
     assert_eq!(v["detail"]["resource"], "background_tasks", "{v}");
 }
+
+fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (norm(a) * norm(b)).max(f32::MIN_POSITIVE)
+}
+
+/// A knowledge base embedded by another model (the stored vectors of one
+/// document replaced by an unrelated unit vector, as another model's would be:
+/// same dimensions, another space) is found at the next start: that document is
+/// re-embedded in the background, in store and index, and one embedded by the
+/// model in use keeps its chunks.
+#[actix_web::test]
+async fn vectors_from_another_model_are_re_embedded_at_start_and_the_current_models_kept() {
+    let Some(dir) = models_dir() else { return };
+    let settings = model_settings(&dir);
+    let app = TestApp::spawn_with(settings.clone()).await;
+    let (_, token) = app.user("erin@example.com").await;
+    let tides = store(&app, &token, "Harbour tides", &prose("harbour", 3)).await;
+    let volcano = store(
+        &app,
+        &token,
+        "Volcanoes",
+        "Volcanoes erupt when magma rises through cracks in the crust.",
+    )
+    .await;
+    let documents = app.state.documents.clone();
+    let mut chunks = documents.chunks(tides).await.expect("chunks");
+    let original = chunks[0].embedding.clone();
+    for c in &mut chunks {
+        c.id = Uuid::new_v4();
+        c.embedding = (0..original.len()).map(|i| if i == 0 { 1.0 } else { 0.0 }).collect();
+    }
+    assert!(documents.replace_chunks(tides, &chunks).await.expect("replace"));
+    let volcano_chunks = chunk_ids(&app, volcano).await;
+    drop(app);
+
+    let app = TestApp::spawn_with(settings).await;
+    let question = "Do the tides follow the moon over the harbour?";
+    // The store, then the index, get the new vectors: the vector route then finds
+    // the document as relevant (the foreign vector's cosine with any question is
+    // about 0).
+    let found = |v: &Value| {
+        let top = &v["results"][0];
+        top["document_id"] == json!(tides.to_string()) && top["relevance"].as_f64().is_some_and(|r| r > 0.5)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = app.state.documents.chunks(tides).await.expect("chunks");
+        if now.first().is_some_and(|c| cosine(&c.embedding, &original) > 0.99) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the foreign vectors were not re-embedded in the store within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The index follows the store in the same step (a few searches: the free
+    // plan has 20 calls).
+    let mut last = Value::Null;
+    for _ in 0..5 {
+        last = expect(
+            app.post_json(
+                "/knowledge/search",
+                &json!({"query": question, "route": "vector", "top_k": 5}),
+                Some(&token),
+            )
+            .await,
+            StatusCode::OK,
+        )
+        .await;
+        if found(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(found(&last), "the index kept the foreign vectors: {last}");
+    assert_eq!(
+        chunk_ids(&app, volcano).await,
+        volcano_chunks,
+        "a document embedded by the model in use is not re-embedded"
+    );
+}
