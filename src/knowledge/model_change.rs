@@ -10,6 +10,7 @@
 
 use ragchat_actors::chat::grounding::cosine;
 use ragchat_actors::embed_worker::Lane;
+use ragchat_actors::knowledge::Document;
 use uuid::Uuid;
 
 use super::ingest::{embedding_text, IngestError, Ingestor};
@@ -33,9 +34,9 @@ fn spread(len: usize, n: usize) -> Vec<usize> {
     (0..n).map(|i| i * len / n).collect()
 }
 
-/// Whether document `id`'s first stored chunk is the current model's vector of
-/// its text. None when the document is gone or has no chunk.
-async fn agrees(ingestor: &Ingestor, id: Uuid) -> Result<Option<bool>, IngestError> {
+/// Document `id`, and whether its first stored chunk is the current model's
+/// vector of its text. None when the document is gone or has no chunk.
+async fn agrees(ingestor: &Ingestor, id: Uuid) -> Result<Option<(Document, bool)>, IngestError> {
     let Some(doc) = ingestor.documents.document(id).await? else {
         return Ok(None);
     };
@@ -49,9 +50,10 @@ async fn agrees(ingestor: &Ingestor, id: Uuid) -> Result<Option<bool>, IngestErr
         .await
         .map_err(IngestError::Model)?
         .vectors;
-    Ok(now
+    let same = now
         .first()
-        .map(|v| v.len() == first.embedding.len() && cosine(v, &first.embedding) >= SAME_MODEL))
+        .is_some_and(|v| v.len() == first.embedding.len() && cosine(v, &first.embedding) >= SAME_MODEL);
+    Ok(Some((doc, same)))
 }
 
 /// Checks `sample` documents spread over the store; when any was embedded by
@@ -61,7 +63,7 @@ pub async fn check(ingestor: &Ingestor, sample: usize) -> Result<Option<Reembedd
     let ids = ingestor.documents.document_ids(None).await?;
     let mut differ = 0usize;
     for i in spread(ids.len(), sample) {
-        if agrees(ingestor, ids[i]).await? == Some(false) {
+        if matches!(agrees(ingestor, ids[i]).await?, Some((_, false))) {
             differ += 1;
         }
     }
@@ -79,11 +81,7 @@ pub async fn check(ingestor: &Ingestor, sample: usize) -> Result<Option<Reembedd
     for id in ids {
         done.checked += 1;
         let outcome = match agrees(ingestor, id).await {
-            Ok(Some(false)) => match ingestor.documents.document(id).await {
-                Ok(Some(doc)) => ingestor.reindex(&doc).await.map(|d| d.is_some()),
-                Ok(None) => Ok(false),
-                Err(e) => Err(e.into()),
-            },
+            Ok(Some((doc, false))) => ingestor.reindex(&doc).await.map(|d| d.is_some()),
             Ok(_) => Ok(false),
             Err(e) => Err(e),
         };
